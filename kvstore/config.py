@@ -1,0 +1,229 @@
+"""Typed, validated configuration: one object per concern, unknown keys rejected.
+
+Sources, later ones winning: defaults < TOML file (``--config``) < environment
+(``KVSTORE_<SECTION>__<FIELD>``, e.g. ``KVSTORE_DRAM__CAPACITY_BYTES=8GiB``) < command-line
+overrides (``--set dram.capacity_bytes=8GiB``). Byte sizes accept integers or strings with a
+binary/decimal unit (``512MiB``, ``2GB``); durations are seconds.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Mapping
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import InvalidArgument
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def parse_bytes(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError("a byte size must be a number, not a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a byte size; write e.g. 4096, '512MiB' or '2GB'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+Bytes = Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_enum_values=False, validate_default=True)
+
+
+class EvictionPolicy(str, enum.Enum):
+    """Which chunk a full tier gives up first."""
+
+    LRU = "lru"        #: least recently used
+    S3FIFO = "s3fifo"  #: scan-resistant: small probationary FIFO + main FIFO + ghost queue
+
+
+class ServerConfig(_Section):
+    #: Addresses to serve on: ``host:port`` (TCP) or ``unix:/path/to.sock``. Loopback by default.
+    listen: list[str] = ["127.0.0.1:50051"]
+    #: Largest gRPC message accepted or sent. Chunk payloads travel in pieces below this.
+    max_message_bytes: Bytes = 16 * 1024**2
+    #: Size of the data pieces a Get stream sends (and the client sends on Put).
+    stream_piece_bytes: Bytes = 1024**2
+    #: Largest payload of one chunk accepted on Put (guards memory against hostile headers).
+    max_chunk_bytes: Bytes = 256 * 1024**2
+    #: Most keys in one Lookup/Exists/Get/Delete request.
+    max_keys_per_request: int = Field(4096, ge=1)
+    #: Worker threads for blocking work (disk reads, large copies, checksums).
+    worker_threads: int = Field(4, ge=1, le=256)
+    #: Seconds in-flight RPCs get to finish on shutdown.
+    shutdown_grace_s: float = Field(5.0, ge=0)
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("listen needs at least one address")
+        for a in v:
+            if not (a.startswith("unix:") or re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]+):[0-9]{1,5}", a)):
+                raise ValueError(f"{a!r} is not host:port or unix:/path")
+        return v
+
+    @model_validator(mode="after")
+    def _check_piece(self) -> "ServerConfig":
+        if self.stream_piece_bytes + 4096 > self.max_message_bytes:
+            raise ValueError("stream_piece_bytes must be at least 4 KiB below max_message_bytes")
+        return self
+
+
+class TokenEntry(_Section):
+    tenant: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    #: May call the Admin service.
+    admin: bool = False
+
+
+class AuthConfig(_Section):
+    """Shared-secret bearer tokens (``authorization: Bearer <token>`` metadata).
+
+    With no tokens configured, auth is off: every caller is the tenant ``""`` with admin
+    rights, which is only safe on loopback or a unix socket (the daemon refuses a
+    non-loopback TCP listener without auth unless ``allow_insecure_remote`` is set).
+    """
+
+    #: token -> who it is. Prefer ``tokens_file`` so secrets stay out of the main config.
+    tokens: dict[str, TokenEntry] = {}
+    #: TOML file with a ``[tokens]`` table of the same shape.
+    tokens_file: Path | None = None
+    allow_insecure_remote: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens) or self.tokens_file is not None
+
+    def load_tokens(self) -> dict[str, TokenEntry]:
+        tokens = dict(self.tokens)
+        if self.tokens_file is not None:
+            raw = tomllib.loads(Path(self.tokens_file).read_text())
+            extra = set(raw) - {"tokens"}
+            if extra:
+                raise InvalidArgument(f"{self.tokens_file}: unknown keys {sorted(extra)}; only [tokens] is allowed")
+            for tok, entry in raw.get("tokens", {}).items():
+                tokens[tok] = TokenEntry.model_validate(entry)
+        for tok in tokens:
+            if len(tok) < 16:
+                raise InvalidArgument("auth tokens must be at least 16 characters; generate one with "
+                                      "`python -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        return tokens
+
+
+class DramConfig(_Section):
+    #: Size of the host arena, allocated once at start.
+    capacity_bytes: Bytes = 1024**3
+    policy: EvictionPolicy = EvictionPolicy.S3FIFO
+    #: Allocation granule of the arena; chunks occupy whole pages.
+    page_bytes: Bytes = 64 * 1024
+    #: Back the arena with a named shared-memory file (``/dev/shm/...``) so local clients can
+    #: map it. Empty: an anonymous mapping.
+    shm_name: str = ""
+
+
+class DiskConfig(_Section):
+    enabled: bool = True
+    #: Directory holding chunk files and the LMDB index. Created if missing.
+    path: Path = Path("./kvstore-data")
+    capacity_bytes: Bytes = 16 * 1024**3
+    policy: EvictionPolicy = EvictionPolicy.LRU
+    #: Chunks waiting to be written; when full, MEMORY-durability writes to disk are dropped
+    #: (and counted) rather than blocking the request path.
+    write_queue_chunks: int = Field(256, ge=1)
+    #: fsync chunk files and the index before a PERSISTED put is acknowledged.
+    fsync: bool = True
+    #: Largest LMDB index (metadata only; chunk bytes live in files).
+    index_map_bytes: Bytes = 1024**3
+
+
+class MetricsConfig(_Section):
+    #: ``host:port`` for the Prometheus exporter; empty disables it.
+    listen: str = "127.0.0.1:9400"
+
+
+class LogConfig(_Section):
+    level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
+    #: One JSON object per log line instead of text.
+    json_lines: bool = False
+
+
+class Config(_Section):
+    server: ServerConfig = ServerConfig()
+    auth: AuthConfig = AuthConfig()
+    dram: DramConfig = DramConfig()
+    disk: DiskConfig = DiskConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
+
+
+ENV_PREFIX = "KVSTORE_"
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if len(parts) < 2:
+        raise InvalidArgument(f"setting {dotted!r} must be section.field, e.g. dram.capacity_bytes")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise InvalidArgument(f"setting {dotted!r}: {p} is not a section")
+    node[parts[-1]] = _coerce(value)
+
+
+def _coerce(value: Any) -> Any:
+    """Values from env/flags are strings; TOML-parse them when they look like TOML literals."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return value
+
+
+def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Builds the config from a TOML file, ``KVSTORE_*`` environment variables and ``k=v`` overrides.
+
+    Raises InvalidArgument with every problem listed, each with the setting's dotted name.
+    """
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        try:
+            tree = tomllib.loads(p.read_text())
+        except FileNotFoundError:
+            raise InvalidArgument(f"config file {p} does not exist") from None
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidArgument(f"config file {p} is not valid TOML: {e}") from None
+    env = os.environ if env is None else env
+    for name, value in env.items():
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            section, _, fld = name[len(ENV_PREFIX):].lower().partition("__")
+            _set_path(tree, f"{section}.{fld}", value)
+    for item in overrides or []:
+        k, sep, v = item.partition("=")
+        if not sep:
+            raise InvalidArgument(f"override {item!r} must look like section.field=value")
+        _set_path(tree, k.strip(), v.strip())
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"{loc}: {err['msg']}")
+        raise InvalidArgument("invalid configuration:\n  " + "\n  ".join(lines)) from None

@@ -1,0 +1,69 @@
+"""ctypes bindings to the native core (``kvstore/_native/libkvstore.so``, built by setup.py).
+
+ctypes releases the GIL for the duration of each foreign call, so checksums and copies of
+large chunks run in parallel with the event loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from functools import lru_cache
+from pathlib import Path
+
+_DIR = Path(__file__).resolve().parent / "_native"
+ABI_VERSION = 1
+
+
+class NativeLibraryMissing(ImportError):
+    pass
+
+
+@lru_cache(maxsize=None)
+def lib() -> ctypes.CDLL:
+    path = Path(os.environ.get("KVSTORE_NATIVE_LIB", _DIR / "libkvstore.so"))
+    if not path.exists():
+        raise NativeLibraryMissing(
+            f"{path} is missing: build it with `pip install -e .` (or `python setup.py build_generated`)")
+    so = ctypes.CDLL(str(path))
+    so.kvs_abi_version.restype = ctypes.c_int
+    if so.kvs_abi_version() != ABI_VERSION:
+        raise NativeLibraryMissing(f"{path} has ABI {so.kvs_abi_version()}, expected {ABI_VERSION}: rebuild it")
+    so.kvs_crc32c.restype = ctypes.c_uint32
+    so.kvs_crc32c.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
+    so.kvs_crc32c_hw.restype = ctypes.c_int
+    so.kvs_copy.restype = None
+    so.kvs_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return so
+
+
+def _address(buf) -> tuple[int, int, object]:
+    """(address, nbytes, keepalive) of any contiguous buffer (bytes, bytearray, memoryview, numpy)."""
+    mv = memoryview(buf)
+    if not mv.contiguous:
+        raise ValueError("buffer must be contiguous")
+    n = mv.nbytes
+    if n == 0:
+        return 0, 0, mv
+    if mv.readonly:
+        # from_buffer needs a writable buffer; a read-only one (bytes) is addressed through
+        # a char pointer of the object itself, with no copy.
+        obj = mv.obj if isinstance(mv.obj, bytes) and mv.nbytes == len(mv.obj) else mv.tobytes()
+        return ctypes.cast(ctypes.c_char_p(obj), ctypes.c_void_p).value, n, obj
+    arr = (ctypes.c_char * n).from_buffer(mv.cast("B"))
+    return ctypes.addressof(arr), n, arr
+
+
+def crc32c(data, crc: int = 0) -> int:
+    """CRC32C (Castagnoli) of ``data``, continuing from ``crc``."""
+    addr, n, _keep = _address(data)
+    return lib().kvs_crc32c(crc, addr, n)
+
+
+def copy_into(dst, src, threads: int = 1) -> None:
+    """Copy all of ``src`` into the start of writable ``dst`` (GIL released)."""
+    daddr, dn, _k1 = _address(dst)
+    saddr, sn, _k2 = _address(src)
+    if sn > dn:
+        raise ValueError(f"destination holds {dn} bytes, source has {sn}")
+    lib().kvs_copy(daddr, saddr, sn, threads)

@@ -1,0 +1,1 @@
+"""Storage tiers (one per medium) and the manager that composes them."""

@@ -1,0 +1,108 @@
+"""Recomputes tests/vectors/keys_v1.json from docs/keys.md with an independent implementation,
+and checks kvstore_client.keys against the same vectors."""
+
+import hashlib
+import json
+import struct
+from pathlib import Path
+
+import pytest
+
+from kvstore_client.keys import Namespace, chunk_key, prefix_keys, root_key
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "keys_v1.json").read_text())
+
+
+def spec_h(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=32).digest()
+
+
+def spec_str(s: str) -> bytes:
+    b = s.encode("utf-8")
+    return len(b).to_bytes(4, "little") + b
+
+
+def spec_ns_bytes(ns: dict) -> bytes:
+    # Straight from the table in docs/keys.md.
+    return (b"kvstore.ns.v1\x00" + spec_str(ns["model"]) + bytes([ns["dtype"]])
+            + b"".join(ns[f].to_bytes(4, "little") for f in ("num_layers", "num_kv_heads", "head_dim"))
+            + bytes([ns["layout"]])
+            + b"".join(ns[f].to_bytes(4, "little") for f in ("tp_rank", "tp_size", "chunk_tokens"))
+            + spec_str(ns["tenant"]))
+
+
+def spec_tokens(toks) -> bytes:
+    return b"".join(t.to_bytes(4, "little") for t in toks)
+
+
+@pytest.mark.parametrize("case", VECTORS["cases"], ids=lambda c: f"{c['namespace']['model'][:20]}-{len(c['tokens'])}")
+def test_vectors_recomputed_from_spec(case):
+    ns = case["namespace"]
+    nb = spec_ns_bytes(ns)
+    assert nb.hex() == case["namespace_bytes_hex"]
+    nid = spec_h(nb)
+    assert nid.hex() == case["namespace_id"]
+    key = spec_h(b"kvstore.prefix.v1\x00" + nid)
+    assert key.hex() == case["root_key"]
+    toks, c = case["tokens"], ns["chunk_tokens"]
+    chained = []
+    for start in range(0, len(toks), c):
+        chunk = toks[start:start + c]
+        key = spec_h(key + len(chunk).to_bytes(4, "little") + spec_tokens(chunk))
+        chained.append(key.hex())
+    assert chained == case["prefix_keys_with_partial"]
+    assert chained[: len(toks) // c] == case["prefix_keys"]
+    first = toks[:c]
+    assert spec_h(b"kvstore.chunk.v1\x00" + nid + len(first).to_bytes(4, "little") + spec_tokens(first)).hex() \
+        == case["chunk_key_of_first_chunk"]
+
+
+@pytest.mark.parametrize("case", VECTORS["cases"], ids=lambda c: f"{c['namespace']['model'][:20]}-{len(c['tokens'])}")
+def test_client_implementation_matches_vectors(case):
+    ns = Namespace(**case["namespace"])
+    nid = ns.namespace_id
+    assert nid.hex() == case["namespace_id"]
+    assert root_key(nid).hex() == case["root_key"]
+    assert [k.hex() for k in prefix_keys(nid, case["tokens"], ns.chunk_tokens)] == case["prefix_keys"]
+    assert [k.hex() for k in prefix_keys(nid, case["tokens"], ns.chunk_tokens, include_partial=True)] \
+        == case["prefix_keys_with_partial"]
+    assert chunk_key(nid, case["tokens"][: ns.chunk_tokens]).hex() == case["chunk_key_of_first_chunk"]
+
+
+def test_every_namespace_field_changes_the_id():
+    base = dict(model="m", dtype=1, num_layers=2, num_kv_heads=2, head_dim=8, layout=1,
+                tp_rank=0, tp_size=2, chunk_tokens=16, tenant="a")
+    ids = {Namespace(**base).namespace_id}
+    for field, other in [("model", "m2"), ("dtype", 2), ("num_layers", 3), ("num_kv_heads", 1),
+                         ("head_dim", 16), ("tp_rank", 1), ("tp_size", 4), ("chunk_tokens", 32),
+                         ("tenant", "b")]:
+        ids.add(Namespace(**{**base, field: other}).namespace_id)
+    ids.add(Namespace(**{**base, "layout": 2, "num_kv_heads": 1}).namespace_id)
+    assert len(ids) == 11
+
+
+def test_prefix_key_depends_on_everything_before():
+    nid = Namespace(model="m", dtype=1, num_layers=1, num_kv_heads=1, head_dim=8, chunk_tokens=4).namespace_id
+    a = prefix_keys(nid, [1, 2, 3, 4, 5, 6, 7, 8], 4)
+    b = prefix_keys(nid, [1, 2, 3, 9, 5, 6, 7, 8], 4)
+    assert a[0] != b[0] and a[1] != b[1]
+    # The same second chunk after a different first chunk is a different prefix key, but the
+    # same position-independent chunk key.
+    assert chunk_key(nid, [5, 6, 7, 8]) == chunk_key(nid, [5, 6, 7, 8])
+    assert chunk_key(nid, [5, 6, 7, 8]) not in (a[1], b[1])
+
+
+@pytest.mark.parametrize("bad", [[-1], [2**32], [1.5]])
+def test_bad_tokens_rejected(bad):
+    nid = bytes(32)
+    with pytest.raises((ValueError, TypeError)):
+        prefix_keys(nid, bad, 1)
+
+
+def test_bad_namespace_rejected():
+    with pytest.raises(ValueError, match="num_layers"):
+        Namespace(model="m", dtype="fp16", num_layers=0, num_kv_heads=1, head_dim=8)
+    with pytest.raises(ValueError, match="unknown KV dtype"):
+        Namespace(model="m", dtype="int3", num_layers=1, num_kv_heads=1, head_dim=8)
+    with pytest.raises(ValueError, match="tp_rank"):
+        Namespace(model="m", dtype="fp16", num_layers=1, num_kv_heads=1, head_dim=8, tp_rank=2, tp_size=2)
