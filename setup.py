@@ -113,7 +113,7 @@ class build_generated(Command):
 
 class build_py(_build_py):
     def run(self) -> None:
-        self.run_command("build_generated")
+        build_native()
         super().run()
 
 
@@ -122,6 +122,10 @@ class develop(_develop):
         self.run_command("build_generated")
         super().run()
 
+
+# The generated modules must exist before setuptools lists packages (egg_info), so protoc
+# runs whenever setup.py does; it takes well under a second.
+generate_protos()
 
 PACKAGES = [
     "kvstore", "kvstore.tiers", "kvstore.server", "kvstore.cli", "kvstore.testing", "kvstore._native",
