@@ -1,0 +1,1 @@
+"""Console entry points: ``kvstore`` (the daemon) and ``kvctl`` (the admin CLI)."""

@@ -1,0 +1,1 @@
+"""The gRPC front end: thin servicers translating protobuf <-> domain and errors <-> status codes."""

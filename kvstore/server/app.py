@@ -1,0 +1,128 @@
+"""Assembles the gRPC server: listeners, limits, interceptor, servicers, health, reflection.
+
+``Daemon`` owns the manager, the namespace registry and the worker pool; ``start()`` binds
+every ``config.server.listen`` address, ``stop()`` drains in-flight RPCs for
+``shutdown_grace_s`` and closes the manager.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kvstore_client._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, data_pb2
+
+from ..config import Config
+from ..errors import FailedPrecondition, Unavailable
+from ..metrics import KVStoreCollector, RequestStats, start_exporter
+from ..namespaces import NamespaceRegistry
+from . import wire
+from .admin import AdminServicer
+from .auth import Authenticator
+from .data import DataServicer
+from .status import RequestInterceptor
+
+log = logging.getLogger(__name__)
+
+DATA_SERVICE = "kvstore.v1.KVStore"
+ADMIN_SERVICE = "kvstore.v1.Admin"
+
+
+def is_loopback(addr: str) -> bool:
+    if addr.startswith("unix:"):
+        return True
+    host = addr.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(config: Config) -> None:
+    """Refuses a non-loopback TCP listener without auth (unless explicitly allowed)."""
+    if config.auth.enabled or config.auth.allow_insecure_remote:
+        return
+    remote = [a for a in config.server.listen if not is_loopback(a)]
+    if remote:
+        raise FailedPrecondition(
+            f"refusing to listen on {', '.join(remote)} without authentication: configure auth.tokens or "
+            "auth.tokens_file, listen on loopback / a unix socket, or set auth.allow_insecure_remote=true")
+
+
+def _data_handler(svc: DataServicer) -> grpc.GenericRpcHandler:
+    """Like the generated ``add_KVStoreServicer_to_server`` but with the hand-framed bulk
+    messages of ``wire`` for Put (request) and Get (response)."""
+    D = data_pb2
+    handlers = {
+        "RegisterNamespace": grpc.unary_unary_rpc_method_handler(
+            svc.RegisterNamespace, D.RegisterNamespaceRequest.FromString, D.RegisterNamespaceResponse.SerializeToString),
+        "Put": grpc.stream_unary_rpc_method_handler(
+            svc.Put, wire.deserialize_put_request, D.PutResponse.SerializeToString),
+        "Lookup": grpc.unary_unary_rpc_method_handler(
+            svc.Lookup, D.LookupRequest.FromString, D.LookupResponse.SerializeToString),
+        "Exists": grpc.unary_unary_rpc_method_handler(
+            svc.Exists, D.ExistsRequest.FromString, D.ExistsResponse.SerializeToString),
+        "Get": grpc.unary_stream_rpc_method_handler(
+            svc.Get, D.GetRequest.FromString, wire.serialize_get_response),
+        "Delete": grpc.unary_unary_rpc_method_handler(
+            svc.Delete, D.DeleteRequest.FromString, D.DeleteResponse.SerializeToString),
+    }
+    return grpc.method_handlers_generic_handler(DATA_SERVICE, handlers)
+
+
+class Daemon:
+    def __init__(self, config: Config, manager) -> None:
+        check_exposure(config)
+        self.config = config
+        self.manager = manager
+        self.registry = NamespaceRegistry(config.disk.path, config.server.max_chunk_bytes)
+        self.pool = ThreadPoolExecutor(config.server.worker_threads, thread_name_prefix="kvstore-worker")
+        self.stats = RequestStats()
+        self.health = health.aio.HealthServicer()
+        self._metrics_server = None
+        limit = config.server.max_message_bytes
+        self.server = grpc.aio.server(
+            interceptors=[RequestInterceptor(Authenticator(config.auth), self.stats)],
+            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+                     ("grpc.so_reuseport", 0)])
+        self.server.add_generic_rpc_handlers((_data_handler(DataServicer(manager, self.registry, config,
+                                                                         self.pool, self.stats)),))
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(manager, self.registry, config, self.pool),
+                                                   self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (DATA_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        for addr in config.server.listen:
+            try:
+                port = self.server.add_insecure_port(addr)
+            except RuntimeError as e:
+                raise Unavailable(f"cannot listen on {addr}: {e} (is another daemon using it?)") from None
+            if port == 0:
+                raise Unavailable(f"cannot listen on {addr}: address in use or not permitted")
+
+    async def start(self) -> None:
+        await self.server.start()
+        for name in ("", DATA_SERVICE, ADMIN_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._metrics_server = start_exporter(
+            self.config.metrics.listen, KVStoreCollector(self.manager.stats, self.stats, lambda: len(self.registry)))
+
+    async def stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.server.shutdown_grace_s)
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.manager.close)
+        self.pool.shutdown(wait=True)
+
+    async def wait(self) -> None:
+        await self.server.wait_for_termination()
