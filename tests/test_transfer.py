@@ -1,0 +1,66 @@
+"""Paged gather/scatter: the CPU routine against numpy indexing, and the CUDA routine
+against the CPU one where a GPU is present."""
+
+import numpy as np
+import pytest
+
+from kvstore_client.transfer import PlaneSpec, TransferError, cuda_available, gather, scatter
+
+
+def paged_layout(rng, layers=3, blocks=9, block_size=4, heads=2, dim=8, dtype=np.float16):
+    """vLLM-style per-plane tensors [blocks, block_size, heads, dim] (K and V per layer)."""
+    return [rng.standard_normal((blocks, block_size, heads, dim)).astype(dtype) for _ in range(2 * layers)]
+
+
+def test_gather_matches_numpy_fancy_indexing_and_scatter_inverts_it():
+    rng = np.random.default_rng(7)
+    planes = paged_layout(rng)
+    blocks, bs, heads, dim = planes[0].shape
+    slots = [b * bs + o for b in (5, 0, 7) for o in range(bs)]  # three non-contiguous blocks
+    elt = planes[0].itemsize
+    spec = PlaneSpec([p.ctypes.data for p in planes], slots, heads, dim * elt, heads * dim * elt, dim * elt)
+    chunk = np.full((len(planes), len(slots), heads, dim), np.nan, dtype=planes[0].dtype)
+    gather(spec, chunk.ctypes.data, device=False)
+    expect = np.stack([p.reshape(-1, heads, dim)[slots] for p in planes])
+    assert np.array_equal(chunk, expect)
+
+    targets = [np.zeros_like(p) for p in planes]
+    tspec = PlaneSpec([t.ctypes.data for t in targets], slots, heads, dim * elt, heads * dim * elt, dim * elt)
+    scatter(chunk.ctypes.data, tspec, device=False)
+    for t, p in zip(targets, planes):
+        flat_t, flat_p = t.reshape(-1, heads, dim), p.reshape(-1, heads, dim)
+        assert np.array_equal(flat_t[slots], flat_p[slots])
+        untouched = np.setdiff1d(np.arange(flat_t.shape[0]), slots)
+        assert not flat_t[untouched].any()
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(TransferError, match="non-negative"):
+        gather(PlaneSpec([0], [-1], 1, 2, 2, 2), 0, device=False)
+    with pytest.raises(TransferError, match="positive"):
+        gather(PlaneSpec([0], [0], 0, 2, 2, 2), 0, device=False)
+
+
+@pytest.mark.gpu
+def test_cuda_gather_scatter_bit_exact_with_cpu():
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or not cuda_available():
+        pytest.skip("needs a CUDA device and libkvstore_cuda.so")
+    g = torch.Generator().manual_seed(3)
+    for dtype, heads, dim in [(torch.float16, 3, 64), (torch.bfloat16, 8, 128), (torch.float32, 1, 7)]:
+        layers, seq = 4, 300
+        cpu_planes = [torch.randn(1, heads, seq, dim, generator=g).to(dtype) for _ in range(2 * layers)]
+        gpu_planes = [p.cuda() for p in cpu_planes]
+        start, n = 17, 256
+        ref = torch.empty(2 * layers, n, heads, dim, dtype=dtype)
+        gather(PlaneSpec.from_layer_tensors(cpu_planes, start, n), ref.data_ptr(), device=False)
+        out = torch.full_like(ref, float("nan")).cuda()
+        gather(PlaneSpec.from_layer_tensors(gpu_planes, start, n), out.data_ptr(), device=True)
+        torch.cuda.synchronize()
+        assert torch.equal(out.cpu(), ref)  # random normals: no NaN, so equality is bit equality
+        back = [torch.zeros_like(p) for p in gpu_planes]
+        scatter(out.data_ptr(), PlaneSpec.from_layer_tensors(back, start, n), device=True)
+        torch.cuda.synchronize()
+        for b, p in zip(back, gpu_planes):
+            assert torch.equal(b[:, :, start:start + n], p[:, :, start:start + n])
+            assert not b[:, :, :start].any() and not b[:, :, start + n:].any()
