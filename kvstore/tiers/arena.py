@@ -1,0 +1,143 @@
+"""The DRAM tier's host arena (one mapping, allocated once) and its page allocator.
+
+``HostArena`` maps ``capacity_bytes`` once: anonymous memory, or a named file under
+``/dev/shm`` so local client processes can map the same bytes (``arena.path``) and read a
+chunk at ``(offset, nbytes)`` without a copy through gRPC.
+
+``PageAllocator`` hands out contiguous page extents: best fit over a size index, with free
+neighbours coalesced on free. Both indexes are sorted Python lists searched with ``bisect``
+(O(log n) search; inserts are a C ``memmove`` of the list, cheap at the extent counts an
+arena of whole-chunk extents has). Not thread-safe: the DRAM tier calls it under its lock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import mmap
+import os
+import re
+from pathlib import Path
+
+from ..errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+#: Where named arenas live (tmpfs on Linux).
+SHM_DIR = Path("/dev/shm")
+
+
+class PageAllocator:
+    """Best-fit allocator of contiguous runs of pages in ``[0, total_pages)``."""
+
+    def __init__(self, total_pages: int) -> None:
+        if total_pages <= 0:
+            raise ValueError("an allocator needs at least one page")
+        self.total_pages = total_pages
+        self.free_pages = total_pages
+        self._starts: list[int] = [0]                 # free extent starts, sorted
+        self._len_at: dict[int, int] = {0: total_pages}  # start -> length
+        self._by_size: list[tuple[int, int]] = [(total_pages, 0)]  # (length, start), sorted
+
+    def _add(self, start: int, length: int) -> None:
+        bisect.insort(self._starts, start)
+        self._len_at[start] = length
+        bisect.insort(self._by_size, (length, start))
+
+    def _drop(self, start: int) -> int:
+        length = self._len_at.pop(start)
+        del self._starts[bisect.bisect_left(self._starts, start)]
+        del self._by_size[bisect.bisect_left(self._by_size, (length, start))]
+        return length
+
+    def alloc(self, npages: int) -> int | None:
+        """Start page of a free run of ``npages`` (the smallest run that fits, lowest address
+        among equals), or None when no run is long enough."""
+        if npages <= 0:
+            raise ValueError("allocate at least one page")
+        i = bisect.bisect_left(self._by_size, (npages, -1))
+        if i == len(self._by_size):
+            return None
+        length, start = self._by_size[i]
+        self._drop(start)
+        if length > npages:
+            self._add(start + npages, length - npages)
+        self.free_pages -= npages
+        return start
+
+    def free(self, start: int, npages: int) -> None:
+        """Returns a run obtained from ``alloc``; merges it with free neighbours."""
+        assert 0 <= start and start + npages <= self.total_pages, "extent outside the arena"
+        freed = npages
+        i = bisect.bisect_left(self._starts, start)
+        assert i == len(self._starts) or self._starts[i] >= start + npages, "double free"
+        end = start + npages
+        if i < len(self._starts) and self._starts[i] == end:
+            npages += self._drop(end)
+        if i > 0:
+            prev = self._starts[i - 1]
+            prev_len = self._len_at[prev]
+            assert prev + prev_len <= start, "double free"
+            if prev + prev_len == start:
+                self._drop(prev)
+                start, npages = prev, npages + prev_len
+        self._add(start, npages)
+        self.free_pages += freed
+
+    def largest_free(self) -> int:
+        return self._by_size[-1][0] if self._by_size else 0
+
+    def extents(self) -> list[tuple[int, int]]:
+        """Free runs as (start, length), by address (tests and diagnostics)."""
+        return [(s, self._len_at[s]) for s in self._starts]
+
+
+class HostArena:
+    """``capacity_bytes`` of host memory mapped once; ``buf`` is the writable view of all of it.
+
+    With ``shm_name`` the mapping is the file ``/dev/shm/<shm_name>`` (created fresh,
+    replacing a stale one left by a crashed daemon, and removed on ``close``); ``path`` names
+    it for clients. Otherwise ``path`` is None.
+    """
+
+    def __init__(self, capacity_bytes: int, shm_name: str = "") -> None:
+        if capacity_bytes <= 0:
+            raise InvalidArgument("dram.capacity_bytes must be positive")
+        self.capacity_bytes = capacity_bytes
+        self.path: Path | None = None
+        if shm_name:
+            if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", shm_name) or shm_name in (".", ".."):
+                raise InvalidArgument(f"dram.shm_name {shm_name!r} must be a plain file name "
+                                      "(letters, digits, '.', '_', '-')")
+            self.path = SHM_DIR / shm_name
+            if self.path.exists():
+                log.warning("replacing stale shared-memory arena %s", self.path)
+                self.path.unlink()
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, capacity_bytes)
+                self._mmap = mmap.mmap(fd, capacity_bytes, mmap.MAP_SHARED,
+                                       mmap.PROT_READ | mmap.PROT_WRITE)
+            finally:
+                os.close(fd)
+        else:
+            self._mmap = mmap.mmap(-1, capacity_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                   mmap.PROT_READ | mmap.PROT_WRITE)
+        self.buf = memoryview(self._mmap)
+
+    def writable(self, offset: int, nbytes: int) -> memoryview:
+        return self.buf[offset:offset + nbytes]
+
+    def readonly(self, offset: int, nbytes: int) -> memoryview:
+        return self.buf[offset:offset + nbytes].toreadonly()
+
+    def close(self) -> None:
+        """Unmaps (once every exported view is gone) and removes the shm file."""
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        self.buf.release()
+        try:
+            self._mmap.close()
+        except BufferError:
+            # A caller still holds a lease view; the mapping goes when the last view does.
+            log.warning("DRAM arena closed while views are still held; unmapping when they are released")

@@ -1,0 +1,427 @@
+"""The disk tier: one self-describing file per chunk plus an LMDB index of metadata.
+
+Layout under ``DiskConfig.path``::
+
+    LOCK                        flock'ed while a daemon owns the directory
+    index.lmdb/                 LMDB: cid -> file bytes, last access, hits, ChunkMeta
+    chunks/<2 hex>/<cid hex>    record header + payload (see ``_Header``)
+
+Write protocol (``put``): write ``<name>.tmp.*`` -> fsync (``DiskConfig.fsync``) -> rename ->
+fsync the directory -> commit the index entry (LMDB ``sync`` follows ``fsync``). A SIGKILL at
+any point leaves either a temp file (removed at start), a renamed file without an index entry
+(verified and adopted at start) or a complete chunk. Reads verify the header and the payload's
+CRC32C every time: a torn, truncated, flipped or missing file is deleted with its index entry,
+counted in ``stats().corrupt`` and reported as a miss; corrupt bytes are never returned.
+
+Threading: every method is thread-safe. ``get``/``put``/``delete``/``evict`` do file I/O and
+are called from worker threads (the manager's writer thread, RPC workers), never from the
+event loop; ``contains``/``scan``/``stats`` read only the in-memory view of the index.
+Concurrent operations on the same id are serialised (a second ``put`` waits for the first);
+operations on different ids run in parallel.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import lmdb
+import numpy as np
+
+from .. import config as cfg
+from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from ..types import CHUNK_ID_BYTES, ChunkId, ChunkMeta, Medium
+from . import _bufs
+from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
+from .policies import make_policy
+
+log = logging.getLogger(__name__)
+
+FILE_MAGIC = b"KVSC"
+FILE_VERSION = 1
+#: magic, version, meta length, cid; then the meta bytes, then a CRC32C of all of the above.
+_HEAD = struct.Struct(f"<4sHH{CHUNK_ID_BYTES}s")
+_CRC = struct.Struct("<I")
+#: Index value prefix: file bytes, last access (unix s), hits; then ``ChunkMeta.to_bytes()``.
+_INDEX = struct.Struct("<QdQ")
+#: Named LMDB databases in the index environment.
+_INDEX_DBS = 1
+_TMP_MARK = ".tmp."
+
+
+def encode_header(cid: ChunkId, meta: ChunkMeta) -> bytes:
+    mb = meta.to_bytes()
+    head = _HEAD.pack(FILE_MAGIC, FILE_VERSION, len(mb), cid) + mb
+    return head + _CRC.pack(_bufs.crc32c(head))
+
+
+def decode_header(buf: memoryview) -> tuple[ChunkId, ChunkMeta, int] | None:
+    """(cid, meta, header bytes) of a record, or None when the header is not intact."""
+    if len(buf) < _HEAD.size:
+        return None
+    magic, version, meta_len, cid = _HEAD.unpack_from(buf)
+    end = _HEAD.size + meta_len
+    if magic != FILE_MAGIC or version != FILE_VERSION or len(buf) < end + _CRC.size:
+        return None
+    if _CRC.unpack_from(buf, end)[0] != _bufs.crc32c(buf[:end]):
+        return None
+    try:
+        meta = ChunkMeta.from_bytes(bytes(buf[_HEAD.size:end]))
+    except ValueError:
+        return None
+    return ChunkId(cid), meta, end + _CRC.size
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    meta: ChunkMeta
+    file_bytes: int
+    last_access_s: float
+    hits: int = 0
+
+
+class DiskTier(Tier):
+    medium = Medium.DISK
+
+    def __init__(self, conf: cfg.DiskConfig, pins: PinTable, clock: Callable[[], float]) -> None:
+        self._root = Path(conf.path)
+        self._chunks = self._root / "chunks"
+        self._fsync = conf.fsync
+        self._capacity = conf.capacity_bytes
+        self._pins = pins
+        self._clock = clock
+        self._policy = make_policy(conf.policy, conf.capacity_bytes)
+        # Lock order: TierManager._lock -> DiskTier._lock -> PinTable._lock. ``_lock`` guards
+        # the in-memory view and is never held during I/O; ``_db_lock`` serialises LMDB write
+        # transactions and is never taken while ``_lock`` is held (nor the reverse).
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)   # an id left ``_busy``
+        self._db_lock = threading.Lock()
+        self._index: dict[ChunkId, _Entry] = {}
+        self._busy: set[ChunkId] = set()   # ids with a write or delete in flight
+        self._reserved_bytes = 0           # bytes of writes in flight
+        self._dirty_access: set[ChunkId] = set()
+        self._stats = TierStats(Medium.DISK, self._policy.name, conf.capacity_bytes)
+        self._closed = False
+
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = os.open(self._root / "LOCK", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise FailedPrecondition(f"{self._root} is in use by another kvstore daemon; stop it or "
+                                     "set disk.path to another directory") from None
+        for i in range(256):
+            (self._chunks / f"{i:02x}").mkdir(parents=True, exist_ok=True)
+        self._env = lmdb.open(str(self._root / "index.lmdb"), map_size=conf.index_map_bytes,
+                              max_dbs=_INDEX_DBS, sync=conf.fsync, metasync=conf.fsync, subdir=True)
+        self._db = self._env.open_db(b"chunks")
+        self._recover()
+
+    # -- paths and index helpers ------------------------------------------------------------
+    def _file(self, cid: ChunkId) -> Path:
+        h = cid.hex()
+        return self._chunks / h[:2] / h
+
+    def _db_write(self, puts: list[tuple[ChunkId, _Entry]] = (), dels: list[ChunkId] = ()) -> None:
+        with self._db_lock, self._env.begin(write=True, db=self._db) as txn:
+            for cid in dels:
+                txn.delete(cid)
+            for cid, e in puts:
+                txn.put(cid, _INDEX.pack(e.file_bytes, e.last_access_s, e.hits) + e.meta.to_bytes())
+
+    # -- start-up ---------------------------------------------------------------------------
+    def _recover(self) -> None:
+        """Reconciles the index with the files (runs before the tier serves anything)."""
+        bad: list[ChunkId] = []
+        with self._env.begin(db=self._db) as txn:
+            for k, v in txn.cursor():
+                try:
+                    size, last, hits = _INDEX.unpack_from(v)
+                    self._index[ChunkId(bytes(k))] = _Entry(ChunkMeta.from_bytes(v[_INDEX.size:]), size, last, hits)
+                except (struct.error, ValueError) as e:
+                    log.warning("dropping unreadable index entry %s: %s", bytes(k).hex(), e)
+                    bad.append(ChunkId(bytes(k)))
+        seen: set[ChunkId] = set()
+        adopted: list[tuple[ChunkId, _Entry]] = []
+        for shard in self._chunks.iterdir():
+            for f in shard.iterdir():
+                if _TMP_MARK in f.name:
+                    f.unlink(missing_ok=True)       # a write that never completed
+                    continue
+                try:
+                    cid = ChunkId(bytes.fromhex(f.name))
+                except ValueError:
+                    log.warning("ignoring foreign file %s in the chunk directory", f)
+                    continue
+                size = f.stat().st_size
+                e = self._index.get(cid)
+                if e is not None:
+                    if size == e.file_bytes:
+                        seen.add(cid)
+                    else:                           # truncated or replaced: not trusted
+                        f.unlink(missing_ok=True)
+                        self._stats.corrupt += 1
+                    continue
+                e = self._adopt(cid, f, size)
+                if e is None:
+                    f.unlink(missing_ok=True)
+                else:
+                    adopted.append((cid, e))
+                    self._index[cid] = e
+                    seen.add(cid)
+        missing = [c for c in self._index if c not in seen]
+        for c in missing:
+            del self._index[c]
+        if missing:
+            log.warning("disk index had %d entries without a chunk file; removed them", len(missing))
+        if adopted:
+            log.info("adopted %d chunk files written just before a crash", len(adopted))
+        self._db_write(adopted, bad + missing)
+        for cid, e in sorted(self._index.items(), key=lambda kv: kv[1].last_access_s):
+            self._policy.insert(cid, e.file_bytes)
+            self._stats.used_bytes += e.file_bytes
+        self._stats.chunks = len(self._index)
+        if self._stats.used_bytes > self._capacity:
+            self.evict(self._stats.used_bytes - self._capacity)
+
+    def _adopt(self, cid: ChunkId, f: Path, size: int) -> _Entry | None:
+        with open(f, "rb") as fh:
+            head = memoryview(fh.read(_HEAD.size + 1024))
+        d = decode_header(head)
+        if d is None or d[0] != cid or size != d[2] + d[1].payload_bytes:
+            return None
+        return _Entry(d[1], size, f.stat().st_mtime)
+
+    # -- Tier primitives --------------------------------------------------------------------
+    def contains(self, cid: ChunkId) -> bool:
+        with self._lock:
+            return cid in self._index
+
+    def get(self, cid: ChunkId) -> ChunkRef | None:
+        with self._lock:
+            e = self._index.get(cid)
+            if e is None:
+                self._stats.misses += 1
+                return None
+        path = self._file(cid)
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                size = os.fstat(fh.fileno()).st_size
+                buf = np.empty(size, dtype=np.uint8)
+                got = fh.readinto(memoryview(buf)) if size else 0
+        except FileNotFoundError:
+            return self._drop_corrupt(cid, e, "its file is missing")
+        except OSError as err:
+            raise Unavailable(f"reading {path} failed: {err}; check the disk behind disk.path") from err
+        view = memoryview(buf)[:got]
+        d = decode_header(view)
+        if d is None or d[0] != cid:
+            return self._drop_corrupt(cid, e, "its record header is damaged")
+        _, meta, hlen = d
+        payload = view[hlen:]
+        if len(payload) != meta.payload_bytes:
+            return self._drop_corrupt(cid, e, f"it has {len(payload)} payload bytes, expected {meta.payload_bytes}")
+        if _bufs.crc32c(payload) != meta.crc32c:
+            return self._drop_corrupt(cid, e, "its payload failed the CRC32C check")
+        with self._lock:
+            self._stats.hits += 1
+            if self._index.get(cid) is e:
+                e.hits += 1
+                e.last_access_s = self._clock()
+                self._policy.touch(cid)
+                self._dirty_access.add(cid)
+        return ChunkRef(cid, meta, payload.toreadonly(), Medium.DISK)
+
+    def _drop_corrupt(self, cid: ChunkId, e: _Entry, why: str) -> None:
+        with self._lock:
+            self._stats.misses += 1
+            if self._index.get(cid) is not e or cid in self._busy:
+                return None                       # deleted or replaced meanwhile: a plain miss
+            self._stats.corrupt += 1
+            self._unlink_locked(cid, e, evicted=False)
+            self._busy.add(cid)
+        log.error("disk chunk %s is corrupt (%s); deleted it and reporting a miss", cid.hex(), why)
+        try:
+            self._remove_files_and_index([cid])
+        finally:
+            self._done([cid])
+        return None
+
+    def _unlink_locked(self, cid: ChunkId, e: _Entry, evicted: bool) -> None:
+        del self._index[cid]
+        self._policy.remove(cid, evicted=evicted)
+        self._dirty_access.discard(cid)
+        self._stats.used_bytes -= e.file_bytes
+        self._stats.chunks -= 1
+        if evicted:
+            self._stats.evictions += 1
+
+    def _remove_files_and_index(self, cids: list[ChunkId]) -> None:
+        for cid in cids:
+            self._file(cid).unlink(missing_ok=True)
+        if cids:
+            self._db_write(dels=cids)
+
+    def _done(self, cids) -> None:
+        with self._lock:
+            self._busy.difference_update(cids)
+            self._idle.notify_all()
+
+    def put(self, cid: ChunkId, meta: ChunkMeta, payload: memoryview | bytes) -> bool:
+        n = memoryview(payload).nbytes
+        if n != meta.payload_bytes:
+            raise InvalidArgument(f"payload has {n} bytes but its metadata says {meta.payload_bytes}")
+        if _bufs.crc32c(payload) != meta.crc32c:
+            raise InvalidArgument("payload CRC32C does not match its metadata; the sender must compute "
+                                  "ChunkMeta.crc32c over the exact payload bytes")
+        header = encode_header(cid, meta)
+        size = len(header) + n
+        with self._lock:
+            while cid in self._busy:
+                self._idle.wait()
+            if cid in self._index:
+                return False
+            if size > self._capacity:
+                raise ResourceExhausted(f"a chunk of {size} bytes does not fit disk.capacity_bytes="
+                                        f"{self._capacity}; raise disk.capacity_bytes")
+            victims, enough = self._pick_victims_locked(
+                self._stats.used_bytes + self._reserved_bytes + size - self._capacity)
+            if enough:
+                self._busy.add(cid)
+                self._reserved_bytes += size
+        if not enough:
+            try:
+                self._remove_files_and_index(victims)
+            finally:
+                self._done(victims)
+            raise ResourceExhausted(
+                f"disk tier cannot make room for {size} bytes: the remaining chunks are pinned or being "
+                "written; unpin chunks (kvctl unpin) or raise disk.capacity_bytes")
+        entry = _Entry(meta, size, self._clock())
+        ok = False
+        try:
+            for v in victims:
+                self._file(v).unlink(missing_ok=True)
+            self._write_file(cid, header, payload)
+            # The index entry is committed only after the file is durable under its final name.
+            self._db_write(puts=[(cid, entry)], dels=victims)
+            ok = True
+        finally:
+            if not ok and victims:
+                self._db_write(dels=victims)
+            with self._lock:
+                self._reserved_bytes -= size
+                if ok:
+                    self._index[cid] = entry
+                    self._policy.insert(cid, size)
+                    self._stats.used_bytes += size
+                    self._stats.chunks += 1
+                self._busy.discard(cid)
+                self._busy.difference_update(victims)
+                self._idle.notify_all()
+        return True
+
+    def _write_file(self, cid: ChunkId, header: bytes, payload) -> None:
+        final = self._file(cid)
+        tmp = final.with_name(f"{final.name}{_TMP_MARK}{os.getpid()}.{threading.get_ident()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                for part in (memoryview(header), memoryview(payload).cast("B")):
+                    while len(part):
+                        part = part[os.write(fd, part):]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, final)
+            if self._fsync:
+                dfd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise Unavailable(f"writing {final} failed: {err}; check free space and health of disk.path") from err
+
+    def _pick_victims_locked(self, need_bytes: int) -> tuple[list[ChunkId], bool]:
+        """Unlinks (in memory) unpinned, idle chunks by policy until ``need_bytes`` are freed;
+        returns them (marked busy: the caller removes their files and index entries, then
+        calls ``_done``) and whether enough was freed."""
+        out: list[ChunkId] = []
+        freed = 0
+        if need_bytes <= 0:
+            return out, True
+        for cid in self._policy.victims():
+            if cid in self._busy or self._pins.is_pinned(cid):
+                continue
+            e = self._index[cid]
+            self._unlink_locked(cid, e, evicted=True)
+            self._busy.add(cid)
+            out.append(cid)
+            freed += e.file_bytes
+            if freed >= need_bytes:
+                break
+        return out, freed >= need_bytes
+
+    def delete(self, cid: ChunkId) -> bool:
+        with self._lock:
+            while cid in self._busy:
+                self._idle.wait()
+            e = self._index.get(cid)
+            if e is None:
+                return False
+            self._unlink_locked(cid, e, evicted=False)
+            self._busy.add(cid)
+        try:
+            self._remove_files_and_index([cid])
+        finally:
+            self._done([cid])
+        return True
+
+    def evict(self, nbytes: int) -> list[ChunkId]:
+        with self._lock:
+            need = nbytes - (self._capacity - self._stats.used_bytes - self._reserved_bytes)
+            victims, _ = self._pick_victims_locked(need)   # as much as can be evicted
+        try:
+            self._remove_files_and_index(victims)
+        finally:
+            self._done(victims)
+        return victims
+
+    def scan(self, prefix: bytes = b"", after: bytes = b"", limit: int = 0) -> Iterator[EntryInfo]:
+        with self._lock:
+            rows = [EntryInfo(c, e.meta, e.last_access_s, e.hits) for c, e in self._index.items()
+                    if c.startswith(prefix) and c > after]
+        rows.sort(key=lambda r: r.cid)
+        return iter(rows[:limit] if limit else rows)
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            s = TierStats(**{f: getattr(self._stats, f) for f in TierStats.__slots__})
+            ids = list(self._index)
+        s.pinned_chunks = sum(1 for c in ids if self._pins.is_pinned(c))
+        return s
+
+    def close(self) -> None:
+        """Persists access times (eviction order for the next start) and closes the index.
+        Callers stop issuing operations first (the manager drains its writer)."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            dirty = [(c, self._index[c]) for c in self._dirty_access if c in self._index]
+            self._dirty_access.clear()
+        if dirty:
+            self._db_write(puts=dirty)
+        self._env.close()
+        os.close(self._lock_fd)

@@ -1,0 +1,275 @@
+"""The DRAM tier: chunk payloads live in one ``HostArena``; Python holds only small entries.
+
+Callers: the ``TierManager`` from the event-loop thread (``contains``, ``locate``, ``scan``,
+``stats``: never block on I/O) and from worker threads (``put``/``get``: a memcpy of the
+payload, done outside the lock). Every method is thread-safe.
+
+Lifetime of an extent: ``reserve`` takes pages (evicting by policy if needed) ->
+the payload is copied into ``Reservation.view`` without the lock -> ``commit`` publishes the
+chunk. ``get``/``lease`` hand out read leases (``ChunkRef``) that count on the entry; a
+``delete`` or eviction of a leased entry only unlinks it (it disappears from lookups at once)
+and its pages return to the allocator when the last lease is released. Eviction never picks a
+leased, pinned or uncommitted chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+from .. import config as cfg
+from ..errors import InvalidArgument, ResourceExhausted
+from ..types import ChunkId, ChunkMeta, Medium
+from . import _bufs
+from .arena import HostArena, PageAllocator
+from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
+from .policies import make_policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True, eq=False)
+class _Entry:
+    cid: ChunkId
+    meta: ChunkMeta | None      # None while reserved (being written)
+    page: int                   # first page of the extent
+    npages: int
+    nbytes: int
+    leases: int = 0
+    dead: bool = False          # unlinked; pages freed when ``leases`` drops to 0
+    last_access_s: float = 0.0
+    hits: int = 0
+
+
+@dataclass(slots=True, eq=False)
+class Reservation:
+    """Pages taken for one chunk that is not yet visible: write the payload into ``view``
+    (writable, exactly ``nbytes``) then ``DramTier.commit`` or ``DramTier.abort`` it.
+    ``offset`` is the byte offset in the arena (a same-host client may write there)."""
+
+    cid: ChunkId
+    offset: int
+    nbytes: int
+    view: memoryview
+    _entry: _Entry
+
+
+class DramTier(Tier):
+    """Host-memory tier over one arena. ``verify_crc`` re-checks CRC32C on every ``get``
+    (a debug aid: this is memory the daemon wrote itself)."""
+
+    medium = Medium.DRAM
+
+    def __init__(self, conf: cfg.DramConfig, pins: PinTable, clock: Callable[[], float],
+                 verify_crc: bool = False) -> None:
+        if conf.page_bytes <= 0 or conf.capacity_bytes < conf.page_bytes:
+            raise InvalidArgument("dram.capacity_bytes must hold at least one dram.page_bytes page")
+        self._page = conf.page_bytes
+        self._arena = HostArena(conf.capacity_bytes // self._page * self._page, conf.shm_name)
+        self._alloc = PageAllocator(self._arena.capacity_bytes // self._page)
+        self._policy = make_policy(conf.policy, self._arena.capacity_bytes)
+        self._pins = pins
+        self._clock = clock
+        self._verify = verify_crc
+        # Lock order: TierManager._lock -> DramTier._lock -> PinTable._lock. Never held during
+        # a payload copy or a checksum.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)   # a reservation committed or aborted
+        self._entries: dict[ChunkId, _Entry] = {}          # committed and reserved, not dead
+        self._stats = TierStats(Medium.DRAM, self._policy.name, self._arena.capacity_bytes)
+        self._closed = False
+
+    # -- shared-memory view ------------------------------------------------------------------
+    @property
+    def arena_path(self):
+        """``/dev/shm`` file clients map, or None for an anonymous arena."""
+        return self._arena.path
+
+    def locate(self, cid: ChunkId) -> tuple[int, int] | None:
+        """(arena offset, payload bytes) of a committed chunk, or None. Informational only: the
+        extent may be reused as soon as this returns; hold a ``lease`` while anyone reads it."""
+        with self._lock:
+            e = self._entries.get(cid)
+            return None if e is None or e.meta is None else (e.page * self._page, e.nbytes)
+
+    def lease(self, cid: ChunkId) -> ChunkRef | None:
+        """A read lease like ``get`` but without counting a hit or touching recency (used for
+        write-behind copies and for shared-memory reads; ``locate`` gives the offset)."""
+        return self._lease(cid, touch=False)
+
+    # -- Tier primitives --------------------------------------------------------------------
+    def get(self, cid: ChunkId) -> ChunkRef | None:
+        ref = self._lease(cid, touch=True)
+        if ref is not None and self._verify and _bufs.crc32c(ref.view) != ref.meta.crc32c:
+            ref.release()
+            log.error("DRAM chunk %s failed its CRC32C check; dropping it", cid.hex())
+            with self._lock:
+                self._stats.corrupt += 1
+            self.delete(cid)
+            return None
+        return ref
+
+    def _lease(self, cid: ChunkId, touch: bool) -> ChunkRef | None:
+        with self._lock:
+            e = self._entries.get(cid)
+            if e is None or e.meta is None:
+                if touch:
+                    self._stats.misses += 1
+                return None
+            e.leases += 1
+            if touch:
+                e.hits += 1
+                e.last_access_s = self._clock()
+                self._stats.hits += 1
+                self._policy.touch(cid)
+            view = self._arena.readonly(e.page * self._page, e.nbytes)
+        return ChunkRef(cid, e.meta, view, Medium.DRAM, lambda: self._release(e))
+
+    def _release(self, e: _Entry) -> None:
+        with self._lock:
+            e.leases -= 1
+            assert e.leases >= 0, "lease released twice"
+            if e.leases == 0 and e.dead:
+                self._free(e)
+
+    def _free(self, e: _Entry) -> None:
+        self._alloc.free(e.page, e.npages)
+        self._stats.used_bytes -= e.npages * self._page
+
+    def put(self, cid: ChunkId, meta: ChunkMeta, payload: memoryview | bytes) -> bool:
+        n = memoryview(payload).nbytes
+        if n != meta.payload_bytes:
+            raise InvalidArgument(f"payload has {n} bytes but its metadata says {meta.payload_bytes}")
+        res = self.reserve(cid, n)
+        if res is None:
+            return False
+        try:
+            _bufs.copy(res.view, payload)
+        except BaseException:
+            self.abort(res)
+            raise
+        self.commit(res, meta)
+        return True
+
+    def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
+        """Takes pages for ``cid`` (evicting by policy); None if ``cid`` is already present.
+        If another thread is writing ``cid``, waits for it to commit or abort first.
+        Raises ResourceExhausted when no room can be made."""
+        npages = max(1, -(-nbytes // self._page))
+        with self._lock:
+            while True:
+                cur = self._entries.get(cid)
+                if cur is None:
+                    break
+                if cur.meta is not None:
+                    return None
+                self._changed.wait()
+            if npages > self._alloc.total_pages:
+                raise ResourceExhausted(
+                    f"a chunk of {nbytes} bytes does not fit the DRAM arena of {self._arena.capacity_bytes} "
+                    "bytes; raise dram.capacity_bytes or store smaller chunks")
+            page = self._alloc.alloc(npages)
+            if page is None:
+                page = self._make_room(npages)
+            e = _Entry(cid, None, page, npages, nbytes, last_access_s=self._clock())
+            self._entries[cid] = e
+            self._stats.used_bytes += npages * self._page
+        off = page * self._page
+        return Reservation(cid, off, nbytes, self._arena.writable(off, nbytes), e)
+
+    def commit(self, res: Reservation, meta: ChunkMeta) -> None:
+        """Publishes a reserved chunk; ``meta.payload_bytes`` must equal the reserved size."""
+        if meta.payload_bytes != res.nbytes:
+            raise InvalidArgument(f"metadata says {meta.payload_bytes} bytes, {res.nbytes} were reserved")
+        res.view.release()
+        with self._lock:
+            e = res._entry
+            e.meta = meta
+            self._policy.insert(e.cid, e.npages * self._page)
+            self._stats.chunks += 1
+            self._changed.notify_all()
+
+    def abort(self, res: Reservation) -> None:
+        """Gives back the pages of a reservation that will not be committed."""
+        res.view.release()
+        with self._lock:
+            e = res._entry
+            del self._entries[e.cid]
+            self._free(e)
+            self._changed.notify_all()
+
+    def _make_room(self, npages: int) -> int:
+        """Evicts by policy until a run of ``npages`` is free; returns its start. Caller holds
+        the lock."""
+        for cid in self._policy.victims():
+            e = self._entries[cid]
+            if e.leases or self._pins.is_pinned(cid):
+                continue
+            self._unlink(e, evicted=True)
+            page = self._alloc.alloc(npages)
+            if page is not None:
+                return page
+        raise ResourceExhausted(
+            f"DRAM tier cannot free {npages * self._page} contiguous bytes: the remaining chunks are pinned "
+            f"({len(self._pins)} pins) or being read; unpin chunks (kvctl unpin) or raise dram.capacity_bytes")
+
+    def _unlink(self, e: _Entry, evicted: bool) -> None:
+        del self._entries[e.cid]
+        self._policy.remove(e.cid, evicted=evicted)
+        self._stats.chunks -= 1
+        if evicted:
+            self._stats.evictions += 1
+        if e.leases:
+            e.dead = True
+        else:
+            self._free(e)
+
+    def contains(self, cid: ChunkId) -> bool:
+        with self._lock:
+            e = self._entries.get(cid)
+            return e is not None and e.meta is not None
+
+    def delete(self, cid: ChunkId) -> bool:
+        with self._lock:
+            e = self._entries.get(cid)
+            if e is None or e.meta is None:
+                return False
+            self._unlink(e, evicted=False)
+            return True
+
+    def evict(self, nbytes: int) -> list[ChunkId]:
+        out: list[ChunkId] = []
+        with self._lock:
+            for cid in self._policy.victims():
+                if self._alloc.free_pages * self._page >= nbytes:
+                    break
+                e = self._entries[cid]
+                if e.leases or self._pins.is_pinned(cid):
+                    continue
+                self._unlink(e, evicted=True)
+                out.append(cid)
+        return out
+
+    def scan(self, prefix: bytes = b"", after: bytes = b"", limit: int = 0) -> Iterator[EntryInfo]:
+        with self._lock:
+            rows = [EntryInfo(e.cid, e.meta, e.last_access_s, e.hits) for e in self._entries.values()
+                    if e.meta is not None and e.cid.startswith(prefix) and e.cid > after]
+        rows.sort(key=lambda r: r.cid)
+        return iter(rows[:limit] if limit else rows)
+
+    def stats(self) -> TierStats:
+        with self._lock:
+            s = TierStats(**{f: getattr(self._stats, f) for f in TierStats.__slots__})
+            ids = list(self._entries)
+        s.pinned_chunks = sum(1 for c in ids if self._pins.is_pinned(c))
+        return s
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._entries.clear()
+        self._arena.close()
