@@ -2,5 +2,10 @@
 
 from .keys import Namespace, chunk_key, prefix_keys
 from .types import DType, Durability, Encoding, KeyKind, Layout, Tier
+from ._common import LookupResult
+from .client import KVStoreClient
+from .aio import AsyncKVStoreClient
+from .errors import KVStoreClientError, KVStoreUnavailable
 
-__all__ = ["Namespace", "chunk_key", "prefix_keys", "DType", "Durability", "Encoding", "KeyKind", "Layout", "Tier"]
+__all__ = ["Namespace", "chunk_key", "prefix_keys", "DType", "Durability", "Encoding", "KeyKind", "Layout", "Tier",
+           "KVStoreClient", "AsyncKVStoreClient", "LookupResult", "KVStoreClientError", "KVStoreUnavailable"]

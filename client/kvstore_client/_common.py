@@ -1,0 +1,191 @@
+"""What the sync and async clients share: tensor <-> chunk bytes, request building, results.
+
+Tensors are handled as numpy ``uint8`` arrays whose last axis is ``head_dim * itemsize``
+bytes, so every KV dtype (including bfloat16 and fp8, which numpy lacks) takes the same path.
+torch is imported only when a tensor is passed in or asked for.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from ._crc import HAVE_FAST_CRC, crc32c
+from ._proto.kvstore.v1 import common_pb2, data_pb2
+from ._wire import encode_data
+from .errors import DataLoss, InvalidArgument
+from .keys import Namespace
+from .types import DType, Durability, Encoding, KeyKind, Layout, Tier
+
+#: Default size of the data pieces a Put sends (the daemon tells the largest message it accepts).
+DEFAULT_PIECE_BYTES = 1024 * 1024
+#: Room left for the message framing below the daemon's message limit.
+FRAMING_SLACK_BYTES = 4096
+#: Largest message the client accepts (Get pieces are ``server.stream_piece_bytes``).
+CLIENT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+_NUMPY_DTYPES = {DType.FLOAT16: ("float16",), DType.FLOAT32: ("float32",),
+                 DType.BFLOAT16: ("bfloat16", "uint16", "int16"), DType.FLOAT8_E4M3: ("float8_e4m3fn", "uint8", "int8")}
+_NUMPY_OUT = {DType.FLOAT16: np.float16, DType.FLOAT32: np.float32, DType.BFLOAT16: np.uint16,
+              DType.FLOAT8_E4M3: np.uint8}
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    matched_tokens: int
+    matched_chunks: int
+    tiers: tuple[Tier, ...]
+
+
+def as_namespace(ns: Namespace | Mapping[str, Any]) -> Namespace:
+    if isinstance(ns, Namespace):
+        return ns
+    if isinstance(ns, Mapping):
+        try:
+            return Namespace(**ns)
+        except TypeError as e:
+            raise InvalidArgument(f"namespace dict: {e}") from None
+    raise TypeError("namespace must be a kvstore_client.Namespace or a dict of its fields")
+
+
+def spec_of(ns: Namespace) -> common_pb2.NamespaceSpec:
+    return common_pb2.NamespaceSpec(model=ns.model, dtype=int(ns.dtype), num_layers=ns.num_layers,
+                                    num_kv_heads=ns.num_kv_heads, head_dim=ns.head_dim, layout=int(ns.layout),
+                                    tp_rank=ns.tp_rank, tp_size=ns.tp_size, chunk_tokens=ns.chunk_tokens)
+
+
+def token_axis(ns: Namespace) -> int:
+    return 1 if ns.layout == Layout.MLA_LATENT else 2
+
+
+def _is_torch(x) -> bool:
+    return type(x).__module__.startswith("torch") and "torch" in sys.modules
+
+
+def kv_bytes_array(kv, ns: Namespace) -> np.ndarray:
+    """``kv`` (numpy array or torch tensor in the namespace layout) as a uint8 array whose
+    last axis holds ``head_dim * itemsize`` bytes. Checks dtype and every axis but tokens."""
+    if _is_torch(kv):
+        import torch
+
+        want = {DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16, DType.FLOAT32: torch.float32,
+                DType.FLOAT8_E4M3: getattr(torch, "float8_e4m3fn", None)}[ns.dtype]
+        if kv.dtype != want:
+            raise InvalidArgument(f"kv tensor has dtype {kv.dtype}, the namespace stores {ns.dtype.name} ({want})")
+        t = kv.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        shape = tuple(t.shape)
+        u8 = t.contiguous().view(torch.uint8).numpy()
+    else:
+        arr = np.asarray(kv)
+        if arr.dtype.name not in _NUMPY_DTYPES[ns.dtype]:
+            raise InvalidArgument(f"kv array has dtype {arr.dtype}, the namespace stores {ns.dtype.name}: "
+                                  f"pass one of {_NUMPY_DTYPES[ns.dtype]}")
+        shape = arr.shape
+        u8 = np.ascontiguousarray(arr).view(np.uint8)
+    expect = ns.chunk_shape(0)
+    ax = token_axis(ns)
+    if len(shape) != len(expect) or any(s != e for i, (s, e) in enumerate(zip(shape, expect)) if i != ax):
+        names = "[layers, tokens, head_dim]" if ax == 1 else "[layers, 2, tokens, kv_heads, head_dim]"
+        shown = list(expect)
+        shown[ax] = "tokens"
+        raise InvalidArgument(f"kv has shape {list(shape)}; this namespace needs {names} = {shown}")
+    return u8
+
+
+def chunk_payloads(u8: np.ndarray, ns: Namespace, n_chunks: int) -> list[np.ndarray]:
+    """Contiguous bytes of each of the first ``n_chunks`` full chunks."""
+    ax = token_axis(ns)
+    ct = ns.chunk_tokens
+    out = []
+    for i in range(n_chunks):
+        sl = [slice(None)] * u8.ndim
+        sl[ax] = slice(i * ct, (i + 1) * ct)
+        out.append(np.ascontiguousarray(u8[tuple(sl)]).reshape(-1))
+    return out
+
+
+def put_messages(namespace_id: bytes, keys: Sequence[bytes], payloads: Sequence[np.ndarray], ns: Namespace,
+                 durability: Durability, piece_bytes: int):
+    """Serialised Put stream: for each chunk a header then data pieces (generated lazily)."""
+    for key, payload in zip(keys, payloads):
+        view = memoryview(payload).cast("B")
+        header = data_pb2.PutChunkHeader(
+            namespace_id=namespace_id, key=key, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens,
+            encoding=Encoding.RAW, payload_bytes=view.nbytes, crc32c=crc32c(view) or 0, durability=int(durability))
+        yield data_pb2.PutRequest(header=header).SerializeToString()
+        for off in range(0, view.nbytes, piece_bytes):
+            yield encode_data(view[off:off + piece_bytes])
+
+
+class ChunkAssembler:
+    """Receives a Get stream into one chunk-major buffer; stops at the first missing chunk."""
+
+    def __init__(self, ns: Namespace, n_keys: int, verify_crc: bool | None) -> None:
+        self.ns = ns
+        self.chunk_bytes = ns.chunk_bytes()
+        self.buf = np.empty(n_keys * self.chunk_bytes, np.uint8)
+        self.matched = 0
+        self.verify = HAVE_FAST_CRC if verify_crc is None else verify_crc
+        self._pos = 0
+        self._end = 0
+        self._crc = 0
+        self.done = False
+
+    def feed(self, msg) -> bool:
+        """Takes one response; returns False once the prefix has ended (the caller may cancel)."""
+        if isinstance(msg, memoryview):
+            n = msg.nbytes
+            if self._pos + n > self._end:
+                raise DataLoss("the daemon sent more data than the chunk header announced")
+            self.buf[self._pos:self._pos + n] = np.frombuffer(msg, np.uint8)
+            self._pos += n
+            if self._pos == self._end:
+                self._finish_chunk()
+            return True
+        h = msg.header
+        if not msg.HasField("header") or self._pos != self._end:
+            raise DataLoss("malformed Get stream: a header arrived before the previous chunk's data ended")
+        if not h.found or h.index != self.matched:
+            self.done = True
+            return False
+        if h.encoding != Encoding.RAW or h.num_tokens != self.ns.chunk_tokens or h.payload_bytes != self.chunk_bytes:
+            raise DataLoss(f"chunk {h.index}: the daemon returned {h.payload_bytes} bytes of "
+                           f"{Encoding(h.encoding).name}, expected a full RAW chunk of {self.chunk_bytes} bytes")
+        self._pos = self.matched * self.chunk_bytes
+        self._end = self._pos + self.chunk_bytes
+        self._crc = h.crc32c
+        return True
+
+    def _finish_chunk(self) -> None:
+        if self.verify and self._crc:
+            got = crc32c(self.buf[self._end - self.chunk_bytes:self._end])
+            if got != self._crc:
+                raise DataLoss(f"chunk {self.matched}: CRC32C mismatch after transfer ({got:#x} != {self._crc:#x})")
+        self.matched += 1
+
+    def result(self, as_torch: bool):
+        """``[layers, 2, matched*chunk_tokens, kv_heads, head_dim]`` (MLA: ``[layers, tokens, dim]``)."""
+        ns, n = self.ns, self.matched
+        per = list(ns.chunk_shape())
+        per[-1] *= ns.dtype.itemsize
+        ax = token_axis(ns)
+        chunks = self.buf[:n * self.chunk_bytes].reshape([n, *per])
+        if n == 1:
+            u8 = chunks[0]
+        else:
+            u8 = np.ascontiguousarray(np.moveaxis(chunks, 0, ax))  # [.., n, ct, ..]
+            shape = list(per)
+            shape[ax] = n * ns.chunk_tokens
+            u8 = u8.reshape(shape)
+        if as_torch:
+            import torch
+
+            tdt = {DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16, DType.FLOAT32: torch.float32,
+                   DType.FLOAT8_E4M3: getattr(torch, "float8_e4m3fn", None)}[ns.dtype]
+            return torch.from_numpy(u8).view(tdt)
+        return u8.view(_NUMPY_OUT[ns.dtype])

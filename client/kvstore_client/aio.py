@@ -1,0 +1,142 @@
+"""Asynchronous client (``grpc.aio``), same API as ``KVStoreClient`` with ``await``.
+
+    client = await AsyncKVStoreClient.connect("127.0.0.1:50051", ns)
+    hit = await client.lookup(tokens)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import grpc
+
+from . import _common as C
+from ._proto.kvstore.v1 import data_pb2
+from ._wire import data_or_message, serializer
+from .client import channel_options
+from .errors import KVStoreClientError, from_rpc_error
+from .keys import Namespace, prefix_keys
+from .types import Durability, Tier
+
+_SVC = "/kvstore.v1.KVStore/"
+
+
+def _translating(fn):
+    @functools.wraps(fn)
+    async def wrapper(self, *a, **kw):
+        try:
+            return await fn(self, *a, **kw)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, self.addr) from None
+    return wrapper
+
+
+class AsyncKVStoreClient:
+    def __init__(self, addr: str, token: str | None = None, timeout_s: float | None = 60.0) -> None:
+        """Use ``await AsyncKVStoreClient.connect(...)``."""
+        self.addr = addr
+        self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.aio.insecure_channel(addr, options=channel_options())
+        ch, D = self._channel, data_pb2
+        self._register = ch.unary_unary(_SVC + "RegisterNamespace", D.RegisterNamespaceRequest.SerializeToString,
+                                        D.RegisterNamespaceResponse.FromString)
+        self._put = ch.stream_unary(_SVC + "Put", serializer, D.PutResponse.FromString)
+        self._lookup = ch.unary_unary(_SVC + "Lookup", D.LookupRequest.SerializeToString, D.LookupResponse.FromString)
+        self._exists = ch.unary_unary(_SVC + "Exists", D.ExistsRequest.SerializeToString, D.ExistsResponse.FromString)
+        self._get = ch.unary_stream(_SVC + "Get", D.GetRequest.SerializeToString,
+                                    functools.partial(data_or_message, message_cls=D.GetResponse))
+        self._delete = ch.unary_unary(_SVC + "Delete", D.DeleteRequest.SerializeToString, D.DeleteResponse.FromString)
+
+    @classmethod
+    async def connect(cls, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
+                      timeout_s: float | None = 60.0) -> "AsyncKVStoreClient":
+        self = cls(addr, token, timeout_s)
+        try:
+            await self._connect(C.as_namespace(namespace))
+        except BaseException:
+            await self._channel.close()
+            raise
+        return self
+
+    @_translating
+    async def _connect(self, ns: Namespace) -> None:
+        resp = await self._register(data_pb2.RegisterNamespaceRequest(spec=C.spec_of(ns)), metadata=self._metadata,
+                                    timeout=self.timeout_s)
+        info = resp.namespace
+        self.namespace = dataclasses.replace(ns, tenant=info.tenant)
+        self.namespace_id = bytes(info.namespace_id)
+        if self.namespace.namespace_id != self.namespace_id:
+            raise KVStoreClientError("the daemon's namespace id differs from the one computed from docs/keys.md: "
+                                     "client and daemon disagree on the key spec version")
+        self.piece_bytes = min(C.DEFAULT_PIECE_BYTES, max(1, resp.max_message_bytes - C.FRAMING_SLACK_BYTES))
+
+    def keys(self, tokens: Sequence[int]) -> list[bytes]:
+        return prefix_keys(self.namespace_id, tokens, self.namespace.chunk_tokens)
+
+    @_translating
+    async def exists(self, keys: Sequence[bytes]) -> list[Tier]:
+        resp = await self._exists(data_pb2.ExistsRequest(namespace_id=self.namespace_id, keys=list(keys)),
+                                  metadata=self._metadata, timeout=self.timeout_s)
+        return [Tier(t) for t in resp.tiers]
+
+    @_translating
+    async def store(self, tokens: Sequence[int], kv, durability: Durability = Durability.MEMORY) -> int:
+        ns = self.namespace
+        u8 = C.kv_bytes_array(kv, ns)
+        keys = self.keys(tokens)
+        n = min(len(keys), u8.shape[C.token_axis(ns)] // ns.chunk_tokens)
+        if n == 0:
+            return 0
+        present = await self.exists(keys[:n])
+        todo = [i for i in range(n) if present[i] == Tier.NONE]
+        if not todo:
+            return 0
+        payloads = await asyncio.to_thread(C.chunk_payloads, u8, ns, n)
+        msgs = C.put_messages(self.namespace_id, [keys[i] for i in todo], [payloads[i] for i in todo], ns,
+                              Durability(durability), self.piece_bytes)
+        resp = await self._put(msgs, metadata=self._metadata, timeout=self.timeout_s)
+        return resp.stored
+
+    @_translating
+    async def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0) -> C.LookupResult:
+        return await self.lookup_keys(self.keys(tokens), pin_ttl_s)
+
+    @_translating
+    async def lookup_keys(self, keys: Sequence[bytes], pin_ttl_s: int = 0) -> C.LookupResult:
+        resp = await self._lookup(data_pb2.LookupRequest(namespace_id=self.namespace_id, keys=list(keys),
+                                                         pin_ttl_s=pin_ttl_s),
+                                  metadata=self._metadata, timeout=self.timeout_s)
+        n = resp.matched_chunks
+        return C.LookupResult(n * self.namespace.chunk_tokens, n, tuple(Tier(t) for t in resp.tiers))
+
+    @_translating
+    async def retrieve(self, tokens: Sequence[int], as_torch: bool = False, verify_crc: bool | None = None):
+        keys = self.keys(tokens)
+        asm = C.ChunkAssembler(self.namespace, len(keys), verify_crc)
+        if keys:
+            call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys),
+                             metadata=self._metadata, timeout=self.timeout_s)
+            async for msg in call:
+                if not asm.feed(msg):
+                    call.cancel()
+                    break
+        return asm.matched * self.namespace.chunk_tokens, asm.result(as_torch)
+
+    @_translating
+    async def delete(self, keys: Sequence[bytes]) -> int:
+        resp = await self._delete(data_pb2.DeleteRequest(namespace_id=self.namespace_id, keys=list(keys)),
+                                  metadata=self._metadata, timeout=self.timeout_s)
+        return resp.deleted
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> "AsyncKVStoreClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

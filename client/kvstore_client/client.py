@@ -1,0 +1,153 @@
+"""Synchronous client.
+
+    from kvstore_client import KVStoreClient, Namespace
+    ns = Namespace(model="HuggingFaceTB/SmolLM2-135M-Instruct@<rev>", dtype="float16",
+                   num_layers=30, num_kv_heads=3, head_dim=64)
+    with KVStoreClient("127.0.0.1:50051", ns) as c:
+        c.store(tokens, kv)                 # kv: [layers, 2, len(tokens), kv_heads, head_dim]
+        hit = c.lookup(tokens)              # LookupResult(matched_tokens, matched_chunks, tiers)
+        n, kv2 = c.retrieve(tokens)         # kv2 covers the first n tokens
+
+Keys are computed locally from docs/keys.md; the daemon only supplies the namespace id
+(which hashes in the tenant of the caller's token). Errors are ``kvstore_client.errors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping, Sequence
+
+import grpc
+
+from . import _common as C
+from ._proto.kvstore.v1 import data_pb2
+from ._wire import data_or_message, serializer
+from .errors import KVStoreClientError, from_rpc_error
+from .keys import Namespace, prefix_keys
+from .types import Durability, Tier
+
+_SVC = "/kvstore.v1.KVStore/"
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", C.CLIENT_MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", C.CLIENT_MAX_MESSAGE_BYTES)]
+
+
+def _translating(fn):
+    @functools.wraps(fn)
+    def wrapper(self, *a, **kw):
+        try:
+            return fn(self, *a, **kw)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, self.addr) from None
+    return wrapper
+
+
+class KVStoreClient:
+    """One namespace on one daemon. Thread-safe (gRPC channels are)."""
+
+    def __init__(self, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
+                 timeout_s: float | None = 60.0) -> None:
+        self.addr = addr
+        self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._channel = grpc.insecure_channel(addr, options=channel_options())
+        ch = self._channel
+        D = data_pb2
+        self._register = ch.unary_unary(_SVC + "RegisterNamespace", D.RegisterNamespaceRequest.SerializeToString,
+                                        D.RegisterNamespaceResponse.FromString)
+        self._put = ch.stream_unary(_SVC + "Put", serializer, D.PutResponse.FromString)
+        self._lookup = ch.unary_unary(_SVC + "Lookup", D.LookupRequest.SerializeToString, D.LookupResponse.FromString)
+        self._exists = ch.unary_unary(_SVC + "Exists", D.ExistsRequest.SerializeToString, D.ExistsResponse.FromString)
+        self._get = ch.unary_stream(_SVC + "Get", D.GetRequest.SerializeToString,
+                                    functools.partial(data_or_message, message_cls=D.GetResponse))
+        self._delete = ch.unary_unary(_SVC + "Delete", D.DeleteRequest.SerializeToString, D.DeleteResponse.FromString)
+        try:
+            self._connect(C.as_namespace(namespace))
+        except BaseException:
+            self._channel.close()
+            raise
+
+    @_translating
+    def _connect(self, ns: Namespace) -> None:
+        resp = self._register(data_pb2.RegisterNamespaceRequest(spec=C.spec_of(ns)), metadata=self._metadata,
+                              timeout=self.timeout_s, wait_for_ready=False)
+        info = resp.namespace
+        self.namespace = dataclasses.replace(ns, tenant=info.tenant)
+        self.namespace_id = bytes(info.namespace_id)
+        if self.namespace.namespace_id != self.namespace_id:
+            raise KVStoreClientError("the daemon's namespace id differs from the one computed from docs/keys.md: "
+                                     "client and daemon disagree on the key spec version")
+        self.piece_bytes = min(C.DEFAULT_PIECE_BYTES, max(1, resp.max_message_bytes - C.FRAMING_SLACK_BYTES))
+
+    # ------------------------------------------------------------------ keys
+    def keys(self, tokens: Sequence[int]) -> list[bytes]:
+        """Prefix keys of the leading full chunks of ``tokens``."""
+        return prefix_keys(self.namespace_id, tokens, self.namespace.chunk_tokens)
+
+    # ------------------------------------------------------------------ data plane
+    @_translating
+    def exists(self, keys: Sequence[bytes]) -> list[Tier]:
+        resp = self._exists(data_pb2.ExistsRequest(namespace_id=self.namespace_id, keys=list(keys)),
+                            metadata=self._metadata, timeout=self.timeout_s)
+        return [Tier(t) for t in resp.tiers]
+
+    @_translating
+    def store(self, tokens: Sequence[int], kv, durability: Durability = Durability.MEMORY) -> int:
+        """Stores the leading full chunks of ``tokens`` from ``kv`` (namespace layout, covering
+        at least those chunks' tokens), skipping chunks already stored. Returns the number of
+        chunks newly stored."""
+        ns = self.namespace
+        u8 = C.kv_bytes_array(kv, ns)
+        keys = self.keys(tokens)
+        have = u8.shape[C.token_axis(ns)]
+        n = min(len(keys), have // ns.chunk_tokens)
+        if n == 0:
+            return 0
+        present = self.exists(keys[:n])
+        todo = [i for i in range(n) if present[i] == Tier.NONE]
+        if not todo:
+            return 0
+        payloads = C.chunk_payloads(u8, ns, n)
+        msgs = C.put_messages(self.namespace_id, [keys[i] for i in todo], [payloads[i] for i in todo], ns,
+                              Durability(durability), self.piece_bytes)
+        resp = self._put(msgs, metadata=self._metadata, timeout=self.timeout_s)
+        return resp.stored
+
+    @_translating
+    def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0) -> C.LookupResult:
+        resp = self._lookup(data_pb2.LookupRequest(namespace_id=self.namespace_id, keys=self.keys(tokens),
+                                                   pin_ttl_s=pin_ttl_s), metadata=self._metadata, timeout=self.timeout_s)
+        n = resp.matched_chunks
+        return C.LookupResult(n * self.namespace.chunk_tokens, n, tuple(Tier(t) for t in resp.tiers))
+
+    @_translating
+    def retrieve(self, tokens: Sequence[int], as_torch: bool = False, verify_crc: bool | None = None):
+        """``(matched_tokens, kv)`` for the longest stored prefix of ``tokens``' full chunks."""
+        keys = self.keys(tokens)
+        asm = C.ChunkAssembler(self.namespace, len(keys), verify_crc)
+        if keys:
+            call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys),
+                             metadata=self._metadata, timeout=self.timeout_s)
+            for msg in call:
+                if not asm.feed(msg):
+                    call.cancel()
+                    break
+        return asm.matched * self.namespace.chunk_tokens, asm.result(as_torch)
+
+    @_translating
+    def delete(self, keys: Sequence[bytes]) -> int:
+        resp = self._delete(data_pb2.DeleteRequest(namespace_id=self.namespace_id, keys=list(keys)),
+                            metadata=self._metadata, timeout=self.timeout_s)
+        return resp.deleted
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> "KVStoreClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
