@@ -103,6 +103,23 @@ class PinTable:
         with self._lock:
             return self._pins.pop(cid, None) is not None
 
+    def extend(self, cid: ChunkId, ttl_s: float) -> None:
+        """Pins ``cid`` for at least ``ttl_s`` more seconds: never shortens an existing pin and
+        never turns a pin without expiry into one with expiry (lookups pin with this)."""
+        with self._lock:
+            cur = self._pins.get(cid)
+            if cur == 0.0:
+                return
+            self._pins[cid] = max(cur or 0.0, self._clock() + ttl_s)
+
+    def unpin_prefix(self, prefix: bytes) -> int:
+        """Drops the pins of every id starting with ``prefix``; returns how many."""
+        with self._lock:
+            gone = [c for c in self._pins if c.startswith(prefix)]
+            for c in gone:
+                del self._pins[c]
+            return len(gone)
+
     def expiry(self, cid: ChunkId) -> float | None:
         """Expiry time, 0.0 for no expiry, None when not pinned (expired pins are dropped)."""
         with self._lock:
