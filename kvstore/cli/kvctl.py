@@ -57,6 +57,11 @@ def _tier_name(t: int) -> str:
     return Tier(t).name.lower() if t in set(Tier) else str(t)
 
 
+def _dtype_name(d: int) -> str:
+    from kvstore_client.types import DType
+    return DType(d).name.lower() if d in set(DType) else str(d)
+
+
 def _dict(msg) -> dict:
     return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
@@ -107,7 +112,7 @@ class Ctl:
 
     def namespaces(self) -> None:
         r = self.call("ListNamespaces", admin_pb2.ListNamespacesRequest())
-        rows = [[n.namespace_id.hex()[:16], n.tenant or "-", n.spec.model, n.spec.dtype, n.spec.num_layers,
+        rows = [[n.namespace_id.hex()[:16], n.tenant or "-", n.spec.model, _dtype_name(n.spec.dtype), n.spec.num_layers,
                  n.spec.num_kv_heads, n.spec.head_dim, n.spec.chunk_tokens, f"{n.spec.tp_rank}/{n.spec.tp_size}",
                  _size(n.chunk_bytes)] for n in r.namespaces]
         obj = [{**_dict(n), "namespace_id": n.namespace_id.hex()} for n in r.namespaces]
