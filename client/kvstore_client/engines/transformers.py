@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..keys import Namespace
-from ..types import DType, Tier
+from ..types import DType, Durability, Tier
 from ._base import PrefixStore, StoreQueue
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,8 @@ class KVCacheAdapter:
     """
 
     def __init__(self, model: Any, store: PrefixStore, *, chunk_tokens: int | None = None,
-                 store_back: bool = True, max_pending_stores: int = 4) -> None:
+                 store_back: bool = True, store_durability: Durability | None = None,
+                 max_pending_stores: int = 4) -> None:
         ns = getattr(store, "namespace", None)
         if chunk_tokens is None:
             if ns is None:
@@ -156,6 +157,8 @@ class KVCacheAdapter:
         self.store = store
         self.chunk_tokens = chunk_tokens
         self.store_back = store_back
+        #: Passed to ``store.store(..., durability=)`` when set (PERSISTED: acknowledged once on disk).
+        self.store_durability = store_durability
         self._queue = StoreQueue(max_pending_stores)
         _check_full_attention(model)
 
@@ -235,7 +238,9 @@ class KVCacheAdapter:
             # [L, 2, 1, H, T, D] -> [L, 2, T, H, D] on the host, contiguous.
             kv = torch.stack([torch.stack((k[0, :, :full], v[0, :, :full])) for k, v in snapshot])
             kv = kv.permute(0, 1, 3, 2, 4).to("cpu").contiguous()
-        return int(self.store.store(tokens, kv) or 0)
+        if self.store_durability is None:
+            return int(self.store.store(tokens, kv) or 0)
+        return int(self.store.store(tokens, kv, durability=self.store_durability) or 0)
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Waits for queued stores; raises the first store error since the last flush."""
