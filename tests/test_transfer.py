@@ -64,3 +64,33 @@ def test_cuda_gather_scatter_bit_exact_with_cpu():
         for b, p in zip(back, gpu_planes):
             assert torch.equal(b[:, :, start:start + n], p[:, :, start:start + n])
             assert not b[:, :, :start].any() and not b[:, :, start + n:].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pattern", ["paged", "random"])
+def test_cuda_paged_and_arbitrary_slots_match_cpu(pattern):
+    """Paged slots take the parameter-space fast path; arbitrary slots the device-buffer path."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available() or not cuda_available():
+        pytest.skip("needs a CUDA device and libkvstore_cuda.so")
+    rng = np.random.default_rng(11)
+    blocks, bs, heads, dim = 128, 16, 8, 128
+    planes = [torch.randn(blocks, bs, heads, dim).half() for _ in range(6)]
+    if pattern == "paged":
+        slots = [int(b) * bs + o for b in rng.permutation(blocks)[:20] for o in range(bs)]
+    else:
+        slots = [int(s) for s in rng.choice(blocks * bs, size=300, replace=False)]
+    elt = 2
+    def spec(ps):
+        return PlaneSpec([p.data_ptr() for p in ps], slots, heads, dim * elt, heads * dim * elt, dim * elt)
+    ref = torch.empty(len(planes), len(slots), heads, dim, dtype=torch.float16)
+    gather(spec(planes), ref.data_ptr(), device=False)
+    gpu = [p.cuda() for p in planes]
+    out = torch.empty_like(ref).cuda()
+    gather(spec(gpu), out.data_ptr(), device=True)
+    back = [torch.zeros_like(p) for p in gpu]
+    scatter(out.data_ptr(), spec(back), device=True)
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), ref)
+    for b, p in zip(back, gpu):
+        assert torch.equal(b.view(-1, heads, dim)[slots], p.view(-1, heads, dim)[slots])

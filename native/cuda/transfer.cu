@@ -18,6 +18,42 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// Fast path: all arguments travel in the kernel's parameter space (no allocation, no
+// upload). Slots are described as blocks of `block` consecutive slots starting at
+// block_start[t / block]: one block for a contiguous range (transformers), one per paged
+// block (vLLM).
+constexpr int kMaxParamPlanes = 128;
+constexpr int kMaxParamBlocks = 256;
+
+struct ParamArgs {
+  uint64_t plane_ptrs[kMaxParamPlanes];
+  int64_t block_start[kMaxParamBlocks];
+  int block;
+};
+
+template <typename V, bool kGather>
+__global__ void move_kernel_params(const __grid_constant__ ParamArgs args, int tokens, int heads, int64_t vecs_per_head,
+                                   int64_t token_stride, int64_t head_stride, char* __restrict__ chunk) {
+  const int p = blockIdx.y;
+  const int64_t per_plane = static_cast<int64_t>(tokens) * heads * vecs_per_head;
+  char* plane = reinterpret_cast<char*>(args.plane_ptrs[p]);
+  V* chunk_plane = reinterpret_cast<V*>(chunk) + p * per_plane;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < per_plane;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t v = i % vecs_per_head;
+    const int64_t row = i / vecs_per_head;
+    const int h = static_cast<int>(row % heads);
+    const int t = static_cast<int>(row / heads);
+    const int64_t slot = args.block_start[t / args.block] + t % args.block;
+    V* eng = reinterpret_cast<V*>(plane + slot * token_stride + h * head_stride) + v;
+    if (kGather)
+      chunk_plane[i] = *eng;
+    else
+      *eng = chunk_plane[i];
+  }
+}
+
+// General path: plane pointers and one slot per token in a device buffer.
 template <typename V, bool kGather>
 __global__ void move_kernel(const uint64_t* __restrict__ plane_ptrs, const int64_t* __restrict__ slots, int tokens,
                             int heads, int64_t vecs_per_head, int64_t token_stride, int64_t head_stride,
@@ -38,6 +74,23 @@ __global__ void move_kernel(const uint64_t* __restrict__ plane_ptrs, const int64
     else
       *eng = chunk_plane[i];
   }
+}
+
+// Largest block size b such that every run of b tokens has consecutive slots: the gcd of
+// the positions where the slots stop being consecutive (tokens when they never do).
+int uniform_block(const int64_t* slots, int tokens) {
+  int g = 0;
+  for (int t = 1; t < tokens; ++t)
+    if (slots[t] != slots[t - 1] + 1) {
+      int a = g, b = t;
+      while (b) {
+        int r = a % b;
+        a = b;
+        b = r;
+      }
+      g = a;
+    }
+  return g == 0 ? tokens : g;
 }
 
 int fail(char* err, size_t err_len, int code, const char* what, cudaError_t e = cudaSuccess) {
@@ -67,36 +120,56 @@ int launch(const uint64_t* plane_ptrs, int planes, const int64_t* slots, int tok
   for (int p = 0; p < planes; ++p) align_bits |= plane_ptrs[p];
   const int vec = (align_bits % 16 == 0) ? 16 : (align_bits % 8 == 0) ? 8 : (align_bits % 4 == 0) ? 4 : 1;
 
-  // Arguments travel in one device buffer: plane pointers, then slots.
-  const size_t arg_bytes = planes * sizeof(uint64_t) + tokens * sizeof(int64_t);
-  std::vector<char> host(arg_bytes);
-  std::memcpy(host.data(), plane_ptrs, planes * sizeof(uint64_t));
-  std::memcpy(host.data() + planes * sizeof(uint64_t), slots, tokens * sizeof(int64_t));
-  void* dev = nullptr;
-  cudaError_t e = cudaMallocAsync(&dev, arg_bytes, stream);
-  if (e != cudaSuccess) return fail(err, err_len, KVS_ECUDA, "cudaMallocAsync", e);
-  e = cudaMemcpyAsync(dev, host.data(), arg_bytes, cudaMemcpyHostToDevice, stream);
-  if (e != cudaSuccess) {
-    cudaFreeAsync(dev, stream);
-    return fail(err, err_len, KVS_ECUDA, "cudaMemcpyAsync (arguments)", e);
-  }
-  // `host` is pageable: cudaMemcpyAsync stages it before returning, so it may die at return.
-  const auto* d_ptrs = static_cast<const uint64_t*>(dev);
-  const auto* d_slots = reinterpret_cast<const int64_t*>(static_cast<char*>(dev) + planes * sizeof(uint64_t));
-
   const int64_t vecs = head_bytes / vec;
   const int64_t per_plane = static_cast<int64_t>(tokens) * heads * vecs;
   const int64_t blocks_x = std::min<int64_t>((per_plane + kThreads - 1) / kThreads, 4096);
   dim3 grid(static_cast<unsigned>(blocks_x), static_cast<unsigned>(planes));
   auto* c = static_cast<char*>(chunk);
-  switch (vec) {
-    case 16: move_kernel<uint4, kGather><<<grid, kThreads, 0, stream>>>(d_ptrs, d_slots, tokens, heads, vecs, token_stride, head_stride, c); break;
-    case 8: move_kernel<uint2, kGather><<<grid, kThreads, 0, stream>>>(d_ptrs, d_slots, tokens, heads, vecs, token_stride, head_stride, c); break;
-    case 4: move_kernel<uint32_t, kGather><<<grid, kThreads, 0, stream>>>(d_ptrs, d_slots, tokens, heads, vecs, token_stride, head_stride, c); break;
-    default: move_kernel<uint8_t, kGather><<<grid, kThreads, 0, stream>>>(d_ptrs, d_slots, tokens, heads, vecs, token_stride, head_stride, c); break;
+  cudaError_t e;
+  void* dev = nullptr;
+
+  const int block = uniform_block(slots, tokens);
+  const int nblocks = (tokens + block - 1) / block;
+  if (planes <= kMaxParamPlanes && nblocks <= kMaxParamBlocks) {
+    ParamArgs a;
+    std::memcpy(a.plane_ptrs, plane_ptrs, planes * sizeof(uint64_t));
+    for (int b = 0; b < nblocks; ++b) a.block_start[b] = slots[b * block];
+    a.block = block;
+#define KVS_LAUNCH_P(V) move_kernel_params<V, kGather><<<grid, kThreads, 0, stream>>>(a, tokens, heads, vecs, token_stride, head_stride, c)
+    switch (vec) {
+      case 16: KVS_LAUNCH_P(uint4); break;
+      case 8: KVS_LAUNCH_P(uint2); break;
+      case 4: KVS_LAUNCH_P(uint32_t); break;
+      default: KVS_LAUNCH_P(uint8_t); break;
+    }
+#undef KVS_LAUNCH_P
+  } else {
+    // Arguments travel in one device buffer: plane pointers, then slots.
+    const size_t arg_bytes = planes * sizeof(uint64_t) + tokens * sizeof(int64_t);
+    std::vector<char> host(arg_bytes);
+    std::memcpy(host.data(), plane_ptrs, planes * sizeof(uint64_t));
+    std::memcpy(host.data() + planes * sizeof(uint64_t), slots, tokens * sizeof(int64_t));
+    e = cudaMallocAsync(&dev, arg_bytes, stream);
+    if (e != cudaSuccess) return fail(err, err_len, KVS_ECUDA, "cudaMallocAsync", e);
+    // `host` is pageable: cudaMemcpyAsync stages it before returning, so it may die at return.
+    e = cudaMemcpyAsync(dev, host.data(), arg_bytes, cudaMemcpyHostToDevice, stream);
+    if (e != cudaSuccess) {
+      cudaFreeAsync(dev, stream);
+      return fail(err, err_len, KVS_ECUDA, "cudaMemcpyAsync (arguments)", e);
+    }
+    const auto* d_ptrs = static_cast<const uint64_t*>(dev);
+    const auto* d_slots = reinterpret_cast<const int64_t*>(static_cast<char*>(dev) + planes * sizeof(uint64_t));
+#define KVS_LAUNCH(V) move_kernel<V, kGather><<<grid, kThreads, 0, stream>>>(d_ptrs, d_slots, tokens, heads, vecs, token_stride, head_stride, c)
+    switch (vec) {
+      case 16: KVS_LAUNCH(uint4); break;
+      case 8: KVS_LAUNCH(uint2); break;
+      case 4: KVS_LAUNCH(uint32_t); break;
+      default: KVS_LAUNCH(uint8_t); break;
+    }
+#undef KVS_LAUNCH
   }
   e = cudaGetLastError();
-  cudaFreeAsync(dev, stream);
+  if (dev) cudaFreeAsync(dev, stream);
   if (e != cudaSuccess) return fail(err, err_len, KVS_ECUDA, "kernel launch", e);
   return KVS_OK;
 }
