@@ -21,13 +21,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from integration.helpers import ADMIN_TOKEN, TOKENS  # noqa: F401 (tests/ is on sys.path via this conftest)
+
 STARTUP_TIMEOUT_S = 30.0
-ADMIN_TOKEN = "admin-token-0123456789abcdef"
-TOKENS = {
-    ADMIN_TOKEN: {"tenant": "ops", "admin": True},
-    "alice-token-0123456789abcdef": {"tenant": "alice", "admin": False},
-    "bob-token-0123456789abcdefgh": {"tenant": "bob", "admin": False},
-}
 
 
 def free_port() -> int:

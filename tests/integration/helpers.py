@@ -6,6 +6,14 @@ import numpy as np
 
 from kvstore_client import Namespace
 
+#: Auth tokens of the auth_daemon fixture: two tenants and an admin.
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
+TOKENS = {
+    ADMIN_TOKEN: {"tenant": "ops", "admin": True},
+    "alice-token-0123456789abcdef": {"tenant": "alice", "admin": False},
+    "bob-token-0123456789abcdefgh": {"tenant": "bob", "admin": False},
+}
+
 #: SmolLM2-135M: 30 layers, 3 KV heads, head dim 64, fp16; a 256-token chunk is 5.9 MB (> 4 MB).
 SMOL = dict(dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64, chunk_tokens=256)
 
