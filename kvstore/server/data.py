@@ -119,6 +119,10 @@ class DataServicer:
         received = 0
         async for req in request_iterator:
             if isinstance(req, memoryview):
+                if cur is None and index:
+                    raise InvalidArgument(f"data message after chunk {index - 1} was complete: more data than its "
+                                          "header's payload_bytes, or a missing header; send exactly "
+                                          "payload_bytes of data after each header")
                 if cur is None:
                     raise InvalidArgument("data message before any header: each chunk is a PutChunkHeader "
                                           "followed by its data messages")
