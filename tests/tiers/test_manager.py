@@ -1,0 +1,183 @@
+"""TierManager specifics: write-behind, promotion, durability, queue overflow, failing disk."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from kvstore import config as cfg
+from kvstore.errors import Unavailable
+from kvstore.tiers.faults import FaultyTier
+from kvstore.tiers.manager import PutResult, TierManager
+from kvstore.types import Durability, Medium
+
+from .conftest import BUDGET_BYTES, make_chunk, manager_config
+
+MEM, PERSIST = Durability.MEMORY, Durability.PERSISTED
+
+
+@pytest.fixture
+def make_manager(tmp_path, clock):
+    made = []
+
+    def _make(config=None, **kw):
+        m = TierManager(config or manager_config(tmp_path / "disk"), clock, **kw)
+        made.append(m)
+        return m
+    yield _make
+    for m in made:
+        m.close()
+
+
+def test_write_behind_reaches_disk(make_manager, rng):
+    m = make_manager()
+    cid, meta, payload = make_chunk(rng)
+    assert m.put(cid, meta, payload, MEM) is PutResult.STORED
+    assert m.put(cid, meta, payload, MEM) is PutResult.EXISTED
+    m.flush(timeout_s=10)
+    assert m.disk.contains(cid)
+    assert m.inspect(cid).media == (Medium.DRAM, Medium.DISK)
+
+
+def test_disk_hit_is_promoted_to_dram(make_manager, rng):
+    m = make_manager()
+    cid, meta, payload = make_chunk(rng)
+    m.put(cid, meta, payload, MEM)
+    m.flush(timeout_s=10)
+    assert m.evict([cid], Medium.DRAM) == 1
+    assert m.locate([cid]) == [Medium.DISK]
+    with m.get(cid) as ref:
+        assert ref.medium is Medium.DISK and bytes(ref.view) == payload.tobytes()
+    assert m.locate([cid]) == [Medium.DRAM]
+
+
+def test_lookup_returns_leading_run_and_pins_it(make_manager, rng, clock):
+    m = make_manager()
+    chunks = [make_chunk(rng) for _ in range(3)]
+    for cid, meta, payload in chunks[:2]:
+        m.put(cid, meta, payload, MEM)
+    m.flush(timeout_s=10)
+    m.evict([chunks[1][0]], Medium.DRAM)
+    ids = [c for c, _, _ in chunks]
+    assert m.lookup(ids, pin_ttl_s=5) == [Medium.DRAM, Medium.DISK]
+    assert m.lookup([ids[2], ids[0]]) == []
+    assert m.stats().pinned_chunks == 2
+    assert m.evict() == 0                         # pinned: explicit eviction skips them
+    clock.now += 6
+    assert m.stats().pinned_chunks == 0
+    assert m.evict() == 3                         # chunk 0 in DRAM and on disk, chunk 1 on disk
+
+
+def test_persisted_put_survives_sigkill_without_flush(tmp_path, clock):
+    path = tmp_path / "disk"
+    script = textwrap.dedent("""
+        import os, signal, sys, time
+        sys.path.insert(0, sys.argv[2])
+        import numpy as np
+        from tiers.conftest import make_chunk, manager_config
+        from kvstore.tiers.manager import TierManager
+        from kvstore.types import Durability
+        m = TierManager(manager_config(sys.argv[1], fsync=True))
+        cid, meta, payload = make_chunk(np.random.default_rng(7))
+        m.put(cid, meta, payload, Durability.PERSISTED)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    rc = subprocess.run([sys.executable, "-c", script, str(path), os.path.dirname(os.path.dirname(__file__))]).returncode
+    assert rc == -signal.SIGKILL
+    import numpy as np
+    cid, meta, payload = make_chunk(np.random.default_rng(7))
+    with TierManager(manager_config(path), clock) as m:
+        assert m.locate([cid]) == [Medium.DISK]
+        with m.get(cid) as ref:
+            assert bytes(ref.view) == payload.tobytes()
+
+
+def test_restart_serves_write_behind_chunks_after_close(make_manager, tmp_path, rng):
+    m = make_manager()
+    chunks = [make_chunk(rng) for _ in range(4)]
+    for cid, meta, payload in chunks:
+        m.put(cid, meta, payload, MEM)
+    m.close()                                     # drains the queue
+    m2 = make_manager()
+    for cid, meta, payload in chunks:
+        with m2.get(cid) as ref:
+            assert bytes(ref.view) == payload.tobytes()
+
+
+def test_queue_overflow_drops_and_counts(make_manager, tmp_path, rng):
+    conf = cfg.Config(dram=cfg.DramConfig(capacity_bytes=BUDGET_BYTES, page_bytes=4096),
+                      disk=cfg.DiskConfig(path=tmp_path / "disk", capacity_bytes=BUDGET_BYTES,
+                                          fsync=False, write_queue_chunks=1))
+    m = make_manager(conf, disk_wrapper=lambda d: FaultyTier(d, delay_s=0.3))
+    for _ in range(5):
+        cid, meta, payload = make_chunk(rng)
+        assert m.put(cid, meta, payload, MEM) is PutResult.STORED
+    s = m.stats()
+    assert s.write_queue_dropped >= 3
+    m.flush(timeout_s=10)
+    assert m.stats().write_queue_depth == 0
+
+
+def test_manager_survives_a_failing_disk(make_manager, rng):
+    faulty = []
+    m = make_manager(disk_wrapper=lambda d: faulty.append(FaultyTier(d, fail_put=1.0, fail_get=1.0)) or faulty[0])
+    cid, meta, payload = make_chunk(rng)
+    assert m.put(cid, meta, payload, MEM) is PutResult.STORED     # DRAM has it
+    m.flush(timeout_s=10)
+    assert m.stats().write_errors == 1
+    with m.get(cid) as ref:
+        assert bytes(ref.view) == payload.tobytes()
+    cid2, meta2, payload2 = make_chunk(rng)
+    with pytest.raises(Unavailable, match="persisted"):
+        m.put(cid2, meta2, payload2, PERSIST)
+    assert m.locate([cid2]) == [Medium.DRAM]
+    # A disk read error is a counted miss, not an exception.
+    faulty[0].fail_put = 0.0
+    m.put(cid2, meta2, payload2, PERSIST)
+    m.evict([cid2], Medium.DRAM)
+    assert m.get(cid2) is None
+    assert m.stats().read_errors == 1
+
+
+def test_persisted_without_disk_is_unavailable(make_manager, tmp_path, rng):
+    conf = cfg.Config(dram=cfg.DramConfig(capacity_bytes=BUDGET_BYTES, page_bytes=4096),
+                      disk=cfg.DiskConfig(enabled=False, path=tmp_path / "unused"))
+    m = make_manager(conf)
+    cid, meta, payload = make_chunk(rng)
+    with pytest.raises(Unavailable, match="disk.enabled"):
+        m.put(cid, meta, payload, PERSIST)
+    assert m.put(cid, meta, payload, MEM) is PutResult.STORED
+    assert m.stats().tiers[0].medium is Medium.DRAM and len(m.stats().tiers) == 1
+
+
+def test_delete_cancels_a_queued_write(make_manager, tmp_path, rng):
+    conf = manager_config(tmp_path / "disk")
+    gate = []
+    m = make_manager(conf, disk_wrapper=lambda d: gate.append(FaultyTier(d, delay_s=0.2)) or gate[0])
+    first = make_chunk(rng)
+    victim = make_chunk(rng)
+    m.put(*first, MEM)                             # occupies the writer for 0.2 s
+    m.put(*victim, MEM)
+    assert m.delete(victim[0])
+    m.flush(timeout_s=10)
+    assert m.locate([victim[0]]) == [None]
+    assert m.disk.contains(first[0])
+
+
+def test_entries_pages_in_id_order(make_manager, rng):
+    m = make_manager()
+    ids = sorted(make_chunk(rng)[0] for _ in range(5))
+    for cid in ids:
+        _, meta, payload = make_chunk(rng)
+        m.put(cid, meta, payload, MEM)
+    page1 = m.entries(limit=3)
+    page2 = m.entries(after=page1[-1].cid, limit=3)
+    assert [k.cid for k in page1 + page2] == ids
+    assert m.inspect(ids[0]).pin_expires_s is None
+    m.pin(ids[0])
+    assert m.inspect(ids[0]).pin_expires_s == 0.0
