@@ -139,7 +139,7 @@ def _worker(args: argparse.Namespace) -> int:
             _emit({"op": "flushed", **adapter.store_stats})
             continue
         elif op == "evict_dram":
-            _emit({"op": "evicted", "evicted": _evict_dram(client, ids, args.chunk_tokens)})
+            _emit({"op": "evicted", "evicted": _evict_dram(client, ids, args.token)})
             continue
         else:
             raise ValueError(f"unknown demo command {op!r}")
@@ -158,16 +158,17 @@ def _client(addr: str, ns: Any, token: str | None) -> Any:
     return KVStoreClient(addr, ns, token=token)
 
 
-def _evict_dram(client: Any, ids: list[int], chunk_tokens: int) -> int:
+def _evict_dram(client: Any, ids: list[int], token: str | None) -> int:
     """Drops this prompt's chunks from the DRAM tier only (admin API), so the next hit is from disk."""
-    from kvstore_client import prefix_keys
+    import grpc
+
     from kvstore_client._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
-    ns_id = client.namespace_id
-    keys = prefix_keys(ns_id, ids, chunk_tokens)
-    stub = admin_pb2_grpc.AdminStub(client.channel)
-    resp = stub.Evict(admin_pb2.EvictRequest(namespace_id=ns_id, keys=keys, tier=common_pb2.DRAM),
-                      metadata=client.metadata, timeout=30)
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    with grpc.insecure_channel(client.addr) as ch:
+        resp = admin_pb2_grpc.AdminStub(ch).Evict(
+            admin_pb2.EvictRequest(namespace_id=client.namespace_id, keys=client.keys(ids), tier=common_pb2.DRAM),
+            metadata=metadata, timeout=30)
     return int(resp.evicted)
 
 

@@ -19,6 +19,7 @@ transport (streamed gRPC today, shared memory on one host later) lives behind th
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import time
@@ -160,6 +161,8 @@ class KVCacheAdapter:
         #: Passed to ``store.store(..., durability=)`` when set (PERSISTED: acknowledged once on disk).
         self.store_durability = store_durability
         self._queue = StoreQueue(max_pending_stores)
+        # KVStoreClient.retrieve can hand back a torch view (no numpy round trip for bf16/fp8).
+        self._retrieve_as_torch = "as_torch" in inspect.signature(store.retrieve).parameters
         _check_full_attention(model)
 
     @classmethod
@@ -196,7 +199,8 @@ class KVCacheAdapter:
             tiers = tuple(Tier(int(t)) for t in getattr(found, "tiers", ()))
         t1 = time.perf_counter()
         if matched:
-            got, kv = self.store.retrieve(ids[:matched])
+            got, kv = (self.store.retrieve(ids[:matched], as_torch=True) if self._retrieve_as_torch
+                       else self.store.retrieve(ids[:matched]))
             # Chunks can be evicted between lookup and retrieve: use what actually came back.
             matched = min(int(got), matched) // self.chunk_tokens * self.chunk_tokens
             tiers = tiers[: matched // self.chunk_tokens]

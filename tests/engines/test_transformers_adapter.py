@@ -1,0 +1,131 @@
+"""The transformers adapter against a real daemon and the real SmolLM2 model."""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import pytest
+
+from kvstore_client import Durability, Namespace, Tier
+from kvstore_client.client import KVStoreClient
+from kvstore_client.engines.transformers import KVCacheAdapter, namespace_for, plain_generate
+
+from integration.helpers import TOKENS  # tests/ is on sys.path (rootdir conftest)
+from .conftest import CHUNK_TOKENS, NEW_TOKENS
+
+pytestmark = pytest.mark.model
+
+ALICE, BOB = (t for t, e in TOKENS.items() if e["tenant"] in ("alice", "bob"))
+
+
+def _ns(lm, tag: str, **changes) -> Namespace:
+    """The model's namespace with a per-test identity suffix (tests share one daemon)."""
+    ns = namespace_for(lm.model, chunk_tokens=CHUNK_TOKENS, model_id=f"{lm.model_id}#{tag}-{uuid.uuid4().hex[:8]}")
+    return dataclasses.replace(ns, **changes)
+
+
+def _adapter(lm, addr: str, ns: Namespace, token: str | None = None, **kw) -> KVCacheAdapter:
+    return KVCacheAdapter(lm.model, KVStoreClient(addr, ns, token=token), **kw)
+
+
+def test_miss_then_hit_generates_exactly_the_cold_tokens(lm, prompt, cold, daemon):
+    ns = _ns(lm, "reuse")
+    with _adapter(lm, daemon.addr, ns) as first:
+        miss = first.generate(prompt, max_new_tokens=NEW_TOKENS)
+        first.flush()
+        assert first.store_stats["stored_chunks"] == len(prompt) // CHUNK_TOKENS
+    assert miss.matched_tokens == 0 and miss.tiers == ()
+    assert miss.stored_async
+    assert miss.tokens == cold.tokens
+
+    # A second adapter with its own connection (as another process would have) reuses the prefix.
+    with _adapter(lm, daemon.addr, ns) as second:
+        hit = second.generate(prompt, max_new_tokens=NEW_TOKENS)
+    assert hit.matched_tokens == (len(prompt) - 1) // CHUNK_TOKENS * CHUNK_TOKENS == 512
+    assert hit.tiers == (Tier.DRAM,) * 4
+    assert hit.tokens == cold.tokens
+
+
+def test_partial_hit_continues_a_shared_prefix(lm, prompt, prompt_kv, daemon):
+    ns = _ns(lm, "partial")
+    with KVStoreClient(daemon.addr, ns) as c:
+        assert c.store(prompt, prompt_kv) == 4
+    # Same first 300 tokens (2 whole chunks), then a different question.
+    other = prompt[:300] + lm.tokenizer("Which statement raises an exception?", add_special_tokens=False)["input_ids"]
+    with _adapter(lm, daemon.addr, ns) as a:
+        got = a.generate(other, max_new_tokens=NEW_TOKENS)
+    assert got.matched_tokens == 256
+    assert got.tokens == plain_generate(lm.model, other, max_new_tokens=NEW_TOKENS).tokens
+
+
+def test_full_hit_still_prefills_one_token(lm, prompt, prompt_kv, daemon):
+    ns = _ns(lm, "full")
+    exact = prompt[:512]  # exactly 4 chunks, all stored
+    with KVStoreClient(daemon.addr, ns) as c:
+        assert c.store(exact, prompt_kv[:, :, :512]) == 4
+    with _adapter(lm, daemon.addr, ns) as a:
+        load = a.load_prefix(exact)
+    assert load.matched_tokens == 384  # the last chunk is recomputed: its last token gives the logits
+    assert load.cache.get_seq_length() == 384
+
+
+@pytest.mark.parametrize("change", ["model", "dtype", "chunk_tokens"])
+def test_other_namespace_is_never_returned(lm, prompt, prompt_kv, daemon, change):
+    ns = _ns(lm, f"iso-{change}")
+    with KVStoreClient(daemon.addr, ns) as c:
+        assert c.store(prompt, prompt_kv) == 4
+    other = {"model": dataclasses.replace(ns, model=ns.model + "-other-checkpoint"),
+             "dtype": dataclasses.replace(ns, dtype="float16"),
+             "chunk_tokens": dataclasses.replace(ns, chunk_tokens=64)}[change]
+    with KVStoreClient(daemon.addr, other) as c:
+        assert c.lookup(prompt).matched_tokens == 0
+        assert c.retrieve(prompt)[0] == 0
+        if change == "dtype":
+            # The adapter refuses a namespace whose dtype is not the model's.
+            with pytest.raises(ValueError, match="dtype"):
+                KVCacheAdapter(lm.model, c)
+        else:
+            load = KVCacheAdapter(lm.model, c).load_prefix(prompt)
+            assert load.matched_tokens == 0 and load.cache.get_seq_length() == 0
+
+
+def test_other_tenant_is_never_returned(lm, prompt, prompt_kv, auth_daemon):
+    ns = _ns(lm, "tenant")  # same namespace fields; the tenant comes from each token
+    with KVStoreClient(auth_daemon.addr, ns, token=ALICE) as alice:
+        assert alice.store(prompt, prompt_kv) == 4
+        assert KVCacheAdapter(lm.model, alice).load_prefix(prompt).matched_tokens == 512
+    with KVStoreClient(auth_daemon.addr, ns, token=BOB) as bob:
+        assert KVCacheAdapter(lm.model, bob).load_prefix(prompt).matched_tokens == 0
+        assert bob.retrieve(prompt)[0] == 0
+
+
+def test_hit_from_disk_after_restart(lm, prompt, cold, daemon_factory):
+    d = daemon_factory()
+    ns = _ns(lm, "disk")
+    with _adapter(lm, d.addr, ns, store_durability=Durability.PERSISTED) as a:
+        a.generate(prompt, max_new_tokens=1)
+        a.flush()
+    d.restart()
+    with _adapter(lm, d.addr, ns) as a:
+        hit = a.generate(prompt, max_new_tokens=NEW_TOKENS)
+    assert hit.matched_tokens == 512 and hit.hit_tier == Tier.DISK
+    assert hit.tokens == cold.tokens
+
+
+def test_store_errors_surface_on_flush(lm, prompt, daemon_factory):
+    d = daemon_factory()
+    ns = _ns(lm, "down")
+    a = _adapter(lm, d.addr, ns)
+    load = a.load_prefix(prompt)
+    d.kill()
+    # Fill the cache cheaply from the load path: a miss leaves it empty, so store a fake-free
+    # real prefill of two chunks and ask the adapter to store it to the dead daemon.
+    import torch
+
+    with torch.inference_mode():
+        lm.model(input_ids=torch.tensor([prompt[:256]]), past_key_values=load.cache, use_cache=True, logits_to_keep=1)
+    assert a.store_async(prompt[:256], load.cache)
+    with pytest.raises(Exception):
+        a.flush(timeout_s=120)
+    a.close()
