@@ -123,65 +123,82 @@ def put_messages(namespace_id: bytes, keys: Sequence[bytes], payloads: Sequence[
 
 
 class ChunkAssembler:
-    """Receives a Get stream into one chunk-major buffer; stops at the first missing chunk."""
+    """Receives a Get stream straight into the final ``[.., tokens, ..]`` array (no
+    reassembly copy); stops at the first missing chunk.
+
+    A chunk's bytes are ``rows`` runs of ``run`` bytes (rows = the axes before the token
+    axis, run = its tokens x the axes after); chunk ``i`` owns columns
+    ``[i*run, (i+1)*run)`` of the output viewed as ``[rows, n_keys*run]``.
+    """
 
     def __init__(self, ns: Namespace, n_keys: int, verify_crc: bool | None) -> None:
         self.ns = ns
         self.chunk_bytes = ns.chunk_bytes()
-        self.buf = np.empty(n_keys * self.chunk_bytes, np.uint8)
+        self.n_keys = n_keys
+        shape = list(ns.chunk_shape())
+        ax = token_axis(ns)
+        self.rows = int(np.prod(shape[:ax]))
+        self.run = self.chunk_bytes // self.rows
+        self.out = np.empty((self.rows, n_keys * self.run), np.uint8)
         self.matched = 0
         self.verify = HAVE_FAST_CRC if verify_crc is None else verify_crc
-        self._pos = 0
-        self._end = 0
+        self._off = 0          # bytes of the current chunk received
+        self._expect = 0       # bytes of the current chunk announced (0 = between chunks)
+        self._want_crc = 0
         self._crc = 0
         self.done = False
 
     def feed(self, msg) -> bool:
         """Takes one response; returns False once the prefix has ended (the caller may cancel)."""
         if isinstance(msg, memoryview):
-            n = msg.nbytes
-            if self._pos + n > self._end:
-                raise DataLoss("the daemon sent more data than the chunk header announced")
-            self.buf[self._pos:self._pos + n] = np.frombuffer(msg, np.uint8)
-            self._pos += n
-            if self._pos == self._end:
-                self._finish_chunk()
+            self._data(msg)
             return True
-        h = msg.header
-        if not msg.HasField("header") or self._pos != self._end:
+        if not msg.HasField("header") or self._off != self._expect:
             raise DataLoss("malformed Get stream: a header arrived before the previous chunk's data ended")
+        h = msg.header
         if not h.found or h.index != self.matched:
             self.done = True
             return False
         if h.encoding != Encoding.RAW or h.num_tokens != self.ns.chunk_tokens or h.payload_bytes != self.chunk_bytes:
             raise DataLoss(f"chunk {h.index}: the daemon returned {h.payload_bytes} bytes of "
                            f"{Encoding(h.encoding).name}, expected a full RAW chunk of {self.chunk_bytes} bytes")
-        self._pos = self.matched * self.chunk_bytes
-        self._end = self._pos + self.chunk_bytes
-        self._crc = h.crc32c
+        self._off, self._expect, self._want_crc, self._crc = 0, self.chunk_bytes, h.crc32c, 0
         return True
 
-    def _finish_chunk(self) -> None:
-        if self.verify and self._crc:
-            got = crc32c(self.buf[self._end - self.chunk_bytes:self._end])
-            if got != self._crc:
-                raise DataLoss(f"chunk {self.matched}: CRC32C mismatch after transfer ({got:#x} != {self._crc:#x})")
-        self.matched += 1
+    def _data(self, piece: memoryview) -> None:
+        m = piece.nbytes
+        if self._off + m > self._expect:
+            raise DataLoss("the daemon sent more data than the chunk header announced")
+        if self.verify and self._want_crc:
+            self._crc = crc32c(piece, self._crc)
+        src = np.frombuffer(piece, np.uint8)
+        run, base = self.run, self.matched * self.run
+        out, pos, off = self.out, 0, self._off
+        while pos < m:
+            r, c = divmod(off + pos, run)
+            if c == 0 and m - pos >= run:
+                k = (m - pos) // run
+                out[r:r + k, base:base + run] = src[pos:pos + k * run].reshape(k, run)
+                pos += k * run
+            else:
+                take = min(run - c, m - pos)
+                out[r, base + c:base + c + take] = src[pos:pos + take]
+                pos += take
+        self._off += m
+        if self._off == self._expect:
+            if self.verify and self._want_crc and self._crc != self._want_crc:
+                raise DataLoss(f"chunk {self.matched}: CRC32C mismatch after transfer "
+                               f"({self._crc:#x} != {self._want_crc:#x})")
+            self.matched += 1
+            self._off = self._expect = 0
 
     def result(self, as_torch: bool):
         """``[layers, 2, matched*chunk_tokens, kv_heads, head_dim]`` (MLA: ``[layers, tokens, dim]``)."""
         ns, n = self.ns, self.matched
-        per = list(ns.chunk_shape())
-        per[-1] *= ns.dtype.itemsize
-        ax = token_axis(ns)
-        chunks = self.buf[:n * self.chunk_bytes].reshape([n, *per])
-        if n == 1:
-            u8 = chunks[0]
-        else:
-            u8 = np.ascontiguousarray(np.moveaxis(chunks, 0, ax))  # [.., n, ct, ..]
-            shape = list(per)
-            shape[ax] = n * ns.chunk_tokens
-            u8 = u8.reshape(shape)
+        u8 = self.out if n == self.n_keys else np.ascontiguousarray(self.out[:, :n * self.run])
+        shape = list(ns.chunk_shape(n * ns.chunk_tokens))
+        shape[-1] *= ns.dtype.itemsize
+        u8 = u8.reshape(shape)
         if as_torch:
             import torch
 
