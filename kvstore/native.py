@@ -11,6 +11,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
+
 _DIR = Path(__file__).resolve().parent / "_native"
 ABI_VERSION = 1
 
@@ -38,20 +40,16 @@ def lib() -> ctypes.CDLL:
 
 
 def _address(buf) -> tuple[int, int, object]:
-    """(address, nbytes, keepalive) of any contiguous buffer (bytes, bytearray, memoryview, numpy)."""
+    """(address, nbytes, keepalive) of any contiguous buffer (bytes, bytearray, memoryview,
+    numpy), read-only ones included, without copying it."""
     mv = memoryview(buf)
     if not mv.contiguous:
         raise ValueError("buffer must be contiguous")
     n = mv.nbytes
     if n == 0:
         return 0, 0, mv
-    if mv.readonly:
-        # from_buffer needs a writable buffer; a read-only one (bytes) is addressed through
-        # a char pointer of the object itself, with no copy.
-        obj = mv.obj if isinstance(mv.obj, bytes) and mv.nbytes == len(mv.obj) else mv.tobytes()
-        return ctypes.cast(ctypes.c_char_p(obj), ctypes.c_void_p).value, n, obj
-    arr = (ctypes.c_char * n).from_buffer(mv.cast("B"))
-    return ctypes.addressof(arr), n, arr
+    arr = np.frombuffer(mv if mv.ndim == 1 and mv.format == "B" else mv.cast("B"), dtype=np.uint8)
+    return arr.ctypes.data, n, arr
 
 
 def crc32c(data, crc: int = 0) -> int:
@@ -62,8 +60,11 @@ def crc32c(data, crc: int = 0) -> int:
 
 def copy_into(dst, src, threads: int = 1) -> None:
     """Copy all of ``src`` into the start of writable ``dst`` (GIL released)."""
+    if memoryview(dst).readonly:
+        raise ValueError("destination is read-only")
     daddr, dn, _k1 = _address(dst)
     saddr, sn, _k2 = _address(src)
     if sn > dn:
         raise ValueError(f"destination holds {dn} bytes, source has {sn}")
-    lib().kvs_copy(daddr, saddr, sn, threads)
+    if sn:
+        lib().kvs_copy(daddr, saddr, sn, threads)

@@ -35,9 +35,9 @@ import lmdb
 import numpy as np
 
 from .. import config as cfg
+from .. import native
 from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from ..types import CHUNK_ID_BYTES, ChunkId, ChunkMeta, Medium
-from . import _bufs
 from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
 from .policies import make_policy
 
@@ -58,7 +58,7 @@ _TMP_MARK = ".tmp."
 def encode_header(cid: ChunkId, meta: ChunkMeta) -> bytes:
     mb = meta.to_bytes()
     head = _HEAD.pack(FILE_MAGIC, FILE_VERSION, len(mb), cid) + mb
-    return head + _CRC.pack(_bufs.crc32c(head))
+    return head + _CRC.pack(native.crc32c(head))
 
 
 def decode_header(buf: memoryview) -> tuple[ChunkId, ChunkMeta, int] | None:
@@ -69,7 +69,7 @@ def decode_header(buf: memoryview) -> tuple[ChunkId, ChunkMeta, int] | None:
     end = _HEAD.size + meta_len
     if magic != FILE_MAGIC or version != FILE_VERSION or len(buf) < end + _CRC.size:
         return None
-    if _CRC.unpack_from(buf, end)[0] != _bufs.crc32c(buf[:end]):
+    if _CRC.unpack_from(buf, end)[0] != native.crc32c(buf[:end]):
         return None
     try:
         meta = ChunkMeta.from_bytes(bytes(buf[_HEAD.size:end]))
@@ -229,7 +229,7 @@ class DiskTier(Tier):
         payload = view[hlen:]
         if len(payload) != meta.payload_bytes:
             return self._drop_corrupt(cid, e, f"it has {len(payload)} payload bytes, expected {meta.payload_bytes}")
-        if _bufs.crc32c(payload) != meta.crc32c:
+        if native.crc32c(payload) != meta.crc32c:
             return self._drop_corrupt(cid, e, "its payload failed the CRC32C check")
         with self._lock:
             self._stats.hits += 1
@@ -279,7 +279,7 @@ class DiskTier(Tier):
         n = memoryview(payload).nbytes
         if n != meta.payload_bytes:
             raise InvalidArgument(f"payload has {n} bytes but its metadata says {meta.payload_bytes}")
-        if _bufs.crc32c(payload) != meta.crc32c:
+        if native.crc32c(payload) != meta.crc32c:
             raise InvalidArgument("payload CRC32C does not match its metadata; the sender must compute "
                                   "ChunkMeta.crc32c over the exact payload bytes")
         header = encode_header(cid, meta)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 from .. import config as cfg
+from .. import native
 from ..errors import InvalidArgument, ResourceExhausted
 from ..types import ChunkId, ChunkMeta, Medium
-from . import _bufs
 from .arena import HostArena, PageAllocator
 from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
 from .policies import make_policy
@@ -102,7 +102,7 @@ class DramTier(Tier):
     # -- Tier primitives --------------------------------------------------------------------
     def get(self, cid: ChunkId) -> ChunkRef | None:
         ref = self._lease(cid, touch=True)
-        if ref is not None and self._verify and _bufs.crc32c(ref.view) != ref.meta.crc32c:
+        if ref is not None and self._verify and native.crc32c(ref.view) != ref.meta.crc32c:
             ref.release()
             log.error("DRAM chunk %s failed its CRC32C check; dropping it", cid.hex())
             with self._lock:
@@ -146,7 +146,7 @@ class DramTier(Tier):
         if res is None:
             return False
         try:
-            _bufs.copy(res.view, payload)
+            native.copy_into(res.view, payload)
         except BaseException:
             self.abort(res)
             raise

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kvstore import config as cfg
-from kvstore.tiers import _bufs
+from kvstore import native
 from kvstore.tiers.base import PinTable
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.dram import DramTier
@@ -50,7 +50,7 @@ def make_chunk(rng: np.random.Generator, ns: bytes | None = None, tokens: int = 
     ns = ns if ns is not None else bytes(32)
     cid = ChunkId(ns + rng.bytes(32))
     payload = kv_payload(rng, tokens)
-    meta = ChunkMeta(tokens, Encoding.RAW, payload.nbytes, _bufs.crc32c(payload))
+    meta = ChunkMeta(tokens, Encoding.RAW, payload.nbytes, native.crc32c(payload))
     return cid, meta, payload
 
 

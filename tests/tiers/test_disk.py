@@ -152,7 +152,7 @@ def test_second_owner_of_a_directory_is_refused(open_disk):
 _WRITER = textwrap.dedent("""
     import sys, time, numpy as np
     from kvstore import config as cfg
-    from kvstore.tiers import _bufs
+    from kvstore import native
     from kvstore.tiers.base import PinTable
     from kvstore.tiers.disk import DiskTier
     from kvstore.types import ChunkId, ChunkMeta, Encoding
@@ -160,7 +160,7 @@ _WRITER = textwrap.dedent("""
     for i in range(100000):
         data = np.random.default_rng(i).bytes(300_000 + i)
         cid = ChunkId(bytes(32) + i.to_bytes(32, "big"))
-        t.put(cid, ChunkMeta(1, Encoding.RAW, len(data), _bufs.crc32c(data)), data)
+        t.put(cid, ChunkMeta(1, Encoding.RAW, len(data), native.crc32c(data)), data)
         print(i, flush=True)
 """)
 
