@@ -7,6 +7,7 @@ tests/conftest.py and run a real ``kvstore serve`` process.
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import dataclass
 
 import pytest
 
@@ -39,19 +40,29 @@ def prompt(lm) -> list[int]:
     return ids
 
 
-@pytest.fixture(scope="session")
-def cold(lm, prompt):
-    """The plain model's greedy run (no store involved) and the prompt's KV, computed once."""
-    from kvstore_client.engines.transformers import plain_generate
-
-    return plain_generate(lm.model, prompt, max_new_tokens=NEW_TOKENS)
+@dataclass(frozen=True)
+class Cold:
+    tokens: list[int]      #: the plain model's greedy continuation of the prompt
+    kv: "torch.Tensor"     #: the prompt's KV in the store layout [layers, 2, tokens, kv_heads, head_dim]
 
 
 @pytest.fixture(scope="session")
-def prompt_kv(lm, prompt):
-    """The prompt's real KV in the store layout ``[layers, 2, tokens, kv_heads, head_dim]``."""
+def cold(lm, prompt) -> Cold:
+    """One plain prefill of the prompt (no store involved): its greedy tokens and its KV."""
     with torch.inference_mode():
         out = lm.model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
-    layers = out.past_key_values.layers
-    kv = torch.stack([torch.stack((l.keys[0], l.values[0])) for l in layers])  # [L, 2, H, T, D]
-    return kv.permute(0, 1, 3, 2, 4).contiguous()
+        cache = out.past_key_values
+        kv = torch.stack([torch.stack((l.keys[0], l.values[0])) for l in cache.layers])  # [L, 2, H, T, D]
+        kv = kv.permute(0, 1, 3, 2, 4).contiguous()
+        tokens, pos = [int(out.logits[0, -1].argmax())], len(prompt)
+        while len(tokens) < NEW_TOKENS:
+            out = lm.model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,
+                           cache_position=torch.tensor([pos]), use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+            pos += 1
+    return Cold(tokens, kv)
+
+
+@pytest.fixture(scope="session")
+def prompt_kv(cold):
+    return cold.kv
