@@ -52,8 +52,10 @@ _RESULT_TAG = "@@kvstore-demo "
 class SpawnedDaemon:
     """A ``kvstore serve`` child on a loopback port and a data directory it can be restarted on."""
 
-    def __init__(self, data_dir: Path, port: int, log_path: Path) -> None:
+    def __init__(self, data_dir: Path, port: int, log_path: Path, settings: tuple[str, ...] = ()) -> None:
         self.data_dir, self.port, self.log_path = data_dir, port, log_path
+        #: ``--set`` overrides; the metrics exporter is off so it never collides with another daemon's port.
+        self.settings = ('metrics.listen=""', *settings)
         self.addr = f"127.0.0.1:{port}"
         self.proc: subprocess.Popen | None = None
 
@@ -61,6 +63,8 @@ class SpawnedDaemon:
         exe = shutil.which("kvstore")
         cmd = [exe] if exe else [sys.executable, "-m", "kvstore.cli.daemon"]
         cmd += ["serve", "--data-dir", str(self.data_dir), "--listen", self.addr]
+        for setting in self.settings:
+            cmd += ["--set", setting]
         with open(self.log_path, "ab") as logf:
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
         wait_healthy(self.addr, DAEMON_START_TIMEOUT_S, self.proc)

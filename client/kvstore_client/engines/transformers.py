@@ -102,7 +102,7 @@ class PrefixLoad:
     cache: Any                      #: DynamicCache holding ``matched_tokens`` tokens
     matched_tokens: int
     tiers: tuple[Tier, ...]         #: tier of each reused chunk, as reported by lookup
-    lookup_s: float
+    lookup_s: float                 #: cache set-up + the lookup round trip
     retrieve_s: float               #: retrieve + copy into the cache (0 on a miss)
 
 
@@ -113,8 +113,8 @@ class GenerationResult:
     matched_tokens: int             #: prompt tokens whose KV came from the store
     tiers: tuple[Tier, ...]
     ttft_s: float                   #: call start -> first token id known (lookup+load+prefill)
-    lookup_s: float
-    retrieve_s: float
+    lookup_s: float                 #: cache set-up + lookup round trip: all a miss adds before prefill
+    retrieve_s: float               #: retrieve + copy into the cache (0 on a miss)
     prefill_s: float
     decode_s: float
     stored_async: bool              #: a background store of new chunks was queued
@@ -189,8 +189,8 @@ class KVCacheAdapter:
         ids = _as_id_list(input_ids)
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
         t0 = time.perf_counter()
+        cache = DynamicCache(config=self.model.config)
         reusable = self.reusable_tokens(len(ids))
         matched, tiers = 0, ()
         if reusable:
