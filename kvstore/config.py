@@ -63,6 +63,11 @@ class ServerConfig(_Section):
     max_keys_per_request: int = Field(4096, ge=1)
     #: Worker threads for blocking work (disk reads, large copies, checksums).
     worker_threads: int = Field(4, ge=1, le=256)
+    #: Seconds a same-host lease (LocalData read lease or write reservation) lives unless
+    #: released; a client that dies mid-transfer leaks its extents for at most this long.
+    lease_ttl_s: float = Field(30.0, gt=0, le=3600)
+    #: Most leases and reservations open at once across all local clients.
+    max_open_leases: int = Field(4096, ge=1)
     #: Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = Field(5.0, ge=0)
 
@@ -129,9 +134,12 @@ class DramConfig(_Section):
     policy: EvictionPolicy = EvictionPolicy.S3FIFO
     #: Allocation granule of the arena; chunks occupy whole pages.
     page_bytes: Bytes = 64 * 1024
-    #: Back the arena with a named shared-memory file (``/dev/shm/...``) so local clients can
-    #: map it. Empty: an anonymous mapping.
-    shm_name: str = ""
+    #: Back the arena with a shared-memory file ``/dev/shm/<shm_name>`` that local clients map
+    #: (the zero-copy same-host path). ``auto``: ``kvstore-<pid>.arena``, falling back to a
+    #: private arena when /dev/shm has no room. Empty: a private (anonymous) arena, so local
+    #: clients use the gRPC stream path. The file is mode 0600: only processes of the
+    #: daemon's user can map it.
+    shm_name: str = "auto"
 
 
 class DiskConfig(_Section):

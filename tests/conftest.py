@@ -125,7 +125,7 @@ def daemon_factory(tmp_path_factory):
 
     yield make
     for d in started:
-        d.kill()
+        d.stop()  # SIGTERM: the daemon removes its shared-memory arena
 
 
 def _module_daemon(tmp_path_factory, auth: bool):
@@ -141,11 +141,11 @@ def _module_daemon(tmp_path_factory, auth: bool):
 def daemon(tmp_path_factory):
     d = _module_daemon(tmp_path_factory, auth=False)
     yield d
-    d.kill()
+    d.stop()
 
 
 @pytest.fixture(scope="module")
 def auth_daemon(tmp_path_factory):
     d = _module_daemon(tmp_path_factory, auth=True)
     yield d
-    d.kill()
+    d.stop()

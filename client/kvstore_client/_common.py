@@ -109,6 +109,16 @@ def chunk_payloads(u8: np.ndarray, ns: Namespace, n_chunks: int) -> list[np.ndar
     return out
 
 
+def copy_chunk_out(u8: np.ndarray, ns: Namespace, index: int, dst: np.ndarray) -> None:
+    """Writes chunk ``index`` of ``u8`` (see ``kv_bytes_array``) contiguously into ``dst``."""
+    ax = token_axis(ns)
+    ct = ns.chunk_tokens
+    sl = [slice(None)] * u8.ndim
+    sl[ax] = slice(index * ct, (index + 1) * ct)
+    src = u8[tuple(sl)]
+    np.copyto(dst.reshape(src.shape), src)
+
+
 def put_messages(namespace_id: bytes, keys: Sequence[bytes], payloads: Sequence[np.ndarray], ns: Namespace,
                  durability: Durability, piece_bytes: int):
     """Serialised Put stream: for each chunk a header then data pieces (generated lazily)."""
@@ -148,15 +158,16 @@ class ChunkAssembler:
         self._crc = 0
         self.done = False
 
-    def feed(self, msg) -> bool:
-        """Takes one response; returns False once the prefix has ended (the caller may cancel)."""
+    def feed(self, msg, index_base: int = 0) -> bool:
+        """Takes one response; returns False once the prefix has ended (the caller may cancel).
+        ``index_base``: the request's first key is chunk ``index_base`` of the output."""
         if isinstance(msg, memoryview):
             self._data(msg)
             return True
         if not msg.HasField("header") or self._off != self._expect:
             raise DataLoss("malformed Get stream: a header arrived before the previous chunk's data ended")
         h = msg.header
-        if not h.found or h.index != self.matched:
+        if not h.found or h.index + index_base != self.matched:
             self.done = True
             return False
         if h.encoding != Encoding.RAW or h.num_tokens != self.ns.chunk_tokens or h.payload_bytes != self.chunk_bytes:
@@ -164,6 +175,17 @@ class ChunkAssembler:
                            f"{Encoding(h.encoding).name}, expected a full RAW chunk of {self.chunk_bytes} bytes")
         self._off, self._expect, self._want_crc, self._crc = 0, self.chunk_bytes, h.crc32c, 0
         return True
+
+    def place(self, payload: np.ndarray, num_tokens: int, encoding: Encoding, crc: int) -> None:
+        """Copies one whole chunk (a uint8 array, e.g. a view of the shared arena) into place."""
+        if encoding != Encoding.RAW or num_tokens != self.ns.chunk_tokens or payload.nbytes != self.chunk_bytes:
+            raise DataLoss(f"chunk {self.matched}: the daemon leased {payload.nbytes} bytes of "
+                           f"{Encoding(encoding).name}, expected a full RAW chunk of {self.chunk_bytes} bytes")
+        if self.verify and crc and crc32c(payload) != crc:
+            raise DataLoss(f"chunk {self.matched}: CRC32C mismatch in the shared arena")
+        base = self.matched * self.run
+        self.out[:, base:base + self.run] = payload.reshape(self.rows, self.run)
+        self.matched += 1
 
     def _data(self, piece: memoryview) -> None:
         m = piece.nbytes

@@ -21,13 +21,15 @@ from typing import Any, Mapping, Sequence
 import grpc
 
 from . import _common as C
-from ._proto.kvstore.v1 import data_pb2
+from ._proto.kvstore.v1 import data_pb2, local_pb2
 from ._wire import data_or_message, serializer
 from .errors import KVStoreClientError, from_rpc_error
 from .keys import Namespace, prefix_keys
-from .types import Durability, Tier
+from .local import SharedArena
+from .types import Durability, Encoding, KeyKind, Tier
 
 _SVC = "/kvstore.v1.KVStore/"
+_LOCAL = "/kvstore.v1.LocalData/"
 
 
 def channel_options() -> list[tuple[str, int]]:
@@ -49,7 +51,9 @@ class KVStoreClient:
     """One namespace on one daemon. Thread-safe (gRPC channels are)."""
 
     def __init__(self, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
-                 timeout_s: float | None = 60.0) -> None:
+                 timeout_s: float | None = 60.0, local: bool | None = None) -> None:
+        """``local``: use the same-host shared-memory path (True: required; None: when the
+        daemon's arena can be mapped from here, else the stream path; False: never)."""
         self.addr = addr
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -64,11 +68,42 @@ class KVStoreClient:
         self._get = ch.unary_stream(_SVC + "Get", D.GetRequest.SerializeToString,
                                     functools.partial(data_or_message, message_cls=D.GetResponse))
         self._delete = ch.unary_unary(_SVC + "Delete", D.DeleteRequest.SerializeToString, D.DeleteResponse.FromString)
+        L = local_pb2
+        self._attach = ch.unary_unary(_LOCAL + "Attach", L.AttachRequest.SerializeToString, L.AttachResponse.FromString)
+        self._lease_read = ch.unary_unary(_LOCAL + "LeaseRead", L.LeaseReadRequest.SerializeToString,
+                                          L.LeaseReadResponse.FromString)
+        self._reserve = ch.unary_unary(_LOCAL + "ReserveWrite", L.ReserveWriteRequest.SerializeToString,
+                                       L.ReserveWriteResponse.FromString)
+        self._commit = ch.unary_unary(_LOCAL + "CommitWrite", L.CommitWriteRequest.SerializeToString,
+                                      L.CommitWriteResponse.FromString)
+        self._release = ch.unary_unary(_LOCAL + "Release", L.ReleaseRequest.SerializeToString,
+                                       L.ReleaseResponse.FromString)
+        self.arena: SharedArena | None = None
         try:
             self._connect(C.as_namespace(namespace))
+            if local is not False:
+                self.arena = self._attach_arena()
+                if local and self.arena is None:
+                    raise KVStoreClientError(f"the daemon at {addr} has no shared arena this process can map "
+                                             "(another host, or dram.shm_name is empty); pass local=None to "
+                                             "fall back to the stream path")
         except BaseException:
             self._channel.close()
             raise
+
+    def _attach_arena(self) -> SharedArena | None:
+        try:
+            a = self._attach(local_pb2.AttachRequest(), metadata=self._metadata, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                return None
+            raise from_rpc_error(e, self.addr) from None
+        return SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
+
+    @property
+    def transport(self) -> str:
+        """``"shm"`` (same-host shared memory) or ``"grpc"`` (streamed)."""
+        return "shm" if self.arena is not None else "grpc"
 
     @_translating
     def _connect(self, ns: Namespace) -> None:
@@ -110,11 +145,38 @@ class KVStoreClient:
         todo = [i for i in range(n) if present[i] == Tier.NONE]
         if not todo:
             return 0
+        if self.arena is not None:
+            return self._store_local(u8, [keys[i] for i in todo], todo, Durability(durability))
         payloads = C.chunk_payloads(u8, ns, n)
         msgs = C.put_messages(self.namespace_id, [keys[i] for i in todo], [payloads[i] for i in todo], ns,
                               Durability(durability), self.piece_bytes)
         resp = self._put(msgs, metadata=self._metadata, timeout=self.timeout_s)
         return resp.stored
+
+    def _store_local(self, u8, keys: list[bytes], chunks: list[int], durability: Durability) -> int:
+        """Same-host store: reserve arena extents, copy each chunk straight into its extent
+        (the only copy), commit; the daemon's DRAM tier takes the extents over."""
+        ns = self.namespace
+        size = ns.chunk_bytes()
+        req = local_pb2.ReserveWriteRequest(namespace_id=self.namespace_id, chunks=[
+            local_pb2.ChunkToWrite(key=k, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens, encoding=Encoding.RAW,
+                                   payload_bytes=size) for k in keys])
+        resp = self._reserve(req, metadata=self._metadata, timeout=self.timeout_s)
+        if resp.lease_id == 0:
+            return 0
+        try:
+            for slot in resp.slots:
+                if slot.exists:
+                    continue
+                dst = self.arena.view(slot.offset, slot.length)
+                C.copy_chunk_out(u8, ns, chunks[slot.index], dst)
+        except BaseException:
+            self._release(local_pb2.ReleaseRequest(lease_ids=[resp.lease_id]), metadata=self._metadata,
+                          timeout=self.timeout_s)
+            raise
+        done = self._commit(local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability)),
+                            metadata=self._metadata, timeout=self.timeout_s)
+        return done.stored
 
     @_translating
     def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0) -> C.LookupResult:
@@ -128,7 +190,9 @@ class KVStoreClient:
         """``(matched_tokens, kv)`` for the longest stored prefix of ``tokens``' full chunks."""
         keys = self.keys(tokens)
         asm = C.ChunkAssembler(self.namespace, len(keys), verify_crc)
-        if keys:
+        if keys and self.arena is not None:
+            self._retrieve_local(keys, asm)
+        elif keys:
             call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys),
                              metadata=self._metadata, timeout=self.timeout_s)
             for msg in call:
@@ -137,6 +201,31 @@ class KVStoreClient:
                     break
         return asm.matched * self.namespace.chunk_tokens, asm.result(as_torch)
 
+    def _retrieve_local(self, keys: list[bytes], asm: "C.ChunkAssembler") -> None:
+        """Same-host retrieve: lease the chunks, copy each from the mapped arena into place,
+        release. Chunks the daemon could not place in the arena come over the stream."""
+        resp = self._lease_read(local_pb2.LeaseReadRequest(namespace_id=self.namespace_id, keys=keys),
+                                metadata=self._metadata, timeout=self.timeout_s)
+        try:
+            for ext in resp.extents:
+                if not ext.found or ext.index != asm.matched:
+                    break
+                asm.place(self.arena.view(ext.offset, ext.length), ext.num_tokens, Encoding(ext.encoding), ext.crc32c)
+        finally:
+            if resp.lease_id:
+                self._release(local_pb2.ReleaseRequest(lease_ids=[resp.lease_id]), metadata=self._metadata,
+                              timeout=self.timeout_s)
+        if asm.matched < len(keys):
+            # Absent, or present but not placeable in the arena (DRAM full of pinned chunks):
+            # the stream path serves what exists.
+            base = asm.matched
+            call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys[base:]),
+                             metadata=self._metadata, timeout=self.timeout_s)
+            for msg in call:
+                if not asm.feed(msg, index_base=base):
+                    call.cancel()
+                    break
+
     @_translating
     def delete(self, keys: Sequence[bytes]) -> int:
         resp = self._delete(data_pb2.DeleteRequest(namespace_id=self.namespace_id, keys=list(keys)),
@@ -144,6 +233,9 @@ class KVStoreClient:
         return resp.deleted
 
     def close(self) -> None:
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
         self._channel.close()
 
     def __enter__(self) -> "KVStoreClient":

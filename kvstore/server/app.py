@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvstore_client._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, data_pb2
+from kvstore_client._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, data_pb2, local_pb2_grpc
 
 from ..config import Config
 from ..errors import FailedPrecondition, Unavailable
@@ -26,12 +26,14 @@ from . import wire
 from .admin import AdminServicer
 from .auth import Authenticator
 from .data import DataServicer
+from .local import LeaseTable, LocalDataServicer
 from .status import RequestInterceptor
 
 log = logging.getLogger(__name__)
 
 DATA_SERVICE = "kvstore.v1.KVStore"
 ADMIN_SERVICE = "kvstore.v1.Admin"
+LOCAL_SERVICE = "kvstore.v1.LocalData"
 
 
 def is_loopback(addr: str) -> bool:
@@ -95,11 +97,15 @@ class Daemon:
                      ("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers((_data_handler(DataServicer(manager, self.registry, config,
                                                                          self.pool, self.stats)),))
+        self.leases = LeaseTable(manager, config.server.lease_ttl_s, config.server.max_open_leases)
+        self._sweeper: asyncio.Task | None = None
+        local_pb2_grpc.add_LocalDataServicer_to_server(
+            LocalDataServicer(manager, self.registry, config, self.pool, self.leases), self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(manager, self.registry, config, self.pool),
                                                    self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (DATA_SERVICE, ADMIN_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+            (DATA_SERVICE, ADMIN_SERVICE, LOCAL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         for addr in config.server.listen:
             try:
                 port = self.server.add_insecure_port(addr)
@@ -110,7 +116,8 @@ class Daemon:
 
     async def start(self) -> None:
         await self.server.start()
-        for name in ("", DATA_SERVICE, ADMIN_SERVICE):
+        self._sweeper = asyncio.get_running_loop().create_task(self.leases.run_sweeper(), name="lease-sweeper")
+        for name in ("", DATA_SERVICE, ADMIN_SERVICE, LOCAL_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._metrics_server = start_exporter(
             self.config.metrics.listen, KVStoreCollector(self.manager.stats, self.stats, lambda: len(self.registry)))
@@ -118,6 +125,9 @@ class Daemon:
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(self.config.server.shutdown_grace_s)
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        self.leases.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         loop = asyncio.get_running_loop()

@@ -19,12 +19,40 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import InvalidArgument
+from ..errors import InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
 #: Where named arenas live (tmpfs on Linux).
 SHM_DIR = Path("/dev/shm")
+#: ``dram.shm_name`` value that names the arena after the daemon's pid.
+AUTO_SHM_NAME = "auto"
+AUTO_PREFIX, AUTO_SUFFIX = "kvstore-", ".arena"
+
+
+def remove_stale_arenas() -> int:
+    """Removes auto-named arenas of daemons that no longer run (a SIGKILLed daemon cannot
+    remove its own, and tmpfs pages are RAM). Only files this user owns are touched."""
+    removed = 0
+    try:
+        candidates = list(SHM_DIR.glob(f"{AUTO_PREFIX}*{AUTO_SUFFIX}"))
+    except OSError:
+        return 0
+    for f in candidates:
+        m = re.fullmatch(rf"{AUTO_PREFIX}(\d+){re.escape(AUTO_SUFFIX)}", f.name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            if f.stat().st_uid != os.getuid():
+                continue
+            os.kill(int(m.group(1)), 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+            removed += 1
+            log.info("removed stale shared-memory arena %s", f)
+        except OSError:
+            continue
+    return removed
 
 
 class PageAllocator:
@@ -105,25 +133,47 @@ class HostArena:
             raise InvalidArgument("dram.capacity_bytes must be positive")
         self.capacity_bytes = capacity_bytes
         self.path: Path | None = None
-        if shm_name:
+        self._mmap: mmap.mmap | None = None
+        if shm_name == AUTO_SHM_NAME:
+            remove_stale_arenas()
+            try:
+                self._map_shared(SHM_DIR / f"{AUTO_PREFIX}{os.getpid()}{AUTO_SUFFIX}")
+            except OSError as e:
+                log.warning("no shared-memory arena (%s); local clients will use the gRPC stream path. "
+                            "Give /dev/shm room for dram.capacity_bytes (docker: --shm-size) to enable it", e)
+        elif shm_name:
             if not re.fullmatch(r"[A-Za-z0-9._-]{1,200}", shm_name) or shm_name in (".", ".."):
                 raise InvalidArgument(f"dram.shm_name {shm_name!r} must be a plain file name "
-                                      "(letters, digits, '.', '_', '-')")
-            self.path = SHM_DIR / shm_name
-            if self.path.exists():
-                log.warning("replacing stale shared-memory arena %s", self.path)
-                self.path.unlink()
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                                      "(letters, digits, '.', '_', '-'), 'auto' or empty")
+            path = SHM_DIR / shm_name
+            if path.exists():
+                log.warning("replacing stale shared-memory arena %s", path)
+                path.unlink()
             try:
-                os.ftruncate(fd, capacity_bytes)
-                self._mmap = mmap.mmap(fd, capacity_bytes, mmap.MAP_SHARED,
-                                       mmap.PROT_READ | mmap.PROT_WRITE)
-            finally:
-                os.close(fd)
-        else:
+                self._map_shared(path)
+            except OSError as e:
+                raise ResourceExhausted(
+                    f"cannot create the {capacity_bytes}-byte shared-memory arena {path}: {e}. Give /dev/shm "
+                    "room for dram.capacity_bytes (docker: --shm-size), lower dram.capacity_bytes, or set "
+                    "dram.shm_name = '' for a private arena") from None
+        if self._mmap is None:
             self._mmap = mmap.mmap(-1, capacity_bytes, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                    mmap.PROT_READ | mmap.PROT_WRITE)
         self.buf = memoryview(self._mmap)
+
+    def _map_shared(self, path: Path) -> None:
+        """Creates, reserves (so a full tmpfs fails here, not with SIGBUS later) and maps ``path``."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, self.capacity_bytes)
+                self._mmap = mmap.mmap(fd, self.capacity_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            except OSError:
+                path.unlink(missing_ok=True)
+                raise
+        finally:
+            os.close(fd)
+        self.path = path
 
     def writable(self, offset: int, nbytes: int) -> memoryview:
         return self.buf[offset:offset + nbytes]

@@ -15,9 +15,12 @@ leased, pinned or uncommitted chunk.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator
+
+import numpy as np
 
 from .. import config as cfg
 from .. import native
@@ -28,6 +31,12 @@ from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
 from .policies import make_policy
 
 log = logging.getLogger(__name__)
+
+
+#: Start of the arena's header page.
+ARENA_MAGIC = b"kvstore-arena-1\0"
+NONCE_OFFSET = len(ARENA_MAGIC)
+NONCE_BYTES = 16
 
 
 @dataclass(slots=True, eq=False)
@@ -69,7 +78,16 @@ class DramTier(Tier):
         self._page = conf.page_bytes
         self._arena = HostArena(conf.capacity_bytes // self._page * self._page, conf.shm_name)
         self._alloc = PageAllocator(self._arena.capacity_bytes // self._page)
-        self._policy = make_policy(conf.policy, self._arena.capacity_bytes)
+        # Page 0 is the arena header: a magic string and a random nonce that local clients
+        # compare to prove they mapped this daemon's memory (see LocalData.Attach).
+        if self._alloc.alloc(1) != 0 or self._alloc.total_pages < 2:
+            raise InvalidArgument("dram.capacity_bytes must hold at least two dram.page_bytes pages")
+        self.nonce = secrets.token_bytes(NONCE_BYTES)
+        hdr = self._arena.writable(0, NONCE_OFFSET + NONCE_BYTES)
+        hdr[:NONCE_OFFSET] = ARENA_MAGIC
+        hdr[NONCE_OFFSET:] = self.nonce
+        hdr.release()
+        self._policy = make_policy(conf.policy, self._arena.capacity_bytes - self._page)
         self._pins = pins
         self._clock = clock
         self._verify = verify_crc
@@ -78,7 +96,7 @@ class DramTier(Tier):
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)   # a reservation committed or aborted
         self._entries: dict[ChunkId, _Entry] = {}          # committed and reserved, not dead
-        self._stats = TierStats(Medium.DRAM, self._policy.name, self._arena.capacity_bytes)
+        self._stats = TierStats(Medium.DRAM, self._policy.name, self._arena.capacity_bytes - self._page)
         self._closed = False
 
     # -- shared-memory view ------------------------------------------------------------------
@@ -87,12 +105,21 @@ class DramTier(Tier):
         """``/dev/shm`` file clients map, or None for an anonymous arena."""
         return self._arena.path
 
+    @property
+    def arena_bytes(self) -> int:
+        return self._arena.capacity_bytes
+
     def locate(self, cid: ChunkId) -> tuple[int, int] | None:
         """(arena offset, payload bytes) of a committed chunk, or None. Informational only: the
         extent may be reused as soon as this returns; hold a ``lease`` while anyone reads it."""
         with self._lock:
             e = self._entries.get(cid)
             return None if e is None or e.meta is None else (e.page * self._page, e.nbytes)
+
+    def offset_of(self, ref: ChunkRef) -> int:
+        """Arena offset of a DRAM lease's bytes (what a local client reads at)."""
+        base = np.frombuffer(self._arena.buf, dtype=np.uint8).ctypes.data
+        return np.frombuffer(ref.view, dtype=np.uint8).ctypes.data - base
 
     def lease(self, cid: ChunkId) -> ChunkRef | None:
         """A read lease like ``get`` but without counting a hit or touching recency (used for
@@ -166,7 +193,7 @@ class DramTier(Tier):
                 if cur.meta is not None:
                     return None
                 self._changed.wait()
-            if npages > self._alloc.total_pages:
+            if npages > self._alloc.total_pages - 1:  # page 0 is the header
                 raise ResourceExhausted(
                     f"a chunk of {nbytes} bytes does not fit the DRAM arena of {self._arena.capacity_bytes} "
                     "bytes; raise dram.capacity_bytes or store smaller chunks")

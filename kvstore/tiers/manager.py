@@ -266,6 +266,57 @@ class TierManager:
                 self._promotions_skipped += 1
         return ref
 
+    # -- same-host path (LocalData service; worker threads) ---------------------------------------
+    def lease_local(self, cid: ChunkId) -> tuple[ChunkRef, int, Medium] | None:
+        """A DRAM lease on ``cid``, its arena offset, and the medium it was found in. A disk hit
+        is promoted into DRAM first; None when absent or when DRAM cannot make room for it
+        (the caller then serves it over the stream path)."""
+        found = Medium.DRAM
+        ref = self.dram.get(cid)
+        if ref is None:
+            ref = self.get(cid)          # promotes a disk hit into DRAM when it can
+            if ref is None:
+                return None
+            found = ref.medium
+            if ref.medium != Medium.DRAM:
+                ref.release()
+                ref = self.dram.lease(cid)
+                if ref is None:
+                    return None
+        return ref, self.dram.offset_of(ref), found
+
+    def reserve_local(self, cid: ChunkId, nbytes: int):
+        """Arena pages a local client fills directly (a ``dram.Reservation``), or None when
+        ``cid`` is already stored in any tier."""
+        if self._closed:
+            raise FailedPrecondition("the tier manager is closed")
+        if self._medium_of(cid) is not None:
+            return None
+        return self.dram.reserve(cid, nbytes)
+
+    def commit_local(self, res, meta: ChunkMeta, durability: Durability) -> PutResult:
+        """Publishes a filled reservation without copying it; then writes it to disk the way
+        ``put`` does for ``durability``."""
+        persist = durability == Durability.PERSISTED
+        if persist and self.disk is None:
+            self.dram.abort(res)
+            raise Unavailable("PERSISTED durability needs the disk tier; set disk.enabled = true "
+                              "or store with MEMORY durability")
+        if persist:
+            # From the reservation, which nothing can evict, before the chunk becomes visible.
+            try:
+                self._persist(res.cid, meta, res.view)
+            except BaseException:
+                self.dram.abort(res)
+                raise
+        self.dram.commit(res, meta)
+        if not persist and self.disk is not None:
+            self._enqueue(res.cid)
+        return PutResult.STORED
+
+    def abort_local(self, res) -> None:
+        self.dram.abort(res)
+
     # -- removal --------------------------------------------------------------------------------
     def delete(self, cid: ChunkId) -> bool:
         """Removes the chunk from every tier (and its pin); a queued disk write is cancelled."""
