@@ -10,8 +10,9 @@ prompt (Python's own documentation text) several times, greedily:
    chunks are stored in the background and flushed before the process exits;
 2. process 2 (a fresh process): the same prompt, now a hit from DRAM;
 3. the daemon is restarted (``--spawn-daemon``; against your own daemon the demo evicts
-   its chunks from DRAM through the admin API instead), and process 2 asks again: a hit
-   from disk;
+   its chunks from DRAM through the admin API instead, which needs an admin token when auth
+   is on), and process 2 asks again: a hit from disk. Stores are PERSISTED, so the disk
+   tier holds every chunk before the restart;
 4. a hit through a compressed tier: reported as pending until the daemon has a codec tier.
 
 It prints time to first token (TTFT) for each and checks the generated text is identical.
@@ -143,7 +144,13 @@ def _worker(args: argparse.Namespace) -> int:
             _emit({"op": "flushed", **adapter.store_stats})
             continue
         elif op == "evict_dram":
-            _emit({"op": "evicted", "evicted": _evict_dram(client, ids, args.token)})
+            try:
+                _emit({"op": "evicted", "evicted": _evict_dram(client, ids, args.token)})
+            except Exception as e:  # reported as a skipped row: e.g. the token has no admin rights
+                _emit({"op": "evicted", "error": f"{type(e).__name__}: {e}"})
+            continue
+        elif op == "cleanup":
+            _emit({"op": "deleted", "deleted": client.delete(client.keys(ids))})
             continue
         else:
             raise ValueError(f"unknown demo command {op!r}")
@@ -292,11 +299,12 @@ def run_demo(args: argparse.Namespace) -> int:
             daemon.restart()
             rows.append(Row("hit from disk (after restart)", w2.ask("run")))
         else:
-            ev = w2.ask("evict_dram") if not args.no_admin else None
-            if ev is None:
-                rows.append(Row("hit from disk", note="skipped (--no-admin); run with --spawn-daemon"))
+            ev = w2.ask("evict_dram") if not args.no_admin else {"error": "--no-admin"}
+            if "error" in ev:
+                rows.append(Row("hit from disk", note=f"skipped ({ev['error']}); run with --spawn-daemon"))
             else:
                 rows.append(Row("hit from disk (DRAM evicted)", w2.ask("run")))
+            w2.ask("cleanup")  # the nonce'd prompt is never asked again: free its chunks on your daemon
         rows.append(_compressed_row())
     finally:
         for w in workers:
