@@ -154,7 +154,7 @@ def bench_kvstore(addr: str, name: str, shape: dict, n_chunks: int, repeats: int
     if ns.dtype.name == "FLOAT16":
         kv = u16.view(np.float16)
     up_t, down_t = [], []
-    with KVStoreClient(addr, ns) as c:
+    with KVStoreClient(addr, ns, local=False) as c:
         for rep in range(repeats + 1):
             toks = [rep * 1_000_000 + i for i in range(256 * n_chunks)]
             t = time.perf_counter()

@@ -141,7 +141,7 @@ class ChunkAssembler:
     ``[i*run, (i+1)*run)`` of the output viewed as ``[rows, n_keys*run]``.
     """
 
-    def __init__(self, ns: Namespace, n_keys: int, verify_crc: bool | None) -> None:
+    def __init__(self, ns: Namespace, n_keys: int, verify_crc: bool | None, out=None) -> None:
         self.ns = ns
         self.chunk_bytes = ns.chunk_bytes()
         self.n_keys = n_keys
@@ -149,7 +149,15 @@ class ChunkAssembler:
         ax = token_axis(ns)
         self.rows = int(np.prod(shape[:ax]))
         self.run = self.chunk_bytes // self.rows
-        self.out = np.empty((self.rows, n_keys * self.run), np.uint8)
+        if out is None:
+            self.out = np.empty((self.rows, n_keys * self.run), np.uint8)
+        else:
+            # The caller's buffer (namespace layout, n_keys chunks of tokens), written in place.
+            u8 = kv_bytes_array(out, ns)
+            if u8.shape[ax] != n_keys * ns.chunk_tokens or not u8.flags.c_contiguous:
+                raise InvalidArgument(f"out must be a contiguous array of {n_keys * ns.chunk_tokens} tokens in "
+                                      "the namespace layout")
+            self.out = u8.reshape(self.rows, n_keys * self.run)
         self.matched = 0
         self.verify = HAVE_FAST_CRC if verify_crc is None else verify_crc
         self._off = 0          # bytes of the current chunk received

@@ -188,8 +188,23 @@ class KVStoreClient:
     @_translating
     def retrieve(self, tokens: Sequence[int], as_torch: bool = False, verify_crc: bool | None = None):
         """``(matched_tokens, kv)`` for the longest stored prefix of ``tokens``' full chunks."""
-        keys = self.keys(tokens)
-        asm = C.ChunkAssembler(self.namespace, len(keys), verify_crc)
+        asm = self._fetch(self.keys(tokens), verify_crc, None)
+        return asm.matched * self.namespace.chunk_tokens, asm.result(as_torch)
+
+    @_translating
+    def retrieve_into(self, tokens: Sequence[int], out, verify_crc: bool | None = None) -> int:
+        """Writes the longest stored prefix of ``tokens``' full chunks into ``out`` (a
+        contiguous numpy array or CPU tensor in the namespace layout holding exactly those
+        full chunks' tokens) without allocating; returns the matched token count. Tokens
+        past the match are left as they were."""
+        return self._fetch(self.keys(tokens), verify_crc, out).matched * self.namespace.chunk_tokens
+
+    def _fetch(self, keys: list[bytes], verify_crc: bool | None, out) -> "C.ChunkAssembler":
+        if verify_crc is None and self.arena is not None:
+            # Shared memory: the bytes cross no network, and the daemon checksummed them on
+            # the way in; verifying again would read every byte a second time.
+            verify_crc = False
+        asm = C.ChunkAssembler(self.namespace, len(keys), verify_crc, out)
         if keys and self.arena is not None:
             self._retrieve_local(keys, asm)
         elif keys:
@@ -199,7 +214,7 @@ class KVStoreClient:
                 if not asm.feed(msg):
                     call.cancel()
                     break
-        return asm.matched * self.namespace.chunk_tokens, asm.result(as_torch)
+        return asm
 
     def _retrieve_local(self, keys: list[bytes], asm: "C.ChunkAssembler") -> None:
         """Same-host retrieve: lease the chunks, copy each from the mapped arena into place,

@@ -45,7 +45,10 @@ class SharedArena:
         try:
             if os.fstat(fd).st_size < size:
                 return None
-            mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            # MAP_POPULATE faults the whole arena in now, once, instead of page by page in
+            # the middle of transfers.
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            mm = mmap.mmap(fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
             log.info("cannot map shared arena %s (%s); using the gRPC stream path", path, e)
             return None

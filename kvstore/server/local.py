@@ -141,8 +141,9 @@ class LocalDataServicer:
         lease = self._leases.new()
         extents = []
         try:
-            for i, cid in enumerate(cids):
-                got = await self._run(self._m.lease_local, cid)
+            # One worker hop for the whole request (a disk hit inside may block).
+            got_all = await self._run(self._lease_all, cids)
+            for i, got in enumerate(got_all):
                 if got is None:
                     extents.append(local_pb2.Extent(index=i, found=False))
                     continue
@@ -157,6 +158,17 @@ class LocalDataServicer:
             raise
         lid = self._leases.open(lease) if lease.refs else 0
         return local_pb2.LeaseReadResponse(lease_id=lid, extents=extents, expires_unix_s=lease.expires_s)
+
+    def _lease_all(self, cids):
+        """Worker thread: leases of the leading run of present chunks (a prefix ends at the
+        first miss, so nothing after it is leased)."""
+        out = []
+        for cid in cids:
+            got = self._m.lease_local(cid)
+            out.append(got)
+            if got is None:
+                break
+        return out + [None] * (len(cids) - len(out))
 
     async def ReserveWrite(self, request, context):
         info = self._namespace(request.namespace_id)

@@ -167,7 +167,9 @@ class HostArena:
         try:
             try:
                 os.posix_fallocate(fd, 0, self.capacity_bytes)
-                self._mmap = mmap.mmap(fd, self.capacity_bytes, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+                # fallocate gave the file its pages; MAP_POPULATE maps them all now.
+                flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+                self._mmap = mmap.mmap(fd, self.capacity_bytes, flags, mmap.PROT_READ | mmap.PROT_WRITE)
             except OSError:
                 path.unlink(missing_ok=True)
                 raise
