@@ -26,6 +26,7 @@ from ._wire import data_or_message, serializer
 from .errors import KVStoreClientError, from_rpc_error
 from .keys import Namespace, prefix_keys
 from .local import SharedArena
+from .presence import PresenceReader, fastest
 from .types import Durability, Encoding, KeyKind, Tier
 
 _SVC = "/kvstore.v1.KVStore/"
@@ -79,6 +80,7 @@ class KVStoreClient:
         self._release = ch.unary_unary(_LOCAL + "Release", L.ReleaseRequest.SerializeToString,
                                        L.ReleaseResponse.FromString)
         self.arena: SharedArena | None = None
+        self.presence: PresenceReader | None = None
         try:
             self._connect(C.as_namespace(namespace))
             if local is not False:
@@ -98,7 +100,10 @@ class KVStoreClient:
             if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
                 return None
             raise from_rpc_error(e, self.addr) from None
-        return SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
+        arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
+        if arena is not None and a.index_path:
+            self.presence = PresenceReader.open(a.index_path, a.nonce)
+        return arena
 
     @property
     def transport(self) -> str:
@@ -180,10 +185,28 @@ class KVStoreClient:
 
     @_translating
     def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0) -> C.LookupResult:
+        """The longest stored prefix of ``tokens``' full chunks. On the same host this reads
+        the daemon's presence index (no RPC) unless ``pin_ttl_s`` asks for a pin."""
+        if self.presence is not None and not pin_ttl_s:
+            hit = self._lookup_local(self.keys(tokens))
+            if hit is not None:
+                return hit
         resp = self._lookup(data_pb2.LookupRequest(namespace_id=self.namespace_id, keys=self.keys(tokens),
                                                    pin_ttl_s=pin_ttl_s), metadata=self._metadata, timeout=self.timeout_s)
         n = resp.matched_chunks
         return C.LookupResult(n * self.namespace.chunk_tokens, n, tuple(Tier(t) for t in resp.tiers))
+
+    def _lookup_local(self, keys: list[bytes]) -> C.LookupResult | None:
+        tiers = []
+        for k in keys:
+            mask = self.presence.probe(self.namespace_id, k)
+            if mask is None:
+                return None          # the index cannot tell: ask the daemon
+            if not mask:
+                break
+            tiers.append(fastest(mask))
+        n = len(tiers)
+        return C.LookupResult(n * self.namespace.chunk_tokens, n, tuple(tiers))
 
     @_translating
     def retrieve(self, tokens: Sequence[int], as_torch: bool = False, verify_crc: bool | None = None):
@@ -251,6 +274,9 @@ class KVStoreClient:
         if self.arena is not None:
             self.arena.close()
             self.arena = None
+        if self.presence is not None:
+            self.presence.close()
+            self.presence = None
         self._channel.close()
 
     def __enter__(self) -> "KVStoreClient":

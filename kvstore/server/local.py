@@ -133,7 +133,8 @@ class LocalDataServicer:
                                      "no room); use the KVStore stream path, or set dram.shm_name = 'auto'")
         return local_pb2.AttachResponse(arena_path=str(dram.arena_path), arena_bytes=dram.arena_bytes,
                                         nonce=dram.nonce, nonce_offset=len(b"kvstore-arena-1\0"),
-                                        lease_ttl_s=int(self._cfg.lease_ttl_s))
+                                        lease_ttl_s=int(self._cfg.lease_ttl_s),
+                                        index_path=str(self._m.presence.path) if self._m.presence else "")
 
     async def LeaseRead(self, request, context):
         info = self._namespace(request.namespace_id)

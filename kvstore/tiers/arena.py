@@ -35,11 +35,12 @@ def remove_stale_arenas() -> int:
     remove its own, and tmpfs pages are RAM). Only files this user owns are touched."""
     removed = 0
     try:
-        candidates = list(SHM_DIR.glob(f"{AUTO_PREFIX}*{AUTO_SUFFIX}"))
+        candidates = list(SHM_DIR.glob(f"{AUTO_PREFIX}*"))
     except OSError:
         return 0
     for f in candidates:
-        m = re.fullmatch(rf"{AUTO_PREFIX}(\d+){re.escape(AUTO_SUFFIX)}", f.name)
+        # The arena and the presence index beside it (kvstore-<pid>.arena / .index).
+        m = re.fullmatch(rf"{AUTO_PREFIX}(\d+)\.(arena|index)", f.name)
         if not m or int(m.group(1)) == os.getpid():
             continue
         try:

@@ -145,6 +145,14 @@ class Tier(abc.ABC):
     the batch methods have loop defaults a tier may override for speed."""
 
     medium: Medium
+    #: Told ``(cid, medium, present)`` whenever a chunk becomes visible in or leaves this tier
+    #: (the presence index listens). Called with the tier's lock held: it must be quick,
+    #: must not block and must not call back into the tier.
+    listener: Callable[[ChunkId, Medium, bool], None] | None = None
+
+    def _notify(self, cid: ChunkId, present: bool) -> None:
+        if self.listener is not None:
+            self.listener(cid, self.medium, present)
 
     @abc.abstractmethod
     def get(self, cid: ChunkId) -> ChunkRef | None:

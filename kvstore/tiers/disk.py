@@ -257,6 +257,7 @@ class DiskTier(Tier):
 
     def _unlink_locked(self, cid: ChunkId, e: _Entry, evicted: bool) -> None:
         del self._index[cid]
+        self._notify(cid, False)
         self._policy.remove(cid, evicted=evicted)
         self._dirty_access.discard(cid)
         self._stats.used_bytes -= e.file_bytes
@@ -321,6 +322,7 @@ class DiskTier(Tier):
                 self._reserved_bytes -= size
                 if ok:
                     self._index[cid] = entry
+                    self._notify(cid, True)
                     self._policy.insert(cid, size)
                     self._stats.used_bytes += size
                     self._stats.chunks += 1

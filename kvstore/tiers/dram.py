@@ -216,6 +216,7 @@ class DramTier(Tier):
             e.meta = meta
             self._policy.insert(e.cid, e.npages * self._page)
             self._stats.chunks += 1
+            self._notify(e.cid, True)
             self._changed.notify_all()
 
     def abort(self, res: Reservation) -> None:
@@ -244,6 +245,7 @@ class DramTier(Tier):
 
     def _unlink(self, e: _Entry, evicted: bool) -> None:
         del self._entries[e.cid]
+        self._notify(e.cid, False)
         self._policy.remove(e.cid, evicted=evicted)
         self._stats.chunks -= 1
         if evicted:

@@ -34,6 +34,7 @@ from ..types import ChunkId, ChunkMeta, Durability, Medium
 from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
 from .disk import DiskTier
 from .dram import DramTier
+from .presence import PresenceIndex
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,19 @@ class TierManager:
                 self.dram.close()
                 raise
             self.disk = disk_wrapper(disk) if disk_wrapper is not None else disk
+        self.presence: PresenceIndex | None = None
+        if self.dram.arena_path is not None and config.dram.presence_buckets:
+            try:
+                self.presence = PresenceIndex(self.dram.arena_path.with_suffix(".index"),
+                                              config.dram.presence_buckets, self.dram.nonce)
+            except OSError as e:
+                log.warning("no presence index (%s): same-host lookups will use the RPC", e)
+        if self.presence is not None:
+            # The real tiers (not a test wrapper around the disk) report their changes.
+            for t in [self.dram] + ([disk] if self.disk is not None else []):
+                t.listener = self.presence.changed
+                for e in t.scan():
+                    self.presence.changed(e.cid, t.medium, True)
         # Lock order: TierManager._lock -> tier locks -> PinTable._lock. ``_lock`` guards the
         # counters and ``_queued``; it is never held during I/O or while waiting on the queue.
         self._lock = threading.Lock()
@@ -421,6 +435,8 @@ class TierManager:
         if self.disk is not None:
             self.disk.close()
         self.dram.close()
+        if self.presence is not None:
+            self.presence.close()
 
     def __enter__(self) -> "TierManager":
         return self
