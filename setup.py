@@ -127,20 +127,16 @@ class develop(_develop):
 # runs whenever setup.py does; it takes well under a second.
 generate_protos()
 
-PACKAGES = [
-    "kvstore", "kvstore.tiers", "kvstore.server", "kvstore.cli", "kvstore.testing", "kvstore._native",
-    "kvstore_client", "kvstore_client._proto", "kvstore_client._proto.kvstore", "kvstore_client._proto.kvstore.v1",
-]
-# Sub-packages added by later work (codec, engine adapters, ...) are picked up here.
+# Every directory with an __init__.py under the two package roots, plus the generated
+# protobuf packages (which exist by now). The native libraries ship as package data.
+PACKAGES = []
 for base, prefix in ((ROOT / "kvstore", "kvstore"), (ROOT / "client" / "kvstore_client", "kvstore_client")):
-    for init in base.rglob("__init__.py"):
-        name = ".".join([prefix, *init.parent.relative_to(base).parts])
-        if name not in PACKAGES and "_proto" not in name:
-            PACKAGES.append(name)
+    for init in sorted(base.rglob("__init__.py")):
+        PACKAGES.append(".".join([prefix, *init.parent.relative_to(base).parts]))
 
 setup(
     packages=PACKAGES,
     package_dir={"kvstore": "kvstore", "kvstore_client": "client/kvstore_client"},
-    package_data={"kvstore._native": ["*.so"], "kvstore_client._proto.kvstore.v1": ["*.pyi"]},
+    package_data={"kvstore": ["_native/*.so"], "kvstore_client._proto.kvstore.v1": ["*.pyi"]},
     cmdclass={"build_generated": build_generated, "build_py": build_py, "develop": develop},
 )

@@ -92,6 +92,10 @@ class TokenEntry(_Section):
     tenant: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     #: May call the Admin service.
     admin: bool = False
+    #: May use the same-host shared-memory path. The arena and presence index hold every
+    #: tenant's chunks, so grant this only to the co-located engine trusted with all of them;
+    #: other tokens use the stream path, where the tenant check applies to every request.
+    local_path: bool = False
 
 
 class AuthConfig(_Section):

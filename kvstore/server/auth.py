@@ -23,6 +23,8 @@ class Principal:
     admin: bool
     #: False when auth is off: the caller may then use namespaces of every tenant.
     authenticated: bool
+    #: May map the shared arena and presence index (which hold every tenant's chunks).
+    local_path: bool = False
 
     @property
     def tenant_scope(self) -> str | None:
@@ -35,7 +37,7 @@ class Principal:
                                    "configured with admin = true")
 
 
-ANONYMOUS = Principal("", admin=True, authenticated=False)
+ANONYMOUS = Principal("", admin=True, authenticated=False, local_path=True)
 _current: contextvars.ContextVar[Principal] = contextvars.ContextVar("kvstore_principal", default=ANONYMOUS)
 
 
@@ -51,7 +53,7 @@ class Authenticator:
     def __init__(self, config: AuthConfig) -> None:
         self.enabled = config.enabled
         tokens: dict[str, TokenEntry] = config.load_tokens() if self.enabled else {}
-        self._tokens = {t.encode(): Principal(e.tenant, e.admin, True) for t, e in tokens.items()}
+        self._tokens = {t.encode(): Principal(e.tenant, e.admin, True, e.local_path) for t, e in tokens.items()}
 
     def authenticate(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> Principal:
         if not self.enabled:

@@ -127,6 +127,10 @@ class LocalDataServicer:
         return self._ns.get(namespace_id, current_principal().tenant_scope)
 
     async def Attach(self, request, context):
+        if not current_principal().local_path:
+            raise FailedPrecondition("this token may not use the same-host path (the shared arena holds every "
+                                     "tenant's chunks); use the KVStore stream path, or give the token "
+                                     "local_path = true if it belongs to a fully trusted co-located engine")
         dram = self._m.dram
         if dram.arena_path is None:
             raise FailedPrecondition("this daemon's DRAM arena is private (dram.shm_name is empty, or /dev/shm had "

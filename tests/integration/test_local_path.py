@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 
-from kvstore_client import KVStoreClient, Namespace
+from kvstore_client import KVStoreClient, Namespace, Tier
 from kvstore_client._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, local_pb2, local_pb2_grpc
 
 NS = dict(model="local-path-test", dtype="float16", num_layers=4, num_kv_heads=2, head_dim=32, chunk_tokens=64)
@@ -78,7 +78,7 @@ def test_abandoned_reservation_is_reclaimed_after_the_lease_ttl(daemon_factory):
     # A separate process reserves extents and dies without committing or releasing.
     code = f"""
 import os
-from kvstore_client import KVStoreClient, Namespace
+from kvstore_client import KVStoreClient, Namespace, Tier
 from kvstore_client._proto.kvstore.v1 import local_pb2
 from kvstore_client.types import Encoding
 c = KVStoreClient({d.addr!r}, Namespace(**{NS!r}))
@@ -141,3 +141,27 @@ def test_commit_rejects_a_wrong_checksum_and_stores_nothing(daemon):
                 stub.CommitWrite(local_pb2.CommitWriteRequest(lease_id=r.lease_id, crc32c=[12345]))
             assert e.value.code() == grpc.StatusCode.DATA_LOSS and "not stored" in e.value.details()
             assert c.lookup(list(range(64))).matched_chunks == 0
+
+
+def test_lookup_reads_the_presence_index_and_follows_evictions(daemon):
+    toks = list(range(64 * 4))
+    with KVStoreClient(daemon.addr, Namespace(**{**NS, "model": "presence"})) as c, \
+            KVStoreClient(daemon.addr, Namespace(**{**NS, "model": "presence"}), local=False) as rpc:
+        assert c.presence is not None and rpc.presence is None
+        assert c.lookup(toks).matched_chunks == 0
+        c.store(toks, kv_for(len(toks), 9))
+        for client in (c, rpc):
+            hit = client.lookup(toks)
+            assert hit.matched_chunks == 4 and set(hit.tiers) <= {Tier.DRAM, Tier.DISK}
+        c.delete([c.keys(toks)[2]])
+        assert c.lookup(toks).matched_chunks == rpc.lookup(toks).matched_chunks == 2
+
+
+def test_tokens_without_local_path_use_the_stream(auth_daemon):
+    from integration.helpers import TOKENS
+    alice = next(t for t, e in TOKENS.items() if e["tenant"] == "alice")
+    with KVStoreClient(auth_daemon.addr, Namespace(**NS), token=alice) as c:
+        assert c.transport == "grpc" and c.presence is None
+        toks = list(range(64))
+        c.store(toks, kv_for(64, 10))
+        assert c.lookup(toks).matched_chunks == 1
