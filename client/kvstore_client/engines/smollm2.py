@@ -80,6 +80,9 @@ def load(dtype: str = "float32", device: str = "cpu") -> SmolLM2:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the GGUF de-quantization bar floods logs and demo output
 
         path = gguf_path()
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -107,9 +110,6 @@ def long_prompt_ids(tokenizer: Any, num_tokens: int, *, preamble: str = "",
     """
     if num_tokens < 64:
         raise ValueError("num_tokens must be at least 64")
-    head = tokenizer.apply_chat_template([{"role": "user", "content": preamble + "x"}], tokenize=False,
-                                         add_generation_prompt=False)
-    del head
     overhead = len(_chat_ids(tokenizer, preamble + "\n\n" + question))
     doc_ids = tokenizer(_document_text(), add_special_tokens=False)["input_ids"]
     budget = max(1, num_tokens - overhead)
