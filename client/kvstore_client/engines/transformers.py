@@ -21,9 +21,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -33,12 +32,10 @@ from ..keys import Namespace
 from ..types import DType, Durability, Tier
 from ._base import PrefixStore, StoreQueue
 
-log = logging.getLogger(__name__)
-
 #: Config keys that do not change the KV a checkpoint computes (bookkeeping, dtype: the
-#: dtype is a namespace field of its own).
-_VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "dtype", "torch_dtype", "use_cache",
-                                   "architectures", "quantization_config"})
+#: dtype is a namespace field of its own). ``quantization_config`` stays in: the same revision
+#: loaded 4-bit and unquantized computes different KV.
+_VOLATILE_CONFIG_KEYS = frozenset({"transformers_version", "dtype", "torch_dtype", "use_cache", "architectures"})
 
 
 # ----------------------------------------------------------------------------- namespace
