@@ -40,6 +40,22 @@ class LookupResult:
     tiers: tuple[Tier, ...]
 
 
+def lookup_from_presence(presence, namespace_id: bytes, keys: Sequence[bytes], chunk_tokens: int) -> LookupResult | None:
+    """A prefix lookup answered from the daemon's presence index; None when the index cannot
+    tell for some key (an overflowed bucket) and the daemon must be asked."""
+    from .presence import fastest
+
+    tiers = []
+    for k in keys:
+        mask = presence.probe(namespace_id, k)
+        if mask is None:
+            return None
+        if not mask:
+            break
+        tiers.append(fastest(mask))
+    return LookupResult(len(tiers) * chunk_tokens, len(tiers), tuple(tiers))
+
+
 def as_namespace(ns: Namespace | Mapping[str, Any]) -> Namespace:
     if isinstance(ns, Namespace):
         return ns

@@ -14,11 +14,12 @@ from typing import Any, Mapping, Sequence
 import grpc
 
 from . import _common as C
-from ._proto.kvstore.v1 import data_pb2
+from ._proto.kvstore.v1 import data_pb2, local_pb2
 from ._wire import data_or_message, serializer
 from .client import channel_options
 from .errors import KVStoreClientError, from_rpc_error
 from .keys import Namespace, prefix_keys
+from .presence import PresenceReader
 from .types import Durability, Tier
 
 _SVC = "/kvstore.v1.KVStore/"
@@ -50,13 +51,19 @@ class AsyncKVStoreClient:
         self._get = ch.unary_stream(_SVC + "Get", D.GetRequest.SerializeToString,
                                     functools.partial(data_or_message, message_cls=D.GetResponse))
         self._delete = ch.unary_unary(_SVC + "Delete", D.DeleteRequest.SerializeToString, D.DeleteResponse.FromString)
+        self._attach = ch.unary_unary("/kvstore.v1.LocalData/Attach", local_pb2.AttachRequest.SerializeToString,
+                                      local_pb2.AttachResponse.FromString)
+        self.presence: PresenceReader | None = None
 
     @classmethod
     async def connect(cls, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
-                      timeout_s: float | None = 60.0) -> "AsyncKVStoreClient":
+                      timeout_s: float | None = 60.0, local: bool = True) -> "AsyncKVStoreClient":
+        """``local=False``: never read the same-host presence index (lookups are RPCs)."""
         self = cls(addr, token, timeout_s)
         try:
             await self._connect(C.as_namespace(namespace))
+            if local:
+                await self._attach_presence()
         except BaseException:
             await self._channel.close()
             raise
@@ -107,6 +114,11 @@ class AsyncKVStoreClient:
 
     @_translating
     async def lookup_keys(self, keys: Sequence[bytes], pin_ttl_s: int = 0) -> C.LookupResult:
+        """Same-host clients read the daemon's presence index (no RPC) unless pinning."""
+        if self.presence is not None and not pin_ttl_s:
+            hit = C.lookup_from_presence(self.presence, self.namespace_id, keys, self.namespace.chunk_tokens)
+            if hit is not None:
+                return hit
         resp = await self._lookup(data_pb2.LookupRequest(namespace_id=self.namespace_id, keys=list(keys),
                                                          pin_ttl_s=pin_ttl_s),
                                   metadata=self._metadata, timeout=self.timeout_s)
@@ -132,7 +144,22 @@ class AsyncKVStoreClient:
                                   metadata=self._metadata, timeout=self.timeout_s)
         return resp.deleted
 
+    async def _attach_presence(self) -> None:
+        """Maps the daemon's presence index when this process can (same host, a token allowed
+        the local path); otherwise lookups stay RPCs. Bulk data uses the stream path."""
+        try:
+            a = await self._attach(local_pb2.AttachRequest(), metadata=self._metadata, timeout=self.timeout_s)
+        except grpc.RpcError as e:
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                return
+            raise from_rpc_error(e, self.addr) from None
+        if a.index_path:
+            self.presence = PresenceReader.open(a.index_path, a.nonce)
+
     async def close(self) -> None:
+        if self.presence is not None:
+            self.presence.close()
+            self.presence = None
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncKVStoreClient":

@@ -26,7 +26,7 @@ from ._wire import data_or_message, serializer
 from .errors import KVStoreClientError, from_rpc_error
 from .keys import Namespace, prefix_keys
 from .local import SharedArena
-from .presence import PresenceReader, fastest
+from .presence import PresenceReader
 from .types import Durability, Encoding, KeyKind, Tier
 
 _SVC = "/kvstore.v1.KVStore/"
@@ -188,25 +188,14 @@ class KVStoreClient:
         """The longest stored prefix of ``tokens``' full chunks. On the same host this reads
         the daemon's presence index (no RPC) unless ``pin_ttl_s`` asks for a pin."""
         if self.presence is not None and not pin_ttl_s:
-            hit = self._lookup_local(self.keys(tokens))
+            hit = C.lookup_from_presence(self.presence, self.namespace_id, self.keys(tokens),
+                                         self.namespace.chunk_tokens)
             if hit is not None:
                 return hit
         resp = self._lookup(data_pb2.LookupRequest(namespace_id=self.namespace_id, keys=self.keys(tokens),
                                                    pin_ttl_s=pin_ttl_s), metadata=self._metadata, timeout=self.timeout_s)
         n = resp.matched_chunks
         return C.LookupResult(n * self.namespace.chunk_tokens, n, tuple(Tier(t) for t in resp.tiers))
-
-    def _lookup_local(self, keys: list[bytes]) -> C.LookupResult | None:
-        tiers = []
-        for k in keys:
-            mask = self.presence.probe(self.namespace_id, k)
-            if mask is None:
-                return None          # the index cannot tell: ask the daemon
-            if not mask:
-                break
-            tiers.append(fastest(mask))
-        n = len(tiers)
-        return C.LookupResult(n * self.namespace.chunk_tokens, n, tuple(tiers))
 
     @_translating
     def retrieve(self, tokens: Sequence[int], as_torch: bool = False, verify_crc: bool | None = None):
