@@ -1,0 +1,1 @@
+"""kvstore: tiered KV-cache storage daemon."""

@@ -1,0 +1,228 @@
+// Lossy segment codec (CPU). The CUDA twin is native/cuda/kvc_cuda.cu; both follow the
+// policy functions of kvc_common.h so their bytes are identical.
+#include <algorithm>
+#include <vector>
+
+#include "kvc_rans.h"
+#include "kvc_segment.h"
+#include "kvc_tables.h"
+
+namespace kvc {
+
+const Models& models() {
+  static const Models* m = [] {
+    Models* t = new Models();
+    for (int k = 0; k < KVC_NUM_MODELS; k++) {
+      const uint32_t n = kvc_model_limit[k] + 1u;
+      t->limit[k] = kvc_model_limit[k];
+      uint32_t c = 0;
+      for (uint32_t z = 0; z < 256; z++) {
+        t->freq[k][z] = z < n ? kvc_model_freq[kvc_model_offset[k] + z] : 0;
+        t->cum[k][z] = (uint16_t)c;
+        for (uint32_t s = c; s < c + t->freq[k][z]; s++) t->lookup[k][s] = (uint8_t)z;
+        c += t->freq[k][z];
+      }
+      t->cum[k][256] = (uint16_t)c;
+    }
+    return t;
+  }();
+  return *m;
+}
+
+bool read_lane_table(const uint8_t** pp, const uint8_t* end, uint32_t n, LaneSpan* lanes, Error& err) {
+  const uint8_t* p = *pp;
+  if ((uint64_t)(end - p) < (uint64_t)n * KVC_LANE_ENTRY_SIZE) return err.fail("truncated lane table");
+  const uint8_t* data = p + (size_t)n * KVC_LANE_ENTRY_SIZE;
+  for (uint32_t j = 0; j < n; j++) {
+    uint32_t len = read32(p + 8 * j), st = read32(p + 8 * j + 4);
+    if (st < KVC_RANS_L || st >= (KVC_RANS_L << 8)) return err.fail("lane %u: rANS state 0x%x out of range", j, st);
+    if ((uint64_t)len > (uint64_t)(end - data)) return err.fail("lane %u: length %u beyond the segment", j, len);
+    lanes[j] = {data, data + len, st};
+    data += len;
+  }
+  *pp = data;
+  return true;
+}
+
+void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, int32_t off, int32_t w,
+                          std::vector<uint8_t>& out) {
+  const Models& M = models();
+  // channel statistics (integer, order independent)
+  std::vector<int64_t> sum_ql(C, 0);
+  std::vector<int32_t> max_ql(C, KVC_QL_FLOOR);
+  for (uint32_t t = 0; t < T; t++)
+    for (uint32_t c = 0; c < C; c++) {
+      int32_t ql = kvc_qlog(kvc_sanitize(kvc_load(src, (uint64_t)t * C + c, dtype)));
+      sum_ql[c] += ql;
+      max_ql[c] = std::max(max_ql[c], ql);
+    }
+  int64_t sum_lc = 0;
+  std::vector<int64_t> lc(C);
+  for (uint32_t c = 0; c < C; c++) { lc[c] = kvc_floordiv(sum_ql[c], T); sum_lc += lc[c]; }
+  const int64_t lbar = kvc_floordiv(sum_lc, C);
+  std::vector<uint8_t> code(C), model(C);
+  std::vector<float> step(C);
+  std::vector<int32_t> center(C);
+  for (uint32_t c = 0; c < C; c++) {
+    code[c] = (uint8_t)kvc_step_code(lc[c], lbar, max_ql[c], off, w);
+    step[c] = kvc_step(code[c]);
+  }
+  std::vector<int16_t> q((size_t)T * C);
+  std::vector<int64_t> sum_q(C, 0);
+  for (uint32_t t = 0; t < T; t++)
+    for (uint32_t c = 0; c < C; c++) {
+      int32_t v = kvc_quantize(kvc_sanitize(kvc_load(src, (uint64_t)t * C + c, dtype)), step[c]);
+      q[(size_t)t * C + c] = (int16_t)v;
+      sum_q[c] += v;
+    }
+  for (uint32_t c = 0; c < C; c++) {
+    const int32_t ctr = kvc_center(sum_q[c], T);
+    uint64_t cost_c = 0, cost_d = 0;
+    int32_t prev = ctr;
+    for (uint32_t t = 0; t < T; t++) {
+      int32_t v = q[(size_t)t * C + c];
+      cost_c += (uint64_t)std::abs(v - ctr);
+      cost_d += (uint64_t)std::abs(v - prev);
+      prev = v;
+    }
+    const bool delta = cost_d < cost_c;
+    center[c] = ctr;
+    model[c] = (uint8_t)(kvc_choose_model(delta ? cost_d : cost_c, T, kvc_model_threshold_q16, KVC_NUM_MODELS) |
+                         (delta ? KVC_MODEL_DELTA_BIT : 0u));
+  }
+  for (uint32_t c = 0; c < C; c++) {
+    out.push_back(code[c]);
+    out.push_back(model[c]);
+    append16(out, (uint16_t)(int16_t)center[c]);
+  }
+  const uint32_t n = std::min<uint32_t>(KVC_MAX_LANES, C);
+  std::vector<std::vector<uint8_t>> lane_bytes(n);
+  std::vector<uint32_t> states(n);
+  for (uint32_t j = 0; j < n; j++) {
+    RansEncoder enc;
+    uint32_t nch = (C - j + n - 1) / n;
+    for (uint32_t ci = nch; ci-- > 0;) {
+      const uint32_t c = j + ci * n;
+      const uint32_t k = model[c] & KVC_MODEL_INDEX_MASK, lim = M.limit[k];
+      const bool delta = model[c] & KVC_MODEL_DELTA_BIT;
+      for (uint32_t t = T; t-- > 0;) {
+        const int32_t pred = (delta && t > 0) ? q[(size_t)(t - 1) * C + c] : center[c];
+        const uint32_t z = kvc_zigzag(q[(size_t)t * C + c] - pred);
+        if (z < lim) {
+          enc.put(M.cum[k][z], M.freq[k][z]);
+        } else {
+          enc.put((z >> 8) * KVC_BYPASS_FREQ, KVC_BYPASS_FREQ);
+          enc.put((z & 0xFF) * KVC_BYPASS_FREQ, KVC_BYPASS_FREQ);
+          enc.put(M.cum[k][lim], M.freq[k][lim]);
+        }
+      }
+    }
+    enc.finish(lane_bytes[j]);
+    states[j] = enc.x;
+  }
+  for (uint32_t j = 0; j < n; j++) { append32(out, (uint32_t)lane_bytes[j].size()); append32(out, states[j]); }
+  for (uint32_t j = 0; j < n; j++) out.insert(out.end(), lane_bytes[j].begin(), lane_bytes[j].end());
+}
+
+namespace {
+
+struct LaneState {
+  uint32_t x;
+  const uint8_t* p;
+  const uint8_t* end;
+  int32_t pred;
+  float step;
+  int32_t center;
+  uint32_t k;
+  bool delta;
+};
+
+#define KVC_RENORM(L)                                           \
+  while ((L).x < KVC_RANS_L) {                                  \
+    if ((L).p >= (L).end) { ok = false; break; }                \
+    (L).x = ((L).x << 8) | *(L).p++;                            \
+  }
+
+template <int DT>
+bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint8_t* meta, void* dst,
+                       uint32_t T, uint32_t C, Error& err) {
+  const uint32_t nci = (C + n - 1) / n;
+  bool ok = true;
+  for (uint32_t ci = 0; ci < nci && ok; ci++) {
+    const uint32_t m = std::min(n, C - ci * n);  // active lanes: a prefix
+    for (uint32_t j = 0; j < m; j++) {
+      const uint32_t c = j + ci * n;
+      LaneState& L = lanes[j];
+      L.step = kvc_step(meta[4 * c]);
+      L.k = meta[4 * c + 1] & KVC_MODEL_INDEX_MASK;
+      L.delta = meta[4 * c + 1] & KVC_MODEL_DELTA_BIT;
+      L.center = (int16_t)read16(meta + 4 * c + 2);
+      L.pred = L.center;
+    }
+    for (uint32_t t = 0; t < T && ok; t++) {
+      const uint64_t row = (uint64_t)t * C + (uint64_t)ci * n;
+      for (uint32_t j = 0; j < m; j++) {
+        LaneState& L = lanes[j];
+        const uint32_t k = L.k;
+        uint32_t slot = L.x & (KVC_PROB_TOTAL - 1);
+        uint32_t z = M.lookup[k][slot];
+        L.x = M.freq[k][z] * (L.x >> KVC_PROB_BITS) + slot - M.cum[k][z];
+        KVC_RENORM(L)
+        if (z == M.limit[k]) {
+          uint32_t b[2];
+          for (int i = 0; i < 2; i++) {
+            slot = L.x & (KVC_PROB_TOTAL - 1);
+            b[i] = slot / KVC_BYPASS_FREQ;
+            L.x = KVC_BYPASS_FREQ * (L.x >> KVC_PROB_BITS) + slot - b[i] * KVC_BYPASS_FREQ;
+            KVC_RENORM(L)
+          }
+          z = b[0] | (b[1] << 8);
+        }
+        const int32_t v = L.pred + kvc_unzigzag(z);
+        if (v > KVC_QMAX || v < -KVC_QMAX) { ok = false; break; }
+        if (L.delta) L.pred = v;
+        const float f = kvc_dequantize(v, L.step);
+        if (DT == KVC_DTYPE_F16) ((uint16_t*)dst)[row + j] = kvc_float_to_half(f);
+        else if (DT == KVC_DTYPE_BF16) ((uint16_t*)dst)[row + j] = kvc_float_to_bf16(f);
+        else ((float*)dst)[row + j] = f;
+      }
+    }
+  }
+  if (!ok) return err.fail("corrupt lossy segment: lane stream exhausted or value out of range");
+  for (uint32_t j = 0; j < n; j++)
+    if (!(lanes[j].x == KVC_RANS_L && lanes[j].p == lanes[j].end))
+      return err.fail("corrupt lossy segment: lane %u does not end cleanly", j);
+  return true;
+}
+
+}  // namespace
+
+bool decode_lossy_segment(const uint8_t** pp, const uint8_t* end, void* dst, int dtype, uint32_t T,
+                          uint32_t C, Error& err) {
+  const uint8_t* p = *pp;
+  if ((uint64_t)(end - p) < (uint64_t)C * KVC_CHANNEL_META_SIZE) return err.fail("truncated channel table");
+  const uint8_t* meta = p;
+  for (uint32_t c = 0; c < C; c++) {
+    const uint8_t mb = meta[4 * c + 1];
+    const int32_t ctr = (int16_t)read16(meta + 4 * c + 2);
+    if (mb & KVC_MODEL_RESERVED_MASK) return err.fail("channel %u: reserved model bit set", c);
+    if ((mb & KVC_MODEL_INDEX_MASK) >= KVC_NUM_MODELS) return err.fail("channel %u: bad model", c);
+    if (ctr > KVC_QMAX || ctr < -KVC_QMAX) return err.fail("channel %u: centre %d out of range", c, ctr);
+  }
+  p += (size_t)C * KVC_CHANNEL_META_SIZE;
+  const uint32_t n = std::min<uint32_t>(KVC_MAX_LANES, C);
+  LaneSpan spans[KVC_MAX_LANES];
+  if (!read_lane_table(&p, end, n, spans, err)) return false;
+  LaneState lanes[KVC_MAX_LANES];
+  for (uint32_t j = 0; j < n; j++) lanes[j] = {spans[j].state, spans[j].begin, spans[j].end, 0, 0.f, 0, 0, false};
+  const Models& M = models();
+  bool ok;
+  if (dtype == KVC_DTYPE_F16) ok = decode_lossy_impl<KVC_DTYPE_F16>(M, lanes, n, meta, dst, T, C, err);
+  else if (dtype == KVC_DTYPE_BF16) ok = decode_lossy_impl<KVC_DTYPE_BF16>(M, lanes, n, meta, dst, T, C, err);
+  else ok = decode_lossy_impl<KVC_DTYPE_F32>(M, lanes, n, meta, dst, T, C, err);
+  if (!ok) return false;
+  *pp = p;
+  return true;
+}
+
+}  // namespace kvc
