@@ -40,8 +40,14 @@ def _shape_args(shape: tuple[int, ...], layout: Layout) -> tuple[int, int, int, 
 
 
 def encode(array: np.ndarray, level: CodecLevel = CodecLevel.DEFAULT,
-           layout: Layout = Layout.KV, *, threads: int = 1, bf16: bool = False) -> bytes:
-    """Encode one chunk. ``bf16=True`` reads a uint16 array as raw bfloat16 bits."""
+           layout: Layout = Layout.KV, *, threads: int = 1, bf16: bool = False,
+           policy: tuple[int, ...] | None = None) -> bytes:
+    """Encode one chunk. ``bf16=True`` reads a uint16 array as raw bfloat16 bits.
+
+    ``policy`` (tuning only) overrides the level's encoder policy: 8 ints, K step offsets
+    for shallow/middle/deep layers, V offsets likewise (quarter octaves), K and V channel
+    weights (0..4 halves). Decoders do not need it.
+    """
     level, layout = CodecLevel(level), Layout(layout)
     a = np.ascontiguousarray(array)
     dt = dtype_of(a.dtype, bf16)
@@ -51,8 +57,14 @@ def encode(array: np.ndarray, level: CodecLevel = CodecLevel.DEFAULT,
     out = ctypes.create_string_buffer(cap)
     size = ctypes.c_uint64(0)
     err = native.err_buf()
-    native.check(so.kvc_encode(a.ctypes.data, a.nbytes, dt, layout, layers, tokens, heads, head_dim,
-                               level, threads, out, cap, ctypes.byref(size), err, native.ERR_CAP), err)
+    pol = None
+    if policy is not None:
+        if len(policy) != 8:
+            raise CodecError("policy needs 8 integers")
+        pol = (ctypes.c_int32 * 8)(*policy)
+    native.check(so.kvc_encode_policy(a.ctypes.data, a.nbytes, dt, layout, layers, tokens, heads, head_dim,
+                                      level, pol, threads, out, cap, ctypes.byref(size), err,
+                                      native.ERR_CAP), err)
     return out.raw[: size.value]
 
 

@@ -42,10 +42,12 @@ def lib(path: str | None = None) -> ctypes.CDLL:
     so.kvc_encode_bound.restype = u64
     so.kvc_encode.argtypes = [vp, u64, ci, ci, u32, u32, u32, u32, ci, ci, vp, u64,
                               ctypes.POINTER(u64), vp, u64]
+    so.kvc_encode_policy.argtypes = [vp, u64, ci, ci, u32, u32, u32, u32, ci, vp, ci, vp, u64,
+                                     ctypes.POINTER(u64), vp, u64]
     so.kvc_parse.argtypes = [u8p, u64, ctypes.POINTER(Info), vp, u64]
     so.kvc_decode_layers.argtypes = [u8p, u64, u32, u32, vp, u64, ci, ci, vp, u64]
     so.kvc_size_breakdown.argtypes = [u8p, u64, ctypes.POINTER(u64), vp, u64]
-    for f in (so.kvc_encode, so.kvc_parse, so.kvc_decode_layers, so.kvc_size_breakdown):
+    for f in (so.kvc_encode, so.kvc_encode_policy, so.kvc_parse, so.kvc_decode_layers, so.kvc_size_breakdown):
         f.restype = ci
     if so.kvc_abi_version() != 1:
         raise ImportError(f"{path}: unexpected ABI version {so.kvc_abi_version()}")

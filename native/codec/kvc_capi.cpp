@@ -76,6 +76,13 @@ uint64_t kvc_encode_bound(int dtype, int layout, uint32_t L, uint32_t T, uint32_
 int kvc_encode(const void* src, uint64_t src_bytes, int dtype, int layout, uint32_t L, uint32_t T, uint32_t H,
                uint32_t D, int level, int threads, uint8_t* dst, uint64_t dst_cap, uint64_t* out_size, char* err,
                uint64_t err_cap) {
+  return kvc_encode_policy(src, src_bytes, dtype, layout, L, T, H, D, level, nullptr, threads, dst, dst_cap,
+                           out_size, err, err_cap);
+}
+
+int kvc_encode_policy(const void* src, uint64_t src_bytes, int dtype, int layout, uint32_t L, uint32_t T,
+                      uint32_t H, uint32_t D, int level, const int32_t* policy, int threads, uint8_t* dst,
+                      uint64_t dst_cap, uint64_t* out_size, char* err, uint64_t err_cap) {
   Error e;
   Header h;
   if (!make_header(dtype, layout, L, T, H, D, level, h, e)) return report(KVC_E_ARGUMENT, e, err, err_cap);
@@ -87,7 +94,17 @@ int kvc_encode(const void* src, uint64_t src_bytes, int dtype, int layout, uint3
   }
   std::vector<std::vector<uint8_t>> layers(L);
   const uint64_t seg_elems = (uint64_t)T * h.channels();
-  const kvc_level_params& lp = level_params(level);
+  kvc_level_params lp = level_params(level);
+  if (policy != nullptr) {
+    for (int i = 0; i < 6; i++) {
+      if (policy[i] < -64 || policy[i] > 64) { e.fail("policy offset out of range"); return report(KVC_E_ARGUMENT, e, err, err_cap); }
+      lp.off[i / 3][i % 3] = (int8_t)policy[i];
+    }
+    for (int i = 0; i < 2; i++) {
+      if (policy[6 + i] < 0 || policy[6 + i] > 4) { e.fail("policy weight out of range"); return report(KVC_E_ARGUMENT, e, err, err_cap); }
+      lp.w[i] = (uint8_t)policy[6 + i];
+    }
+  }
   parallel_for(L, threads, [&](uint32_t l) {
     const int g = kvc_layer_group(l, L);
     for (uint32_t s = 0; s < h.segments(); s++) {

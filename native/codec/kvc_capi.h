@@ -27,6 +27,13 @@ uint64_t kvc_encode_bound(int dtype, int layout, uint32_t layers, uint32_t token
 int kvc_encode(const void* src, uint64_t src_bytes, int dtype, int layout, uint32_t layers,
                uint32_t tokens, uint32_t heads, uint32_t head_dim, int level, int threads,
                uint8_t* dst, uint64_t dst_cap, uint64_t* out_size, char* err, uint64_t err_cap);
+// As kvc_encode with an explicit encoder policy (NULL = the level's default): 8 int32
+// {K offset shallow, middle, deep, V offset shallow, middle, deep, K weight, V weight}
+// (docs/bitstream.md, "Encoder policy"). The bitstream does not depend on the policy.
+int kvc_encode_policy(const void* src, uint64_t src_bytes, int dtype, int layout, uint32_t layers,
+                      uint32_t tokens, uint32_t heads, uint32_t head_dim, int level, const int32_t* policy,
+                      int threads, uint8_t* dst, uint64_t dst_cap, uint64_t* out_size, char* err,
+                      uint64_t err_cap);
 int kvc_parse(const uint8_t* buf, uint64_t n, kvc_info* info, char* err, uint64_t err_cap);
 // Decode layers [first, first + count) into dst (count layers of decoded elements).
 int kvc_decode_layers(const uint8_t* buf, uint64_t n, uint32_t first, uint32_t count, void* dst,

@@ -204,10 +204,12 @@ KVC_HD int kvc_layer_group(uint32_t layer, uint32_t layers) {
 // Step code of one channel (see docs/bitstream.md, "Encoder policy"): Lc is the channel's
 // floor-mean quarter-log2 magnitude, lbar the segment's floor-mean of Lc, qlmax the
 // channel's largest quarter-log2 magnitude.
-KVC_HD uint32_t kvc_step_code(int64_t lc, int64_t lbar, int32_t qlmax, int32_t off, int32_t w) {
+// A constant channel (every value equal) gets the finest step, so it is reproduced closely
+// at no rate cost (its residuals are all zero).
+KVC_HD uint32_t kvc_step_code(int64_t lc, int64_t lbar, int32_t qlmax, int32_t off, int32_t w, bool constant) {
   int64_t code = lbar + off + kvc_floordiv((int64_t)w * (lc - lbar), 2) + 128;
   int64_t lo = (int64_t)qlmax + 4 + 128 - 52;  // keeps |x / step| < 2^13 <= KVC_QMAX
-  if (code < lo) code = lo;
+  if (code < lo || constant) code = lo;
   if (code < 0) code = 0;
   if (code > 255) code = 255;
   return (uint32_t)code;

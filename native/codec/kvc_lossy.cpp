@@ -50,9 +50,12 @@ void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, in
   // channel statistics (integer, order independent)
   std::vector<int64_t> sum_ql(C, 0);
   std::vector<int32_t> max_ql(C, KVC_QL_FLOOR);
+  std::vector<uint8_t> constant(C, 1);
   for (uint32_t t = 0; t < T; t++)
     for (uint32_t c = 0; c < C; c++) {
-      int32_t ql = kvc_qlog(kvc_sanitize(kvc_load(src, (uint64_t)t * C + c, dtype)));
+      const float v = kvc_sanitize(kvc_load(src, (uint64_t)t * C + c, dtype));
+      if (kvc_f2u(v) != kvc_f2u(kvc_sanitize(kvc_load(src, c, dtype)))) constant[c] = 0;
+      int32_t ql = kvc_qlog(v);
       sum_ql[c] += ql;
       max_ql[c] = std::max(max_ql[c], ql);
     }
@@ -64,7 +67,7 @@ void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, in
   std::vector<float> step(C);
   std::vector<int32_t> center(C);
   for (uint32_t c = 0; c < C; c++) {
-    code[c] = (uint8_t)kvc_step_code(lc[c], lbar, max_ql[c], off, w);
+    code[c] = (uint8_t)kvc_step_code(lc[c], lbar, max_ql[c], off, w, constant[c] != 0);
     step[c] = kvc_step(code[c]);
   }
   std::vector<int16_t> q((size_t)T * C);
