@@ -42,7 +42,7 @@ uint32_t crc_soft(const uint8_t* p, size_t n, uint32_t c) {
   return c;
 }
 
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(__CUDACC__)
 __attribute__((target("sse4.2"))) uint32_t crc_hw(const uint8_t* p, size_t n, uint32_t c) {
   uint64_t c64 = c;
   while (n >= 8) {
@@ -67,7 +67,7 @@ bool have_hw() {
 uint32_t crc32c(const void* data, size_t n, uint32_t crc) {
   const uint8_t* p = static_cast<const uint8_t*>(data);
   uint32_t c = ~crc;
-#if defined(__x86_64__)
+#if defined(__x86_64__) && !defined(__CUDACC__)
   if (have_hw()) return ~crc_hw(p, n, c);
 #endif
   return ~crc_soft(p, n, c);

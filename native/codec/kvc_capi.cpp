@@ -10,6 +10,7 @@
 
 #include "crc32c.h"
 #include "kvc_format.h"
+#include "kvc_levels.h"
 #include "kvc_segment.h"
 
 using namespace kvc;
@@ -45,16 +46,6 @@ bool make_header(int dtype, int layout, uint32_t L, uint32_t T, uint32_t H, uint
   h.level = (uint8_t)level; h.dtype = (uint8_t)dtype; h.layout = (uint8_t)layout;
   h.layers = L; h.tokens = T; h.heads = H; h.head_dim = D;
   return check_shape(h, e);
-}
-
-const kvc_level_params& level_params(int level) {
-  static const kvc_level_params p[KVC_NUM_LEVELS] = {
-      {{{0, 0, 0}, {0, 0, 0}}, {0, 0}},
-      {{{-6, -6, -5}, {-6, -6, -5}}, {1, 1}},
-      {{{-2, -1, 0}, {-2, -1, 0}}, {1, 1}},
-      {{{0, 1, 2}, {0, 1, 2}}, {1, 1}},
-  };
-  return p[level];
 }
 
 }  // namespace
@@ -94,7 +85,7 @@ int kvc_encode_policy(const void* src, uint64_t src_bytes, int dtype, int layout
   }
   std::vector<std::vector<uint8_t>> layers(L);
   const uint64_t seg_elems = (uint64_t)T * h.channels();
-  kvc_level_params lp = level_params(level);
+  kvc_level_params lp = kvc_level_defaults(level);
   if (policy != nullptr) {
     for (int i = 0; i < 6; i++) {
       if (policy[i] < -64 || policy[i] > 64) { e.fail("policy offset out of range"); return report(KVC_E_ARGUMENT, e, err, err_cap); }

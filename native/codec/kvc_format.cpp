@@ -52,22 +52,16 @@ bool check_shape(const Header& h, Error& err) {
   return true;
 }
 
-void write_container(const Header& h, const std::vector<std::vector<uint8_t>>& layers,
-                     std::vector<uint8_t>& out) {
-  uint64_t payload = 0;
-  for (auto& l : layers) payload += l.size();
-  const uint64_t po = h.payload_offset();
-  out.assign(po + payload, 0);
-  uint8_t* idx = out.data() + KVC_HEADER_SIZE;
+void write_header_index(const Header& h, const uint32_t* sizes, const uint32_t* crcs, uint8_t* p) {
+  uint8_t* idx = p + KVC_HEADER_SIZE;
   uint64_t off = 0;
-  for (size_t i = 0; i < layers.size(); i++) {
+  for (uint32_t i = 0; i < h.layers; i++) {
     put64(idx + 16 * i, off);
-    put32(idx + 16 * i + 8, (uint32_t)layers[i].size());
-    put32(idx + 16 * i + 12, crc32c(layers[i].data(), layers[i].size()));
-    if (!layers[i].empty()) memcpy(out.data() + po + off, layers[i].data(), layers[i].size());
-    off += layers[i].size();
+    put32(idx + 16 * i + 8, sizes[i]);
+    put32(idx + 16 * i + 12, crcs[i]);
+    off += sizes[i];
   }
-  uint8_t* p = out.data();
+  memset(p, 0, KVC_HEADER_SIZE);
   memcpy(p, KVC_MAGIC, 4);
   put16(p + 4, KVC_VERSION);
   put16(p + 6, KVC_HEADER_SIZE);
@@ -75,9 +69,27 @@ void write_container(const Header& h, const std::vector<std::vector<uint8_t>>& l
   put32(p + 12, h.layers); put32(p + 16, h.tokens); put32(p + 20, h.heads); put32(p + 24, h.head_dim);
   put32(p + 28, 0);  // flags
   p[32] = KVC_PROB_BITS; p[33] = KVC_MAX_LANES; put16(p + 34, 0);
-  put64(p + 36, payload);
+  put64(p + 36, h.payload_size);
   put32(p + 44, crc32c(idx, (size_t)KVC_INDEX_ENTRY_SIZE * h.layers));
   put32(p + 60, crc32c(p, 60));
+}
+
+void write_container(const Header& hin, const std::vector<std::vector<uint8_t>>& layers,
+                     std::vector<uint8_t>& out) {
+  Header h = hin;
+  h.payload_size = 0;
+  for (auto& l : layers) h.payload_size += l.size();
+  const uint64_t po = h.payload_offset();
+  out.assign(po + h.payload_size, 0);
+  std::vector<uint32_t> sizes(layers.size()), crcs(layers.size());
+  uint64_t off = 0;
+  for (size_t i = 0; i < layers.size(); i++) {
+    sizes[i] = (uint32_t)layers[i].size();
+    crcs[i] = crc32c(layers[i].data(), layers[i].size());
+    if (!layers[i].empty()) memcpy(out.data() + po + off, layers[i].data(), layers[i].size());
+    off += layers[i].size();
+  }
+  write_header_index(h, sizes.data(), crcs.data(), out.data());
 }
 
 bool parse_container(const uint8_t* buf, size_t n, Header& h, std::vector<IndexEntry>& index,

@@ -46,6 +46,10 @@ bool check_shape(const Header& h, Error& err);
 void write_container(const Header& h, const std::vector<std::vector<uint8_t>>& layer_payloads,
                      std::vector<uint8_t>& out);
 
+// Write the 64-byte header and the index (n = layers entries) into out; out must have
+// h.payload_offset() bytes. sizes/crcs are per layer; payload_size must already be set.
+void write_header_index(const Header& h, const uint32_t* sizes, const uint32_t* crcs, uint8_t* out);
+
 // Parse and validate header + index of `buf` (n bytes). With `verify_payload`, also check
 // every layer's CRC32C. The index is contiguous and covers exactly the payload.
 bool parse_container(const uint8_t* buf, size_t n, Header& h, std::vector<IndexEntry>& index,
