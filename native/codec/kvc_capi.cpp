@@ -207,6 +207,13 @@ int kvc_size_breakdown(const uint8_t* buf, uint64_t n, uint64_t* out3, char* err
     for (uint32_t s = 0; s < h.segments() && p < end; s++) {
       const uint64_t C = h.channels();
       const uint32_t nl = (uint32_t)std::min<uint64_t>(KVC_MAX_LANES, C);
+      if (end - p < 2) { e.fail("truncated segment"); return report(KVC_E_INVALID, e, err, err_cap); }
+      const uint64_t R = read16(p), raw = 2 + 4 * R + R * C * kvc_dtype_size(h.dtype);
+      if (R > KVC_MAX_RAW_TOKENS || raw > (uint64_t)(end - p)) { e.fail("bad raw tokens"); return report(KVC_E_INVALID, e, err, err_cap); }
+      tables += 2 + 4 * R;
+      data += R * C * kvc_dtype_size(h.dtype);
+      p += raw;
+      if (C * KVC_CHANNEL_META_SIZE > (uint64_t)(end - p)) { e.fail("truncated segment"); return report(KVC_E_INVALID, e, err, err_cap); }
       tables += C * KVC_CHANNEL_META_SIZE;
       p += C * KVC_CHANNEL_META_SIZE;
       LaneSpan spans[KVC_MAX_LANES];

@@ -54,6 +54,10 @@
 #define KVC_MODEL_INDEX_MASK 0x3Fu
 #define KVC_MODEL_RESERVED_MASK 0x40u
 #define KVC_QL_FLOOR (-4 * 40)               // quarter-log2 of zero / tiny values
+#define KVC_MAX_RAW_TOKENS 16                // verbatim token rows per lossy segment
+#define KVC_RAW_TOKEN_DEVIATION 8            // quarter-octaves: a token whose mean magnitude is
+                                             // 2 octaves off the segment's is kept verbatim
+                                             // (attention sinks: their error is magnified)
 
 #define KVC_OK 0
 #define KVC_E_INVALID 1      // malformed or hostile bitstream
@@ -131,6 +135,8 @@ KVC_HD void kvc_store(void* p, uint64_t i, int dtype, float v) {
   else if (dtype == KVC_DTYPE_BF16) ((uint16_t*)p)[i] = kvc_float_to_bf16(v);
   else ((float*)p)[i] = v;
 }
+
+KVC_HD bool kvc_is_nan(float v) { return (kvc_f2u(v) & 0x7FFFFFFFu) > 0x7F800000u; }
 
 // Lossy input sanitising: NaN -> 0, +-inf -> +-float max (then clamped by the quantiser).
 KVC_HD float kvc_sanitize(float v) {

@@ -1,5 +1,7 @@
 // Lossy segment codec (CPU). The CUDA twin is native/cuda/kvc_cuda.cu; both follow the
 // policy functions of kvc_common.h so their bytes are identical.
+#include <string.h>
+
 #include <algorithm>
 #include <vector>
 
@@ -44,24 +46,60 @@ bool read_lane_table(const uint8_t** pp, const uint8_t* end, uint32_t n, LaneSpa
   return true;
 }
 
+// Tokens kept verbatim: mean quarter-log2 magnitude at least KVC_RAW_TOKEN_DEVIATION away
+// from the segment mean, the first KVC_MAX_RAW_TOKENS in token order.
+std::vector<uint32_t> select_raw_tokens(const void* src, int dtype, uint32_t T, uint32_t C) {
+  std::vector<int64_t> tm(T);
+  int64_t sum_tm = 0;
+  for (uint32_t t = 0; t < T; t++) {
+    int64_t s = 0;
+    for (uint32_t c = 0; c < C; c++) s += kvc_qlog(kvc_sanitize(kvc_load(src, (uint64_t)t * C + c, dtype)));
+    tm[t] = kvc_floordiv(s, C);
+    sum_tm += tm[t];
+  }
+  const int64_t mean = kvc_floordiv(sum_tm, T);
+  std::vector<uint32_t> raw;
+  for (uint32_t t = 0; t < T && raw.size() < KVC_MAX_RAW_TOKENS; t++)
+    if (tm[t] - mean >= KVC_RAW_TOKEN_DEVIATION || mean - tm[t] >= KVC_RAW_TOKEN_DEVIATION) raw.push_back(t);
+  return raw;
+}
+
 void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, int32_t off, int32_t w,
                           std::vector<uint8_t>& out) {
   const Models& M = models();
-  // channel statistics (integer, order independent)
+  const uint32_t B = kvc_dtype_size(dtype);
+  const std::vector<uint32_t> raw = select_raw_tokens(src, dtype, T, C);
+  std::vector<uint32_t> coded;  // the other tokens, in order
+  for (uint32_t t = 0, r = 0; t < T; t++) {
+    if (r < raw.size() && raw[r] == t) { r++; continue; }
+    coded.push_back(t);
+  }
+  const uint32_t TC = (uint32_t)coded.size();
+  append16(out, (uint32_t)raw.size());
+  for (uint32_t t : raw) append32(out, t);
+  for (uint32_t t : raw) {
+    const uint8_t* row = static_cast<const uint8_t*>(src) + (uint64_t)t * C * B;
+    const size_t at = out.size();
+    out.insert(out.end(), row, row + (uint64_t)C * B);
+    for (uint32_t c = 0; c < C; c++)  // NaN -> +0, everything else verbatim
+      if (kvc_is_nan(kvc_load(src, (uint64_t)t * C + c, dtype))) memset(out.data() + at + (size_t)c * B, 0, B);
+  }
+  // channel statistics over the coded tokens (integer, order independent)
   std::vector<int64_t> sum_ql(C, 0);
   std::vector<int32_t> max_ql(C, KVC_QL_FLOOR);
   std::vector<uint8_t> constant(C, 1);
-  for (uint32_t t = 0; t < T; t++)
+  for (uint32_t t : coded)
     for (uint32_t c = 0; c < C; c++) {
       const float v = kvc_sanitize(kvc_load(src, (uint64_t)t * C + c, dtype));
-      if (kvc_f2u(v) != kvc_f2u(kvc_sanitize(kvc_load(src, c, dtype)))) constant[c] = 0;
+      if (kvc_f2u(v) != kvc_f2u(kvc_sanitize(kvc_load(src, (uint64_t)coded[0] * C + c, dtype)))) constant[c] = 0;
       int32_t ql = kvc_qlog(v);
       sum_ql[c] += ql;
       max_ql[c] = std::max(max_ql[c], ql);
     }
+  const uint32_t TD = TC ? TC : 1;  // divisor; with no coded token every sum is 0
   int64_t sum_lc = 0;
   std::vector<int64_t> lc(C);
-  for (uint32_t c = 0; c < C; c++) { lc[c] = kvc_floordiv(sum_ql[c], T); sum_lc += lc[c]; }
+  for (uint32_t c = 0; c < C; c++) { lc[c] = kvc_floordiv(sum_ql[c], TD); sum_lc += lc[c]; }
   const int64_t lbar = kvc_floordiv(sum_lc, C);
   std::vector<uint8_t> code(C), model(C);
   std::vector<float> step(C);
@@ -70,19 +108,19 @@ void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, in
     code[c] = (uint8_t)kvc_step_code(lc[c], lbar, max_ql[c], off, w, constant[c] != 0);
     step[c] = kvc_step(code[c]);
   }
-  std::vector<int16_t> q((size_t)T * C);
+  std::vector<int16_t> q((size_t)T * C, 0);
   std::vector<int64_t> sum_q(C, 0);
-  for (uint32_t t = 0; t < T; t++)
+  for (uint32_t t : coded)
     for (uint32_t c = 0; c < C; c++) {
       int32_t v = kvc_quantize(kvc_sanitize(kvc_load(src, (uint64_t)t * C + c, dtype)), step[c]);
       q[(size_t)t * C + c] = (int16_t)v;
       sum_q[c] += v;
     }
   for (uint32_t c = 0; c < C; c++) {
-    const int32_t ctr = kvc_center(sum_q[c], T);
+    const int32_t ctr = kvc_center(sum_q[c], TD);
     uint64_t cost_c = 0, cost_d = 0;
     int32_t prev = ctr;
-    for (uint32_t t = 0; t < T; t++) {
+    for (uint32_t t : coded) {
       int32_t v = q[(size_t)t * C + c];
       cost_c += (uint64_t)std::abs(v - ctr);
       cost_d += (uint64_t)std::abs(v - prev);
@@ -90,7 +128,7 @@ void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, in
     }
     const bool delta = cost_d < cost_c;
     center[c] = ctr;
-    model[c] = (uint8_t)(kvc_choose_model(delta ? cost_d : cost_c, T, kvc_model_threshold_q16, KVC_NUM_MODELS) |
+    model[c] = (uint8_t)(kvc_choose_model(delta ? cost_d : cost_c, TD, kvc_model_threshold_q16, KVC_NUM_MODELS) |
                          (delta ? KVC_MODEL_DELTA_BIT : 0u));
   }
   for (uint32_t c = 0; c < C; c++) {
@@ -108,9 +146,9 @@ void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, in
       const uint32_t c = j + ci * n;
       const uint32_t k = model[c] & KVC_MODEL_INDEX_MASK, lim = M.limit[k];
       const bool delta = model[c] & KVC_MODEL_DELTA_BIT;
-      for (uint32_t t = T; t-- > 0;) {
-        const int32_t pred = (delta && t > 0) ? q[(size_t)(t - 1) * C + c] : center[c];
-        const uint32_t z = kvc_zigzag(q[(size_t)t * C + c] - pred);
+      for (uint32_t i = TC; i-- > 0;) {
+        const int32_t pred = (delta && i > 0) ? q[(size_t)coded[i - 1] * C + c] : center[c];
+        const uint32_t z = kvc_zigzag(q[(size_t)coded[i] * C + c] - pred);
         if (z < lim) {
           enc.put(M.cum[k][z], M.freq[k][z]);
         } else {
@@ -148,7 +186,7 @@ struct LaneState {
 
 template <int DT>
 bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint8_t* meta, void* dst,
-                       uint32_t T, uint32_t C, Error& err) {
+                       const uint32_t* coded, uint32_t T, uint32_t C, Error& err) {
   const uint32_t nci = (C + n - 1) / n;
   bool ok = true;
   for (uint32_t ci = 0; ci < nci && ok; ci++) {
@@ -163,7 +201,7 @@ bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint
       L.pred = L.center;
     }
     for (uint32_t t = 0; t < T && ok; t++) {
-      const uint64_t row = (uint64_t)t * C + (uint64_t)ci * n;
+      const uint64_t row = (uint64_t)coded[t] * C + (uint64_t)ci * n;
       for (uint32_t j = 0; j < m; j++) {
         LaneState& L = lanes[j];
         const uint32_t k = L.k;
@@ -203,6 +241,30 @@ bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint
 bool decode_lossy_segment(const uint8_t** pp, const uint8_t* end, void* dst, int dtype, uint32_t T,
                           uint32_t C, Error& err) {
   const uint8_t* p = *pp;
+  const uint32_t B = kvc_dtype_size(dtype);
+  if (end - p < 2) return err.fail("truncated raw-token count");
+  const uint32_t R = read16(p);
+  p += 2;
+  if (R > KVC_MAX_RAW_TOKENS || R > T) return err.fail("raw-token count %u out of range", R);
+  if ((uint64_t)(end - p) < 4ull * R + (uint64_t)R * C * B) return err.fail("truncated raw tokens");
+  std::vector<uint32_t> coded;
+  coded.reserve(T - R);
+  {
+    uint32_t next = 0;
+    for (uint32_t r = 0; r < R; r++) {
+      const uint32_t t = read32(p + 4 * r);
+      if (t >= T || t < next) return err.fail("raw-token index %u not increasing / out of range", t);
+      for (; next < t; next++) coded.push_back(next);
+      next = t + 1;
+    }
+    for (; next < T; next++) coded.push_back(next);
+    const uint8_t* rows = p + 4 * R;
+    for (uint32_t r = 0; r < R; r++)
+      memcpy(static_cast<uint8_t*>(dst) + (uint64_t)read32(p + 4 * r) * C * B, rows + (uint64_t)r * C * B,
+             (size_t)C * B);
+    p += 4ull * R + (uint64_t)R * C * B;
+  }
+  const uint32_t TC = (uint32_t)coded.size();
   if ((uint64_t)(end - p) < (uint64_t)C * KVC_CHANNEL_META_SIZE) return err.fail("truncated channel table");
   const uint8_t* meta = p;
   for (uint32_t c = 0; c < C; c++) {
@@ -220,9 +282,9 @@ bool decode_lossy_segment(const uint8_t** pp, const uint8_t* end, void* dst, int
   for (uint32_t j = 0; j < n; j++) lanes[j] = {spans[j].state, spans[j].begin, spans[j].end, 0, 0.f, 0, 0, false};
   const Models& M = models();
   bool ok;
-  if (dtype == KVC_DTYPE_F16) ok = decode_lossy_impl<KVC_DTYPE_F16>(M, lanes, n, meta, dst, T, C, err);
-  else if (dtype == KVC_DTYPE_BF16) ok = decode_lossy_impl<KVC_DTYPE_BF16>(M, lanes, n, meta, dst, T, C, err);
-  else ok = decode_lossy_impl<KVC_DTYPE_F32>(M, lanes, n, meta, dst, T, C, err);
+  if (dtype == KVC_DTYPE_F16) ok = decode_lossy_impl<KVC_DTYPE_F16>(M, lanes, n, meta, dst, coded.data(), TC, C, err);
+  else if (dtype == KVC_DTYPE_BF16) ok = decode_lossy_impl<KVC_DTYPE_BF16>(M, lanes, n, meta, dst, coded.data(), TC, C, err);
+  else ok = decode_lossy_impl<KVC_DTYPE_F32>(M, lanes, n, meta, dst, coded.data(), TC, C, err);
   if (!ok) return false;
   *pp = p;
   return true;

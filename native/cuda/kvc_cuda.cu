@@ -91,59 +91,89 @@ bool init_models(Error& e) {
 
 constexpr int kPlanThreads = 256;
 
-// One block per segment. chan_lc / chan_qlmax / chan_const: per-channel scratch.
+// One block per segment. Per-segment scratch: tok_tm [T], coded [T] (coded token list),
+// raw_count / raw_idx [KVC_MAX_RAW_TOKENS]; per-channel scratch: chan_lc, chan_qlmax, chan_const.
 __global__ void k_plan(const void* __restrict__ src, int dtype, uint32_t L, uint32_t S, uint32_t T, uint32_t C,
                        Policy pol, uint8_t* __restrict__ meta, int16_t* __restrict__ q, int64_t* __restrict__ chan_lc,
-                       int32_t* __restrict__ chan_qlmax, uint8_t* __restrict__ chan_const) {
+                       int32_t* __restrict__ chan_qlmax, uint8_t* __restrict__ chan_const, int64_t* __restrict__ tok_tm,
+                       uint32_t* __restrict__ coded_all, uint32_t* __restrict__ raw_count, uint32_t* __restrict__ raw_idx) {
   const uint32_t seg = blockIdx.x, l = seg / S, s = seg % S;
   const uint64_t base = (uint64_t)seg * T * C;
-  __shared__ unsigned long long sum_lc_bits;
-  if (threadIdx.x == 0) sum_lc_bits = 0;
+  int64_t* tm = tok_tm + (uint64_t)seg * T;
+  uint32_t* coded = coded_all + (uint64_t)seg * T;
+  __shared__ unsigned long long sum_bits;
+  __shared__ uint32_t tc_shared;
+  if (threadIdx.x == 0) sum_bits = 0;
   __syncthreads();
+  // token outliers (kept verbatim), as select_raw_tokens() on the CPU
   int64_t local = 0;
+  for (uint32_t t = threadIdx.x; t < T; t += blockDim.x) {
+    int64_t sq = 0;
+    for (uint32_t c = 0; c < C; c++) sq += kvc_qlog(kvc_sanitize(kvc_load(src, base + (uint64_t)t * C + c, dtype)));
+    tm[t] = kvc_floordiv(sq, C);
+    local += tm[t];
+  }
+  atomicAdd(&sum_bits, (unsigned long long)local);  // two's complement: exact, order free
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int64_t mean = kvc_floordiv((int64_t)sum_bits, T);
+    uint32_t r = 0, tc = 0;
+    for (uint32_t t = 0; t < T; t++) {
+      const bool raw = r < KVC_MAX_RAW_TOKENS && (tm[t] - mean >= KVC_RAW_TOKEN_DEVIATION || mean - tm[t] >= KVC_RAW_TOKEN_DEVIATION);
+      if (raw) raw_idx[seg * KVC_MAX_RAW_TOKENS + r++] = t;
+      else coded[tc++] = t;
+    }
+    raw_count[seg] = r;
+    tc_shared = tc;
+    sum_bits = 0;
+  }
+  __syncthreads();
+  const uint32_t TC = tc_shared, TD = TC ? TC : 1;
+  local = 0;
   for (uint32_t c = threadIdx.x; c < C; c += blockDim.x) {
     int64_t sum_ql = 0;
     int32_t qlmax = KVC_QL_FLOOR;
-    const uint32_t first = kvc_f2u(kvc_sanitize(kvc_load(src, base + c, dtype)));
+    const uint32_t first = TC ? kvc_f2u(kvc_sanitize(kvc_load(src, base + (uint64_t)coded[0] * C + c, dtype))) : 0;
     uint8_t cst = 1;
-    for (uint32_t t = 0; t < T; t++) {
-      const float v = kvc_sanitize(kvc_load(src, base + (uint64_t)t * C + c, dtype));
+    for (uint32_t i = 0; i < TC; i++) {
+      const float v = kvc_sanitize(kvc_load(src, base + (uint64_t)coded[i] * C + c, dtype));
       if (kvc_f2u(v) != first) cst = 0;
       const int32_t ql = kvc_qlog(v);
       sum_ql += ql;
       qlmax = ql > qlmax ? ql : qlmax;
     }
-    const int64_t lc = kvc_floordiv(sum_ql, T);
+    const int64_t lc = kvc_floordiv(sum_ql, TD);
     chan_lc[(uint64_t)seg * C + c] = lc;
     chan_qlmax[(uint64_t)seg * C + c] = qlmax;
     chan_const[(uint64_t)seg * C + c] = cst;
     local += lc;
   }
-  atomicAdd(&sum_lc_bits, (unsigned long long)local);  // two's complement: exact, order free
+  atomicAdd(&sum_bits, (unsigned long long)local);
   __syncthreads();
-  const int64_t lbar = kvc_floordiv((int64_t)sum_lc_bits, C);
+  const int64_t lbar = kvc_floordiv((int64_t)sum_bits, C);
   const int g = kvc_layer_group(l, L);
   for (uint32_t c = threadIdx.x; c < C; c += blockDim.x) {
     const uint64_t ch = (uint64_t)seg * C + c;
     const uint32_t code = kvc_step_code(chan_lc[ch], lbar, chan_qlmax[ch], pol.off[s][g], pol.w[s], chan_const[ch] != 0);
     const float step = kvc_step(code);
     int64_t sum_q = 0;
-    for (uint32_t t = 0; t < T; t++) {
-      const int32_t v = kvc_quantize(kvc_sanitize(kvc_load(src, base + (uint64_t)t * C + c, dtype)), step);
-      q[base + (uint64_t)t * C + c] = (int16_t)v;
+    for (uint32_t i = 0; i < TC; i++) {
+      const uint64_t o = base + (uint64_t)coded[i] * C + c;
+      const int32_t v = kvc_quantize(kvc_sanitize(kvc_load(src, o, dtype)), step);
+      q[o] = (int16_t)v;
       sum_q += v;
     }
-    const int32_t ctr = kvc_center(sum_q, T);
+    const int32_t ctr = kvc_center(sum_q, TD);
     uint64_t cost_c = 0, cost_d = 0;
     int32_t prev = ctr;
-    for (uint32_t t = 0; t < T; t++) {
-      const int32_t v = q[base + (uint64_t)t * C + c];
+    for (uint32_t i = 0; i < TC; i++) {
+      const int32_t v = q[base + (uint64_t)coded[i] * C + c];
       cost_c += (uint64_t)abs(v - ctr);
       cost_d += (uint64_t)abs(v - prev);
       prev = v;
     }
     const bool delta = cost_d < cost_c;
-    const uint32_t model = kvc_choose_model(delta ? cost_d : cost_c, T, d_thr, KVC_NUM_MODELS) |
+    const uint32_t model = kvc_choose_model(delta ? cost_d : cost_c, TD, d_thr, KVC_NUM_MODELS) |
                            (delta ? KVC_MODEL_DELTA_BIT : 0u);
     uint8_t* m = meta + ch * KVC_CHANNEL_META_SIZE;
     m[0] = (uint8_t)code;
@@ -166,7 +196,8 @@ struct DevEnc {
 // One thread per (segment, lane). Lane bytes end at region_end = scratch + (lane+1) * cap.
 __global__ void k_encode_lanes(const uint8_t* __restrict__ meta, const int16_t* __restrict__ q, uint32_t segs,
                                uint32_t T, uint32_t C, uint32_t n, uint64_t cap, uint8_t* scratch,
-                               uint32_t* lane_len, uint32_t* lane_state) {
+                               uint32_t* lane_len, uint32_t* lane_state, const uint32_t* __restrict__ coded_all,
+                               const uint32_t* __restrict__ raw_count) {
   const uint64_t gid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (gid >= (uint64_t)segs * KVC_MAX_LANES) return;
   const uint32_t seg = (uint32_t)(gid / KVC_MAX_LANES), j = (uint32_t)(gid % KVC_MAX_LANES);
@@ -175,6 +206,8 @@ __global__ void k_encode_lanes(const uint8_t* __restrict__ meta, const int16_t* 
   const uint64_t base = (uint64_t)seg * T * C;
   uint8_t* end = scratch + (gid + 1) * cap;
   DevEnc enc{KVC_RANS_L, end};
+  const uint32_t* coded = coded_all + (uint64_t)seg * T;
+  const uint32_t TC = T - raw_count[seg];
   const uint32_t nch = (C - j + n - 1) / n;
   for (uint32_t ci = nch; ci-- > 0;) {
     const uint32_t c = j + ci * n;
@@ -182,9 +215,9 @@ __global__ void k_encode_lanes(const uint8_t* __restrict__ meta, const int16_t* 
     const uint32_t k = m[1] & KVC_MODEL_INDEX_MASK, lim = M.limit[k];
     const bool delta = m[1] & KVC_MODEL_DELTA_BIT;
     const int32_t ctr = (int16_t)(uint16_t)(m[2] | (m[3] << 8));
-    for (uint32_t t = T; t-- > 0;) {
-      const int32_t pred = (delta && t > 0) ? q[base + (uint64_t)(t - 1) * C + c] : ctr;
-      const uint32_t z = kvc_zigzag(q[base + (uint64_t)t * C + c] - pred);
+    for (uint32_t i = TC; i-- > 0;) {
+      const int32_t pred = (delta && i > 0) ? q[base + (uint64_t)coded[i - 1] * C + c] : ctr;
+      const uint32_t z = kvc_zigzag(q[base + (uint64_t)coded[i] * C + c] - pred);
       if (z < lim) {
         enc.put(M.cum[k][z], M.freq[k][z]);
       } else {
@@ -200,7 +233,8 @@ __global__ void k_encode_lanes(const uint8_t* __restrict__ meta, const int16_t* 
 
 // Assemble the payload: one block per (segment, lane); lane 0's block also copies the
 // segment's channel table, every block writes its lane-table entry.
-__global__ void k_gather(const uint8_t* __restrict__ meta, uint32_t C, uint32_t n, uint64_t cap,
+__global__ void k_gather(const void* __restrict__ src, int dtype, uint32_t T, const uint32_t* __restrict__ raw_count,
+                         const uint32_t* __restrict__ raw_idx, const uint8_t* __restrict__ meta, uint32_t C, uint32_t n, uint64_t cap,
                          const uint8_t* __restrict__ scratch, const uint32_t* __restrict__ lane_len,
                          const uint32_t* __restrict__ lane_state, const uint64_t* __restrict__ seg_off,
                          const uint64_t* __restrict__ lane_off, uint8_t* __restrict__ out) {
@@ -208,6 +242,20 @@ __global__ void k_gather(const uint8_t* __restrict__ meta, uint32_t C, uint32_t 
   if (j >= n) return;
   const uint64_t lane = (uint64_t)seg * KVC_MAX_LANES + j;
   uint8_t* so = out + seg_off[seg];
+  const uint32_t R = raw_count[seg], B = kvc_dtype_size(dtype);
+  const uint32_t* ridx = raw_idx + (uint64_t)seg * KVC_MAX_RAW_TOKENS;
+  if (j == 0) {
+    if (threadIdx.x == 0) { so[0] = (uint8_t)R; so[1] = (uint8_t)(R >> 8); }
+    for (uint32_t i = threadIdx.x; i < 4 * R; i += blockDim.x) so[2 + i] = (uint8_t)(ridx[i / 4] >> (8 * (i % 4)));
+    uint8_t* rows = so + 2 + 4 * R;
+    const uint8_t* sb = static_cast<const uint8_t*>(src);
+    for (uint64_t e = threadIdx.x; e < (uint64_t)R * C; e += blockDim.x) {  // NaN -> +0, else verbatim
+      const uint64_t el = (uint64_t)seg * T * C + (uint64_t)ridx[e / C] * C + e % C;
+      const bool nan = kvc_is_nan(kvc_load(src, el, dtype));
+      for (uint32_t b = 0; b < B; b++) rows[e * B + b] = nan ? 0 : sb[el * B + b];
+    }
+  }
+  so += 2 + 4ull * R + (uint64_t)R * C * B;
   if (j == 0)
     for (uint64_t i = threadIdx.x; i < (uint64_t)C * KVC_CHANNEL_META_SIZE; i += blockDim.x)
       so[i] = meta[(uint64_t)seg * C * KVC_CHANNEL_META_SIZE + i];
@@ -216,9 +264,9 @@ __global__ void k_gather(const uint8_t* __restrict__ meta, uint32_t C, uint32_t 
     so[(uint64_t)C * KVC_CHANNEL_META_SIZE + 8 * j + threadIdx.x] = (uint8_t)(v >> (8 * (threadIdx.x & 3)));
   }
   const uint32_t len = lane_len[lane];
-  const uint8_t* src = scratch + (lane + 1) * cap - len;
-  uint8_t* dst = out + lane_off[lane];
-  for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) dst[i] = src[i];
+  const uint8_t* lane_src = scratch + (lane + 1) * cap - len;
+  uint8_t* lane_dst = out + lane_off[lane];
+  for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) lane_dst[i] = lane_src[i];
 }
 
 // ---- decode ----------------------------------------------------------------------------
@@ -246,15 +294,36 @@ __global__ void k_decode(const uint8_t* __restrict__ buf, uint64_t n_buf, uint64
   if (loff > n_buf - payload_off || lsize > n_buf - payload_off - loff) { fail(err, kErrLayout, seg); return; }
   const uint8_t* p = buf + payload_off + loff;
   const uint8_t* end = p + lsize;
+  const uint32_t B = kvc_dtype_size(DT);
   const uint64_t head = (uint64_t)C * KVC_CHANNEL_META_SIZE + (uint64_t)n * KVC_LANE_ENTRY_SIZE;
+  uint32_t R = 0;
+  const uint8_t* ridx = p;
   for (uint32_t ss = 0; ss <= s; ss++) {  // walk to segment s
-    if ((uint64_t)(end - p) < head) { fail(err, kErrLayout, seg); return; }
+    if (end - p < 2) { fail(err, kErrLayout, seg); return; }
+    R = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
+    const uint64_t raw = 2 + 4ull * R + (uint64_t)R * C * B;
+    if (R > KVC_MAX_RAW_TOKENS || R > T || (uint64_t)(end - p) < raw + head) { fail(err, kErrLayout, seg); return; }
+    ridx = p + 2;
+    p += raw;
     if (ss == s) break;
     const uint8_t* tbl = p + (uint64_t)C * KVC_CHANNEL_META_SIZE;
     uint64_t total = 0;
     for (uint32_t i = 0; i < n; i++) total += ld32(tbl + 8 * i);
     if (total > (uint64_t)(end - p) - head) { fail(err, kErrLayout, seg); return; }
     p += head + total;
+  }
+  const uint64_t base = (uint64_t)seg * T * C;
+  {  // raw rows of this lane's channels
+    uint32_t next = 0;
+    const uint8_t* rows = ridx + 4ull * R;
+    for (uint32_t r = 0; r < R; r++) {
+      const uint32_t t = ld32(ridx + 4 * r);
+      if (t >= T || t < next) { fail(err, kErrMeta, seg); return; }
+      next = t + 1;
+      for (uint32_t c = j; c < C; c += n)
+        for (uint32_t b = 0; b < B; b++)
+          ((uint8_t*)dst)[(base + (uint64_t)t * C + c) * B + b] = rows[((uint64_t)r * C + c) * B + b];
+    }
   }
   const uint8_t* meta = p;
   const uint8_t* tbl = p + (uint64_t)C * KVC_CHANNEL_META_SIZE;
@@ -272,7 +341,6 @@ __global__ void k_decode(const uint8_t* __restrict__ buf, uint64_t n_buf, uint64
   uint32_t x = ld32(tbl + 8 * j + 4);
   if (x < KVC_RANS_L || x >= (KVC_RANS_L << 8)) { fail(err, kErrLayout, seg); return; }
   const DevModels& M = d_models;
-  const uint64_t base = (uint64_t)seg * T * C;
   const uint32_t nch = (C - j + n - 1) / n;
   for (uint32_t ci = 0; ci < nch; ci++) {
     const uint32_t c = j + ci * n;
@@ -284,7 +352,9 @@ __global__ void k_decode(const uint8_t* __restrict__ buf, uint64_t n_buf, uint64
     const uint32_t k = mb & KVC_MODEL_INDEX_MASK, lim = M.limit[k];
     const bool delta = mb & KVC_MODEL_DELTA_BIT;
     int32_t pred = ctr;
+    uint32_t ri = 0;
     for (uint32_t t = 0; t < T; t++) {
+      if (ri < R && ld32(ridx + 4 * ri) == t) { ri++; continue; }
       uint32_t slot = x & (KVC_PROB_TOTAL - 1);
       uint32_t z = M.lookup[k][slot];
       x = M.freq[k][z] * (x >> KVC_PROB_BITS) + slot - M.cum[k][z];
@@ -386,20 +456,25 @@ int kvc_cuda_encode(const void* dev_src, int dtype, int layout, uint32_t L, uint
   int16_t* q;
   int64_t* chan_lc;
   int32_t* chan_qlmax;
-  uint32_t *lane_len, *lane_state;
+  uint32_t *lane_len, *lane_state, *coded, *raw_count, *raw_idx;
+  int64_t* tok_tm;
   uint64_t *seg_off, *lane_off;
   const uint64_t nlanes = (uint64_t)segs * KVC_MAX_LANES;
   if (!mem.alloc(&meta, (uint64_t)segs * C * KVC_CHANNEL_META_SIZE, e) || !mem.alloc(&q, elems * 2, e) ||
       !mem.alloc(&chan_lc, (uint64_t)segs * C * 8, e) || !mem.alloc(&chan_qlmax, (uint64_t)segs * C * 4, e) ||
       !mem.alloc(&chan_const, (uint64_t)segs * C, e) || !mem.alloc(&scratch, nlanes * cap, e) ||
       !mem.alloc(&lane_len, nlanes * 4, e) || !mem.alloc(&lane_state, nlanes * 4, e) ||
-      !mem.alloc(&seg_off, (uint64_t)segs * 8, e) || !mem.alloc(&lane_off, nlanes * 8, e))
+      !mem.alloc(&seg_off, (uint64_t)segs * 8, e) || !mem.alloc(&lane_off, nlanes * 8, e) ||
+      !mem.alloc(&tok_tm, (uint64_t)segs * T * 8, e) || !mem.alloc(&coded, (uint64_t)segs * T * 4, e) ||
+      !mem.alloc(&raw_count, (uint64_t)segs * 4, e) || !mem.alloc(&raw_idx, (uint64_t)segs * KVC_MAX_RAW_TOKENS * 4, e))
     return report(KVC_E_INTERNAL, e, err, err_cap);
-  k_plan<<<segs, kPlanThreads, 0, st>>>(dev_src, dtype, L, S, T, C, pol, meta, q, chan_lc, chan_qlmax, chan_const);
+  k_plan<<<segs, kPlanThreads, 0, st>>>(dev_src, dtype, L, S, T, C, pol, meta, q, chan_lc, chan_qlmax, chan_const,
+                                         tok_tm, coded, raw_count, raw_idx);
   k_encode_lanes<<<(unsigned)((nlanes + 127) / 128), 128, 0, st>>>(meta, q, segs, T, C, n, cap, scratch, lane_len,
-                                                                   lane_state);
-  std::vector<uint32_t> hl(nlanes);
+                                                                   lane_state, coded, raw_count);
+  std::vector<uint32_t> hl(nlanes), hr(segs);
   if (!cuda_ok(cudaMemcpyAsync(hl.data(), lane_len, nlanes * 4, cudaMemcpyDeviceToHost, st), e, "copy lane sizes") ||
+      !cuda_ok(cudaMemcpyAsync(hr.data(), raw_count, segs * 4ull, cudaMemcpyDeviceToHost, st), e, "copy raw counts") ||
       !cuda_ok(cudaStreamSynchronize(st), e, "encode kernels"))
     return report(KVC_E_INTERNAL, e, err, err_cap);
   // payload layout
@@ -408,7 +483,8 @@ int kvc_cuda_encode(const void* dev_src, int dtype, int layout, uint32_t L, uint
   uint64_t off = 0;
   for (uint32_t sg = 0; sg < segs; sg++) {
     hs[sg] = off;
-    uint64_t o = off + (uint64_t)C * KVC_CHANNEL_META_SIZE + (uint64_t)n * KVC_LANE_ENTRY_SIZE;
+    uint64_t o = off + 2 + 4ull * hr[sg] + (uint64_t)hr[sg] * C * kvc_dtype_size(dtype) +
+                 (uint64_t)C * KVC_CHANNEL_META_SIZE + (uint64_t)n * KVC_LANE_ENTRY_SIZE;
     for (uint32_t j = 0; j < n; j++) { hlo[(uint64_t)sg * KVC_MAX_LANES + j] = o; o += hl[(uint64_t)sg * KVC_MAX_LANES + j]; }
     if (o - off + layer_size[sg / S] > 0xFFFFFFFFull) {
       e.fail("layer encodes to more than 4 GiB");
@@ -428,7 +504,7 @@ int kvc_cuda_encode(const void* dev_src, int dtype, int layout, uint32_t L, uint
       !cuda_ok(cudaMemcpyAsync(seg_off, hs.data(), segs * 8ull, cudaMemcpyHostToDevice, st), e, "copy offsets") ||
       !cuda_ok(cudaMemcpyAsync(lane_off, hlo.data(), nlanes * 8, cudaMemcpyHostToDevice, st), e, "copy offsets"))
     return report(KVC_E_INTERNAL, e, err, err_cap);
-  k_gather<<<(unsigned)nlanes, 128, 0, st>>>(meta, C, n, cap, scratch, lane_len, lane_state, seg_off, lane_off, out);
+  k_gather<<<(unsigned)nlanes, 128, 0, st>>>(dev_src, dtype, T, raw_count, raw_idx, meta, C, n, cap, scratch, lane_len, lane_state, seg_off, lane_off, out);
   uint8_t* payload = dst + h.payload_offset();
   if (!cuda_ok(cudaMemcpyAsync(payload, out, off, cudaMemcpyDeviceToHost, st), e, "copy payload") ||
       !cuda_ok(cudaStreamSynchronize(st), e, "gather"))

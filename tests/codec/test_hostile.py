@@ -99,7 +99,8 @@ def test_rans_state_out_of_range():
     b = streams()[kc.CodecLevel.DEFAULT]
     h = kc.info(b)
     po = h.payload_offset
-    lane_table = po + 40 * 4  # first segment: 40 channels * 4 bytes of channel table
+    R = struct.unpack_from('<H', b, po)[0]
+    lane_table = po + 2 + R * (4 + 40 * 2) + 40 * 4  # raw tokens, then 40 channels * 4 bytes
     m = bytearray(b)
     struct.pack_into("<I", m, lane_table + 4, 5)  # lane 0 final state
     with pytest.raises(kc.CodecError, match="state"):
