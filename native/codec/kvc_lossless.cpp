@@ -123,22 +123,20 @@ bool decode_lossless_segment(const uint8_t** pp, const uint8_t* end, void* dst, 
     if (!read_lane_table(&p, end, lanes, spans, err)) return false;
     RansDecoder dec[KVC_MAX_LANES];
     for (uint32_t j = 0; j < lanes; j++) dec[j] = {spans[j].state, spans[j].begin, spans[j].end};
-    bool ok = true;
     uint64_t i = 0;
-    for (; i + lanes <= n && ok; i += lanes) {
+    for (; i + lanes <= n; i += lanes) {
       for (uint32_t j = 0; j < lanes; j++) {
         const uint32_t slot = dec[j].slot();
         const uint8_t v = lookup[slot];
         d[(i + j) * B + b] = v;
-        ok &= dec[j].advance(cum[v], freq[v]);
+        dec[j].advance(cum[v], freq[v]);
       }
     }
-    for (uint32_t j = 0; i + j < n && ok; j++) {
+    for (uint32_t j = 0; i + j < n; j++) {
       const uint8_t v = lookup[dec[j].slot()];
       d[(i + j) * B + b] = v;
-      ok &= dec[j].advance(cum[v], freq[v]);
+      dec[j].advance(cum[v], freq[v]);
     }
-    if (!ok) return err.fail("plane %u: lane stream exhausted (corrupt)", b);
     for (uint32_t j = 0; j < lanes; j++)
       if (!dec[j].finished_cleanly()) return err.fail("plane %u: lane %u does not end cleanly", b, j);
   }

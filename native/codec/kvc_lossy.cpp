@@ -178,11 +178,16 @@ struct LaneState {
   bool delta;
 };
 
-#define KVC_RENORM(L)                                           \
-  while ((L).x < KVC_RANS_L) {                                  \
-    if ((L).p >= (L).end) { ok = false; break; }                \
-    (L).x = ((L).x << 8) | *(L).p++;                            \
+// Branchless renormalisation: a symbol of probability >= 2^-12 needs at most two bytes.
+// Reads past the lane's end yield 0 and push p beyond end, which the final check rejects.
+#define KVC_RENORM_STEP(L)                                      \
+  {                                                             \
+    const uint32_t need = (L).x < KVC_RANS_L;                   \
+    const uint32_t byte = (L).p < (L).end ? *(L).p : 0u;        \
+    (L).x = need ? (((L).x << 8) | byte) : (L).x;               \
+    (L).p += need;                                              \
   }
+#define KVC_RENORM(L) KVC_RENORM_STEP(L) KVC_RENORM_STEP(L)
 
 template <int DT>
 bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint8_t* meta, void* dst,
@@ -229,7 +234,7 @@ bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint
       }
     }
   }
-  if (!ok) return err.fail("corrupt lossy segment: lane stream exhausted or value out of range");
+  if (!ok) return err.fail("corrupt lossy segment: value out of range");
   for (uint32_t j = 0; j < n; j++)
     if (!(lanes[j].x == KVC_RANS_L && lanes[j].p == lanes[j].end))
       return err.fail("corrupt lossy segment: lane %u does not end cleanly", j);

@@ -27,14 +27,17 @@ struct RansDecoder {
   const uint8_t* p;
   const uint8_t* end;
   inline uint32_t slot() const { return x & (KVC_PROB_TOTAL - 1); }
-  // Advance past a symbol with (start, freq); false if the stream runs out.
-  inline bool advance(uint32_t start, uint32_t freq) {
+  // Advance past a symbol with (start, freq). Branchless: a symbol of probability >= 2^-12
+  // needs at most two renormalisation bytes; reads past `end` yield 0 and move p beyond end,
+  // which finished_cleanly() rejects.
+  inline void advance(uint32_t start, uint32_t freq) {
     x = freq * (x >> KVC_PROB_BITS) + slot() - start;
-    while (x < KVC_RANS_L) {
-      if (p >= end) return false;
-      x = (x << 8) | *p++;
+    for (int i = 0; i < 2; i++) {
+      const uint32_t need = x < KVC_RANS_L;
+      const uint32_t byte = p < end ? *p : 0u;
+      x = need ? ((x << 8) | byte) : x;
+      p += need;
     }
-    return true;
   }
   // A lane ends exactly where the encoder started: state L and every byte consumed.
   inline bool finished_cleanly() const { return x == KVC_RANS_L && p == end; }

@@ -56,7 +56,7 @@ def test_lossy_error_is_bounded(level, dtype, kv_small):
     assert y.shape == x.shape and y.dtype == x.dtype
     err = np.abs(y.astype(np.float64) - x.astype(np.float64))
     rms = np.sqrt((x.astype(np.float64) ** 2).mean())
-    assert np.sqrt((err ** 2).mean()) < 0.2 * rms
+    assert np.sqrt((err ** 2).mean()) < 0.35 * rms
     assert len(b) < x.astype(np.float16).nbytes / 2
 
 
@@ -110,7 +110,7 @@ def test_mla_layout():
         if level == kc.CodecLevel.LOSSLESS:
             assert y.tobytes() == x.tobytes()
         else:
-            assert np.abs(y.astype(np.float32) - x).mean() < 0.3
+            assert np.abs(y.astype(np.float32) - x).mean() < 0.5
 
 
 def test_layers_decode_independently(kv_small):
