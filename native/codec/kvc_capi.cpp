@@ -120,6 +120,10 @@ int kvc_encode_policy(const void* src, uint64_t src_bytes, int dtype, int layout
   return KVC_OK;
 }
 
+void kvc_debug_convert(const float* in, uint16_t* out, uint64_t n, int dtype) {
+  for (uint64_t i = 0; i < n; i++) out[i] = dtype == KVC_DTYPE_BF16 ? kvc_float_to_bf16(in[i]) : kvc_float_to_half(in[i]);
+}
+
 int kvc_parse(const uint8_t* buf, uint64_t n, kvc_info* info, char* err, uint64_t err_cap) {
   Error e;
   Header h;

@@ -34,6 +34,8 @@ int kvc_encode_policy(const void* src, uint64_t src_bytes, int dtype, int layout
                       uint32_t tokens, uint32_t heads, uint32_t head_dim, int level, const int32_t* policy,
                       int threads, uint8_t* dst, uint64_t dst_cap, uint64_t* out_size, char* err,
                       uint64_t err_cap);
+// Test hook: the portable float -> fp16 (dtype 1) / bf16 (dtype 2) conversion of the codec.
+void kvc_debug_convert(const float* in, uint16_t* out, uint64_t n, int dtype);
 int kvc_parse(const uint8_t* buf, uint64_t n, kvc_info* info, char* err, uint64_t err_cap);
 // Decode layers [first, first + count) into dst (count layers of decoded elements).
 int kvc_decode_layers(const uint8_t* buf, uint64_t n, uint32_t first, uint32_t count, void* dst,

@@ -116,26 +116,19 @@ bool decode_lossless_segment(const uint8_t** pp, const uint8_t* end, void* dst, 
     }
     if (sum != KVC_PROB_TOTAL) return err.fail("plane %u: frequencies do not sum to %u", b, KVC_PROB_TOTAL);
     p += 3 * present;
-    uint8_t lookup[KVC_PROB_TOTAL];
+    uint32_t entry[KVC_PROB_TOTAL];
     for (int v = 0; v < 256; v++)
-      for (uint32_t s = cum[v]; s < cum[v] + freq[v]; s++) lookup[s] = (uint8_t)v;
+      for (uint32_t s = cum[v]; s < cum[v] + freq[v]; s++) entry[s] = pack_entry((uint32_t)v, freq[v], s - cum[v]);
     LaneSpan spans[KVC_MAX_LANES];
     if (!read_lane_table(&p, end, lanes, spans, err)) return false;
     RansDecoder dec[KVC_MAX_LANES];
     for (uint32_t j = 0; j < lanes; j++) dec[j] = {spans[j].state, spans[j].begin, spans[j].end};
     uint64_t i = 0;
     for (; i + lanes <= n; i += lanes) {
-      for (uint32_t j = 0; j < lanes; j++) {
-        const uint32_t slot = dec[j].slot();
-        const uint8_t v = lookup[slot];
-        d[(i + j) * B + b] = v;
-        dec[j].advance(cum[v], freq[v]);
-      }
+      for (uint32_t j = 0; j < lanes; j++) d[(i + j) * B + b] = dec[j].decode(entry);
     }
     for (uint32_t j = 0; i + j < n; j++) {
-      const uint8_t v = lookup[dec[j].slot()];
-      d[(i + j) * B + b] = v;
-      dec[j].advance(cum[v], freq[v]);
+      d[(i + j) * B + b] = dec[j].decode(entry);
     }
     for (uint32_t j = 0; j < lanes; j++)
       if (!dec[j].finished_cleanly()) return err.fail("plane %u: lane %u does not end cleanly", b, j);

@@ -1,6 +1,9 @@
 // Lossy segment codec (CPU). The CUDA twin is native/cuda/kvc_cuda.cu; both follow the
 // policy functions of kvc_common.h so their bytes are identical.
 #include <string.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <vector>
@@ -21,7 +24,10 @@ const Models& models() {
       for (uint32_t z = 0; z < 256; z++) {
         t->freq[k][z] = z < n ? kvc_model_freq[kvc_model_offset[k] + z] : 0;
         t->cum[k][z] = (uint16_t)c;
-        for (uint32_t s = c; s < c + t->freq[k][z]; s++) t->lookup[k][s] = (uint8_t)z;
+        for (uint32_t s = c; s < c + t->freq[k][z]; s++) {
+          t->lookup[k][s] = (uint8_t)z;
+          t->entry[k][s] = pack_entry(z, t->freq[k][z], s - c);
+        }
         c += t->freq[k][z];
       }
       t->cum[k][256] = (uint16_t)c;
@@ -171,10 +177,9 @@ struct LaneState {
   uint32_t x;
   const uint8_t* p;
   const uint8_t* end;
+  const uint32_t* ent;  // decode entries of the channel's model
   int32_t pred;
-  float step;
-  int32_t center;
-  uint32_t k;
+  uint32_t lim;
   bool delta;
 };
 
@@ -189,52 +194,104 @@ struct LaneState {
   }
 #define KVC_RENORM(L) KVC_RENORM_STEP(L) KVC_RENORM_STEP(L)
 
+// One residual of lane L; returns the quantised value.
+inline int32_t decode_value(LaneState& L) {
+  uint32_t e = L.ent[L.x & (KVC_PROB_TOTAL - 1)];
+  uint32_t z = e & 0xFFu;
+  L.x = (((e >> 8) & 0xFFFu) + 1u) * (L.x >> KVC_PROB_BITS) + (e >> 20);
+  KVC_RENORM(L)
+  if (__builtin_expect(z == L.lim, 0)) {
+    uint32_t b[2];
+    for (int i = 0; i < 2; i++) {
+      const uint32_t slot = L.x & (KVC_PROB_TOTAL - 1);
+      b[i] = slot / KVC_BYPASS_FREQ;
+      L.x = KVC_BYPASS_FREQ * (L.x >> KVC_PROB_BITS) + slot - b[i] * KVC_BYPASS_FREQ;
+      KVC_RENORM(L)
+    }
+    z = b[0] | (b[1] << 8);
+  }
+  const int32_t v = L.pred + kvc_unzigzag(z);
+  L.pred = L.delta ? v : L.pred;
+  return v;
+}
+
+// Dequantise one row of m <= 32 lanes (steps per lane) and store it in the chunk dtype.
+template <int DT>
+inline void store_row(const int32_t* q, const float* step, uint32_t m, void* dst, uint64_t at) {
+  for (uint32_t j = 0; j < m; j++) {
+    const float f = kvc_dequantize(q[j], step[j]);
+    if (DT == KVC_DTYPE_F16) ((uint16_t*)dst)[at + j] = kvc_float_to_half(f);
+    else if (DT == KVC_DTYPE_BF16) ((uint16_t*)dst)[at + j] = kvc_float_to_bf16(f);
+    else ((float*)dst)[at + j] = f;
+  }
+}
+
+#if defined(__x86_64__)
+// Same result as store_row<F16>: IEEE binary32 multiply and round-to-nearest-even binary16
+// conversion (tests/codec check the software conversion against numpy bit for bit).
+__attribute__((target("avx2,f16c"))) void store_row_f16_hw(const int32_t* q, const float* step, uint32_t m,
+                                                              void* dst, uint64_t at) {
+  uint16_t* out = (uint16_t*)dst + at;
+  uint32_t j = 0;
+  for (; j + 8 <= m; j += 8) {
+    __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256((const __m256i*)(q + j))), _mm256_loadu_ps(step + j));
+    _mm_storeu_si128((__m128i*)(out + j), _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; j < m; j++) out[j] = kvc_float_to_half(kvc_dequantize(q[j], step[j]));
+}
+bool have_f16c() {
+  static const bool h = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  return h;
+}
+#endif
+
 template <int DT>
 bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint8_t* meta, void* dst,
-                       const uint32_t* coded, uint32_t T, uint32_t C, Error& err) {
+                       const uint32_t* coded, uint32_t TC, uint32_t C, Error& err) {
   const uint32_t nci = (C + n - 1) / n;
-  bool ok = true;
-  for (uint32_t ci = 0; ci < nci && ok; ci++) {
+  std::vector<int32_t> qbuf((size_t)TC * n);
+  float step[KVC_MAX_LANES];
+#if defined(__x86_64__)
+  const bool hw = DT == KVC_DTYPE_F16 && have_f16c();
+#endif
+  for (uint32_t ci = 0; ci < nci; ci++) {
     const uint32_t m = std::min(n, C - ci * n);  // active lanes: a prefix
     for (uint32_t j = 0; j < m; j++) {
       const uint32_t c = j + ci * n;
       LaneState& L = lanes[j];
-      L.step = kvc_step(meta[4 * c]);
-      L.k = meta[4 * c + 1] & KVC_MODEL_INDEX_MASK;
+      const uint32_t k = meta[4 * c + 1] & KVC_MODEL_INDEX_MASK;
+      step[j] = kvc_step(meta[4 * c]);
+      L.ent = M.entry[k];
+      L.lim = M.limit[k];
       L.delta = meta[4 * c + 1] & KVC_MODEL_DELTA_BIT;
-      L.center = (int16_t)read16(meta + 4 * c + 2);
-      L.pred = L.center;
+      L.pred = (int16_t)read16(meta + 4 * c + 2);
     }
-    for (uint32_t t = 0; t < T && ok; t++) {
-      const uint64_t row = (uint64_t)coded[t] * C + (uint64_t)ci * n;
-      for (uint32_t j = 0; j < m; j++) {
-        LaneState& L = lanes[j];
-        const uint32_t k = L.k;
-        uint32_t slot = L.x & (KVC_PROB_TOTAL - 1);
-        uint32_t z = M.lookup[k][slot];
-        L.x = M.freq[k][z] * (L.x >> KVC_PROB_BITS) + slot - M.cum[k][z];
-        KVC_RENORM(L)
-        if (z == M.limit[k]) {
-          uint32_t b[2];
-          for (int i = 0; i < 2; i++) {
-            slot = L.x & (KVC_PROB_TOTAL - 1);
-            b[i] = slot / KVC_BYPASS_FREQ;
-            L.x = KVC_BYPASS_FREQ * (L.x >> KVC_PROB_BITS) + slot - b[i] * KVC_BYPASS_FREQ;
-            KVC_RENORM(L)
-          }
-          z = b[0] | (b[1] << 8);
+    uint32_t bad = 0;
+    for (uint32_t t = 0; t < TC; t++) {
+      int32_t* qrow = qbuf.data() + (size_t)t * n;
+      if (m == KVC_MAX_LANES) {
+        for (uint32_t j = 0; j < KVC_MAX_LANES; j++) {
+          const int32_t v = decode_value(lanes[j]);
+          bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
+          qrow[j] = v;
         }
-        const int32_t v = L.pred + kvc_unzigzag(z);
-        if (v > KVC_QMAX || v < -KVC_QMAX) { ok = false; break; }
-        if (L.delta) L.pred = v;
-        const float f = kvc_dequantize(v, L.step);
-        if (DT == KVC_DTYPE_F16) ((uint16_t*)dst)[row + j] = kvc_float_to_half(f);
-        else if (DT == KVC_DTYPE_BF16) ((uint16_t*)dst)[row + j] = kvc_float_to_bf16(f);
-        else ((float*)dst)[row + j] = f;
+      } else {
+        for (uint32_t j = 0; j < m; j++) {
+          const int32_t v = decode_value(lanes[j]);
+          bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
+          qrow[j] = v;
+        }
       }
     }
+    if (bad) return err.fail("corrupt lossy segment: value out of range");
+    for (uint32_t t = 0; t < TC; t++) {
+      const uint64_t at = (uint64_t)coded[t] * C + (uint64_t)ci * n;
+#if defined(__x86_64__)
+      if (hw) { store_row_f16_hw(qbuf.data() + (size_t)t * n, step, m, dst, at); continue; }
+#endif
+      store_row<DT>(qbuf.data() + (size_t)t * n, step, m, dst, at);
+    }
   }
-  if (!ok) return err.fail("corrupt lossy segment: value out of range");
   for (uint32_t j = 0; j < n; j++)
     if (!(lanes[j].x == KVC_RANS_L && lanes[j].p == lanes[j].end))
       return err.fail("corrupt lossy segment: lane %u does not end cleanly", j);
@@ -284,7 +341,7 @@ bool decode_lossy_segment(const uint8_t** pp, const uint8_t* end, void* dst, int
   LaneSpan spans[KVC_MAX_LANES];
   if (!read_lane_table(&p, end, n, spans, err)) return false;
   LaneState lanes[KVC_MAX_LANES];
-  for (uint32_t j = 0; j < n; j++) lanes[j] = {spans[j].state, spans[j].begin, spans[j].end, 0, 0.f, 0, 0, false};
+  for (uint32_t j = 0; j < n; j++) lanes[j] = {spans[j].state, spans[j].begin, spans[j].end, nullptr, 0, 0, false};
   const Models& M = models();
   bool ok;
   if (dtype == KVC_DTYPE_F16) ok = decode_lossy_impl<KVC_DTYPE_F16>(M, lanes, n, meta, dst, coded.data(), TC, C, err);

@@ -39,6 +39,18 @@ struct RansDecoder {
       p += need;
     }
   }
+  // Decode one symbol with packed entries (see pack_entry in kvc_segment.h).
+  inline uint8_t decode(const uint32_t* entry) {
+    const uint32_t e = entry[slot()];
+    x = (((e >> 8) & 0xFFFu) + 1u) * (x >> KVC_PROB_BITS) + (e >> 20);
+    for (int i = 0; i < 2; i++) {
+      const uint32_t need = x < KVC_RANS_L;
+      const uint32_t byte = p < end ? *p : 0u;
+      x = need ? ((x << 8) | byte) : x;
+      p += need;
+    }
+    return (uint8_t)(e & 0xFFu);
+  }
   // A lane ends exactly where the encoder started: state L and every byte consumed.
   inline bool finished_cleanly() const { return x == KVC_RANS_L && p == end; }
 };

@@ -15,7 +15,11 @@ struct Models {
   uint16_t freq[KVC_NUM_MODELS][256];
   uint16_t cum[KVC_NUM_MODELS][257];
   uint8_t lookup[KVC_NUM_MODELS][KVC_PROB_TOTAL];
+  // Decode entry per slot: symbol | (freq - 1) << 8 | (slot - cum) << 20 (one load per symbol).
+  uint32_t entry[KVC_NUM_MODELS][KVC_PROB_TOTAL];
 };
+
+inline uint32_t pack_entry(uint32_t sym, uint32_t freq, uint32_t bias) { return sym | ((freq - 1) << 8) | (bias << 20); }
 const Models& models();
 
 void encode_lossy_segment(const void* src, int dtype, uint32_t tokens, uint32_t channels,

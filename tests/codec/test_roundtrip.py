@@ -151,3 +151,29 @@ def test_encode_rejects_bad_arguments():
         kc.encode(np.zeros((2, 2, 4, 5, 6), np.int32))
     with pytest.raises(ValueError):
         kc.encode(np.zeros((2, 2, 4, 5, 6), np.float16), 9)
+
+
+def test_software_conversions_are_ieee_round_to_nearest_even():
+    """The portable conversions (used by the CUDA kernels) equal IEEE RNE bit for bit, so the
+    CPU's hardware F16C path and the GPU's software path produce identical bytes."""
+    import ctypes
+
+    rng = np.random.default_rng(11)
+    bits = np.concatenate([
+        rng.integers(0, 1 << 32, 400_000, dtype=np.uint64).astype(np.uint32),
+        np.arange(0x33000000 - 64, 0x38800000 + 64, 97, dtype=np.uint32),   # fp16 subnormal range
+        np.arange(0x477FE000 - 64, 0x47800000 + 64, 1, dtype=np.uint32),   # fp16 overflow edge
+        np.array([0, 0x80000000, 0x7F800000, 0xFF800000], dtype=np.uint32),
+    ])
+    f = bits.view(np.float32)
+    f = f[~np.isnan(f)]
+    out = np.empty(f.size, np.uint16)
+    lib = native.lib()
+    lib.kvc_debug_convert.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
+    lib.kvc_debug_convert(f.ctypes.data, out.ctypes.data, f.size, 1)
+    with np.errstate(over="ignore"):
+        assert (out == f.astype(np.float16).view(np.uint16)).all()
+    lib.kvc_debug_convert(f.ctypes.data, out.ctypes.data, f.size, 2)
+    u = f.view(np.uint32).astype(np.uint64)
+    ref = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    assert (out == ref).all()
