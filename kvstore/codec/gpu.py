@@ -29,6 +29,8 @@ def lib() -> ctypes.CDLL:
     vp, u32, u64, ci = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
     so.kvc_cuda_encode.argtypes = [vp, ci, ci, u32, u32, u32, u32, ci, vp, vp, u64, ctypes.POINTER(u64), vp, u64]
     so.kvc_cuda_decode.argtypes = [ctypes.c_char_p, u64, vp, u64, vp, u64, vp, ci, vp, u64]
+    so.kvc_cuda_decode_batch.argtypes = [u32, vp, vp, vp, vp, vp, u64, vp, ci, vp, u64]
+    so.kvc_cuda_decode_batch.restype = ci
     so.kvc_cuda_encode.restype = ci
     so.kvc_cuda_decode.restype = ci
     return so
@@ -107,3 +109,31 @@ def decode_into(data: bytes, out, *, device_data=None, stream=None, verify: bool
     native.check(lib().kvc_cuda_decode(data, len(data), _ptr(device_data), len(data), _ptr(out), _nbytes(out),
                                        _stream(out, stream), int(verify), err, native.ERR_CAP), err)
     return out
+
+
+def decode_batch(datas: list[bytes], outs: list, *, device_datas: list | None = None, stream=None,
+                 verify: bool = True) -> list:
+    """Decode chunks of one shape and dtype in one kernel launch (more lanes in flight).
+
+    ``device_datas[i]`` is ``datas[i]`` already on the device (uploaded here when omitted).
+    """
+    if len(datas) != len(outs) or not datas:
+        raise CodecError("datas and outs must be non-empty lists of equal length")
+    datas = [bytes(d) for d in datas]
+    if device_datas is None:
+        import torch
+
+        device_datas = [torch.frombuffer(bytearray(d), dtype=torch.uint8).to(outs[0].device) for d in datas]
+    n = len(datas)
+    keep = [ctypes.c_char_p(d) for d in datas]
+    heads = (ctypes.c_void_p * n)(*[ctypes.cast(k, ctypes.c_void_p).value for k in keep])
+    lens = (ctypes.c_uint64 * n)(*[len(d) for d in datas])
+    bufs = (ctypes.c_void_p * n)(*[_ptr(d) for d in device_datas])
+    dsts = (ctypes.c_void_p * n)(*[_ptr(o) for o in outs])
+    nb = _nbytes(outs[0])
+    if any(_nbytes(o) != nb or not _contiguous(o) for o in outs):
+        raise CodecError("outputs must be contiguous and of one size")
+    err = native.err_buf()
+    native.check(lib().kvc_cuda_decode_batch(n, heads, lens, bufs, lens, dsts, nb, _stream(outs[0], stream),
+                                             int(verify), err, native.ERR_CAP), err)
+    return outs

@@ -276,12 +276,17 @@ __device__ __forceinline__ uint32_t ld32(const uint8_t* p) {
 }
 
 __device__ void fail(int* err, int code, uint32_t where) {
-  if (atomicCAS(err, 0, code) == 0) err[1] = (int)where;
+  if (atomicCAS(err, 0, code) == 0) { err[1] = (int)where; err[2] = (int)blockIdx.y; }
 }
 
 template <int DT>
-__global__ void k_decode(const uint8_t* __restrict__ buf, uint64_t n_buf, uint64_t payload_off, uint32_t L,
-                         uint32_t S, uint32_t T, uint32_t C, void* __restrict__ dst, int* err) {
+// grid.y = chunk of the batch (all chunks share shape and dtype).
+__global__ void k_decode(const uint8_t* const* __restrict__ bufs, const uint64_t* __restrict__ lens,
+                         void* const* __restrict__ dsts, uint64_t payload_off, uint32_t L, uint32_t S, uint32_t T,
+                         uint32_t C, int* err) {
+  const uint8_t* __restrict__ buf = bufs[blockIdx.y];
+  const uint64_t n_buf = lens[blockIdx.y];
+  void* __restrict__ dst = dsts[blockIdx.y];
   const uint64_t gid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (gid >= (uint64_t)L * S * KVC_MAX_LANES) return;
   const uint32_t seg = (uint32_t)(gid / KVC_MAX_LANES), j = (uint32_t)(gid % KVC_MAX_LANES);
@@ -473,7 +478,7 @@ int kvc_cuda_encode(const void* dev_src, int dtype, int layout, uint32_t L, uint
   k_encode_lanes<<<(unsigned)((nlanes + 127) / 128), 128, 0, st>>>(meta, q, segs, T, C, n, cap, scratch, lane_len,
                                                                    lane_state, coded, raw_count);
   std::vector<uint32_t> hl(nlanes), hr(segs);
-  if (!cuda_ok(cudaMemcpyAsync(hl.data(), lane_len, nlanes * 4, cudaMemcpyDeviceToHost, st), e, "copy lane sizes") ||
+  if (!cuda_ok(cudaGetLastError(), e, "encode launch") || !cuda_ok(cudaMemcpyAsync(hl.data(), lane_len, nlanes * 4, cudaMemcpyDeviceToHost, st), e, "copy lane sizes") ||
       !cuda_ok(cudaMemcpyAsync(hr.data(), raw_count, segs * 4ull, cudaMemcpyDeviceToHost, st), e, "copy raw counts") ||
       !cuda_ok(cudaStreamSynchronize(st), e, "encode kernels"))
     return report(KVC_E_INTERNAL, e, err, err_cap);
@@ -516,70 +521,103 @@ int kvc_cuda_encode(const void* dev_src, int dtype, int layout, uint32_t L, uint
   return KVC_OK;
 }
 
-int kvc_cuda_decode(const uint8_t* host_head, uint64_t host_n, const uint8_t* dev_buf, uint64_t n, void* dev_dst,
-                    uint64_t dst_bytes, void* stream, int verify_crc, char* err, uint64_t err_cap) {
+int kvc_cuda_decode_batch(uint32_t count, const uint8_t* const* host_heads, const uint64_t* host_lens,
+                          const uint8_t* const* dev_bufs, const uint64_t* lens, void* const* dev_dsts,
+                          uint64_t dst_bytes_each, void* stream, int verify_crc, char* err, uint64_t err_cap) {
   Error e;
-  Header h;
-  std::vector<IndexEntry> idx;
-  if (host_head == nullptr || host_n > n) {
-    e.fail("host copy of %llu bytes does not fit a %llu-byte bitstream", (unsigned long long)host_n,
-           (unsigned long long)n);
+  if (count == 0) return KVC_OK;
+  if (count > 65535 || !host_heads || !host_lens || !dev_bufs || !lens || !dev_dsts) {
+    e.fail("batch of %u chunks: 1..65535 chunks and non-null arrays required", count);
     return report(KVC_E_ARGUMENT, e, err, err_cap);
   }
-  // Validate header + index on the host. A partial host copy is checked as if it were the
-  // whole stream's head: the parser needs the true length, so splice it in.
-  if (host_n == n) {
-    if (!kvc::parse_container(host_head, n, h, idx, verify_crc != 0, e)) return report(KVC_E_INVALID, e, err, err_cap);
-  } else {
-    if (host_n < KVC_HEADER_SIZE) {
-      e.fail("host copy must hold at least the %d-byte header", KVC_HEADER_SIZE);
+  Header first;
+  for (uint32_t i = 0; i < count; i++) {
+    Header h;
+    std::vector<IndexEntry> idx;
+    const uint8_t* head = host_heads[i];
+    const uint64_t host_n = host_lens[i], n = lens[i];
+    if (head == nullptr || host_n > n || dev_bufs[i] == nullptr || dev_dsts[i] == nullptr) {
+      e.fail("chunk %u: null pointer or host copy longer than the bitstream", i);
       return report(KVC_E_ARGUMENT, e, err, err_cap);
     }
-    std::vector<uint8_t> tmp(host_head, host_head + host_n);
-    Header peek;
-    memcpy(&peek.layers, host_head + 12, 4);
-    const uint64_t need = KVC_HEADER_SIZE + 16ull * (peek.layers > KVC_MAX_LAYERS ? 0 : peek.layers);
-    if (host_n < need) {
-      e.fail("host copy must hold header + index (%llu bytes)", (unsigned long long)need);
+    // Header + index are validated on the host; with a partial host copy (header + index
+    // only) the payload is not inspected here: the kernel bounds-checks every read.
+    if (host_n == n) {
+      if (!kvc::parse_container(head, n, h, idx, verify_crc != 0, e)) return report(KVC_E_INVALID, e, err, err_cap);
+    } else {
+      uint32_t layers = 0;
+      if (host_n >= KVC_HEADER_SIZE) memcpy(&layers, head + 12, 4);
+      const uint64_t need = KVC_HEADER_SIZE + 16ull * (layers > KVC_MAX_LAYERS ? 0 : layers);
+      if (host_n < KVC_HEADER_SIZE || host_n < need) {
+        e.fail("chunk %u: host copy must hold header + index (%llu bytes)", i, (unsigned long long)need);
+        return report(KVC_E_ARGUMENT, e, err, err_cap);
+      }
+      std::vector<uint8_t> tmp(head, head + need);
+      tmp.resize(n, 0);
+      if (!kvc::parse_container(tmp.data(), n, h, idx, false, e)) return report(KVC_E_INVALID, e, err, err_cap);
+    }
+    if (h.level == KVC_LEVEL_LOSSLESS) {
+      e.fail("lossless bitstreams decode on the CPU (kvstore.codec.decode)");
       return report(KVC_E_ARGUMENT, e, err, err_cap);
     }
-    tmp.resize(n, 0);  // payload bytes are not inspected without verify
-    if (!kvc::parse_container(tmp.data(), n, h, idx, false, e)) return report(KVC_E_INVALID, e, err, err_cap);
+    if (i == 0) first = h;
+    else if (h.dtype != first.dtype || h.layout != first.layout || h.layers != first.layers ||
+             h.tokens != first.tokens || h.heads != first.heads || h.head_dim != first.head_dim) {
+      e.fail("chunk %u: shape or dtype differs from chunk 0 (a batch shares one shape)", i);
+      return report(KVC_E_ARGUMENT, e, err, err_cap);
+    }
   }
-  if (h.level == KVC_LEVEL_LOSSLESS) {
-    e.fail("lossless bitstreams decode on the CPU (kvstore.codec.decode)");
-    return report(KVC_E_ARGUMENT, e, err, err_cap);
-  }
+  const Header& h = first;
   const uint64_t want = h.elements() * kvc_dtype_size(h.dtype);
-  if (dev_dst == nullptr || dst_bytes != want) {
-    e.fail("destination has %llu bytes, chunk needs %llu", (unsigned long long)dst_bytes, (unsigned long long)want);
+  if (dst_bytes_each != want) {
+    e.fail("destination has %llu bytes, chunk needs %llu", (unsigned long long)dst_bytes_each, (unsigned long long)want);
     return report(KVC_E_ARGUMENT, e, err, err_cap);
   }
   if (!init_models(e)) return report(KVC_E_INTERNAL, e, err, err_cap);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   DevBuffers mem(st);
   int* derr;
-  if (!mem.alloc(&derr, 8, e) || !cuda_ok(cudaMemsetAsync(derr, 0, 8, st), e, "memset"))
+  uint64_t* args;  // [bufs | lens | dsts]
+  std::vector<uint64_t> hargs(3ull * count);
+  for (uint32_t i = 0; i < count; i++) {
+    hargs[i] = (uint64_t)(uintptr_t)dev_bufs[i];
+    hargs[count + i] = lens[i];
+    hargs[2ull * count + i] = (uint64_t)(uintptr_t)dev_dsts[i];
+  }
+  if (!mem.alloc(&derr, 16, e) || !mem.alloc(&args, 24ull * count, e) ||
+      !cuda_ok(cudaMemsetAsync(derr, 0, 16, st), e, "memset") ||
+      !cuda_ok(cudaMemcpyAsync(args, hargs.data(), 24ull * count, cudaMemcpyHostToDevice, st), e, "copy batch"))
     return report(KVC_E_INTERNAL, e, err, err_cap);
+  const uint8_t* const* d_bufs = reinterpret_cast<const uint8_t* const*>(args);
+  const uint64_t* d_lens = args + count;
+  void* const* d_dsts = reinterpret_cast<void* const*>(args + 2ull * count);
   const uint32_t S = h.segments(), C = (uint32_t)h.channels();
   const uint64_t threads = (uint64_t)h.layers * S * KVC_MAX_LANES;
-  const unsigned blocks = (unsigned)((threads + 127) / 128);
+  const dim3 grid((unsigned)((threads + 127) / 128), count);
+  const uint64_t po = h.payload_offset();
   if (h.dtype == KVC_DTYPE_F16)
-    k_decode<KVC_DTYPE_F16><<<blocks, 128, 0, st>>>(dev_buf, n, h.payload_offset(), h.layers, S, h.tokens, C, dev_dst, derr);
+    k_decode<KVC_DTYPE_F16><<<grid, 128, 0, st>>>(d_bufs, d_lens, d_dsts, po, h.layers, S, h.tokens, C, derr);
   else if (h.dtype == KVC_DTYPE_BF16)
-    k_decode<KVC_DTYPE_BF16><<<blocks, 128, 0, st>>>(dev_buf, n, h.payload_offset(), h.layers, S, h.tokens, C, dev_dst, derr);
+    k_decode<KVC_DTYPE_BF16><<<grid, 128, 0, st>>>(d_bufs, d_lens, d_dsts, po, h.layers, S, h.tokens, C, derr);
   else
-    k_decode<KVC_DTYPE_F32><<<blocks, 128, 0, st>>>(dev_buf, n, h.payload_offset(), h.layers, S, h.tokens, C, dev_dst, derr);
-  int herr[2] = {0, 0};
-  if (!cuda_ok(cudaMemcpyAsync(herr, derr, 8, cudaMemcpyDeviceToHost, st), e, "copy error flag") ||
+    k_decode<KVC_DTYPE_F32><<<grid, 128, 0, st>>>(d_bufs, d_lens, d_dsts, po, h.layers, S, h.tokens, C, derr);
+  int herr[4] = {0, 0, 0, 0};
+  if (!cuda_ok(cudaGetLastError(), e, "decode launch") ||
+      !cuda_ok(cudaMemcpyAsync(herr, derr, 16, cudaMemcpyDeviceToHost, st), e, "copy error flag") ||
       !cuda_ok(cudaStreamSynchronize(st), e, "decode kernel"))
     return report(KVC_E_INTERNAL, e, err, err_cap);
   if (herr[0] != 0) {
-    e.fail("corrupt lossy bitstream (layer %u segment %u): %s", (unsigned)herr[1] / S, (unsigned)herr[1] % S,
-           dev_error_text(herr[0]));
+    e.fail("corrupt lossy bitstream (chunk %d, layer %u segment %u): %s", herr[2], (unsigned)herr[1] / S,
+           (unsigned)herr[1] % S, dev_error_text(herr[0]));
     return report(KVC_E_INVALID, e, err, err_cap);
   }
   return KVC_OK;
+}
+
+int kvc_cuda_decode(const uint8_t* host_head, uint64_t host_n, const uint8_t* dev_buf, uint64_t n, void* dev_dst,
+                    uint64_t dst_bytes, void* stream, int verify_crc, char* err, uint64_t err_cap) {
+  return kvc_cuda_decode_batch(1, &host_head, &host_n, &dev_buf, &n, &dev_dst, dst_bytes, stream, verify_crc, err,
+                               err_cap);
 }
 
 }  // extern "C"

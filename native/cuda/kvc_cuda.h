@@ -22,6 +22,13 @@ int kvc_cuda_decode(const uint8_t* host_head, uint64_t host_n, const uint8_t* de
                     void* dev_dst, uint64_t dst_bytes, void* stream, int verify_crc, char* err,
                     uint64_t err_cap);
 
+// Decode `count` bitstreams of one shape and dtype in one kernel launch (more lanes in
+// flight: a single 256-token chunk has only layers * 2 * 32 lanes). Arrays are host arrays
+// of length count; dev_bufs / dev_dsts hold device pointers.
+int kvc_cuda_decode_batch(uint32_t count, const uint8_t* const* host_heads, const uint64_t* host_lens,
+                          const uint8_t* const* dev_bufs, const uint64_t* lens, void* const* dev_dsts,
+                          uint64_t dst_bytes_each, void* stream, int verify_crc, char* err, uint64_t err_cap);
+
 #ifdef __cplusplus
 }
 #endif
