@@ -185,21 +185,41 @@ struct LaneState {
 
 // Branchless renormalisation: a symbol of probability >= 2^-12 needs at most two bytes.
 // Reads past the lane's end yield 0 and push p beyond end, which the final check rejects.
+static const uint8_t kZeroByte = 0;
 #define KVC_RENORM_STEP(L)                                      \
   {                                                             \
     const uint32_t need = (L).x < KVC_RANS_L;                   \
-    const uint32_t byte = (L).p < (L).end ? *(L).p : 0u;        \
-    (L).x = need ? (((L).x << 8) | byte) : (L).x;               \
+    const uint8_t* src = (L).p < (L).end ? (L).p : &kZeroByte;  \
+    const uint32_t byte = *src & (0u - need);                   \
+    (L).x = ((L).x << (need << 3)) | byte;                      \
     (L).p += need;                                              \
   }
 #define KVC_RENORM(L) KVC_RENORM_STEP(L) KVC_RENORM_STEP(L)
 
-// One residual of lane L; returns the quantised value.
+// Unchecked renormalisation, for stretches where the lane has enough bytes left.
+#define KVC_RENORM_FAST_STEP(L)                                 \
+  {                                                             \
+    const uint32_t need = (L).x < KVC_RANS_L;                   \
+    const uint32_t byte = *(L).p & (0u - need);                 \
+    (L).x = ((L).x << (need << 3)) | byte;                      \
+    (L).p += need;                                              \
+  }
+
+// Bytes one residual can consume at most: symbol (2) + escape bytes (2 x 2).
+constexpr uint32_t kMaxBytesPerValue = 6;
+
+// One residual of lane L; returns the quantised value. FAST: the caller guarantees the lane
+// has at least kMaxBytesPerValue unread bytes.
+template <bool FAST>
 inline int32_t decode_value(LaneState& L) {
   uint32_t e = L.ent[L.x & (KVC_PROB_TOTAL - 1)];
   uint32_t z = e & 0xFFu;
   L.x = (((e >> 8) & 0xFFFu) + 1u) * (L.x >> KVC_PROB_BITS) + (e >> 20);
-  KVC_RENORM(L)
+  if (FAST) {
+    KVC_RENORM_FAST_STEP(L) KVC_RENORM_FAST_STEP(L)
+  } else {
+    KVC_RENORM(L)
+  }
   if (__builtin_expect(z == L.lim, 0)) {
     uint32_t b[2];
     for (int i = 0; i < 2; i++) {
@@ -267,19 +287,27 @@ bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint
       L.pred = (int16_t)read16(meta + 4 * c + 2);
     }
     uint32_t bad = 0;
-    for (uint32_t t = 0; t < TC; t++) {
-      int32_t* qrow = qbuf.data() + (size_t)t * n;
-      if (m == KVC_MAX_LANES) {
-        for (uint32_t j = 0; j < KVC_MAX_LANES; j++) {
-          const int32_t v = decode_value(lanes[j]);
-          bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
-          qrow[j] = v;
-        }
-      } else {
-        for (uint32_t j = 0; j < m; j++) {
-          const int32_t v = decode_value(lanes[j]);
-          bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
-          qrow[j] = v;
+    constexpr uint32_t kBlock = 16;  // tokens per bounds decision
+    for (uint32_t t0 = 0; t0 < TC; t0 += kBlock) {
+      const uint32_t t1 = std::min(TC, t0 + kBlock);
+      uint64_t room = UINT64_MAX;
+      for (uint32_t j = 0; j < m; j++)
+        room = std::min<uint64_t>(room, lanes[j].p < lanes[j].end ? (uint64_t)(lanes[j].end - lanes[j].p) : 0);
+      const bool fast = room >= (uint64_t)kMaxBytesPerValue * kBlock;
+      for (uint32_t t = t0; t < t1; t++) {
+        int32_t* qrow = qbuf.data() + (size_t)t * n;
+        if (fast && m == KVC_MAX_LANES) {
+          for (uint32_t j = 0; j < KVC_MAX_LANES; j++) {
+            const int32_t v = decode_value<true>(lanes[j]);
+            bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
+            qrow[j] = v;
+          }
+        } else {
+          for (uint32_t j = 0; j < m; j++) {
+            const int32_t v = decode_value<false>(lanes[j]);
+            bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
+            qrow[j] = v;
+          }
         }
       }
     }

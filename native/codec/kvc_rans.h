@@ -26,29 +26,29 @@ struct RansDecoder {
   uint32_t x;
   const uint8_t* p;
   const uint8_t* end;
+  // One conditional renormalisation byte, without branches (reads past end yield 0).
+  inline void renorm() {
+    static const uint8_t zero = 0;
+    const uint32_t need = x < KVC_RANS_L;
+    const uint8_t* src = p < end ? p : &zero;
+    x = (x << (need << 3)) | (*src & (0u - need));
+    p += need;
+  }
   inline uint32_t slot() const { return x & (KVC_PROB_TOTAL - 1); }
   // Advance past a symbol with (start, freq). Branchless: a symbol of probability >= 2^-12
   // needs at most two renormalisation bytes; reads past `end` yield 0 and move p beyond end,
   // which finished_cleanly() rejects.
   inline void advance(uint32_t start, uint32_t freq) {
     x = freq * (x >> KVC_PROB_BITS) + slot() - start;
-    for (int i = 0; i < 2; i++) {
-      const uint32_t need = x < KVC_RANS_L;
-      const uint32_t byte = p < end ? *p : 0u;
-      x = need ? ((x << 8) | byte) : x;
-      p += need;
-    }
+    renorm();
+    renorm();
   }
   // Decode one symbol with packed entries (see pack_entry in kvc_segment.h).
   inline uint8_t decode(const uint32_t* entry) {
     const uint32_t e = entry[slot()];
     x = (((e >> 8) & 0xFFFu) + 1u) * (x >> KVC_PROB_BITS) + (e >> 20);
-    for (int i = 0; i < 2; i++) {
-      const uint32_t need = x < KVC_RANS_L;
-      const uint32_t byte = p < end ? *p : 0u;
-      x = need ? ((x << 8) | byte) : x;
-      p += need;
-    }
+    renorm();
+    renorm();
     return (uint8_t)(e & 0xFFu);
   }
   // A lane ends exactly where the encoder started: state L and every byte consumed.

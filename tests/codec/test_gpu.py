@@ -53,3 +53,15 @@ def test_gpu_rejects_corrupt(torch_cuda):
         gpu.decode_into(b[:-5], out)
     with pytest.raises(kc.CodecError):
         gpu.decode_into(kc.encode(x, kc.CodecLevel.LOSSLESS), out)
+
+
+def test_gpu_batch_decode(torch_cuda):
+    from kvstore.codec import gpu
+
+    torch = torch_cuda
+    xs = [synthetic_kv(4, 256, 3, 64, seed=s) for s in range(5)]
+    bs = [kc.encode(x, kc.CodecLevel.DEFAULT) for x in xs]
+    outs = [torch.empty(x.shape, dtype=torch.float16, device="cuda") for x in xs]
+    gpu.decode_batch(bs, outs)
+    for b, o in zip(bs, outs):
+        assert o.cpu().numpy().tobytes() == kc.decode(b).tobytes()
