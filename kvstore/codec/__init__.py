@@ -1,0 +1,123 @@
+"""KV-cache codec: a versioned, checksummed, rANS-coded bitstream for KV chunks.
+
+Public API (numpy at the boundary)::
+
+    encode(array, level=CodecLevel.DEFAULT, layout=Layout.KV) -> bytes
+    decode(data) -> np.ndarray
+    decode_into(data, out) -> np.ndarray
+    decode_layers(data, first, count) -> np.ndarray
+    info(data) -> Header
+
+Arrays are ``[layers, 2, tokens, kv_heads, head_dim]`` (``Layout.KV``) or
+``[layers, tokens, latent]`` (``Layout.MLA``) of float16, bfloat16 (ml_dtypes) or float32.
+Every decode validates the whole bitstream and raises :class:`CodecError` (a ValueError) on
+malformed input. Native calls release the GIL; ``threads`` spreads layers over threads.
+The bitstream is specified byte for byte in docs/bitstream.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+
+from kvstore.codec import native
+from kvstore.codec.errors import ChecksumError, CodecError
+from kvstore.codec.format import CodecLevel, DType, Header, Layout, dtype_of, numpy_dtype
+
+__all__ = ["CodecError", "ChecksumError", "CodecLevel", "DType", "Layout", "Header",
+           "encode", "decode", "decode_into", "decode_layers", "info", "size_breakdown"]
+
+
+def _shape_args(shape: tuple[int, ...], layout: Layout) -> tuple[int, int, int, int]:
+    if layout == Layout.KV:
+        if len(shape) != 5 or shape[1] != 2:
+            raise CodecError(f"KV layout needs [layers, 2, tokens, heads, head_dim], got {shape}")
+        return shape[0], shape[2], shape[3], shape[4]
+    if len(shape) != 3:
+        raise CodecError(f"MLA layout needs [layers, tokens, latent], got {shape}")
+    return shape[0], shape[1], 1, shape[2]
+
+
+def encode(array: np.ndarray, level: CodecLevel = CodecLevel.DEFAULT,
+           layout: Layout = Layout.KV, *, threads: int = 1, bf16: bool = False,
+           policy: tuple[int, ...] | None = None) -> bytes:
+    """Encode one chunk. ``bf16=True`` reads a uint16 array as raw bfloat16 bits.
+
+    ``policy`` (tuning only) overrides the level's encoder policy: 8 ints, K step offsets
+    for shallow/middle/deep layers, V offsets likewise (quarter octaves), K and V channel
+    weights (0..4 halves). Decoders do not need it.
+    """
+    level, layout = CodecLevel(level), Layout(layout)
+    a = np.ascontiguousarray(array)
+    dt = dtype_of(a.dtype, bf16)
+    layers, tokens, heads, head_dim = _shape_args(a.shape, layout)
+    so = native.lib()
+    cap = so.kvc_encode_bound(dt, layout, layers, tokens, heads, head_dim, level)
+    out = ctypes.create_string_buffer(cap)
+    size = ctypes.c_uint64(0)
+    err = native.err_buf()
+    pol = None
+    if policy is not None:
+        if len(policy) != 8:
+            raise CodecError("policy needs 8 integers")
+        pol = (ctypes.c_int32 * 8)(*policy)
+    native.check(so.kvc_encode_policy(a.ctypes.data, a.nbytes, dt, layout, layers, tokens, heads, head_dim,
+                                      level, pol, threads, out, cap, ctypes.byref(size), err,
+                                      native.ERR_CAP), err)
+    return out.raw[: size.value]
+
+
+def _parse(data: bytes) -> native.Info:
+    inf = native.Info()
+    err = native.err_buf()
+    native.check(native.lib().kvc_parse(data, len(data), ctypes.byref(inf), err, native.ERR_CAP), err)
+    return inf
+
+
+def info(data: bytes) -> Header:
+    """Header of a bitstream (validates header and index, not the payload)."""
+    i = _parse(bytes(data))
+    return Header(CodecLevel(i.level), DType(i.dtype), Layout(i.layout), i.layers, i.tokens,
+                  i.heads, i.head_dim, i.payload_size)
+
+
+def decode_layers(data: bytes, first: int, count: int, out: np.ndarray | None = None, *,
+                  threads: int = 1, verify: bool = True) -> np.ndarray:
+    """Decode layers ``[first, first + count)`` (each layer decodes independently)."""
+    data = bytes(data)
+    h = info(data)
+    shape = (count,) + h.shape[1:]
+    if out is None:
+        out = np.empty(shape, dtype=numpy_dtype(h.dtype))
+    elif out.shape != shape or not out.flags.c_contiguous or out.itemsize != (4 if h.dtype == DType.FLOAT32 else 2):
+        raise CodecError(f"output must be a C-contiguous {shape} array of the chunk dtype {h.dtype.name}")
+    err = native.err_buf()
+    if first < 0 or count < 0:
+        raise CodecError("first and count must be >= 0")
+    native.check(native.lib().kvc_decode_layers(data, len(data), first, count, out.ctypes.data, out.nbytes,
+                                                threads, int(verify), err, native.ERR_CAP), err)
+    return out
+
+
+def decode(data: bytes, *, threads: int = 1, verify: bool = True) -> np.ndarray:
+    """Decode a whole chunk into a new array of the chunk's dtype and shape."""
+    h = info(data)
+    return decode_layers(data, 0, h.layers, threads=threads, verify=verify)
+
+
+def decode_into(data: bytes, out: np.ndarray, *, threads: int = 1, verify: bool = True) -> np.ndarray:
+    """Decode a whole chunk into ``out`` (C-contiguous, the chunk's shape and dtype size)."""
+    h = info(data)
+    return decode_layers(data, 0, h.layers, out, threads=threads, verify=verify)
+
+
+def size_breakdown(data: bytes) -> dict[str, int]:
+    """Bytes of the bitstream by role: header+index, channel tables, lane tables, lane data."""
+    data = bytes(data)
+    h = info(data)
+    out = (ctypes.c_uint64 * 3)()
+    err = native.err_buf()
+    native.check(native.lib().kvc_size_breakdown(data, len(data), out, err, native.ERR_CAP), err)
+    return {"container": h.payload_offset, "channel_tables": out[0], "lane_tables": out[1],
+            "lane_data": out[2]}

@@ -1,0 +1,139 @@
+"""GPU codec: ctypes bindings of ``libkvstore_cuda.so`` (native/cuda/kvc_cuda.h).
+
+Tensors are torch CUDA tensors or CuPy arrays (anything with ``data_ptr()`` or
+``.data.ptr``); the stream defaults to the current torch (or CuPy) stream. Lossy levels only;
+the bytes are identical to the CPU encoder's, and each side decodes the other's output.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+from kvstore.codec import native
+from kvstore.codec.errors import CodecError
+from kvstore.codec.format import CodecLevel, DType, Layout, parse_header
+
+CUDA_LIB_ENV = "KVSTORE_CUDA_LIB"
+_DTYPES = {"float16": DType.FLOAT16, "bfloat16": DType.BFLOAT16, "float32": DType.FLOAT32}
+
+
+@functools.lru_cache(maxsize=None)
+def lib() -> ctypes.CDLL:
+    path = os.environ.get(CUDA_LIB_ENV) or str(Path(__file__).resolve().parent.parent / "_native" / "libkvstore_cuda.so")
+    if not Path(path).is_file():
+        raise ImportError(f"{path} not found: build it with `bash native/codec/build_dev.sh` (needs nvcc)")
+    so = ctypes.CDLL(path)
+    vp, u32, u64, ci = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
+    so.kvc_cuda_encode.argtypes = [vp, ci, ci, u32, u32, u32, u32, ci, vp, vp, u64, ctypes.POINTER(u64), vp, u64]
+    so.kvc_cuda_decode.argtypes = [ctypes.c_char_p, u64, vp, u64, vp, u64, vp, ci, vp, u64]
+    so.kvc_cuda_decode_batch.argtypes = [u32, vp, vp, vp, vp, vp, u64, vp, ci, vp, u64]
+    so.kvc_cuda_decode_batch.restype = ci
+    so.kvc_cuda_encode.restype = ci
+    so.kvc_cuda_decode.restype = ci
+    return so
+
+
+def _ptr(t) -> int:
+    if hasattr(t, "data_ptr"):
+        return int(t.data_ptr())
+    return int(t.data.ptr)
+
+
+def _dtype(t) -> DType:
+    name = str(t.dtype).replace("torch.", "")
+    if name not in _DTYPES:
+        raise CodecError(f"unsupported dtype {t.dtype}")
+    return _DTYPES[name]
+
+
+def _nbytes(t) -> int:
+    if hasattr(t, "element_size"):
+        return t.numel() * t.element_size()
+    return int(t.nbytes)
+
+
+def _contiguous(t) -> bool:
+    return t.is_contiguous() if hasattr(t, "is_contiguous") else bool(t.flags.c_contiguous)
+
+
+def _stream(t, stream) -> int:
+    if stream is not None:
+        return int(getattr(stream, "cuda_stream", getattr(stream, "ptr", stream)))
+    if hasattr(t, "data_ptr"):
+        import torch
+
+        return int(torch.cuda.current_stream(t.device).cuda_stream)
+    import cupy
+
+    return int(cupy.cuda.get_current_stream().ptr)
+
+
+def encode(t, level: CodecLevel = CodecLevel.DEFAULT, layout: Layout = Layout.KV, *, stream=None) -> bytes:
+    """Encode a device-resident chunk on the GPU; returns the bitstream (host bytes)."""
+    from kvstore.codec import _shape_args
+
+    level, layout = CodecLevel(level), Layout(layout)
+    if not _contiguous(t):
+        raise CodecError("tensor must be contiguous")
+    L, T, H, D = _shape_args(tuple(t.shape), layout)
+    dt = _dtype(t)
+    cap = native.lib().kvc_encode_bound(dt, layout, L, T, H, D, level)
+    out = ctypes.create_string_buffer(cap)
+    size = ctypes.c_uint64(0)
+    err = native.err_buf()
+    native.check(lib().kvc_cuda_encode(_ptr(t), dt, layout, L, T, H, D, level, _stream(t, stream), out, cap,
+                                       ctypes.byref(size), err, native.ERR_CAP), err)
+    return out.raw[: size.value]
+
+
+def decode_into(data: bytes, out, *, device_data=None, stream=None, verify: bool = True):
+    """Decode ``data`` on the GPU into the device tensor ``out`` (contiguous, chunk shape/dtype).
+
+    ``device_data``: the same bitstream already on the device (a uint8 tensor/array); when
+    omitted it is uploaded here. ``data`` (host) is used to validate header, index and CRCs.
+    """
+    data = bytes(data)
+    h = parse_header(data) if len(data) >= 64 else None
+    if h is not None and tuple(out.shape) != h.shape:
+        raise CodecError(f"output shape {tuple(out.shape)} != chunk shape {h.shape}")
+    if not _contiguous(out):
+        raise CodecError("output must be contiguous")
+    if device_data is None:
+        import torch
+
+        device_data = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(out.device if hasattr(out, "device") else "cuda")
+    err = native.err_buf()
+    native.check(lib().kvc_cuda_decode(data, len(data), _ptr(device_data), len(data), _ptr(out), _nbytes(out),
+                                       _stream(out, stream), int(verify), err, native.ERR_CAP), err)
+    return out
+
+
+def decode_batch(datas: list[bytes], outs: list, *, device_datas: list | None = None, stream=None,
+                 verify: bool = True) -> list:
+    """Decode chunks of one shape and dtype in one kernel launch (more lanes in flight).
+
+    ``device_datas[i]`` is ``datas[i]`` already on the device (uploaded here when omitted).
+    """
+    if len(datas) != len(outs) or not datas:
+        raise CodecError("datas and outs must be non-empty lists of equal length")
+    datas = [bytes(d) for d in datas]
+    if device_datas is None:
+        import torch
+
+        device_datas = [torch.frombuffer(bytearray(d), dtype=torch.uint8).to(outs[0].device) for d in datas]
+    n = len(datas)
+    keep = [ctypes.c_char_p(d) for d in datas]
+    heads = (ctypes.c_void_p * n)(*[ctypes.cast(k, ctypes.c_void_p).value for k in keep])
+    lens = (ctypes.c_uint64 * n)(*[len(d) for d in datas])
+    bufs = (ctypes.c_void_p * n)(*[_ptr(d) for d in device_datas])
+    dsts = (ctypes.c_void_p * n)(*[_ptr(o) for o in outs])
+    nb = _nbytes(outs[0])
+    if any(_nbytes(o) != nb or not _contiguous(o) for o in outs):
+        raise CodecError("outputs must be contiguous and of one size")
+    err = native.err_buf()
+    native.check(lib().kvc_cuda_decode_batch(n, heads, lens, bufs, lens, dsts, nb, _stream(outs[0], stream),
+                                             int(verify), err, native.ERR_CAP), err)
+    return outs

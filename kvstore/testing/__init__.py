@@ -1,0 +1,1 @@
+"""Test helpers: real-model KV for tests and benchmarks."""

@@ -1,0 +1,140 @@
+// Lossless segment codec: the raw bytes of the elements split into byte planes (plane b =
+// byte b of every little-endian element), each plane stored raw or order-0 rANS coded with
+// a normalised frequency table shipped in the segment.
+#include <math.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "kvc_rans.h"
+#include "kvc_segment.h"
+
+namespace kvc {
+namespace {
+
+constexpr uint8_t kPlaneRaw = 0;
+constexpr uint8_t kPlaneRans = 1;
+
+// Deterministic normalisation of counts to KVC_PROB_TOTAL, every present symbol >= 1.
+void normalize(const uint64_t* count, uint64_t total, uint32_t* freq) {
+  int64_t sum = 0;
+  for (int s = 0; s < 256; s++) {
+    freq[s] = 0;
+    if (count[s]) {
+      freq[s] = (uint32_t)std::max<uint64_t>(1, count[s] * KVC_PROB_TOTAL / total);
+      sum += freq[s];
+    }
+  }
+  while (sum != (int64_t)KVC_PROB_TOTAL) {
+    int best = -1;
+    for (int s = 0; s < 256; s++) {
+      if (!count[s] || (sum > (int64_t)KVC_PROB_TOTAL && freq[s] <= 1)) continue;
+      if (best < 0 || freq[s] > freq[best]) best = s;
+    }
+    if (sum < (int64_t)KVC_PROB_TOTAL) { freq[best]++; sum++; }
+    else { freq[best]--; sum--; }
+  }
+}
+
+}  // namespace
+
+void encode_lossless_segment(const void* src, int dtype, uint64_t n, std::vector<uint8_t>& out) {
+  const uint32_t B = kvc_dtype_size(dtype);
+  const uint8_t* s = static_cast<const uint8_t*>(src);
+  const uint32_t lanes = (uint32_t)std::min<uint64_t>(KVC_MAX_LANES, n);
+  for (uint32_t b = 0; b < B; b++) {
+    uint64_t count[256] = {0};
+    for (uint64_t i = 0; i < n; i++) count[s[i * B + b]]++;
+    uint32_t freq[256], cum[257];
+    normalize(count, n, freq);
+    double bits = 0;
+    uint32_t present = 0;
+    cum[0] = 0;
+    for (int v = 0; v < 256; v++) {
+      if (count[v]) { bits += (double)count[v] * (KVC_PROB_BITS - log2((double)freq[v])); present++; }
+      cum[v + 1] = cum[v] + freq[v];
+    }
+    const double coded = bits / 8 + 3.0 * present + KVC_LANE_ENTRY_SIZE * lanes + 8.0 * lanes;
+    if (coded >= (double)n) {  // incompressible plane: raw is smaller and faster
+      out.push_back(kPlaneRaw);
+      for (uint64_t i = 0; i < n; i++) out.push_back(s[i * B + b]);
+      continue;
+    }
+    out.push_back(kPlaneRans);
+    append16(out, present);
+    for (int v = 0; v < 256; v++)
+      if (count[v]) { out.push_back((uint8_t)v); append16(out, freq[v]); }
+    std::vector<std::vector<uint8_t>> bytes(lanes);
+    std::vector<uint32_t> states(lanes);
+    for (uint32_t j = 0; j < lanes; j++) {
+      RansEncoder enc;
+      const uint64_t cnt = (n - j + lanes - 1) / lanes;
+      for (uint64_t i = cnt; i-- > 0;) {
+        const uint8_t v = s[(j + i * lanes) * B + b];
+        enc.put(cum[v], freq[v]);
+      }
+      enc.finish(bytes[j]);
+      states[j] = enc.x;
+    }
+    for (uint32_t j = 0; j < lanes; j++) { append32(out, (uint32_t)bytes[j].size()); append32(out, states[j]); }
+    for (uint32_t j = 0; j < lanes; j++) out.insert(out.end(), bytes[j].begin(), bytes[j].end());
+  }
+}
+
+bool decode_lossless_segment(const uint8_t** pp, const uint8_t* end, void* dst, int dtype, uint64_t n,
+                             Error& err) {
+  const uint32_t B = kvc_dtype_size(dtype);
+  uint8_t* d = static_cast<uint8_t*>(dst);
+  const uint8_t* p = *pp;
+  const uint32_t lanes = (uint32_t)std::min<uint64_t>(KVC_MAX_LANES, n);
+  for (uint32_t b = 0; b < B; b++) {
+    if (p >= end) return err.fail("truncated lossless plane %u", b);
+    const uint8_t kind = *p++;
+    if (kind == kPlaneRaw) {
+      if ((uint64_t)(end - p) < n) return err.fail("truncated raw plane %u", b);
+      for (uint64_t i = 0; i < n; i++) d[i * B + b] = p[i];
+      p += n;
+      continue;
+    }
+    if (kind != kPlaneRans) return err.fail("plane %u: unknown kind %u", b, kind);
+    if (end - p < 2) return err.fail("truncated plane table");
+    const uint32_t present = read16(p);
+    p += 2;
+    if (present == 0 || present > 256 || (uint64_t)(end - p) < 3ull * present)
+      return err.fail("plane %u: bad symbol table (%u symbols)", b, present);
+    uint32_t freq[256] = {0}, cum[256] = {0}, sum = 0;
+    int last = -1;
+    for (uint32_t i = 0; i < present; i++) {
+      const int v = p[3 * i];
+      const uint32_t f = read16(p + 3 * i + 1);
+      if (v <= last || f == 0 || f > KVC_PROB_TOTAL) return err.fail("plane %u: malformed symbol table", b);
+      last = v;
+      freq[v] = f;
+      cum[v] = sum;
+      sum += f;
+      if (sum > KVC_PROB_TOTAL) return err.fail("plane %u: frequencies exceed the total", b);
+    }
+    if (sum != KVC_PROB_TOTAL) return err.fail("plane %u: frequencies do not sum to %u", b, KVC_PROB_TOTAL);
+    p += 3 * present;
+    uint32_t entry[KVC_PROB_TOTAL];
+    for (int v = 0; v < 256; v++)
+      for (uint32_t s = cum[v]; s < cum[v] + freq[v]; s++) entry[s] = pack_entry((uint32_t)v, freq[v], s - cum[v]);
+    LaneSpan spans[KVC_MAX_LANES];
+    if (!read_lane_table(&p, end, lanes, spans, err)) return false;
+    RansDecoder dec[KVC_MAX_LANES];
+    for (uint32_t j = 0; j < lanes; j++) dec[j] = {spans[j].state, spans[j].begin, spans[j].end};
+    uint64_t i = 0;
+    for (; i + lanes <= n; i += lanes) {
+      for (uint32_t j = 0; j < lanes; j++) d[(i + j) * B + b] = dec[j].decode(entry);
+    }
+    for (uint32_t j = 0; i + j < n; j++) {
+      d[(i + j) * B + b] = dec[j].decode(entry);
+    }
+    for (uint32_t j = 0; j < lanes; j++)
+      if (!dec[j].finished_cleanly()) return err.fail("plane %u: lane %u does not end cleanly", b, j);
+  }
+  *pp = p;
+  return true;
+}
+
+}  // namespace kvc

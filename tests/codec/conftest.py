@@ -1,0 +1,33 @@
+"""Fixtures of the codec tests: small real-looking KV chunks and bitstream surgery helpers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from kvstore.testing.codec_data import synthetic_kv
+
+try:
+    import torch
+
+    HAVE_CUDA = torch.cuda.is_available()
+except Exception:  # torch missing or broken: no GPU tests
+    HAVE_CUDA = False
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device and libkvstore_cuda.so")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAVE_CUDA:
+        return
+    skip = pytest.mark.skip(reason="no CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def kv_small():
+    return synthetic_kv()
