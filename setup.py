@@ -31,12 +31,15 @@ PROTO_OUT = ROOT / "client" / "kvstore_client" / "_proto"
 NATIVE = ROOT / "native"
 NATIVE_OUT = ROOT / "kvstore" / "_native"
 
-CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-Wall", "-Wextra", "-fvisibility=hidden", "-pthread"]
+CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-Wall", "-Wextra", "-pthread"]
 # The lent GPUs are Hopper; one SASS target keeps the build fast and exact.
 NVCCFLAGS = [
-    "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
+    "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
     "-gencode=arch=compute_90,code=sm_90", "-lineinfo",
 ]
+
+
+INCLUDES = [f"-I{NATIVE / 'include'}", f"-I{NATIVE / 'codec'}"]
 
 
 def _newer(sources: list[Path], target: Path) -> bool:
@@ -80,7 +83,7 @@ def build_native() -> None:
     hdrs = sorted(NATIVE.rglob("*.h"))
     lib = NATIVE_OUT / "libkvstore.so"
     if srcs and _newer(srcs + hdrs, lib):
-        cmd = [cxx, *CXXFLAGS, f"-I{NATIVE / 'include'}", *map(str, srcs), "-o", str(lib)]
+        cmd = [cxx, *CXXFLAGS, *INCLUDES, *map(str, srcs), "-o", str(lib)]
         print("building native library:", " ".join(cmd), file=sys.stderr)
         subprocess.check_call(cmd)
     nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if Path("/usr/local/cuda/bin/nvcc").exists() else None)
@@ -89,7 +92,7 @@ def build_native() -> None:
     if os.environ.get("KVSTORE_NO_CUDA") == "1":
         nvcc = None
     if nvcc and cus and _newer(cus + hdrs + sorted(NATIVE.rglob("*.cuh")), cuda_lib):
-        cmd = [nvcc, *NVCCFLAGS, f"-I{NATIVE / 'include'}", *map(str, cus), "-o", str(cuda_lib), "-lcudart"]
+        cmd = [nvcc, *NVCCFLAGS, *INCLUDES, *map(str, cus), "-o", str(cuda_lib), "-lcudart"]
         print("building CUDA library:", " ".join(cmd), file=sys.stderr)
         subprocess.check_call(cmd)
 
