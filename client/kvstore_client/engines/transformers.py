@@ -278,9 +278,14 @@ class KVCacheAdapter:
             load = self.load_prefix(ids)
             cache, m = load.cache, load.matched_tokens
             t1 = time.perf_counter()
-            out = self.model(input_ids=torch.tensor([ids[m:]], device=device), past_key_values=cache,
-                             cache_position=torch.arange(m, len(ids), device=device),
-                             use_cache=True, logits_to_keep=1)
+            if m:
+                out = self.model(input_ids=torch.tensor([ids[m:]], device=device), past_key_values=cache,
+                                 cache_position=torch.arange(m, len(ids), device=device),
+                                 use_cache=True, logits_to_keep=1)
+            else:
+                # A miss runs exactly the plain model's call, so the miss path adds only the lookup.
+                out = self.model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
             tok = int(out.logits[0, -1].argmax())
             t2 = time.perf_counter()
             ttft = t2 - t0
