@@ -50,6 +50,17 @@ class EvictionPolicy(str, enum.Enum):
     S3FIFO = "s3fifo"  #: scan-resistant: small probationary FIFO + main FIFO + ghost queue
 
 
+class TierCodec(str, enum.Enum):
+    """How a tier stores chunks: RAW tensor bytes or a codec bitstream (docs/bitstream.md).
+    Quality per level is measured in docs/benchmarks.md (Codec)."""
+
+    RAW = "raw"
+    LOSSLESS = "lossless"            #: bit-exact
+    NEAR_LOSSLESS = "near-lossless"  #: lossy, closest to exact
+    DEFAULT = "default"              #: lossy, the size/quality balance
+    AGGRESSIVE = "aggressive"        #: lossy, smallest
+
+
 class ServerConfig(_Section):
     #: Addresses to serve on: ``host:port`` (TCP) or ``unix:/path/to.sock``. Loopback by default.
     listen: list[str] = ["127.0.0.1:50051"]
@@ -68,6 +79,9 @@ class ServerConfig(_Section):
     lease_ttl_s: float = Field(30.0, gt=0, le=3600)
     #: Most leases and reservations open at once across all local clients.
     max_open_leases: int = Field(4096, ge=1)
+    #: Codec of chunks a client asks to receive encoded (GetRequest.encoding = CODEC) when
+    #: they are stored RAW.
+    network_codec: TierCodec = TierCodec.LOSSLESS
     #: Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = Field(5.0, ge=0)
 
@@ -136,6 +150,9 @@ class DramConfig(_Section):
     #: Size of the host arena, allocated once at start.
     capacity_bytes: Bytes = 1024**3
     policy: EvictionPolicy = EvictionPolicy.S3FIFO
+    #: How chunks are held in DRAM. RAW keeps the same-host path a plain copy; a codec holds
+    #: more chunks in the same arena, decoded by the reader.
+    codec: TierCodec = TierCodec.RAW
     #: Allocation granule of the arena; chunks occupy whole pages.
     page_bytes: Bytes = 64 * 1024
     #: Back the arena with a shared-memory file ``/dev/shm/<shm_name>`` that local clients map
@@ -163,6 +180,8 @@ class DiskConfig(_Section):
     path: Path = Path("./kvstore-data")
     capacity_bytes: Bytes = 16 * 1024**3
     policy: EvictionPolicy = EvictionPolicy.LRU
+    #: How chunks are written to disk (encoded by the writer thread, off the request path).
+    codec: TierCodec = TierCodec.RAW
     #: Chunks waiting to be written; when full, MEMORY-durability writes to disk are dropped
     #: (and counted) rather than blocking the request path.
     write_queue_chunks: int = Field(256, ge=1)

@@ -148,6 +148,28 @@ def put_messages(namespace_id: bytes, keys: Sequence[bytes], payloads: Sequence[
             yield encode_data(view[off:off + piece_bytes])
 
 
+def codec_available() -> bool:
+    """True when this process can decode codec bitstreams (the kvstore package's native
+    library is installed); the client then accepts chunks as stored, else asks for RAW."""
+    try:
+        from kvstore import codec  # noqa: F401
+    except Exception:  # noqa: BLE001 - any import failure means: no codec here
+        return False
+    return True
+
+
+def decode_chunk(bits) -> np.ndarray:
+    """A codec bitstream as the uint8 bytes of the RAW chunk."""
+    try:
+        from kvstore import codec
+    except Exception as e:  # noqa: BLE001
+        raise DataLoss(f"received a codec bitstream but cannot decode it here ({e}); install kvstore") from None
+    try:
+        return codec.decode(bytes(bits)).view(np.uint8).reshape(-1)
+    except codec.CodecError as e:
+        raise DataLoss(f"the daemon sent a bitstream that does not decode: {e}") from None
+
+
 class ChunkAssembler:
     """Receives a Get stream straight into the final ``[.., tokens, ..]`` array (no
     reassembly copy); stops at the first missing chunk.
@@ -180,6 +202,7 @@ class ChunkAssembler:
         self._expect = 0       # bytes of the current chunk announced (0 = between chunks)
         self._want_crc = 0
         self._crc = 0
+        self._bits: np.ndarray | None = None   # the current chunk's bitstream, if CODEC
         self.done = False
 
     def feed(self, msg, index_base: int = 0) -> bool:
@@ -194,14 +217,27 @@ class ChunkAssembler:
         if not h.found or h.index + index_base != self.matched:
             self.done = True
             return False
-        if h.encoding != Encoding.RAW or h.num_tokens != self.ns.chunk_tokens or h.payload_bytes != self.chunk_bytes:
+        if h.num_tokens != self.ns.chunk_tokens:
+            raise DataLoss(f"chunk {h.index}: the daemon returned {h.num_tokens} tokens, expected a full chunk "
+                           f"of {self.ns.chunk_tokens}")
+        if h.encoding == Encoding.CODEC:
+            # A bitstream: collected whole, then decoded into place.
+            self._bits = np.empty(h.payload_bytes, np.uint8)
+        elif h.encoding != Encoding.RAW or h.payload_bytes != self.chunk_bytes:
             raise DataLoss(f"chunk {h.index}: the daemon returned {h.payload_bytes} bytes of "
                            f"{Encoding(h.encoding).name}, expected a full RAW chunk of {self.chunk_bytes} bytes")
-        self._off, self._expect, self._want_crc, self._crc = 0, self.chunk_bytes, h.crc32c, 0
+        else:
+            self._bits = None
+        self._off, self._expect, self._want_crc, self._crc = 0, h.payload_bytes, h.crc32c, 0
         return True
 
     def place(self, payload: np.ndarray, num_tokens: int, encoding: Encoding, crc: int) -> None:
         """Copies one whole chunk (a uint8 array, e.g. a view of the shared arena) into place."""
+        if encoding == Encoding.CODEC and num_tokens == self.ns.chunk_tokens:
+            if self.verify and crc and crc32c(payload) != crc:
+                raise DataLoss(f"chunk {self.matched}: CRC32C mismatch in the shared arena")
+            self._place_decoded(payload)
+            return
         if encoding != Encoding.RAW or num_tokens != self.ns.chunk_tokens or payload.nbytes != self.chunk_bytes:
             raise DataLoss(f"chunk {self.matched}: the daemon leased {payload.nbytes} bytes of "
                            f"{Encoding(encoding).name}, expected a full RAW chunk of {self.chunk_bytes} bytes")
@@ -211,10 +247,29 @@ class ChunkAssembler:
         self.out[:, base:base + self.run] = payload.reshape(self.rows, self.run)
         self.matched += 1
 
+    def _place_decoded(self, bits) -> None:
+        raw = decode_chunk(bits)
+        if raw.nbytes != self.chunk_bytes:
+            raise DataLoss(f"chunk {self.matched}: the bitstream decodes to {raw.nbytes} bytes, the namespace's "
+                           f"chunks are {self.chunk_bytes}")
+        base = self.matched * self.run
+        self.out[:, base:base + self.run] = raw.reshape(self.rows, self.run)
+        self.matched += 1
+
     def _data(self, piece: memoryview) -> None:
         m = piece.nbytes
         if self._off + m > self._expect:
             raise DataLoss("the daemon sent more data than the chunk header announced")
+        if self._bits is not None:
+            self._bits[self._off:self._off + m] = np.frombuffer(piece, np.uint8)
+            self._off += m
+            if self._off == self._expect:
+                if self.verify and self._want_crc and crc32c(self._bits) != self._want_crc:
+                    raise DataLoss(f"chunk {self.matched}: CRC32C mismatch after transfer")
+                bits, self._bits = self._bits, None
+                self._off = self._expect = 0
+                self._place_decoded(bits)
+            return
         if self.verify and self._want_crc:
             self._crc = crc32c(piece, self._crc)
         src = np.frombuffer(piece, np.uint8)

@@ -54,6 +54,7 @@ class AsyncKVStoreClient:
         self._attach = ch.unary_unary("/kvstore.v1.LocalData/Attach", local_pb2.AttachRequest.SerializeToString,
                                       local_pb2.AttachResponse.FromString)
         self.presence: PresenceReader | None = None
+        self._get_encoding = 0 if C.codec_available() else 1  # 1 = RAW: the daemon decodes
 
     @classmethod
     async def connect(cls, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
@@ -130,7 +131,7 @@ class AsyncKVStoreClient:
         keys = self.keys(tokens)
         asm = C.ChunkAssembler(self.namespace, len(keys), verify_crc)
         if keys:
-            call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys),
+            call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys, encoding=self._get_encoding),
                              metadata=self._metadata, timeout=self.timeout_s)
             async for msg in call:
                 if not asm.feed(msg):

@@ -79,6 +79,8 @@ class KVStoreClient:
                                       L.CommitWriteResponse.FromString)
         self._release = ch.unary_unary(_LOCAL + "Release", L.ReleaseRequest.SerializeToString,
                                        L.ReleaseResponse.FromString)
+        # Chunks come as stored when this process can decode bitstreams, else the daemon decodes.
+        self._get_encoding = 0 if C.codec_available() else int(Encoding.RAW)
         self.arena: SharedArena | None = None
         self.presence: PresenceReader | None = None
         try:
@@ -220,7 +222,7 @@ class KVStoreClient:
         if keys and self.arena is not None:
             self._retrieve_local(keys, asm)
         elif keys:
-            call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys),
+            call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys, encoding=self._get_encoding),
                              metadata=self._metadata, timeout=self.timeout_s)
             for msg in call:
                 if not asm.feed(msg):
@@ -246,7 +248,7 @@ class KVStoreClient:
             # Absent, or present but not placeable in the arena (DRAM full of pinned chunks):
             # the stream path serves what exists.
             base = asm.matched
-            call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys[base:]),
+            call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys[base:], encoding=self._get_encoding),
                              metadata=self._metadata, timeout=self.timeout_s)
             for msg in call:
                 if not asm.feed(msg, index_base=base):

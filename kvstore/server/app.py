@@ -86,6 +86,7 @@ class Daemon:
         self.config = config
         self.manager = manager
         self.registry = NamespaceRegistry(config.disk.path, config.server.max_chunk_bytes)
+        manager.attach_namespaces(lambda nid: self.registry.get(nid, None).namespace)
         self.pool = ThreadPoolExecutor(config.server.worker_threads, thread_name_prefix="kvstore-worker")
         self.stats = RequestStats()
         self.health = health.aio.HealthServicer()

@@ -170,6 +170,9 @@ class DataServicer:
     async def Get(self, request, context):
         info = self._namespace(request.namespace_id)
         cids = chunk_ids(info, request.keys, self._cfg.max_keys_per_request)
+        if request.encoding not in (0, Encoding.RAW, Encoding.CODEC):
+            raise InvalidArgument(f"encoding={request.encoding} is not an Encoding; use UNSPECIFIED (as stored), "
+                                  "RAW or CODEC")
         piece = self._cfg.stream_piece_bytes
         sent = 0
         try:
@@ -179,21 +182,30 @@ class DataServicer:
                     yield data_pb2.GetResponse(header=data_pb2.GetChunkHeader(index=i, found=False))
                     continue
                 with ref:  # the lease is held until the last piece is handed to gRPC
-                    m = ref.meta
-                    if request.encoding and request.encoding != int(m.encoding):
-                        raise FailedPrecondition(
-                            f"keys[{i}] is stored as {m.encoding.name} and this daemon has no codec to convert "
-                            f"it to {Encoding(request.encoding).name}; request encoding UNSPECIFIED (as stored)")
+                    m, view = ref.meta, ref.view
+                    want = Encoding(request.encoding) if request.encoding else m.encoding
+                    if want != m.encoding:
+                        m, view = await self._run(self._transcode, ref, want)
+                        view = memoryview(view).cast("B")
                     yield data_pb2.GetResponse(header=data_pb2.GetChunkHeader(
                         index=i, found=True, num_tokens=m.num_tokens, encoding=int(m.encoding),
                         payload_bytes=m.payload_bytes, crc32c=m.crc32c, tier=int(ref.medium),
                         key_kind=int(m.key_kind)))
-                    view = ref.view
                     for off in range(0, view.nbytes, piece):
                         yield wire.encode_data_piece(view[off:off + piece])
                     sent += view.nbytes
         finally:
             self._stats.add_bytes(sent=sent)
+
+    def _transcode(self, ref, want: Encoding):
+        """Worker thread: the leased chunk in the encoding the client asked for."""
+        t = self._m.transcoder
+        if t is None:
+            raise FailedPrecondition(f"this daemon cannot convert chunks to {want.name}; request encoding "
+                                     "UNSPECIFIED (as stored)")
+        if want == Encoding.RAW:
+            return t.decode(ref.meta, ref.view)
+        return t.encode(ref.cid, ref.meta, ref.view, self._cfg.network_codec)
 
     # ------------------------------------------------------------------ Delete
     async def Delete(self, request, context):

@@ -30,11 +30,12 @@ from typing import Callable, Sequence
 
 from .. import config as cfg
 from ..errors import DeadlineExceeded, FailedPrecondition, KVStoreError, ResourceExhausted, Unavailable
-from ..types import ChunkId, ChunkMeta, Durability, Medium
+from ..types import ChunkId, ChunkMeta, Durability, Encoding, Medium
 from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
 from .disk import DiskTier
 from .dram import DramTier
 from .presence import PresenceIndex
+from .transcode import NamespaceResolver, Transcoder
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class TierManager:
     def __init__(self, config: cfg.Config, clock: Callable[[], float] = time.time, *,
                  disk_wrapper: Callable[[Tier], Tier] | None = None, dram_verify_crc: bool = False) -> None:
         self._clock = clock
+        self._dram_codec = config.dram.codec
+        self._disk_codec = config.disk.codec
+        self.transcoder: Transcoder | None = None
         self.pins = PinTable(clock)
         self.dram = DramTier(config.dram, self.pins, clock, verify_crc=dram_verify_crc)
         self.disk: Tier | None = None
@@ -134,6 +138,20 @@ class TierManager:
         if self.disk is not None:
             self._writer = threading.Thread(target=self._write_loop, name="kvstore-disk-writer", daemon=True)
             self._writer.start()
+
+    def attach_namespaces(self, resolve: NamespaceResolver) -> None:
+        """Lets the manager encode chunks (the codec needs their shape): the daemon passes
+        the namespace registry's lookup. Without it only RAW tiers work."""
+        self.transcoder = Transcoder(resolve)
+
+    def _convert(self, cid: ChunkId, meta: ChunkMeta, payload, want: cfg.TierCodec):
+        """``(meta, payload)`` in the encoding a tier stores (worker or writer thread)."""
+        if want == cfg.TierCodec.RAW or meta.encoding == Encoding.CODEC:
+            return meta, payload
+        if self.transcoder is None:
+            raise FailedPrecondition("a tier codec is configured but the manager has no namespace resolver "
+                                     "(attach_namespaces); set the tier codecs to raw")
+        return self.transcoder.convert(cid, meta, payload, want)
 
     def _tiers(self, medium: Medium | None = None) -> list[Tier]:
         tiers: list[Tier] = [self.dram] if self.disk is None else [self.dram, self.disk]
@@ -181,8 +199,9 @@ class TierManager:
             if persist and not self.disk.contains(cid):
                 self._persist(cid, meta, payload)
             return PutResult.EXISTED
+        dmeta, dpayload = self._convert(cid, meta, payload, self._dram_codec)
         try:
-            stored = self.dram.put(cid, meta, payload)
+            stored = self.dram.put(cid, dmeta, dpayload)
         except ResourceExhausted:
             if not persist:
                 raise
@@ -195,7 +214,7 @@ class TierManager:
 
     def _persist(self, cid: ChunkId, meta: ChunkMeta, payload) -> bool:
         try:
-            return self.disk.put(cid, meta, payload)
+            return self.disk.put(cid, *self._convert(cid, meta, payload, self._disk_codec))
         except (Unavailable, ResourceExhausted) as err:
             with self._lock:
                 self._write_errors += 1
@@ -240,7 +259,7 @@ class TierManager:
 
     def _write_one(self, w: _Write) -> None:
         try:
-            self.disk.put(w.cid, w.ref.meta, w.ref.view)
+            self.disk.put(w.cid, *self._convert(w.cid, w.ref.meta, w.ref.view, self._disk_codec))
         except KVStoreError as err:
             with self._lock:
                 self._write_errors += 1
@@ -274,7 +293,7 @@ class TierManager:
         if ref is None:
             return None
         try:
-            self.dram.put(cid, ref.meta, ref.view)
+            self.dram.put(cid, *self._convert(cid, ref.meta, ref.view, self._dram_codec))
         except ResourceExhausted:
             with self._lock:
                 self._promotions_skipped += 1
@@ -323,6 +342,16 @@ class TierManager:
             except BaseException:
                 self.dram.abort(res)
                 raise
+        if self._dram_codec != cfg.TierCodec.RAW and meta.encoding != Encoding.CODEC:
+            # Local clients write RAW bytes; a compressed DRAM tier stores the encoded copy.
+            try:
+                cmeta, cpayload = self._convert(res.cid, meta, res.view, self._dram_codec)
+            finally:
+                self.dram.abort(res)
+            self.dram.put(res.cid, cmeta, cpayload)
+            if not persist and self.disk is not None:
+                self._enqueue(res.cid)
+            return PutResult.STORED
         self.dram.commit(res, meta)
         if not persist and self.disk is not None:
             self._enqueue(res.cid)
