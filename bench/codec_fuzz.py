@@ -86,7 +86,7 @@ def main() -> int:
             b = fix_checksums(b)
         for verify in (True, False):
             try:
-                kc.decode(b, verify=verify)
+                kc.decode(b, verify=verify, max_decoded_bytes=1 << 24)
                 decoded += 1
             except kc.CodecError:
                 rejected += 1

@@ -54,6 +54,8 @@ def cases(kv_real: np.ndarray | None):
     """(name, host array, layout, is_bf16); bf16 arrays are uint16 bit patterns."""
     rng = np.random.default_rng(0)
     kv = kv_real if kv_real is not None else synthetic_kv(30, 256, 3, 64, seed=1, dtype=np.float32)
+    if kv_real is None:
+        kv[:, :, 0] *= 0.01  # an attention-sink-like token (exercises the raw-row path)
     yield "kv f16", kv.astype(np.float16), kc.Layout.KV, False
     yield "kv f32", kv.astype(np.float32), kc.Layout.KV, False
     yield "kv bf16", bf16_bits(kv), kc.Layout.KV, True

@@ -25,7 +25,12 @@ from kvstore.codec import native
 from kvstore.codec.errors import ChecksumError, CodecError
 from kvstore.codec.format import CodecLevel, DType, Header, Layout, dtype_of, numpy_dtype
 
-__all__ = ["CodecError", "ChecksumError", "CodecLevel", "DType", "Layout", "Header",
+#: Default cap on the decoded size of one bitstream. A tiny stream may legitimately expand a
+#: thousandfold (all-zero KV), so a hostile header could otherwise make a decoder allocate
+#: gigabytes; callers decoding bigger chunks pass ``max_decoded_bytes`` explicitly.
+DEFAULT_MAX_DECODED_BYTES = 1 << 30
+
+__all__ = ["DEFAULT_MAX_DECODED_BYTES", "CodecError", "ChecksumError", "CodecLevel", "DType", "Layout", "Header",
            "encode", "decode", "decode_into", "decode_layers", "info", "size_breakdown"]
 
 
@@ -83,11 +88,17 @@ def info(data: bytes) -> Header:
 
 
 def decode_layers(data: bytes, first: int, count: int, out: np.ndarray | None = None, *,
-                  threads: int = 1, verify: bool = True) -> np.ndarray:
+                  threads: int = 1, verify: bool = True,
+                  max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> np.ndarray:
     """Decode layers ``[first, first + count)`` (each layer decodes independently)."""
     data = bytes(data)
     h = info(data)
     shape = (count,) + h.shape[1:]
+    itemsize = 4 if h.dtype == DType.FLOAT32 else 2
+    nbytes = int(np.prod(shape, dtype=np.int64)) * itemsize
+    if out is None and nbytes > max_decoded_bytes:
+        raise CodecError(f"bitstream decodes to {nbytes} bytes, above max_decoded_bytes={max_decoded_bytes}; "
+                         "pass a larger max_decoded_bytes (or an `out` array) if this chunk is expected")
     if out is None:
         out = np.empty(shape, dtype=numpy_dtype(h.dtype))
     elif out.shape != shape or not out.flags.c_contiguous or out.itemsize != (4 if h.dtype == DType.FLOAT32 else 2):
@@ -100,10 +111,15 @@ def decode_layers(data: bytes, first: int, count: int, out: np.ndarray | None = 
     return out
 
 
-def decode(data: bytes, *, threads: int = 1, verify: bool = True) -> np.ndarray:
-    """Decode a whole chunk into a new array of the chunk's dtype and shape."""
+def decode(data: bytes, *, threads: int = 1, verify: bool = True,
+           max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES) -> np.ndarray:
+    """Decode a whole chunk into a new array of the chunk's dtype and shape.
+
+    Raises CodecError when the header announces more than ``max_decoded_bytes``.
+    """
     h = info(data)
-    return decode_layers(data, 0, h.layers, threads=threads, verify=verify)
+    return decode_layers(data, 0, h.layers, threads=threads, verify=verify,
+                         max_decoded_bytes=max_decoded_bytes)
 
 
 def decode_into(data: bytes, out: np.ndarray, *, threads: int = 1, verify: bool = True) -> np.ndarray:

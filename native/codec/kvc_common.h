@@ -36,7 +36,7 @@
 #define KVC_MAX_LAYERS 4096u
 #define KVC_MAX_TOKENS (1u << 20)
 #define KVC_MAX_CHANNELS (1u << 20)          // heads * head_dim (or latent) per segment
-#define KVC_MAX_ELEMENTS (1ull << 34)        // whole chunk
+#define KVC_MAX_ELEMENTS (1ull << 31)        // whole chunk (4 GiB of fp16)
 
 // ---- rANS ------------------------------------------------------------------------------
 #define KVC_PROB_BITS 12

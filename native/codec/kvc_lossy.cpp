@@ -54,12 +54,13 @@ bool read_lane_table(const uint8_t** pp, const uint8_t* end, uint32_t n, LaneSpa
 
 // Tokens kept verbatim: mean quarter-log2 magnitude at least KVC_RAW_TOKEN_DEVIATION away
 // from the segment mean, the first KVC_MAX_RAW_TOKENS in token order.
-std::vector<uint32_t> select_raw_tokens(const void* src, int dtype, uint32_t T, uint32_t C) {
+std::vector<uint32_t> select_raw_tokens(const float* xs, const int32_t* ql, uint32_t T, uint32_t C) {
+  (void)xs;
   std::vector<int64_t> tm(T);
   int64_t sum_tm = 0;
   for (uint32_t t = 0; t < T; t++) {
     int64_t s = 0;
-    for (uint32_t c = 0; c < C; c++) s += kvc_qlog(kvc_sanitize(kvc_load(src, (uint64_t)t * C + c, dtype)));
+    for (uint32_t c = 0; c < C; c++) s += ql[(size_t)t * C + c];
     tm[t] = kvc_floordiv(s, C);
     sum_tm += tm[t];
   }
@@ -74,7 +75,14 @@ void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, in
                           std::vector<uint8_t>& out) {
   const Models& M = models();
   const uint32_t B = kvc_dtype_size(dtype);
-  const std::vector<uint32_t> raw = select_raw_tokens(src, dtype, T, C);
+  // sanitised values and their quarter-log2 magnitudes, computed once
+  std::vector<float> xs((size_t)T * C);
+  std::vector<int32_t> qls((size_t)T * C);
+  for (size_t i = 0; i < (size_t)T * C; i++) {
+    xs[i] = kvc_sanitize(kvc_load(src, i, dtype));
+    qls[i] = kvc_qlog(xs[i]);
+  }
+  const std::vector<uint32_t> raw = select_raw_tokens(xs.data(), qls.data(), T, C);
   std::vector<uint32_t> coded;  // the other tokens, in order
   for (uint32_t t = 0, r = 0; t < T; t++) {
     if (r < raw.size() && raw[r] == t) { r++; continue; }
@@ -96,9 +104,9 @@ void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, in
   std::vector<uint8_t> constant(C, 1);
   for (uint32_t t : coded)
     for (uint32_t c = 0; c < C; c++) {
-      const float v = kvc_sanitize(kvc_load(src, (uint64_t)t * C + c, dtype));
-      if (kvc_f2u(v) != kvc_f2u(kvc_sanitize(kvc_load(src, (uint64_t)coded[0] * C + c, dtype)))) constant[c] = 0;
-      int32_t ql = kvc_qlog(v);
+      const float v = xs[(size_t)t * C + c];
+      if (kvc_f2u(v) != kvc_f2u(xs[(size_t)coded[0] * C + c])) constant[c] = 0;
+      int32_t ql = qls[(size_t)t * C + c];
       sum_ql[c] += ql;
       max_ql[c] = std::max(max_ql[c], ql);
     }
@@ -118,7 +126,7 @@ void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, in
   std::vector<int64_t> sum_q(C, 0);
   for (uint32_t t : coded)
     for (uint32_t c = 0; c < C; c++) {
-      int32_t v = kvc_quantize(kvc_sanitize(kvc_load(src, (uint64_t)t * C + c, dtype)), step[c]);
+      int32_t v = kvc_quantize(xs[(size_t)t * C + c], step[c]);
       q[(size_t)t * C + c] = (int16_t)v;
       sum_q[c] += v;
     }

@@ -31,7 +31,7 @@ def streams():
 
 def decode_or_error(buf: bytes, verify: bool = True) -> None:
     try:
-        kc.decode(buf, verify=verify)
+        kc.decode(buf, verify=verify, max_decoded_bytes=1 << 24)
     except kc.CodecError as e:
         assert str(e)  # a message says what is wrong
 
@@ -135,3 +135,13 @@ def test_fuzz_mutations(key, edits, cut, fix):
 @given(data=st.binary(min_size=0, max_size=600))
 def test_fuzz_random_bytes_with_valid_magic(data):
     decode_or_error(fix_checksums(b"KVCZ\x01\x00\x40\x00" + data))
+
+
+def test_huge_declared_shape_is_refused_before_allocation():
+    b = craft(16, "<I", 1 << 20)  # tokens: a valid header declaring 500 MB of output
+    with pytest.raises(kc.CodecError, match="max_decoded_bytes"):
+        kc.decode(b, max_decoded_bytes=1 << 24)
+    m = bytearray(b)
+    struct.pack_into("<I", m, 20, 200)  # and 200 heads: beyond the format's element limit
+    with pytest.raises(kc.CodecError, match="exceeds the limit"):
+        kc.decode(fix_checksums(bytes(m)))
