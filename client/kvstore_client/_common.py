@@ -81,9 +81,21 @@ def _is_torch(x) -> bool:
     return type(x).__module__.startswith("torch") and "torch" in sys.modules
 
 
-def kv_bytes_array(kv, ns: Namespace) -> np.ndarray:
+def torch_dtype(dtype: DType):
+    import torch
+
+    return {DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16, DType.FLOAT32: torch.float32,
+            DType.FLOAT8_E4M3: getattr(torch, "float8_e4m3fn", None)}[dtype]
+
+
+def is_cuda_tensor(x) -> bool:
+    return _is_torch(x) and x.device.type == "cuda"
+
+
+def kv_bytes_array(kv, ns: Namespace, keep_device: bool = False):
     """``kv`` (numpy array or torch tensor in the namespace layout) as a uint8 array whose
-    last axis holds ``head_dim * itemsize`` bytes. Checks dtype and every axis but tokens."""
+    last axis holds ``head_dim * itemsize`` bytes. Checks dtype and every axis but tokens.
+    ``keep_device``: a CUDA tensor is checked and returned as it is (no host copy)."""
     if _is_torch(kv):
         import torch
 
@@ -92,10 +104,13 @@ def kv_bytes_array(kv, ns: Namespace) -> np.ndarray:
         if kv.dtype != want:
             raise InvalidArgument(f"kv tensor has dtype {kv.dtype}, the namespace stores {ns.dtype.name} ({want})")
         t = kv.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
         shape = tuple(t.shape)
-        u8 = t.contiguous().view(torch.uint8).numpy()
+        if keep_device and t.device.type == "cuda":
+            u8 = t
+        else:
+            if t.device.type != "cpu":
+                t = t.cpu()
+            u8 = t.contiguous().view(torch.uint8).numpy()
     else:
         arr = np.asarray(kv)
         if arr.dtype.name not in _NUMPY_DTYPES[ns.dtype]:
@@ -125,14 +140,24 @@ def chunk_payloads(u8: np.ndarray, ns: Namespace, n_chunks: int) -> list[np.ndar
     return out
 
 
-def copy_chunk_out(u8: np.ndarray, ns: Namespace, index: int, dst: np.ndarray) -> None:
-    """Writes chunk ``index`` of ``u8`` (see ``kv_bytes_array``) contiguously into ``dst``."""
-    ax = token_axis(ns)
-    ct = ns.chunk_tokens
-    sl = [slice(None)] * u8.ndim
-    sl[ax] = slice(index * ct, (index + 1) * ct)
-    src = u8[tuple(sl)]
-    np.copyto(dst.reshape(src.shape), src)
+def _token_slice(ndim: int, ns: Namespace, index: int) -> tuple:
+    sl = [slice(None)] * ndim
+    sl[token_axis(ns)] = slice(index * ns.chunk_tokens, (index + 1) * ns.chunk_tokens)
+    return tuple(sl)
+
+
+def copy_chunk_out(src, ns: Namespace, index: int, dst: np.ndarray) -> None:
+    """Writes chunk ``index`` of ``src`` contiguously into the host buffer ``dst``: ``src`` is
+    a uint8 array from ``kv_bytes_array`` or a CUDA tensor, whose device-to-host copy is
+    queued on the current stream (the caller synchronises; ``dst`` should be pinned or
+    registered memory for full PCIe speed)."""
+    part = src[_token_slice(src.ndim, ns, index)]
+    if is_cuda_tensor(src):
+        import torch
+
+        torch.from_numpy(dst).view(src.dtype).view(part.shape).copy_(part, non_blocking=True)
+    else:
+        np.copyto(dst.reshape(part.shape), part)
 
 
 def put_messages(namespace_id: bytes, keys: Sequence[bytes], payloads: Sequence[np.ndarray], ns: Namespace,

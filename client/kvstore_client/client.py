@@ -23,11 +23,11 @@ import grpc
 from . import _common as C
 from ._proto.kvstore.v1 import data_pb2, local_pb2
 from ._wire import data_or_message, serializer
-from .errors import KVStoreClientError, from_rpc_error
+from .errors import InvalidArgument, KVStoreClientError, from_rpc_error
 from .keys import Namespace, prefix_keys
 from .local import SharedArena
 from .presence import PresenceReader
-from .types import Durability, Encoding, KeyKind, Tier
+from .types import Durability, Encoding, KeyKind, Layout, Tier
 
 _SVC = "/kvstore.v1.KVStore/"
 _LOCAL = "/kvstore.v1.LocalData/"
@@ -142,7 +142,8 @@ class KVStoreClient:
         at least those chunks' tokens), skipping chunks already stored. Returns the number of
         chunks newly stored."""
         ns = self.namespace
-        u8 = C.kv_bytes_array(kv, ns)
+        local = self.arena is not None
+        u8 = C.kv_bytes_array(kv, ns, keep_device=local)
         keys = self.keys(tokens)
         have = u8.shape[C.token_axis(ns)]
         n = min(len(keys), have // ns.chunk_tokens)
@@ -152,7 +153,7 @@ class KVStoreClient:
         todo = [i for i in range(n) if present[i] == Tier.NONE]
         if not todo:
             return 0
-        if self.arena is not None:
+        if local:
             return self._store_local(u8, [keys[i] for i in todo], todo, Durability(durability))
         payloads = C.chunk_payloads(u8, ns, n)
         msgs = C.put_messages(self.namespace_id, [keys[i] for i in todo], [payloads[i] for i in todo], ns,
@@ -172,11 +173,18 @@ class KVStoreClient:
         if resp.lease_id == 0:
             return 0
         try:
+            cuda = C.is_cuda_tensor(u8)
+            if cuda:
+                self.arena.register_cuda()
             for slot in resp.slots:
                 if slot.exists:
                     continue
                 dst = self.arena.view(slot.offset, slot.length)
                 C.copy_chunk_out(u8, ns, chunks[slot.index], dst)
+            if cuda:
+                import torch
+
+                torch.cuda.current_stream(u8.device).synchronize()   # bytes in the arena before commit
         except BaseException:
             self._release(local_pb2.ReleaseRequest(lease_ids=[resp.lease_id]), metadata=self._metadata,
                           timeout=self.timeout_s)
@@ -211,7 +219,56 @@ class KVStoreClient:
         contiguous numpy array or CPU tensor in the namespace layout holding exactly those
         full chunks' tokens) without allocating; returns the matched token count. Tokens
         past the match are left as they were."""
-        return self._fetch(self.keys(tokens), verify_crc, out).matched * self.namespace.chunk_tokens
+        keys = self.keys(tokens)
+        if C.is_cuda_tensor(out):
+            return self._retrieve_cuda(keys, out) * self.namespace.chunk_tokens
+        return self._fetch(keys, verify_crc, out).matched * self.namespace.chunk_tokens
+
+    def _retrieve_cuda(self, keys: list[bytes], out) -> int:
+        """Into a CUDA tensor: from leased arena extents (registered with CUDA) by the scatter
+        kernel, one host->device pass; without the shared path, through a host buffer."""
+        import torch
+
+        ns = self.namespace
+        if out.dtype != C.torch_dtype(ns.dtype) or not out.is_contiguous() or \
+                tuple(out.shape) != ns.chunk_shape(len(keys) * ns.chunk_tokens):
+            raise InvalidArgument(f"out must be a contiguous {ns.dtype.name} tensor of shape "
+                                  f"{list(ns.chunk_shape(len(keys) * ns.chunk_tokens))}")
+        if self.arena is None or not self.arena.register_cuda():
+            host = torch.empty(out.shape, dtype=out.dtype).pin_memory()
+            n = self._fetch(keys, None, host).matched
+            out.copy_(host)
+            return n
+        from . import transfer
+
+        resp = self._lease_read(local_pb2.LeaseReadRequest(namespace_id=self.namespace_id, keys=keys),
+                                metadata=self._metadata, timeout=self.timeout_s)
+        stream = torch.cuda.current_stream(out.device)
+        n = 0
+        try:
+            planes = out.view(-1, *out.shape[C.token_axis(ns):]) if ns.layout == Layout.LAYER_KV_TOKEN_HEAD_DIM \
+                else out
+            elt = out.element_size()
+            for ext in resp.extents:
+                if not ext.found or ext.index != n:
+                    break
+                start = n * ns.chunk_tokens
+                src = self.arena.view(ext.offset, ext.length)
+                if ext.encoding != Encoding.RAW:
+                    raw = torch.from_numpy(C.decode_chunk(src)).view(out.dtype).view(ns.chunk_shape())
+                    out[C._token_slice(out.dim(), ns, n)].copy_(raw)
+                else:
+                    heads = ns.num_kv_heads if ns.layout == Layout.LAYER_KV_TOKEN_HEAD_DIM else 1
+                    spec = transfer.PlaneSpec([p.data_ptr() for p in planes], list(range(start, start + ns.chunk_tokens)),
+                                              heads, ns.head_dim * elt, heads * ns.head_dim * elt, ns.head_dim * elt)
+                    transfer.scatter(int(src.ctypes.data), spec, device=True, stream=stream.cuda_stream)
+                n += 1
+            stream.synchronize()  # the extents are read before the lease ends
+        finally:
+            if resp.lease_id:
+                self._release(local_pb2.ReleaseRequest(lease_ids=[resp.lease_id]), metadata=self._metadata,
+                              timeout=self.timeout_s)
+        return n
 
     def _fetch(self, keys: list[bytes], verify_crc: bool | None, out) -> "C.ChunkAssembler":
         if verify_crc is None and self.arena is not None:
