@@ -88,6 +88,15 @@ def torch_dtype(dtype: DType):
             DType.FLOAT8_E4M3: getattr(torch, "float8_e4m3fn", None)}[dtype]
 
 
+def planes_of(t, ns: Namespace) -> tuple[list[int], int, int]:
+    """(plane base pointers, heads, element size) of a contiguous tensor in the namespace
+    layout, for the gather/scatter kernels: planes are the [layer, K|V] (or MLA layer) slabs."""
+    if ns.layout == Layout.MLA_LATENT:
+        return [p.data_ptr() for p in t], 1, t.element_size()
+    flat = t.reshape(-1, *t.shape[2:])
+    return [p.data_ptr() for p in flat], ns.num_kv_heads, t.element_size()
+
+
 def is_cuda_tensor(x) -> bool:
     return _is_torch(x) and x.device.type == "cuda"
 

@@ -25,6 +25,7 @@ from ._proto.kvstore.v1 import data_pb2, local_pb2
 from ._wire import data_or_message, serializer
 from .errors import InvalidArgument, KVStoreClientError, from_rpc_error
 from .keys import Namespace, prefix_keys
+from . import transfer
 from .local import SharedArena
 from .presence import PresenceReader
 from .types import Durability, Encoding, KeyKind, Layout, Tier
@@ -149,12 +150,12 @@ class KVStoreClient:
         n = min(len(keys), have // ns.chunk_tokens)
         if n == 0:
             return 0
+        if local:  # ReserveWrite reports chunks already stored: no Exists round trip
+            return self._store_local(u8, keys[:n], list(range(n)), Durability(durability))
         present = self.exists(keys[:n])
         todo = [i for i in range(n) if present[i] == Tier.NONE]
         if not todo:
             return 0
-        if local:
-            return self._store_local(u8, [keys[i] for i in todo], todo, Durability(durability))
         payloads = C.chunk_payloads(u8, ns, n)
         msgs = C.put_messages(self.namespace_id, [keys[i] for i in todo], [payloads[i] for i in todo], ns,
                               Durability(durability), self.piece_bytes)
@@ -174,13 +175,25 @@ class KVStoreClient:
             return 0
         try:
             cuda = C.is_cuda_tensor(u8)
-            if cuda:
-                self.arena.register_cuda()
+            kernel = cuda and self.arena.register_cuda() and transfer.cuda_available() and u8.is_contiguous()
+            if kernel:
+                import torch
+
+                stream = torch.cuda.current_stream(u8.device)
+                planes, heads, elt = C.planes_of(u8, ns)
             for slot in resp.slots:
                 if slot.exists:
                     continue
                 dst = self.arena.view(slot.offset, slot.length)
-                C.copy_chunk_out(u8, ns, chunks[slot.index], dst)
+                if kernel:
+                    # One kernel writes the chunk from the engine's tensor straight into the
+                    # registered extent over PCIe.
+                    start = chunks[slot.index] * ns.chunk_tokens
+                    spec = transfer.PlaneSpec(planes, list(range(start, start + ns.chunk_tokens)), heads,
+                                              ns.head_dim * elt, heads * ns.head_dim * elt, ns.head_dim * elt)
+                    transfer.gather(spec, int(dst.ctypes.data), device=True, stream=stream.cuda_stream)
+                else:
+                    C.copy_chunk_out(u8, ns, chunks[slot.index], dst)
             if cuda:
                 import torch
 
@@ -239,16 +252,12 @@ class KVStoreClient:
             n = self._fetch(keys, None, host).matched
             out.copy_(host)
             return n
-        from . import transfer
-
         resp = self._lease_read(local_pb2.LeaseReadRequest(namespace_id=self.namespace_id, keys=keys),
                                 metadata=self._metadata, timeout=self.timeout_s)
         stream = torch.cuda.current_stream(out.device)
         n = 0
         try:
-            planes = out.view(-1, *out.shape[C.token_axis(ns):]) if ns.layout == Layout.LAYER_KV_TOKEN_HEAD_DIM \
-                else out
-            elt = out.element_size()
+            planes, heads, elt = C.planes_of(out, ns)
             for ext in resp.extents:
                 if not ext.found or ext.index != n:
                     break
@@ -258,17 +267,21 @@ class KVStoreClient:
                     raw = torch.from_numpy(C.decode_chunk(src)).view(out.dtype).view(ns.chunk_shape())
                     out[C._token_slice(out.dim(), ns, n)].copy_(raw)
                 else:
-                    heads = ns.num_kv_heads if ns.layout == Layout.LAYER_KV_TOKEN_HEAD_DIM else 1
-                    spec = transfer.PlaneSpec([p.data_ptr() for p in planes], list(range(start, start + ns.chunk_tokens)),
+                    spec = transfer.PlaneSpec(planes, list(range(start, start + ns.chunk_tokens)),
                                               heads, ns.head_dim * elt, heads * ns.head_dim * elt, ns.head_dim * elt)
                     transfer.scatter(int(src.ctypes.data), spec, device=True, stream=stream.cuda_stream)
                 n += 1
             stream.synchronize()  # the extents are read before the lease ends
         finally:
-            if resp.lease_id:
-                self._release(local_pb2.ReleaseRequest(lease_ids=[resp.lease_id]), metadata=self._metadata,
-                              timeout=self.timeout_s)
+            self._release_later(resp.lease_id)
         return n
+
+    def _release_later(self, lease_id: int) -> None:
+        """Ends a read lease without waiting for the answer (off the caller's critical path;
+        if the message is lost the lease still expires after server.lease_ttl_s)."""
+        if lease_id:
+            self._release.future(local_pb2.ReleaseRequest(lease_ids=[lease_id]), metadata=self._metadata,
+                                 timeout=self.timeout_s)
 
     def _fetch(self, keys: list[bytes], verify_crc: bool | None, out) -> "C.ChunkAssembler":
         if verify_crc is None and self.arena is not None:
@@ -298,9 +311,7 @@ class KVStoreClient:
                     break
                 asm.place(self.arena.view(ext.offset, ext.length), ext.num_tokens, Encoding(ext.encoding), ext.crc32c)
         finally:
-            if resp.lease_id:
-                self._release(local_pb2.ReleaseRequest(lease_ids=[resp.lease_id]), metadata=self._metadata,
-                              timeout=self.timeout_s)
+            self._release_later(resp.lease_id)
         if asm.matched < len(keys):
             # Absent, or present but not placeable in the arena (DRAM full of pinned chunks):
             # the stream path serves what exists.
