@@ -31,6 +31,12 @@ BUG_MESSAGE = ("internal error in the kvstore daemon ({}); this is a bug: please
                "daemon log, which has the traceback")
 
 
+def _aborted_code(context) -> str:
+    """The status a handler aborted with (for the request counters)."""
+    c = context.code()
+    return c.name if isinstance(c, grpc.StatusCode) else "ABORTED_BY_HANDLER"
+
+
 async def _fail(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> str:
     """Ends the call for ``exc``; returns the status code name it used."""
     if isinstance(exc, KVStoreError):
@@ -65,46 +71,34 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         def code_of(exc: BaseException) -> str:
             return exc.code if isinstance(exc, KVStoreError) else "INTERNAL"
 
-        if handler.unary_unary:
-            inner = handler.unary_unary
-
-            async def unary_unary(request, context):
+        def single_response(inner):
+            """Wraps a handler that returns one response (unary-unary and stream-unary alike:
+            the first argument is the request or the request iterator)."""
+            async def call(request_or_iterator, context):
                 t0 = time.perf_counter()
                 code = "OK"
                 try:
                     begin()
-                    return await inner(request, context)
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    code = "ABORTED_BY_HANDLER"
+                    return await inner(request_or_iterator, context)
+                except grpc.aio.AbortError:
+                    code = _aborted_code(context)
+                    raise
+                except asyncio.CancelledError:
+                    code = "CANCELLED"
                     raise
                 except Exception as e:  # noqa: BLE001 - the one mapping place
                     code = code_of(e)
                     await _fail(context, e, method)
                 finally:
                     stats.observe(short, code, time.perf_counter() - t0)
+            return call
 
-            return grpc.unary_unary_rpc_method_handler(unary_unary, handler.request_deserializer,
-                                                       handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(single_response(handler.unary_unary),
+                                                       handler.request_deserializer, handler.response_serializer)
         if handler.stream_unary:
-            inner_su = handler.stream_unary
-
-            async def stream_unary(request_iterator, context):
-                t0 = time.perf_counter()
-                code = "OK"
-                try:
-                    begin()
-                    return await inner_su(request_iterator, context)
-                except (grpc.aio.AbortError, asyncio.CancelledError):
-                    code = "CANCELLED"
-                    raise
-                except Exception as e:  # noqa: BLE001
-                    code = code_of(e)
-                    await _fail(context, e, method)
-                finally:
-                    stats.observe(short, code, time.perf_counter() - t0)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, handler.request_deserializer,
-                                                        handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(single_response(handler.stream_unary),
+                                                        handler.request_deserializer, handler.response_serializer)
         if handler.unary_stream:
             inner_us = handler.unary_stream
 

@@ -18,10 +18,7 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// Fast path: all arguments travel in the kernel's parameter space (no allocation, no
-// upload). Slots are described as blocks of `block` consecutive slots starting at
-// block_start[t / block]: one block for a contiguous range (transformers), one per paged
-// block (vLLM).
+// Fast path: all arguments travel in the kernel's parameter space.
 constexpr int kMaxParamPlanes = 128;
 constexpr int kMaxParamBlocks = 256;
 
@@ -31,12 +28,29 @@ struct ParamArgs {
   int block;
 };
 
-template <typename V, bool kGather>
-__global__ void move_kernel_params(const __grid_constant__ ParamArgs args, int tokens, int heads, int64_t vecs_per_head,
-                                   int64_t token_stride, int64_t head_stride, char* __restrict__ chunk) {
+// Where token t's slot is: from blocks of consecutive slots described in parameter space
+// (no allocation, no upload: contiguous ranges for transformers, one block per paged block
+// for vLLM) ...
+struct BlockSlots {
+  const uint64_t* plane_ptrs;
+  const int64_t* block_start;
+  int block;
+  __device__ int64_t operator()(int t) const { return block_start[t / block] + t % block; }
+};
+
+// ... or from one slot per token in a device buffer (arbitrary slots).
+struct ListSlots {
+  const uint64_t* plane_ptrs;
+  const int64_t* slots;
+  __device__ int64_t operator()(int t) const { return slots[t]; }
+};
+
+template <typename V, bool kGather, typename Slots>
+__device__ void move(const Slots& where, int tokens, int heads, int64_t vecs_per_head, int64_t token_stride,
+                     int64_t head_stride, char* __restrict__ chunk) {
   const int p = blockIdx.y;
   const int64_t per_plane = static_cast<int64_t>(tokens) * heads * vecs_per_head;
-  char* plane = reinterpret_cast<char*>(args.plane_ptrs[p]);
+  char* plane = reinterpret_cast<char*>(where.plane_ptrs[p]);
   V* chunk_plane = reinterpret_cast<V*>(chunk) + p * per_plane;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < per_plane;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -44,8 +58,7 @@ __global__ void move_kernel_params(const __grid_constant__ ParamArgs args, int t
     const int64_t row = i / vecs_per_head;
     const int h = static_cast<int>(row % heads);
     const int t = static_cast<int>(row / heads);
-    const int64_t slot = args.block_start[t / args.block] + t % args.block;
-    V* eng = reinterpret_cast<V*>(plane + slot * token_stride + h * head_stride) + v;
+    V* eng = reinterpret_cast<V*>(plane + where(t) * token_stride + h * head_stride) + v;
     if (kGather)
       chunk_plane[i] = *eng;
     else
@@ -53,27 +66,18 @@ __global__ void move_kernel_params(const __grid_constant__ ParamArgs args, int t
   }
 }
 
-// General path: plane pointers and one slot per token in a device buffer.
+template <typename V, bool kGather>
+__global__ void move_kernel_params(const __grid_constant__ ParamArgs args, int tokens, int heads, int64_t vecs_per_head,
+                                   int64_t token_stride, int64_t head_stride, char* __restrict__ chunk) {
+  move<V, kGather>(BlockSlots{args.plane_ptrs, args.block_start, args.block}, tokens, heads, vecs_per_head,
+                   token_stride, head_stride, chunk);
+}
+
 template <typename V, bool kGather>
 __global__ void move_kernel(const uint64_t* __restrict__ plane_ptrs, const int64_t* __restrict__ slots, int tokens,
                             int heads, int64_t vecs_per_head, int64_t token_stride, int64_t head_stride,
                             char* __restrict__ chunk) {
-  const int p = blockIdx.y;
-  const int64_t per_plane = static_cast<int64_t>(tokens) * heads * vecs_per_head;
-  char* plane = reinterpret_cast<char*>(plane_ptrs[p]);
-  V* chunk_plane = reinterpret_cast<V*>(chunk) + p * per_plane;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < per_plane;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t v = i % vecs_per_head;
-    const int64_t row = i / vecs_per_head;
-    const int h = static_cast<int>(row % heads);
-    const int t = static_cast<int>(row / heads);
-    V* eng = reinterpret_cast<V*>(plane + slots[t] * token_stride + h * head_stride) + v;
-    if (kGather)
-      chunk_plane[i] = *eng;
-    else
-      *eng = chunk_plane[i];
-  }
+  move<V, kGather>(ListSlots{plane_ptrs, slots}, tokens, heads, vecs_per_head, token_stride, head_stride, chunk);
 }
 
 // Largest block size b such that every run of b tokens has consecutive slots: the gcd of
