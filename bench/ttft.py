@@ -30,7 +30,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import time
 import uuid
 from pathlib import Path
 

@@ -270,7 +270,7 @@ def _compressed_row(daemon: "SpawnedDaemon | None", worker: "WorkerProcess", cod
     daemon.settings = (*daemon.settings, f"dram.codec={codec}")
     daemon.restart()
     worker.ask("run")  # disk hit; promotion encodes the chunks into the compressed DRAM tier
-    return Row(f"hit through a compressed tier", worker.ask("run"), note=f"DRAM holds {codec} bitstreams",
+    return Row("hit through a compressed tier", worker.ask("run"), note=f"DRAM holds {codec} bitstreams",
                lossy=codec != "lossless")
 
 

@@ -3,7 +3,6 @@ and checks kvstore_client.keys against the same vectors."""
 
 import hashlib
 import json
-import struct
 from pathlib import Path
 
 import pytest

@@ -8,7 +8,7 @@ torch is imported only when a tensor is passed in or asked for.
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -16,7 +16,7 @@ import numpy as np
 from ._crc import HAVE_FAST_CRC, crc32c
 from ._proto.kvstore.v1 import common_pb2, data_pb2
 from ._wire import encode_data
-from .errors import DataLoss, InvalidArgument
+from .errors import DataLoss, InvalidArgument, KVStoreClientError
 from .keys import Namespace
 from .types import DType, Durability, Encoding, KeyKind, Layout, Tier
 
@@ -54,6 +54,24 @@ def lookup_from_presence(presence, namespace_id: bytes, keys: Sequence[bytes], c
             break
         tiers.append(fastest(mask))
     return LookupResult(len(tiers) * chunk_tokens, len(tiers), tuple(tiers))
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    namespace: Namespace      # with the tenant the daemon took from the credential
+    namespace_id: bytes
+    piece_bytes: int          # data piece size for Put streams, below the daemon's message limit
+
+
+def registration(ns: Namespace, resp: data_pb2.RegisterNamespaceResponse) -> Registration:
+    """Checks a RegisterNamespace answer against the key spec and derives the session settings."""
+    info = resp.namespace
+    full = replace(ns, tenant=info.tenant)
+    if full.namespace_id != bytes(info.namespace_id):
+        raise KVStoreClientError("the daemon's namespace id differs from the one computed from docs/keys.md: "
+                                 "client and daemon disagree on the key spec version")
+    piece = min(DEFAULT_PIECE_BYTES, max(1, resp.max_message_bytes - FRAMING_SLACK_BYTES))
+    return Registration(full, bytes(info.namespace_id), piece)
 
 
 def as_namespace(ns: Namespace | Mapping[str, Any]) -> Namespace:

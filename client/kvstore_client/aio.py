@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
@@ -17,7 +16,7 @@ from . import _common as C
 from ._proto.kvstore.v1 import data_pb2, local_pb2
 from ._wire import data_or_message, serializer
 from .client import channel_options
-from .errors import KVStoreClientError, from_rpc_error
+from .errors import from_rpc_error
 from .keys import Namespace, prefix_keys
 from .presence import PresenceReader
 from .types import Durability, Tier
@@ -74,13 +73,8 @@ class AsyncKVStoreClient:
     async def _connect(self, ns: Namespace) -> None:
         resp = await self._register(data_pb2.RegisterNamespaceRequest(spec=C.spec_of(ns)), metadata=self._metadata,
                                     timeout=self.timeout_s)
-        info = resp.namespace
-        self.namespace = dataclasses.replace(ns, tenant=info.tenant)
-        self.namespace_id = bytes(info.namespace_id)
-        if self.namespace.namespace_id != self.namespace_id:
-            raise KVStoreClientError("the daemon's namespace id differs from the one computed from docs/keys.md: "
-                                     "client and daemon disagree on the key spec version")
-        self.piece_bytes = min(C.DEFAULT_PIECE_BYTES, max(1, resp.max_message_bytes - C.FRAMING_SLACK_BYTES))
+        reg = C.registration(ns, resp)
+        self.namespace, self.namespace_id, self.piece_bytes = reg.namespace, reg.namespace_id, reg.piece_bytes
 
     def keys(self, tokens: Sequence[int]) -> list[bytes]:
         return prefix_keys(self.namespace_id, tokens, self.namespace.chunk_tokens)

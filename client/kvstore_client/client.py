@@ -14,7 +14,6 @@ Keys are computed locally from docs/keys.md; the daemon only supplies the namesp
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
@@ -28,7 +27,7 @@ from .keys import Namespace, prefix_keys
 from . import transfer
 from .local import SharedArena
 from .presence import PresenceReader
-from .types import Durability, Encoding, KeyKind, Layout, Tier
+from .types import Durability, Encoding, KeyKind, Tier
 
 _SVC = "/kvstore.v1.KVStore/"
 _LOCAL = "/kvstore.v1.LocalData/"
@@ -117,13 +116,8 @@ class KVStoreClient:
     def _connect(self, ns: Namespace) -> None:
         resp = self._register(data_pb2.RegisterNamespaceRequest(spec=C.spec_of(ns)), metadata=self._metadata,
                               timeout=self.timeout_s, wait_for_ready=False)
-        info = resp.namespace
-        self.namespace = dataclasses.replace(ns, tenant=info.tenant)
-        self.namespace_id = bytes(info.namespace_id)
-        if self.namespace.namespace_id != self.namespace_id:
-            raise KVStoreClientError("the daemon's namespace id differs from the one computed from docs/keys.md: "
-                                     "client and daemon disagree on the key spec version")
-        self.piece_bytes = min(C.DEFAULT_PIECE_BYTES, max(1, resp.max_message_bytes - C.FRAMING_SLACK_BYTES))
+        reg = C.registration(ns, resp)
+        self.namespace, self.namespace_id, self.piece_bytes = reg.namespace, reg.namespace_id, reg.piece_bytes
 
     # ------------------------------------------------------------------ keys
     def keys(self, tokens: Sequence[int]) -> list[bytes]:

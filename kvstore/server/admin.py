@@ -15,7 +15,6 @@ from ..errors import InvalidArgument, NotFound
 from ..namespaces import NamespaceRegistry
 from ..types import Medium
 from . import convert
-from .auth import current_principal
 from .data import chunk_ids
 
 DEFAULT_PAGE = 100
