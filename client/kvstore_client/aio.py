@@ -110,6 +110,10 @@ class AsyncKVStoreClient:
     @_translating
     async def lookup_keys(self, keys: Sequence[bytes], pin_ttl_s: int = 0) -> C.LookupResult:
         """Same-host clients read the daemon's presence index (no RPC) unless pinning."""
+        if self.presence is not None and self.presence.stale():   # the daemon restarted
+            self.presence.close()
+            self.presence = None
+            await self._attach_presence()
         if self.presence is not None and not pin_ttl_s:
             hit = C.lookup_from_presence(self.presence, self.namespace_id, keys, self.namespace.chunk_tokens)
             if hit is not None:

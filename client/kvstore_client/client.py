@@ -83,6 +83,7 @@ class KVStoreClient:
         self._get_encoding = 0 if C.codec_available() else int(Encoding.RAW)
         self.arena: SharedArena | None = None
         self.presence: PresenceReader | None = None
+        self._nonce = b""
         try:
             self._connect(C.as_namespace(namespace))
             if local is not False:
@@ -103,9 +104,29 @@ class KVStoreClient:
                 return None
             raise from_rpc_error(e, self.addr) from None
         arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
+        self._nonce = a.nonce if arena is not None else b""
         if arena is not None and a.index_path:
             self.presence = PresenceReader.open(a.index_path, a.nonce)
         return arena
+
+    def _reattach(self) -> None:
+        """The daemon restarted (new arena): drop the old mappings and map the new ones; the
+        stream path is used if that is no longer possible."""
+        if self.arena is not None:
+            self.arena.close()
+            self.arena = None
+        if self.presence is not None:
+            self.presence.close()
+            self.presence = None
+        self.arena = self._attach_arena()
+
+    def _same_arena(self, nonce: bytes) -> bool:
+        """Whether offsets from a response with this arena nonce are valid in our mapping;
+        re-attaches when the daemon restarted since we mapped it."""
+        if nonce == self._nonce:
+            return True
+        self._reattach()
+        return self.arena is not None and nonce == self._nonce
 
     @property
     def transport(self) -> str:
@@ -145,7 +166,10 @@ class KVStoreClient:
         if n == 0:
             return 0
         if local:  # ReserveWrite reports chunks already stored: no Exists round trip
-            return self._store_local(u8, keys[:n], list(range(n)), Durability(durability))
+            stored = self._store_local(u8, keys[:n], list(range(n)), Durability(durability))
+            if stored is not None:
+                return stored
+            u8 = C.kv_bytes_array(kv, ns)   # the shared arena went away: stream it
         present = self.exists(keys[:n])
         todo = [i for i in range(n) if present[i] == Tier.NONE]
         if not todo:
@@ -156,9 +180,10 @@ class KVStoreClient:
         resp = self._put(msgs, metadata=self._metadata, timeout=self.timeout_s)
         return resp.stored
 
-    def _store_local(self, u8, keys: list[bytes], chunks: list[int], durability: Durability) -> int:
+    def _store_local(self, u8, keys: list[bytes], chunks: list[int], durability: Durability) -> int | None:
         """Same-host store: reserve arena extents, copy each chunk straight into its extent
-        (the only copy), commit; the daemon's DRAM tier takes the extents over."""
+        (the only copy), commit; the daemon's DRAM tier takes the extents over. None when
+        the arena can no longer be mapped (the caller streams instead)."""
         ns = self.namespace
         size = ns.chunk_bytes()
         req = local_pb2.ReserveWriteRequest(namespace_id=self.namespace_id, chunks=[
@@ -167,6 +192,9 @@ class KVStoreClient:
         resp = self._reserve(req, metadata=self._metadata, timeout=self.timeout_s)
         if resp.lease_id == 0:
             return 0
+        if not self._same_arena(resp.arena_nonce):
+            self._release_later(resp.lease_id)
+            return None
         try:
             cuda = C.is_cuda_tensor(u8)
             kernel = cuda and self.arena.register_cuda() and transfer.cuda_available() and u8.is_contiguous()
@@ -204,6 +232,8 @@ class KVStoreClient:
     def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0) -> C.LookupResult:
         """The longest stored prefix of ``tokens``' full chunks. On the same host this reads
         the daemon's presence index (no RPC) unless ``pin_ttl_s`` asks for a pin."""
+        if self.presence is not None and self.presence.stale():
+            self._reattach()
         if self.presence is not None and not pin_ttl_s:
             hit = C.lookup_from_presence(self.presence, self.namespace_id, self.keys(tokens),
                                          self.namespace.chunk_tokens)
@@ -248,6 +278,12 @@ class KVStoreClient:
             return n
         resp = self._lease_read(local_pb2.LeaseReadRequest(namespace_id=self.namespace_id, keys=keys),
                                 metadata=self._metadata, timeout=self.timeout_s)
+        if not self._same_arena(resp.arena_nonce) or not self.arena.register_cuda():
+            self._release_later(resp.lease_id)
+            host = torch.empty(out.shape, dtype=out.dtype).pin_memory()
+            n = self._fetch(keys, None, host).matched
+            out.copy_(host)
+            return n
         stream = torch.cuda.current_stream(out.device)
         n = 0
         try:
@@ -299,8 +335,9 @@ class KVStoreClient:
         release. Chunks the daemon could not place in the arena come over the stream."""
         resp = self._lease_read(local_pb2.LeaseReadRequest(namespace_id=self.namespace_id, keys=keys),
                                 metadata=self._metadata, timeout=self.timeout_s)
+        usable = self._same_arena(resp.arena_nonce)
         try:
-            for ext in resp.extents:
+            for ext in resp.extents if usable else ():
                 if not ext.found or ext.index != asm.matched:
                     break
                 asm.place(self.arena.view(ext.offset, ext.length), ext.num_tokens, Encoding(ext.encoding), ext.crc32c)

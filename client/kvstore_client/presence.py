@@ -72,8 +72,9 @@ def layout(nbuckets: int) -> tuple[int, int, int]:
 class PresenceReader:
     """A client's read-only view of the daemon's presence index."""
 
-    def __init__(self, mm: mmap.mmap, nbuckets: int) -> None:
+    def __init__(self, mm: mmap.mmap, nbuckets: int, fd: int = -1) -> None:
         self._mm = mm
+        self._fd = fd     # kept open to notice when the daemon removed the file (it stopped)
         self.nbuckets = nbuckets
         ovf, b, _ = layout(nbuckets)
         self._overflow = memoryview(mm)[ovf:ovf + nbuckets]
@@ -88,17 +89,26 @@ class PresenceReader:
         try:
             size = os.fstat(fd).st_size
             if size < HEADER_BYTES:
+                os.close(fd)
                 return None
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0), mmap.PROT_READ)
         except OSError:
-            return None
-        finally:
             os.close(fd)
+            return None
         n = _U64.unpack_from(mm, 32)[0]
         if mm[:16] != MAGIC or mm[16:32] != nonce or n == 0 or n & (n - 1) or layout(n)[2] > size:
             mm.close()
+            os.close(fd)
             return None
-        return cls(mm, n)
+        return cls(mm, n, fd)
+
+    def stale(self) -> bool:
+        """True once the daemon that wrote this index removed it (it stopped or restarted):
+        the client must attach again. One fstat (about a microsecond)."""
+        try:
+            return self._fd >= 0 and os.fstat(self._fd).st_nlink == 0
+        except OSError:
+            return True
 
     def probe(self, namespace_id: bytes, key: bytes) -> int | None:
         """The tier mask of ``key`` (0 = absent), or None when the index cannot tell
@@ -116,6 +126,9 @@ class PresenceReader:
         self._overflow.release()
         self._slots.release()
         self._mm.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class PresenceWriter:

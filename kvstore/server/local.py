@@ -165,7 +165,8 @@ class LocalDataServicer:
             lease.release(self._m)
             raise
         lid = self._leases.open(lease) if lease.refs else 0
-        return local_pb2.LeaseReadResponse(lease_id=lid, extents=extents, expires_unix_s=lease.expires_s)
+        return local_pb2.LeaseReadResponse(lease_id=lid, extents=extents, expires_unix_s=lease.expires_s,
+                                           arena_nonce=self._m.dram.nonce)
 
     def _lease_all(self, cids):
         """Worker thread: leases of the leading run of present chunks (a prefix ends at the
@@ -211,7 +212,8 @@ class LocalDataServicer:
             lease.release(self._m)
             raise
         lid = self._leases.open(lease) if lease.reservations else 0
-        return local_pb2.ReserveWriteResponse(lease_id=lid, slots=slots, expires_unix_s=lease.expires_s)
+        return local_pb2.ReserveWriteResponse(lease_id=lid, slots=slots, expires_unix_s=lease.expires_s,
+                                              arena_nonce=self._m.dram.nonce)
 
     def _commit(self, lease: _Lease, crcs: list[int], durability: Durability) -> tuple[int, int]:
         """Worker thread: verify each filled extent, then publish it. A bad chunk is dropped

@@ -165,3 +165,27 @@ def test_tokens_without_local_path_use_the_stream(auth_daemon):
         toks = list(range(64))
         c.store(toks, kv_for(64, 10))
         assert c.lookup(toks).matched_chunks == 1
+
+
+def test_client_outlives_a_daemon_restart(daemon_factory):
+    """Offsets from the new daemon are never read in the old daemon's mapping: the client
+    notices the new arena (nonce, removed index file) and maps it again."""
+    from kvstore_client import Durability
+    d = daemon_factory()
+    toks = list(range(64 * 3))
+    kv = kv_for(len(toks), 21)
+    with KVStoreClient(d.addr, Namespace(**NS)) as c:
+        c.store(toks, kv, durability=Durability.PERSISTED)
+        old_arena = c.arena.path
+        d.restart()                                   # new pid, new arena, new index
+        hit = c.lookup(toks)                          # stale index noticed -> re-attached
+        assert hit.matched_chunks == 3 and set(hit.tiers) == {Tier.DISK}
+        assert c.arena is not None and c.arena.path != old_arena
+        n, out = c.retrieve(toks)
+        assert n == 192 and np.array_equal(out, kv[:, :, :192])
+        d.restart()                                   # again, this time caught by the nonce
+        toks2 = [t + 7000 for t in toks]
+        kv2 = kv_for(len(toks2), 22)
+        assert c.store(toks2, kv2) == 3
+        n2, out2 = c.retrieve(toks2)
+        assert n2 == 192 and np.array_equal(out2, kv2[:, :, :192])
