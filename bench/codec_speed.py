@@ -59,6 +59,16 @@ def main() -> None:
         td = med(lambda: kc.decode_into(b, out), args.reps)
         print(f"| kvstore {level.name.lower()} | {len(b) * 8 / x.size:.3f} | {nb / len(b):.2f}x | "
               f"{nb / te / 1e6:.0f} | {nb / td / 1e6:.0f} |")
+    import os
+
+    threads = os.cpu_count() or 1
+    if threads > 1:
+        b = kc.encode(x, kc.CodecLevel.DEFAULT)
+        out = np.empty_like(x)
+        te = med(lambda: kc.encode(x, kc.CodecLevel.DEFAULT, threads=threads), args.reps)
+        td = med(lambda: kc.decode_into(b, out, threads=threads), args.reps)
+        print(f"| kvstore default, {threads} threads (layers in parallel) | {len(b) * 8 / x.size:.3f} | "
+              f"{nb / len(b):.2f}x | {nb / te / 1e6:.0f} | {nb / td / 1e6:.0f} |")
     try:
         import zstandard
 

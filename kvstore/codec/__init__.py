@@ -67,9 +67,14 @@ def encode(array: np.ndarray, level: CodecLevel = CodecLevel.DEFAULT,
         if len(policy) != 8:
             raise CodecError("policy needs 8 integers")
         pol = (ctypes.c_int32 * 8)(*policy)
-    native.check(so.kvc_encode_policy(a.ctypes.data, a.nbytes, dt, layout, layers, tokens, heads, head_dim,
-                                      level, pol, threads, out, cap, ctypes.byref(size), err,
-                                      native.ERR_CAP), err)
+    code = so.kvc_encode_policy(a.ctypes.data, a.nbytes, dt, layout, layers, tokens, heads, head_dim,
+                                level, pol, threads, out, cap, ctypes.byref(size), err, native.ERR_CAP)
+    if code == native.E_BUFFER and size.value > cap:  # bound was too small: retry at the exact size
+        cap = size.value
+        out = ctypes.create_string_buffer(cap)
+        code = so.kvc_encode_policy(a.ctypes.data, a.nbytes, dt, layout, layers, tokens, heads, head_dim,
+                                    level, pol, threads, out, cap, ctypes.byref(size), err, native.ERR_CAP)
+    native.check(code, err)
     return out.raw[: size.value]
 
 

@@ -84,8 +84,14 @@ def encode(t, level: CodecLevel = CodecLevel.DEFAULT, layout: Layout = Layout.KV
     out = ctypes.create_string_buffer(cap)
     size = ctypes.c_uint64(0)
     err = native.err_buf()
-    native.check(lib().kvc_cuda_encode(_ptr(t), dt, layout, L, T, H, D, level, _stream(t, stream), out, cap,
-                                       ctypes.byref(size), err, native.ERR_CAP), err)
+    code = lib().kvc_cuda_encode(_ptr(t), dt, layout, L, T, H, D, level, _stream(t, stream), out, cap,
+                                 ctypes.byref(size), err, native.ERR_CAP)
+    if code == native.E_BUFFER and size.value > cap:  # bound was too small: retry at the exact size
+        cap = size.value
+        out = ctypes.create_string_buffer(cap)
+        code = lib().kvc_cuda_encode(_ptr(t), dt, layout, L, T, H, D, level, _stream(t, stream), out, cap,
+                                     ctypes.byref(size), err, native.ERR_CAP)
+    native.check(code, err)
     return out.raw[: size.value]
 
 

@@ -2,6 +2,9 @@
 // byte b of every little-endian element), each plane stored raw or order-0 rANS coded with
 // a normalised frequency table shipped in the segment.
 #include <math.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <vector>
@@ -35,6 +38,65 @@ void normalize(const uint64_t* count, uint64_t total, uint32_t* freq) {
     else { freq[best]--; sum--; }
   }
 }
+
+#if defined(__x86_64__)
+bool have_avx2() {
+  static const bool h = __builtin_cpu_supports("avx2");
+  return h;
+}
+
+// AVX2 decode of whole rows (32 lanes = 4 vectors of 8 states) while every lane has room for
+// a block of rows without bounds checks; returns the number of symbols decoded. Identical
+// arithmetic to RansDecoder::decode. `base` is the first byte of lane 0 (lanes are contiguous).
+__attribute__((target("avx2"))) uint64_t decode_rows_avx2(RansDecoder* dec, const uint32_t* entry,
+                                                          const uint8_t* base, uint8_t* d, uint32_t B,
+                                                          uint32_t b, uint64_t n) {
+  constexpr uint32_t kBlock = 32;  // rows per bounds decision; a symbol reads <= 2 bytes
+  const __m256i mask12 = _mm256_set1_epi32(KVC_PROB_TOTAL - 1), ff = _mm256_set1_epi32(0xFF),
+                fff = _mm256_set1_epi32(0xFFF), one = _mm256_set1_epi32(1),
+                lim = _mm256_set1_epi32((int)KVC_RANS_L);
+  uint64_t i = 0;
+  for (;;) {
+    if (i + (uint64_t)kBlock * KVC_MAX_LANES > n) break;
+    bool room = true;
+    for (uint32_t j = 0; j < KVC_MAX_LANES; j++)
+      room &= dec[j].p <= dec[j].end && (uint64_t)(dec[j].end - dec[j].p) >= 2u * kBlock + 4u;
+    if (!room) break;
+    __m256i X[4], P[4];
+    for (int v = 0; v < 4; v++) {
+      alignas(32) int32_t xs[8], ps[8];
+      for (int k = 0; k < 8; k++) { xs[k] = (int32_t)dec[8 * v + k].x; ps[k] = (int32_t)(dec[8 * v + k].p - base); }
+      X[v] = _mm256_load_si256((const __m256i*)xs);
+      P[v] = _mm256_load_si256((const __m256i*)ps);
+    }
+    for (uint32_t r = 0; r < kBlock; r++, i += KVC_MAX_LANES) {
+      alignas(32) int32_t sym[32];
+      for (int v = 0; v < 4; v++) {
+        const __m256i e = _mm256_i32gather_epi32((const int*)entry, _mm256_and_si256(X[v], mask12), 4);
+        const __m256i freq = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 8), fff), one);
+        X[v] = _mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srli_epi32(X[v], KVC_PROB_BITS)),
+                                _mm256_srli_epi32(e, 20));
+        for (int step = 0; step < 2; step++) {
+          const __m256i need = _mm256_cmpgt_epi32(lim, X[v]);  // states < 2^31: signed compare ok
+          const __m256i byte = _mm256_and_si256(_mm256_i32gather_epi32((const int*)base, P[v], 1), ff);
+          const __m256i nx = _mm256_or_si256(_mm256_slli_epi32(X[v], 8), byte);
+          X[v] = _mm256_blendv_epi8(X[v], nx, need);
+          P[v] = _mm256_sub_epi32(P[v], need);
+        }
+        _mm256_store_si256((__m256i*)(sym + 8 * v), _mm256_and_si256(e, ff));
+      }
+      for (uint32_t j = 0; j < KVC_MAX_LANES; j++) d[(i + j) * B + b] = (uint8_t)sym[j];
+    }
+    for (int v = 0; v < 4; v++) {
+      alignas(32) int32_t xs[8], ps[8];
+      _mm256_store_si256((__m256i*)xs, X[v]);
+      _mm256_store_si256((__m256i*)ps, P[v]);
+      for (int k = 0; k < 8; k++) { dec[8 * v + k].x = (uint32_t)xs[k]; dec[8 * v + k].p = base + ps[k]; }
+    }
+  }
+  return i;
+}
+#endif
 
 }  // namespace
 
@@ -124,6 +186,9 @@ bool decode_lossless_segment(const uint8_t** pp, const uint8_t* end, void* dst, 
     RansDecoder dec[KVC_MAX_LANES];
     for (uint32_t j = 0; j < lanes; j++) dec[j] = {spans[j].state, spans[j].begin, spans[j].end};
     uint64_t i = 0;
+#if defined(__x86_64__)
+    if (lanes == KVC_MAX_LANES && have_avx2()) i = decode_rows_avx2(dec, entry, spans[0].begin, d, B, b, n);
+#endif
     for (; i + lanes <= n; i += lanes) {
       for (uint32_t j = 0; j < lanes; j++) d[(i + j) * B + b] = dec[j].decode(entry);
     }

@@ -273,9 +273,93 @@ bool have_f16c() {
 }
 #endif
 
+#if defined(__x86_64__)
+bool have_avx2() {
+  static const bool h = __builtin_cpu_supports("avx2");
+  return h;
+}
+
+// AVX2 decode of rows t0..t1 of 32 lanes (4 vectors of 8), same arithmetic as decode_value.
+// The caller guarantees every lane has >= kMaxBytesPerValue * (t1 - t0) + 4 unread bytes and
+// that lanes[*].p >= base. A vector whose row contains an escape is decoded by the scalar
+// path for that row. Returns the out-of-range flag.
+__attribute__((target("avx2"))) uint32_t decode_rows_avx2(const Models& M, LaneState* lanes, const uint8_t* base,
+                                                          int32_t* qbuf, uint32_t n, uint32_t t0, uint32_t t1) {
+  const __m256i mask12 = _mm256_set1_epi32(KVC_PROB_TOTAL - 1), ff = _mm256_set1_epi32(0xFF),
+                fff = _mm256_set1_epi32(0xFFF), one = _mm256_set1_epi32(1),
+                lim_l = _mm256_set1_epi32((int)KVC_RANS_L), qmax = _mm256_set1_epi32(KVC_QMAX),
+                qmin = _mm256_set1_epi32(-KVC_QMAX);
+  const int* table = (const int*)&M.entry[0][0];
+  __m256i X[4], P[4], K[4], LIM[4], PRED[4], DELTA[4];
+  auto load = [&](int v) __attribute__((target("avx2"))) {
+    alignas(32) int32_t xs[8], ps[8], ks[8], ls[8], pr[8], de[8];
+    for (int k = 0; k < 8; k++) {
+      const LaneState& L = lanes[8 * v + k];
+      xs[k] = (int32_t)L.x; ps[k] = (int32_t)(L.p - base);
+      ks[k] = (int32_t)((L.ent - &M.entry[0][0]));
+      ls[k] = (int32_t)L.lim; pr[k] = L.pred; de[k] = L.delta ? -1 : 0;
+    }
+    X[v] = _mm256_load_si256((const __m256i*)xs); P[v] = _mm256_load_si256((const __m256i*)ps);
+    K[v] = _mm256_load_si256((const __m256i*)ks); LIM[v] = _mm256_load_si256((const __m256i*)ls);
+    PRED[v] = _mm256_load_si256((const __m256i*)pr); DELTA[v] = _mm256_load_si256((const __m256i*)de);
+  };
+  auto save = [&](int v) __attribute__((target("avx2"))) {
+    alignas(32) int32_t xs[8], ps[8], pr[8];
+    _mm256_store_si256((__m256i*)xs, X[v]); _mm256_store_si256((__m256i*)ps, P[v]);
+    _mm256_store_si256((__m256i*)pr, PRED[v]);
+    for (int k = 0; k < 8; k++) {
+      LaneState& L = lanes[8 * v + k];
+      L.x = (uint32_t)xs[k]; L.p = base + ps[k]; L.pred = pr[k];
+    }
+  };
+  for (int v = 0; v < 4; v++) load(v);
+  __m256i bad = _mm256_setzero_si256();
+  uint32_t bad_scalar = 0;
+  for (uint32_t t = t0; t < t1; t++) {
+    int32_t* qrow = qbuf + (size_t)t * n;
+    for (int v = 0; v < 4; v++) {
+      const __m256i e = _mm256_i32gather_epi32(table, _mm256_add_epi32(K[v], _mm256_and_si256(X[v], mask12)), 4);
+      const __m256i z = _mm256_and_si256(e, ff);
+      if (_mm256_movemask_epi8(_mm256_cmpeq_epi32(z, LIM[v]))) {  // escape in this vector: scalar row
+        save(v);
+        for (int k = 0; k < 8; k++) {
+          const int32_t q = decode_value<true>(lanes[8 * v + k]);
+          bad_scalar |= (uint32_t)(q + KVC_QMAX) > 2u * KVC_QMAX;
+          qrow[8 * v + k] = q;
+        }
+        load(v);
+        continue;
+      }
+      const __m256i freq = _mm256_add_epi32(_mm256_and_si256(_mm256_srli_epi32(e, 8), fff), one);
+      X[v] = _mm256_add_epi32(_mm256_mullo_epi32(freq, _mm256_srli_epi32(X[v], KVC_PROB_BITS)), _mm256_srli_epi32(e, 20));
+      for (int step = 0; step < 2; step++) {
+        const __m256i need = _mm256_cmpgt_epi32(lim_l, X[v]);
+        const __m256i byte = _mm256_and_si256(_mm256_i32gather_epi32((const int*)base, P[v], 1), ff);
+        X[v] = _mm256_blendv_epi8(X[v], _mm256_or_si256(_mm256_slli_epi32(X[v], 8), byte), need);
+        P[v] = _mm256_sub_epi32(P[v], need);
+      }
+      // v = pred + unzigzag(z); unzigzag(z) = (z >> 1) ^ -(z & 1)
+      const __m256i r = _mm256_xor_si256(_mm256_srli_epi32(z, 1), _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_and_si256(z, one)));
+      const __m256i q = _mm256_add_epi32(PRED[v], r);
+      bad = _mm256_or_si256(bad, _mm256_or_si256(_mm256_cmpgt_epi32(q, qmax), _mm256_cmpgt_epi32(qmin, q)));
+      PRED[v] = _mm256_blendv_epi8(PRED[v], q, DELTA[v]);
+      _mm256_storeu_si256((__m256i*)(qrow + 8 * v), q);
+    }
+  }
+  for (int v = 0; v < 4; v++) save(v);
+  return bad_scalar | (uint32_t)(_mm256_movemask_epi8(bad) != 0);
+}
+#endif
+
 template <int DT>
 bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint8_t* meta, void* dst,
                        const uint32_t* coded, uint32_t TC, uint32_t C, Error& err) {
+#if defined(__x86_64__)
+  const bool avx2 = have_avx2();
+  // lanes are contiguous from lane 0's start; 32-bit gather offsets need < 2 GiB of lanes
+  const uint8_t* spans_base =
+      (n && (uint64_t)(lanes[n - 1].end - lanes[0].p) < (1ull << 31)) ? lanes[0].p : nullptr;
+#endif
   const uint32_t nci = (C + n - 1) / n;
   std::vector<int32_t> qbuf((size_t)TC * n);
   float step[KVC_MAX_LANES];
@@ -301,7 +385,13 @@ bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint
       uint64_t room = UINT64_MAX;
       for (uint32_t j = 0; j < m; j++)
         room = std::min<uint64_t>(room, lanes[j].p < lanes[j].end ? (uint64_t)(lanes[j].end - lanes[j].p) : 0);
-      const bool fast = room >= (uint64_t)kMaxBytesPerValue * kBlock;
+      const bool fast = room >= (uint64_t)kMaxBytesPerValue * kBlock + 4;
+#if defined(__x86_64__)
+      if (fast && m == KVC_MAX_LANES && avx2 && spans_base != nullptr) {
+        bad |= decode_rows_avx2(M, lanes, spans_base, qbuf.data(), n, t0, t1);
+        continue;
+      }
+#endif
       for (uint32_t t = t0; t < t1; t++) {
         int32_t* qrow = qbuf.data() + (size_t)t * n;
         if (fast && m == KVC_MAX_LANES) {

@@ -177,3 +177,15 @@ def test_software_conversions_are_ieee_round_to_nearest_even():
     u = f.view(np.uint32).astype(np.uint64)
     ref = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
     assert (out == ref).all()
+
+
+def test_committed_model_tables_match_generator():
+    """kvc_tables.h is part of the format: it must be exactly what the generator prints."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    gen = subprocess.run([sys.executable, str(root / "native/codec/tools/gen_laplace_tables.py")],
+                         capture_output=True, text=True, check=True).stdout
+    assert gen == (root / "native/codec/kvc_tables.h").read_text()
