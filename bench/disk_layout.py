@@ -25,7 +25,7 @@ import lmdb
 import numpy as np
 
 from kvstore import config as cfg
-from kvstore.tiers import _bufs
+from kvstore import native
 from kvstore.tiers.base import PinTable
 from kvstore.tiers.disk import DiskTier, encode_header
 from kvstore.types import ChunkId, ChunkMeta, Encoding
@@ -58,7 +58,7 @@ def _chunks(size: int, n: int):
         data = bytearray(base)
         data[:8] = i.to_bytes(8, "little")          # distinct payloads, cheap to make
         cid = ChunkId(bytes(32) + rng.bytes(32))
-        out.append((cid, ChunkMeta(256, Encoding.RAW, size, _bufs.crc32c(data)), bytes(data)))
+        out.append((cid, ChunkMeta(256, Encoding.RAW, size, native.crc32c(data)), bytes(data)))
     return out
 
 
@@ -94,7 +94,7 @@ def bench_lmdb_values(root: Path, chunks) -> tuple[float, float]:
     with env.begin(buffers=True) as txn:
         for cid, meta, _ in chunks:
             v = txn.get(cid)
-            assert _bufs.crc32c(v[len(v) - meta.payload_bytes:]) == meta.crc32c
+            assert native.crc32c(v[len(v) - meta.payload_bytes:]) == meta.crc32c
     r = nbytes / (time.perf_counter() - t0) / MIB
     env.close()
     return w, r
