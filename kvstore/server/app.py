@@ -100,8 +100,8 @@ class Daemon:
                                                                          self.pool, self.stats)),))
         self.leases = LeaseTable(manager, config.server.lease_ttl_s, config.server.max_open_leases)
         self._sweeper: asyncio.Task | None = None
-        local_pb2_grpc.add_LocalDataServicer_to_server(
-            LocalDataServicer(manager, self.registry, config, self.pool, self.leases), self.server)
+        self.local = LocalDataServicer(manager, self.registry, config, self.pool, self.leases)
+        local_pb2_grpc.add_LocalDataServicer_to_server(self.local, self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(manager, self.registry, config, self.pool),
                                                    self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -129,6 +129,7 @@ class Daemon:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.leases.close()
+        self.local.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         loop = asyncio.get_running_loop()

@@ -126,6 +126,9 @@ class LocalDataServicer:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    def close(self) -> None:
+        self._crc_pool.shutdown(wait=True)
+
     def _namespace(self, namespace_id: bytes):
         return self._ns.get(namespace_id, current_principal().tenant_scope)
 
