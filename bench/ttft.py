@@ -38,6 +38,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
+from kvstore.demo import evict_dram  # noqa: E402
 from kvstore_client import Durability, Tier  # noqa: E402
 from kvstore_client.client import KVStoreClient  # noqa: E402
 from kvstore_client.engines import smollm2  # noqa: E402
@@ -46,19 +47,6 @@ from kvstore_client.engines.transformers import KVCacheAdapter, namespace_for, p
 DEFAULT_LENGTHS = "512,1024,2048,4096,8192"
 #: Uncached prompt tokens after the prefix: a question's worth.
 DEFAULT_TAIL = 32
-
-
-def evict_dram(client: KVStoreClient, tokens: list[int], token: str | None) -> int:
-    import grpc
-
-    from kvstore_client._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, common_pb2
-
-    md = (("authorization", f"Bearer {token}"),) if token else ()
-    with grpc.insecure_channel(client.addr) as ch:
-        r = admin_pb2_grpc.AdminStub(ch).Evict(
-            admin_pb2.EvictRequest(namespace_id=client.namespace_id, keys=client.keys(tokens), tier=common_pb2.DRAM),
-            metadata=md, timeout=60)
-    return int(r.evicted)
 
 
 def med(xs: list[float]) -> float:

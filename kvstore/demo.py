@@ -150,7 +150,7 @@ def _worker(args: argparse.Namespace) -> int:
             continue
         elif op == "evict_dram":
             try:
-                _emit({"op": "evicted", "evicted": _evict_dram(client, ids, args.token)})
+                _emit({"op": "evicted", "evicted": evict_dram(client, ids, args.token)})
             except Exception as e:  # reported as a skipped row: e.g. the token has no admin rights
                 _emit({"op": "evicted", "error": f"{type(e).__name__}: {e}"})
             continue
@@ -174,7 +174,7 @@ def _client(addr: str, ns: Any, token: str | None) -> Any:
     return KVStoreClient(addr, ns, token=token)
 
 
-def _evict_dram(client: Any, ids: list[int], token: str | None) -> int:
+def evict_dram(client: Any, ids: list[int], token: str | None) -> int:
     """Drops this prompt's chunks from the DRAM tier only (admin API), so the next hit is from disk."""
     import grpc
 
