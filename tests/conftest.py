@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,15 +20,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from integration.helpers import ADMIN_TOKEN, TOKENS  # noqa: F401 (tests/ is on sys.path via this conftest)
+from integration.helpers import ADMIN_TOKEN, TOKENS, free_port  # noqa: F401 (tests/ is on sys.path via this conftest)
 
 STARTUP_TIMEOUT_S = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import numpy as np
 
 from kvstore_client import Namespace
@@ -30,3 +32,10 @@ def kv_for(ns: Namespace, tokens: int, seed: int = 0) -> np.ndarray:
 
 def tokens_for(n: int, seed: int = 0) -> list[int]:
     return [int(x) for x in np.random.default_rng(seed + 1000).integers(0, 49152, n)]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -60,7 +60,7 @@ def test_kvctl_admin_token(auth_daemon):
 
 
 def test_kvctl_daemon_down():
-    from conftest import free_port
+    from .helpers import free_port
     addr = f"127.0.0.1:{free_port()}"
     r = kvctl(addr, "status")
     assert r.returncode == 2
