@@ -36,6 +36,9 @@ def lib() -> ctypes.CDLL:
     so.kvs_crc32c_hw.restype = ctypes.c_int
     so.kvs_copy.restype = None
     so.kvs_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    so.kvs_copy2d.restype = None
+    so.kvs_copy2d.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
+                              ctypes.c_size_t]
     return so
 
 
@@ -68,3 +71,15 @@ def copy_into(dst, src, threads: int = 1) -> None:
         raise ValueError(f"destination holds {dn} bytes, source has {sn}")
     if sn:
         lib().kvs_copy(daddr, saddr, sn, threads)
+
+
+def copy_rows(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src`` for 2-D uint8 arrays of the same shape whose rows are contiguous
+    (any row pitch), one native memcpy per row with the GIL released."""
+    if dst.shape != src.shape or dst.ndim != 2 or dst.dtype != np.uint8 or src.dtype != np.uint8:
+        raise ValueError("copy_rows needs two 2-D uint8 arrays of one shape")
+    if dst.strides[1] != 1 or src.strides[1] != 1:
+        raise ValueError("copy_rows needs contiguous rows")
+    if not dst.flags.writeable:
+        raise ValueError("destination is read-only")
+    lib().kvs_copy2d(dst.ctypes.data, dst.strides[0], src.ctypes.data, src.strides[0], dst.shape[0], dst.shape[1])

@@ -53,3 +53,16 @@ def test_copy_into_threads():
     assert np.array_equal(dst[: src.size], src) and not dst[src.size:].any()
     with pytest.raises(ValueError):
         native.copy_into(bytearray(3), b"four")
+
+
+def test_copy_rows_moves_a_block_into_columns_and_back():
+    rng = np.random.default_rng(2)
+    out = np.zeros((6, 4 * 1000), np.uint8)
+    chunk = rng.integers(0, 256, size=(6, 1000), dtype=np.uint8)
+    native.copy_rows(out[:, 2000:3000], chunk)
+    assert np.array_equal(out[:, 2000:3000], chunk) and not out[:, :2000].any() and not out[:, 3000:].any()
+    back = np.empty_like(chunk)
+    native.copy_rows(back, out[:, 2000:3000])
+    assert np.array_equal(back, chunk)
+    with pytest.raises(ValueError):
+        native.copy_rows(back, chunk[:, ::2])

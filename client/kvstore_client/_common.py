@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ._crc import HAVE_FAST_CRC, crc32c
+from ._crc import HAVE_FAST_CRC, crc32c, native_copy_rows
 from ._proto.kvstore.v1 import common_pb2, data_pb2
 from ._wire import encode_data
 from .errors import DataLoss, InvalidArgument, KVStoreClientError
@@ -183,8 +183,13 @@ def copy_chunk_out(src, ns: Namespace, index: int, dst: np.ndarray) -> None:
         import torch
 
         torch.from_numpy(dst).view(src.dtype).view(part.shape).copy_(part, non_blocking=True)
+        return
+    rows = int(np.prod(part.shape[:token_axis(ns)]))
+    dst2, src2 = dst.reshape(rows, -1), part.reshape(rows, -1)   # views: each row is contiguous
+    if native_copy_rows is not None and src2.strides[1] == 1:
+        native_copy_rows(dst2, src2)
     else:
-        np.copyto(dst.reshape(part.shape), part)
+        np.copyto(dst2, src2)
 
 
 def put_messages(namespace_id: bytes, keys: Sequence[bytes], payloads: Sequence[np.ndarray], ns: Namespace,
@@ -285,28 +290,55 @@ class ChunkAssembler:
 
     def place(self, payload: np.ndarray, num_tokens: int, encoding: Encoding, crc: int) -> None:
         """Copies one whole chunk (a uint8 array, e.g. a view of the shared arena) into place."""
-        if encoding == Encoding.CODEC and num_tokens == self.ns.chunk_tokens:
-            if self.verify and crc and crc32c(payload) != crc:
-                raise DataLoss(f"chunk {self.matched}: CRC32C mismatch in the shared arena")
-            self._place_decoded(payload)
-            return
-        if encoding != Encoding.RAW or num_tokens != self.ns.chunk_tokens or payload.nbytes != self.chunk_bytes:
-            raise DataLoss(f"chunk {self.matched}: the daemon leased {payload.nbytes} bytes of "
-                           f"{Encoding(encoding).name}, expected a full RAW chunk of {self.chunk_bytes} bytes")
-        if self.verify and crc and crc32c(payload) != crc:
-            raise DataLoss(f"chunk {self.matched}: CRC32C mismatch in the shared arena")
-        base = self.matched * self.run
-        self.out[:, base:base + self.run] = payload.reshape(self.rows, self.run)
+        self._place_at(self.matched, payload, num_tokens, encoding, crc)
         self.matched += 1
 
+    def place_many(self, items: list[tuple], pool=None) -> None:
+        """``place`` for consecutive chunks, copied (or decoded) in parallel on ``pool``: each
+        chunk owns its own columns of the output, and numpy and the codec release the GIL."""
+        start = self.matched
+        if pool is None or len(items) < 2:
+            for item in items:
+                self.place(*item)
+            return
+        futures = [pool.submit(self._place_at, start + k, *item) for k, item in enumerate(items)]
+        for f in futures:
+            f.result()
+        self.matched += len(items)
+
+    def _place_at(self, index: int, payload: np.ndarray, num_tokens: int, encoding: Encoding, crc: int) -> None:
+        if num_tokens != self.ns.chunk_tokens or encoding not in (Encoding.RAW, Encoding.CODEC) or \
+                (encoding == Encoding.RAW and payload.nbytes != self.chunk_bytes):
+            raise DataLoss(f"chunk {index}: the daemon leased {payload.nbytes} bytes of {Encoding(encoding).name} "
+                           f"with {num_tokens} tokens, expected a full chunk of {self.ns.chunk_tokens} tokens "
+                           f"({self.chunk_bytes} bytes RAW)")
+        if self.verify and crc and crc32c(payload) != crc:
+            raise DataLoss(f"chunk {index}: CRC32C mismatch in the shared arena")
+        if encoding == Encoding.CODEC:
+            self._write_decoded(index, payload)
+        else:
+            self._write(index, payload)
+
     def _place_decoded(self, bits) -> None:
+        self._write_decoded(self.matched, bits)
+        self.matched += 1
+
+    def _write_decoded(self, index: int, bits) -> None:
         raw = decode_chunk(bits)
         if raw.nbytes != self.chunk_bytes:
-            raise DataLoss(f"chunk {self.matched}: the bitstream decodes to {raw.nbytes} bytes, the namespace's "
+            raise DataLoss(f"chunk {index}: the bitstream decodes to {raw.nbytes} bytes, the namespace's "
                            f"chunks are {self.chunk_bytes}")
-        base = self.matched * self.run
-        self.out[:, base:base + self.run] = raw.reshape(self.rows, self.run)
-        self.matched += 1
+        self._write(index, raw)
+
+    def _write(self, index: int, raw: np.ndarray) -> None:
+        """Chunk ``index``'s bytes into its columns of the output: one memcpy per row (native,
+        GIL released) where the native library is installed."""
+        base = index * self.run
+        dst, src = self.out[:, base:base + self.run], raw.reshape(self.rows, self.run)
+        if native_copy_rows is not None:
+            native_copy_rows(dst, src)
+        else:
+            dst[...] = src
 
     def _data(self, piece: memoryview) -> None:
         m = piece.nbytes

@@ -1,4 +1,4 @@
-"""CRC32C (Castagnoli) for payload checksums.
+"""CRC32C (Castagnoli) for payload checksums, and the native row copy when available.
 
 Uses the daemon package's native implementation (hardware CRC, GIL released) when it is
 importable; otherwise a table-driven pure-Python fallback that is correct but slow
@@ -8,12 +8,13 @@ importable; otherwise a table-driven pure-Python fallback that is correct but sl
 from __future__ import annotations
 
 try:  # optional: the daemon package ships the native library
-    from kvstore.native import crc32c as _native_crc32c, lib as _lib
+    from kvstore.native import copy_rows as native_copy_rows, crc32c as _native_crc32c, lib as _lib
 
     _lib()
     HAVE_FAST_CRC = True
 except Exception:  # noqa: BLE001 - not installed or not built: fall back
     _native_crc32c = None
+    native_copy_rows = None
     HAVE_FAST_CRC = False
 
 _POLY = 0x82F63B78

@@ -15,6 +15,11 @@ Keys are computed locally from docs/keys.md; the daemon only supplies the namesp
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 import grpc
@@ -28,6 +33,12 @@ from . import transfer
 from .local import SharedArena
 from .presence import PresenceReader
 from .types import Durability, Encoding, KeyKind, Tier
+
+log = logging.getLogger(__name__)
+
+#: Copy threads on the same-host path: enough to saturate memory bandwidth on a typical
+#: server socket without taking cores from the engine.
+DEFAULT_COPY_THREADS = 4
 
 _SVC = "/kvstore.v1.KVStore/"
 _LOCAL = "/kvstore.v1.LocalData/"
@@ -52,9 +63,15 @@ class KVStoreClient:
     """One namespace on one daemon. Thread-safe (gRPC channels are)."""
 
     def __init__(self, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
-                 timeout_s: float | None = 60.0, local: bool | None = None) -> None:
+                 timeout_s: float | None = 60.0, local: bool | None = None, copy_threads: int | None = None) -> None:
         """``local``: use the same-host shared-memory path (True: required; None: when the
-        daemon's arena can be mapped from here, else the stream path; False: never)."""
+        daemon's arena can be mapped from here, else the stream path; False: never).
+        ``copy_threads``: threads copying chunks on the same-host path (default: up to 4)."""
+        self.copy_threads = copy_threads or min(DEFAULT_COPY_THREADS, os.cpu_count() or 1)
+        self._copies: ThreadPoolExecutor | None = None
+        self._release_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._release_lock = threading.Lock()
+        self._releaser: threading.Thread | None = None
         self.addr = addr
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
@@ -306,12 +323,40 @@ class KVStoreClient:
             self._release_later(resp.lease_id)
         return n
 
+    def _copy_pool(self) -> ThreadPoolExecutor | None:
+        """Threads that copy chunks between the arena and caller buffers in parallel (numpy
+        releases the GIL); None with one thread."""
+        if self._copies is None and self.copy_threads > 1:
+            self._copies = ThreadPoolExecutor(self.copy_threads, thread_name_prefix="kvstore-copy")
+        return self._copies
+
     def _release_later(self, lease_id: int) -> None:
-        """Ends a read lease without waiting for the answer (off the caller's critical path;
-        if the message is lost the lease still expires after server.lease_ttl_s)."""
-        if lease_id:
-            self._release.future(local_pb2.ReleaseRequest(lease_ids=[lease_id]), metadata=self._metadata,
-                                 timeout=self.timeout_s)
+        """Ends a read lease without waiting for the answer: a background thread sends the
+        Release (batched), off the caller's critical path. If it never arrives, the lease
+        still expires after server.lease_ttl_s."""
+        if not lease_id:
+            return
+        with self._release_lock:
+            if self._releaser is None:
+                self._releaser = threading.Thread(target=self._release_loop, name="kvstore-release", daemon=True)
+                self._releaser.start()
+        self._release_q.put(lease_id)
+
+    def _release_loop(self) -> None:
+        while True:
+            ids = [self._release_q.get()]
+            while not self._release_q.empty():
+                ids.append(self._release_q.get_nowait())
+            live = [i for i in ids if i is not None]
+            if live:
+                try:
+                    self._release(local_pb2.ReleaseRequest(lease_ids=live), metadata=self._metadata,
+                                  timeout=self.timeout_s)
+                except grpc.RpcError as e:
+                    log.info("releasing %d leases failed (%s); they expire on the daemon by themselves",
+                             len(live), e.code())
+            if None in ids:
+                return
 
     def _fetch(self, keys: list[bytes], verify_crc: bool | None, out) -> "C.ChunkAssembler":
         if verify_crc is None and self.arena is not None:
@@ -337,10 +382,13 @@ class KVStoreClient:
                                 metadata=self._metadata, timeout=self.timeout_s)
         usable = self._same_arena(resp.arena_nonce)
         try:
+            items = []
             for ext in resp.extents if usable else ():
-                if not ext.found or ext.index != asm.matched:
+                if not ext.found or ext.index != asm.matched + len(items):
                     break
-                asm.place(self.arena.view(ext.offset, ext.length), ext.num_tokens, Encoding(ext.encoding), ext.crc32c)
+                items.append((self.arena.view(ext.offset, ext.length), ext.num_tokens, Encoding(ext.encoding),
+                              ext.crc32c))
+            asm.place_many(items, self._copy_pool())
         finally:
             self._release_later(resp.lease_id)
         if asm.matched < len(keys):
@@ -361,6 +409,11 @@ class KVStoreClient:
         return resp.deleted
 
     def close(self) -> None:
+        if self._releaser is not None:
+            self._release_q.put(None)
+            self._releaser.join(timeout=self.timeout_s or None)
+        if self._copies is not None:
+            self._copies.shutdown(wait=True)
         if self.arena is not None:
             self.arena.close()
             self.arena = None

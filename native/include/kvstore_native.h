@@ -34,3 +34,9 @@ KVS_API int kvs_crc32c_hw(void);
 // memcpy split over `threads` threads (<=1: the calling thread only). For large host copies
 // (arena <-> staging) where one core does not reach memory bandwidth.
 KVS_API void kvs_copy(void* dst, const void* src, size_t len, int threads);
+
+// Copies `rows` rows of `row_bytes` bytes from `src` (rows `src_pitch` bytes apart) to `dst`
+// (rows `dst_pitch` bytes apart): a chunk's [planes, tokens...] block into its columns of a
+// [planes, all tokens...] tensor and back, one memcpy per row.
+KVS_API void kvs_copy2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t rows,
+                        size_t row_bytes);

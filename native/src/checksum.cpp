@@ -158,3 +158,10 @@ KVS_API void kvs_copy(void* dst, const void* src, size_t len, int threads) {
   std::memcpy(dst, src, std::min(per, len));
   for (auto& t : pool) t.join();
 }
+
+KVS_API void kvs_copy2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t rows,
+                        size_t row_bytes) {
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  for (size_t r = 0; r < rows; ++r) std::memcpy(d + r * dst_pitch, s + r * src_pitch, row_bytes);
+}
