@@ -14,14 +14,12 @@ import grpc
 
 from . import _common as C
 from ._proto.kvstore.v1 import data_pb2, local_pb2
-from ._wire import data_or_message, serializer
-from .client import channel_options
+from .client import bind_stubs, channel_options
 from .errors import from_rpc_error
 from .keys import Namespace, prefix_keys
 from .presence import PresenceReader
 from .types import Durability, Tier
 
-_SVC = "/kvstore.v1.KVStore/"
 
 
 def _translating(fn):
@@ -41,17 +39,7 @@ class AsyncKVStoreClient:
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = grpc.aio.insecure_channel(addr, options=channel_options())
-        ch, D = self._channel, data_pb2
-        self._register = ch.unary_unary(_SVC + "RegisterNamespace", D.RegisterNamespaceRequest.SerializeToString,
-                                        D.RegisterNamespaceResponse.FromString)
-        self._put = ch.stream_unary(_SVC + "Put", serializer, D.PutResponse.FromString)
-        self._lookup = ch.unary_unary(_SVC + "Lookup", D.LookupRequest.SerializeToString, D.LookupResponse.FromString)
-        self._exists = ch.unary_unary(_SVC + "Exists", D.ExistsRequest.SerializeToString, D.ExistsResponse.FromString)
-        self._get = ch.unary_stream(_SVC + "Get", D.GetRequest.SerializeToString,
-                                    functools.partial(data_or_message, message_cls=D.GetResponse))
-        self._delete = ch.unary_unary(_SVC + "Delete", D.DeleteRequest.SerializeToString, D.DeleteResponse.FromString)
-        self._attach = ch.unary_unary("/kvstore.v1.LocalData/Attach", local_pb2.AttachRequest.SerializeToString,
-                                      local_pb2.AttachResponse.FromString)
+        bind_stubs(self, self._channel)
         self.presence: PresenceReader | None = None
         self._get_encoding = 0 if C.codec_available() else 1  # 1 = RAW: the daemon decodes
 

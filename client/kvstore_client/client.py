@@ -49,6 +49,29 @@ def channel_options() -> list[tuple[str, int]]:
             ("grpc.max_send_message_length", C.CLIENT_MAX_MESSAGE_BYTES)]
 
 
+def bind_stubs(client, ch) -> None:
+    """Sets the RPC callables on ``client`` (``_register``, ``_put``, ``_lookup``, ``_exists``,
+    ``_get``, ``_delete``, and the LocalData ones) for a sync or an aio channel alike."""
+    D, L = data_pb2, local_pb2
+    client._register = ch.unary_unary(_SVC + "RegisterNamespace", D.RegisterNamespaceRequest.SerializeToString,
+                                      D.RegisterNamespaceResponse.FromString)
+    client._put = ch.stream_unary(_SVC + "Put", serializer, D.PutResponse.FromString)
+    client._lookup = ch.unary_unary(_SVC + "Lookup", D.LookupRequest.SerializeToString, D.LookupResponse.FromString)
+    client._exists = ch.unary_unary(_SVC + "Exists", D.ExistsRequest.SerializeToString, D.ExistsResponse.FromString)
+    client._get = ch.unary_stream(_SVC + "Get", D.GetRequest.SerializeToString,
+                                  functools.partial(data_or_message, message_cls=D.GetResponse))
+    client._delete = ch.unary_unary(_SVC + "Delete", D.DeleteRequest.SerializeToString, D.DeleteResponse.FromString)
+    client._attach = ch.unary_unary(_LOCAL + "Attach", L.AttachRequest.SerializeToString, L.AttachResponse.FromString)
+    client._lease_read = ch.unary_unary(_LOCAL + "LeaseRead", L.LeaseReadRequest.SerializeToString,
+                                        L.LeaseReadResponse.FromString)
+    client._reserve = ch.unary_unary(_LOCAL + "ReserveWrite", L.ReserveWriteRequest.SerializeToString,
+                                     L.ReserveWriteResponse.FromString)
+    client._commit = ch.unary_unary(_LOCAL + "CommitWrite", L.CommitWriteRequest.SerializeToString,
+                                    L.CommitWriteResponse.FromString)
+    client._release = ch.unary_unary(_LOCAL + "Release", L.ReleaseRequest.SerializeToString,
+                                     L.ReleaseResponse.FromString)
+
+
 def _translating(fn):
     @functools.wraps(fn)
     def wrapper(self, *a, **kw):
@@ -76,26 +99,7 @@ class KVStoreClient:
         self.timeout_s = timeout_s
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = grpc.insecure_channel(addr, options=channel_options())
-        ch = self._channel
-        D = data_pb2
-        self._register = ch.unary_unary(_SVC + "RegisterNamespace", D.RegisterNamespaceRequest.SerializeToString,
-                                        D.RegisterNamespaceResponse.FromString)
-        self._put = ch.stream_unary(_SVC + "Put", serializer, D.PutResponse.FromString)
-        self._lookup = ch.unary_unary(_SVC + "Lookup", D.LookupRequest.SerializeToString, D.LookupResponse.FromString)
-        self._exists = ch.unary_unary(_SVC + "Exists", D.ExistsRequest.SerializeToString, D.ExistsResponse.FromString)
-        self._get = ch.unary_stream(_SVC + "Get", D.GetRequest.SerializeToString,
-                                    functools.partial(data_or_message, message_cls=D.GetResponse))
-        self._delete = ch.unary_unary(_SVC + "Delete", D.DeleteRequest.SerializeToString, D.DeleteResponse.FromString)
-        L = local_pb2
-        self._attach = ch.unary_unary(_LOCAL + "Attach", L.AttachRequest.SerializeToString, L.AttachResponse.FromString)
-        self._lease_read = ch.unary_unary(_LOCAL + "LeaseRead", L.LeaseReadRequest.SerializeToString,
-                                          L.LeaseReadResponse.FromString)
-        self._reserve = ch.unary_unary(_LOCAL + "ReserveWrite", L.ReserveWriteRequest.SerializeToString,
-                                       L.ReserveWriteResponse.FromString)
-        self._commit = ch.unary_unary(_LOCAL + "CommitWrite", L.CommitWriteRequest.SerializeToString,
-                                      L.CommitWriteResponse.FromString)
-        self._release = ch.unary_unary(_LOCAL + "Release", L.ReleaseRequest.SerializeToString,
-                                       L.ReleaseResponse.FromString)
+        bind_stubs(self, self._channel)
         # Chunks come as stored when this process can decode bitstreams, else the daemon decodes.
         self._get_encoding = 0 if C.codec_available() else int(Encoding.RAW)
         self.arena: SharedArena | None = None
