@@ -126,8 +126,7 @@ def kv_bytes_array(kv, ns: Namespace, keep_device: bool = False):
     if _is_torch(kv):
         import torch
 
-        want = {DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16, DType.FLOAT32: torch.float32,
-                DType.FLOAT8_E4M3: getattr(torch, "float8_e4m3fn", None)}[ns.dtype]
+        want = torch_dtype(ns.dtype)
         if kv.dtype != want:
             raise InvalidArgument(f"kv tensor has dtype {kv.dtype}, the namespace stores {ns.dtype.name} ({want})")
         t = kv.detach()
@@ -157,14 +156,7 @@ def kv_bytes_array(kv, ns: Namespace, keep_device: bool = False):
 
 def chunk_payloads(u8: np.ndarray, ns: Namespace, n_chunks: int) -> list[np.ndarray]:
     """Contiguous bytes of each of the first ``n_chunks`` full chunks."""
-    ax = token_axis(ns)
-    ct = ns.chunk_tokens
-    out = []
-    for i in range(n_chunks):
-        sl = [slice(None)] * u8.ndim
-        sl[ax] = slice(i * ct, (i + 1) * ct)
-        out.append(np.ascontiguousarray(u8[tuple(sl)]).reshape(-1))
-    return out
+    return [np.ascontiguousarray(u8[_token_slice(u8.ndim, ns, i)]).reshape(-1) for i in range(n_chunks)]
 
 
 def _token_slice(ndim: int, ns: Namespace, index: int) -> tuple:
@@ -387,7 +379,6 @@ class ChunkAssembler:
         if as_torch:
             import torch
 
-            tdt = {DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16, DType.FLOAT32: torch.float32,
-                   DType.FLOAT8_E4M3: getattr(torch, "float8_e4m3fn", None)}[ns.dtype]
+            tdt = torch_dtype(ns.dtype)
             return torch.from_numpy(u8).view(tdt)
         return u8.view(_NUMPY_OUT[ns.dtype])

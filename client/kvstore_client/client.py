@@ -293,18 +293,12 @@ class KVStoreClient:
             raise InvalidArgument(f"out must be a contiguous {ns.dtype.name} tensor of shape "
                                   f"{list(ns.chunk_shape(len(keys) * ns.chunk_tokens))}")
         if self.arena is None or not self.arena.register_cuda():
-            host = torch.empty(out.shape, dtype=out.dtype).pin_memory()
-            n = self._fetch(keys, None, host).matched
-            out.copy_(host)
-            return n
+            return self._retrieve_via_host(keys, out)
         resp = self._lease_read(local_pb2.LeaseReadRequest(namespace_id=self.namespace_id, keys=keys),
                                 metadata=self._metadata, timeout=self.timeout_s)
         if not self._same_arena(resp.arena_nonce) or not self.arena.register_cuda():
             self._release_later(resp.lease_id)
-            host = torch.empty(out.shape, dtype=out.dtype).pin_memory()
-            n = self._fetch(keys, None, host).matched
-            out.copy_(host)
-            return n
+            return self._retrieve_via_host(keys, out)
         stream = torch.cuda.current_stream(out.device)
         n = 0
         try:
@@ -333,6 +327,15 @@ class KVStoreClient:
         if self._copies is None and self.copy_threads > 1:
             self._copies = ThreadPoolExecutor(self.copy_threads, thread_name_prefix="kvstore-copy")
         return self._copies
+
+    def _retrieve_via_host(self, keys: list[bytes], out) -> int:
+        """Into a CUDA tensor through a pinned host buffer (no usable shared arena)."""
+        import torch
+
+        host = torch.empty(out.shape, dtype=out.dtype).pin_memory()
+        n = self._fetch(keys, None, host).matched
+        out.copy_(host)
+        return n
 
     def _release_later(self, lease_id: int) -> None:
         """Ends a read lease without waiting for the answer: a background thread sends the

@@ -304,18 +304,15 @@ class TierManager:
         """A DRAM lease on ``cid``, its arena offset, and the medium it was found in. A disk hit
         is promoted into DRAM first; None when absent or when DRAM cannot make room for it
         (the caller then serves it over the stream path)."""
-        found = Medium.DRAM
-        ref = self.dram.get(cid)
+        ref = self.get(cid)              # DRAM, else disk (promoted into DRAM when it can)
         if ref is None:
-            ref = self.get(cid)          # promotes a disk hit into DRAM when it can
+            return None
+        found = ref.medium
+        if found != Medium.DRAM:
+            ref.release()
+            ref = self.dram.lease(cid)
             if ref is None:
                 return None
-            found = ref.medium
-            if ref.medium != Medium.DRAM:
-                ref.release()
-                ref = self.dram.lease(cid)
-                if ref is None:
-                    return None
         return ref, self.dram.offset_of(ref), found
 
     def reserve_local(self, cid: ChunkId, nbytes: int):
