@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _daemon import Daemon, free_port  # noqa: E402
+from _daemon import Daemon, free_port, serve_raw_grpc  # noqa: E402
 
 from kvstore_client import KVStoreClient, Namespace  # noqa: E402
 
@@ -39,10 +39,7 @@ SHAPES = {
 
 # ---------------------------------------------------------------- raw gRPC ceiling
 def _raw_server(port: int, nbytes: int, ready) -> None:
-    import asyncio
-
     import grpc
-    import uvloop
 
     blob = os.urandom(nbytes)
     ident = lambda b: b  # noqa: E731
@@ -60,19 +57,10 @@ def _raw_server(port: int, nbytes: int, ready) -> None:
             pos += len(piece)
         return b"ok"
 
-    async def main():
-        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20),
-                                          ("grpc.max_send_message_length", 64 << 20)])
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("raw.Raw", {
-            "Download": grpc.unary_stream_rpc_method_handler(download, ident, ident),
-            "Upload": grpc.stream_unary_rpc_method_handler(upload, ident, ident)}),))
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        ready.set()
-        await server.wait_for_termination()
-
-    uvloop.install()
-    asyncio.run(main())
+    serve_raw_grpc(port, ready, "raw.Raw", {
+        "Download": grpc.unary_stream_rpc_method_handler(download, ident, ident),
+        "Upload": grpc.stream_unary_rpc_method_handler(upload, ident, ident)},
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)])
 
 
 def bench_raw(nbytes: int, repeats: int) -> tuple[float, float]:

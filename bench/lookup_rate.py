@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _daemon import Daemon, free_port  # noqa: E402
+from _daemon import Daemon, free_port, serve_raw_grpc  # noqa: E402
 
 from kvstore_client import KVStoreClient, Namespace  # noqa: E402
 
@@ -36,22 +36,10 @@ def _ident(x):
 
 def _echo_server(port: int, ready) -> None:
     import grpc
-    import uvloop
 
-    async def main():
-        async def echo(req, ctx):
-            return req
-        h = grpc.method_handlers_generic_handler(
-            "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo, _ident, _ident)})
-        server = grpc.aio.server()
-        server.add_generic_rpc_handlers((h,))
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        ready.set()
-        await server.wait_for_termination()
-
-    uvloop.install()
-    asyncio.run(main())
+    async def echo(req, ctx):
+        return req
+    serve_raw_grpc(port, ready, "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo, _ident, _ident)})
 
 
 def _worker(addr: str, mode: str, tasks: int, seconds: float, start_at: float, q) -> None:
