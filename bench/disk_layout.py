@@ -25,7 +25,7 @@ import lmdb
 import numpy as np
 
 from kvstore import config as cfg
-from kvstore import native
+import kvstore_native as native
 from kvstore.tiers.base import PinTable
 from kvstore.tiers.disk import DiskTier, encode_header
 from kvstore.types import ChunkId, ChunkMeta, Encoding

@@ -22,8 +22,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import kvstore.codec as kc  # noqa: E402
-from kvstore.codec import gpu  # noqa: E402
+import kvstore_native.codec as kc  # noqa: E402
+from kvstore_native.codec import gpu  # noqa: E402
 from kvstore.testing.codec_data import synthetic_kv  # noqa: E402
 
 LOSSY = [kc.CodecLevel.NEAR_LOSSLESS, kc.CodecLevel.DEFAULT, kc.CodecLevel.AGGRESSIVE]

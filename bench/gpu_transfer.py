@@ -25,7 +25,7 @@ import sys
 import numpy as np
 import torch
 
-from kvstore_client.transfer import PlaneSpec, gather, scatter
+from kvstore_native.transfer import PlaneSpec, gather, scatter
 
 SHAPES = {
     # name: (layers, kv_heads, head_dim, dtype, seq)

@@ -178,7 +178,7 @@ def evict_dram(client: Any, ids: list[int], token: str | None) -> int:
     """Drops this prompt's chunks from the DRAM tier only (admin API), so the next hit is from disk."""
     import grpc
 
-    from kvstore_client._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, common_pb2
+    from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, common_pb2
 
     metadata = (("authorization", f"Bearer {token}"),) if token else ()
     with grpc.insecure_channel(client.addr) as ch:

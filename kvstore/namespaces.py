@@ -1,6 +1,6 @@
 """The namespace registry: which namespaces exist, who owns them, persisted under the data dir.
 
-A namespace's id is ``kvstore_client.keys.Namespace(..., tenant=tenant).namespace_id``
+A namespace's id is ``kvstore_wire.keys.Namespace(..., tenant=tenant).namespace_id``
 (docs/keys.md), so the tenant is hashed into every key a caller can produce. The tenant
 always comes from the caller's credential, never from a request field.
 
@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-from kvstore_client.keys import KEY_BYTES, Namespace
-from kvstore_client.types import DType, Layout
+from kvstore_wire.keys import KEY_BYTES, Namespace
+from kvstore_wire.types import DType, Layout
 
 from .errors import InvalidArgument, NotFound
 

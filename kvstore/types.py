@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import NewType
 
-from kvstore_client.keys import KEY_BYTES
-from kvstore_client.types import DType, Durability, Encoding, KeyKind, Layout, Tier
+from kvstore_wire.keys import KEY_BYTES
+from kvstore_wire.types import DType, Durability, Encoding, KeyKind, Layout, Tier
 
 __all__ = [
     "ChunkId", "chunk_id", "split_chunk_id", "ChunkMeta", "Medium",

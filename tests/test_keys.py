@@ -1,5 +1,5 @@
 """Recomputes tests/vectors/keys_v1.json from docs/keys.md with an independent implementation,
-and checks kvstore_client.keys against the same vectors."""
+and checks kvstore_wire.keys against the same vectors."""
 
 import hashlib
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvstore_client.keys import Namespace, chunk_key, prefix_keys, root_key
+from kvstore_wire.keys import Namespace, chunk_key, prefix_keys, root_key
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "keys_v1.json").read_text())
 

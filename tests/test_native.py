@@ -4,7 +4,7 @@ import zlib
 import numpy as np
 import pytest
 
-from kvstore import native
+import kvstore_native as native
 
 
 def crc32c_reference(data: bytes) -> int:

@@ -3,8 +3,8 @@
 import mmap
 import os
 
-from kvstore_client.presence import PresenceReader, PresenceWriter, fastest, layout, tier_bit
-from kvstore_client.types import Tier
+from kvstore_wire.presence import PresenceReader, PresenceWriter, fastest, layout, tier_bit
+from kvstore_wire.types import Tier
 
 
 def make(tmp_path, nbuckets=4):

@@ -4,7 +4,7 @@ against the CPU one where a GPU is present."""
 import numpy as np
 import pytest
 
-from kvstore_client.transfer import PlaneSpec, TransferError, cuda_available, gather, scatter
+from kvstore_native.transfer import PlaneSpec, TransferError, cuda_available, gather, scatter
 
 
 def paged_layout(rng, layers=3, blocks=9, block_size=4, heads=2, dim=8, dtype=np.float16):

@@ -1,7 +1,7 @@
 """Thin client for the kvstore daemon. Needs only grpcio, protobuf and numpy (torch optional)."""
 
-from .keys import Namespace, chunk_key, prefix_keys
-from .types import DType, Durability, Encoding, KeyKind, Layout, Tier
+from kvstore_wire.keys import Namespace, chunk_key, prefix_keys
+from kvstore_wire.types import DType, Durability, Encoding, KeyKind, Layout, Tier
 from ._common import LookupResult
 from .client import KVStoreClient
 from .aio import AsyncKVStoreClient

@@ -13,12 +13,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ._crc import HAVE_FAST_CRC, crc32c, native_copy_rows
-from ._proto.kvstore.v1 import common_pb2, data_pb2
-from ._wire import encode_data
+from kvstore_wire.crc import HAVE_FAST_CRC, crc32c, native_copy_rows
+from kvstore_wire._proto.kvstore.v1 import common_pb2, data_pb2
+from kvstore_wire.framing import encode_data
 from .errors import DataLoss, InvalidArgument, KVStoreClientError
-from .keys import Namespace
-from .types import DType, Durability, Encoding, KeyKind, Layout, Tier
+from kvstore_wire.keys import Namespace
+from kvstore_wire.types import DType, Durability, Encoding, KeyKind, Layout, Tier
 
 #: Default size of the data pieces a Put sends (the daemon tells the largest message it accepts).
 DEFAULT_PIECE_BYTES = 1024 * 1024
@@ -43,7 +43,7 @@ class LookupResult:
 def lookup_from_presence(presence, namespace_id: bytes, keys: Sequence[bytes], chunk_tokens: int) -> LookupResult | None:
     """A prefix lookup answered from the daemon's presence index; None when the index cannot
     tell for some key (an overflowed bucket) and the daemon must be asked."""
-    from .presence import fastest
+    from kvstore_wire.presence import fastest
 
     tiers = []
     for k in keys:
@@ -201,7 +201,7 @@ def codec_available() -> bool:
     """True when this process can decode codec bitstreams (the kvstore package's native
     library is installed); the client then accepts chunks as stored, else asks for RAW."""
     try:
-        from kvstore import codec  # noqa: F401
+        from kvstore_native import codec  # noqa: F401
     except Exception:  # noqa: BLE001 - any import failure means: no codec here
         return False
     return True
@@ -210,7 +210,7 @@ def codec_available() -> bool:
 def decode_chunk(bits) -> np.ndarray:
     """A codec bitstream as the uint8 bytes of the RAW chunk."""
     try:
-        from kvstore import codec
+        from kvstore_native import codec
     except Exception as e:  # noqa: BLE001
         raise DataLoss(f"received a codec bitstream but cannot decode it here ({e}); install kvstore") from None
     try:

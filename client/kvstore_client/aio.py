@@ -13,12 +13,12 @@ from typing import Any, Mapping, Sequence
 import grpc
 
 from . import _common as C
-from ._proto.kvstore.v1 import data_pb2, local_pb2
+from kvstore_wire._proto.kvstore.v1 import data_pb2, local_pb2
 from .client import bind_stubs, channel_options
 from .errors import from_rpc_error
-from .keys import Namespace, prefix_keys
-from .presence import PresenceReader
-from .types import Durability, Tier
+from kvstore_wire.keys import Namespace, prefix_keys
+from kvstore_wire.presence import PresenceReader
+from kvstore_wire.types import Durability, Tier
 
 
 

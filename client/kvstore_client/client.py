@@ -25,14 +25,14 @@ from typing import Any, Mapping, Sequence
 import grpc
 
 from . import _common as C
-from ._proto.kvstore.v1 import data_pb2, local_pb2
-from ._wire import data_or_message, serializer
+from kvstore_wire._proto.kvstore.v1 import data_pb2, local_pb2
+from kvstore_wire.framing import data_or_message, serializer
 from .errors import InvalidArgument, KVStoreClientError, from_rpc_error
-from .keys import Namespace, prefix_keys
-from . import transfer
+from kvstore_wire.keys import Namespace, prefix_keys
+from kvstore_native import transfer
 from .local import SharedArena
-from .presence import PresenceReader
-from .types import Durability, Encoding, KeyKind, Tier
+from kvstore_wire.presence import PresenceReader
+from kvstore_wire.types import Durability, Encoding, KeyKind, Tier
 
 log = logging.getLogger(__name__)
 

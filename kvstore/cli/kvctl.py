@@ -18,8 +18,8 @@ import time
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from kvstore_client._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc
-from kvstore_client.types import Tier
+from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc
+from kvstore_wire.types import Tier
 
 DEFAULT_ADDR = "127.0.0.1:50051"
 EXIT_REFUSED = 1
@@ -58,7 +58,7 @@ def _tier_name(t: int) -> str:
 
 
 def _dtype_name(d: int) -> str:
-    from kvstore_client.types import DType
+    from kvstore_wire.types import DType
     return DType(d).name.lower() if d in set(DType) else str(d)
 
 

@@ -7,8 +7,8 @@ import asyncio
 import time
 from concurrent.futures import Executor
 
-from kvstore_client._proto.kvstore.v1 import admin_pb2
-from kvstore_client.keys import KEY_BYTES
+from kvstore_wire._proto.kvstore.v1 import admin_pb2
+from kvstore_wire.keys import KEY_BYTES
 
 from .. import __version__
 from ..errors import InvalidArgument, NotFound

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from kvstore_client._proto.kvstore.v1 import admin_pb2_grpc, data_pb2, local_pb2_grpc
+from kvstore_wire._proto.kvstore.v1 import admin_pb2_grpc, data_pb2, local_pb2_grpc
 
 from ..config import Config
 from ..errors import FailedPrecondition, Unavailable

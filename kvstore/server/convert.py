@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from kvstore_client._proto.kvstore.v1 import admin_pb2, common_pb2
+from kvstore_wire._proto.kvstore.v1 import admin_pb2, common_pb2
 
 from ..namespaces import NamespaceInfo, build_namespace
 from ..types import KeyKind, Medium
 
-from kvstore_client.keys import Namespace
+from kvstore_wire.keys import Namespace
 
 
 def namespace_from_spec(spec: common_pb2.NamespaceSpec, tenant: str) -> Namespace:

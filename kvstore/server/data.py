@@ -9,10 +9,10 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import Executor
 
-from kvstore_client._proto.kvstore.v1 import data_pb2
-from kvstore_client.keys import KEY_BYTES
+from kvstore_wire._proto.kvstore.v1 import data_pb2
+from kvstore_wire.keys import KEY_BYTES
 
-from .. import native
+import kvstore_native as native
 from ..errors import DataLoss, FailedPrecondition, InvalidArgument
 from ..metrics import RequestStats
 from ..namespaces import NamespaceInfo, NamespaceRegistry

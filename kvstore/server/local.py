@@ -20,10 +20,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from kvstore_client._proto.kvstore.v1 import local_pb2
-from kvstore_client.keys import KEY_BYTES
+from kvstore_wire._proto.kvstore.v1 import local_pb2
+from kvstore_wire.keys import KEY_BYTES
 
-from .. import native
+import kvstore_native as native
 from ..errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..types import ChunkMeta, Durability, Encoding, KeyKind
 from .auth import current_principal

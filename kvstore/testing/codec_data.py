@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 
-from kvstore.codec import native
+from kvstore_native.codec import native
 
 
 def synthetic_kv(layers=4, tokens=64, heads=3, head_dim=64, seed=0, dtype=np.float16):

@@ -35,7 +35,7 @@ import lmdb
 import numpy as np
 
 from .. import config as cfg
-from .. import native
+import kvstore_native as native
 from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from ..types import CHUNK_ID_BYTES, ChunkId, ChunkMeta, Medium
 from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats

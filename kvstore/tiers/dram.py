@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import config as cfg
-from .. import native
+import kvstore_native as native
 from ..errors import InvalidArgument, ResourceExhausted
 from ..types import ChunkId, ChunkMeta, Medium
 from .arena import HostArena, PageAllocator

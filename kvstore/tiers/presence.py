@@ -12,7 +12,7 @@ import os
 import threading
 from pathlib import Path
 
-from kvstore_client.presence import PresenceWriter, layout, tier_bit
+from kvstore_wire.presence import PresenceWriter, layout, tier_bit
 
 from ..types import ChunkId, Medium, split_chunk_id
 

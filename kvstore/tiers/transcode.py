@@ -17,14 +17,14 @@ from typing import Callable
 
 import numpy as np
 
-from .. import native
+import kvstore_native as native
 from ..config import TierCodec
 from ..errors import DataLoss, FailedPrecondition
 from ..types import ChunkId, ChunkMeta, DType, Encoding, Layout, split_chunk_id
 
 log = logging.getLogger(__name__)
 
-#: ``namespace_id -> kvstore_client.keys.Namespace`` (raises NotFound for unknown ids).
+#: ``namespace_id -> kvstore_wire.keys.Namespace`` (raises NotFound for unknown ids).
 NamespaceResolver = Callable[[bytes], object]
 
 _NUMPY = {DType.FLOAT16: np.float16, DType.BFLOAT16: np.uint16, DType.FLOAT32: np.float32}
@@ -32,7 +32,7 @@ _NUMPY = {DType.FLOAT16: np.float16, DType.BFLOAT16: np.uint16, DType.FLOAT32: n
 
 def _codec():
     try:
-        from .. import codec
+        from kvstore_native import codec
     except ImportError as e:  # the native library lacks the codec: a build problem
         raise FailedPrecondition(f"the codec is not available in this build ({e}); rebuild with "
                                  "`pip install -e .`, or set the tier codecs to raw") from None

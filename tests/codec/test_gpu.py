@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import kvstore.codec as kc
+import kvstore_native.codec as kc
 from kvstore.testing.codec_data import synthetic_kv
 
 pytestmark = pytest.mark.gpu
@@ -17,7 +17,7 @@ def torch_cuda():
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from kvstore.codec import gpu
+    from kvstore_native.codec import gpu
 
     try:
         gpu.lib()
@@ -29,7 +29,7 @@ def torch_cuda():
 @pytest.mark.parametrize("level", LOSSY)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_gpu_encode_decode_bit_exact(torch_cuda, level, dtype):
-    from kvstore.codec import gpu
+    from kvstore_native.codec import gpu
 
     torch = torch_cuda
     x = synthetic_kv(6, 256, 3, 64, dtype=dtype)
@@ -43,7 +43,7 @@ def test_gpu_encode_decode_bit_exact(torch_cuda, level, dtype):
 
 
 def test_gpu_rejects_corrupt(torch_cuda):
-    from kvstore.codec import gpu
+    from kvstore_native.codec import gpu
 
     torch = torch_cuda
     x = synthetic_kv(2, 64, 3, 64)
@@ -56,7 +56,7 @@ def test_gpu_rejects_corrupt(torch_cuda):
 
 
 def test_gpu_batch_decode(torch_cuda):
-    from kvstore.codec import gpu
+    from kvstore_native.codec import gpu
 
     torch = torch_cuda
     xs = [synthetic_kv(4, 256, 3, 64, seed=s) for s in range(5)]

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import kvstore.codec as kc
+import kvstore_native.codec as kc
 
 from kvstore.testing.codec_data import fix_checksums, synthetic_kv
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import kvstore.codec as kc
-from kvstore.codec.format import crc32c, parse_header, parse_index
-from kvstore.codec import native
+import kvstore_native.codec as kc
+from kvstore_native.codec.format import crc32c, parse_header, parse_index
+from kvstore_native.codec import native
 
 from kvstore.testing.codec_data import synthetic_kv
 

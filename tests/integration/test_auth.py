@@ -6,7 +6,7 @@ import grpc
 import pytest
 
 from kvstore_client import KVStoreClient
-from kvstore_client._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, data_pb2, data_pb2_grpc
+from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, data_pb2, data_pb2_grpc
 from kvstore_client.errors import NotFound, Unauthenticated
 
 from .helpers import ADMIN_TOKEN, TOKENS

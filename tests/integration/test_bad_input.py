@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from kvstore_client import KVStoreClient
-from kvstore_client._crc import crc32c
-from kvstore_client._proto.kvstore.v1 import data_pb2, data_pb2_grpc
+from kvstore_wire.crc import crc32c
+from kvstore_wire._proto.kvstore.v1 import data_pb2, data_pb2_grpc
 
 from .helpers import kv_for, smol_ns, tokens_for
 

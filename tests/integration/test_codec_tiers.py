@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kvstore_client import Durability, KVStoreClient, Namespace
-from kvstore_client._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc
+from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc
 
 NS = dict(model="codec-tier-test", dtype="float16", num_layers=4, num_kv_heads=2, head_dim=64, chunk_tokens=64)
 
@@ -51,7 +51,7 @@ def test_lossless_disk_tier_is_bit_exact_after_restart_and_smaller(daemon_factor
 def test_lossy_dram_tier_serves_exactly_the_codec_output(daemon_factory, level):
     """The tier stores the configured level: what comes back is bit for bit what the codec
     makes of each chunk (its quality is measured on the real model in docs/benchmarks.md)."""
-    from kvstore import codec
+    from kvstore_native import codec
     d = daemon_factory(settings=(f"dram.codec={level}", "disk.enabled=false"))
     toks = list(range(64 * 2))
     kv = kv_like(len(toks), 2)
@@ -70,7 +70,7 @@ def test_lossy_dram_tier_serves_exactly_the_codec_output(daemon_factory, level):
 def test_client_asks_for_encoded_chunks(daemon):
     """GetRequest.encoding = CODEC on RAW-stored chunks: the daemon encodes (server.network_codec,
     lossless by default) and the client decodes, bit-exact."""
-    from kvstore_client._proto.kvstore.v1 import data_pb2
+    from kvstore_wire._proto.kvstore.v1 import data_pb2
     toks = list(range(64 * 2))
     kv = kv_like(len(toks), 3)
     with KVStoreClient(daemon.addr, Namespace(**{**NS, "model": "codec-net"}), local=False) as c:

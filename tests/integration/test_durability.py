@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from kvstore_client import Durability, KVStoreClient
-from kvstore_client._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc
+from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc
 from kvstore_client.errors import KVStoreClientError
 
 from .helpers import kv_for, smol_ns, tokens_for

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kvstore_client import KVStoreClient, Namespace, Tier
-from kvstore_client._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, local_pb2, local_pb2_grpc
+from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, local_pb2, local_pb2_grpc
 
 NS = dict(model="local-path-test", dtype="float16", num_layers=4, num_kv_heads=2, head_dim=32, chunk_tokens=64)
 
@@ -52,7 +52,7 @@ def test_disk_hits_are_promoted_and_leased(daemon_factory):
     toks = list(range(128))
     kv = kv_for(128, 3)
     with KVStoreClient(d.addr, Namespace(**NS)) as c:
-        from kvstore_client.types import Durability
+        from kvstore_wire.types import Durability
         c.store(toks, kv, durability=Durability.PERSISTED)
     d.restart()  # DRAM is empty now; the chunks are on disk
     with KVStoreClient(d.addr, Namespace(**NS)) as c:
@@ -79,8 +79,8 @@ def test_abandoned_reservation_is_reclaimed_after_the_lease_ttl(daemon_factory):
     code = f"""
 import os
 from kvstore_client import KVStoreClient, Namespace, Tier
-from kvstore_client._proto.kvstore.v1 import local_pb2
-from kvstore_client.types import Encoding
+from kvstore_wire._proto.kvstore.v1 import local_pb2
+from kvstore_wire.types import Encoding
 c = KVStoreClient({d.addr!r}, Namespace(**{NS!r}))
 ns = c.namespace
 req = local_pb2.ReserveWriteRequest(namespace_id=c.namespace_id, chunks=[

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kvstore import config as cfg
-from kvstore import native
+import kvstore_native as native
 from kvstore.tiers.base import PinTable
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.dram import DramTier

@@ -45,7 +45,7 @@ def test_round_trip_is_bit_exact(any_tier, rng):
 
 
 def test_odd_sizes_round_trip(any_tier, rng):
-    from kvstore import native
+    import kvstore_native as native
     from kvstore.types import ChunkId, ChunkMeta, Encoding
     for n in (0, 1, 4095, 4096, 4097, 100_003):
         data = rng.bytes(n)

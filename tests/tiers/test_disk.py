@@ -152,7 +152,7 @@ def test_second_owner_of_a_directory_is_refused(open_disk):
 _WRITER = textwrap.dedent("""
     import sys, time, numpy as np
     from kvstore import config as cfg
-    from kvstore import native
+    import kvstore_native as native
     from kvstore.tiers.base import PinTable
     from kvstore.tiers.disk import DiskTier
     from kvstore.types import ChunkId, ChunkMeta, Encoding

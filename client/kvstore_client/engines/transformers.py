@@ -28,8 +28,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..keys import Namespace
-from ..types import DType, Durability, Tier
+from kvstore_wire.keys import Namespace
+from kvstore_wire.types import DType, Durability, Tier
 from ._base import PrefixStore, StoreQueue
 
 #: Config keys that do not change the KV a checkpoint computes (bookkeeping, dtype: the

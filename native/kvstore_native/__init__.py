@@ -1,4 +1,4 @@
-"""ctypes bindings to the native core (``kvstore/_native/libkvstore.so``, built by setup.py).
+"""ctypes bindings to the native core (``kvstore_native/_lib/libkvstore.so``, built by setup.py).
 
 ctypes releases the GIL for the duration of each foreign call, so checksums and copies of
 large chunks run in parallel with the event loop.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-_DIR = Path(__file__).resolve().parent / "_native"
+_DIR = Path(__file__).resolve().parent / "_lib"
 ABI_VERSION = 1
 
 

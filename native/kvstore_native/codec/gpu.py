@@ -12,9 +12,9 @@ import functools
 import os
 from pathlib import Path
 
-from kvstore.codec import native
-from kvstore.codec.errors import CodecError
-from kvstore.codec.format import CodecLevel, DType, Layout, parse_header
+from kvstore_native.codec import native
+from kvstore_native.codec.errors import CodecError
+from kvstore_native.codec.format import CodecLevel, DType, Layout, parse_header
 
 CUDA_LIB_ENV = "KVSTORE_CUDA_LIB"
 _DTYPES = {"float16": DType.FLOAT16, "bfloat16": DType.BFLOAT16, "float32": DType.FLOAT32}
@@ -22,7 +22,7 @@ _DTYPES = {"float16": DType.FLOAT16, "bfloat16": DType.BFLOAT16, "float32": DTyp
 
 @functools.lru_cache(maxsize=None)
 def lib() -> ctypes.CDLL:
-    path = os.environ.get(CUDA_LIB_ENV) or str(Path(__file__).resolve().parent.parent / "_native" / "libkvstore_cuda.so")
+    path = os.environ.get(CUDA_LIB_ENV) or str(Path(__file__).resolve().parent.parent / "_lib" / "libkvstore_cuda.so")
     if not Path(path).is_file():
         raise ImportError(f"{path} not found: build it with `bash native/codec/build_dev.sh` (needs nvcc)")
     so = ctypes.CDLL(path)
@@ -73,7 +73,7 @@ def _stream(t, stream) -> int:
 
 def encode(t, level: CodecLevel = CodecLevel.DEFAULT, layout: Layout = Layout.KV, *, stream=None) -> bytes:
     """Encode a device-resident chunk on the GPU; returns the bitstream (host bytes)."""
-    from kvstore.codec import _shape_args
+    from kvstore_native.codec import _shape_args
 
     level, layout = CodecLevel(level), Layout(layout)
     if not _contiguous(t):

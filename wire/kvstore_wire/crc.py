@@ -8,7 +8,7 @@ importable; otherwise a table-driven pure-Python fallback that is correct but sl
 from __future__ import annotations
 
 try:  # optional: the daemon package ships the native library
-    from kvstore.native import copy_rows as native_copy_rows, crc32c as _native_crc32c, lib as _lib
+    from kvstore_native import copy_rows as native_copy_rows, crc32c as _native_crc32c, lib as _lib
 
     _lib()
     HAVE_FAST_CRC = True

@@ -1,7 +1,7 @@
 """Paged-KV gather/scatter between an engine's KV memory and the chunk layout.
 
 Wraps ``native/src/transfer.cpp`` (CPU) and ``native/cuda/transfer.cu`` (CUDA) from the
-libraries the build puts in ``kvstore/_native``. The engine side is described by
+libraries the build puts in ``kvstore_native/_lib``. The engine side is described by
 ``PlaneSpec`` (one base pointer per plane, strides in bytes, a slot per token), so one
 routine serves vLLM's paged blocks, transformers' ``DynamicCache`` and MLA latents.
 """
@@ -9,7 +9,6 @@ routine serves vLLM's paged blocks, transformers' ``DynamicCache`` and MLA laten
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -23,10 +22,7 @@ class TransferError(RuntimeError):
 
 
 def _native_dir() -> Path:
-    spec = importlib.util.find_spec("kvstore")
-    if spec is None or not spec.submodule_search_locations:
-        raise TransferError("the kvstore native libraries are not installed (pip install kvstore)")
-    return Path(list(spec.submodule_search_locations)[0]) / "_native"
+    return Path(__file__).resolve().parent / "_lib"
 
 
 _ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,

@@ -10,12 +10,12 @@ import functools
 import os
 from pathlib import Path
 
-from kvstore.codec.errors import ChecksumError, CodecError
+from kvstore_native.codec.errors import ChecksumError, CodecError
 
 OK, E_INVALID, E_ARGUMENT, E_BUFFER, E_CHECKSUM = 0, 1, 2, 3, 4
 ERR_CAP = 512
 LIB_ENV = "KVSTORE_NATIVE_LIB"
-_NATIVE_DIR = Path(__file__).resolve().parent.parent / "_native"
+_NATIVE_DIR = Path(__file__).resolve().parent.parent / "_lib"
 
 
 class Info(ctypes.Structure):
@@ -28,7 +28,7 @@ class Info(ctypes.Structure):
 
 @functools.lru_cache(maxsize=None)
 def lib(path: str | None = None) -> ctypes.CDLL:
-    """Load the native library (``$KVSTORE_NATIVE_LIB`` or kvstore/_native/libkvstore.so)."""
+    """Load the native library (``$KVSTORE_NATIVE_LIB`` or kvstore_native/_lib/libkvstore.so)."""
     path = path or os.environ.get(LIB_ENV) or str(_NATIVE_DIR / "libkvstore.so")
     if not Path(path).is_file():
         raise ImportError(f"{path} not found: build it with `bash native/codec/build_dev.sh` "

@@ -21,9 +21,9 @@ import ctypes
 
 import numpy as np
 
-from kvstore.codec import native
-from kvstore.codec.errors import ChecksumError, CodecError
-from kvstore.codec.format import CodecLevel, DType, Header, Layout, dtype_of, numpy_dtype
+from kvstore_native.codec import native
+from kvstore_native.codec.errors import ChecksumError, CodecError
+from kvstore_native.codec.format import CodecLevel, DType, Header, Layout, dtype_of, numpy_dtype
 
 #: Default cap on the decoded size of one bitstream. A tiny stream may legitimately expand a
 #: thousandfold (all-zero KV), so a hostile header could otherwise make a decoder allocate
