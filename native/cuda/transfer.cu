@@ -1,4 +1,4 @@
-// CUDA paged-KV gather/scatter (see kvstore_transfer.h); bit-identical to the CPU reference
+// CUDA paged-KV gather/scatter (kvstore.h, "paged-KV gather/scatter"); bit-identical to the CPU reference
 // because it only moves bytes.
 //
 // One thread moves one vector (16, 8, 4 or 1 bytes: the widest that every address and
@@ -12,7 +12,7 @@
 #include <cstring>
 #include <vector>
 
-#include "kvstore_transfer.h"
+#include "kvstore.h"
 
 namespace {
 

@@ -8,9 +8,9 @@
 #include <algorithm>
 #include <vector>
 
-#include "kvc_rans.h"
-#include "kvc_segment.h"
-#include "kvc_tables.h"
+#include "rans.h"
+#include "segment.h"
+#include "tables.h"
 
 namespace kvc {
 

@@ -6,7 +6,8 @@
 #include <string>
 #include <vector>
 
-#include "kvc_common.h"
+#include "common.h"
+#include "kvstore.h"
 
 namespace kvc {
 
@@ -38,6 +39,12 @@ struct Error {
   std::string msg;
   bool fail(const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 };
+
+// Copies e's message into (err, err_len) and returns `code` (a negative KVS_E* value).
+int report(int code, const Error& e, char* err, size_t err_len);
+
+// The library's CRC32C (kvs_crc32c) of n bytes, from the start.
+inline uint32_t crc32c(const void* data, size_t n) { return kvs_crc32c(0, data, n); }
 
 // Validates the shape fields of `h` (used by the encoder and the parser).
 bool check_shape(const Header& h, Error& err);

@@ -1,9 +1,9 @@
-#include "kvc_format.h"
+#include "format.h"
 
 #include <stdarg.h>
 #include <stdio.h>
 
-#include "crc32c.h"
+#include "error.h"
 
 namespace kvc {
 namespace {
@@ -29,6 +29,10 @@ bool Error::fail(const char* fmt, ...) {
     msg = buf;
   }
   return false;
+}
+
+int report(int code, const Error& e, char* err, size_t err_len) {
+  return kvs::fail(err, err_len, code, "%s", e.msg.c_str());
 }
 
 bool check_shape(const Header& h, Error& err) {

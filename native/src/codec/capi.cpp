@@ -1,5 +1,5 @@
-// C ABI: argument checking, layer orchestration (threads) and the container.
-#include "kvc_capi.h"
+// kvs_codec_* of kvstore.h: argument checking, layer orchestration (threads) and the container.
+#include "kvstore.h"
 
 #include <string.h>
 
@@ -8,23 +8,13 @@
 #include <thread>
 #include <vector>
 
-#include "crc32c.h"
-#include "kvc_format.h"
-#include "kvc_levels.h"
-#include "kvc_segment.h"
+#include "format.h"
+#include "levels.h"
+#include "segment.h"
 
 using namespace kvc;
 
 namespace {
-
-int report(int code, const Error& e, char* err, uint64_t cap) {
-  if (err && cap) {
-    size_t n = std::min<size_t>(e.msg.size(), cap - 1);
-    memcpy(err, e.msg.data(), n);
-    err[n] = 0;
-  }
-  return code;
-}
 
 // Runs f(i) for i in [0, n) on up to `threads` threads.
 template <class F>
@@ -50,13 +40,7 @@ bool make_header(int dtype, int layout, uint32_t L, uint32_t T, uint32_t H, uint
 
 }  // namespace
 
-extern "C" {
-
-int kvc_abi_version(void) { return 1; }
-
-uint32_t kvc_crc32c(const void* data, uint64_t n, uint32_t crc) { return crc32c(data, n, crc); }
-
-uint64_t kvc_encode_bound(int dtype, int layout, uint32_t L, uint32_t T, uint32_t H, uint32_t D, int level) {
+KVS_API uint64_t kvs_codec_encode_bound(int dtype, int layout, uint32_t L, uint32_t T, uint32_t H, uint32_t D, int level) {
   (void)level;
   const uint64_t S = layout == KVC_LAYOUT_KV ? 2 : 1, C = (uint64_t)H * D, B = kvc_dtype_size(dtype);
   const uint64_t per_seg = (uint64_t)T * C * std::max<uint64_t>(4, B + 1) + C * KVC_CHANNEL_META_SIZE +
@@ -64,35 +48,28 @@ uint64_t kvc_encode_bound(int dtype, int layout, uint32_t L, uint32_t T, uint32_
   return KVC_HEADER_SIZE + (uint64_t)KVC_INDEX_ENTRY_SIZE * L + L * S * per_seg;
 }
 
-int kvc_encode(const void* src, uint64_t src_bytes, int dtype, int layout, uint32_t L, uint32_t T, uint32_t H,
-               uint32_t D, int level, int threads, uint8_t* dst, uint64_t dst_cap, uint64_t* out_size, char* err,
-               uint64_t err_cap) {
-  return kvc_encode_policy(src, src_bytes, dtype, layout, L, T, H, D, level, nullptr, threads, dst, dst_cap,
-                           out_size, err, err_cap);
-}
-
-int kvc_encode_policy(const void* src, uint64_t src_bytes, int dtype, int layout, uint32_t L, uint32_t T,
+KVS_API int kvs_codec_encode(const void* src, uint64_t src_bytes, int dtype, int layout, uint32_t L, uint32_t T,
                       uint32_t H, uint32_t D, int level, const int32_t* policy, int threads, uint8_t* dst,
-                      uint64_t dst_cap, uint64_t* out_size, char* err, uint64_t err_cap) {
+                      uint64_t dst_cap, uint64_t* out_size, char* err, size_t err_len) {
   Error e;
   Header h;
-  if (!make_header(dtype, layout, L, T, H, D, level, h, e)) return report(KVC_E_ARGUMENT, e, err, err_cap);
+  if (!make_header(dtype, layout, L, T, H, D, level, h, e)) return report(KVS_EINVAL, e, err, err_len);
   const uint64_t B = kvc_dtype_size(dtype);
   if (src == nullptr || src_bytes != h.elements() * B) {
     e.fail("source has %llu bytes, shape needs %llu", (unsigned long long)src_bytes,
            (unsigned long long)(h.elements() * B));
-    return report(KVC_E_ARGUMENT, e, err, err_cap);
+    return report(KVS_EINVAL, e, err, err_len);
   }
   std::vector<std::vector<uint8_t>> layers(L);
   const uint64_t seg_elems = (uint64_t)T * h.channels();
   kvc_level_params lp = kvc_level_defaults(level);
   if (policy != nullptr) {
     for (int i = 0; i < 6; i++) {
-      if (policy[i] < -64 || policy[i] > 64) { e.fail("policy offset out of range"); return report(KVC_E_ARGUMENT, e, err, err_cap); }
+      if (policy[i] < -64 || policy[i] > 64) { e.fail("policy offset out of range"); return report(KVS_EINVAL, e, err, err_len); }
       lp.off[i / 3][i % 3] = (int8_t)policy[i];
     }
     for (int i = 0; i < 2; i++) {
-      if (policy[6 + i] < 0 || policy[6 + i] > 4) { e.fail("policy weight out of range"); return report(KVC_E_ARGUMENT, e, err, err_cap); }
+      if (policy[6 + i] < 0 || policy[6 + i] > 4) { e.fail("policy weight out of range"); return report(KVS_EINVAL, e, err, err_len); }
       lp.w[i] = (uint8_t)policy[6 + i];
     }
   }
@@ -107,28 +84,28 @@ int kvc_encode_policy(const void* src, uint64_t src_bytes, int dtype, int layout
   for (uint32_t l = 0; l < L; l++)
     if (layers[l].size() > 0xFFFFFFFFull) {
       e.fail("layer %u encodes to more than 4 GiB", l);
-      return report(KVC_E_ARGUMENT, e, err, err_cap);
+      return report(KVS_EINVAL, e, err, err_len);
     }
   std::vector<uint8_t> out;
   write_container(h, layers, out);
   if (out_size) *out_size = out.size();
   if (dst == nullptr || dst_cap < out.size()) {
     e.fail("output buffer of %llu bytes too small, need %zu", (unsigned long long)dst_cap, out.size());
-    return report(KVC_E_BUFFER, e, err, err_cap);
+    return report(KVS_ENOSPC, e, err, err_len);
   }
   memcpy(dst, out.data(), out.size());
-  return KVC_OK;
+  return KVS_OK;
 }
 
-void kvc_debug_convert(const float* in, uint16_t* out, uint64_t n, int dtype) {
+KVS_API void kvs_codec_debug_convert(const float* in, uint16_t* out, uint64_t n, int dtype) {
   for (uint64_t i = 0; i < n; i++) out[i] = dtype == KVC_DTYPE_BF16 ? kvc_float_to_bf16(in[i]) : kvc_float_to_half(in[i]);
 }
 
-int kvc_parse(const uint8_t* buf, uint64_t n, kvc_info* info, char* err, uint64_t err_cap) {
+KVS_API int kvs_codec_parse(const uint8_t* buf, uint64_t n, kvs_codec_info* info, char* err, size_t err_len) {
   Error e;
   Header h;
   std::vector<IndexEntry> idx;
-  if (!parse_container(buf, n, h, idx, false, e)) return report(KVC_E_INVALID, e, err, err_cap);
+  if (!parse_container(buf, n, h, idx, false, e)) return report(KVS_ECORRUPT, e, err, err_len);
   if (info) {
     info->version = KVC_VERSION;
     info->codec = h.codec; info->level = h.level; info->dtype = h.dtype; info->layout = h.layout;
@@ -137,35 +114,35 @@ int kvc_parse(const uint8_t* buf, uint64_t n, kvc_info* info, char* err, uint64_
     info->decoded_bytes = h.elements() * kvc_dtype_size(h.dtype);
     info->payload_offset = h.payload_offset();
   }
-  return KVC_OK;
+  return KVS_OK;
 }
 
-int kvc_decode_layers(const uint8_t* buf, uint64_t n, uint32_t first, uint32_t count, void* dst, uint64_t dst_bytes,
-                      int threads, int verify, char* err, uint64_t err_cap) {
+KVS_API int kvs_codec_decode_layers(const uint8_t* buf, uint64_t n, uint32_t first, uint32_t count, void* dst, uint64_t dst_bytes,
+                      int threads, int verify, char* err, size_t err_len) {
   Error e;
   Header h;
   std::vector<IndexEntry> idx;
-  if (!parse_container(buf, n, h, idx, false, e)) return report(KVC_E_INVALID, e, err, err_cap);
+  if (!parse_container(buf, n, h, idx, false, e)) return report(KVS_ECORRUPT, e, err, err_len);
   if (first > h.layers || count > h.layers - first) {
     e.fail("layers [%u, %u) outside 0..%u", first, first + count, h.layers);
-    return report(KVC_E_ARGUMENT, e, err, err_cap);
+    return report(KVS_EINVAL, e, err, err_len);
   }
   const uint64_t B = kvc_dtype_size(h.dtype), per_layer = h.layer_elements() * B;
   if (dst == nullptr || dst_bytes != per_layer * count) {
     e.fail("destination has %llu bytes, %u layers need %llu", (unsigned long long)dst_bytes, count,
            (unsigned long long)(per_layer * count));
-    return report(KVC_E_ARGUMENT, e, err, err_cap);
+    return report(KVS_EINVAL, e, err, err_len);
   }
   const uint8_t* payload = buf + h.payload_offset();
   std::vector<Error> errs(count);
-  std::vector<int> codes(count, KVC_OK);
+  std::vector<int> codes(count, KVS_OK);
   parallel_for(count, threads, [&](uint32_t i) {
     const IndexEntry& ie = idx[first + i];
     const uint8_t* p = payload + ie.offset;
     const uint8_t* end = p + ie.size;
     if (verify && crc32c(p, ie.size) != ie.crc) {
       errs[i].fail("layer %u checksum mismatch (corrupt payload)", first + i);
-      codes[i] = KVC_E_CHECKSUM;
+      codes[i] = KVS_ECHECKSUM;
       return;
     }
     const uint64_t seg_elems = (uint64_t)h.tokens * h.channels();
@@ -178,25 +155,25 @@ int kvc_decode_layers(const uint8_t* buf, uint64_t n, uint32_t first, uint32_t c
         Error tagged;
         tagged.fail("layer %u segment %u: %s", first + i, s, errs[i].msg.c_str());
         errs[i] = tagged;
-        codes[i] = KVC_E_INVALID;
+        codes[i] = KVS_ECORRUPT;
         return;
       }
     }
     if (p != end) {
       errs[i].fail("layer %u has %zu trailing bytes", first + i, (size_t)(end - p));
-      codes[i] = KVC_E_INVALID;
+      codes[i] = KVS_ECORRUPT;
     }
   });
   for (uint32_t i = 0; i < count; i++)
-    if (codes[i] != KVC_OK) return report(codes[i], errs[i], err, err_cap);
-  return KVC_OK;
+    if (codes[i] != KVS_OK) return report(codes[i], errs[i], err, err_len);
+  return KVS_OK;
 }
 
-int kvc_size_breakdown(const uint8_t* buf, uint64_t n, uint64_t* out3, char* err, uint64_t err_cap) {
+KVS_API int kvs_codec_size_breakdown(const uint8_t* buf, uint64_t n, uint64_t* out3, char* err, size_t err_len) {
   Error e;
   Header h;
   std::vector<IndexEntry> idx;
-  if (!parse_container(buf, n, h, idx, false, e)) return report(KVC_E_INVALID, e, err, err_cap);
+  if (!parse_container(buf, n, h, idx, false, e)) return report(KVS_ECORRUPT, e, err, err_len);
   uint64_t tables = 0, lanes = 0, data = 0;
   const uint8_t* payload = buf + h.payload_offset();
   for (uint32_t l = 0; l < h.layers; l++) {
@@ -211,23 +188,21 @@ int kvc_size_breakdown(const uint8_t* buf, uint64_t n, uint64_t* out3, char* err
     for (uint32_t s = 0; s < h.segments() && p < end; s++) {
       const uint64_t C = h.channels();
       const uint32_t nl = (uint32_t)std::min<uint64_t>(KVC_MAX_LANES, C);
-      if (end - p < 2) { e.fail("truncated segment"); return report(KVC_E_INVALID, e, err, err_cap); }
+      if (end - p < 2) { e.fail("truncated segment"); return report(KVS_ECORRUPT, e, err, err_len); }
       const uint64_t R = read16(p), raw = 2 + 4 * R + R * C * kvc_dtype_size(h.dtype);
-      if (R > KVC_MAX_RAW_TOKENS || raw > (uint64_t)(end - p)) { e.fail("bad raw tokens"); return report(KVC_E_INVALID, e, err, err_cap); }
+      if (R > KVC_MAX_RAW_TOKENS || raw > (uint64_t)(end - p)) { e.fail("bad raw tokens"); return report(KVS_ECORRUPT, e, err, err_len); }
       tables += 2 + 4 * R;
       data += R * C * kvc_dtype_size(h.dtype);
       p += raw;
-      if (C * KVC_CHANNEL_META_SIZE > (uint64_t)(end - p)) { e.fail("truncated segment"); return report(KVC_E_INVALID, e, err, err_cap); }
+      if (C * KVC_CHANNEL_META_SIZE > (uint64_t)(end - p)) { e.fail("truncated segment"); return report(KVS_ECORRUPT, e, err, err_len); }
       tables += C * KVC_CHANNEL_META_SIZE;
       p += C * KVC_CHANNEL_META_SIZE;
       LaneSpan spans[KVC_MAX_LANES];
-      if (!read_lane_table(&p, end, nl, spans, e)) return report(KVC_E_INVALID, e, err, err_cap);
+      if (!read_lane_table(&p, end, nl, spans, e)) return report(KVS_ECORRUPT, e, err, err_len);
       lanes += (uint64_t)nl * KVC_LANE_ENTRY_SIZE;
       for (uint32_t j = 0; j < nl; j++) data += spans[j].end - spans[j].begin;
     }
   }
   out3[0] = tables; out3[1] = lanes; out3[2] = data;
-  return KVC_OK;
+  return KVS_OK;
 }
-
-}  // extern "C"

@@ -5,7 +5,7 @@
 #pragma once
 #include <stdint.h>
 #include <vector>
-#include "kvc_common.h"
+#include "common.h"
 
 namespace kvc {
 

@@ -1,9 +1,8 @@
-// CRC32C with the SSE4.2 instruction where the CPU has it (runtime dispatch), else slicing-by-8.
+// CRC32C (kvs_crc32c, the library's only CRC): the SSE4.2 instruction where the CPU has it
+// (runtime dispatch), else slicing-by-8 tables. Also kvs_features.
 #include <cstring>
-#include <thread>
-#include <vector>
 
-#include "kvstore_native.h"
+#include "kvstore.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <nmmintrin.h>
@@ -121,14 +120,12 @@ bool have_sse42() {
 
 }  // namespace
 
-KVS_API int kvs_abi_version(void) { return 1; }
-
-KVS_API int kvs_crc32c_hw(void) {
+KVS_API int kvs_features(void) {
+  int f = 0;
 #ifdef KVS_X86
-  return have_sse42() ? 1 : 0;
-#else
-  return 0;
+  if (have_sse42()) f |= KVS_FEATURE_CRC32C_HW;
 #endif
+  return f;
 }
 
 KVS_API uint32_t kvs_crc32c(uint32_t crc, const void* data, size_t len) {
@@ -140,28 +137,3 @@ KVS_API uint32_t kvs_crc32c(uint32_t crc, const void* data, size_t len) {
   return ~crc_sw(c, p, len);
 }
 
-KVS_API void kvs_copy(void* dst, const void* src, size_t len, int threads) {
-  constexpr size_t kMinPerThread = size_t(4) << 20;  // below 4 MiB a thread costs more than it saves
-  if (threads <= 1 || len < 2 * kMinPerThread) {
-    std::memcpy(dst, src, len);
-    return;
-  }
-  size_t n = std::min<size_t>(static_cast<size_t>(threads), len / kMinPerThread);
-  size_t per = (len / n + 4095) & ~size_t(4095);
-  std::vector<std::thread> pool;
-  for (size_t i = 1; i < n; ++i) {
-    size_t off = i * per;
-    if (off >= len) break;
-    size_t sz = std::min(per, len - off);
-    pool.emplace_back([=] { std::memcpy(static_cast<char*>(dst) + off, static_cast<const char*>(src) + off, sz); });
-  }
-  std::memcpy(dst, src, std::min(per, len));
-  for (auto& t : pool) t.join();
-}
-
-KVS_API void kvs_copy2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t rows,
-                        size_t row_bytes) {
-  auto* d = static_cast<char*>(dst);
-  const auto* s = static_cast<const char*>(src);
-  for (size_t r = 0; r < rows; ++r) std::memcpy(d + r * dst_pitch, s + r * src_pitch, row_bytes);
-}

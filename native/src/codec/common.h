@@ -59,12 +59,6 @@
                                              // 2 octaves off the segment's is kept verbatim
                                              // (attention sinks: their error is magnified)
 
-#define KVC_OK 0
-#define KVC_E_INVALID 1      // malformed or hostile bitstream
-#define KVC_E_ARGUMENT 2     // bad caller arguments (shape, dtype, level, buffer size)
-#define KVC_E_BUFFER 3       // output buffer too small; *out_size holds the need
-#define KVC_E_CHECKSUM 4     // CRC32C mismatch
-#define KVC_E_INTERNAL 5
 
 KVC_HD uint32_t kvc_f2u(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
 KVC_HD float kvc_u2f(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }

@@ -11,20 +11,20 @@
 #include <mutex>
 #include <vector>
 
-#include "../codec/kvc_common.h"
-#include "../codec/kvc_levels.h"
-#include "../codec/kvc_tables.h"
-#include "kvc_cuda.h"
-// Host parts shared with the CPU library (header, index, CRC32C), compiled in here so the
-// CUDA library stands alone.
-#include "../codec/crc32c.cpp"
-#include "../codec/kvc_format.cpp"
+#include "codec/common.h"
+#include "codec/format.h"
+#include "codec/levels.h"
+#include "codec/tables.h"
+#include "kvstore.h"
+// Host parts shared with the CPU library: src/codec/format.cpp (header, index) is compiled
+// into this library as its own unit; CRC32C is libkvstore.so's kvs_crc32c (linked).
 
 namespace {
 
 using kvc::Error;
 using kvc::Header;
 using kvc::IndexEntry;
+using kvc::report;
 
 struct DevModels {
   uint16_t limit[KVC_NUM_MODELS];
@@ -42,15 +42,6 @@ struct Policy {
 };
 
 enum DevError : int { kErrNone = 0, kErrStream = 1, kErrValue = 2, kErrLayout = 3, kErrMeta = 4, kErrEnd = 5 };
-
-int report(int code, const Error& e, char* err, uint64_t cap) {
-  if (err && cap) {
-    size_t n = e.msg.size() < cap - 1 ? e.msg.size() : cap - 1;
-    memcpy(err, e.msg.data(), n);
-    err[n] = 0;
-  }
-  return code;
-}
 
 bool cuda_ok(cudaError_t st, Error& e, const char* what) {
   if (st == cudaSuccess) return true;
@@ -424,27 +415,23 @@ struct DevBuffers {
 
 }  // namespace
 
-extern "C" {
-
-int kvc_cuda_abi_version(void) { return 1; }
-
-int kvc_cuda_encode(const void* dev_src, int dtype, int layout, uint32_t L, uint32_t T, uint32_t H, uint32_t D,
+KVS_API int kvs_cuda_codec_encode(const void* dev_src, int dtype, int layout, uint32_t L, uint32_t T, uint32_t H, uint32_t D,
                     int level, void* stream, uint8_t* dst, uint64_t dst_cap, uint64_t* out_size, char* err,
-                    uint64_t err_cap) {
+                    size_t err_len) {
   Error e;
   Header h;
   if (level <= KVC_LEVEL_LOSSLESS || level >= KVC_NUM_LEVELS) {
     e.fail("GPU encode supports the lossy levels 1..3, got %d (encode lossless on the CPU)", level);
-    return report(KVC_E_ARGUMENT, e, err, err_cap);
+    return report(KVS_EINVAL, e, err, err_len);
   }
   if (dtype < 1 || dtype > 3 || layout < 1 || layout > 2) {
     e.fail("bad dtype %d or layout %d", dtype, layout);
-    return report(KVC_E_ARGUMENT, e, err, err_cap);
+    return report(KVS_EINVAL, e, err, err_len);
   }
   h.level = (uint8_t)level; h.dtype = (uint8_t)dtype; h.layout = (uint8_t)layout;
   h.layers = L; h.tokens = T; h.heads = H; h.head_dim = D;
-  if (!kvc::check_shape(h, e)) return report(KVC_E_ARGUMENT, e, err, err_cap);
-  if (!init_models(e)) return report(KVC_E_INTERNAL, e, err, err_cap);
+  if (!kvc::check_shape(h, e)) return report(KVS_EINVAL, e, err, err_len);
+  if (!init_models(e)) return report(KVS_EINTERNAL, e, err, err_len);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const uint32_t S = h.segments(), C = (uint32_t)h.channels(), segs = L * S;
   const uint32_t n = C < KVC_MAX_LANES ? C : KVC_MAX_LANES;
@@ -472,7 +459,7 @@ int kvc_cuda_encode(const void* dev_src, int dtype, int layout, uint32_t L, uint
       !mem.alloc(&seg_off, (uint64_t)segs * 8, e) || !mem.alloc(&lane_off, nlanes * 8, e) ||
       !mem.alloc(&tok_tm, (uint64_t)segs * T * 8, e) || !mem.alloc(&coded, (uint64_t)segs * T * 4, e) ||
       !mem.alloc(&raw_count, (uint64_t)segs * 4, e) || !mem.alloc(&raw_idx, (uint64_t)segs * KVC_MAX_RAW_TOKENS * 4, e))
-    return report(KVC_E_INTERNAL, e, err, err_cap);
+    return report(KVS_EINTERNAL, e, err, err_len);
   k_plan<<<segs, kPlanThreads, 0, st>>>(dev_src, dtype, L, S, T, C, pol, meta, q, chan_lc, chan_qlmax, chan_const,
                                          tok_tm, coded, raw_count, raw_idx);
   k_encode_lanes<<<(unsigned)((nlanes + 127) / 128), 128, 0, st>>>(meta, q, segs, T, C, n, cap, scratch, lane_len,
@@ -481,7 +468,7 @@ int kvc_cuda_encode(const void* dev_src, int dtype, int layout, uint32_t L, uint
   if (!cuda_ok(cudaGetLastError(), e, "encode launch") || !cuda_ok(cudaMemcpyAsync(hl.data(), lane_len, nlanes * 4, cudaMemcpyDeviceToHost, st), e, "copy lane sizes") ||
       !cuda_ok(cudaMemcpyAsync(hr.data(), raw_count, segs * 4ull, cudaMemcpyDeviceToHost, st), e, "copy raw counts") ||
       !cuda_ok(cudaStreamSynchronize(st), e, "encode kernels"))
-    return report(KVC_E_INTERNAL, e, err, err_cap);
+    return report(KVS_EINTERNAL, e, err, err_len);
   // payload layout
   std::vector<uint64_t> hs(segs), hlo(nlanes, 0);
   std::vector<uint32_t> layer_size(L, 0);
@@ -493,7 +480,7 @@ int kvc_cuda_encode(const void* dev_src, int dtype, int layout, uint32_t L, uint
     for (uint32_t j = 0; j < n; j++) { hlo[(uint64_t)sg * KVC_MAX_LANES + j] = o; o += hl[(uint64_t)sg * KVC_MAX_LANES + j]; }
     if (o - off + layer_size[sg / S] > 0xFFFFFFFFull) {
       e.fail("layer encodes to more than 4 GiB");
-      return report(KVC_E_ARGUMENT, e, err, err_cap);
+      return report(KVS_EINVAL, e, err, err_len);
     }
     layer_size[sg / S] += (uint32_t)(o - off);
     off = o;
@@ -503,32 +490,32 @@ int kvc_cuda_encode(const void* dev_src, int dtype, int layout, uint32_t L, uint
   if (out_size) *out_size = total;
   if (dst == nullptr || dst_cap < total) {
     e.fail("output buffer of %llu bytes too small, need %llu", (unsigned long long)dst_cap, (unsigned long long)total);
-    return report(KVC_E_BUFFER, e, err, err_cap);
+    return report(KVS_ENOSPC, e, err, err_len);
   }
   if (!mem.alloc(&out, off, e) ||
       !cuda_ok(cudaMemcpyAsync(seg_off, hs.data(), segs * 8ull, cudaMemcpyHostToDevice, st), e, "copy offsets") ||
       !cuda_ok(cudaMemcpyAsync(lane_off, hlo.data(), nlanes * 8, cudaMemcpyHostToDevice, st), e, "copy offsets"))
-    return report(KVC_E_INTERNAL, e, err, err_cap);
+    return report(KVS_EINTERNAL, e, err, err_len);
   k_gather<<<(unsigned)nlanes, 128, 0, st>>>(dev_src, dtype, T, raw_count, raw_idx, meta, C, n, cap, scratch, lane_len, lane_state, seg_off, lane_off, out);
   uint8_t* payload = dst + h.payload_offset();
   if (!cuda_ok(cudaMemcpyAsync(payload, out, off, cudaMemcpyDeviceToHost, st), e, "copy payload") ||
       !cuda_ok(cudaStreamSynchronize(st), e, "gather"))
-    return report(KVC_E_INTERNAL, e, err, err_cap);
+    return report(KVS_EINTERNAL, e, err, err_len);
   std::vector<uint32_t> crcs(L);
   uint64_t lo = 0;
   for (uint32_t l = 0; l < L; l++) { crcs[l] = kvc::crc32c(payload + lo, layer_size[l]); lo += layer_size[l]; }
   kvc::write_header_index(h, layer_size.data(), crcs.data(), dst);
-  return KVC_OK;
+  return KVS_OK;
 }
 
-int kvc_cuda_decode_batch(uint32_t count, const uint8_t* const* host_heads, const uint64_t* host_lens,
+KVS_API int kvs_cuda_codec_decode_batch(uint32_t count, const uint8_t* const* host_heads, const uint64_t* host_lens,
                           const uint8_t* const* dev_bufs, const uint64_t* lens, void* const* dev_dsts,
-                          uint64_t dst_bytes_each, void* stream, int verify_crc, char* err, uint64_t err_cap) {
+                          uint64_t dst_bytes_each, void* stream, int verify_crc, char* err, size_t err_len) {
   Error e;
-  if (count == 0) return KVC_OK;
+  if (count == 0) return KVS_OK;
   if (count > 65535 || !host_heads || !host_lens || !dev_bufs || !lens || !dev_dsts) {
     e.fail("batch of %u chunks: 1..65535 chunks and non-null arrays required", count);
-    return report(KVC_E_ARGUMENT, e, err, err_cap);
+    return report(KVS_EINVAL, e, err, err_len);
   }
   Header first;
   for (uint32_t i = 0; i < count; i++) {
@@ -538,42 +525,42 @@ int kvc_cuda_decode_batch(uint32_t count, const uint8_t* const* host_heads, cons
     const uint64_t host_n = host_lens[i], n = lens[i];
     if (head == nullptr || host_n > n || dev_bufs[i] == nullptr || dev_dsts[i] == nullptr) {
       e.fail("chunk %u: null pointer or host copy longer than the bitstream", i);
-      return report(KVC_E_ARGUMENT, e, err, err_cap);
+      return report(KVS_EINVAL, e, err, err_len);
     }
     // Header + index are validated on the host; with a partial host copy (header + index
     // only) the payload is not inspected here: the kernel bounds-checks every read.
     if (host_n == n) {
-      if (!kvc::parse_container(head, n, h, idx, verify_crc != 0, e)) return report(KVC_E_INVALID, e, err, err_cap);
+      if (!kvc::parse_container(head, n, h, idx, verify_crc != 0, e)) return report(KVS_ECORRUPT, e, err, err_len);
     } else {
       uint32_t layers = 0;
       if (host_n >= KVC_HEADER_SIZE) memcpy(&layers, head + 12, 4);
       const uint64_t need = KVC_HEADER_SIZE + 16ull * (layers > KVC_MAX_LAYERS ? 0 : layers);
       if (host_n < KVC_HEADER_SIZE || host_n < need) {
         e.fail("chunk %u: host copy must hold header + index (%llu bytes)", i, (unsigned long long)need);
-        return report(KVC_E_ARGUMENT, e, err, err_cap);
+        return report(KVS_EINVAL, e, err, err_len);
       }
       std::vector<uint8_t> tmp(head, head + need);
       tmp.resize(n, 0);
-      if (!kvc::parse_container(tmp.data(), n, h, idx, false, e)) return report(KVC_E_INVALID, e, err, err_cap);
+      if (!kvc::parse_container(tmp.data(), n, h, idx, false, e)) return report(KVS_ECORRUPT, e, err, err_len);
     }
     if (h.level == KVC_LEVEL_LOSSLESS) {
       e.fail("lossless bitstreams decode on the CPU (kvstore.codec.decode)");
-      return report(KVC_E_ARGUMENT, e, err, err_cap);
+      return report(KVS_EINVAL, e, err, err_len);
     }
     if (i == 0) first = h;
     else if (h.dtype != first.dtype || h.layout != first.layout || h.layers != first.layers ||
              h.tokens != first.tokens || h.heads != first.heads || h.head_dim != first.head_dim) {
       e.fail("chunk %u: shape or dtype differs from chunk 0 (a batch shares one shape)", i);
-      return report(KVC_E_ARGUMENT, e, err, err_cap);
+      return report(KVS_EINVAL, e, err, err_len);
     }
   }
   const Header& h = first;
   const uint64_t want = h.elements() * kvc_dtype_size(h.dtype);
   if (dst_bytes_each != want) {
     e.fail("destination has %llu bytes, chunk needs %llu", (unsigned long long)dst_bytes_each, (unsigned long long)want);
-    return report(KVC_E_ARGUMENT, e, err, err_cap);
+    return report(KVS_EINVAL, e, err, err_len);
   }
-  if (!init_models(e)) return report(KVC_E_INTERNAL, e, err, err_cap);
+  if (!init_models(e)) return report(KVS_EINTERNAL, e, err, err_len);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   DevBuffers mem(st);
   int* derr;
@@ -587,7 +574,7 @@ int kvc_cuda_decode_batch(uint32_t count, const uint8_t* const* host_heads, cons
   if (!mem.alloc(&derr, 16, e) || !mem.alloc(&args, 24ull * count, e) ||
       !cuda_ok(cudaMemsetAsync(derr, 0, 16, st), e, "memset") ||
       !cuda_ok(cudaMemcpyAsync(args, hargs.data(), 24ull * count, cudaMemcpyHostToDevice, st), e, "copy batch"))
-    return report(KVC_E_INTERNAL, e, err, err_cap);
+    return report(KVS_EINTERNAL, e, err, err_len);
   const uint8_t* const* d_bufs = reinterpret_cast<const uint8_t* const*>(args);
   const uint64_t* d_lens = args + count;
   void* const* d_dsts = reinterpret_cast<void* const*>(args + 2ull * count);
@@ -605,19 +592,17 @@ int kvc_cuda_decode_batch(uint32_t count, const uint8_t* const* host_heads, cons
   if (!cuda_ok(cudaGetLastError(), e, "decode launch") ||
       !cuda_ok(cudaMemcpyAsync(herr, derr, 16, cudaMemcpyDeviceToHost, st), e, "copy error flag") ||
       !cuda_ok(cudaStreamSynchronize(st), e, "decode kernel"))
-    return report(KVC_E_INTERNAL, e, err, err_cap);
+    return report(KVS_EINTERNAL, e, err, err_len);
   if (herr[0] != 0) {
     e.fail("corrupt lossy bitstream (chunk %d, layer %u segment %u): %s", herr[2], (unsigned)herr[1] / S,
            (unsigned)herr[1] % S, dev_error_text(herr[0]));
-    return report(KVC_E_INVALID, e, err, err_cap);
+    return report(KVS_ECORRUPT, e, err, err_len);
   }
-  return KVC_OK;
+  return KVS_OK;
 }
 
-int kvc_cuda_decode(const uint8_t* host_head, uint64_t host_n, const uint8_t* dev_buf, uint64_t n, void* dev_dst,
-                    uint64_t dst_bytes, void* stream, int verify_crc, char* err, uint64_t err_cap) {
-  return kvc_cuda_decode_batch(1, &host_head, &host_n, &dev_buf, &n, &dev_dst, dst_bytes, stream, verify_crc, err,
-                               err_cap);
+KVS_API int kvs_cuda_codec_decode(const uint8_t* host_head, uint64_t host_n, const uint8_t* dev_buf, uint64_t n, void* dev_dst,
+                    uint64_t dst_bytes, void* stream, int verify_crc, char* err, size_t err_len) {
+  return kvs_cuda_codec_decode_batch(1, &host_head, &host_n, &dev_buf, &n, &dev_dst, dst_bytes, stream, verify_crc, err,
+                               err_len);
 }
-
-}  // extern "C"

@@ -1,7 +1,7 @@
 // Default encoder policy of each lossy level (host only). The bitstream does not depend on
 // it: decoders read the per-channel step codes. Tuned with bench/codec_quality.py.
 #pragma once
-#include "kvc_common.h"
+#include "common.h"
 
 static inline const kvc_level_params& kvc_level_defaults(int level) {
   static const kvc_level_params p[KVC_NUM_LEVELS] = {

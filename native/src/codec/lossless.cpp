@@ -9,8 +9,8 @@
 #include <algorithm>
 #include <vector>
 
-#include "kvc_rans.h"
-#include "kvc_segment.h"
+#include "rans.h"
+#include "segment.h"
 
 namespace kvc {
 namespace {

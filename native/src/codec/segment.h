@@ -5,7 +5,7 @@
 
 #include <vector>
 
-#include "kvc_format.h"
+#include "format.h"
 
 namespace kvc {
 
