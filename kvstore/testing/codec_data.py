@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 
-from kvstore_native.codec import native
+from kvstore_native import crc32c
 
 
 def synthetic_kv(layers=4, tokens=64, heads=3, head_dim=64, seed=0, dtype=np.float16):
@@ -26,7 +26,6 @@ def fix_checksums(buf: bytes) -> bytes:
     b = bytearray(buf)
     if len(b) < 64:
         return bytes(b)
-    crc = native.lib().kvc_crc32c
     layers = struct.unpack_from("<I", b, 12)[0]
     po = 64 + 16 * layers
     if layers <= 4096 and po <= len(b):
@@ -34,8 +33,8 @@ def fix_checksums(buf: bytes) -> bytes:
             off, size, _ = struct.unpack_from("<QII", b, 64 + 16 * i)
             if po + off + size <= len(b):
                 seg = bytes(b[po + off: po + off + size])
-                struct.pack_into("<I", b, 64 + 16 * i + 12, crc(seg, len(seg), 0))
+                struct.pack_into("<I", b, 64 + 16 * i + 12, crc32c(seg))
         idx = bytes(b[64:po])
-        struct.pack_into("<I", b, 44, crc(idx, len(idx), 0))
-    struct.pack_into("<I", b, 60, crc(bytes(b[:60]), 60, 0))
+        struct.pack_into("<I", b, 44, crc32c(idx))
+    struct.pack_into("<I", b, 60, crc32c(bytes(b[:60])))
     return bytes(b)
