@@ -1,4 +1,4 @@
-// CUDA implementation of the lossy KV codec, bit-exact with native/codec (CPU).
+// CUDA implementation of the lossy KV codec, bit-exact with native/src/codec (CPU).
 //
 // Encode: k_plan (one block per segment: integer channel statistics, step codes, quantise,
 // centre/predictor/model choice) -> k_encode_lanes (one thread per rANS lane, bytes written

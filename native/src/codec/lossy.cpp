@@ -1,4 +1,4 @@
-// Lossy segment codec (CPU). The CUDA twin is native/cuda/kvc_cuda.cu; both follow the
+// Lossy segment codec (CPU). The CUDA twin is native/cuda/codec.cu; both follow the
 // policy functions of kvc_common.h so their bytes are identical.
 #include <string.h>
 #if defined(__x86_64__)
