@@ -48,7 +48,7 @@
 
 // ---- lossy quantiser -------------------------------------------------------------------
 #define KVC_QMAX 16383                       // |q| bound; residuals fit 16-bit zigzag
-#define KVC_NUM_MODELS 64                    // static symbol models (kvc_tables.h)
+#define KVC_NUM_MODELS 64                    // static symbol models (tables.h)
 #define KVC_CHANNEL_META_SIZE 4              // step code u8, model u8, centre i16
 #define KVC_MODEL_DELTA_BIT 0x80u            // predictor: previous token (else centre)
 #define KVC_MODEL_INDEX_MASK 0x3Fu

@@ -1,5 +1,5 @@
 // Lossy segment codec (CPU). The CUDA twin is native/cuda/codec.cu; both follow the
-// policy functions of kvc_common.h so their bytes are identical.
+// policy functions of common.h so their bytes are identical.
 #include <string.h>
 #if defined(__x86_64__)
 #include <immintrin.h>

@@ -43,7 +43,7 @@ struct RansDecoder {
     renorm();
     renorm();
   }
-  // Decode one symbol with packed entries (see pack_entry in kvc_segment.h).
+  // Decode one symbol with packed entries (see pack_entry in segment.h).
   inline uint8_t decode(const uint32_t* entry) {
     const uint32_t e = entry[slot()];
     x = (((e >> 8) & 0xFFFu) + 1u) * (x >> KVC_PROB_BITS) + (e >> 20);

@@ -9,7 +9,7 @@
 
 namespace kvc {
 
-// Static lossy models, expanded once from kvc_tables.h (cumulative + slot lookup).
+// Static lossy models, expanded once from tables.h (cumulative + slot lookup).
 struct Models {
   uint16_t limit[KVC_NUM_MODELS];
   uint16_t freq[KVC_NUM_MODELS][256];
