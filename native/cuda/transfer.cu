@@ -8,10 +8,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cstring>
 #include <vector>
 
+#include "error.h"
 #include "kvstore.h"
 
 namespace {
@@ -98,13 +98,8 @@ int uniform_block(const int64_t* slots, int tokens) {
 }
 
 int fail(char* err, size_t err_len, int code, const char* what, cudaError_t e = cudaSuccess) {
-  if (err && err_len) {
-    if (e != cudaSuccess)
-      std::snprintf(err, err_len, "%s: %s", what, cudaGetErrorString(e));
-    else
-      std::snprintf(err, err_len, "%s", what);
-  }
-  return code;
+  if (e != cudaSuccess) return kvs::fail(err, err_len, code, "%s: %s", what, cudaGetErrorString(e));
+  return kvs::fail(err, err_len, code, "%s", what);
 }
 
 template <bool kGather>
