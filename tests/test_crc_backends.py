@@ -41,6 +41,7 @@ def test_backends_agree_and_continue(backend, n):
     assert fn(data) == ref
     cut = n // 3
     assert fn(data[cut:], fn(data[:cut])) == ref  # crc(a || b) from crc(a)
+    assert fn(np.frombuffer(data, np.uint8)) == ref  # any contiguous buffer
     assert crc.crc32c(memoryview(data)) == ref
 
 
