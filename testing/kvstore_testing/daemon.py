@@ -49,6 +49,9 @@ LOG_TAIL_CHARS = 4000
 #: Environment variables of the daemon's config; dropped unless ``inherit_config_env``, so a
 #: developer's shell never changes what a test daemon does.
 CONFIG_ENV_PREFIX = "KVSTORE_"
+#: Settings of daemons that only serve a benchmark or a demo: no metrics exporter (its port
+#: would collide with another daemon's) and warnings only in the log.
+QUIET_SETTINGS = ('metrics.listen=""', "log.level=WARNING")
 
 
 class DaemonStartError(RuntimeError):

@@ -9,7 +9,7 @@ import kvstore_native.codec as kc
 from kvstore_native.codec.format import crc32c, parse_header, parse_index
 from kvstore_native.codec import native
 
-from kvstore.testing.codec_data import synthetic_kv
+from kvstore_testing.codec_data import synthetic_kv
 
 LOSSY = [kc.CodecLevel.NEAR_LOSSLESS, kc.CodecLevel.DEFAULT, kc.CodecLevel.AGGRESSIVE]
 
