@@ -37,6 +37,7 @@ from ..domain.errors import FailedPrecondition, KVStoreError, ResourceExhausted,
 from ..domain.results import KeyInfo, PutResult
 from ..domain.types import ChunkId, ChunkMeta, Durability, Medium
 from ..tiers.base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
+from ..tiers.registry import DEFAULT_WRITE_QUEUE_CHUNKS
 from .writeback import WRITE_BEHIND_SOURCE_FRACTION, WriteBehind
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class Level:
     #: How MEMORY puts reach this level from the one above (ignored for the first level).
     write_mode: cfg.WriteMode = cfg.WriteMode.WRITE_BEHIND
     #: Bound of the write-behind queue into this level.
-    write_queue_chunks: int = 256
+    write_queue_chunks: int = DEFAULT_WRITE_QUEUE_CHUNKS
     #: Copy hits found below this level into it.
     promote: bool = True
 
