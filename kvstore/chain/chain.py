@@ -204,7 +204,10 @@ class TierChain:
         if nxt >= len(self.levels):
             return False
         if persist and from_top and self.levels[nxt].tier.contains(cid):
-            return self.write_below(nxt, cid, meta, payload, not self.levels[nxt].durable, from_top=True)
+            # Already there (a re-put of a chunk only some tiers hold): go on to a durable one.
+            if self.levels[nxt].durable:
+                return False
+            return self.write_below(nxt, cid, meta, payload, True, from_top=True)
         link = self._links[level]
         if link is not None and not persist:
             link.submit(cid)
