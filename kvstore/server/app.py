@@ -126,7 +126,6 @@ class Daemon:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.leases.close()
-        self.local.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         loop = asyncio.get_running_loop()

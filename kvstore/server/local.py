@@ -19,18 +19,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from concurrent.futures import ThreadPoolExecutor
 import logging
 import time
 from dataclasses import dataclass, field
 
 from kvstore_wire._proto.kvstore.v1 import local_pb2
 
-import kvstore_native as native
 from ..domain.chunks import ChunkHeader, chunk_ids, parse_durability, validate_header
-from ..domain.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from ..domain.results import PutResult
-from ..domain.types import Durability
+from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..store import LocalAccess, Store
 from .auth import current_principal
 
@@ -125,14 +121,9 @@ class LocalDataServicer:
         self._cfg = config.server
         self._pool = pool
         self._leases = leases
-        # Separate from the worker pool: _commit runs on a worker and waits for these.
-        self._crc_pool = ThreadPoolExecutor(config.server.worker_threads, thread_name_prefix="kvstore-crc")
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
-
-    def close(self) -> None:
-        self._crc_pool.shutdown(wait=True)
 
     def _namespace(self, namespace_id: bytes):
         return self._store.namespace(namespace_id, current_principal().tenant_scope)
@@ -195,33 +186,6 @@ class LocalDataServicer:
         return local_pb2.ReserveWriteResponse(lease_id=lid, slots=slots, expires_unix_s=lease.expires_s,
                                               arena_nonce=self._m.nonce)
 
-    def _commit(self, lease: _Lease, crcs: list[int], durability: Durability) -> tuple[int, int]:
-        """Worker thread: verify each filled extent, then publish it. A bad chunk is dropped
-        (its pages freed) and reported after the good ones are stored."""
-        stored = existed = 0
-        bad: list[str] = []
-        # Checksums of all extents at once (native, GIL released): one pass over memory per
-        # core instead of one core for the whole commit.
-        crcs_got = list(self._crc_pool.map(lambda r: native.crc32c(r[1].view), lease.reservations))
-        n = -1
-        while lease.reservations:
-            # Popped first: whatever happens next, the caller's release() never aborts it twice.
-            i, res, meta = lease.reservations.pop(0)
-            n += 1
-            crc = crcs_got[n]
-            want = crcs[n] if n < len(crcs) else 0
-            if want and want != crc:
-                self._m.abort(res)
-                bad.append(f"chunks[{i}]: CRC32C {crc:#010x} of the written extent, the client said {want:#010x}")
-                continue
-            result = self._m.commit(res, meta.with_payload(meta.encoding, meta.payload_bytes, crc), durability)
-            stored += result is PutResult.STORED
-            existed += result is not PutResult.STORED
-        if bad:
-            raise DataLoss("; ".join(bad) + ". Those chunks were not stored (the others were): the client wrote "
-                           "different bytes than it checksummed, or wrote outside its extent")
-        return stored, existed
-
     async def CommitWrite(self, request, context):
         lease = self._leases.take(request.lease_id)
         if request.crc32c and len(request.crc32c) != len(lease.reservations):
@@ -234,7 +198,8 @@ class LocalDataServicer:
             lease.release(self._m)
             raise
         try:
-            stored, existed = await self._run(self._commit, lease, list(request.crc32c), durability)
+            stored, existed = await self._run(self._m.commit_many, lease.reservations, list(request.crc32c),
+                                              durability)
         finally:
             lease.release(self._m)
         return local_pb2.CommitWriteResponse(stored=stored, existed=existed)

@@ -11,12 +11,15 @@ chain read may hit the disk, ``reserve`` may wait for a concurrent writer).
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import kvstore_native as native
+
 from ..chain import TierChain
-from ..domain.errors import FailedPrecondition
+from ..domain.errors import DataLoss, FailedPrecondition
 from ..domain.results import PutResult
 from ..domain.types import ChunkId, ChunkMeta, Durability, Medium
 from ..tiers.base import ChunkRef
@@ -43,8 +46,11 @@ class LocalRead:
 
 
 class LocalAccess:
-    def __init__(self, chain: TierChain, index_path: Path | None) -> None:
+    def __init__(self, chain: TierChain, index_path: Path | None, crc_threads: int) -> None:
         self._chain = chain
+        # Separate from the caller's worker pool: ``commit_many`` runs on a worker and waits
+        # for these.
+        self._crc_pool = ThreadPoolExecutor(crc_threads, thread_name_prefix="kvstore-crc")
         self._level = chain.shared_level
         self._shared_tier: SharedMemoryTier | None = (
             None if self._level is None else chain.levels[self._level].tier.shared_memory())
@@ -115,5 +121,36 @@ class LocalAccess:
         self._chain.stored_in(self._level, res.cid, durability)
         return PutResult.STORED
 
+    def commit_many(self, reservations: list[tuple[int, Reservation, ChunkMeta]], crcs: Sequence[int],
+                    durability: Durability) -> tuple[int, int]:
+        """Verifies each filled ``(slot index, reservation, meta)`` against ``crcs`` (one per
+        reservation in order, or none: computed), then commits it. Entries are popped from
+        ``reservations`` as they are handled, so whatever happens the caller aborts only the
+        rest. A bad chunk is aborted and reported (DataLoss) after the good ones are stored.
+        Returns ``(stored, existed)``."""
+        stored = existed = 0
+        bad: list[str] = []
+        # Checksums of all extents at once (native, GIL released): one pass over memory per
+        # core instead of one core for the whole commit.
+        got = list(self._crc_pool.map(lambda r: native.crc32c(r[1].view), reservations))
+        for n, crc in enumerate(got):
+            i, res, meta = reservations.pop(0)
+            want = crcs[n] if n < len(crcs) else 0
+            if want and want != crc:
+                self.abort(res)
+                bad.append(f"chunks[{i}]: CRC32C {crc:#010x} of the written extent, the client said {want:#010x}")
+                continue
+            if self.commit(res, meta.with_payload(meta.encoding, meta.payload_bytes, crc), durability) is PutResult.STORED:
+                stored += 1
+            else:
+                existed += 1
+        if bad:
+            raise DataLoss("; ".join(bad) + ". Those chunks were not stored (the others were): the client wrote "
+                           "different bytes than it checksummed, or wrote outside its extent")
+        return stored, existed
+
     def abort(self, res: Reservation) -> None:
         self._shared().abort(res)
+
+    def close(self) -> None:
+        self._crc_pool.shutdown(wait=True)

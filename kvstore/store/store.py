@@ -39,13 +39,13 @@ class StoreStats:
 
 class Store:
     def __init__(self, chain: TierChain, namespaces: NamespaceRegistry, transcoder: Transcoder,
-                 network_codec: cfg.TierCodec, presence: PresenceIndex | None = None) -> None:
+                 network_codec: cfg.TierCodec, presence: PresenceIndex | None = None, worker_threads: int = 4) -> None:
         self.namespaces = namespaces
         self._chain = chain
         self._transcoder = transcoder
         self._network_codec = network_codec
         self._presence = presence
-        self.local = LocalAccess(chain, presence.path if presence is not None else None)
+        self.local = LocalAccess(chain, presence.path if presence is not None else None, worker_threads)
 
     @classmethod
     def open(cls, config: cfg.Config, clock: Callable[[], float] = time.time, *,
@@ -60,7 +60,7 @@ class Store:
         except BaseException:
             chain.close()
             raise
-        return cls(chain, registry, transcoder, config.server.network_codec, presence)
+        return cls(chain, registry, transcoder, config.server.network_codec, presence, config.server.worker_threads)
 
     # -- namespaces -----------------------------------------------------------------------------
     def namespace(self, namespace_id: bytes, tenant_scope: str | None) -> NamespaceInfo:
@@ -141,6 +141,7 @@ class Store:
 
     def close(self) -> None:
         """Drains and closes the chain, then removes the presence index. Idempotent."""
+        self.local.close()
         self._chain.close()
         if self._presence is not None:
             self._presence.close()
