@@ -269,3 +269,24 @@ def test_unknown_tier_in_config_is_a_clear_error(tmp_path):
     from kvstore.domain.errors import InvalidArgument
     with pytest.raises(InvalidArgument, match="remote"):
         build_chain(chain_config(tmp_path / "disk", chain={"tiers": ["dram", "remote"]}))
+
+
+def test_chaos_a_flaky_disk_never_fails_memory_puts_or_serves_wrong_bytes(make_manager, rng):
+    import random
+    m = make_manager(disk_wrapper=lambda d: FaultyTier(d, fail_get=0.3, fail_put=0.3, rng=random.Random(7)))
+    chunks = []
+    for _ in range(30):                            # about four times the DRAM budget
+        cid, meta, payload = make_chunk(rng)
+        assert m.put(cid, meta, payload, MEM) is PutResult.STORED
+        chunks.append((cid, payload.tobytes()))
+    m.flush(timeout_s=30)
+    served = 0
+    for cid, want in chunks:
+        ref = m.get(cid)
+        if ref is not None:
+            with ref:
+                assert bytes(ref.view) == want
+            served += 1
+    s = m.stats()
+    assert s.write_errors > 0 and served > 0
+    assert all(t.used_bytes <= t.capacity_bytes for t in s.tiers)
