@@ -18,7 +18,7 @@ import sys
 
 from .. import __version__
 from ..config import Config, load_config
-from ..errors import KVStoreError
+from ..domain.errors import KVStoreError
 
 log = logging.getLogger("kvstore")
 
@@ -66,14 +66,14 @@ def _setup_logging(config: Config) -> None:
 
 async def _serve(config: Config) -> None:
     from ..server.app import Daemon
-    from ..tiers.manager import TierManager
+    from ..store import Store
 
     loop = asyncio.get_running_loop()
-    manager = await loop.run_in_executor(None, TierManager, config)
+    store = await loop.run_in_executor(None, Store.open, config)    # tiers built from config.chain
     try:
-        daemon = Daemon(config, manager)
+        daemon = Daemon(config, store)
     except BaseException:
-        manager.close()
+        store.close()
         raise
     await daemon.start()
     log.info("kvstore %s listening on %s (data dir %s, auth %s)", __version__, ", ".join(config.server.listen),

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..config import AuthConfig, TokenEntry
-from ..errors import PermissionDenied, Unauthenticated
+from ..domain.errors import PermissionDenied, Unauthenticated
 
 
 @dataclass(frozen=True, slots=True)

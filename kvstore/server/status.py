@@ -19,7 +19,7 @@ import time
 
 import grpc
 
-from ..errors import KVStoreError
+from ..domain.errors import KVStoreError
 from ..metrics import RequestStats
 from .auth import Authenticator, set_principal
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kvstore_wire.presence import PresenceWriter, layout, tier_bit
 
-from ..types import ChunkId, Medium, split_chunk_id
+from ..domain.types import ChunkId, Medium, split_chunk_id
 
 log = logging.getLogger(__name__)
 

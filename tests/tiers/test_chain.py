@@ -1,4 +1,5 @@
-"""TierManager specifics: write-behind, promotion, durability, queue overflow, failing disk."""
+"""TierChain specifics: write-behind, promotion, durability, queue overflow, failing disk, pins,
+presence, the Store's same-host commit."""
 
 from __future__ import annotations
 
@@ -11,12 +12,13 @@ import textwrap
 import pytest
 
 from kvstore import config as cfg
-from kvstore.errors import Unavailable
+from kvstore.chain import build_chain
+from kvstore.domain.errors import Unavailable
+from kvstore.domain.results import PutResult
+from kvstore.domain.types import Durability, Medium
 from kvstore.tiers.faults import FaultyTier
-from kvstore.tiers.manager import PutResult, TierManager
-from kvstore.types import Durability, Medium
 
-from .conftest import BUDGET_BYTES, make_chunk, manager_config
+from .conftest import BUDGET_BYTES, CHUNK_BYTES, chain_config, make_chunk, test_transcoder
 
 MEM, PERSIST = Durability.MEMORY, Durability.PERSISTED
 
@@ -25,13 +27,19 @@ MEM, PERSIST = Durability.MEMORY, Durability.PERSISTED
 def make_manager(tmp_path, clock):
     made = []
 
-    def _make(config=None, **kw):
-        m = TierManager(config or manager_config(tmp_path / "disk"), clock, **kw)
+    def _make(config=None, disk_wrapper=None, **kw):
+        wrap = {Medium.DISK: disk_wrapper} if disk_wrapper else None
+        m = build_chain(config or chain_config(tmp_path / "disk"), test_transcoder(), clock, wrap=wrap, **kw)
         made.append(m)
         return m
     yield _make
     for m in made:
         m.close()
+
+
+def _disk(chain):
+    (lv,) = [lv for lv in chain.levels if lv.medium is Medium.DISK]
+    return lv.tier
 
 
 def test_write_behind_reaches_disk(make_manager, rng):
@@ -40,7 +48,7 @@ def test_write_behind_reaches_disk(make_manager, rng):
     assert m.put(cid, meta, payload, MEM) is PutResult.STORED
     assert m.put(cid, meta, payload, MEM) is PutResult.EXISTED
     m.flush(timeout_s=10)
-    assert m.disk.contains(cid)
+    assert _disk(m).contains(cid)
     assert m.inspect(cid).media == (Medium.DRAM, Medium.DISK)
 
 
@@ -79,10 +87,10 @@ def test_persisted_put_survives_sigkill_without_flush(tmp_path, clock):
         import os, signal, sys, time
         sys.path.insert(0, sys.argv[2])
         import numpy as np
-        from tiers.conftest import make_chunk, manager_config
-        from kvstore.tiers.manager import TierManager
-        from kvstore.types import Durability
-        m = TierManager(manager_config(sys.argv[1], fsync=True))
+        from tiers.conftest import make_chunk, chain_config
+        from kvstore.chain import build_chain
+        from kvstore.domain.types import Durability
+        m = build_chain(chain_config(sys.argv[1], fsync=True))
         cid, meta, payload = make_chunk(np.random.default_rng(7))
         m.put(cid, meta, payload, Durability.PERSISTED)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -91,7 +99,7 @@ def test_persisted_put_survives_sigkill_without_flush(tmp_path, clock):
     assert rc == -signal.SIGKILL
     import numpy as np
     cid, meta, payload = make_chunk(np.random.default_rng(7))
-    with TierManager(manager_config(path), clock) as m:
+    with build_chain(chain_config(path), clock=clock) as m:
         assert m.locate([cid]) == [Medium.DISK]
         with m.get(cid) as ref:
             assert bytes(ref.view) == payload.tobytes()
@@ -156,7 +164,7 @@ def test_persisted_without_disk_is_unavailable(make_manager, tmp_path, rng):
 
 
 def test_delete_cancels_a_queued_write(make_manager, tmp_path, rng):
-    conf = manager_config(tmp_path / "disk")
+    conf = chain_config(tmp_path / "disk")
     gate = []
     m = make_manager(conf, disk_wrapper=lambda d: gate.append(FaultyTier(d, delay_s=0.2)) or gate[0])
     first = make_chunk(rng)
@@ -166,7 +174,7 @@ def test_delete_cancels_a_queued_write(make_manager, tmp_path, rng):
     assert m.delete(victim[0])
     m.flush(timeout_s=10)
     assert m.locate([victim[0]]) == [None]
-    assert m.disk.contains(first[0])
+    assert _disk(m).contains(first[0])
 
 
 def test_entries_pages_in_id_order(make_manager, rng):
@@ -181,3 +189,104 @@ def test_entries_pages_in_id_order(make_manager, rng):
     assert m.inspect(ids[0]).pin_expires_s is None
     m.pin(ids[0])
     assert m.inspect(ids[0]).pin_expires_s == 0.0
+
+
+def test_write_through_is_on_disk_when_put_returns(make_manager, tmp_path, rng):
+    m = make_manager(chain_config(tmp_path / "disk", chain={"write_mode": "write-through"}))
+    cid, meta, payload = make_chunk(rng)
+    assert m.put(cid, meta, payload, MEM) is PutResult.STORED
+    assert _disk(m).contains(cid)                 # no flush needed
+    assert m.stats().write_queue_depth == 0
+
+
+def test_no_promotion_when_the_policy_says_no(make_manager, tmp_path, rng):
+    m = make_manager(chain_config(tmp_path / "disk", chain={"promote_on_hit": False}))
+    cid, meta, payload = make_chunk(rng)
+    m.put(cid, meta, payload, MEM)
+    m.flush(timeout_s=10)
+    m.evict([cid], Medium.DRAM)
+    with m.get(cid) as ref:
+        assert ref.medium is Medium.DISK
+    assert m.locate([cid]) == [Medium.DISK]
+
+
+def test_write_behind_byte_budget_skips_copies_instead_of_starving_dram(make_manager, tmp_path, rng):
+    # A stalled disk: queued leases may hold at most half the arena, so foreground puts keep
+    # finding room and the copies beyond the budget are skipped (counted), not failed.
+    m = make_manager(chain_config(tmp_path / "disk", write_queue_chunks=1000),
+                     disk_wrapper=lambda d: FaultyTier(d, delay_s=0.2))
+    for _ in range(12):
+        cid, meta, payload = make_chunk(rng)
+        assert m.put(cid, meta, payload, MEM) is PutResult.STORED
+    s = m.stats()
+    assert s.write_queue_dropped >= 12 - (BUDGET_BYTES // 2) // CHUNK_BYTES - 1
+    assert s.write_queue_depth <= (BUDGET_BYTES // 2) // CHUNK_BYTES
+
+
+def test_pin_ttl_protects_then_expires(make_manager, rng, clock):
+    m = make_manager()
+    cid, meta, payload = make_chunk(rng)
+    m.put(cid, meta, payload, MEM)
+    m.flush(timeout_s=10)
+    assert m.pin(cid, ttl_s=5)
+    assert m.evict([cid]) == 0
+    clock.now += 6
+    assert m.evict([cid]) == 2                    # DRAM and disk copies
+    assert not m.pin(cid)                         # absent chunks are not pinned
+
+
+def test_presence_listener_sees_every_tier(make_manager, rng):
+    events = []
+    m = make_manager()
+    m.set_listener(lambda cid, medium, present: events.append((cid, medium, present)))
+    cid, meta, payload = make_chunk(rng)
+    m.put(cid, meta, payload, MEM)
+    m.flush(timeout_s=10)
+    m.evict([cid], Medium.DRAM)
+    assert events == [(cid, Medium.DRAM, True), (cid, Medium.DISK, True), (cid, Medium.DRAM, False)]
+
+
+def test_codec_tier_in_the_chain_stores_bitstreams(make_manager, tmp_path, rng):
+    from kvstore.domain.types import Encoding
+    m = make_manager(chain_config(tmp_path / "disk", codec=cfg.TierCodec.LOSSLESS))
+    cid, meta, payload = make_chunk(rng)
+    m.put(cid, meta, payload, MEM)
+    m.flush(timeout_s=10)
+    with _disk(m).get(cid) as ref:
+        assert ref.meta.encoding is Encoding.CODEC and ref.meta.payload_bytes < meta.payload_bytes
+    m.evict([cid], Medium.DRAM)
+    with m.get(cid) as ref:                       # promoted as stored: a bitstream
+        assert ref.meta.encoding is Encoding.CODEC
+
+
+def test_codec_without_a_transcoder_is_refused(tmp_path):
+    from kvstore.domain.errors import FailedPrecondition
+    with pytest.raises(FailedPrecondition, match="codec"):
+        build_chain(chain_config(tmp_path / "disk", codec=cfg.TierCodec.LOSSLESS))
+
+
+def test_unknown_tier_in_config_is_a_clear_error(tmp_path):
+    from kvstore.domain.errors import InvalidArgument
+    with pytest.raises(InvalidArgument, match="remote"):
+        build_chain(chain_config(tmp_path / "disk", chain={"tiers": ["dram", "remote"]}))
+
+
+def test_chaos_a_flaky_disk_never_fails_memory_puts_or_serves_wrong_bytes(make_manager, rng):
+    import random
+    m = make_manager(disk_wrapper=lambda d: FaultyTier(d, fail_get=0.3, fail_put=0.3, rng=random.Random(7)))
+    chunks = []
+    for _ in range(30):                            # about four times the DRAM budget
+        cid, meta, payload = make_chunk(rng)
+        assert m.put(cid, meta, payload, MEM) is PutResult.STORED
+        chunks.append((cid, payload.tobytes()))
+    m.flush(timeout_s=30)
+    served = 0
+    for cid, want in chunks:
+        ref = m.get(cid)
+        if ref is not None:
+            with ref:
+                assert bytes(ref.view) == want
+            served += 1
+    s = m.stats()
+    assert s.write_errors > 0 and served > 0
+    assert all(t.used_bytes <= t.capacity_bytes for t in s.tiers)
