@@ -109,6 +109,11 @@ class KVStoreClient:
     def namespace_id(self) -> bytes:
         return self._core.namespace_id
 
+    @namespace_id.setter
+    def namespace_id(self, namespace_id: bytes) -> None:
+        """Tests set a foreign id to check the daemon's tenant isolation."""
+        self._core.namespace_id = bytes(namespace_id)
+
     @property
     def piece_bytes(self) -> int:
         return self._core.piece_bytes
@@ -117,6 +122,20 @@ class KVStoreClient:
     def arena(self):
         """The mapped daemon arena (``local.SharedArena``), or None on the stream path."""
         return self._core.arena
+
+    @arena.setter
+    def arena(self, arena) -> None:
+        """Tests set None to force the stream path on a client that mapped the arena."""
+        self._core.arena = arena
+
+    @property
+    def _get_encoding(self) -> int:
+        """The encoding Get asks for: 0 = as stored (this process decodes), RAW = daemon decodes."""
+        return self._core.get_encoding
+
+    @_get_encoding.setter
+    def _get_encoding(self, encoding: int) -> None:
+        self._core.get_encoding = int(encoding)
 
     @property
     def presence(self):
