@@ -250,3 +250,28 @@ def test_async_client_outlives_a_daemon_restart(daemon_factory):
             assert await c.retrieve_into(toks, buf) == 128 and np.array_equal(buf, kv)
 
     asyncio.run(run())
+
+
+@pytest.mark.gpu
+def test_async_client_moves_cuda_tensors_through_the_arena(daemon):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import asyncio
+
+    from kvstore_client import AsyncKVStoreClient
+
+    ns = Namespace(**{**NS, "model": "async-cuda", "dtype": "bfloat16"})
+    toks = list(range(64 * 3))
+    kv = torch.randn(ns.chunk_shape(len(toks)), device="cuda").to(torch.bfloat16)
+
+    async def run():
+        async with await AsyncKVStoreClient.connect(daemon.addr, ns, local=True) as c:
+            assert await c.store(toks, kv) == 3
+            out = torch.full_like(kv, float("nan"))
+            assert await c.retrieve_into(toks, out) == 192
+            assert torch.equal(out, kv)
+            n, host = await c.retrieve(toks, as_torch=True)
+            assert n == 192 and torch.equal(host, kv.cpu())
+
+    asyncio.run(run())
