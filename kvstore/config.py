@@ -187,8 +187,12 @@ class DiskConfig(_Section):
     write_queue_chunks: int = Field(256, ge=1)
     #: fsync chunk files and the index before a PERSISTED put is acknowledged.
     fsync: bool = True
-    #: Largest LMDB index (metadata only; chunk bytes live in files).
-    index_map_bytes: Bytes = 1024**3
+    #: Initial LMDB index map (metadata only; chunk bytes live in files). A full map is grown
+    #: (doubled) as needed; raise this only if growth fails.
+    index_map_bytes: Annotated[Bytes, Field(ge=64 * 1024)] = 1024**3
+    #: Background verification of cold chunk files (header + CRC32C) in bytes per second;
+    #: 0 turns it off. ``kvctl verify`` checks everything on demand.
+    scrub_bytes_per_s: Bytes = 4 * 1024**2
 
 
 class MetricsConfig(_Section):

@@ -39,6 +39,8 @@ import kvstore_native as native
 from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from ..types import CHUNK_ID_BYTES, ChunkId, ChunkMeta, Medium
 from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
+from .disk_recovery import Progress, RecoveryReport, index_problem, set_aside
+from .scrubber import Scrubber, ScrubReport, scrub_all
 from .policies import make_policy
 
 log = logging.getLogger(__name__)
@@ -50,8 +52,15 @@ _HEAD = struct.Struct(f"<4sHH{CHUNK_ID_BYTES}s")
 _CRC = struct.Struct("<I")
 #: Index value prefix: file bytes, last access (unix s), hits; then ``ChunkMeta.to_bytes()``.
 _INDEX = struct.Struct("<QdQ")
-#: Named LMDB databases in the index environment.
-_INDEX_DBS = 1
+#: Named LMDB databases in the index environment: ``chunks`` and ``meta``.
+_INDEX_DBS = 2
+_INDEX_DIR = "index.lmdb"
+#: ``meta`` key holding the index format; another value means the index is rebuilt.
+_FORMAT_KEY, _FORMAT = b"format", b"kvstore-disk-index-1"
+#: Largest the index map grows to on its own before a put fails naming disk.index_map_bytes.
+_MAX_MAP_BYTES = 1 << 40
+#: Most metadata bytes read when adopting a chunk file (``ChunkMeta`` is far smaller).
+_MAX_META_BYTES = 1024
 _TMP_MARK = ".tmp."
 
 
@@ -89,7 +98,12 @@ class _Entry:
 class DiskTier(Tier):
     medium = Medium.DISK
 
-    def __init__(self, conf: cfg.DiskConfig, pins: PinTable, clock: Callable[[], float]) -> None:
+    def __init__(self, conf: cfg.DiskConfig, pins: PinTable, clock: Callable[[], float], *,
+                 start_scrubber: bool = True) -> None:
+        """Opens (and if needed rebuilds) the index, reconciles it with the chunk files and starts
+        the background scrubber when ``conf.scrub_bytes_per_s`` > 0 (and ``start_scrubber``).
+        ``recovery`` then says what start-up found. Raises FailedPrecondition when another daemon
+        owns the directory, Unavailable when the directory cannot be used."""
         self._root = Path(conf.path)
         self._chunks = self._root / "chunks"
         self._fsync = conf.fsync
@@ -120,10 +134,20 @@ class DiskTier(Tier):
                                      "set disk.path to another directory") from None
         for i in range(256):
             (self._chunks / f"{i:02x}").mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(self._root / "index.lmdb"), map_size=conf.index_map_bytes,
-                              max_dbs=_INDEX_DBS, sync=conf.fsync, metasync=conf.fsync, subdir=True)
-        self._db = self._env.open_db(b"chunks")
-        self._recover()
+        self._map_bytes = conf.index_map_bytes
+        self._env_opts = dict(max_dbs=_INDEX_DBS, sync=conf.fsync, metasync=conf.fsync, subdir=True)
+        try:
+            self.recovery = self._open_index()
+            self._recover(self.recovery)
+        except BaseException:
+            self._close_env()
+            os.close(self._lock_fd)
+            raise
+        log.info("%s", self.recovery.summary())
+        self._scrubber: Scrubber | None = None
+        if conf.scrub_bytes_per_s > 0 and start_scrubber:
+            self._scrubber = Scrubber(self, conf.scrub_bytes_per_s)
+            self._scrubber.start()
 
     # -- paths and index helpers ------------------------------------------------------------
     def _file(self, cid: ChunkId) -> Path:
@@ -131,14 +155,83 @@ class DiskTier(Tier):
         return self._chunks / h[:2] / h
 
     def _db_write(self, puts: list[tuple[ChunkId, _Entry]] = (), dels: list[ChunkId] = ()) -> None:
-        with self._db_lock, self._env.begin(write=True, db=self._db) as txn:
-            for cid in dels:
-                txn.delete(cid)
-            for cid, e in puts:
-                txn.put(cid, _INDEX.pack(e.file_bytes, e.last_access_s, e.hits) + e.meta.to_bytes())
+        """Commits index changes in one transaction; a full map is grown (doubled) and the
+        transaction retried, up to ``_MAX_MAP_BYTES``."""
+        with self._db_lock:
+            while True:
+                try:
+                    with self._env.begin(write=True, db=self._db) as txn:
+                        for cid in dels:
+                            txn.delete(cid)
+                        for cid, e in puts:
+                            txn.put(cid, _INDEX.pack(e.file_bytes, e.last_access_s, e.hits) + e.meta.to_bytes())
+                    return
+                except lmdb.MapFullError:
+                    self._grow_map_locked()
+                except lmdb.Error as err:
+                    raise Unavailable(f"the disk index {self._root / _INDEX_DIR} failed: {err}; restart the "
+                                      "daemon to rebuild it from the chunk files") from err
+
+    def _grow_map_locked(self) -> None:
+        """Doubles the LMDB map (called with ``_db_lock`` held and no transaction open: the tier
+        reads the index only at start, so no reader holds a snapshot)."""
+        want = max(self._env.info()["map_size"], self._map_bytes) * 2
+        if want > _MAX_MAP_BYTES:
+            raise ResourceExhausted(f"the disk index is full at {self._map_bytes} bytes and cannot grow further; "
+                                    "raise disk.index_map_bytes or lower disk.capacity_bytes")
+        try:
+            self._env.set_mapsize(want)
+        except lmdb.Error as err:
+            raise ResourceExhausted(f"the disk index is full and growing it to {want} bytes failed ({err}); "
+                                    "raise disk.index_map_bytes or free space on disk.path") from err
+        log.info("disk index map grew from %d to %d bytes (disk.index_map_bytes)", self._map_bytes, want)
+        self._map_bytes = want
 
     # -- start-up ---------------------------------------------------------------------------
-    def _recover(self) -> None:
+    def _open_index(self) -> RecoveryReport:
+        """Opens the index after checking it is safe to map; a damaged index, or one of another
+        format version, is set aside and a fresh one created (``_recover`` then re-indexes every
+        chunk file)."""
+        index_dir = self._root / _INDEX_DIR
+        report = RecoveryReport()
+        problem = index_problem(index_dir, _INDEX_DBS)
+        if problem is None:
+            try:
+                self._env_open(index_dir)
+                problem = self._format_problem()
+            except lmdb.Error as err:
+                problem = f"LMDB cannot open it: {err}"
+            if problem is not None:
+                self._close_env()
+        if problem is not None:
+            aside = set_aside(index_dir)
+            log.error("disk index %s is damaged (%s); moved it to %s and rebuilding it from the chunk files",
+                      index_dir, problem, aside)
+            report.rebuilt, report.reason = True, problem
+            self._env_open(index_dir)
+        with self._env.begin(write=True, db=self._meta_db) as txn:
+            txn.put(_FORMAT_KEY, _FORMAT)
+        return report
+
+    def _env_open(self, index_dir: Path) -> None:
+        self._env = lmdb.open(str(index_dir), map_size=self._map_bytes, **self._env_opts)
+        self._map_bytes = max(self._map_bytes, self._env.info()["map_size"])
+        self._db = self._env.open_db(b"chunks")
+        self._meta_db = self._env.open_db(b"meta")
+
+    def _close_env(self) -> None:
+        env, self._env = getattr(self, "_env", None), None
+        if env is not None:
+            env.close()
+
+    def _format_problem(self) -> str | None:
+        with self._env.begin(db=self._meta_db) as txn:
+            fmt = txn.get(_FORMAT_KEY)
+        if fmt is not None and bytes(fmt) != _FORMAT:
+            return f"index format {bytes(fmt)!r}, this daemon writes {_FORMAT!r}"
+        return None
+
+    def _recover(self, report: RecoveryReport) -> None:
         """Reconciles the index with the files (runs before the tier serves anything)."""
         bad: list[ChunkId] = []
         with self._env.begin(db=self._db) as txn:
@@ -151,13 +244,19 @@ class DiskTier(Tier):
                     bad.append(ChunkId(bytes(k)))
         seen: set[ChunkId] = set()
         adopted: list[tuple[ChunkId, _Entry]] = []
-        for shard in self._chunks.iterdir():
+        shards = sorted(self._chunks.iterdir())
+        progress = Progress("re-indexing chunk files (shard directories)", len(shards))
+        for n, shard in enumerate(shards):
+            progress.step(n)
             for f in shard.iterdir():
                 if _TMP_MARK in f.name:
                     f.unlink(missing_ok=True)       # a write that never completed
+                    report.temp_files += 1
                     continue
                 try:
                     cid = ChunkId(bytes.fromhex(f.name))
+                    if len(cid) != CHUNK_ID_BYTES:
+                        raise ValueError(f.name)
                 except ValueError:
                     log.warning("ignoring foreign file %s in the chunk directory", f)
                     continue
@@ -169,10 +268,13 @@ class DiskTier(Tier):
                     else:                           # truncated or replaced: not trusted
                         f.unlink(missing_ok=True)
                         self._stats.corrupt += 1
+                        report.quarantined += 1
                     continue
                 e = self._adopt(cid, f, size)
                 if e is None:
                     f.unlink(missing_ok=True)
+                    self._stats.corrupt += 1
+                    report.quarantined += 1
                 else:
                     adopted.append((cid, e))
                     self._index[cid] = e
@@ -180,10 +282,7 @@ class DiskTier(Tier):
         missing = [c for c in self._index if c not in seen]
         for c in missing:
             del self._index[c]
-        if missing:
-            log.warning("disk index had %d entries without a chunk file; removed them", len(missing))
-        if adopted:
-            log.info("adopted %d chunk files written just before a crash", len(adopted))
+        report.adopted, report.stale_entries = len(adopted), len(missing) + len(bad)
         self._db_write(adopted, bad + missing)
         for cid, e in sorted(self._index.items(), key=lambda kv: kv[1].last_access_s):
             self._policy.insert(cid, e.file_bytes)
@@ -191,10 +290,15 @@ class DiskTier(Tier):
         self._stats.chunks = len(self._index)
         if self._stats.used_bytes > self._capacity:
             self.evict(self._stats.used_bytes - self._capacity)
+        report.chunks, report.bytes = self._stats.chunks, self._stats.used_bytes
 
     def _adopt(self, cid: ChunkId, f: Path, size: int) -> _Entry | None:
-        with open(f, "rb") as fh:
-            head = memoryview(fh.read(_HEAD.size + 1024))
+        try:
+            with open(f, "rb") as fh:
+                head = memoryview(fh.read(_HEAD.size + _MAX_META_BYTES))
+        except OSError as err:
+            log.warning("cannot read chunk file %s (%s); removing it", f, err)
+            return None
         d = decode_header(head)
         if d is None or d[0] != cid or size != d[2] + d[1].payload_bytes:
             return None
@@ -307,15 +411,19 @@ class DiskTier(Tier):
                 f"disk tier cannot make room for {size} bytes: the remaining chunks are pinned or being "
                 "written; unpin chunks (kvctl unpin) or raise disk.capacity_bytes")
         entry = _Entry(meta, size, self._clock())
-        ok = False
+        ok = written = False
         try:
             for v in victims:
                 self._file(v).unlink(missing_ok=True)
             self._write_file(cid, header, payload)
+            written = True
             # The index entry is committed only after the file is durable under its final name.
             self._db_write(puts=[(cid, entry)], dels=victims)
             ok = True
         finally:
+            if written and not ok:
+                # No index entry: a file left behind would sit outside capacity accounting.
+                self._file(cid).unlink(missing_ok=True)
             if not ok and victims:
                 self._db_write(dels=victims)
             with self._lock:
@@ -414,9 +522,57 @@ class DiskTier(Tier):
         s.pinned_chunks = sum(1 for c in ids if self._pins.is_pinned(c))
         return s
 
+    # -- verification ---------------------------------------------------------------------
+    def verify(self, cid: ChunkId) -> tuple[bool, int] | None:
+        """Re-reads ``cid``'s file and checks its header and CRC32C without counting a hit or
+        touching the eviction order. Returns (intact, file bytes), or None when ``cid`` is not
+        stored (or went away meanwhile). A damaged chunk is deleted and counted as corrupt."""
+        with self._lock:
+            e = self._index.get(cid)
+            if e is None or cid in self._busy:
+                return None
+        why = self._check_file(cid, e)
+        if why is None:
+            return True, e.file_bytes
+        with self._lock:
+            self._stats.misses -= 1       # _drop_corrupt counts a read miss; a scrub is no read
+        self._drop_corrupt(cid, e, why)
+        return False, e.file_bytes
+
+    def _check_file(self, cid: ChunkId, e: _Entry) -> str | None:
+        try:
+            with open(self._file(cid), "rb", buffering=0) as fh:
+                buf = memoryview(fh.read())
+        except FileNotFoundError:
+            return "its file is missing"
+        except OSError as err:
+            raise Unavailable(f"reading {self._file(cid)} failed: {err}; check the disk behind disk.path") from err
+        d = decode_header(buf)
+        if d is None or d[0] != cid:
+            return "its record header is damaged"
+        payload = buf[d[2]:]
+        if len(payload) != d[1].payload_bytes:
+            return f"it has {len(payload)} payload bytes, expected {d[1].payload_bytes}"
+        if native.crc32c(payload) != d[1].crc32c:
+            return "its payload failed the CRC32C check"
+        return None
+
+    def cold_ids(self, accessed_before_s: float = float("inf")) -> list[ChunkId]:
+        """Stored ids last accessed before ``accessed_before_s``, coldest first (what the scrubber walks)."""
+        with self._lock:
+            rows = [(e.last_access_s, c) for c, e in self._index.items() if e.last_access_s < accessed_before_s]
+        rows.sort()
+        return [c for _, c in rows]
+
+    def scrub(self, progress: Callable[[ScrubReport], None] | None = None) -> ScrubReport:
+        """Verifies every stored chunk now (``kvctl verify``); ``progress`` gets the running report."""
+        return scrub_all(self, progress)
+
     def close(self) -> None:
         """Persists access times (eviction order for the next start) and closes the index.
         Callers stop issuing operations first (the manager drains its writer)."""
+        if self._scrubber is not None:
+            self._scrubber.stop()
         with self._lock:
             if self._closed:
                 return
