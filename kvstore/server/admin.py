@@ -11,7 +11,7 @@ from kvstore_wire._proto.kvstore.v1 import admin_pb2
 from kvstore_wire.keys import KEY_BYTES
 
 from .. import __version__
-from ..errors import InvalidArgument, NotFound
+from ..errors import FailedPrecondition, InvalidArgument, NotFound
 from ..namespaces import NamespaceRegistry
 from ..types import Medium
 from . import convert
@@ -117,3 +117,22 @@ class AdminServicer:
         else:
             raise InvalidArgument("Clear needs a scope: namespace_id or tenant")
         return admin_pb2.ClearResponse(deleted=n)
+
+    async def Verify(self, request, context):
+        """Scrubs the disk tier now, streaming progress (the disk tier does the checking)."""
+        disk = getattr(self._m, "disk", None)
+        if disk is None or not hasattr(disk, "scrub"):
+            raise FailedPrecondition("the disk tier is off (disk.enabled = false): nothing to verify")
+        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        report = lambda r: loop.call_soon_threadsafe(updates.put_nowait, admin_pb2.VerifyProgress(  # noqa: E731
+            total=r.total, checked=r.checked, corrupt=r.corrupt, bytes_checked=r.bytes_checked,
+            seconds=r.seconds, done=r.done))
+        job = loop.run_in_executor(self._pool, disk.scrub, report)
+        while not job.done() or not updates.empty():
+            getter = asyncio.ensure_future(updates.get())
+            await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                continue
+            yield getter.result()
+        await job   # raises what the scrub raised (a failing disk)
