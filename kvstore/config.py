@@ -146,6 +146,7 @@ class AuthConfig(_Section):
     tokens: dict[str, TokenEntry] = {}
     #: TOML file with a ``[tokens]`` table of the same shape.
     tokens_file: Path | None = None
+    #: Allow a non-loopback TCP listener without tokens (anyone who can connect is admin).
     allow_insecure_remote: bool = False
 
     @property
@@ -171,6 +172,7 @@ class AuthConfig(_Section):
 class DramConfig(_Section):
     #: Size of the host arena, allocated once at start.
     capacity_bytes: Bytes = 1024**3
+    #: Which chunk a full arena gives up first.
     policy: EvictionPolicy = EvictionPolicy.S3FIFO
     #: How chunks are held in DRAM. RAW keeps the same-host path a plain copy; a codec holds
     #: more chunks in the same arena, decoded by the reader.
@@ -197,10 +199,13 @@ class DramConfig(_Section):
 
 
 class DiskConfig(_Section):
+    #: Keep a disk tier (chunks survive restarts). The namespace registry lives in ``path`` either way.
     enabled: bool = True
     #: Directory holding chunk files and the LMDB index. Created if missing.
     path: Path = Path("./kvstore-data")
+    #: Byte budget of the chunk files; the policy evicts beyond it.
     capacity_bytes: Bytes = 16 * 1024**3
+    #: Which chunk a full disk tier gives up first.
     policy: EvictionPolicy = EvictionPolicy.LRU
     #: How chunks are written to disk (encoded by the writer thread, off the request path).
     codec: TierCodec = TierCodec.RAW
@@ -230,6 +235,7 @@ class MetricsConfig(_Section):
 
 
 class LogConfig(_Section):
+    #: DEBUG, INFO, WARNING, ERROR or CRITICAL.
     level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     #: One JSON object per log line instead of text.
     json_lines: bool = False
