@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 
 import grpc
@@ -33,6 +34,8 @@ _TIERS = {"dram": Tier.DRAM, "disk": Tier.DISK, "hbm": Tier.HBM, "remote": Tier.
 ID_HEX = 64
 #: Keys per Evict/Pin request when many are given (below the daemon's max_keys_per_request).
 BATCH_KEYS = 1024
+#: Seconds to wait for the channel's connectivity state after a failed call.
+STATE_WAIT_S = 1.0
 _TIER_FIELD = admin_pb2.TierStats.DESCRIPTOR.fields_by_name["tier"]
 
 
@@ -72,6 +75,20 @@ class Ctl:
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
         token = args.token or os.environ.get("KVSTORE_TOKEN")
         self.md = (("authorization", f"Bearer {token}"),) if token else ()
+
+    def channel_state_down(self) -> bool:
+        """After an UNAVAILABLE: True when there is no connection to the daemon (not running,
+        wrong address), False when the daemon itself answered UNAVAILABLE."""
+        seen: list[grpc.ChannelConnectivity] = []
+        got = threading.Event()
+
+        def note(state):
+            seen.append(state)
+            got.set()
+        self.channel.subscribe(note, try_to_connect=False)
+        got.wait(STATE_WAIT_S)
+        self.channel.unsubscribe(note)
+        return not seen or seen[-1] != grpc.ChannelConnectivity.READY
 
     def call(self, method: str, request):
         return getattr(self.admin, method)(request, metadata=self.md, timeout=self.args.timeout)
@@ -317,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, k):
             setattr(args, k, v)
     ctl = Ctl(args)
+    unreachable = (f"kvctl: cannot reach kvstore at {args.addr}: is the daemon running? start it with "
+                   "`kvstore serve`")
     try:
         getattr(ctl, args.command)()
     except Exit as e:
@@ -325,11 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         return e.status
     except grpc.RpcError as e:
         code = e.code()
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            print(f"kvctl: cannot reach kvstore at {args.addr}: is the daemon running? start it with "
-                  "`kvstore serve`", file=sys.stderr)
+        if code == grpc.StatusCode.UNAVAILABLE and ctl.channel_state_down():
+            print(unreachable, file=sys.stderr)
             return EXIT_USAGE
-        print(f"kvctl: {code.name}: {e.details()}", file=sys.stderr)
+        print(f"kvctl: {code.name}: {' '.join(str(e.details()).split())}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("kvctl: interrupted", file=sys.stderr)
         return EXIT_ERROR
     finally:
         ctl.channel.close()
