@@ -13,6 +13,12 @@ any point leaves either a temp file (removed at start), a renamed file without a
 CRC32C every time: a torn, truncated, flipped or missing file is deleted with its index entry,
 counted in ``stats().corrupt`` and reported as a miss; corrupt bytes are never returned.
 
+Recovery: the index is a cache of the self-describing chunk files. ``DiskIndex`` checks it
+before mapping it and recreates it when damaged; start-up then re-indexes every chunk file
+whose header verifies (``recovery`` reports the counts). A full index map grows. The
+``Scrubber`` verifies cold chunks in the background (``disk.scrub_bytes_per_s``); ``scrub``
+verifies all of them now.
+
 Threading: every method is thread-safe. ``get``/``put``/``delete``/``evict`` do file I/O and
 are called from worker threads (the manager's writer thread, RPC workers), never from the
 event loop; ``contains``/``scan``/``stats`` read only the in-memory view of the index.
@@ -31,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import lmdb
 import numpy as np
 
 from .. import config as cfg
@@ -39,7 +44,8 @@ import kvstore_native as native
 from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from ..types import CHUNK_ID_BYTES, ChunkId, ChunkMeta, Medium
 from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
-from .disk_recovery import Progress, RecoveryReport, index_problem, set_aside
+from .disk_index import DiskIndex
+from .disk_recovery import Progress, RecoveryReport
 from .scrubber import Scrubber, ScrubReport, scrub_all
 from .policies import make_policy
 
@@ -52,13 +58,7 @@ _HEAD = struct.Struct(f"<4sHH{CHUNK_ID_BYTES}s")
 _CRC = struct.Struct("<I")
 #: Index value prefix: file bytes, last access (unix s), hits; then ``ChunkMeta.to_bytes()``.
 _INDEX = struct.Struct("<QdQ")
-#: Named LMDB databases in the index environment: ``chunks`` and ``meta``.
-_INDEX_DBS = 2
 _INDEX_DIR = "index.lmdb"
-#: ``meta`` key holding the index format; another value means the index is rebuilt.
-_FORMAT_KEY, _FORMAT = b"format", b"kvstore-disk-index-1"
-#: Largest the index map grows to on its own before a put fails naming disk.index_map_bytes.
-_MAX_MAP_BYTES = 1 << 40
 #: Most metadata bytes read when adopting a chunk file (``ChunkMeta`` is far smaller).
 _MAX_META_BYTES = 1024
 _TMP_MARK = ".tmp."
@@ -134,13 +134,14 @@ class DiskTier(Tier):
                                      "set disk.path to another directory") from None
         for i in range(256):
             (self._chunks / f"{i:02x}").mkdir(parents=True, exist_ok=True)
-        self._map_bytes = conf.index_map_bytes
-        self._env_opts = dict(max_dbs=_INDEX_DBS, sync=conf.fsync, metasync=conf.fsync, subdir=True)
+        self._db: DiskIndex | None = None
         try:
-            self.recovery = self._open_index()
+            self._db = DiskIndex(self._root / _INDEX_DIR, conf.index_map_bytes, conf.fsync)
+            self.recovery = RecoveryReport(self._db.rebuilt_reason is not None, self._db.rebuilt_reason or "")
             self._recover(self.recovery)
         except BaseException:
-            self._close_env()
+            if self._db is not None:
+                self._db.close()
             os.close(self._lock_fd)
             raise
         log.info("%s", self.recovery.summary())
@@ -155,93 +156,20 @@ class DiskTier(Tier):
         return self._chunks / h[:2] / h
 
     def _db_write(self, puts: list[tuple[ChunkId, _Entry]] = (), dels: list[ChunkId] = ()) -> None:
-        """Commits index changes in one transaction; a full map is grown (doubled) and the
-        transaction retried, up to ``_MAX_MAP_BYTES``."""
-        with self._db_lock:
-            while True:
-                try:
-                    with self._env.begin(write=True, db=self._db) as txn:
-                        for cid in dels:
-                            txn.delete(cid)
-                        for cid, e in puts:
-                            txn.put(cid, _INDEX.pack(e.file_bytes, e.last_access_s, e.hits) + e.meta.to_bytes())
-                    return
-                except lmdb.MapFullError:
-                    self._grow_map_locked()
-                except lmdb.Error as err:
-                    raise Unavailable(f"the disk index {self._root / _INDEX_DIR} failed: {err}; restart the "
-                                      "daemon to rebuild it from the chunk files") from err
-
-    def _grow_map_locked(self) -> None:
-        """Doubles the LMDB map (called with ``_db_lock`` held and no transaction open: the tier
-        reads the index only at start, so no reader holds a snapshot)."""
-        want = max(self._env.info()["map_size"], self._map_bytes) * 2
-        if want > _MAX_MAP_BYTES:
-            raise ResourceExhausted(f"the disk index is full at {self._map_bytes} bytes and cannot grow further; "
-                                    "raise disk.index_map_bytes or lower disk.capacity_bytes")
-        try:
-            self._env.set_mapsize(want)
-        except lmdb.Error as err:
-            raise ResourceExhausted(f"the disk index is full and growing it to {want} bytes failed ({err}); "
-                                    "raise disk.index_map_bytes or free space on disk.path") from err
-        log.info("disk index map grew from %d to %d bytes (disk.index_map_bytes)", self._map_bytes, want)
-        self._map_bytes = want
+        self._db.write(((cid, _INDEX.pack(e.file_bytes, e.last_access_s, e.hits) + e.meta.to_bytes())
+                        for cid, e in puts), dels)
 
     # -- start-up ---------------------------------------------------------------------------
-    def _open_index(self) -> RecoveryReport:
-        """Opens the index after checking it is safe to map; a damaged index, or one of another
-        format version, is set aside and a fresh one created (``_recover`` then re-indexes every
-        chunk file)."""
-        index_dir = self._root / _INDEX_DIR
-        report = RecoveryReport()
-        problem = index_problem(index_dir, _INDEX_DBS)
-        if problem is None:
-            try:
-                self._env_open(index_dir)
-                problem = self._format_problem()
-            except lmdb.Error as err:
-                problem = f"LMDB cannot open it: {err}"
-            if problem is not None:
-                self._close_env()
-        if problem is not None:
-            aside = set_aside(index_dir)
-            log.error("disk index %s is damaged (%s); moved it to %s and rebuilding it from the chunk files",
-                      index_dir, problem, aside)
-            report.rebuilt, report.reason = True, problem
-            self._env_open(index_dir)
-        with self._env.begin(write=True, db=self._meta_db) as txn:
-            txn.put(_FORMAT_KEY, _FORMAT)
-        return report
-
-    def _env_open(self, index_dir: Path) -> None:
-        self._env = lmdb.open(str(index_dir), map_size=self._map_bytes, **self._env_opts)
-        self._map_bytes = max(self._map_bytes, self._env.info()["map_size"])
-        self._db = self._env.open_db(b"chunks")
-        self._meta_db = self._env.open_db(b"meta")
-
-    def _close_env(self) -> None:
-        env, self._env = getattr(self, "_env", None), None
-        if env is not None:
-            env.close()
-
-    def _format_problem(self) -> str | None:
-        with self._env.begin(db=self._meta_db) as txn:
-            fmt = txn.get(_FORMAT_KEY)
-        if fmt is not None and bytes(fmt) != _FORMAT:
-            return f"index format {bytes(fmt)!r}, this daemon writes {_FORMAT!r}"
-        return None
-
     def _recover(self, report: RecoveryReport) -> None:
         """Reconciles the index with the files (runs before the tier serves anything)."""
         bad: list[ChunkId] = []
-        with self._env.begin(db=self._db) as txn:
-            for k, v in txn.cursor():
-                try:
-                    size, last, hits = _INDEX.unpack_from(v)
-                    self._index[ChunkId(bytes(k))] = _Entry(ChunkMeta.from_bytes(v[_INDEX.size:]), size, last, hits)
-                except (struct.error, ValueError) as e:
-                    log.warning("dropping unreadable index entry %s: %s", bytes(k).hex(), e)
-                    bad.append(ChunkId(bytes(k)))
+        for k, v in self._db.items():
+            try:
+                size, last, hits = _INDEX.unpack_from(v)
+                self._index[ChunkId(k)] = _Entry(ChunkMeta.from_bytes(v[_INDEX.size:]), size, last, hits)
+            except (struct.error, ValueError) as e:
+                log.warning("dropping unreadable index entry %s: %s", k.hex(), e)
+                bad.append(ChunkId(k))
         seen: set[ChunkId] = set()
         adopted: list[tuple[ChunkId, _Entry]] = []
         shards = sorted(self._chunks.iterdir())
@@ -535,6 +463,8 @@ class DiskTier(Tier):
         if why is None:
             return True, e.file_bytes
         with self._lock:
+            if self._index.get(cid) is not e or cid in self._busy:
+                return None               # deleted or replaced while we read: not damage
             self._stats.misses -= 1       # _drop_corrupt counts a read miss; a scrub is no read
         self._drop_corrupt(cid, e, why)
         return False, e.file_bytes
@@ -581,5 +511,5 @@ class DiskTier(Tier):
             self._dirty_access.clear()
         if dirty:
             self._db_write(puts=dirty)
-        self._env.close()
+        self._db.close()
         os.close(self._lock_fd)
