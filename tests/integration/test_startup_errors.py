@@ -137,3 +137,14 @@ def test_remote_listener_without_auth_cleans_shared_memory(tmp_path):
     pid, rc, _, err = serve("--data-dir", str(tmp_path / "d"), "--listen", f"0.0.0.0:{free_port()}",
                             "--set", 'metrics.listen=""', *SMALL)
     _assert_clean_exit(pid, rc, err, "without authentication", only_line=False)
+
+
+@pytest.mark.parametrize("sig", ["SIGHUP", "SIGINT", "SIGQUIT"])
+def test_stop_signals_remove_shared_memory(daemon_factory, sig):
+    import signal
+    d = daemon_factory(settings=("dram.capacity_bytes=32MiB",))
+    pid = d.proc.pid
+    assert sorted(Path("/dev/shm").glob(f"kvstore-{pid}.*")), "expected a shared arena to check its removal"
+    assert d.kill(getattr(signal, sig)) == 0
+    assert not sorted(Path("/dev/shm").glob(f"kvstore-{pid}.*"))
+    assert "kvstore 0." in d.log() and "data dir" in d.log() and f"kill -TERM {pid}" in d.log()   # the banner
