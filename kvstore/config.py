@@ -9,8 +9,11 @@ binary/decimal unit (``512MiB``, ``2GB``); durations are seconds.
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import re
+import socket
+import tempfile
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Mapping
@@ -62,6 +65,20 @@ class TierCodec(str, enum.Enum):
     AGGRESSIVE = "aggressive"        #: lossy, smallest
 
 
+def check_host_port(addr: str) -> tuple[str, int]:
+    """(host, port) of ``host:port`` / ``[v6]:port``; ValueError unless the port is 1-65535."""
+    m = re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s\[\]]+):([0-9]+)", addr)
+    if not m:
+        raise ValueError(f"{addr!r} is not host:port (or unix:/path), e.g. 127.0.0.1:50051")
+    port = int(m.group(2))
+    if not MIN_PORT <= port <= MAX_PORT:
+        raise ValueError(f"port {port} in {addr!r} is outside {MIN_PORT}-{MAX_PORT}")
+    return m.group(1).strip("[]"), port
+
+
+MIN_PORT, MAX_PORT = 1, 65535
+
+
 class ServerConfig(_Section):
     #: Addresses to serve on: ``host:port`` (TCP) or ``unix:/path/to.sock``. Loopback by default.
     listen: list[str] = ["127.0.0.1:50051"]
@@ -92,8 +109,13 @@ class ServerConfig(_Section):
         if not v:
             raise ValueError("listen needs at least one address")
         for a in v:
-            if not (a.startswith("unix:") or re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[^:\s]+):[0-9]{1,5}", a)):
-                raise ValueError(f"{a!r} is not host:port or unix:/path")
+            if a.startswith("unix:"):
+                if len(a) == len("unix:"):
+                    raise ValueError("unix: needs a socket path, e.g. unix:/run/kvstore/kvstore.sock")
+                continue
+            check_host_port(a)
+        if len(set(v)) != len(v):
+            raise ValueError(f"listen names an address twice: {v}")
         return v
 
     @model_validator(mode="after")
@@ -125,6 +147,7 @@ class AuthConfig(_Section):
     tokens: dict[str, TokenEntry] = {}
     #: TOML file with a ``[tokens]`` table of the same shape.
     tokens_file: Path | None = None
+    #: Allow a non-loopback TCP listener without tokens (anyone who can connect is admin).
     allow_insecure_remote: bool = False
 
     @property
@@ -150,6 +173,7 @@ class AuthConfig(_Section):
 class DramConfig(_Section):
     #: Size of the host arena, allocated once at start.
     capacity_bytes: Bytes = 1024**3
+    #: Which chunk a full arena gives up first.
     policy: EvictionPolicy = EvictionPolicy.S3FIFO
     #: How chunks are held in DRAM. RAW keeps the same-host path a plain copy; a codec holds
     #: more chunks in the same arena, decoded by the reader.
@@ -176,10 +200,13 @@ class DramConfig(_Section):
 
 
 class DiskConfig(_Section):
+    #: Keep a disk tier (chunks survive restarts). The namespace registry lives in ``path`` either way.
     enabled: bool = True
     #: Directory holding chunk files and the LMDB index. Created if missing.
     path: Path = Path("./kvstore-data")
+    #: Byte budget of the chunk files; the policy evicts beyond it.
     capacity_bytes: Bytes = 16 * 1024**3
+    #: Which chunk a full disk tier gives up first.
     policy: EvictionPolicy = EvictionPolicy.LRU
     #: How chunks are written to disk (encoded by the writer thread, off the request path).
     codec: TierCodec = TierCodec.RAW
@@ -188,8 +215,12 @@ class DiskConfig(_Section):
     write_queue_chunks: int = Field(256, ge=1)
     #: fsync chunk files and the index before a PERSISTED put is acknowledged.
     fsync: bool = True
-    #: Largest LMDB index (metadata only; chunk bytes live in files).
-    index_map_bytes: Bytes = 1024**3
+    #: Initial LMDB index map (metadata only; chunk bytes live in files). A full map is grown
+    #: (doubled) as needed; raise this only if growth fails.
+    index_map_bytes: Annotated[Bytes, Field(ge=64 * 1024)] = 1024**3
+    #: Background verification of cold chunk files (header + CRC32C) in bytes per second;
+    #: 0 turns it off. ``kvctl verify`` checks everything on demand.
+    scrub_bytes_per_s: Bytes = 4 * 1024**2
 
 
 class WriteMode(str, enum.Enum):
@@ -247,8 +278,16 @@ class MetricsConfig(_Section):
     #: ``host:port`` for the Prometheus exporter; empty disables it.
     listen: str = "127.0.0.1:9400"
 
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, v: str) -> str:
+        if v:
+            check_host_port(v)
+        return v
+
 
 class LogConfig(_Section):
+    #: DEBUG, INFO, WARNING, ERROR or CRITICAL.
     level: str = Field("INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$")
     #: One JSON object per log line instead of text.
     json_lines: bool = False
@@ -267,20 +306,22 @@ class Config(_Section):
 ENV_PREFIX = "KVSTORE_"
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
+def _set_path(tree: dict, dotted: str, value: Any, origin: str, sources: dict[str, str]) -> None:
     parts = [p for p in dotted.split(".") if p]
     if len(parts) < 2:
-        raise InvalidArgument(f"setting {dotted!r} must be section.field, e.g. dram.capacity_bytes")
+        raise InvalidArgument(f"setting {dotted!r} ({origin}) must be section.field, e.g. dram.capacity_bytes")
     node = tree
     for p in parts[:-1]:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise InvalidArgument(f"setting {dotted!r}: {p} is not a section")
+            raise InvalidArgument(f"setting {dotted!r} ({origin}): {p} is not a section")
     node[parts[-1]] = _coerce(value)
+    sources[".".join(parts[:2])] = sources[parts[0]] = origin
 
 
 def _coerce(value: Any) -> Any:
-    """Values from env/flags are strings; TOML-parse them when they look like TOML literals."""
+    """Values from env/flags are strings; TOML-parse them when they look like TOML literals
+    (so a list is written ``["a:1", "b:2"]``, a string may be quoted or not)."""
     if not isinstance(value, str):
         return value
     try:
@@ -289,36 +330,160 @@ def _coerce(value: Any) -> Any:
         return value
 
 
+#: Extra advice for pydantic error types, keyed by type.
+_HINTS = {
+    "list_type": " (write a TOML list, e.g. --set 'server.listen=[\"127.0.0.1:50051\", \"unix:/run/kvstore.sock\"]')",
+}
+
+
+def _error_line(err: Mapping[str, Any], sources: Mapping[str, str], tree: Mapping[str, Any]) -> str:
+    loc = [str(x) for x in err["loc"]]
+    dotted = ".".join(loc)
+    origin = sources.get(".".join(loc[:2])) or sources.get(loc[0]) if loc else None
+    where = f" (from {origin})" if origin else ""
+    if err["type"] == "extra_forbidden":
+        if len(loc) == 1:
+            return f"{dotted}: unknown section{where}; sections are {', '.join(Config.model_fields)}"
+        section = Config.model_fields.get(loc[0])
+        known = ", ".join(section.annotation.model_fields) if section is not None and len(loc) == 2 else ""
+        return f"{dotted}: unknown setting{where}" + (f"; [{loc[0]}] has {known}" if known else "")
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{dotted}: {msg}{_HINTS.get(err['type'], '')}{where}"
+
+
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None,
                 overrides: list[str] | None = None) -> Config:
     """Builds the config from a TOML file, ``KVSTORE_*`` environment variables and ``k=v`` overrides.
 
-    Raises InvalidArgument with every problem listed, each with the setting's dotted name.
+    Raises InvalidArgument with every problem listed, each with the setting's dotted name and
+    where the value came from (the file, the environment variable or the ``--set`` flag).
+    Pure: reads the config file and nothing else (``preflight`` checks the outside world).
     """
     tree: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     if path is not None:
         p = Path(path)
         try:
             tree = tomllib.loads(p.read_text())
         except FileNotFoundError:
             raise InvalidArgument(f"config file {p} does not exist") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise InvalidArgument(f"config file {p} cannot be read: {e}") from None
         except tomllib.TOMLDecodeError as e:
             raise InvalidArgument(f"config file {p} is not valid TOML: {e}") from None
+        for section, body in tree.items():
+            sources[section] = f"config file {p}"
+            for fld in body if isinstance(body, dict) else ():
+                sources[f"{section}.{fld}"] = f"config file {p}"
     env = os.environ if env is None else env
     for name, value in env.items():
         if name.startswith(ENV_PREFIX) and "__" in name:
             section, _, fld = name[len(ENV_PREFIX):].lower().partition("__")
-            _set_path(tree, f"{section}.{fld}", value)
+            _set_path(tree, f"{section}.{fld}", value, f"environment variable {name}", sources)
     for item in overrides or []:
         k, sep, v = item.partition("=")
         if not sep:
             raise InvalidArgument(f"override {item!r} must look like section.field=value")
-        _set_path(tree, k.strip(), v.strip())
+        _set_path(tree, k.strip(), v.strip(), f"--set {item}", sources)
     try:
         return Config.model_validate(tree)
     except ValidationError as e:
-        lines = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            lines.append(f"{loc}: {err['msg']}")
-        raise InvalidArgument("invalid configuration:\n  " + "\n  ".join(lines)) from None
+        lines = [_error_line(err, sources, tree) for err in e.errors()]
+        raise InvalidArgument("invalid configuration: " + "; ".join(lines)) from None
+
+
+# -- preflight: the outside world, checked before any side effect ----------------------------
+def _bind_problem(addr: str) -> str | None:
+    host, port = check_host_port(addr)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"cannot resolve {host!r}: {e.strerror}"
+    family, kind, proto, _, sockaddr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(sockaddr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                return f"port {port} is already in use (another kvstore or service?)"
+            return f"cannot bind {addr}: {e.strerror}"
+    return None
+
+
+def _writable_problem(path: Path, create_ok: bool) -> str | None:
+    """Why ``path`` (a directory, possibly not there yet) cannot hold our files."""
+    probe = path
+    while not probe.exists():
+        if not create_ok:
+            return f"{path} does not exist"
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=probe):   # O_TMPFILE where supported: leaves nothing behind
+            pass
+    except OSError as e:
+        return f"{probe} is not writable ({e.strerror})"
+    return None
+
+
+def preflight(config: Config) -> None:
+    """Checks what validation of values alone cannot: listeners bindable, directories writable,
+    the tokens file present and valid, room in /dev/shm for a named arena. Has no side effects
+    (nothing is created), so it runs before the daemon creates anything. Raises InvalidArgument
+    with every problem, each naming the setting to change, on one line."""
+    problems: list[str] = []
+    tcp = [a for a in config.server.listen if not a.startswith("unix:")]
+    for a in tcp:
+        if (why := _bind_problem(a)) is not None:
+            problems.append(f"server.listen {a}: {why}")
+    for a in config.server.listen:
+        if a.startswith("unix:"):
+            sock = Path(a[len("unix:"):])
+            if (why := _writable_problem(sock.parent, create_ok=False)) is not None:
+                problems.append(f"server.listen {a}: {why}")
+    m = config.metrics.listen
+    if m:
+        if check_host_port(m)[1] in {check_host_port(a)[1] for a in tcp}:
+            problems.append(f"metrics.listen {m}: same port as server.listen")
+        elif (why := _bind_problem(m)) is not None:
+            problems.append(f"metrics.listen {m}: {why}; pick another port or metrics.listen=\"\" to disable")
+    if (why := _writable_problem(Path(config.disk.path).absolute(), create_ok=True)) is not None:
+        problems.append(f"disk.path {config.disk.path}: {why}")
+    if config.auth.tokens_file is not None:
+        try:
+            config.auth.load_tokens()
+        except FileNotFoundError:
+            problems.append(f"auth.tokens_file {config.auth.tokens_file} does not exist")
+        except (OSError, UnicodeDecodeError) as e:
+            problems.append(f"auth.tokens_file {config.auth.tokens_file} cannot be read: {e}")
+        except tomllib.TOMLDecodeError as e:
+            problems.append(f"auth.tokens_file {config.auth.tokens_file} is not valid TOML: {e}")
+        except (InvalidArgument, ValidationError) as e:
+            problems.append(f"auth.tokens_file {config.auth.tokens_file}: {_one_line(e)}")
+    else:
+        try:
+            config.auth.load_tokens()
+        except InvalidArgument as e:
+            problems.append(f"auth.tokens: {e}")
+    name = config.dram.shm_name
+    if name and name != "auto":
+        shm = Path("/dev/shm")
+        if not shm.is_dir():
+            problems.append(f"dram.shm_name {name!r}: {shm} does not exist; set dram.shm_name = \"\"")
+        else:
+            st = os.statvfs(shm)
+            old = shm / name
+            free = st.f_bavail * st.f_frsize + (old.stat().st_size if old.is_file() else 0)
+            if free < config.dram.capacity_bytes:
+                problems.append(f"dram.capacity_bytes {config.dram.capacity_bytes}: /dev/shm has only {free} bytes "
+                                "free; lower it, enlarge /dev/shm (docker --shm-size) or set dram.shm_name = \"\"")
+    if problems:
+        raise InvalidArgument("; ".join(problems))
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())

@@ -17,13 +17,16 @@ import signal
 import sys
 
 from .. import __version__
-from ..config import Config, load_config
+from ..config import Config, load_config, preflight
 from ..domain.errors import KVStoreError
+from . import startup
 
 log = logging.getLogger("kvstore")
 
-EXIT_BAD_CONFIG = 2
-EXIT_START_FAILED = 1
+EXIT_BAD_CONFIG = startup.EXIT_BAD_CONFIG
+EXIT_START_FAILED = startup.EXIT_START_FAILED
+#: Signals that stop the daemon cleanly (drain, remove the shared-memory files, exit 0).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the daemon in the foreground")
     s.add_argument("--config", metavar="FILE", help="TOML config file")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                   help="override one setting, e.g. --set dram.capacity_bytes=8GiB (repeatable)")
+                   help="override one setting, e.g. --set dram.capacity_bytes=8GiB (repeatable); values are TOML, "
+                        "so a list is --set 'server.listen=[\"127.0.0.1:50051\", \"unix:/run/kvstore.sock\"]'")
     s.add_argument("--data-dir", metavar="DIR", help="data directory (disk tier and namespace registry)")
     s.add_argument("--listen", action="append", metavar="ADDR",
                    help="host:port or unix:/path (repeatable; replaces server.listen)")
@@ -69,21 +73,24 @@ async def _serve(config: Config) -> None:
     from ..store import Store
 
     loop = asyncio.get_running_loop()
-    store = await loop.run_in_executor(None, Store.open, config)    # tiers built from config.chain
-    try:
-        daemon = Daemon(config, store)
-    except BaseException:
-        store.close()
-        raise
-    await daemon.start()
-    log.info("kvstore %s listening on %s (data dir %s, auth %s)", __version__, ", ".join(config.server.listen),
-             config.disk.path, "on" if config.auth.enabled else "off")
     stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # Installed before anything is created, so a signal during start-up still cleans up.
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    log.info("shutting down: draining requests for up to %.1fs", config.server.shutdown_grace_s)
-    await daemon.stop()
+    store = await loop.run_in_executor(None, Store.open, config)    # tiers built from config.chain
+    daemon = None
+    try:   # every exit path below closes the store, which removes the /dev/shm arena
+        daemon = Daemon(config, store)
+        await daemon.start()
+        log.info("%s", startup.banner(config, store.local.arena_path))
+        await stop.wait()
+        log.info("shutting down: draining requests for up to %.1fs", config.server.shutdown_grace_s)
+    finally:
+        try:
+            if daemon is not None:
+                await daemon.stop()
+        finally:
+            await loop.run_in_executor(None, store.close)   # idempotent
     log.info("stopped")
 
 
@@ -95,8 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         config = build_config(args)
+        preflight(config)           # before anything is created on disk or in /dev/shm
     except KVStoreError as e:
-        print(f"kvstore: {e}", file=sys.stderr)
+        print(f"kvstore: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     _setup_logging(config)
     try:
@@ -106,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("uvloop is not installed; using the default asyncio loop")
     try:
         asyncio.run(_serve(config))
-    except KVStoreError as e:
-        print(f"kvstore: cannot start: {e}", file=sys.stderr)
-        return EXIT_START_FAILED if e.code != "INVALID_ARGUMENT" else EXIT_BAD_CONFIG
     except KeyboardInterrupt:
         pass
+    except Exception as e:  # noqa: BLE001 - the one place a failed start becomes a line + status
+        line, status = startup.failure(e)
+        print(line, file=sys.stderr)
+        return status
     return 0
 
 

@@ -1,10 +1,10 @@
 """``kvctl``: the operator's CLI for a running kvstore daemon.
 
-    kvctl [--addr ADDR] [--token T] [--json] COMMAND ...
+    kvctl [--addr ADDR] [--token T] [--json] [--timeout S] COMMAND ...   (options anywhere)
 
-Commands: status, stats, namespaces, ls, inspect, evict, pin, unpin, clear. Namespace ids
-and keys are hex. Human tables by default, ``--json`` for scripts. Exit codes: 0 ok,
-1 the daemon refused the request (message printed), 2 the daemon cannot be reached.
+Commands: status, stats, namespaces, ls, inspect, evict, pin, unpin, clear, verify. Namespace
+ids and keys are hex; a unique prefix of a namespace id (or of a key) is enough, like git.
+Tables by default; ``--json`` prints one JSON object per command (schema: kvctl_output).
 """
 
 from __future__ import annotations
@@ -13,57 +13,59 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc
 from kvstore_wire.types import Tier
 
+from .kvctl_output import Progress, enum_name, size, table, to_json
+
 DEFAULT_ADDR = "127.0.0.1:50051"
-EXIT_REFUSED = 1
-EXIT_UNREACHABLE = 2
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_CODES = f"""exit status:
+  {EXIT_OK}  ok
+  {EXIT_ERROR}  nothing matched (no such namespace or key, nothing evicted/pinned/deleted, verify found
+     damaged chunks), or the daemon refused the request (the message says why)
+  {EXIT_USAGE}  usage error (bad arguments, ambiguous prefix) or the daemon cannot be reached"""
 _TIERS = {"dram": Tier.DRAM, "disk": Tier.DISK, "hbm": Tier.HBM, "remote": Tier.REMOTE}
+ID_HEX = 64
+#: Keys per Evict/Pin request when many are given (below the daemon's max_keys_per_request).
+BATCH_KEYS = 1024
+#: Seconds to wait for the channel's connectivity state after a failed call.
+STATE_WAIT_S = 1.0
+_TIER_FIELD = admin_pb2.TierStats.DESCRIPTOR.fields_by_name["tier"]
 
 
-def _hex(s: str, what: str) -> bytes:
-    try:
-        b = bytes.fromhex(s)
-    except ValueError:
-        raise SystemExit(f"kvctl: {what} must be hex, got {s!r}") from None
-    if len(b) != 32:
-        raise SystemExit(f"kvctl: {what} must be 32 bytes (64 hex digits), got {len(b)} bytes")
-    return b
+class Exit(Exception):
+    """Ends kvctl with ``status`` after printing ``message`` on stderr."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+def _hexarg(s: str, what: str) -> str:
+    s = s.strip().lower()
+    if not s or len(s) > ID_HEX or any(c not in "0123456789abcdef" for c in s):
+        raise Exit(EXIT_USAGE, f"kvctl: {what} must be hex (a prefix of up to {ID_HEX} digits), got {s!r}")
+    return s
 
 
-def _table(rows: list[list], headers: list[str]) -> str:
-    cells = [headers] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+def _tier(t: int) -> str:
+    return str(enum_name(_TIER_FIELD, t))
 
 
-def _tier_name(t: int) -> str:
-    return Tier(t).name.lower() if t in set(Tier) else str(t)
-
-
-def _dtype_name(d: int) -> str:
-    from kvstore_wire.types import DType
-    return DType(d).name.lower() if d in set(DType) else str(d)
-
-
-def _dict(msg) -> dict:
-    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+def _pick(prefix: str, candidates: list[str], what: str) -> bytes:
+    hits = [c for c in candidates if c.startswith(prefix)]
+    if not hits:
+        raise Exit(EXIT_ERROR, f"kvctl: no {what} starts with {prefix}")
+    if len(hits) > 1:
+        shown = "\n  ".join(hits[:20]) + ("\n  ..." if len(hits) > 20 else "")
+        raise Exit(EXIT_USAGE, f"kvctl: {what} prefix {prefix} is ambiguous; it matches:\n  {shown}")
+    return bytes.fromhex(hits[0])
 
 
 class Ctl:
@@ -74,11 +76,62 @@ class Ctl:
         token = args.token or os.environ.get("KVSTORE_TOKEN")
         self.md = (("authorization", f"Bearer {token}"),) if token else ()
 
+    def channel_state_down(self) -> bool:
+        """After an UNAVAILABLE: True when there is no connection to the daemon (not running,
+        wrong address), False when the daemon itself answered UNAVAILABLE."""
+        seen: list[grpc.ChannelConnectivity] = []
+        got = threading.Event()
+
+        def note(state):
+            seen.append(state)
+            got.set()
+        self.channel.subscribe(note, try_to_connect=False)
+        got.wait(STATE_WAIT_S)
+        self.channel.unsubscribe(note)
+        return not seen or seen[-1] != grpc.ChannelConnectivity.READY
+
     def call(self, method: str, request):
         return getattr(self.admin, method)(request, metadata=self.md, timeout=self.args.timeout)
 
-    def out(self, obj, human: str) -> None:
+    def out(self, obj: dict, human: str, matched: bool = True) -> None:
         print(json.dumps(obj, indent=2, sort_keys=True) if self.args.json else human)
+        if not matched:
+            raise Exit(EXIT_ERROR, "")
+
+    # ------------------------------------------------------------------ id resolution
+    def namespace(self, arg: str) -> bytes:
+        """A namespace id from a full id or a unique prefix of one."""
+        p = _hexarg(arg, "namespace")
+        if len(p) == ID_HEX:
+            return bytes.fromhex(p)
+        ids = [n.namespace_id.hex() for n in self.call("ListNamespaces", admin_pb2.ListNamespacesRequest()).namespaces]
+        return _pick(p, ids, "namespace id")
+
+    def keys(self, nid: bytes, args: list[str]) -> list[bytes]:
+        """Keys from full keys or unique prefixes (prefixes are resolved against the namespace's keys)."""
+        ps = [_hexarg(a, "key") for a in args]
+        known: list[str] | None = None
+        out = []
+        for p in ps:
+            if len(p) == ID_HEX:
+                out.append(bytes.fromhex(p))
+                continue
+            if known is None:
+                known = [e.key.hex() for e in self._list(nid, 0, 0, every=True)[0]]
+            out.append(_pick(p, known, "key"))
+        return out
+
+    def _list(self, nid: bytes, tier: int, limit: int, every: bool):
+        req = admin_pb2.ListKeysRequest(namespace_id=nid, tier=tier, limit=limit)
+        entries = []
+        with Progress("listing", 0) as bar:
+            while True:
+                r = self.call("ListKeys", req)
+                entries.extend(r.entries)
+                bar.update(len(entries), len(entries) + (1 if r.next_page_token else 0))
+                if not r.next_page_token or not every:
+                    return entries, bool(r.next_page_token)
+                req.page_token = r.next_page_token
 
     # ------------------------------------------------------------------ commands
     def status(self) -> None:
@@ -86,167 +139,222 @@ class Ctl:
 
         h = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(service=""),
                                                           timeout=self.args.timeout)
-        serving = health_pb2.HealthCheckResponse.ServingStatus.Name(h.status)
-        st = self.call("GetStats", admin_pb2.GetStatsRequest())
-        obj = {"addr": self.args.addr, "health": serving, "version": st.version, "uptime_s": st.uptime_s,
-               "namespaces": st.namespaces,
-               "chunks": {_tier_name(t.tier): t.chunks for t in st.tiers},
-               "used_bytes": {_tier_name(t.tier): t.used_bytes for t in st.tiers}}
-        tiers = ", ".join(f"{_tier_name(t.tier)} {t.chunks} chunks / {_size(t.used_bytes)} of "
-                          f"{_size(t.capacity_bytes)}" for t in st.tiers)
-        self.out(obj, f"kvstore {st.version} at {self.args.addr}: {serving}, up {st.uptime_s:.0f}s, "
-                      f"{st.namespaces} namespaces\n  {tiers}")
+        health = health_pb2.HealthCheckResponse.ServingStatus.Name(h.status).lower()
+        stats, why = None, None
+        try:   # the health check needs no token; the numbers need an admin one when auth is on
+            stats = self.call("GetStats", admin_pb2.GetStatsRequest())
+        except grpc.RpcError as e:
+            if e.code() not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                raise
+            why = f"{e.code().name.lower()}: pass an admin --token for details"
+        obj = {"addr": self.args.addr, "health": health, "stats": to_json(stats) if stats is not None else None,
+               "stats_error": why}
+        human = f"kvstore at {self.args.addr}: {health}"
+        if stats is not None:
+            tiers = ", ".join(f"{_tier(t.tier)} {t.chunks} chunks / {size(t.used_bytes)} of "
+                              f"{size(t.capacity_bytes)}" for t in stats.tiers)
+            human += f", version {stats.version}, up {stats.uptime_s:.0f}s, {stats.namespaces} namespaces\n  {tiers}"
+        else:
+            human += f" ({why})"
+        self.out(obj, human, matched=health == "serving")
 
     def stats(self) -> None:
         st = self.call("GetStats", admin_pb2.GetStatsRequest())
         rows = []
         for t in st.tiers:
             reads = t.hits + t.misses
-            rows.append([_tier_name(t.tier), t.policy, _size(t.capacity_bytes), _size(t.used_bytes), t.chunks,
+            rows.append([_tier(t.tier), t.policy, size(t.capacity_bytes), size(t.used_bytes), t.chunks,
                          t.pinned_chunks, t.hits, t.misses, f"{100 * t.hits / reads:.1f}%" if reads else "-",
                          t.evictions, t.corrupt])
-        human = _table(rows, ["tier", "policy", "capacity", "used", "chunks", "pinned", "hits", "misses", "hit rate",
-                              "evictions", "corrupt"])
+        human = table(rows, ["tier", "policy", "capacity", "used", "chunks", "pinned", "hits", "misses", "hit rate",
+                             "evictions", "corrupt"])
         human += f"\nwrite queue: {st.write_queue_depth} waiting, {st.write_queue_dropped} dropped"
-        self.out(_dict(st), human)
+        self.out(to_json(st), human)
 
     def namespaces(self) -> None:
         r = self.call("ListNamespaces", admin_pb2.ListNamespacesRequest())
-        rows = [[n.namespace_id.hex()[:16], n.tenant or "-", n.spec.model, _dtype_name(n.spec.dtype), n.spec.num_layers,
-                 n.spec.num_kv_heads, n.spec.head_dim, n.spec.chunk_tokens, f"{n.spec.tp_rank}/{n.spec.tp_size}",
-                 _size(n.chunk_bytes)] for n in r.namespaces]
-        obj = [{**_dict(n), "namespace_id": n.namespace_id.hex()} for n in r.namespaces]
-        self.out(obj, _table(rows, ["namespace", "tenant", "model", "dtype", "layers", "kv_heads", "head_dim",
-                                    "chunk_tokens", "tp", "chunk size"]))
-
-    @staticmethod
-    def _entry(e) -> dict:
-        d = _dict(e)
-        d["namespace_id"], d["key"] = e.namespace_id.hex(), e.key.hex()
-        d["tiers"] = [_tier_name(t) for t in e.tiers]
-        d["payload_bytes"] = e.payload_bytes
-        d["hits"] = e.hits
-        return d
+        rows = [[n.namespace_id.hex(), n.tenant or "-", n.spec.model, enum_name(
+                 n.spec.DESCRIPTOR.fields_by_name["dtype"], n.spec.dtype), n.spec.num_layers, n.spec.num_kv_heads,
+                 n.spec.head_dim, n.spec.chunk_tokens, f"{n.spec.tp_rank}/{n.spec.tp_size}", size(n.chunk_bytes)]
+                for n in r.namespaces]
+        self.out(to_json(r), table(rows, ["namespace", "tenant", "model", "dtype", "layers", "kv_heads", "head_dim",
+                                          "chunk_tokens", "tp", "chunk size"]), matched=bool(r.namespaces))
 
     def ls(self) -> None:
         a = self.args
-        req = admin_pb2.ListKeysRequest(namespace_id=_hex(a.namespace, "namespace") if a.namespace else b"",
-                                        tier=_TIERS[a.tier] if a.tier else 0, limit=a.limit)
-        entries = []
-        while True:
-            r = self.call("ListKeys", req)
-            entries.extend(r.entries)
-            if not r.next_page_token or not a.all:
-                break
-            req.page_token = r.next_page_token
-        rows = [[e.namespace_id.hex()[:16], e.key.hex(), ",".join(_tier_name(t) for t in e.tiers), e.num_tokens,
-                 _size(e.payload_bytes), "yes" if e.pinned else "", e.hits] for e in entries]
-        human = _table(rows, ["namespace", "key", "tiers", "tokens", "size", "pinned", "hits"])
-        if r.next_page_token and not a.all:
+        nid = self.namespace(a.namespace) if a.namespace else b""
+        entries, more = self._list(nid, _TIERS[a.tier] if a.tier else 0, a.limit, a.all)
+        rows = [[e.namespace_id.hex(), e.key.hex(), ",".join(_tier(t) for t in e.tiers), e.num_tokens,
+                 size(e.payload_bytes), "yes" if e.pinned else "", e.hits] for e in entries]
+        human = table(rows, ["namespace", "key", "tiers", "tokens", "size", "pinned", "hits"])
+        if more:
             human += "\n(more keys: use --all or a larger --limit)"
-        self.out([self._entry(e) for e in entries], human)
+        self.out({"keys": [to_json(e) for e in entries], "more": more}, human, matched=bool(entries))
 
     def inspect(self) -> None:
-        r = self.call("Inspect", admin_pb2.InspectRequest(namespace_id=_hex(self.args.namespace, "namespace"),
-                                                          key=_hex(self.args.key, "key")))
-        e = self._entry(r.entry)
-        ns = r.namespace
-        e["namespace"] = {**_dict(ns), "namespace_id": ns.namespace_id.hex()}
+        nid = self.namespace(self.args.namespace)
+        (key,) = self.keys(nid, [self.args.key])
+        r = self.call("Inspect", admin_pb2.InspectRequest(namespace_id=nid, key=key))
+        e, ns, obj = r.entry, r.namespace, to_json(r)
         when = lambda s: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s)) if s else "-"  # noqa: E731
         human = "\n".join([
-            f"key          {e['key']}", f"namespace    {ns.namespace_id.hex()} ({ns.spec.model}, tenant "
-                                          f"{ns.tenant or '-'})",
-            f"tiers        {', '.join(e['tiers'])}", f"tokens       {r.entry.num_tokens}",
-            f"size         {_size(r.entry.payload_bytes)} ({r.entry.payload_bytes} bytes)",
-            f"encoding     {e.get('encoding')}", f"key kind     {e.get('key_kind')}",
-            f"pinned       {'yes' if r.entry.pinned else 'no'}"
-            + (f" until {when(r.entry.pin_expires_unix_s)}" if r.entry.pin_expires_unix_s else ""),
-            f"created      {when(r.entry.created_unix_s)}", f"last access  {when(r.entry.last_access_unix_s)}",
-            f"hits         {r.entry.hits}"])
-        self.out(e, human)
+            f"key          {e.key.hex()}", f"namespace    {ns.namespace_id.hex()} ({ns.spec.model}, tenant "
+                                           f"{ns.tenant or '-'})",
+            f"tiers        {', '.join(obj['entry']['tiers'])}", f"tokens       {e.num_tokens}",
+            f"size         {size(e.payload_bytes)} ({e.payload_bytes} bytes)",
+            f"encoding     {obj['entry']['encoding']}", f"key kind     {obj['entry']['key_kind']}",
+            f"pinned       {'yes' if e.pinned else 'no'}"
+            + (f" until {when(e.pin_expires_unix_s)}" if e.pin_expires_unix_s else ""),
+            f"created      {when(e.created_unix_s)}", f"last access  {when(e.last_access_unix_s)}",
+            f"hits         {e.hits}"])
+        self.out(obj, human)
+
+    def _batched(self, label: str, method: str, keys: list[bytes], make, field: str) -> int:
+        n = 0
+        with Progress(label, len(keys)) as bar:
+            for i in range(0, len(keys), BATCH_KEYS):
+                n += getattr(self.call(method, make(keys[i:i + BATCH_KEYS])), field)
+                bar.update(min(i + BATCH_KEYS, len(keys)))
+        return n
 
     def evict(self) -> None:
         a = self.args
-        keys = [_hex(k, "key") for k in a.keys]
-        if keys and not a.namespace:
-            raise SystemExit("kvctl: evict KEY... needs --namespace")
-        r = self.call("Evict", admin_pb2.EvictRequest(namespace_id=_hex(a.namespace, "namespace") if a.namespace
-                                                      else b"", keys=keys, tier=_TIERS[a.tier] if a.tier else 0))
-        self.out({"evicted": r.evicted}, f"evicted {r.evicted} chunk(s)")
+        tier = _TIERS[a.tier] if a.tier else 0
+        if a.keys and not a.namespace:
+            raise Exit(EXIT_USAGE, "kvctl: evict KEY... needs --namespace")
+        if a.keys:
+            nid = self.namespace(a.namespace)
+            n = self._batched("evicting", "Evict", self.keys(nid, a.keys),
+                              lambda ks: admin_pb2.EvictRequest(namespace_id=nid, keys=ks, tier=tier), "evicted")
+        else:
+            n = self.call("Evict", admin_pb2.EvictRequest(tier=tier)).evicted
+        self.out({"evicted": n}, f"evicted {n} chunk(s)", matched=n > 0)
 
     def pin(self) -> None:
         a = self.args
-        r = self.call("Pin", admin_pb2.PinRequest(namespace_id=_hex(a.namespace, "namespace"),
-                                                  keys=[_hex(k, "key") for k in a.keys], ttl_s=a.ttl))
-        self.out({"pinned": r.pinned}, f"pinned {r.pinned} chunk(s)" + (f" for {a.ttl}s" if a.ttl else ""))
+        nid = self.namespace(a.namespace)
+        n = self._batched("pinning", "Pin", self.keys(nid, a.keys),
+                          lambda ks: admin_pb2.PinRequest(namespace_id=nid, keys=ks, ttl_s=a.ttl), "pinned")
+        self.out({"pinned": n}, f"pinned {n} chunk(s)" + (f" for {a.ttl}s" if a.ttl else ""), matched=n > 0)
 
     def unpin(self) -> None:
         a = self.args
-        r = self.call("Unpin", admin_pb2.UnpinRequest(namespace_id=_hex(a.namespace, "namespace"),
-                                                      keys=[_hex(k, "key") for k in a.keys]))
-        self.out({"unpinned": r.unpinned}, f"unpinned {r.unpinned} chunk(s)")
+        nid = self.namespace(a.namespace)
+        n = self._batched("unpinning", "Unpin", self.keys(nid, a.keys),
+                          lambda ks: admin_pb2.UnpinRequest(namespace_id=nid, keys=ks), "unpinned")
+        self.out({"unpinned": n}, f"unpinned {n} chunk(s)", matched=n > 0)
 
     def clear(self) -> None:
         a = self.args
         if bool(a.namespace) == (a.tenant is not None):
-            raise SystemExit("kvctl: clear needs exactly one of --namespace NS or --tenant T")
-        req = (admin_pb2.ClearRequest(namespace_id=_hex(a.namespace, "namespace")) if a.namespace
-               else admin_pb2.ClearRequest(tenant=a.tenant))
-        r = self.call("Clear", req)
-        self.out({"deleted": r.deleted}, f"deleted {r.deleted} chunk(s)")
+            raise Exit(EXIT_USAGE, "kvctl: clear needs exactly one of --namespace NS or --tenant T")
+        if a.namespace:
+            n = self.call("Clear", admin_pb2.ClearRequest(namespace_id=self.namespace(a.namespace))).deleted
+        else:
+            infos = [i for i in self.call("ListNamespaces", admin_pb2.ListNamespacesRequest()).namespaces
+                     if i.tenant == a.tenant]
+            n = 0
+            with Progress(f"clearing tenant {a.tenant}", len(infos)) as bar:
+                for k, info in enumerate(infos):
+                    n += self.call("Clear", admin_pb2.ClearRequest(namespace_id=info.namespace_id)).deleted
+                    bar.update(k + 1)
+            n += self.call("Clear", admin_pb2.ClearRequest(tenant=a.tenant)).deleted   # and the registrations
+        self.out({"deleted": n}, f"deleted {n} chunk(s)", matched=n > 0)
+
+    def verify(self) -> None:
+        last = admin_pb2.VerifyProgress(done=True)
+        stream = self.admin.Verify(admin_pb2.VerifyRequest(), metadata=self.md)   # no deadline: may be long
+        with Progress("verifying disk chunks", 0) as bar:
+            for last in stream:
+                bar.update(last.checked, last.total, f"{last.corrupt} corrupt, {size(last.bytes_checked)}")
+        human = (f"verified {last.checked} disk chunks ({size(last.bytes_checked)}) in {last.seconds:.1f}s: "
+                 f"{last.corrupt} damaged (removed)")
+        self.out(to_json(last), human, matched=last.corrupt == 0)
+
+
+def _common() -> argparse.ArgumentParser:
+    """Global options, accepted before or after the command (``SUPPRESS``: absent leaves the default)."""
+    c = argparse.ArgumentParser(add_help=False)
+    S = argparse.SUPPRESS
+    c.add_argument("--addr", default=S, help=f"daemon address, host:port or unix:/path (default {DEFAULT_ADDR}, "
+                                             "env KVSTORE_ADDR)")
+    c.add_argument("--token", default=S, help="admin token (default: env KVSTORE_TOKEN); status works without one")
+    c.add_argument("--json", action="store_true", default=S, help="one JSON object on stdout")
+    c.add_argument("--timeout", type=float, default=S, help="seconds per request (default 10)")
+    return c
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kvctl", description="Administer a running kvstore daemon.")
-    p.add_argument("--addr", default=os.environ.get("KVSTORE_ADDR", DEFAULT_ADDR),
-                   help=f"daemon address, host:port or unix:/path (default {DEFAULT_ADDR}, env KVSTORE_ADDR)")
-    p.add_argument("--token", help="admin token (default: env KVSTORE_TOKEN)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
+    common = _common()
+    p = argparse.ArgumentParser(prog="kvctl", description="Administer a running kvstore daemon. Namespace ids and "
+                                "keys are hex; a unique prefix is enough.", parents=[common], epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="is the daemon up; version, uptime, chunk counts")
-    sub.add_parser("stats", help="per-tier bytes, chunks, hits, misses, evictions, corrupt")
-    sub.add_parser("namespaces", help="registered namespaces")
-    s = sub.add_parser("ls", help="list stored keys")
-    s.add_argument("--namespace", help="namespace id (hex); default all")
+
+    def cmd(name, help_):
+        return sub.add_parser(name, help=help_, parents=[common], epilog=EXIT_CODES,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    cmd("status", "is the daemon up (no token needed); version, uptime, chunk counts")
+    cmd("stats", "per-tier bytes, chunks, hits, misses, evictions, corrupt")
+    cmd("namespaces", "registered namespaces")
+    s = cmd("ls", "list stored keys")
+    s.add_argument("--namespace", help="namespace id or unique prefix; default all")
     s.add_argument("--tier", choices=sorted(_TIERS))
     s.add_argument("--limit", type=int, default=100)
     s.add_argument("--all", action="store_true", help="follow pages to the end")
-    s = sub.add_parser("inspect", help="one key's metadata")
+    s = cmd("inspect", "one key's metadata")
     s.add_argument("namespace")
     s.add_argument("key")
-    s = sub.add_parser("evict", help="evict keys (from --tier or all tiers), or empty a whole --tier")
+    s = cmd("evict", "evict keys (from --tier or all tiers), or empty a whole --tier")
     s.add_argument("keys", nargs="*")
     s.add_argument("--namespace")
     s.add_argument("--tier", choices=sorted(_TIERS))
     for name in ("pin", "unpin"):
-        s = sub.add_parser(name, help=f"{name} keys" + (" (protect from eviction)" if name == "pin" else ""))
+        s = cmd(name, f"{name} keys" + (" (protect from eviction)" if name == "pin" else ""))
         s.add_argument("namespace")
         s.add_argument("keys", nargs="+")
         if name == "pin":
             s.add_argument("--ttl", type=int, default=0, help="seconds (default: until unpinned)")
-    s = sub.add_parser("clear", help="delete every chunk of a namespace, or every namespace of a tenant")
+    s = cmd("clear", "delete every chunk of a namespace, or every namespace of a tenant")
     s.add_argument("--namespace")
     s.add_argument("--tenant")
+    cmd("verify", "re-read every disk chunk and check its CRC now; damaged ones are removed")
     return p
+
+
+def _defaults() -> dict:
+    # Not ``set_defaults``: the global options' actions are shared with every subparser, whose
+    # defaults would then overwrite a value given before the command.
+    return {"addr": os.environ.get("KVSTORE_ADDR", DEFAULT_ADDR), "token": None, "json": False, "timeout": 10.0}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    for k, v in _defaults().items():
+        if not hasattr(args, k):
+            setattr(args, k, v)
     ctl = Ctl(args)
+    unreachable = (f"kvctl: cannot reach kvstore at {args.addr}: is the daemon running? start it with "
+                   "`kvstore serve`")
     try:
         getattr(ctl, args.command)()
+    except Exit as e:
+        if str(e):
+            print(e, file=sys.stderr)
+        return e.status
     except grpc.RpcError as e:
         code = e.code()
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-            print(f"kvctl: cannot reach kvstore at {args.addr}: is the daemon running? start it with "
-                  "`kvstore serve`", file=sys.stderr)
-            return EXIT_UNREACHABLE
-        print(f"kvctl: {code.name}: {e.details()}", file=sys.stderr)
-        return EXIT_REFUSED
+        if code == grpc.StatusCode.UNAVAILABLE and ctl.channel_state_down():
+            print(unreachable, file=sys.stderr)
+            return EXIT_USAGE
+        print(f"kvctl: {code.name}: {' '.join(str(e.details()).split())}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("kvctl: interrupted", file=sys.stderr)
+        return EXIT_ERROR
     finally:
         ctl.channel.close()
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

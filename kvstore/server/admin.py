@@ -115,3 +115,19 @@ class AdminServicer:
         else:
             raise InvalidArgument("Clear needs a scope: namespace_id or tenant")
         return admin_pb2.ClearResponse(deleted=n)
+
+    async def Verify(self, request, context):
+        """Scrubs every tier that keeps chunks at rest now, streaming progress."""
+        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        report = lambda r: loop.call_soon_threadsafe(updates.put_nowait, admin_pb2.VerifyProgress(  # noqa: E731
+            total=r.total, checked=r.checked, corrupt=r.corrupt, bytes_checked=r.bytes_checked,
+            seconds=r.seconds, done=r.done))
+        job = loop.run_in_executor(self._pool, self._store.scrub, report)
+        while not job.done() or not updates.empty():
+            getter = asyncio.ensure_future(updates.get())
+            await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                continue
+            yield getter.result()
+        await job   # raises what the scrub raised (a failing disk)

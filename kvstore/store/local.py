@@ -67,6 +67,11 @@ class LocalAccess:
         return ArenaInfo(s.arena_path, s.arena_bytes, s.nonce, s.nonce_offset, self._index_path)
 
     @property
+    def arena_path(self):
+        """The shared arena's file, or None when the arena is private (for the start-up banner)."""
+        return None if self._shared_tier is None else self._shared_tier.arena_path
+
+    @property
     def nonce(self) -> bytes:
         return self._shared().nonce
 

@@ -19,7 +19,7 @@ from typing import Callable, Mapping, Sequence
 import kvstore_native as native
 from .. import config as cfg
 from ..chain import ChainStats, TierChain, build_chain
-from ..domain.errors import DataLoss, InvalidArgument
+from ..domain.errors import DataLoss, FailedPrecondition, InvalidArgument
 from ..domain.namespaces import NamespaceInfo, NamespaceRegistry
 from ..domain.results import KeyInfo, LookupResult, PutResult
 from ..domain.types import ChunkId, ChunkMeta, Durability, Encoding, Medium
@@ -138,6 +138,15 @@ class Store:
     # -- lifecycle ------------------------------------------------------------------------------
     def flush(self, timeout_s: float | None = None) -> None:
         self._chain.flush(timeout_s)
+
+    def scrub(self, progress=None):
+        """Verifies every chunk at rest in every tier that can (worker thread; long). Returns
+        the reports of the tiers that ran; FailedPrecondition when no tier keeps chunks at rest."""
+        reports = [r for r in (lv.tier.scrub(progress) for lv in self._chain.levels) if r is not None]
+        if not reports:
+            raise FailedPrecondition("no tier keeps chunks at rest (the disk tier is off: disk.enabled = false): "
+                                     "nothing to verify")
+        return reports
 
     def close(self) -> None:
         """Drains and closes the chain, then removes the presence index. Idempotent."""

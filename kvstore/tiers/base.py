@@ -189,6 +189,13 @@ class Tier(abc.ABC):
         """Releases resources; the tier is unusable afterwards."""
 
     # Optional capabilities, with defaults any tier may keep.
+    def scrub(self, progress=None):
+        """Verifies every stored chunk now against its checksum (``kvctl verify``), dropping
+        and counting the corrupt ones; ``progress`` is called with the running report. Returns
+        the final report, or None for a medium that has no at-rest check (memory tiers verify
+        on read instead)."""
+        return None
+
     def peek(self, cid: ChunkId) -> ChunkRef | None:
         """A lease like ``get`` that need not count a hit or touch recency (the chain uses it
         to copy a chunk into a lower tier). Default: ``get``."""

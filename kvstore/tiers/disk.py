@@ -13,6 +13,12 @@ any point leaves either a temp file (removed at start), a renamed file without a
 CRC32C every time: a torn, truncated, flipped or missing file is deleted with its index entry,
 counted in ``stats().corrupt`` and reported as a miss; corrupt bytes are never returned.
 
+Recovery: the index is a cache of the self-describing chunk files. ``DiskIndex`` checks it
+before mapping it and recreates it when damaged; start-up then re-indexes every chunk file
+whose header verifies (``recovery`` reports the counts). A full index map grows. The
+``Scrubber`` verifies cold chunks in the background (``disk.scrub_bytes_per_s``); ``scrub``
+verifies all of them now.
+
 Threading: every method is thread-safe. ``get``/``put``/``delete``/``evict`` do file I/O and
 are called from worker threads (the manager's writer thread, RPC workers), never from the
 event loop; ``contains``/``scan``/``stats`` read only the in-memory view of the index.
@@ -31,7 +37,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-import lmdb
 import numpy as np
 
 from .. import config as cfg
@@ -39,6 +44,9 @@ import kvstore_native as native
 from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from ..types import CHUNK_ID_BYTES, ChunkId, ChunkMeta, Medium
 from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
+from .disk_index import DiskIndex
+from .disk_recovery import Progress, RecoveryReport
+from .scrubber import Scrubber, ScrubReport, scrub_all
 from .policies import make_policy
 
 log = logging.getLogger(__name__)
@@ -50,8 +58,9 @@ _HEAD = struct.Struct(f"<4sHH{CHUNK_ID_BYTES}s")
 _CRC = struct.Struct("<I")
 #: Index value prefix: file bytes, last access (unix s), hits; then ``ChunkMeta.to_bytes()``.
 _INDEX = struct.Struct("<QdQ")
-#: Named LMDB databases in the index environment.
-_INDEX_DBS = 1
+_INDEX_DIR = "index.lmdb"
+#: Most metadata bytes read when adopting a chunk file (``ChunkMeta`` is far smaller).
+_MAX_META_BYTES = 1024
 _TMP_MARK = ".tmp."
 
 
@@ -89,7 +98,12 @@ class _Entry:
 class DiskTier(Tier):
     medium = Medium.DISK
 
-    def __init__(self, conf: cfg.DiskConfig, pins: PinTable, clock: Callable[[], float]) -> None:
+    def __init__(self, conf: cfg.DiskConfig, pins: PinTable, clock: Callable[[], float], *,
+                 start_scrubber: bool = True) -> None:
+        """Opens (and if needed rebuilds) the index, reconciles it with the chunk files and starts
+        the background scrubber when ``conf.scrub_bytes_per_s`` > 0 (and ``start_scrubber``).
+        ``recovery`` then says what start-up found. Raises FailedPrecondition when another daemon
+        owns the directory, Unavailable when the directory cannot be used."""
         self._root = Path(conf.path)
         self._chunks = self._root / "chunks"
         self._fsync = conf.fsync
@@ -120,10 +134,21 @@ class DiskTier(Tier):
                                      "set disk.path to another directory") from None
         for i in range(256):
             (self._chunks / f"{i:02x}").mkdir(parents=True, exist_ok=True)
-        self._env = lmdb.open(str(self._root / "index.lmdb"), map_size=conf.index_map_bytes,
-                              max_dbs=_INDEX_DBS, sync=conf.fsync, metasync=conf.fsync, subdir=True)
-        self._db = self._env.open_db(b"chunks")
-        self._recover()
+        self._db: DiskIndex | None = None
+        try:
+            self._db = DiskIndex(self._root / _INDEX_DIR, conf.index_map_bytes, conf.fsync)
+            self.recovery = RecoveryReport(self._db.rebuilt_reason is not None, self._db.rebuilt_reason or "")
+            self._recover(self.recovery)
+        except BaseException:
+            if self._db is not None:
+                self._db.close()
+            os.close(self._lock_fd)
+            raise
+        log.info("%s", self.recovery.summary())
+        self._scrubber: Scrubber | None = None
+        if conf.scrub_bytes_per_s > 0 and start_scrubber:
+            self._scrubber = Scrubber(self, conf.scrub_bytes_per_s)
+            self._scrubber.start()
 
     # -- paths and index helpers ------------------------------------------------------------
     def _file(self, cid: ChunkId) -> Path:
@@ -131,33 +156,35 @@ class DiskTier(Tier):
         return self._chunks / h[:2] / h
 
     def _db_write(self, puts: list[tuple[ChunkId, _Entry]] = (), dels: list[ChunkId] = ()) -> None:
-        with self._db_lock, self._env.begin(write=True, db=self._db) as txn:
-            for cid in dels:
-                txn.delete(cid)
-            for cid, e in puts:
-                txn.put(cid, _INDEX.pack(e.file_bytes, e.last_access_s, e.hits) + e.meta.to_bytes())
+        self._db.write(((cid, _INDEX.pack(e.file_bytes, e.last_access_s, e.hits) + e.meta.to_bytes())
+                        for cid, e in puts), dels)
 
     # -- start-up ---------------------------------------------------------------------------
-    def _recover(self) -> None:
+    def _recover(self, report: RecoveryReport) -> None:
         """Reconciles the index with the files (runs before the tier serves anything)."""
         bad: list[ChunkId] = []
-        with self._env.begin(db=self._db) as txn:
-            for k, v in txn.cursor():
-                try:
-                    size, last, hits = _INDEX.unpack_from(v)
-                    self._index[ChunkId(bytes(k))] = _Entry(ChunkMeta.from_bytes(v[_INDEX.size:]), size, last, hits)
-                except (struct.error, ValueError) as e:
-                    log.warning("dropping unreadable index entry %s: %s", bytes(k).hex(), e)
-                    bad.append(ChunkId(bytes(k)))
+        for k, v in self._db.items():
+            try:
+                size, last, hits = _INDEX.unpack_from(v)
+                self._index[ChunkId(k)] = _Entry(ChunkMeta.from_bytes(v[_INDEX.size:]), size, last, hits)
+            except (struct.error, ValueError) as e:
+                log.warning("dropping unreadable index entry %s: %s", k.hex(), e)
+                bad.append(ChunkId(k))
         seen: set[ChunkId] = set()
         adopted: list[tuple[ChunkId, _Entry]] = []
-        for shard in self._chunks.iterdir():
+        shards = sorted(self._chunks.iterdir())
+        progress = Progress("re-indexing chunk files (shard directories)", len(shards))
+        for n, shard in enumerate(shards):
+            progress.step(n)
             for f in shard.iterdir():
                 if _TMP_MARK in f.name:
                     f.unlink(missing_ok=True)       # a write that never completed
+                    report.temp_files += 1
                     continue
                 try:
                     cid = ChunkId(bytes.fromhex(f.name))
+                    if len(cid) != CHUNK_ID_BYTES:
+                        raise ValueError(f.name)
                 except ValueError:
                     log.warning("ignoring foreign file %s in the chunk directory", f)
                     continue
@@ -169,10 +196,13 @@ class DiskTier(Tier):
                     else:                           # truncated or replaced: not trusted
                         f.unlink(missing_ok=True)
                         self._stats.corrupt += 1
+                        report.quarantined += 1
                     continue
                 e = self._adopt(cid, f, size)
                 if e is None:
                     f.unlink(missing_ok=True)
+                    self._stats.corrupt += 1
+                    report.quarantined += 1
                 else:
                     adopted.append((cid, e))
                     self._index[cid] = e
@@ -180,10 +210,7 @@ class DiskTier(Tier):
         missing = [c for c in self._index if c not in seen]
         for c in missing:
             del self._index[c]
-        if missing:
-            log.warning("disk index had %d entries without a chunk file; removed them", len(missing))
-        if adopted:
-            log.info("adopted %d chunk files written just before a crash", len(adopted))
+        report.adopted, report.stale_entries = len(adopted), len(missing) + len(bad)
         self._db_write(adopted, bad + missing)
         for cid, e in sorted(self._index.items(), key=lambda kv: kv[1].last_access_s):
             self._policy.insert(cid, e.file_bytes)
@@ -191,10 +218,15 @@ class DiskTier(Tier):
         self._stats.chunks = len(self._index)
         if self._stats.used_bytes > self._capacity:
             self.evict(self._stats.used_bytes - self._capacity)
+        report.chunks, report.bytes = self._stats.chunks, self._stats.used_bytes
 
     def _adopt(self, cid: ChunkId, f: Path, size: int) -> _Entry | None:
-        with open(f, "rb") as fh:
-            head = memoryview(fh.read(_HEAD.size + 1024))
+        try:
+            with open(f, "rb") as fh:
+                head = memoryview(fh.read(_HEAD.size + _MAX_META_BYTES))
+        except OSError as err:
+            log.warning("cannot read chunk file %s (%s); removing it", f, err)
+            return None
         d = decode_header(head)
         if d is None or d[0] != cid or size != d[2] + d[1].payload_bytes:
             return None
@@ -307,15 +339,19 @@ class DiskTier(Tier):
                 f"disk tier cannot make room for {size} bytes: the remaining chunks are pinned or being "
                 "written; unpin chunks (kvctl unpin) or raise disk.capacity_bytes")
         entry = _Entry(meta, size, self._clock())
-        ok = False
+        ok = written = False
         try:
             for v in victims:
                 self._file(v).unlink(missing_ok=True)
             self._write_file(cid, header, payload)
+            written = True
             # The index entry is committed only after the file is durable under its final name.
             self._db_write(puts=[(cid, entry)], dels=victims)
             ok = True
         finally:
+            if written and not ok:
+                # No index entry: a file left behind would sit outside capacity accounting.
+                self._file(cid).unlink(missing_ok=True)
             if not ok and victims:
                 self._db_write(dels=victims)
             with self._lock:
@@ -414,9 +450,59 @@ class DiskTier(Tier):
         s.pinned_chunks = sum(1 for c in ids if self._pins.is_pinned(c))
         return s
 
+    # -- verification ---------------------------------------------------------------------
+    def verify(self, cid: ChunkId) -> tuple[bool, int] | None:
+        """Re-reads ``cid``'s file and checks its header and CRC32C without counting a hit or
+        touching the eviction order. Returns (intact, file bytes), or None when ``cid`` is not
+        stored (or went away meanwhile). A damaged chunk is deleted and counted as corrupt."""
+        with self._lock:
+            e = self._index.get(cid)
+            if e is None or cid in self._busy:
+                return None
+        why = self._check_file(cid, e)
+        if why is None:
+            return True, e.file_bytes
+        with self._lock:
+            if self._index.get(cid) is not e or cid in self._busy:
+                return None               # deleted or replaced while we read: not damage
+            self._stats.misses -= 1       # _drop_corrupt counts a read miss; a scrub is no read
+        self._drop_corrupt(cid, e, why)
+        return False, e.file_bytes
+
+    def _check_file(self, cid: ChunkId, e: _Entry) -> str | None:
+        try:
+            with open(self._file(cid), "rb", buffering=0) as fh:
+                buf = memoryview(fh.read())
+        except FileNotFoundError:
+            return "its file is missing"
+        except OSError as err:
+            raise Unavailable(f"reading {self._file(cid)} failed: {err}; check the disk behind disk.path") from err
+        d = decode_header(buf)
+        if d is None or d[0] != cid:
+            return "its record header is damaged"
+        payload = buf[d[2]:]
+        if len(payload) != d[1].payload_bytes:
+            return f"it has {len(payload)} payload bytes, expected {d[1].payload_bytes}"
+        if native.crc32c(payload) != d[1].crc32c:
+            return "its payload failed the CRC32C check"
+        return None
+
+    def cold_ids(self, accessed_before_s: float = float("inf")) -> list[ChunkId]:
+        """Stored ids last accessed before ``accessed_before_s``, coldest first (what the scrubber walks)."""
+        with self._lock:
+            rows = [(e.last_access_s, c) for c, e in self._index.items() if e.last_access_s < accessed_before_s]
+        rows.sort()
+        return [c for _, c in rows]
+
+    def scrub(self, progress: Callable[[ScrubReport], None] | None = None) -> ScrubReport:
+        """Verifies every stored chunk now (``kvctl verify``); ``progress`` gets the running report."""
+        return scrub_all(self, progress)
+
     def close(self) -> None:
         """Persists access times (eviction order for the next start) and closes the index.
         Callers stop issuing operations first (the manager drains its writer)."""
+        if self._scrubber is not None:
+            self._scrubber.stop()
         with self._lock:
             if self._closed:
                 return
@@ -425,5 +511,5 @@ class DiskTier(Tier):
             self._dirty_access.clear()
         if dirty:
             self._db_write(puts=dirty)
-        self._env.close()
+        self._db.close()
         os.close(self._lock_fd)

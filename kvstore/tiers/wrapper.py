@@ -54,6 +54,9 @@ class TierWrapper(Tier):
     def close(self) -> None:
         self.inner.close()
 
+    def scrub(self, progress=None):
+        return self.inner.scrub(progress)
+
     def contains_many(self, cids: Iterable[ChunkId]) -> list[bool]:
         return self.inner.contains_many(cids)
 
