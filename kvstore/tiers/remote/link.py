@@ -31,6 +31,8 @@ from typing import Awaitable, Callable, TypeVar
 
 from redis import exceptions as rx
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from ...config import RemoteConfig
 from ...errors import DeadlineExceeded, Unavailable
@@ -47,6 +49,10 @@ _RESET_AFTER_FAILURES = 3
 #: Errors that mean "remote not usable right now" (everything redis-py raises, plus the
 #: OS-level ones its connection layer may let through).
 _REMOTE_ERRORS = (rx.RedisError, OSError, asyncio.TimeoutError)
+#: redis-py's own retries of a failed command (MOVED/ASK and reconnects during a failover):
+#: two, 5..50 ms apart; the deadline still bounds the whole call.
+_RETRIES = 2
+_RETRY_BACKOFF = dict(cap=0.05, base=0.005)
 
 
 class RedisLink:
@@ -151,7 +157,7 @@ class RedisLink:
             # read from outliving it when the loop is busy.
             socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
             # Slots move during a failover; a partial map still serves the healthy nodes.
-            require_full_coverage=False, cluster_error_retry_attempts=2,
+            require_full_coverage=False, retry=Retry(ExponentialBackoff(**_RETRY_BACKOFF), _RETRIES),
             **tls)
 
     async def _drop(self) -> None:

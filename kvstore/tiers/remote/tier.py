@@ -269,7 +269,7 @@ class RemoteTier(Tier):
                 for key in (self.keys.chunk(cid), self.keys.small(cid)):
                     p.strlen(key)
                     p.pttl(key)
-                    p.unlink(key)
+                    p.execute_command("UNLINK", key)  # single-key: the pipeline routes it
             r = await p.execute()
             refunds: dict[bytes, int] = {}
             gone = 0
