@@ -87,7 +87,7 @@ class LocalRedisCluster:
         args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                 "--dir", str(d), "--save", "", "--appendonly", "no", "--daemonize", "no",
-                "--protected-mode", "no", "--logfile", str(d / "redis.log")]
+                "--protected-mode", "no", "--cluster-replica-validity-factor", "0", "--logfile", str(d / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
         self.procs[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -113,12 +113,18 @@ class LocalRedisCluster:
         end = time.monotonic() + timeout_s
         while time.monotonic() < end:
             try:
-                if all("cluster_state:ok" in self.cli(p, "cluster", "info", timeout=1) for p in ports):
+                if all("cluster_state:ok" in self.cli(p, "cluster", "info", timeout=1) for p in ports) and \
+                        all(self._synced(p) for p in ports):
                     return
             except subprocess.TimeoutExpired:
                 pass
             time.sleep(0.1)
         raise RuntimeError("the Redis Cluster did not reach cluster_state:ok")
+
+    def _synced(self, port: int) -> bool:
+        """A replica has finished its initial sync (else it could not take over its master)."""
+        info = self.cli(port, "info", "replication", timeout=1)
+        return "role:slave" not in info or "master_link_status:up" in info
 
     def masters(self) -> list[int]:
         for p in self.ports:

@@ -48,7 +48,7 @@ _JOIN_SLACK_S = 0.05
 _RESET_AFTER_FAILURES = 3
 #: Errors that mean "remote not usable right now" (everything redis-py raises, plus the
 #: OS-level ones its connection layer may let through).
-_REMOTE_ERRORS = (rx.RedisError, OSError, asyncio.TimeoutError)
+_REMOTE_ERRORS = (rx.RedisError, rx.RedisClusterException, OSError, asyncio.TimeoutError)
 #: redis-py's own retries of a failed command (MOVED/ASK and reconnects during a failover):
 #: two, 5..50 ms apart; the deadline still bounds the whole call.
 _RETRIES = 2

@@ -100,7 +100,11 @@ class RemoteUploader:
                     return
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.cfg.upload_batch_chunks))]
                 self._busy = True
-            left = self._upload(batch)
+            try:
+                left = self._upload(batch)
+            except Exception:  # noqa: BLE001 - a bug must not kill the upload thread for good
+                log.exception("remote upload batch failed unexpectedly; retrying it after the backoff")
+                left = batch
             if left:
                 with self._cond:
                     self._s.retried_batches += 1
