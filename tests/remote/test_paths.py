@@ -1,0 +1,102 @@
+"""Write and read paths: uploader dedup and bounded queue, the adaptive level on a slow and a
+fast link, the lossless floor, and a fetch that decodes back bit-exact."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvstore.config import TierCodec
+from kvstore.testing.codec_data import synthetic_kv
+from kvstore.tiers.remote import AdaptiveController, ThroughputMeter, build_remote
+from kvstore.types import ChunkId, ChunkMeta, DType, Encoding
+from kvstore_wire.keys import Namespace
+import kvstore_native as native
+
+from .conftest import make_chunk, remote_config
+
+NS = Namespace("synthetic", DType.FLOAT16, 4, 3, 64, chunk_tokens=64, tenant="t")
+GBIT = 1e9 / 8
+
+
+def _kv_chunk(seed: int):
+    arr = synthetic_kv(layers=4, tokens=64, heads=3, head_dim=64, seed=seed)
+    cid = ChunkId(NS.namespace_id + np.random.default_rng(seed).bytes(32))
+    return cid, ChunkMeta(64, Encoding.RAW, arr.nbytes, native.crc32c(arr)), arr
+
+
+def test_uploader_dedups_and_counts_a_full_queue(redis_cluster, rng, ns):
+    parts = build_remote(remote_config(redis_cluster, upload_queue_chunks=4))
+    try:
+        chunks = [make_chunk(rng, ns, tokens=2) for _ in range(4)]
+        for c in chunks:
+            assert parts.uploader.submit(*c)
+        assert parts.uploader.flush(30)
+        for c in chunks:
+            parts.uploader.submit(*c)
+        assert parts.uploader.flush(30)
+        st = parts.uploader.stats()
+        assert st.uploaded == 4 and st.deduplicated == 4
+        accepted = sum(parts.uploader.submit(*make_chunk(rng, ns, tokens=2)) for _ in range(40))
+        assert parts.uploader.flush(30)
+        st = parts.uploader.stats()
+        assert st.skipped_queue_full == 40 - accepted > 0
+    finally:
+        parts.close()
+
+
+def test_controller_picks_smaller_levels_on_a_slower_link():
+    cfg = remote_config(type("C", (), {"nodes": ["127.0.0.1:1"]})(), load_budget_us_per_token=100)
+    tok_bytes = NS.token_bytes
+    picks = {}
+    for gbit in (0.1, 1, 10, 25):
+        meter = ThroughputMeter(1.0, 1.0)
+        meter.sample(64 * 1024 * 1024, 64 * 1024 * 1024 / (gbit * GBIT))  # one rate-limited transfer
+        ctl = AdaptiveController(cfg, meter)
+        picks[gbit] = ctl.choose(NS.namespace_id, 256, 256 * tok_bytes * 40).level
+    order = [TierCodec.LOSSLESS, TierCodec.NEAR_LOSSLESS, TierCodec.DEFAULT, TierCodec.AGGRESSIVE]
+    ranks = [order.index(picks[g]) for g in (0.1, 1, 10, 25)]
+    assert ranks == sorted(ranks, reverse=True) and ranks[0] > ranks[-1], picks
+    assert picks[25] == TierCodec.LOSSLESS and picks[0.1] == TierCodec.AGGRESSIVE
+    floor = AdaptiveController(cfg, meter, floor_for=lambda ns: TierCodec.LOSSLESS)
+    meter.sample(64 * 1024 * 1024, 10.0)  # now a very slow link
+    assert floor.choose(NS.namespace_id, 256, 256 * tok_bytes * 40).level == TierCodec.LOSSLESS
+
+
+def test_slow_link_uploads_lossy_with_floor_respected_and_fetch_decodes(redis_cluster):
+    slow = remote_config(redis_cluster, initial_throughput_bytes_per_s=0.05 * GBIT, throughput_ewma_alpha=1e-6,
+                         load_budget_us_per_token=30)
+    parts = build_remote(slow, resolve=lambda ns: NS)
+    floored = build_remote(slow.model_copy(update={"min_quality": TierCodec.LOSSLESS}), resolve=lambda ns: NS)
+    try:
+        (c1, m1, a1), (c2, m2, a2) = _kv_chunk(1), _kv_chunk(2)
+        parts.uploader.submit(c1, m1, a1)
+        floored.uploader.submit(c2, m2, a2)
+        assert parts.uploader.flush(60) and floored.uploader.flush(60)
+        v1, v2 = parts.tier.get_values([c1, c2])
+        assert v1.level != TierCodec.LOSSLESS and v1.meta.encoding == Encoding.CODEC
+        assert v2.level == TierCodec.LOSSLESS
+        assert len(v1.payload) < len(v2.payload) < a2.nbytes
+        got = floored.reader.fetch_prefix([c2, c1, ChunkId(bytes(64))], num_tokens=64)
+        assert [f.cid for f in got] == [c2, c1]
+        assert bytes(got[0].payload) == a2.tobytes()          # lossless: bit-exact
+        assert got[0].meta.encoding == Encoding.RAW and len(got[1].payload) == a1.nbytes
+        snap = parts.controller.snapshot()["decisions"]
+        assert any(k.startswith("upload:") and not k.endswith("lossless") for k in snap)
+    finally:
+        parts.close()
+        floored.close()
+
+
+def test_fast_link_uploads_lossless_and_a_small_companion(redis_cluster):
+    fast = remote_config(redis_cluster, initial_throughput_bytes_per_s=25 * GBIT, throughput_ewma_alpha=1e-6,
+                         load_budget_us_per_token=1000)
+    parts = build_remote(fast, resolve=lambda ns: NS)
+    try:
+        cid, meta, arr = _kv_chunk(3)
+        parts.uploader.submit(cid, meta, arr)
+        assert parts.uploader.flush(60)
+        (primary,), (small,) = parts.tier.get_values([cid]), parts.tier.get_values([cid], small=True)
+        assert primary.level == TierCodec.LOSSLESS and not primary.small
+        assert small.level == TierCodec.AGGRESSIVE and small.small
+    finally:
+        parts.close()
