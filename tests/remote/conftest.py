@@ -18,7 +18,12 @@ from kvstore.testing.redis_cluster import LocalRedisCluster, available
 from kvstore.tiers.remote import RemoteTier
 from kvstore.types import ChunkId, ChunkMeta, Encoding
 
-pytestmark = pytest.mark.redis
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/remote/" in str(item.path).replace("\\", "/"):
+            item.add_marker(pytest.mark.redis)
 
 #: Deadline of remote calls in the tests: long enough for a loaded 2-core CI box, short
 #: enough that a fault test waiting on it stays quick.

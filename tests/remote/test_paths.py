@@ -100,3 +100,37 @@ def test_fast_link_uploads_lossless_and_a_small_companion(redis_cluster):
         assert small.level == TierCodec.AGGRESSIVE and small.small
     finally:
         parts.close()
+
+
+def test_throttled_link_is_measured_and_ships_smaller_levels(redis_cluster):
+    """A real rate-limited transfer (proxy at 20 MB/s in front of every node) against the
+    unthrottled cluster: the meter learns each link and the uploader picks the level from it."""
+    from kvstore.testing.throttle import ThrottledCluster
+    from kvstore.tiers.remote.link import RedisLink
+    proxy = ThrottledCluster(redis_cluster, bytes_per_s=20e6)
+    # Budget 100 us/token: a 64-token chunk (98 KB RAW) fits lossless only on the fast link.
+    base = dict(throughput_ewma_alpha=0.5, load_budget_us_per_token=100, timeout_ms=5000,
+                initial_throughput_bytes_per_s=1e9)
+    slow_cfg = remote_config(redis_cluster, nodes=proxy.nodes, **base)
+    slow = build_remote(slow_cfg, resolve=lambda ns: NS, link=RedisLink(slow_cfg, address_remap=proxy.remap))
+    fast = build_remote(remote_config(redis_cluster, **base), resolve=lambda ns: NS)
+    try:
+        for parts in (slow, fast):   # learn the link from a few large transfers
+            blob = np.random.default_rng(0).bytes(1 << 20)
+            for i in range(4):
+                cid = ChunkId(bytes(31) + b"\x01" + np.random.default_rng(i + 7).bytes(32))
+                parts.tier.put(cid, ChunkMeta(1, Encoding.CODEC, len(blob), native.crc32c(blob)), blob)
+                parts.tier.get(cid)
+        assert slow.tier.meter.bytes_per_s < 40e6 < fast.tier.meter.bytes_per_s
+        (c1, m1, a1), (c2, m2, a2) = _kv_chunk(11), _kv_chunk(12)
+        slow.uploader.submit(c1, m1, a1)
+        fast.uploader.submit(c2, m2, a2)
+        assert slow.uploader.flush(60) and fast.uploader.flush(60)
+        v_slow, v_fast = fast.tier.get_values([c1, c2])
+        order = [TierCodec.LOSSLESS, TierCodec.NEAR_LOSSLESS, TierCodec.DEFAULT, TierCodec.AGGRESSIVE]
+        assert order.index(v_slow.level) > order.index(v_fast.level), (v_slow.level, v_fast.level)
+        assert len(v_slow.payload) < len(v_fast.payload)
+    finally:
+        slow.close()
+        fast.close()
+        proxy.close()

@@ -56,8 +56,12 @@ _RETRY_BACKOFF = dict(cap=0.05, base=0.005)
 
 
 class RedisLink:
-    def __init__(self, cfg: RemoteConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cfg: RemoteConfig, clock: Callable[[], float] = time.monotonic,
+                 address_remap: Callable[[tuple[str, int]], tuple[str, int]] | None = None) -> None:
+        """``address_remap`` rewrites the node addresses of the slot map (NAT, or the test
+        harness's throttling proxy)."""
         self.cfg = cfg
+        self._remap = address_remap
         self._clock = clock
         self.timeout_s = cfg.timeout_ms / 1000.0
         self._client: RedisCluster | None = None
@@ -111,6 +115,10 @@ class RedisLink:
         if not self._thread.is_alive():
             self._loop.close()
 
+    def count_errors(self, n: int) -> None:
+        """Errors of parts of a call that itself succeeded (a batch's stragglers)."""
+        self.errors += n
+
     # -- loop side ----------------------------------------------------------------------
     def _failed(self) -> None:
         self.errors += 1
@@ -157,6 +165,7 @@ class RedisLink:
             # read from outliving it when the loop is busy.
             socket_timeout=self.timeout_s, socket_connect_timeout=self.timeout_s,
             # Slots move during a failover; a partial map still serves the healthy nodes.
+            address_remap=self._remap,
             require_full_coverage=False, retry=Retry(ExponentialBackoff(**_RETRY_BACKOFF), _RETRIES),
             **tls)
 

@@ -153,7 +153,7 @@ class RemoteTier(Tier):
         got = self._try(fetch, "get", None)
         raws, seconds, failed = got if got is not None else ([None] * len(cids), 0.0, len(cids))
         if failed and got is not None:
-            self.link.errors += failed
+            self.link.count_errors(failed)
         refs: list[fmt.StoredValue | None] = []
         corrupt: list[ChunkId] = []
         nbytes = 0
