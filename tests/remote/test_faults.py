@@ -71,7 +71,8 @@ def test_redis_entirely_down_is_a_miss_not_an_error(rng, ns):
 
 
 def test_paused_node_is_a_miss_within_the_deadline(fresh_cluster, rng, ns):
-    tier = RemoteTier(remote_config(fresh_cluster, retry_backoff_s=0.05))
+    parts = build_remote(remote_config(fresh_cluster, retry_backoff_s=0.05))
+    tier = parts.tier
     raw = _raw(fresh_cluster)
     try:
         chunks = [make_chunk(rng, ns, tokens=2) for _ in range(12)]
@@ -79,6 +80,7 @@ def test_paused_node_is_a_miss_within_the_deadline(fresh_cluster, rng, ns):
             assert tier.put(*c)
         victim = _owner(raw, tier.keys.chunk(chunks[0][0]))
         fresh_cluster.pause(victim)
+        late = [make_chunk(rng, ns, tokens=2) for _ in range(12)]
         try:
             t0 = time.monotonic()
             assert tier.get(chunks[0][0]) is None
@@ -89,15 +91,39 @@ def test_paused_node_is_a_miss_within_the_deadline(fresh_cluster, rng, ns):
             assert time.monotonic() - t0 < DEADLINE_S
             for ref, c in zip(got, chunks):    # what did arrive is intact
                 assert ref is None or bytes(ref.view) == c[2].tobytes()
+            for c in late:                     # uploads while the node is paused
+                assert parts.uploader.submit(*c)
+            time.sleep(1.0)
         finally:
             fresh_cluster.resume(victim)
+        assert parts.uploader.flush(timeout_s=60)
+        assert all(tier.contains_many([c[0] for c in late]))
         deadline = time.monotonic() + 10
         while tier.get(chunks[0][0]) is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert bytes(tier.get(chunks[0][0]).view) == chunks[0][2].tobytes()
     finally:
         raw.close()
-        tier.close()
+        parts.close()
+
+
+def test_acl_password(tmp_path, rng, ns):
+    from kvstore.testing.redis_cluster import LocalRedisCluster, available
+    import pytest
+    if not available():
+        pytest.skip("redis-server / redis-cli not installed")
+    with LocalRedisCluster(tmp_path / "auth", password="s3cret-pass-123") as c:
+        good = RemoteTier(remote_config(c, username="default", password="s3cret-pass-123"))
+        bad = RemoteTier(remote_config(c, password="wrong-password-000"))
+        try:
+            cid, meta, payload = make_chunk(rng, ns, tokens=1)
+            assert good.put(cid, meta, payload)
+            assert bytes(good.get(cid).view) == payload.tobytes()
+            assert bad.get(cid) is None and not bad.put(cid, meta, payload)
+            assert bad.remote_stats().errors >= 1
+        finally:
+            good.close()
+            bad.close()
 
 
 def test_master_killed_mid_transfer_fails_over_and_uploads_resume(fresh_cluster, rng, ns):
