@@ -134,3 +134,23 @@ def test_throttled_link_is_measured_and_ships_smaller_levels(redis_cluster):
         slow.close()
         fast.close()
         proxy.close()
+
+
+def test_metrics_and_status(redis_cluster, rng, ns):
+    from prometheus_client import CollectorRegistry, generate_latest
+    from kvstore.remote_metrics import RemoteCollector
+    parts = build_remote(remote_config(redis_cluster))
+    try:
+        c = make_chunk(rng, ns, tokens=2)
+        parts.uploader.submit(*c)
+        assert parts.uploader.flush(30)
+        parts.tier.get(c[0])
+        col = RemoteCollector(parts)
+        reg = CollectorRegistry()
+        reg.register(col)
+        text = generate_latest(reg).decode()
+        assert "kvstore_remote_hits_total 1.0" in text and "kvstore_remote_upload_queue_depth 0.0" in text
+        st = col.status()
+        assert st["remote"]["hit_rate"] == 1.0 and st["upload"]["uploaded"] == 1
+    finally:
+        parts.close()
