@@ -28,6 +28,10 @@ from kvstore.tiers.remote.format import HEADER
 from kvstore.types import ChunkId, ChunkMeta, Encoding
 from kvstore_native import codec
 
+#: Bits per KV element of LMCache's CacheGen format on SmolLM2 KV (docs/benchmarks.md, Codec,
+#: own re-implementation measured on real KV), used as the reference row.
+LMCACHE_CACHEGEN_BITS = 4.555
+
 
 def _raw_gets(nodes: list[str], keys: list[bytes], reps: int) -> list[float]:
     from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -35,6 +39,9 @@ def _raw_gets(nodes: list[str], keys: list[bytes], reps: int) -> list[float]:
     async def run():
         c = RedisCluster(startup_nodes=[ClusterNode(h, int(p)) for h, _, p in (n.rpartition(":") for n in nodes)])
         await c.initialize()
+        for k in keys:  # warm: one connection per node before the concurrent runs
+            await c.get(k)
+        await asyncio.gather(*(c.get(k) for k in keys[: len(keys) // 4]))
         out = []
         for _ in range(reps):
             t0 = time.perf_counter()
@@ -85,7 +92,49 @@ def main() -> None:
             enc = codec.encode(arr, codec.CodecLevel[level.name])
             bpt = (len(enc) + HEADER.size) / a.tokens
             print(f"| {level.value} | {bpt:.0f} | {per_tok_raw / bpt:.2f}x |")
+        print(f"| LMCache raw tensors (reference) | {per_tok_raw:.0f} | 1.00x |")
+        lm = per_tok_raw * LMCACHE_CACHEGEN_BITS / 16
+        print(f"| LMCache CacheGen format (estimate, {LMCACHE_CACHEGEN_BITS} bits/elem) | {lm:.0f} | "
+              f"{per_tok_raw / lm:.2f}x |")
+        _adaptive_table(arr, a.tokens)
         tier.close()
+
+
+def _adaptive_table(arr, tokens: int) -> None:
+    """Load time of a 4096-token prefix per link rate: each fixed level against the adaptive
+    choice. Transfer = measured encoded size / link rate (modelled: a 2-core box cannot push
+    1-25 Gbit/s through redis-py); decode = measured here, one core."""
+    from kvstore.tiers.remote import AdaptiveController, ThroughputMeter
+    prefix = 4096
+    chunks = prefix // tokens
+    levels = (TierCodec.LOSSLESS, TierCodec.NEAR_LOSSLESS, TierCodec.DEFAULT, TierCodec.AGGRESSIVE)
+    size, dec = {}, {}
+    for lv in levels:
+        enc = codec.encode(arr, codec.CodecLevel[lv.name])
+        size[lv] = len(enc) + HEADER.size
+        ts = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            codec.decode(enc)
+            ts.append(time.perf_counter() - t0)
+        dec[lv] = statistics.median(ts)
+    print(f"\n## Load time of a {prefix}-token prefix (s): fixed levels vs adaptive "
+          "(transfer modelled at the link rate, decode measured)\n")
+    print("| link | " + " | ".join(lv.value for lv in levels) + " | adaptive (level) | adaptive / best |")
+    print("|---|" + "---:|" * (len(levels) + 2))
+    for gbit in (1, 10, 25):
+        bps = gbit * 1e9 / 8
+        t = {lv: chunks * (size[lv] / bps + dec[lv]) for lv in levels}
+        meter = ThroughputMeter(bps, 1.0)
+        ctl = AdaptiveController(RemoteConfig(load_budget_us_per_token=1.0), meter)
+        for lv in levels:
+            ctl.observe_encode(lv, arr.nbytes, size[lv])
+            for _ in range(40):
+                ctl.observe_decode(lv, arr.nbytes, dec[lv])
+        choice = ctl.choose(b"\0" * 32, tokens, arr.nbytes).level
+        best = min(t.values())
+        print(f"| {gbit} Gbit/s | " + " | ".join(f"{t[lv]:.3f}" for lv in levels)
+              + f" | {t[choice]:.3f} ({choice.value}) | {t[choice] / best:.2f} |")
 
 
 if __name__ == "__main__":
