@@ -48,6 +48,14 @@ def remote_config(cluster, **kw) -> RemoteConfig:
     return RemoteConfig(**base)
 
 
+def ready(x):
+    """A RemoteTier or RemoteParts whose link has connected (a fresh link connects in the
+    background; on a loaded box that can take longer than one test deadline)."""
+    tier = getattr(x, "tier", x)
+    assert tier.link.wait_ready(30), "the Redis Cluster client did not connect"
+    return x
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory):
     if not available():
@@ -79,6 +87,6 @@ def ns(rng) -> bytes:
 
 @pytest.fixture
 def remote(redis_cluster):
-    tier = RemoteTier(remote_config(redis_cluster))
+    tier = ready(RemoteTier(remote_config(redis_cluster)))
     yield tier
     tier.close()

@@ -12,7 +12,7 @@ from kvstore.config import RemoteConfig
 from kvstore.tiers.remote import RemoteTier, build_remote
 from kvstore.testing.redis_cluster import free_ports
 
-from .conftest import TEST_TIMEOUT_MS, make_chunk, remote_config
+from .conftest import TEST_TIMEOUT_MS, make_chunk, remote_config, ready
 
 #: A call may overrun its deadline by the join slack and the test's own scheduling noise.
 DEADLINE_S = TEST_TIMEOUT_MS / 1000 + 0.3
@@ -28,7 +28,7 @@ def _owner(raw: redis.RedisCluster, key: bytes) -> int:
 
 
 def test_corrupt_value_is_detected_and_dropped(redis_cluster, rng, ns):
-    tier = RemoteTier(remote_config(redis_cluster))
+    tier = ready(RemoteTier(remote_config(redis_cluster)))
     raw = _raw(redis_cluster)
     try:
         flipped, garbage, truncated = (make_chunk(rng, ns, tokens=2) for _ in range(3))
@@ -71,7 +71,7 @@ def test_redis_entirely_down_is_a_miss_not_an_error(rng, ns):
 
 
 def test_paused_node_is_a_miss_within_the_deadline(fresh_cluster, rng, ns):
-    parts = build_remote(remote_config(fresh_cluster, retry_backoff_s=0.05))
+    parts = ready(build_remote(remote_config(fresh_cluster, retry_backoff_s=0.05)))
     tier = parts.tier
     raw = _raw(fresh_cluster)
     try:
@@ -113,7 +113,7 @@ def test_acl_password(tmp_path, rng, ns):
     if not available():
         pytest.skip("redis-server / redis-cli not installed")
     with LocalRedisCluster(tmp_path / "auth", password="s3cret-pass-123") as c:
-        good = RemoteTier(remote_config(c, username="default", password="s3cret-pass-123"))
+        good = ready(RemoteTier(remote_config(c, username="default", password="s3cret-pass-123")))
         bad = RemoteTier(remote_config(c, password="wrong-password-000"))
         try:
             cid, meta, payload = make_chunk(rng, ns, tokens=1)
@@ -127,7 +127,7 @@ def test_acl_password(tmp_path, rng, ns):
 
 
 def test_master_killed_mid_transfer_fails_over_and_uploads_resume(fresh_cluster, rng, ns):
-    parts = build_remote(remote_config(fresh_cluster, retry_backoff_s=0.2, upload_batch_chunks=4))
+    parts = ready(build_remote(remote_config(fresh_cluster, retry_backoff_s=0.2, upload_batch_chunks=4)))
     raw = _raw(fresh_cluster)
     try:
         chunks = [make_chunk(rng, ns, tokens=4) for _ in range(60)]

@@ -7,7 +7,7 @@ from kvstore.tiers.remote import RemoteTier
 from kvstore.tiers.remote.keys import RemoteKeys
 from kvstore_wire.keys import Namespace
 
-from .conftest import make_chunk, remote_config
+from .conftest import make_chunk, remote_config, ready
 
 
 def _ns(tenant: str) -> bytes:
@@ -16,8 +16,8 @@ def _ns(tenant: str) -> bytes:
 
 def test_tenants_never_see_each_other(redis_cluster, rng):
     ns_x, ns_y = _ns("tenant-x"), _ns("tenant-y")
-    replica_a = RemoteTier(remote_config(redis_cluster))
-    replica_b = RemoteTier(remote_config(redis_cluster))
+    replica_a = ready(RemoteTier(remote_config(redis_cluster)))
+    replica_b = ready(RemoteTier(remote_config(redis_cluster)))
     try:
         cid, meta, payload = make_chunk(rng, ns_x)
         key = cid[32:]
@@ -44,8 +44,8 @@ def test_keys_are_not_computable_without_the_secret(rng):
 
 
 def test_a_sidecar_with_another_secret_misses(redis_cluster, rng, ns):
-    a = RemoteTier(remote_config(redis_cluster))
-    b = RemoteTier(remote_config(redis_cluster, key_secret="some-other-secret-xyz"))
+    a = ready(RemoteTier(remote_config(redis_cluster)))
+    b = ready(RemoteTier(remote_config(redis_cluster, key_secret="some-other-secret-xyz")))
     try:
         cid, meta, payload = make_chunk(rng, ns, tokens=1)
         assert a.put(cid, meta, payload)
@@ -59,9 +59,9 @@ def test_quota_skips_and_delete_refunds(redis_cluster, rng, ns):
     from kvstore.tiers.remote import StoreOutcome
     one = make_chunk(rng, ns, tokens=4)
     size = one[2].nbytes + 104
-    tier = RemoteTier(remote_config(redis_cluster, tenant_quota_bytes=2 * size + size // 2,
-                                    tenant_quota_overrides={"big": 10**9}),
-                      tenant_of=lambda n: "small" if n == ns else "big")
+    tier = ready(RemoteTier(remote_config(redis_cluster, tenant_quota_bytes=2 * size + size // 2,
+                                          tenant_quota_overrides={"big": 10**9}),
+                            tenant_of=lambda n: "small" if n == ns else "big"))
     try:
         chunks = [one] + [make_chunk(rng, ns, tokens=4) for _ in range(3)]
         outcomes = [tier.store(c, m, p) for c, m, p in chunks]

@@ -12,7 +12,7 @@ from kvstore.types import ChunkId, ChunkMeta, DType, Encoding
 from kvstore_wire.keys import Namespace
 import kvstore_native as native
 
-from .conftest import make_chunk, remote_config
+from .conftest import make_chunk, remote_config, ready
 
 NS = Namespace("synthetic", DType.FLOAT16, 4, 3, 64, chunk_tokens=64, tenant="t")
 GBIT = 1e9 / 8
@@ -25,7 +25,7 @@ def _kv_chunk(seed: int):
 
 
 def test_uploader_dedups_and_counts_a_full_queue(redis_cluster, rng, ns):
-    parts = build_remote(remote_config(redis_cluster, upload_queue_chunks=4))
+    parts = ready(build_remote(remote_config(redis_cluster, upload_queue_chunks=4)))
     try:
         chunks = [make_chunk(rng, ns, tokens=2) for _ in range(4)]
         for c in chunks:
@@ -65,8 +65,8 @@ def test_controller_picks_smaller_levels_on_a_slower_link():
 def test_slow_link_uploads_lossy_with_floor_respected_and_fetch_decodes(redis_cluster):
     slow = remote_config(redis_cluster, initial_throughput_bytes_per_s=0.05 * GBIT, throughput_ewma_alpha=1e-6,
                          load_budget_us_per_token=30)
-    parts = build_remote(slow, resolve=lambda ns: NS)
-    floored = build_remote(slow.model_copy(update={"min_quality": TierCodec.LOSSLESS}), resolve=lambda ns: NS)
+    parts = ready(build_remote(slow, resolve=lambda ns: NS))
+    floored = ready(build_remote(slow.model_copy(update={"min_quality": TierCodec.LOSSLESS}), resolve=lambda ns: NS))
     try:
         (c1, m1, a1), (c2, m2, a2) = _kv_chunk(1), _kv_chunk(2)
         parts.uploader.submit(c1, m1, a1)
@@ -90,7 +90,7 @@ def test_slow_link_uploads_lossy_with_floor_respected_and_fetch_decodes(redis_cl
 def test_fast_link_uploads_lossless_and_a_small_companion(redis_cluster):
     fast = remote_config(redis_cluster, initial_throughput_bytes_per_s=25 * GBIT, throughput_ewma_alpha=1e-6,
                          load_budget_us_per_token=1000)
-    parts = build_remote(fast, resolve=lambda ns: NS)
+    parts = ready(build_remote(fast, resolve=lambda ns: NS))
     try:
         cid, meta, arr = _kv_chunk(3)
         parts.uploader.submit(cid, meta, arr)
@@ -112,8 +112,8 @@ def test_throttled_link_is_measured_and_ships_smaller_levels(redis_cluster):
     base = dict(throughput_ewma_alpha=0.5, load_budget_us_per_token=100, timeout_ms=5000,
                 initial_throughput_bytes_per_s=1e9)
     slow_cfg = remote_config(redis_cluster, nodes=proxy.nodes, **base)
-    slow = build_remote(slow_cfg, resolve=lambda ns: NS, link=RedisLink(slow_cfg, address_remap=proxy.remap))
-    fast = build_remote(remote_config(redis_cluster, **base), resolve=lambda ns: NS)
+    slow = ready(build_remote(slow_cfg, resolve=lambda ns: NS, link=RedisLink(slow_cfg, address_remap=proxy.remap)))
+    fast = ready(build_remote(remote_config(redis_cluster, **base), resolve=lambda ns: NS))
     try:
         for parts in (slow, fast):   # learn the link from a few large transfers
             blob = np.random.default_rng(0).bytes(1 << 20)
@@ -139,7 +139,7 @@ def test_throttled_link_is_measured_and_ships_smaller_levels(redis_cluster):
 def test_metrics_and_status(redis_cluster, rng, ns):
     from prometheus_client import CollectorRegistry, generate_latest
     from kvstore.remote_metrics import RemoteCollector
-    parts = build_remote(remote_config(redis_cluster))
+    parts = ready(build_remote(remote_config(redis_cluster)))
     try:
         c = make_chunk(rng, ns, tokens=2)
         parts.uploader.submit(*c)

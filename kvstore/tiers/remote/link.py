@@ -48,6 +48,11 @@ _JOIN_SLACK_S = 0.05
 _RESET_AFTER_FAILURES = 3
 #: Errors that mean "remote not usable right now" (everything redis-py raises, plus the
 #: OS-level ones its connection layer may let through).
+#: Seconds ``close`` waits for the client to disconnect and the loop thread to end.
+_CLOSE_WAIT_S = 2.0
+#: Longest a (background, shared) connect to the cluster may take before it is retried by
+#: the next request: discovering the slot map and dialling every node.
+CONNECT_DEADLINE_S = 5.0
 _REMOTE_ERRORS = (rx.RedisError, rx.RedisClusterException, OSError, asyncio.TimeoutError)
 #: redis-py's own retries of a failed command (MOVED/ASK and reconnects during a failover):
 #: two, 5..50 ms apart; the deadline still bounds the whole call.
@@ -65,7 +70,7 @@ class RedisLink:
         self._clock = clock
         self.timeout_s = cfg.timeout_ms / 1000.0
         self._client: RedisCluster | None = None
-        self._connecting: asyncio.Lock | None = None
+        self._connect_task: asyncio.Task | None = None
         self._failures = 0
         self._backoff_until = 0.0
         self._closed = False
@@ -74,6 +79,8 @@ class RedisLink:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="kvstore-redis", daemon=True)
         self._thread.start()
+        # Connect in the background now, so the first request does not pay for it.
+        self._loop.call_soon_threadsafe(self._start_connect)
 
     # -- public -------------------------------------------------------------------------
     def run(self, fn: Callable[[RedisCluster], Awaitable[T]], what: str, timeout_s: float | None = None) -> T:
@@ -105,15 +112,36 @@ class RedisLink:
         if self._closed:
             return
         self._closed = True
-        if self._client is not None:
-            try:
-                asyncio.run_coroutine_threadsafe(self._drop(), self._loop).result(1.0)
-            except Exception as e:  # noqa: BLE001 - shutting down; nothing else to do with it
-                log.debug("closing the Redis client: %s", e)
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(_CLOSE_WAIT_S)
+        except (concurrent.futures.TimeoutError, *_REMOTE_ERRORS) as e:
+            log.debug("closing the Redis client: %s", e)
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(2.0)
+        self._thread.join(_CLOSE_WAIT_S)
         if not self._thread.is_alive():
             self._loop.close()
+
+    async def _shutdown(self) -> None:
+        task = self._connect_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await self._drop()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for t in pending:
+            t.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    def wait_ready(self, timeout_s: float) -> bool:
+        """Waits until the cluster client is connected (start-up, tests); False on timeout
+        or failure. Requests never need this: they connect on demand within their deadline."""
+        async def probe():
+            await self._get_client()
+        try:
+            asyncio.run_coroutine_threadsafe(asyncio.wait_for(probe(), timeout_s), self._loop).result(timeout_s + 1)
+            return True
+        except (concurrent.futures.TimeoutError, *_REMOTE_ERRORS):
+            return False
 
     def count_errors(self, n: int) -> None:
         """Errors of parts of a call that itself succeeded (a batch's stragglers)."""
@@ -137,19 +165,28 @@ class RedisLink:
     async def _get_client(self) -> RedisCluster:
         if self._client is not None:
             return self._client
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:
-            if self._client is None:
-                client = self._build()
-                try:
-                    await client.initialize()
-                except BaseException:
-                    await _quiet_close(client)
-                    raise
-                self._client = client
-                log.info("connected to the Redis Cluster at %s", ", ".join(self.cfg.nodes))
+        task = self._connect_task
+        if task is None or (task.done() and self._client is None):
+            task = self._start_connect()
+        # Shielded: a request whose deadline ends cancels its wait, not the connect, so the
+        # next request finds the client ready instead of starting over.
+        await asyncio.shield(task)
         return self._client
+
+    def _start_connect(self) -> asyncio.Task:
+        self._connect_task = asyncio.ensure_future(self._connect())
+        self._connect_task.add_done_callback(_retrieve)
+        return self._connect_task
+
+    async def _connect(self) -> None:
+        client = self._build()
+        try:
+            await asyncio.wait_for(client.initialize(), max(self.timeout_s, CONNECT_DEADLINE_S))
+        except BaseException:
+            await _quiet_close(client)
+            raise
+        self._client = client
+        log.info("connected to the Redis Cluster at %s", ", ".join(self.cfg.nodes))
 
     def _build(self) -> RedisCluster:
         c = self.cfg
@@ -180,6 +217,12 @@ async def _quiet_close(client: RedisCluster) -> None:
         await client.aclose()
     except _REMOTE_ERRORS as e:
         log.debug("closing a failed Redis client: %s", e)
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    """Marks a background connect's failure as seen (the requests that wait on it get it)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("connecting to the Redis Cluster failed: %s", task.exception())
 
 
 def _str(p) -> str | None:

@@ -13,6 +13,7 @@ Never raises for a remote failure: the result is shorter (possibly empty). Any t
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -22,6 +23,8 @@ from ...errors import DataLoss
 from ...types import ChunkId, ChunkMeta, Encoding
 from .adaptive import AdaptiveController
 from .tier import RemoteTier
+
+log = logging.getLogger(__name__)
 
 #: ``(meta, payload) -> (RAW meta, RAW bytes-like)`` (``Transcoder.decode``); raises DataLoss.
 Decoder = Callable[[ChunkMeta, object], tuple[ChunkMeta, object]]
@@ -68,7 +71,8 @@ class RemoteReader:
                 t0 = time.perf_counter()
                 try:
                     meta, payload = self._decode(meta, payload)
-                except DataLoss:
+                except DataLoss as e:
+                    log.warning("remote chunk %s does not decode (%s); dropped", cid.hex()[:16], e)
                     self.corrupt_decodes += 1
                     self.tier.delete(cid)
                     break

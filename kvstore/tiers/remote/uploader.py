@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ...config import RemoteConfig, TierCodec
+from ...errors import KVStoreError
 from ...types import ChunkId, ChunkMeta, Encoding, split_chunk_id
 from .adaptive import AdaptiveController
 from .tier import RemoteTier, StoreOutcome
@@ -46,6 +47,7 @@ class UploaderStats:
     over_quota: int = 0
     retried_batches: int = 0
     encode_errors: int = 0
+    dropped_on_error: int = 0
 
 
 class RemoteUploader:
@@ -103,8 +105,11 @@ class RemoteUploader:
             try:
                 left = self._upload(batch)
             except Exception:  # noqa: BLE001 - a bug must not kill the upload thread for good
-                log.exception("remote upload batch failed unexpectedly; retrying it after the backoff")
-                left = batch
+                log.exception("remote upload batch of %d chunks failed unexpectedly; dropped (they stay local)",
+                              len(batch))
+                with self._cond:
+                    self._s.dropped_on_error += len(batch)
+                left = []
             if left:
                 with self._cond:
                     self._s.retried_batches += 1
@@ -139,20 +144,27 @@ class RemoteUploader:
             return self.tier.store(cid, meta, payload)  # a client's bitstream, or no codec: as given
         ns = split_chunk_id(cid)[0]
         level = self.controller.choose(ns, meta.num_tokens, meta.payload_bytes, "upload").level
-        try:
-            emeta, data = self._encode(cid, meta, payload, level)
-        except ValueError as e:  # the codec refused this chunk (shape/dtype): keep it RAW
-            with self._cond:
-                self._s.encode_errors += 1
-            log.warning("remote upload stores chunk %s RAW: %s", cid.hex()[:16], e)
+        primary = self._encoded(cid, meta, payload, level)
+        if primary is None or primary[0].encoding == Encoding.RAW:  # no codec for it: store RAW
             return self.tier.store(cid, meta, payload)
-        if emeta.encoding == Encoding.RAW:  # the namespace's dtype has no codec
-            return self.tier.store(cid, emeta, data)
-        self.controller.observe_encode(level, meta.payload_bytes, len(data))
         small = None
         small_level = self.controller.small_level(ns)
         if self.cfg.small_companion and small_level != level:
-            smeta, sdata = self._encode(cid, meta, payload, small_level)
-            self.controller.observe_encode(small_level, meta.payload_bytes, len(sdata))
-            small = (smeta, sdata, small_level)
-        return self.tier.store(cid, emeta, data, level, small)
+            enc = self._encoded(cid, meta, payload, small_level)
+            small = (enc[0], enc[1], small_level) if enc is not None else None
+        return self.tier.store(cid, primary[0], primary[1], level, small)
+
+    def _encoded(self, cid: ChunkId, meta: ChunkMeta, payload: bytes, level: TierCodec):
+        """``(meta, bitstream)``, or None (counted) when the codec cannot take this chunk:
+        a shape or dtype it refuses, an unknown namespace, or a build without the codec."""
+        try:
+            emeta, data = self._encode(cid, meta, payload, level)
+        except (ValueError, KVStoreError) as e:
+            with self._cond:
+                self._s.encode_errors += 1
+            log.warning("remote upload of chunk %s cannot encode at %s (%s); storing it as given",
+                        cid.hex()[:16], level.value, e)
+            return None
+        if emeta.encoding != Encoding.RAW:
+            self.controller.observe_encode(level, meta.payload_bytes, len(data))
+        return emeta, data
