@@ -74,6 +74,7 @@ class RedisLink:
         self._failures = 0
         self._backoff_until = 0.0
         self._closed = False
+        self._count_lock = threading.Lock()  # guards the counters below (a leaf lock)
         self.errors = 0            # calls that failed (Unavailable or DeadlineExceeded)
         self.fast_fails = 0        # of those, refused at once during backoff
         self._loop = asyncio.new_event_loop()
@@ -88,18 +89,16 @@ class RedisLink:
         if self._closed:
             raise Unavailable("the remote tier is closed")
         if self._clock() < self._backoff_until:
-            self.errors += 1
-            self.fast_fails += 1
+            with self._count_lock:
+                self.errors += 1
+                self.fast_fails += 1
             raise Unavailable(f"remote {what}: Redis failed recently; backing off")
         deadline = self.timeout_s if timeout_s is None else timeout_s
         fut = asyncio.run_coroutine_threadsafe(self._guarded(fn, deadline), self._loop)
         try:
             result = fut.result(deadline + _JOIN_SLACK_S)
-        except concurrent.futures.TimeoutError:
+        except (concurrent.futures.TimeoutError, asyncio.TimeoutError):  # ours, or wait_for's in the loop
             fut.cancel()
-            self._failed()
-            raise DeadlineExceeded(f"remote {what} took longer than {deadline * 1000:.0f} ms") from None
-        except asyncio.TimeoutError:  # raised by wait_for inside the loop
             self._failed()
             raise DeadlineExceeded(f"remote {what} took longer than {deadline * 1000:.0f} ms") from None
         except _REMOTE_ERRORS as e:
@@ -145,12 +144,14 @@ class RedisLink:
 
     def count_errors(self, n: int) -> None:
         """Errors of parts of a call that itself succeeded (a batch's stragglers)."""
-        self.errors += n
+        with self._count_lock:
+            self.errors += n
 
     # -- loop side ----------------------------------------------------------------------
     def _failed(self) -> None:
-        self.errors += 1
-        self._failures += 1
+        with self._count_lock:
+            self.errors += 1
+            self._failures += 1
         self._backoff_until = self._clock() + self.cfg.retry_backoff_s
         if self._failures >= _RESET_AFTER_FAILURES and not self._closed:
             self._failures = 0
