@@ -293,6 +293,114 @@ class LogConfig(_Section):
     json_lines: bool = False
 
 
+# --- Remote tier (Redis Cluster) and KV events (issue 11) ---------------------------------
+
+#: Codec levels from best to worst quality; ``RemoteConfig.min_quality`` forbids the ones after it.
+CODEC_QUALITY_ORDER = (TierCodec.LOSSLESS, TierCodec.NEAR_LOSSLESS, TierCodec.DEFAULT, TierCodec.AGGRESSIVE)
+
+
+class RemoteConfig(_Section):
+    """The shared remote tier: compressed KV bitstreams in a Redis Cluster (docs/remote.md)."""
+
+    enabled: bool = False
+    #: Seed nodes ``host:port`` of the Redis Cluster; the client discovers the rest.
+    nodes: list[str] = ["127.0.0.1:7000"]
+    #: Redis ACL user and password (AUTH); empty: no AUTH.
+    username: str = ""
+    password: str = ""
+    #: TLS to the cluster; the CA/cert/key paths are optional (system CAs by default).
+    tls: bool = False
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: Cluster-wide secret every sidecar shares: Redis keys are HMAC(secret, namespace) salted,
+    #: so nobody without it can compute another tenant's keys from token ids. At least 16 chars.
+    key_secret: str = Field("change-me-kvstore-remote-secret", min_length=16)
+    #: Prefix of every key this deployment writes (several deployments may share a cluster).
+    key_prefix: str = Field("kvs", pattern=r"^[A-Za-z0-9._-]{1,32}$")
+    #: Deadline of every remote operation, end to end (connect, retries and redirects
+    #: included): slower -> the call is a miss/skip, counted in ``errors``.
+    timeout_ms: int = Field(200, ge=1, le=60_000)
+    #: Connections per cluster node in the pool.
+    max_connections_per_node: int = Field(32, ge=1, le=4096)
+    #: Lifetime of a stored value in Redis (renewed by nothing: chunks are immutable).
+    ttl_s: int = Field(24 * 3600, ge=1)
+    #: Bytes a tenant may hold in the cluster (live bytes, counted per TTL window).
+    tenant_quota_bytes: Bytes = 64 * 1024**3
+    #: Per-tenant overrides of ``tenant_quota_bytes``.
+    tenant_quota_overrides: dict[str, Bytes] = {}
+    #: Best-quality-first floor: levels of lower quality than this are never stored or sent.
+    #: ``lossless`` forbids every lossy level.
+    min_quality: TierCodec = TierCodec.AGGRESSIVE
+    #: Load-time budget per token the adaptive controller plans for (transfer time of a
+    #: chunk at the measured throughput, divided by its tokens).
+    load_budget_us_per_token: float = Field(20.0, gt=0)
+    #: Also store a small (lowest allowed quality) copy beside a better-quality primary,
+    #: so a reader on a slower link than the uploader's can still load within budget.
+    small_companion: bool = True
+    #: Throughput assumed before any transfer was measured (bytes/s); 1.25e9 = 10 Gbit/s.
+    initial_throughput_bytes_per_s: float = Field(1.25e9, gt=0)
+    #: Weight of the newest sample in the throughput EWMA (0..1].
+    throughput_ewma_alpha: float = Field(0.2, gt=0, le=1)
+    #: Upload queue; when full, uploads are skipped and counted.
+    upload_queue_chunks: int = Field(1024, ge=1)
+    #: Chunks per upload batch (one existence check per batch).
+    upload_batch_chunks: int = Field(32, ge=1, le=4096)
+    #: Wait after a failed batch before the uploader tries again (Redis down).
+    retry_backoff_s: float = Field(0.5, gt=0, le=60)
+
+    @field_validator("nodes")
+    @classmethod
+    def _check_nodes(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("remote.nodes needs at least one host:port")
+        for a in v:
+            if not re.fullmatch(r"[^:\s]+:[0-9]{1,5}", a):
+                raise ValueError(f"{a!r} is not host:port")
+        return v
+
+    @field_validator("min_quality")
+    @classmethod
+    def _check_floor(cls, v: TierCodec) -> TierCodec:
+        if v == TierCodec.RAW:
+            raise ValueError("min_quality is a codec level (lossless, near-lossless, default, aggressive)")
+        return v
+
+
+class EventEncoding(str, enum.Enum):
+    """How KV event structs are laid out in msgpack (docs/events.md)."""
+
+    ARRAY = "array"  #: positional arrays, tag first (vLLM <= 0.11, llm-d, AIBrix, production stack)
+    MAP = "map"      #: maps with a ``type`` tag key (vLLM after array_like was dropped)
+
+
+class EventsConfig(_Section):
+    """KV events for cache-aware routers over ZMQ, in vLLM's KV-events format (docs/events.md)."""
+
+    enabled: bool = False
+    #: PUB socket: ``tcp://*:5557`` binds; ``tcp://host:port`` connects.
+    endpoint: str = "tcp://*:5557"
+    #: ROUTER socket for replay and snapshot requests; empty disables replay.
+    replay_endpoint: str = "tcp://*:5558"
+    topic: str = "kv-events"
+    encoding: EventEncoding = EventEncoding.ARRAY
+    #: Block hashes as the 32-byte chunk key (``bytes``) or its first 8 bytes as an unsigned
+    #: big-endian integer (``u64``, for consumers that only read integers).
+    block_hash: str = Field("bytes", pattern=r"^(bytes|u64)$")
+    #: Tokens per block announced in BlockStored (the namespace's chunk size).
+    block_size: int = Field(256, ge=1)
+    #: Published batches kept for replay.
+    replay_batches: int = Field(10_000, ge=1)
+    #: Events waiting to be batched; beyond it, events are dropped and the next batch is a
+    #: full resync (AllBlocksCleared + BlockStored of everything present).
+    queue_events: int = Field(100_000, ge=1)
+    #: Longest time an event waits for its batch.
+    batch_interval_ms: int = Field(50, ge=1, le=10_000)
+    #: Most events in one batch.
+    max_batch_events: int = Field(1024, ge=1)
+    data_parallel_rank: int = Field(0, ge=0)
+
+
 class Config(_Section):
     server: ServerConfig = ServerConfig()
     auth: AuthConfig = AuthConfig()
@@ -301,6 +409,8 @@ class Config(_Section):
     chain: ChainConfig = ChainConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
+    remote: RemoteConfig = RemoteConfig()
+    events: EventsConfig = EventsConfig()
 
 
 ENV_PREFIX = "KVSTORE_"

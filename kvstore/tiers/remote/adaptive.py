@@ -1,0 +1,131 @@
+"""CacheGen's controller on the wire: pick the codec level from the measured link and a budget.
+
+For a chunk of ``n`` tokens and ``raw`` RAW bytes, the expected load time at level ``l`` is
+``size_l / throughput + raw / decode_rate_l`` (transfer, then decode), where ``size_l`` is
+``raw * ratio_l`` with ``ratio_l`` learned from recent encodes and ``throughput`` an EWMA of
+bytes/s over recent transfers. The controller picks the best-quality allowed level whose
+expected load time per token is within ``remote.load_budget_us_per_token``; when none fits
+it picks the allowed level with the smallest expected load time. Allowed levels are those
+no worse than the floor: ``remote.min_quality`` or a per-namespace override
+(``floor_for(namespace_id)``, e.g. a tenant that forbids lossy levels).
+
+Thread-safe (one lock; called from the uploader thread and request worker threads).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+from ...config import CODEC_QUALITY_ORDER, RemoteConfig, TierCodec
+
+#: Transfers smaller than this are latency-dominated and say little about bandwidth.
+MIN_SAMPLE_BYTES = 64 * 1024
+#: Encoded/RAW size per level before any encode was seen: SmolLM2 fp16 KV, docs/benchmarks.md
+#: (Codec, bits/element / 16).
+PRIOR_RATIO = {TierCodec.LOSSLESS: 0.86, TierCodec.NEAR_LOSSLESS: 0.217,
+               TierCodec.DEFAULT: 0.145, TierCodec.AGGRESSIVE: 0.113}
+#: RAW bytes/s one core decodes per level before any decode was timed (same table, CPU speed).
+PRIOR_DECODE_BYTES_PER_S = {TierCodec.LOSSLESS: 202e6, TierCodec.NEAR_LOSSLESS: 141e6,
+                            TierCodec.DEFAULT: 121e6, TierCodec.AGGRESSIVE: 108e6}
+#: Weight of a new size-ratio or decode-rate sample (slow: they depend on the data, not the link).
+_MODEL_ALPHA = 0.1
+
+#: Hook: namespace id -> the floor for it, or None to use ``remote.min_quality``.
+FloorHook = Callable[[bytes], "TierCodec | None"]
+
+
+class ThroughputMeter:
+    """EWMA of bytes/s over recent transfers (each sample = one transfer's bytes and time)."""
+
+    def __init__(self, initial_bytes_per_s: float, alpha: float) -> None:
+        self._bps = initial_bytes_per_s
+        self._alpha = alpha
+        self._lock = threading.Lock()
+        self.samples = 0
+
+    def sample(self, nbytes: int, seconds: float) -> None:
+        if nbytes < MIN_SAMPLE_BYTES or seconds <= 0:
+            return
+        with self._lock:
+            self._bps += self._alpha * (nbytes / seconds - self._bps)
+            self.samples += 1
+
+    @property
+    def bytes_per_s(self) -> float:
+        return self._bps
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    level: TierCodec
+    expected_us_per_token: float
+    within_budget: bool
+
+
+def allowed_levels(floor: TierCodec) -> tuple[TierCodec, ...]:
+    """Levels no worse than ``floor``, best quality first."""
+    return CODEC_QUALITY_ORDER[: CODEC_QUALITY_ORDER.index(floor) + 1]
+
+
+class AdaptiveController:
+    def __init__(self, cfg: RemoteConfig, meter: ThroughputMeter, floor_for: FloorHook | None = None) -> None:
+        self._budget_s = cfg.load_budget_us_per_token * 1e-6
+        self._floor = cfg.min_quality
+        self._floor_for = floor_for
+        self.meter = meter
+        self._ratio = dict(PRIOR_RATIO)
+        self._decode = dict(PRIOR_DECODE_BYTES_PER_S)
+        self._lock = threading.Lock()
+        #: Decisions made so far: ("upload" | "fetch", level) -> count (exported as metrics).
+        self.decisions: Counter[tuple[str, TierCodec]] = Counter()
+
+    def floor(self, namespace_id: bytes) -> TierCodec:
+        hook = self._floor_for(namespace_id) if self._floor_for is not None else None
+        return hook if hook is not None else self._floor
+
+    def expected_s(self, level: TierCodec, raw_bytes: int, wire_bytes: int | None = None) -> float:
+        """Transfer + decode time of one chunk at ``level`` (``wire_bytes`` when known)."""
+        with self._lock:
+            size = wire_bytes if wire_bytes is not None else raw_bytes * self._ratio[level]
+            return size / self.meter.bytes_per_s + raw_bytes / self._decode[level]
+
+    def choose(self, namespace_id: bytes, num_tokens: int, raw_bytes: int, purpose: str = "upload") -> Decision:
+        levels = allowed_levels(self.floor(namespace_id))
+        n = max(1, num_tokens)
+        timed = [(lv, self.expected_s(lv, raw_bytes) / n) for lv in levels]
+        fit = next(((lv, t) for lv, t in timed if t <= self._budget_s), None)
+        lv, t = fit if fit is not None else min(timed, key=lambda x: x[1])
+        self.record(purpose, lv)
+        return Decision(lv, t * 1e6, fit is not None)
+
+    def record(self, purpose: str, level: TierCodec) -> None:
+        with self._lock:
+            self.decisions[(purpose, level)] += 1
+
+    def small_level(self, namespace_id: bytes) -> TierCodec:
+        """The smallest level allowed for the namespace (the companion copy's level)."""
+        return allowed_levels(self.floor(namespace_id))[-1]
+
+    def fits(self, level: TierCodec, num_tokens: int, raw_bytes: int, wire_bytes: int) -> bool:
+        return self.expected_s(level, raw_bytes, wire_bytes) / max(1, num_tokens) <= self._budget_s
+
+    def observe_encode(self, level: TierCodec, raw_bytes: int, encoded_bytes: int) -> None:
+        if raw_bytes <= 0:
+            return
+        with self._lock:
+            self._ratio[level] += _MODEL_ALPHA * (encoded_bytes / raw_bytes - self._ratio[level])
+
+    def observe_decode(self, level: TierCodec, raw_bytes: int, seconds: float) -> None:
+        if raw_bytes < MIN_SAMPLE_BYTES or seconds <= 0:
+            return
+        with self._lock:
+            self._decode[level] += _MODEL_ALPHA * (raw_bytes / seconds - self._decode[level])
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"throughput_bytes_per_s": self.meter.bytes_per_s,
+                    "ratio": {k.value: v for k, v in self._ratio.items()},
+                    "decisions": {f"{p}:{lv.value}": c for (p, lv), c in self.decisions.items()}}
