@@ -14,7 +14,7 @@ import pytest
 
 import kvstore_native as native
 from kvstore.config import RemoteConfig
-from kvstore.testing.redis_cluster import LocalRedisCluster, available
+from kvstore_testing.redis_cluster import LocalRedisCluster, available
 from kvstore.tiers.remote import RemoteTier
 from kvstore.types import ChunkId, ChunkMeta, Encoding
 

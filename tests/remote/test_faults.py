@@ -10,7 +10,7 @@ import redis
 
 from kvstore.config import RemoteConfig
 from kvstore.tiers.remote import RemoteTier, build_remote
-from kvstore.testing.redis_cluster import free_ports
+from kvstore_testing.redis_cluster import free_ports
 
 from .conftest import TEST_TIMEOUT_MS, make_chunk, remote_config, ready
 
@@ -108,7 +108,7 @@ def test_paused_node_is_a_miss_within_the_deadline(fresh_cluster, rng, ns):
 
 
 def test_acl_password(tmp_path, rng, ns):
-    from kvstore.testing.redis_cluster import LocalRedisCluster, available
+    from kvstore_testing.redis_cluster import LocalRedisCluster, available
     import pytest
     if not available():
         pytest.skip("redis-server / redis-cli not installed")

@@ -105,7 +105,7 @@ def test_fast_link_uploads_lossless_and_a_small_companion(redis_cluster):
 def test_throttled_link_is_measured_and_ships_smaller_levels(redis_cluster):
     """A real rate-limited transfer (proxy at 20 MB/s in front of every node) against the
     unthrottled cluster: the meter learns each link and the uploader picks the level from it."""
-    from kvstore.testing.throttle import ThrottledCluster
+    from kvstore_testing.throttle import ThrottledCluster
     from kvstore.tiers.remote.link import RedisLink
     proxy = ThrottledCluster(redis_cluster, bytes_per_s=20e6)
     # Budget 100 us/token: a 64-token chunk (98 KB RAW) fits lossless only on the fast link.
