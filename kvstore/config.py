@@ -412,6 +412,35 @@ class Config(_Section):
     remote: RemoteConfig = RemoteConfig()
     events: EventsConfig = EventsConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _remote_joins_chain(cls, data: Any) -> Any:
+        """``remote.enabled = true`` alone puts the remote tier at the end of the chain (the
+        slowest level), so a deployment need not repeat it in ``chain.tiers``; listing
+        ``"remote"`` there places it explicitly (and is dropped while remote is disabled)."""
+        if not isinstance(data, dict):
+            return data
+        remote = data.get("remote")
+        enabled = remote.enabled if isinstance(remote, RemoteConfig) else (remote or {}).get("enabled")
+        if enabled not in (True, "true", "True", 1):
+            return data
+        chain = data.get("chain")
+        if isinstance(chain, ChainConfig):
+            tiers = list(chain.tiers)
+            if Medium.REMOTE not in tiers:
+                data = {**data, "chain": chain.model_copy(update={"tiers": tiers + [Medium.REMOTE]})}
+            return data
+        chain = dict(chain or {})
+        tiers = list(chain.get("tiers", ChainConfig.model_fields["tiers"].default))
+        if not any(_is_remote(t) for t in tiers):
+            chain["tiers"] = tiers + ["remote"]
+            data = {**data, "chain": chain}
+        return data
+
+
+def _is_remote(t: Any) -> bool:
+    return t == Medium.REMOTE or (isinstance(t, str) and t.strip().lower() == "remote")
+
 
 ENV_PREFIX = "KVSTORE_"
 

@@ -118,8 +118,9 @@ class KVStoreCollector:
         yield CounterMetricFamily("kvstore_payload_sent_bytes", "Chunk payload bytes sent", value=b_out)
 
 
-def start_exporter(listen: str, collector: KVStoreCollector):
-    """Serves /metrics on ``host:port`` from a daemon thread; returns the server (or None if disabled)."""
+def start_exporter(listen: str, collector: KVStoreCollector, *extra):
+    """Serves /metrics on ``host:port`` from a daemon thread; returns the server (or None if
+    disabled). ``extra``: more collectors (the remote tier's and the events publisher's)."""
     if not listen:
         return None
     from prometheus_client import CollectorRegistry, start_http_server
@@ -127,6 +128,8 @@ def start_exporter(listen: str, collector: KVStoreCollector):
     host, _, port = listen.rpartition(":")
     registry = CollectorRegistry(auto_describe=False)
     registry.register(collector)
+    for c in extra:
+        registry.register(c)
     server, _thread = start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
     log.info("metrics on http://%s/metrics", listen)
     return server

@@ -24,11 +24,12 @@ from .chain import Level, TierChain
 def build_chain(config: cfg.Config, transcoder: Transcoder | None = None,
                 clock: Callable[[], float] = time.time, *,
                 wrap: Mapping[Medium, Callable[[Tier], Tier]] | None = None,
-                verify_crc: bool = False) -> TierChain:
+                verify_crc: bool = False, resolve: Callable[[bytes], object] | None = None) -> TierChain:
     """The chain ``config`` describes. ``transcoder`` is needed when a tier has a codec
-    (FailedPrecondition otherwise). On failure every tier built so far is closed."""
+    (FailedPrecondition otherwise); ``resolve`` (namespace id -> Namespace) is handed to the
+    tier factories. On failure every tier built so far is closed."""
     pins = PinTable(clock)
-    ctx = registry.BuildContext(config, pins, clock, verify_crc)
+    ctx = registry.BuildContext(config, pins, clock, verify_crc, resolve)
     entries = [registry.entry(m) for m in config.chain.tiers]
     levels: list[Level] = []
     try:
@@ -46,7 +47,7 @@ def build_chain(config: cfg.Config, transcoder: Transcoder | None = None,
             if wrap and e.medium in wrap:
                 tier = wrap[e.medium](tier)
             levels.append(Level(tier, e.durable,
-                                config.chain.link_write_mode.get(e.medium, config.chain.write_mode),
+                                config.chain.link_write_mode.get(e.medium, e.write_mode(config) or config.chain.write_mode),
                                 e.write_queue_chunks(config), config.chain.promote_on_hit))
         if not levels:
             raise FailedPrecondition("every tier in chain.tiers is disabled; enable at least one")

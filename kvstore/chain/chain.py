@@ -16,7 +16,7 @@ Who calls what, from which thread:
 - the event-loop thread: ``lookup``, ``locate``, ``pin``, ``unpin``, ``entries``,
   ``inspect``, ``stats`` (in-memory only, never block on I/O; a disk tier's ``contains`` and
   ``scan`` read its in-memory index);
-- worker threads: ``put``, ``get``, ``delete``, ``delete_prefix``, ``evict``, ``flush``,
+- worker threads: ``put``, ``get``, ``fill_prefix``, ``delete``, ``delete_prefix``, ``evict``, ``flush``,
   ``close``, ``stored_in``, ``write_below`` (may do file I/O or wait);
 - each write-behind link's writer thread: ``_write_behind``.
 
@@ -109,6 +109,9 @@ class TierChain:
         shared = [i for i, lv in enumerate(self.levels) if lv.tier.shared_memory() is not None]
         #: Index of the level whose memory same-host clients map, or None.
         self.shared_level: int | None = shared[0] if shared else None
+        #: Whether a level can fill a missed prefix in one batch (``Tier.fetch_prefix``):
+        #: callers on the event loop check this before going to a worker for ``fill_prefix``.
+        self.serves_prefixes = any(lv.tier.serves_prefixes for lv in self.levels)
 
     def set_listener(self, fn: Callable[[ChunkId, Medium, bool], None] | None) -> None:
         """Tells ``fn(cid, medium, present)`` about every change in every tier (see
@@ -258,17 +261,44 @@ class TierChain:
                 return ref
         return None
 
+    def fill_prefix(self, cids: Sequence[ChunkId]) -> int:
+        """Completes a prefix the levels hold only partly (worker threads): the leading run
+        present locally stays, and the levels that ``serves_prefixes`` are asked, in order,
+        for the rest in one batch each; what they return is promoted into the levels above
+        them (as a hit found there would be). Returns the length of the leading run present
+        in some level that ``lookup`` sees afterwards. A failing or slow source is a shorter
+        run within its deadline, never an error."""
+        have = len(self.lookup(cids))
+        for i, lv in enumerate(self.levels):
+            if have >= len(cids):
+                break
+            if not lv.tier.serves_prefixes:
+                continue
+            for f in lv.tier.fetch_prefix(cids[have:]):
+                if not self._promote_copy(i, f.cid, f.meta, f.payload):
+                    return have  # no room above: the run ends here (later chunks stay remote)
+                have += 1
+        return have
+
     def _promote(self, found: int, cid: ChunkId, ref: ChunkRef) -> None:
+        self._promote_copy(found, cid, ref.meta, ref.view)
+
+    def _promote_copy(self, found: int, cid: ChunkId, meta: ChunkMeta, payload) -> bool:
+        """Copies a chunk found in level ``found`` into the levels above that allow it;
+        whether some level above now holds it."""
+        held = False
         for lv in self.levels[:found]:
             if not lv.promote:
                 continue
             try:
-                lv.tier.put(cid, ref.meta, ref.view)
+                lv.tier.put(cid, meta, payload)
+                held = True
             except ResourceExhausted:
                 self._count("_promotions_skipped")
             except Unavailable as err:
                 self._count("_write_errors")
                 log.warning("promotion of %s into %s failed: %s", cid.hex(), lv.medium.name, err)
+        return held
 
     # -- removal --------------------------------------------------------------------------------
     def _cancel(self, match: Callable[[ChunkId], bool]) -> None:

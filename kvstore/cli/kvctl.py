@@ -54,6 +54,25 @@ def _hexarg(s: str, what: str) -> str:
     return s
 
 
+def _remote_lines(st, sep: str) -> str:
+    """The remote tier's and the events publisher's lines of ``status`` / ``stats`` ("" without them)."""
+    out = ""
+    if st.HasField("remote"):
+        r = st.remote
+        levels = ", ".join(f"{k} {v}" for k, v in sorted(r.level_decisions.items())) or "-"
+        out += (f"{sep}remote: {size(r.bytes_read)} read, {size(r.bytes_written)} written, hit rate "
+                f"{100 * r.hit_rate:.1f}% ({r.hits} hits, {r.misses} misses), {r.corrupt} corrupt, {r.errors} errors, "
+                f"link {r.throughput_bytes_per_s * 8 / 1e9:.2f} Gbit/s"
+                f"{sep}uploads: {r.upload_queued} queued, {r.uploaded} uploaded, {r.upload_deduplicated} already there, "
+                f"{r.uploads_skipped} skipped (queue full), {r.quota_rejections} over quota"
+                f"{sep}levels chosen: {levels}")
+    if st.HasField("events"):
+        e = st.events
+        out += (f"{sep}events: {e.published_batches} batches / {e.published_events} events published, "
+                f"{e.dropped_events} dropped, {e.resyncs} resyncs, {e.snapshots} snapshots")
+    return out
+
+
 def _tier(t: int) -> str:
     return str(enum_name(_TIER_FIELD, t))
 
@@ -154,6 +173,7 @@ class Ctl:
             tiers = ", ".join(f"{_tier(t.tier)} {t.chunks} chunks / {size(t.used_bytes)} of "
                               f"{size(t.capacity_bytes)}" for t in stats.tiers)
             human += f", version {stats.version}, up {stats.uptime_s:.0f}s, {stats.namespaces} namespaces\n  {tiers}"
+            human += _remote_lines(stats, "\n  ")
         else:
             human += f" ({why})"
         self.out(obj, human, matched=health == "serving")
@@ -169,6 +189,7 @@ class Ctl:
         human = table(rows, ["tier", "policy", "capacity", "used", "chunks", "pinned", "hits", "misses", "hit rate",
                              "evictions", "corrupt"])
         human += f"\nwrite queue: {st.write_queue_depth} waiting, {st.write_queue_dropped} dropped"
+        human += _remote_lines(st, "\n")
         self.out(to_json(st), human)
 
     def namespaces(self) -> None:

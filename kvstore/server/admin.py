@@ -50,7 +50,8 @@ class AdminServicer:
         return admin_pb2.GetStatsResponse(
             tiers=[convert.tier_stats(t) for t in chain.tiers], version=__version__,
             uptime_s=time.time() - self._started, namespaces=st.namespaces,
-            write_queue_depth=chain.write_queue_depth, write_queue_dropped=chain.write_queue_dropped)
+            write_queue_depth=chain.write_queue_depth, write_queue_dropped=chain.write_queue_dropped,
+            **convert.remote_status(self._store.remote_status.status()))
 
     async def ListNamespaces(self, request, context):
         return admin_pb2.ListNamespacesResponse(

@@ -118,7 +118,7 @@ class Daemon:
         for name in ("", DATA_SERVICE, ADMIN_SERVICE, LOCAL_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._metrics_server = start_exporter(
-            self.config.metrics.listen, KVStoreCollector(self.store.stats, self.stats))
+            self.config.metrics.listen, KVStoreCollector(self.store.stats, self.stats), self.store.remote_status)
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()

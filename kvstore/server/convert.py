@@ -45,3 +45,20 @@ def tier_stats(t) -> admin_pb2.TierStats:
     return admin_pb2.TierStats(tier=int(t.medium), capacity_bytes=t.capacity_bytes, used_bytes=t.used_bytes,
                                chunks=t.chunks, hits=t.hits, misses=t.misses, evictions=t.evictions,
                                corrupt=t.corrupt, policy=str(t.policy), pinned_chunks=t.pinned_chunks)
+
+
+def remote_status(status: dict) -> dict:
+    """``RemoteCollector.status()`` -> GetStatsResponse fields (``remote``, ``events``)."""
+    out = {}
+    if "remote" in status:
+        r, u = status["remote"], status["upload"]
+        out["remote"] = admin_pb2.RemoteStatus(
+            hits=r["hits"], misses=r["misses"], hit_rate=r["hit_rate"], bytes_read=r["bytes_read"],
+            bytes_written=r["bytes_written"], stored=r["stored"], already_present=r["already_present"],
+            quota_rejections=r["quota_rejections"], corrupt=r["corrupt"], errors=r["errors"],
+            throughput_bytes_per_s=r["throughput_bytes_per_s"], upload_queued=u["queued"],
+            uploads_skipped=u["skipped_queue_full"], uploaded=u["uploaded"], upload_deduplicated=u["deduplicated"],
+            upload_retried_batches=u["retried_batches"], level_decisions=status["levels"])
+    if "events" in status:
+        out["events"] = admin_pb2.EventsStatus(**status["events"])
+    return out

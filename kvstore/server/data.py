@@ -120,6 +120,11 @@ class DataServicer:
         info = self._namespace(request.namespace_id)
         cids = chunk_ids(info, request.keys, self._cfg.max_keys_per_request)
         found = self._store.lookup(cids, request.pin_ttl_s)
+        if found.matched < len(cids) and self._store.serves_prefixes:
+            # A local miss: the rest of the prefix from the remote tier, on a worker (one
+            # round trip, bounded by its deadline), promoted locally; then answer again.
+            await self._run(self._store.fill_prefix, cids)
+            found = self._store.lookup(cids, request.pin_ttl_s)
         return data_pb2.LookupResponse(matched_chunks=found.matched, tiers=[int(m) for m in found.media])
 
     async def Exists(self, request, context):
@@ -136,6 +141,8 @@ class DataServicer:
                                   "RAW or CODEC")
         piece = self._cfg.stream_piece_bytes
         sent = 0
+        if self._store.serves_prefixes:
+            await self._run(self._store.fill_prefix, cids)  # a prefix missed locally: one remote batch
         try:
             for i, cid in enumerate(cids):
                 ref = await self._run(self._store.get, cid)

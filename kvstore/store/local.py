@@ -79,8 +79,11 @@ class LocalAccess:
         """Leases of the leading run of present chunks (a prefix ends at the first miss, so
         nothing after it is leased); a chunk found below the arena is promoted into it first.
         A chunk the arena cannot make room for ends the run (the client reads it over the
-        stream path)."""
+        stream path). With a level that serves prefixes (the remote tier), what the local
+        tiers miss is fetched from it in one batch and promoted first."""
         s = self._shared()
+        if self._chain.serves_prefixes:
+            self._chain.fill_prefix(cids)   # the part missed locally, from the remote tier in one batch
         out: list[LocalRead | None] = []
         for cid in cids:
             got = self._lease(s, cid)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import kvstore_native as native
 from .. import config as cfg
@@ -24,9 +24,13 @@ from ..domain.namespaces import NamespaceInfo, NamespaceRegistry
 from ..domain.results import KeyInfo, LookupResult, PutResult
 from ..domain.types import ChunkId, ChunkMeta, Durability, Encoding, Medium
 from ..tiers.base import ChunkRef, Tier
+from ..remote_metrics import RemoteCollector
 from ..tiers.presence import PresenceIndex
 from ..tiers.transcode import Transcoder
 from .local import LocalAccess
+
+if TYPE_CHECKING:
+    from ..events import KVEventPublisher
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +43,18 @@ class StoreStats:
 
 class Store:
     def __init__(self, chain: TierChain, namespaces: NamespaceRegistry, transcoder: Transcoder,
-                 network_codec: cfg.TierCodec, presence: PresenceIndex | None = None, worker_threads: int = 4) -> None:
+                 network_codec: cfg.TierCodec, presence: PresenceIndex | None = None, worker_threads: int = 4,
+                 events: "KVEventPublisher | None" = None) -> None:
         self.namespaces = namespaces
         self._chain = chain
         self._transcoder = transcoder
         self._network_codec = network_codec
         self._presence = presence
+        #: The KV events publisher (``events.enabled``), or None.
+        self.events = events
+        #: Remote tier, uploader, chosen levels and events counters: ``.status()`` (a dict,
+        #: for kvctl) and a Prometheus collector.
+        self.remote_status = RemoteCollector(_remote_parts(chain), events)
         self.local = LocalAccess(chain, presence.path if presence is not None else None, worker_threads)
 
     @classmethod
@@ -53,14 +63,23 @@ class Store:
         """Builds the registry, the chain of ``config.chain`` and the presence index.
         ``wrap`` wraps tiers by medium (tests: ``FaultyTier``)."""
         registry = NamespaceRegistry(config.disk.path, config.server.max_chunk_bytes)
-        transcoder = Transcoder(lambda nid: registry.get(nid, None).namespace)
-        chain = build_chain(config, transcoder, clock, wrap=wrap, verify_crc=verify_crc)
+        resolve = lambda nid: registry.get(nid, None).namespace  # noqa: E731 - NotFound when unknown
+        transcoder = Transcoder(resolve)
+        chain = build_chain(config, transcoder, clock, wrap=wrap, verify_crc=verify_crc, resolve=resolve)
+        presence = events = None
         try:
             presence = _open_presence(chain, config.dram.presence_buckets)
+            events = _open_events(config.events)
+            _listen(chain, presence, events)
         except BaseException:
+            if events is not None:
+                events.close()
             chain.close()
+            if presence is not None:
+                presence.close()
             raise
-        return cls(chain, registry, transcoder, config.server.network_codec, presence, config.server.worker_threads)
+        return cls(chain, registry, transcoder, config.server.network_codec, presence, config.server.worker_threads,
+                   events)
 
     # -- namespaces -----------------------------------------------------------------------------
     def namespace(self, namespace_id: bytes, tenant_scope: str | None) -> NamespaceInfo:
@@ -82,6 +101,20 @@ class Store:
 
     def lookup(self, cids: Sequence[ChunkId], pin_ttl_s: float = 0) -> LookupResult:
         return LookupResult(tuple(self._chain.lookup(cids, pin_ttl_s)))
+
+    @property
+    def serves_prefixes(self) -> bool:
+        """Whether a local miss can be filled from a lower level (the remote tier): the event
+        loop checks this (a plain attribute) before sending ``fill_prefix`` to a worker."""
+        return self._chain.serves_prefixes
+
+    def fill_prefix(self, cids: Sequence[ChunkId]) -> int:
+        """Worker threads: fetches the part of the prefix ``cids`` that the local tiers miss
+        from the levels that serve prefixes (one batch each) and promotes it into the local
+        tiers, so ``lookup``, ``get`` and same-host leases find it. Returns the length of the
+        leading run now present. A remote that is slow or down is a shorter run within its
+        deadline, never an error."""
+        return self._chain.fill_prefix(cids)
 
     def locate(self, cids: Sequence[ChunkId]) -> list[Medium | None]:
         return self._chain.locate(cids)
@@ -152,6 +185,9 @@ class Store:
         """Drains and closes the chain, then removes the presence index. Idempotent."""
         self.local.close()
         self._chain.close()
+        if self.events is not None:
+            self.events.close()
+            self.events = None
         if self._presence is not None:
             self._presence.close()
             self._presence = None
@@ -173,8 +209,39 @@ def _open_presence(chain: TierChain, buckets: int) -> PresenceIndex | None:
     except OSError as e:
         log.warning("no presence index (%s): same-host lookups will use the RPC", e)
         return None
-    chain.set_listener(presence.changed)
+    return presence
+
+
+def _remote_parts(chain: TierChain):
+    """The remote tier's parts when the chain has one (the level that exposes ``parts``)."""
+    for lv in chain.levels:
+        tier = lv.tier
+        while tier is not None:
+            parts = getattr(tier, "parts", None)
+            if parts is not None:
+                return parts
+            tier = getattr(tier, "inner", None)
+    return None
+
+
+def _open_events(config: cfg.EventsConfig) -> "KVEventPublisher | None":
+    if not config.enabled:
+        return None
+    from ..events import KVEventPublisher  # needs pyzmq: only when events are on
+    return KVEventPublisher(config)
+
+
+def _listen(chain: TierChain, presence: PresenceIndex | None, events: "KVEventPublisher | None") -> None:
+    """Feeds every tier's change events to the presence index and the events publisher, and
+    tells both what the tiers hold now."""
+    if events is None:
+        if presence is None:
+            return
+        listener = presence.changed
+    else:
+        from ..events.publisher import fan_out
+        listener = fan_out(presence.changed if presence is not None else None, events.listener)
+    chain.set_listener(listener)
     for lv in chain.levels:
         for e in lv.tier.scan():
-            presence.changed(e.cid, lv.medium, True)
-    return presence
+            listener(e.cid, lv.medium, True)

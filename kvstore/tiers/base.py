@@ -17,7 +17,7 @@ from __future__ import annotations
 import abc
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 from ..domain.types import ChunkId, ChunkMeta, Medium
 
@@ -80,6 +80,15 @@ class EntryInfo:
     meta: ChunkMeta
     last_access_s: float
     hits: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fetched:
+    """A chunk handed back by a prefix source (``Tier.fetch_prefix``): a private copy."""
+
+    cid: ChunkId
+    meta: ChunkMeta
+    payload: object
 
 
 class PinTable:
@@ -200,6 +209,16 @@ class Tier(abc.ABC):
         """A lease like ``get`` that need not count a hit or touch recency (the chain uses it
         to copy a chunk into a lower tier). Default: ``get``."""
         return self.get(cid)
+
+    #: Whether ``fetch_prefix`` answers (a remote level): the chain asks such a level for
+    #: the rest of a prefix that the levels above miss, from a worker thread.
+    serves_prefixes: bool = False
+
+    def fetch_prefix(self, cids: Sequence[ChunkId]) -> list[Fetched]:
+        """The longest leading run of ``cids`` this tier holds, as private copies, in one
+        batch (worker threads; bounded by the tier's deadline, never raises for a failure of
+        the medium: the run is shorter). Default: none."""
+        return []
 
     def shared_memory(self):
         """The ``tiers.shared.SharedMemoryTier`` face of this tier when same-host clients can

@@ -29,6 +29,9 @@ class BuildContext:
     clock: Callable[[], float]
     #: Re-check CRC32C on reads of in-memory tiers (a debug aid for tests).
     verify_crc: bool = False
+    #: Namespace id -> ``kvstore_wire.keys.Namespace`` (raises NotFound); None when the chain
+    #: is built without the namespace registry (tiers that need it then treat chunks as opaque).
+    resolve: Callable[[bytes], object] | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class TierEntry:
     codec: Callable[[cfg.Config], cfg.TierCodec] = lambda c: cfg.TierCodec.RAW
     #: Bound of the write-behind queue into this tier.
     write_queue_chunks: Callable[[cfg.Config], int] = lambda c: DEFAULT_WRITE_QUEUE_CHUNKS
+    #: The link mode into this tier when ``chain.link_write_mode`` does not name it (None:
+    #: ``chain.write_mode``). A tier with its own queue (the remote uploader) says write-through.
+    write_mode: Callable[[cfg.Config], cfg.WriteMode | None] = lambda c: None
 
 
 _REGISTRY: dict[Medium, TierEntry] = {}
@@ -72,6 +78,28 @@ def _disk(ctx: BuildContext) -> Tier:
     return DiskTier(ctx.config.disk, ctx.pins, ctx.clock)
 
 
+def _remote(ctx: BuildContext) -> Tier:
+    from ..domain.errors import NotFound
+    from .remote.level import RemoteLevel
+    from .remote.wiring import build_remote
+
+    resolve = ctx.resolve
+
+    def tenant_of(ns_id: bytes) -> str:
+        return resolve(ns_id).tenant
+
+    def chunk_tokens(ns_id: bytes) -> int | None:
+        try:
+            return resolve(ns_id).chunk_tokens
+        except NotFound:
+            return None
+
+    parts = build_remote(ctx.config.remote, resolve=resolve, tenant_of=tenant_of if resolve else None)
+    return RemoteLevel(parts, chunk_tokens if resolve else None)
+
+
 register(TierEntry(Medium.DRAM, _dram, durable=False, codec=lambda c: c.dram.codec))
 register(TierEntry(Medium.DISK, _disk, durable=True, enabled=lambda c: c.disk.enabled,
                    codec=lambda c: c.disk.codec, write_queue_chunks=lambda c: c.disk.write_queue_chunks))
+register(TierEntry(Medium.REMOTE, _remote, durable=False, enabled=lambda c: c.remote.enabled,
+                   write_mode=lambda c: cfg.WriteMode.WRITE_THROUGH))

@@ -18,6 +18,7 @@ class TierWrapper(Tier):
     def __init__(self, inner: Tier) -> None:
         self.inner = inner
         self.medium = inner.medium
+        self.serves_prefixes = inner.serves_prefixes
 
     @property
     def listener(self) -> Callable[[ChunkId, Medium, bool], None] | None:  # type: ignore[override]
@@ -62,3 +63,6 @@ class TierWrapper(Tier):
 
     def shared_memory(self):
         return self.inner.shared_memory()
+
+    def fetch_prefix(self, cids):
+        return self.inner.fetch_prefix(cids)

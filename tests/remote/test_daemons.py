@@ -1,0 +1,172 @@
+"""Two real daemons (two replicas, separate data dirs) sharing the test Redis Cluster through
+the remote level of their chains: what A stores is a hit on B (bit-exact at the lossless
+level); tenants never see each other across replicas; a cluster that is down or paused
+makes B's requests misses within the deadline while the local tiers keep serving; a value
+corrupted inside Redis is dropped."""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+
+import grpc
+import numpy as np
+import pytest
+
+from kvstore_client import KVStoreClient
+from kvstore_testing.daemon import spawn_daemon
+from kvstore_testing.data import kv_for, smol_ns, tokens_for
+from kvstore_testing.ports import free_port
+from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc
+from kvstore_wire.types import Tier
+
+from .conftest import TEST_TIMEOUT_MS
+
+SECRET = "daemons-test-secret-0123456789"
+TOKENS = {"tok-x-0123456789abcdef": {"tenant": "tenant-x", "admin": True},
+          "tok-y-0123456789abcdef": {"tenant": "tenant-y", "admin": False}}
+TOK_X, TOK_Y = list(TOKENS)
+#: How long A's uploads may take to reach the cluster on a loaded 2-core box.
+UPLOAD_WAIT_S = 60.0
+#: A miss must come back within this on a dead or paused cluster: the remote deadline (two
+#: bounded calls: the existence check and the fetch) plus the RPC and a loaded box's slack.
+MISS_BOUND_S = 2 * TEST_TIMEOUT_MS / 1000 + 2.0
+
+
+def remote_settings(cluster, *extra: str) -> list[str]:
+    nodes = "[" + ", ".join(f'"{n}"' for n in cluster.nodes) + "]"
+    return ["remote.enabled=true", f"remote.nodes={nodes}", f"remote.key_secret={SECRET}",
+            f"remote.timeout_ms={TEST_TIMEOUT_MS}", "remote.retry_backoff_s=0.2", "remote.min_quality=lossless",
+            "metrics.listen=", "disk.capacity_bytes=2GiB", "dram.capacity_bytes=512MiB", *extra]
+
+
+def replica(cluster, tmp_path, name: str, *extra: str):
+    return spawn_daemon(base_dir=tmp_path / name, settings=remote_settings(cluster, *extra), tokens=TOKENS)
+
+
+def stats(daemon):
+    """The daemon's GetStats (admin token)."""
+    with grpc.insecure_channel(daemon.addr) as ch:
+        return admin_pb2_grpc.AdminStub(ch).GetStats(admin_pb2.GetStatsRequest(), timeout=10,
+                                                     metadata=(("authorization", f"Bearer {TOK_X}"),))
+
+
+def wait_uploaded(daemon, n: int) -> None:
+    """Waits until the daemon's uploader has stored (or found present) ``n`` chunks."""
+    deadline = time.monotonic() + UPLOAD_WAIT_S
+    while time.monotonic() < deadline:
+        r = stats(daemon).remote
+        if r.uploaded + r.upload_deduplicated >= n and not r.upload_queued:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"uploads did not finish: {stats(daemon).remote}")
+
+
+@pytest.fixture
+def replicas(redis_cluster, tmp_path):
+    with ExitStack() as st:
+        a = st.enter_context(replica(redis_cluster, tmp_path, "a"))
+        b = st.enter_context(replica(redis_cluster, tmp_path, "b"))
+        yield a, b
+
+
+def test_prefix_stored_on_a_is_a_bit_exact_hit_on_b(replicas, request):
+    a, b = replicas
+    ns = smol_ns(f"replicas-{request.node.name}")
+    toks = tokens_for(3 * 256, seed=1)
+    kv = kv_for(ns, 3 * 256, seed=1)
+    with KVStoreClient(a.addr, ns, token=TOK_X) as ca:
+        assert ca.store(toks, kv) == 3
+        wait_uploaded(a, 3)
+    with KVStoreClient(b.addr, ns, token=TOK_X, local=False) as cb:
+        found = cb.lookup(toks)
+        assert found.matched_chunks == 3
+        # Promoted on B: the lookup already finds them in B's own DRAM.
+        assert all(t == Tier.DRAM for t in found.tiers)
+        n, out = cb.retrieve(toks)
+        assert n == 3 * 256
+        assert np.asarray(out).tobytes() == kv.tobytes()
+        r = stats(b).remote
+        assert r.hits >= 3 and r.level_decisions["fetch:lossless"] >= 3
+
+
+def test_same_host_client_on_b_leases_remote_chunks(replicas, request):
+    a, b = replicas
+    ns = smol_ns(f"replicas-{request.node.name}")
+    toks = tokens_for(2 * 256, seed=2)
+    kv = kv_for(ns, 2 * 256, seed=2)
+    with KVStoreClient(a.addr, ns, token=TOK_X) as ca:
+        ca.store(toks, kv)
+        wait_uploaded(a, 2)
+    with KVStoreClient(b.addr, ns, token=TOK_X, local=True) as cb:
+        n, out = cb.retrieve(toks)
+        assert n == 2 * 256 and np.asarray(out).tobytes() == kv.tobytes()
+
+
+def test_tenant_x_on_a_is_never_a_hit_for_tenant_y_on_b(replicas, request):
+    a, b = replicas
+    ns = smol_ns(f"replicas-{request.node.name}")
+    toks = tokens_for(2 * 256, seed=3)
+    with KVStoreClient(a.addr, ns, token=TOK_X) as ca:
+        ca.store(toks, kv_for(ns, 2 * 256, seed=3))
+        wait_uploaded(a, 2)
+    with KVStoreClient(b.addr, ns, token=TOK_Y, local=False) as cy:
+        assert cy.lookup(toks).matched_chunks == 0
+        assert cy.retrieve(toks)[0] == 0
+    with KVStoreClient(b.addr, ns, token=TOK_X, local=False) as cx:
+        assert cx.lookup(toks).matched_chunks == 2  # the same prompt, the right tenant: a hit
+
+
+def test_remote_down_is_a_quick_miss_and_local_tiers_keep_serving(fresh_cluster, tmp_path, request):
+    ns = smol_ns(f"replicas-{request.node.name}")
+    with replica(fresh_cluster, tmp_path, "b") as b, KVStoreClient(b.addr, ns, token=TOK_X, local=False) as cb:
+        local_toks = tokens_for(256, seed=4)
+        kv = kv_for(ns, 256, seed=4)
+        cb.store(local_toks, kv)
+        for port in list(fresh_cluster.ports):   # partitioned: every node stops answering
+            fresh_cluster.pause(port)
+        try:
+            t0 = time.monotonic()
+            assert cb.lookup(tokens_for(2 * 256, seed=5)).matched_chunks == 0
+            assert time.monotonic() - t0 < MISS_BOUND_S
+            t0 = time.monotonic()
+            assert cb.retrieve(tokens_for(256, seed=6))[0] == 0
+            assert time.monotonic() - t0 < MISS_BOUND_S
+            n, out = cb.retrieve(local_toks)        # local chunks still served
+            assert n == 256 and np.asarray(out).tobytes() == kv.tobytes()
+        finally:
+            for port in list(fresh_cluster.ports):
+                fresh_cluster.resume(port)
+        fresh_cluster.stop()                     # entirely down
+        t0 = time.monotonic()
+        assert cb.lookup(tokens_for(2 * 256, seed=7)).matched_chunks == 0
+        assert time.monotonic() - t0 < MISS_BOUND_S
+        n, out = cb.retrieve(local_toks)
+        assert n == 256 and np.asarray(out).tobytes() == kv.tobytes()
+        assert cb.store(tokens_for(256, seed=8), kv) == 1   # puts still work (upload retried later)
+
+
+def test_value_corrupted_in_redis_is_dropped(replicas, redis_cluster, request):
+    a, b = replicas
+    ns = smol_ns(f"replicas-{request.node.name}")
+    toks = tokens_for(2 * 256, seed=9)
+    with KVStoreClient(a.addr, ns, token=TOK_X) as ca:
+        ca.store(toks, kv_for(ns, 2 * 256, seed=9))
+        wait_uploaded(a, 2)
+        key_of_second = ca.keys(toks)[1]
+    flipped = _corrupt_one(redis_cluster, key_of_second.hex())
+    assert flipped, "the second chunk's value was not found in Redis"
+    with KVStoreClient(b.addr, ns, token=TOK_X, local=False) as cb:
+        assert cb.lookup(toks).matched_chunks == 1   # the corrupt second chunk ends the prefix
+        assert stats(b).remote.corrupt >= 1
+
+
+def _corrupt_one(cluster, key_hex: str) -> bool:
+    """Flips a payload byte of the stored value whose key ends with ``key_hex`` (any node)."""
+    for port in cluster.masters():
+        for k in cluster.cli(port, "--scan", "--pattern", f"*:{key_hex}").split():
+            if k.endswith(":s"):
+                continue
+            cluster.cli(port, "SETRANGE", k, "200", "\x7f\x7f\x7f\x7f")
+            return True
+    return False
