@@ -23,13 +23,13 @@ from kvstore_wire.types import Tier
 from .conftest import TEST_TIMEOUT_MS
 
 SECRET = "daemons-test-secret-0123456789"
-TOKENS = {"tok-x-0123456789abcdef": {"tenant": "tenant-x", "admin": True},
-          "tok-y-0123456789abcdef": {"tenant": "tenant-y", "admin": False}}
-TOK_X, TOK_Y = list(TOKENS)
+TOK_X, TOK_Y = "tok-x-0123456789abcdef", "tok-y-0123456789abcdef"
 #: How long A's uploads may take to reach the cluster on a loaded 2-core box.
 UPLOAD_WAIT_S = 60.0
 #: A miss must come back within this on a dead or paused cluster: the remote deadline (two
 #: bounded calls: the existence check and the fetch) plus the RPC and a loaded box's slack.
+#: Remote deadline of the replicas in the hit tests.
+HIT_TIMEOUT_MS = 3000
 MISS_BOUND_S = 2 * TEST_TIMEOUT_MS / 1000 + 2.0
 
 
@@ -40,8 +40,16 @@ def remote_settings(cluster, *extra: str) -> list[str]:
             "metrics.listen=", "disk.capacity_bytes=2GiB", "dram.capacity_bytes=512MiB", *extra]
 
 
-def replica(cluster, tmp_path, name: str, *extra: str):
-    return spawn_daemon(base_dir=tmp_path / name, settings=remote_settings(cluster, *extra), tokens=TOKENS)
+def replica(cluster, tmp_path, name: str, *extra: str, timeout_ms: int = TEST_TIMEOUT_MS):
+    """A daemon on the cluster; tenant X's token may also use the same-host path."""
+    base = tmp_path / name
+    base.mkdir(parents=True, exist_ok=True)
+    tokens = base / "tokens.toml"
+    tokens.write_text("[tokens]\n"
+                      f'"{TOK_X}" = {{ tenant = "tenant-x", admin = true, local_path = true }}\n'
+                      f'"{TOK_Y}" = {{ tenant = "tenant-y", admin = false }}\n')
+    return spawn_daemon(base_dir=base, settings=remote_settings(cluster, *extra, f'auth.tokens_file="{tokens}"',
+                                                                  f"remote.timeout_ms={timeout_ms}"))
 
 
 def stats(daemon):
@@ -51,22 +59,32 @@ def stats(daemon):
                                                      metadata=(("authorization", f"Bearer {TOK_X}"),))
 
 
-def wait_uploaded(daemon, n: int) -> None:
-    """Waits until the daemon's uploader has stored (or found present) ``n`` chunks."""
+def uploads(daemon) -> int:
+    r = stats(daemon).remote
+    return r.uploaded + r.upload_deduplicated
+
+
+def wait_uploaded(daemon, n: int, before: int) -> None:
+    """Waits until the daemon's uploader has stored (or found present) ``n`` more chunks
+    than ``before`` (``uploads()`` before the store)."""
     deadline = time.monotonic() + UPLOAD_WAIT_S
     while time.monotonic() < deadline:
         r = stats(daemon).remote
-        if r.uploaded + r.upload_deduplicated >= n and not r.upload_queued:
+        if r.uploaded + r.upload_deduplicated >= before + n and not r.upload_queued:
             return
         time.sleep(0.1)
     raise AssertionError(f"uploads did not finish: {stats(daemon).remote}")
 
 
-@pytest.fixture
-def replicas(redis_cluster, tmp_path):
+@pytest.fixture(scope="module")
+def replicas(redis_cluster, tmp_path_factory):
+    """Replicas A and B, shared by this module's tests (each test has its own namespace). The
+    hit tests get a generous deadline: on a loaded 2-core box a 500 ms call can miss, which is
+    the designed behaviour but would make "is a hit" flaky."""
+    tmp = tmp_path_factory.mktemp("replicas")
     with ExitStack() as st:
-        a = st.enter_context(replica(redis_cluster, tmp_path, "a"))
-        b = st.enter_context(replica(redis_cluster, tmp_path, "b"))
+        a = st.enter_context(replica(redis_cluster, tmp, "a", timeout_ms=HIT_TIMEOUT_MS))
+        b = st.enter_context(replica(redis_cluster, tmp, "b", timeout_ms=HIT_TIMEOUT_MS))
         yield a, b
 
 
@@ -75,9 +93,10 @@ def test_prefix_stored_on_a_is_a_bit_exact_hit_on_b(replicas, request):
     ns = smol_ns(f"replicas-{request.node.name}")
     toks = tokens_for(3 * 256, seed=1)
     kv = kv_for(ns, 3 * 256, seed=1)
+    before = uploads(a)
     with KVStoreClient(a.addr, ns, token=TOK_X) as ca:
         assert ca.store(toks, kv) == 3
-        wait_uploaded(a, 3)
+        wait_uploaded(a, 3, before)
     with KVStoreClient(b.addr, ns, token=TOK_X, local=False) as cb:
         found = cb.lookup(toks)
         assert found.matched_chunks == 3
@@ -95,9 +114,10 @@ def test_same_host_client_on_b_leases_remote_chunks(replicas, request):
     ns = smol_ns(f"replicas-{request.node.name}")
     toks = tokens_for(2 * 256, seed=2)
     kv = kv_for(ns, 2 * 256, seed=2)
+    before = uploads(a)
     with KVStoreClient(a.addr, ns, token=TOK_X) as ca:
         ca.store(toks, kv)
-        wait_uploaded(a, 2)
+        wait_uploaded(a, 2, before)
     with KVStoreClient(b.addr, ns, token=TOK_X, local=True) as cb:
         n, out = cb.retrieve(toks)
         assert n == 2 * 256 and np.asarray(out).tobytes() == kv.tobytes()
@@ -107,14 +127,15 @@ def test_tenant_x_on_a_is_never_a_hit_for_tenant_y_on_b(replicas, request):
     a, b = replicas
     ns = smol_ns(f"replicas-{request.node.name}")
     toks = tokens_for(2 * 256, seed=3)
+    before = uploads(a)
     with KVStoreClient(a.addr, ns, token=TOK_X) as ca:
         ca.store(toks, kv_for(ns, 2 * 256, seed=3))
-        wait_uploaded(a, 2)
+        wait_uploaded(a, 2, before)
     with KVStoreClient(b.addr, ns, token=TOK_Y, local=False) as cy:
         assert cy.lookup(toks).matched_chunks == 0
         assert cy.retrieve(toks)[0] == 0
     with KVStoreClient(b.addr, ns, token=TOK_X, local=False) as cx:
-        assert cx.lookup(toks).matched_chunks == 2  # the same prompt, the right tenant: a hit
+        assert cx.lookup(toks).matched_chunks == 2, (stats(b).remote, b.log_tail())  # the right tenant: a hit
 
 
 def test_remote_down_is_a_quick_miss_and_local_tiers_keep_serving(fresh_cluster, tmp_path, request):
@@ -150,9 +171,10 @@ def test_value_corrupted_in_redis_is_dropped(replicas, redis_cluster, request):
     a, b = replicas
     ns = smol_ns(f"replicas-{request.node.name}")
     toks = tokens_for(2 * 256, seed=9)
+    before = uploads(a)
     with KVStoreClient(a.addr, ns, token=TOK_X) as ca:
         ca.store(toks, kv_for(ns, 2 * 256, seed=9))
-        wait_uploaded(a, 2)
+        wait_uploaded(a, 2, before)
         key_of_second = ca.keys(toks)[1]
     flipped = _corrupt_one(redis_cluster, key_of_second.hex())
     assert flipped, "the second chunk's value was not found in Redis"
