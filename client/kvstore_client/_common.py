@@ -46,7 +46,8 @@ class LookupResult:
 
 def lookup_from_presence(presence, namespace_id: bytes, keys: Sequence[bytes], chunk_tokens: int) -> LookupResult | None:
     """A prefix lookup answered from the daemon's presence index; None when the index cannot
-    tell for some key (an overflowed bucket) and the daemon must be asked."""
+    tell for some key (an overflowed bucket), or a key is absent but the daemon can fill
+    misses from a tier outside the index (its remote tier), and the daemon must be asked."""
     from kvstore_wire.presence import fastest
 
     tiers = []
@@ -55,6 +56,8 @@ def lookup_from_presence(presence, namespace_id: bytes, keys: Sequence[bytes], c
         if mask is None:
             return None
         if not mask:
+            if getattr(presence, "miss_asks_daemon", False):
+                return None   # the daemon may fill the rest (its remote tier): ask it
             break
         tiers.append(fastest(mask))
     return LookupResult(len(tiers) * chunk_tokens, len(tiers), tuple(tiers))

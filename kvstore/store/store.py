@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
 
 import kvstore_native as native
+from kvstore_wire.presence import FLAG_MISS_ASK_DAEMON
 from .. import config as cfg
 from ..chain import ChainStats, TierChain, build_chain
 from ..domain.errors import DataLoss, FailedPrecondition, InvalidArgument
@@ -205,7 +206,8 @@ def _open_presence(chain: TierChain, buckets: int) -> PresenceIndex | None:
         return None
     shared = chain.levels[chain.shared_level].tier.shared_memory()
     try:
-        presence = PresenceIndex(shared.arena_path.with_suffix(".index"), buckets, shared.nonce)
+        presence = PresenceIndex(shared.arena_path.with_suffix(".index"), buckets, shared.nonce,
+                                 FLAG_MISS_ASK_DAEMON if chain.serves_prefixes else 0)
     except OSError as e:
         log.warning("no presence index (%s): same-host lookups will use the RPC", e)
         return None

@@ -23,7 +23,7 @@ class PresenceIndex:
     """Thread-safe: tiers call ``changed`` from any thread, with their own lock held (lock
     order: tier lock -> ``PresenceIndex._lock``; the index never calls into a tier)."""
 
-    def __init__(self, path: Path, nbuckets: int, nonce: bytes) -> None:
+    def __init__(self, path: Path, nbuckets: int, nonce: bytes, flags: int = 0) -> None:
         self.path = path
         size = layout(nbuckets)[2]
         path.unlink(missing_ok=True)
@@ -39,7 +39,7 @@ class PresenceIndex:
             os.close(fd)
         self._lock = threading.Lock()
         self._buf = memoryview(self._mm)
-        self._writer = PresenceWriter(self._buf, nbuckets, nonce)
+        self._writer = PresenceWriter(self._buf, nbuckets, nonce, flags)
 
     def changed(self, cid: ChunkId, medium: Medium, present: bool) -> None:
         ns, key = split_chunk_id(cid)

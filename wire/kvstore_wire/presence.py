@@ -14,7 +14,10 @@ Layout (all little-endian):
     0   16  magic  b"kvstore-index-1\\0"
     16  16  nonce  (the arena's nonce: pairs this index with that arena)
     32   8  u64 number of buckets (a power of two)
-    40  24  reserved (zero)
+    40   8  u64 flags: bit 0 ``FLAG_MISS_ASK_DAEMON`` (the daemon can fill a miss from a
+            tier this index does not list, e.g. a remote tier shared by replicas: a prefix
+            that ends here must be asked over the RPC); other bits zero
+    48  16  reserved (zero)
     64   n  u8 overflow counter per bucket (saturating), padded to 64 bytes
     ..      buckets: n x 8 u64 slots (one 64-byte cache line each)
 A slot is 0 (empty) or ``tag | tiers``: ``tag`` = the high 56 bits of
@@ -39,6 +42,8 @@ SLOTS_PER_BUCKET = 8
 _TAG_MASK = 0xFFFF_FFFF_FFFF_FF00
 _TIER_MASK = 0xFF
 _U64 = struct.Struct("<Q")
+#: Header flag: a miss in the index is not final; ask the daemon (it may fetch the chunk).
+FLAG_MISS_ASK_DAEMON = 1
 
 
 def tag_and_bucket(namespace_id: bytes, key: bytes, nbuckets: int) -> tuple[int, int]:
@@ -79,6 +84,8 @@ class PresenceReader:
         ovf, b, _ = layout(nbuckets)
         self._overflow = memoryview(mm)[ovf:ovf + nbuckets]
         self._slots = memoryview(mm)[b:].cast("Q")
+        #: A key absent here may still be served by the daemon (``FLAG_MISS_ASK_DAEMON``).
+        self.miss_asks_daemon = bool(_U64.unpack_from(mm, 40)[0] & FLAG_MISS_ASK_DAEMON)
 
     @classmethod
     def open(cls, path: str, nonce: bytes) -> "PresenceReader | None":
@@ -134,7 +141,7 @@ class PresenceReader:
 class PresenceWriter:
     """The daemon's side. Not thread-safe: the caller serialises ``update`` (one lock)."""
 
-    def __init__(self, buf: memoryview, nbuckets: int, nonce: bytes) -> None:
+    def __init__(self, buf: memoryview, nbuckets: int, nonce: bytes, flags: int = 0) -> None:
         if nbuckets <= 0 or nbuckets & (nbuckets - 1):
             raise ValueError("the number of buckets must be a power of two")
         ovf, b, total = layout(nbuckets)
@@ -145,6 +152,7 @@ class PresenceWriter:
         buf[0:16] = MAGIC
         buf[16:32] = nonce
         buf[32:40] = _U64.pack(nbuckets)
+        buf[40:48] = _U64.pack(flags)
         self._overflow = np.frombuffer(buf, np.uint8, nbuckets, ovf)
         self._slots = np.frombuffer(buf, np.uint64, nbuckets * SLOTS_PER_BUCKET, b)
         self.overflowed = 0
