@@ -244,6 +244,11 @@ def _listen(chain: TierChain, presence: PresenceIndex | None, events: "KVEventPu
         from ..events.publisher import fan_out
         listener = fan_out(presence.changed if presence is not None else None, events.listener)
     chain.set_listener(listener)
+    if events is not None:
+        # A (re)started daemon: subscribers drop what an earlier run told them (a fresh
+        # arena, a rebuilt index) and take what is present now from the first batch.
+        for lv in chain.levels:
+            events.cleared(lv.medium)
     for lv in chain.levels:
         for e in lv.tier.scan():
             listener(e.cid, lv.medium, True)

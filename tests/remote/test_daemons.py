@@ -16,7 +16,8 @@ from kvstore_client import KVStoreClient
 from kvstore_testing.data import kv_for, smol_ns, tokens_for
 from kvstore_wire.types import Tier
 
-from .replicas import HIT_TIMEOUT_MS, MISS_BOUND_S, TOK_X, TOK_Y, replica, stats, uploads, wait_uploaded
+from .replicas import (HIT_TIMEOUT_MS, MISS_BOUND_S, TOK_X, TOK_Y, UPLOAD_WAIT_S, replica, stats, uploads,
+                       wait_uploaded)
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +136,46 @@ def _corrupt_one(cluster, key_hex: str) -> bool:
             cluster.cli(port, "SETRANGE", k, "200", "\x7f\x7f\x7f\x7f")
             return True
     return False
+
+
+def test_kv_events_announce_dram_disk_and_remote(redis_cluster, tmp_path, request):
+    """events.enabled: a router subscribed to the daemon sees BlockStored per medium (DRAM,
+    then DISK by write-behind, REMOTE once uploaded), keyed by the chunk keys."""
+    import msgpack
+    import zmq
+
+    from kvstore_testing.ports import free_port
+
+    pub = free_port()
+    ns = smol_ns(f"events-{request.node.name}")
+    toks = tokens_for(256, seed=11)
+    ctx = zmq.Context.instance()
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.bind(f"tcp://127.0.0.1:{pub}")   # the daemon's PUB connects to a non-wildcard address
+    try:
+        with replica(redis_cluster, tmp_path, "ev", "events.enabled=true", f'events.endpoint="tcp://127.0.0.1:{pub}"',
+                     'events.replay_endpoint=""', "events.batch_interval_ms=20",
+                     timeout_ms=HIT_TIMEOUT_MS) as d, KVStoreClient(d.addr, ns, token=TOK_X, local=False) as c:
+            # A PUB drops what it sends before the connection is up: store a warm-up chunk
+            # until its events arrive, then the one under test.
+            warm, deadline = 0, time.monotonic() + UPLOAD_WAIT_S
+            while not sub.poll(500) and time.monotonic() < deadline:
+                warm += 1
+                c.store(tokens_for(256, seed=1000 + warm), kv_for(ns, 256, seed=12))
+            c.store(toks, kv_for(ns, 256, seed=11))
+            key = c.keys(toks)[0]
+            seen: set[str] = set()
+            deadline = time.monotonic() + UPLOAD_WAIT_S
+            while seen != {"DRAM", "DISK", "REMOTE"} and time.monotonic() < deadline:
+                if not sub.poll(200):
+                    continue
+                topic, seq, payload = sub.recv_multipart()
+                _ts, events, _rank = msgpack.unpackb(payload)
+                for ev in events:
+                    if ev[0] == "BlockStored" and key in ev[1]:
+                        seen.add(ev[6])
+            assert seen == {"DRAM", "DISK", "REMOTE"}
+            assert stats(d).events.published_events > 0
+    finally:
+        sub.close(0)
