@@ -302,16 +302,25 @@ CODEC_QUALITY_ORDER = (TierCodec.LOSSLESS, TierCodec.NEAR_LOSSLESS, TierCodec.DE
 class RemoteConfig(_Section):
     """The shared remote tier: compressed KV bitstreams in a Redis Cluster (docs/remote.md)."""
 
+    #: Use the remote tier: it joins the chain as its last level (or where ``chain.tiers``
+    #: lists ``"remote"``); local misses are filled from it, local puts are uploaded to it.
     enabled: bool = False
     #: Seed nodes ``host:port`` of the Redis Cluster; the client discovers the rest.
     nodes: list[str] = ["127.0.0.1:7000"]
+    #: Rewrites node addresses of the cluster's slot map, ``{"10.0.0.5:7000" = "nat-host:17000"}``
+    #: (NAT, or a harness's throttling proxy); empty: addresses as the cluster announces them.
+    address_map: dict[str, str] = {}
     #: Redis ACL user and password (AUTH); empty: no AUTH.
     username: str = ""
+    #: Redis password (AUTH / ACL); empty: no AUTH.
     password: str = ""
     #: TLS to the cluster; the CA/cert/key paths are optional (system CAs by default).
     tls: bool = False
+    #: CA bundle that signs the cluster's certificates (system CAs when unset).
     tls_ca_file: Path | None = None
+    #: Client certificate for mutual TLS (optional).
     tls_cert_file: Path | None = None
+    #: Private key of ``tls_cert_file``.
     tls_key_file: Path | None = None
     #: Cluster-wide secret every sidecar shares: Redis keys are HMAC(secret, namespace) salted,
     #: so nobody without it can compute another tenant's keys from token ids. At least 16 chars.
@@ -359,6 +368,14 @@ class RemoteConfig(_Section):
                 raise ValueError(f"{a!r} is not host:port")
         return v
 
+    @field_validator("address_map")
+    @classmethod
+    def _check_map(cls, v: dict[str, str]) -> dict[str, str]:
+        for a in [*v, *v.values()]:
+            if not re.fullmatch(r"[^:\s]+:[0-9]{1,5}", a):
+                raise ValueError(f"remote.address_map: {a!r} is not host:port")
+        return v
+
     @field_validator("min_quality")
     @classmethod
     def _check_floor(cls, v: TierCodec) -> TierCodec:
@@ -377,12 +394,15 @@ class EventEncoding(str, enum.Enum):
 class EventsConfig(_Section):
     """KV events for cache-aware routers over ZMQ, in vLLM's KV-events format (docs/events.md)."""
 
+    #: Publish chunk stored/removed events per medium (DRAM, disk, remote).
     enabled: bool = False
     #: PUB socket: ``tcp://*:5557`` binds; ``tcp://host:port`` connects.
     endpoint: str = "tcp://*:5557"
     #: ROUTER socket for replay and snapshot requests; empty disables replay.
     replay_endpoint: str = "tcp://*:5558"
+    #: Topic frame of every published batch.
     topic: str = "kv-events"
+    #: msgpack layout of events: ``array`` (positional, tag first) or ``map`` (``type`` key).
     encoding: EventEncoding = EventEncoding.ARRAY
     #: Block hashes as the 32-byte chunk key (``bytes``) or its first 8 bytes as an unsigned
     #: big-endian integer (``u64``, for consumers that only read integers).
@@ -398,6 +418,7 @@ class EventsConfig(_Section):
     batch_interval_ms: int = Field(50, ge=1, le=10_000)
     #: Most events in one batch.
     max_batch_events: int = Field(1024, ge=1)
+    #: ``data_parallel_rank`` field of every batch.
     data_parallel_rank: int = Field(0, ge=0)
 
 

@@ -60,13 +60,27 @@ _RETRIES = 2
 _RETRY_BACKOFF = dict(cap=0.05, base=0.005)
 
 
+def _map_of(table: dict[str, str]) -> Callable[[tuple[str, int]], tuple[str, int]] | None:
+    """``remote.address_map`` ("host:port" -> "host:port") as redis-py's ``address_remap``."""
+    if not table:
+        return None
+    pairs = {}
+    for src, dst in table.items():
+        (sh, _, sp), (dh, _, dp) = src.rpartition(":"), dst.rpartition(":")
+        pairs[(sh, int(sp))] = (dh, int(dp))
+
+    def remap(addr: tuple[str, int]) -> tuple[str, int]:
+        return pairs.get((addr[0], int(addr[1])), addr)
+    return remap
+
+
 class RedisLink:
     def __init__(self, cfg: RemoteConfig, clock: Callable[[], float] = time.monotonic,
                  address_remap: Callable[[tuple[str, int]], tuple[str, int]] | None = None) -> None:
         """``address_remap`` rewrites the node addresses of the slot map (NAT, or the test
         harness's throttling proxy)."""
         self.cfg = cfg
-        self._remap = address_remap
+        self._remap = address_remap or _map_of(cfg.address_map)
         self._clock = clock
         self.timeout_s = cfg.timeout_ms / 1000.0
         self._client: RedisCluster | None = None
