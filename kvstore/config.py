@@ -341,6 +341,9 @@ class RemoteConfig(_Section):
     #: Best-quality-first floor: levels of lower quality than this are never stored or sent.
     #: ``lossless`` forbids every lossy level.
     min_quality: TierCodec = TierCodec.AGGRESSIVE
+    #: Pin one codec level for uploads instead of the adaptive choice (no small companion);
+    #: ignored when the floor forbids it. Unset: adaptive.
+    fixed_level: TierCodec | None = None
     #: Load-time budget per token the adaptive controller plans for (transfer time of a
     #: chunk at the measured throughput, divided by its tokens).
     load_budget_us_per_token: float = Field(20.0, gt=0)

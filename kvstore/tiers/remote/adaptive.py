@@ -74,6 +74,7 @@ class AdaptiveController:
     def __init__(self, cfg: RemoteConfig, meter: ThroughputMeter, floor_for: FloorHook | None = None) -> None:
         self._budget_s = cfg.load_budget_us_per_token * 1e-6
         self._floor = cfg.min_quality
+        self._fixed = cfg.fixed_level
         self._floor_for = floor_for
         self.meter = meter
         self._ratio = dict(PRIOR_RATIO)
@@ -92,8 +93,14 @@ class AdaptiveController:
             size = wire_bytes if wire_bytes is not None else raw_bytes * self._ratio[level]
             return size / self.meter.bytes_per_s + raw_bytes / self._decode[level]
 
+    def _levels(self, namespace_id: bytes) -> tuple[TierCodec, ...]:
+        """The levels to choose from: ``fixed_level`` alone when set (if the floor allows it),
+        else every level no worse than the floor."""
+        allowed = allowed_levels(self.floor(namespace_id))
+        return (self._fixed,) if self._fixed is not None and self._fixed in allowed else allowed
+
     def choose(self, namespace_id: bytes, num_tokens: int, raw_bytes: int, purpose: str = "upload") -> Decision:
-        levels = allowed_levels(self.floor(namespace_id))
+        levels = self._levels(namespace_id)
         n = max(1, num_tokens)
         timed = [(lv, self.expected_s(lv, raw_bytes) / n) for lv in levels]
         fit = next(((lv, t) for lv, t in timed if t <= self._budget_s), None)
@@ -107,7 +114,7 @@ class AdaptiveController:
 
     def small_level(self, namespace_id: bytes) -> TierCodec:
         """The smallest level allowed for the namespace (the companion copy's level)."""
-        return allowed_levels(self.floor(namespace_id))[-1]
+        return self._levels(namespace_id)[-1]
 
     def fits(self, level: TierCodec, num_tokens: int, raw_bytes: int, wire_bytes: int) -> bool:
         return self.expected_s(level, raw_bytes, wire_bytes) / max(1, num_tokens) <= self._budget_s
