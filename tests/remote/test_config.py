@@ -30,3 +30,36 @@ def test_bad_settings_are_rejected_with_their_name(setting, message):
     with pytest.raises(InvalidArgument, match=message) as e:
         load_config(env={}, overrides=[setting])
     assert setting.split("=")[0] in str(e.value)
+
+
+def test_remote_enabled_joins_the_chain_last_or_where_listed():
+    from kvstore.config import Config
+    from kvstore.types import Medium
+
+    on = {"enabled": True, "key_secret": "s" * 20}
+    assert Config().chain.tiers == [Medium.DRAM, Medium.DISK]
+    assert Config(remote=on).chain.tiers == [Medium.DRAM, Medium.DISK, Medium.REMOTE]
+    assert Config(remote=on, chain={"tiers": ["dram", "remote", "disk"]}).chain.tiers == [
+        Medium.DRAM, Medium.REMOTE, Medium.DISK]
+    assert Config(remote=on, chain={"tiers": ["dram"]}).chain.tiers == [Medium.DRAM, Medium.REMOTE]
+
+
+def test_remote_link_mode_is_write_through_and_disabled_remote_is_dropped(tmp_path):
+    from kvstore.config import Config, WriteMode
+    from kvstore.tiers import registry
+    from kvstore.types import Medium
+
+    e = registry.entry(Medium.REMOTE)
+    assert e.write_mode(Config()) is WriteMode.WRITE_THROUGH
+    assert not e.enabled(Config(chain={"tiers": ["dram", "remote"]}))
+
+
+def test_address_map_and_fixed_level_are_checked():
+    import pytest
+    from pydantic import ValidationError
+
+    from kvstore.config import RemoteConfig, TierCodec
+
+    assert RemoteConfig(fixed_level="default").fixed_level is TierCodec.DEFAULT
+    with pytest.raises(ValidationError):
+        RemoteConfig(address_map={"nohost": "127.0.0.1:1"})
