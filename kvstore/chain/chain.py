@@ -275,10 +275,30 @@ class TierChain:
             if not lv.tier.serves_prefixes:
                 continue
             for f in lv.tier.fetch_prefix(cids[have:]):
-                if not self._promote_copy(i, f.cid, f.meta, f.payload):
+                if not self._promote_fetched(i, f.cid, f.meta, f.payload):
                     return have  # no room above: the run ends here (later chunks stay remote)
                 have += 1
         return have
+
+    def _promote_fetched(self, found: int, cid: ChunkId, meta: ChunkMeta, payload) -> bool:
+        """A chunk fetched from level ``found`` for a waiting reader: stored synchronously in
+        the first level above that takes promotions, and sent further down as a put would
+        be (a write-behind link queues it, so a disk write is not on the reader's path).
+        Whether that first level holds it."""
+        top = next((j for j in range(found) if self.levels[j].promote), None)
+        if top is None:
+            return False
+        try:
+            self.levels[top].tier.put(cid, meta, payload)
+        except ResourceExhausted:
+            self._count("_promotions_skipped")
+            return False
+        except Unavailable as err:
+            self._count("_write_errors")
+            log.warning("promotion of %s into %s failed: %s", cid.hex(), self.levels[top].medium.name, err)
+            return False
+        self.write_below(top, cid, meta, payload, persist=False)
+        return True
 
     def _promote(self, found: int, cid: ChunkId, ref: ChunkRef) -> None:
         self._promote_copy(found, cid, ref.meta, ref.view)

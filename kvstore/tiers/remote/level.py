@@ -7,7 +7,8 @@ The chain sees a ``Tier`` with the ``fetch_prefix`` capability (``base.PrefixSou
   RAW (``RemoteReader``); the chain promotes what comes back into the levels above.
 - ``put``: hands a copy to the bounded upload queue (``RemoteUploader.submit``, skipped and
   counted when full) and returns at once, so the link into this level is write-through
-  (the uploader is its queue).
+  (the uploader is its queue). A chunk this level just fetched (promoted, then written
+  down the chain again) is not uploaded back.
 - ``get``: one chunk through the same read path (a ``get`` walk that reached this level).
 - ``contains``: False. The chain calls it on the event loop (``lookup``) and before every
   put; a network round trip there would block both. Remote presence is only asked through
@@ -21,11 +22,17 @@ skipped upload) within ``remote.timeout_ms``, counted in the remote stats.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from typing import Callable, Iterator, Sequence
 
 from ...types import ChunkId, ChunkMeta, Medium, split_chunk_id
 from ..base import ChunkRef, EntryInfo, Fetched, Tier, TierStats
 from .wiring import RemoteParts
+
+#: Chunks remembered as fetched from the remote (not uploaded back when the chain writes them
+#: down again after promoting them): a few prefixes' worth.
+RECENT_FETCHES = 4096
 
 #: Namespace id -> tokens per chunk (the namespace registry); None when unknown.
 ChunkTokens = Callable[[bytes], "int | None"]
@@ -38,6 +45,8 @@ class RemoteLevel(Tier):
     def __init__(self, parts: RemoteParts, chunk_tokens: ChunkTokens | None = None) -> None:
         self.parts = parts
         self._chunk_tokens = chunk_tokens
+        self._lock = threading.Lock()   # guards _recent (a leaf lock)
+        self._recent: OrderedDict[ChunkId, None] = OrderedDict()
 
     # The listener belongs to the inner tier, which reports stores and deletes.
     @property
@@ -56,6 +65,12 @@ class RemoteLevel(Tier):
         if not cids:
             return []
         got = self.parts.reader.fetch_prefix(list(cids), self._tokens(cids[0]))
+        with self._lock:
+            for f in got:
+                self._recent[f.cid] = None
+                self._recent.move_to_end(f.cid)
+            while len(self._recent) > RECENT_FETCHES:
+                self._recent.popitem(last=False)
         return [Fetched(f.cid, f.meta, f.payload) for f in got]
 
     # -- Tier -------------------------------------------------------------------------------
@@ -67,7 +82,11 @@ class RemoteLevel(Tier):
         return ChunkRef(f.cid, f.meta, memoryview(f.payload).cast("B"), Medium.REMOTE)
 
     def put(self, cid: ChunkId, meta: ChunkMeta, payload) -> bool:
-        """Queues the upload (a copy); False when the queue was full (counted)."""
+        """Queues the upload (a copy); False when the queue was full (counted) or the chunk
+        came from here."""
+        with self._lock:
+            if cid in self._recent:
+                return False
         return self.parts.uploader.submit(cid, meta, payload)
 
     def contains(self, cid: ChunkId) -> bool:
