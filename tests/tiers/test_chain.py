@@ -265,10 +265,17 @@ def test_codec_without_a_transcoder_is_refused(tmp_path):
         build_chain(chain_config(tmp_path / "disk", codec=cfg.TierCodec.LOSSLESS))
 
 
-def test_unknown_tier_in_config_is_a_clear_error(tmp_path):
+def test_unknown_tier_in_config_is_a_clear_error(tmp_path, monkeypatch):
     from kvstore.domain.errors import InvalidArgument
+    from kvstore.tiers import registry
+    monkeypatch.delitem(registry._REGISTRY, Medium.REMOTE)   # a build without that tier
     with pytest.raises(InvalidArgument, match="remote"):
         build_chain(chain_config(tmp_path / "disk", chain={"tiers": ["dram", "remote"]}))
+
+
+def test_remote_listed_but_disabled_is_left_out(tmp_path):
+    with build_chain(chain_config(tmp_path / "disk", chain={"tiers": ["dram", "disk", "remote"]})) as c:
+        assert [lv.medium for lv in c.levels] == [Medium.DRAM, Medium.DISK] and not c.serves_prefixes
 
 
 def test_chaos_a_flaky_disk_never_fails_memory_puts_or_serves_wrong_bytes(make_manager, rng):
