@@ -3,7 +3,7 @@
 JSON schema (every command): a JSON object; protobuf messages become objects with every field
 present; integers stay integers, floats floats; ``bytes`` (namespace ids, keys) become
 lower-case hex; enums become their lower-case name (``"dram"``, ``"float16"``), ``null`` for
-``*_UNSPECIFIED``; repeated fields become lists.
+``*_UNSPECIFIED``; repeated fields become lists, maps objects; an unset message field is ``null``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ def to_json(msg) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for field in msg.DESCRIPTOR.fields:
         v = getattr(msg, field.name)
-        if _repeated(field):
+        if field.message_type is not None and field.message_type.GetOptions().map_entry:
+            out[field.name] = dict(v)   # map<string, scalar>: a JSON object
+        elif _repeated(field):
             out[field.name] = [_value(field, x) for x in v]
         elif field.type == FieldDescriptor.TYPE_MESSAGE and not msg.HasField(field.name):
             out[field.name] = None

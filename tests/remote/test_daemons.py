@@ -6,6 +6,9 @@ corrupted inside Redis is dropped."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from contextlib import ExitStack
 
@@ -51,6 +54,15 @@ def test_prefix_stored_on_a_is_a_bit_exact_hit_on_b(replicas, request):
         assert np.asarray(out).tobytes() == kv.tobytes()
         r = stats(b).remote
         assert r.hits >= 3 and r.level_decisions["fetch:lossless"] >= 3
+    # kvctl shows the remote tier (human and --json).
+    out = subprocess.run([sys.executable, "-m", "kvstore.cli.kvctl", "--addr", b.addr, "--token", TOK_X, "stats"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "remote:" in out.stdout and "uploads:" in out.stdout and "fetch:lossless" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "kvstore.cli.kvctl", "--addr", a.addr, "--token", TOK_X, "--json",
+                          "status"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["stats"]["remote"]["uploaded"] >= 3
 
 
 def test_same_host_client_on_b_leases_remote_chunks(replicas, request):

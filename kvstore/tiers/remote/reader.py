@@ -3,7 +3,7 @@
 ``fetch_prefix(cids)`` finds the longest present prefix in one pipelined round trip (STRLEN
 per chunk, which also gives the stored sizes), chooses per batch between the primary copies
 and the small companions (the primaries when their expected load time at the measured
-throughput fits the budget, else the companions), fetches concurrently, verifies (the tier
+throughput fits the budget, else whichever is expected to load faster: transfer + decode), fetches concurrently, verifies (the tier
 checks every CRC) and hands back ``FetchedChunk``s in order for the caller to promote into
 DRAM (and disk by policy). With a ``decode`` function the chunks come back RAW (what
 same-host clients load); otherwise as stored.
@@ -20,7 +20,7 @@ from typing import Callable
 
 from ...config import TierCodec
 from ...errors import DataLoss
-from ...types import ChunkId, ChunkMeta, Encoding
+from ...types import ChunkId, ChunkMeta, Encoding, split_chunk_id
 from .adaptive import AdaptiveController
 from .tier import RemoteTier
 
@@ -59,8 +59,12 @@ class RemoteReader:
         small = False
         if num_tokens and self.tier.cfg.small_companion:
             wire = sum(sizes[:n])
-            primary = TierCodec.LOSSLESS
-            small = not self.controller.fits(primary, num_tokens * n, int(wire * _ASSUMED_EXPANSION), wire)
+            primary, raw = TierCodec.LOSSLESS, int(wire * _ASSUMED_EXPANSION)
+            if not self.controller.fits(primary, num_tokens * n, raw, wire):
+                # Over budget: the companion only when it is expected to load faster (a
+                # smaller level saves transfer but may cost more decode than it saves).
+                level = self.controller.small_level(split_chunk_id(cids[0])[0])
+                small = self.controller.expected_s(level, raw) < self.controller.expected_s(primary, raw, wire)
         out: list[FetchedChunk] = []
         for cid, v in zip(cids[:n], self.tier.get_values(list(cids[:n]), small=small)):
             if v is None:
