@@ -30,7 +30,8 @@ def remote_settings(cluster, *extra: str) -> list[str]:
             "metrics.listen=", "disk.capacity_bytes=2GiB", "dram.capacity_bytes=512MiB", *extra]
 
 
-def replica(cluster, tmp_path, name: str, *extra: str, timeout_ms: int = TEST_TIMEOUT_MS):
+def replica(cluster, tmp_path, name: str, *extra: str, timeout_ms: int = TEST_TIMEOUT_MS,
+            start_timeout_s: float = 60.0):
     """A daemon on the cluster; tenant X's token may also use the same-host path."""
     base = tmp_path / name
     base.mkdir(parents=True, exist_ok=True)
@@ -38,7 +39,7 @@ def replica(cluster, tmp_path, name: str, *extra: str, timeout_ms: int = TEST_TI
     tokens.write_text("[tokens]\n"
                       f'"{TOK_X}" = {{ tenant = "tenant-x", admin = true, local_path = true }}\n'
                       f'"{TOK_Y}" = {{ tenant = "tenant-y", admin = false }}\n')
-    return spawn_daemon(base_dir=base, settings=remote_settings(cluster, *extra, f'auth.tokens_file="{tokens}"',
+    return spawn_daemon(base_dir=base, start_timeout_s=start_timeout_s, settings=remote_settings(cluster, *extra, f'auth.tokens_file="{tokens}"',
                                                                   f"remote.timeout_ms={timeout_ms}"))
 
 
