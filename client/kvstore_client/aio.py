@@ -137,7 +137,8 @@ class AsyncKVStoreClient:
         try:
             a = await self._attach(local_pb2.AttachRequest(), metadata=self._metadata, timeout=self.timeout_s)
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED,
+                            grpc.StatusCode.PERMISSION_DENIED):  # no local_path right: stream path
                 return
             raise from_rpc_error(e, self.addr) from None
         if a.index_path:

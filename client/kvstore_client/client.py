@@ -121,7 +121,8 @@ class KVStoreClient:
         try:
             a = self._attach(local_pb2.AttachRequest(), metadata=self._metadata, timeout=self.timeout_s)
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED,
+                            grpc.StatusCode.PERMISSION_DENIED):  # no local_path right: stream path
                 return None
             raise from_rpc_error(e, self.addr) from None
         arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
