@@ -22,6 +22,7 @@ from ..config import Config
 from ..errors import FailedPrecondition, Unavailable
 from ..metrics import KVStoreCollector, RequestStats, start_exporter
 from ..namespaces import NamespaceRegistry
+from ..quotas import ledger_from_config
 from . import wire
 from .admin import AdminServicer
 from .auth import Authenticator
@@ -87,7 +88,9 @@ class Daemon:
         check_tls_config(config)
         self.config = config
         self.manager = manager
-        self.registry = NamespaceRegistry(config.disk.path, config.server.max_chunk_bytes)
+        self.quotas = ledger_from_config(config.quotas, config.auth)
+        self.registry = NamespaceRegistry(config.disk.path, config.server.max_chunk_bytes, quotas=self.quotas,
+                                          fsync=config.disk.fsync)
         manager.attach_namespaces(lambda nid: self.registry.get(nid, None).namespace)
         self.pool = ThreadPoolExecutor(config.server.worker_threads, thread_name_prefix="kvstore-worker")
         self.stats = RequestStats()
@@ -143,6 +146,7 @@ class Daemon:
             self._metrics_server.shutdown()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, self.manager.close)
+        self.registry.close()
         self.pool.shutdown(wait=True)
 
     async def wait(self) -> None:

@@ -68,7 +68,7 @@ class DataServicer:
     # ------------------------------------------------------------------ RegisterNamespace
     async def RegisterNamespace(self, request, context):
         ns = convert.namespace_from_spec(request.spec, current_principal().tenant)
-        info = self._ns.register(ns)
+        info = await self._run(self._ns.register, ns)  # blocking: appends to the registry log and fsyncs
         return data_pb2.RegisterNamespaceResponse(namespace=convert.namespace_info(info),
                                                   max_message_bytes=self._cfg.max_message_bytes)
 
