@@ -66,13 +66,29 @@ def _dict(msg) -> dict:
     return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+def _channel(args) -> tuple[grpc.Channel, tuple]:
+    """The channel to the daemon and the call metadata (the token), from the --tls-* and --token options."""
+    from kvstore_wire.channel import InsecureTransportError, TlsOptions, auth_metadata, open_channel
+
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+        try:
+            tls = TlsOptions(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
+                             server_name=args.tls_server_name)
+        except ValueError as e:
+            raise SystemExit(f"kvctl: {e}") from None
+    try:
+        md = auth_metadata(args.token or os.environ.get("KVSTORE_TOKEN"), args.addr, tls)
+        return open_channel(args.addr, tls=tls), md
+    except (InsecureTransportError, ValueError) as e:
+        raise SystemExit(f"kvctl: {e}") from None
+
+
 class Ctl:
     def __init__(self, args) -> None:
         self.args = args
-        self.channel = grpc.insecure_channel(args.addr)
+        self.channel, self.md = _channel(args)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
-        token = args.token or os.environ.get("KVSTORE_TOKEN")
-        self.md = (("authorization", f"Bearer {token}"),) if token else ()
 
     def call(self, method: str, request):
         return getattr(self.admin, method)(request, metadata=self.md, timeout=self.args.timeout)
@@ -201,6 +217,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--addr", default=os.environ.get("KVSTORE_ADDR", DEFAULT_ADDR),
                    help=f"daemon address, host:port or unix:/path (default {DEFAULT_ADDR}, env KVSTORE_ADDR)")
     p.add_argument("--token", help="admin token (default: env KVSTORE_TOKEN)")
+    p.add_argument("--tls-ca", default=os.environ.get("KVSTORE_TLS_CA"),
+                   help="PEM CA that signs the daemon's certificate: use TLS (env KVSTORE_TLS_CA)")
+    p.add_argument("--tls-cert", default=os.environ.get("KVSTORE_TLS_CERT"),
+                   help="PEM client certificate for mutual TLS (env KVSTORE_TLS_CERT)")
+    p.add_argument("--tls-key", default=os.environ.get("KVSTORE_TLS_KEY"),
+                   help="PEM key of --tls-cert (env KVSTORE_TLS_KEY)")
+    p.add_argument("--tls-server-name", help="name to verify the daemon's certificate against (default: the host)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per request (default 10)")
     sub = p.add_subparsers(dest="command", required=True)
