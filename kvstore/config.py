@@ -150,6 +150,7 @@ class TenantQuotas(_Section):
     max_concurrent_streams: int | None = Field(None, ge=0)
     max_namespaces: int | None = Field(None, ge=0)
     max_inflight_request_bytes: Bytes | None = None
+    max_stream_idle_s: float | None = Field(None, gt=0)
 
 
 class QuotaConfig(_Section):
@@ -178,13 +179,16 @@ class QuotaConfig(_Section):
     #: Arena bytes a tenant's open write reservations may cover at once.
     max_reserved_bytes: Bytes = 256 * 1024**2
     #: Streaming RPCs (Put, Get) a tenant may have in flight at once.
-    max_concurrent_streams: int = Field(64, ge=0)
+    max_concurrent_streams: int = Field(256, ge=0)
     #: Namespaces a tenant may register.
     max_namespaces: int = Field(1024, ge=0)
     #: Request bytes of one tenant buffered in the daemon at once (Put payloads being received).
     max_inflight_request_bytes: Bytes = 512 * 1024**2
     #: Request bytes of all tenants together buffered in the daemon at once.
     daemon_max_inflight_request_bytes: Bytes = 1024**3
+    #: Seconds a streaming request (Put) may go without sending its next message before the
+    #: daemon cancels it (DEADLINE_EXCEEDED) and frees what it held.
+    max_stream_idle_s: float = Field(30.0, gt=0)
 
 
 class CertEntry(_Section):

@@ -75,6 +75,7 @@ class TenantLimits:
 
     values: Mapping[Resource, int | None]
     max_pin_ttl_s: float
+    max_stream_idle_s: float
     overridden: frozenset[str] = frozenset()
 
     def limit(self, resource: Resource) -> int | None:
@@ -91,7 +92,7 @@ def resolve_limits(defaults: QuotaConfig, override: TenantQuotas | None = None) 
         v = getattr(override, field) if field in set_fields else None
         return getattr(defaults, field) if v is None else v
 
-    return TenantLimits({r: pick(r.value) for r in Resource}, pick("max_pin_ttl_s"),
+    return TenantLimits({r: pick(r.value) for r in Resource}, pick("max_pin_ttl_s"), pick("max_stream_idle_s"),
                         frozenset(f for f in set_fields if getattr(override, f) is not None))
 
 

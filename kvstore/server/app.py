@@ -100,7 +100,7 @@ class Daemon:
         self.server = grpc.aio.server(
             interceptors=[RequestInterceptor(
                 Authenticator(config.auth, trust_cert_identities=verifies_client_certs(config.server.tls)),
-                self.stats)],
+                self.stats, self.quotas)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers((_data_handler(DataServicer(manager, self.registry, config,

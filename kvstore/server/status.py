@@ -13,6 +13,11 @@
 5. any other exception ends it with INTERNAL, after logging the traceback: that is a bug;
 6. the outcome and latency are recorded in ``RequestStats``.
 
+With a ``QuotaLedger``, streaming RPCs (Put, Get) also count against the tenant's
+``quotas.max_concurrent_streams`` for their whole duration, and a streaming request that sends
+nothing for ``quotas.max_stream_idle_s`` is ended with DEADLINE_EXCEEDED (what the servicer
+held is freed as its ``async for`` unwinds).
+
 Nothing a client sends is logged more than once per ``LOG_INTERVAL_S`` per kind of event
 (one line, with a count of the suppressed ones), so a client cannot flood the log.
 Servicers therefore contain no try/except for error reporting; they raise ``kvstore.errors``.
@@ -29,8 +34,9 @@ from typing import Any, Callable
 
 import grpc
 
-from ..errors import InvalidArgument, KVStoreError
+from ..errors import DeadlineExceeded, InvalidArgument, KVStoreError
 from ..metrics import RequestStats
+from ..quotas import QuotaLedger, Resource
 from . import capabilities
 from .auth import ANONYMOUS, Authenticator, Peer, set_principal
 
@@ -119,9 +125,10 @@ def _peer(context) -> Peer:
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, authenticator: Authenticator, stats: RequestStats) -> None:
+    def __init__(self, authenticator: Authenticator, stats: RequestStats, quotas: QuotaLedger | None = None) -> None:
         self._auth = authenticator
         self._stats = stats
+        self._quotas = quotas
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -130,19 +137,40 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             return handler
         short = method[len(_KVSTORE_PREFIX):]
         metadata = details.invocation_metadata
-        auth, stats = self._auth, self._stats
+        auth, stats, quotas = self._auth, self._stats, self._quotas
         parse = _parser(handler.request_deserializer, short)
+        streaming = bool(handler.stream_unary or handler.unary_stream)
 
-        def begin(context) -> None:
+        def begin(context) -> str | None:
+            """Authenticates and checks the right; returns the tenant holding a stream slot, if any."""
             p = auth.authenticate(metadata, _peer(context)) if auth.enabled else ANONYMOUS
             capabilities.check(method, p.rights, unrestricted=not p.authenticated)
             set_principal(p)
+            if streaming and quotas is not None:
+                quotas.acquire(p.tenant, Resource.CONCURRENT_STREAMS)
+                return p.tenant
+            return None
+
+        def end(stream_tenant: str | None) -> None:
+            if stream_tenant is not None:
+                quotas.release(stream_tenant, Resource.CONCURRENT_STREAMS)
+
+        def idle_s(tenant: str | None) -> float | None:
+            return quotas.limits(tenant).max_stream_idle_s if quotas is not None and tenant is not None else None
 
         def code_of(exc: BaseException) -> str:
             return exc.code if isinstance(exc, KVStoreError) else "INTERNAL"
 
-        async def parsed_stream(request_iterator):
-            async for item in request_iterator:
+        async def parsed_stream(request_iterator, timeout_s: float | None):
+            it = request_iterator.__aiter__()
+            while True:
+                try:
+                    item = await asyncio.wait_for(it.__anext__(), timeout_s)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise DeadlineExceeded(f"{short}: no request message for {timeout_s:g}s "
+                                           "(quotas.max_stream_idle_s); the stream is cancelled") from None
                 yield parse(item)
 
         def single_response(inner, streaming_request: bool):
@@ -151,9 +179,11 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             async def call(request_or_iterator, context):
                 t0 = time.perf_counter()
                 code = "OK"
+                held = None
                 try:
-                    begin(context)
-                    req = parsed_stream(request_or_iterator) if streaming_request else parse(request_or_iterator)
+                    held = begin(context)
+                    req = (parsed_stream(request_or_iterator, idle_s(held)) if streaming_request
+                           else parse(request_or_iterator))
                     return await inner(req, context)
                 except grpc.aio.AbortError:
                     code = _aborted_code(context)
@@ -165,6 +195,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                     code = code_of(e)
                     await _fail(context, e, method)
                 finally:
+                    end(held)
                     stats.observe(short, code, time.perf_counter() - t0)
             return call
 
@@ -180,8 +211,9 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             async def unary_stream(request, context):
                 t0 = time.perf_counter()
                 code = "OK"
+                held = None
                 try:
-                    begin(context)
+                    held = begin(context)
                     async for item in inner_us(parse(request), context):
                         yield item
                 except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
@@ -191,6 +223,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                     code = code_of(e)
                     await _fail(context, e, method)
                 finally:
+                    end(held)
                     stats.observe(short, code, time.perf_counter() - t0)
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, _hold, handler.response_serializer)
