@@ -14,7 +14,8 @@ import grpc
 
 from . import _common as C
 from kvstore_wire._proto.kvstore.v1 import data_pb2, local_pb2
-from .client import bind_stubs, channel_options
+from .client import bind_stubs, secure_channel
+from kvstore_wire.channel import TlsOptions
 from .errors import from_rpc_error
 from kvstore_wire.keys import Namespace, prefix_keys
 from kvstore_wire.presence import PresenceReader
@@ -33,21 +34,23 @@ def _translating(fn):
 
 
 class AsyncKVStoreClient:
-    def __init__(self, addr: str, token: str | None = None, timeout_s: float | None = 60.0) -> None:
+    def __init__(self, addr: str, token: str | None = None, timeout_s: float | None = 60.0,
+                 tls: TlsOptions | None = None) -> None:
         """Use ``await AsyncKVStoreClient.connect(...)``."""
         self.addr = addr
         self.timeout_s = timeout_s
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.aio.insecure_channel(addr, options=channel_options())
+        self._metadata, self._channel = secure_channel(addr, token, tls, aio=True)
         bind_stubs(self, self._channel)
         self.presence: PresenceReader | None = None
         self._get_encoding = 0 if C.codec_available() else 1  # 1 = RAW: the daemon decodes
 
     @classmethod
     async def connect(cls, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
-                      timeout_s: float | None = 60.0, local: bool = True) -> "AsyncKVStoreClient":
-        """``local=False``: never read the same-host presence index (lookups are RPCs)."""
-        self = cls(addr, token, timeout_s)
+                      timeout_s: float | None = 60.0, local: bool = True,
+                      tls: TlsOptions | None = None) -> "AsyncKVStoreClient":
+        """``local=False``: never read the same-host presence index (lookups are RPCs).
+        ``tls``: as for ``KVStoreClient``."""
+        self = cls(addr, token, timeout_s, tls)
         try:
             await self._connect(C.as_namespace(namespace))
             if local:

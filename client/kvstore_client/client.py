@@ -27,6 +27,7 @@ import grpc
 from . import _common as C
 from kvstore_wire._proto.kvstore.v1 import data_pb2, local_pb2
 from kvstore_wire.framing import data_or_message, serializer
+from kvstore_wire.channel import TlsOptions, auth_metadata, open_channel
 from .errors import InvalidArgument, KVStoreClientError, from_rpc_error
 from kvstore_wire.keys import Namespace, prefix_keys
 from kvstore_native import transfer
@@ -47,6 +48,14 @@ _LOCAL = "/kvstore.v1.LocalData/"
 def channel_options() -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", C.CLIENT_MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", C.CLIENT_MAX_MESSAGE_BYTES)]
+
+
+def secure_channel(addr: str, token: str | None, tls: TlsOptions | None, aio: bool = False):
+    """(call metadata, channel) for ``addr``: TLS when ``tls`` is given; the token only where it is safe."""
+    try:
+        return auth_metadata(token, addr, tls), open_channel(addr, tls=tls, options=channel_options(), aio=aio)
+    except ValueError as e:  # InsecureTransportError, unreadable PEM files
+        raise InvalidArgument(str(e)) from None
 
 
 def bind_stubs(client, ch) -> None:
@@ -86,10 +95,13 @@ class KVStoreClient:
     """One namespace on one daemon. Thread-safe (gRPC channels are)."""
 
     def __init__(self, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
-                 timeout_s: float | None = 60.0, local: bool | None = None, copy_threads: int | None = None) -> None:
+                 timeout_s: float | None = 60.0, local: bool | None = None, copy_threads: int | None = None,
+                 tls: TlsOptions | None = None) -> None:
         """``local``: use the same-host shared-memory path (True: required; None: when the
         daemon's arena can be mapped from here, else the stream path; False: never).
-        ``copy_threads``: threads copying chunks on the same-host path (default: up to 4)."""
+        ``copy_threads``: threads copying chunks on the same-host path (default: up to 4).
+        ``tls``: TLS (and a client certificate for mutual TLS) for a TCP address; a ``token``
+        is sent only over TLS, a unix socket or loopback (InvalidArgument otherwise)."""
         self.copy_threads = copy_threads or min(DEFAULT_COPY_THREADS, os.cpu_count() or 1)
         self._copies: ThreadPoolExecutor | None = None
         self._release_q: queue.SimpleQueue = queue.SimpleQueue()
@@ -97,8 +109,7 @@ class KVStoreClient:
         self._releaser: threading.Thread | None = None
         self.addr = addr
         self.timeout_s = timeout_s
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._channel = grpc.insecure_channel(addr, options=channel_options())
+        self._metadata, self._channel = secure_channel(addr, token, tls)
         bind_stubs(self, self._channel)
         # Chunks come as stored when this process can decode bitstreams, else the daemon decodes.
         self._get_encoding = 0 if C.codec_available() else int(Encoding.RAW)

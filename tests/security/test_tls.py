@@ -209,3 +209,32 @@ def test_daemon_refuses_token_over_plaintext_non_loopback(tmp_path):
             assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and "enable TLS" in e.value.details()
     finally:
         d.stop()
+
+
+def test_client_library_over_mtls(mtls_daemon, pki):
+    """KVStoreClient / AsyncKVStoreClient take the same TLS options as kvctl."""
+    import asyncio
+
+    import numpy as np
+
+    from kvstore_client import KVStoreClient
+    from kvstore_client.aio import AsyncKVStoreClient
+
+    cert, key = pki.clients["engine"]
+    tls = TlsOptions(ca_file=pki.ca, cert_file=cert, key_file=key)
+    ns = dict(model="tls/client", dtype="float16", num_layers=2, num_kv_heads=1, head_dim=8, chunk_tokens=16)
+    tokens = list(range(32))
+    with KVStoreClient(mtls_daemon.addr, ns, tls=tls, local=False) as c:
+        kv = np.random.default_rng(0).standard_normal((2, 2, 32, 1, 8)).astype(np.float16)
+        c.store(tokens, kv)
+        n, kv2 = c.retrieve(tokens)
+        assert n == 32 and np.array_equal(kv2, kv)
+
+    async def aio_lookup():
+        c = await AsyncKVStoreClient.connect(mtls_daemon.addr, ns, tls=tls, local=False)
+        try:
+            return (await c.lookup(tokens)).matched_tokens
+        finally:
+            await c.close()
+
+    assert asyncio.run(aio_lookup()) == 32
