@@ -16,7 +16,8 @@
 With a ``QuotaLedger``, streaming RPCs (Put, Get) also count against the tenant's
 ``quotas.max_concurrent_streams`` for their whole duration, and a streaming request that sends
 nothing for ``quotas.max_stream_idle_s`` is ended with DEADLINE_EXCEEDED (what the servicer
-held is freed as its ``async for`` unwinds).
+held is freed as its ``async for`` unwinds); so is a response stream (Get) whose client reads
+nothing for that long (each response is written with ``context.write`` under that timeout).
 
 Nothing a client sends is logged more than once per ``LOG_INTERVAL_S`` per kind of event
 (one line, with a count of the suppressed ones), so a client cannot flood the log.
@@ -214,8 +215,18 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                 held = None
                 try:
                     held = begin(context)
-                    async for item in inner_us(parse(request), context):
-                        yield item
+                    timeout_s = idle_s(held)
+                    responses = inner_us(parse(request), context)
+                    try:
+                        async for item in responses:
+                            try:
+                                await asyncio.wait_for(context.write(item), timeout_s)
+                            except asyncio.TimeoutError:
+                                raise DeadlineExceeded(
+                                    f"{short}: the client read nothing for {timeout_s:g}s "
+                                    "(quotas.max_stream_idle_s); the stream is cancelled") from None
+                    finally:
+                        await responses.aclose()  # the servicer's finally blocks run now, not at GC
                 except (grpc.aio.AbortError, asyncio.CancelledError, GeneratorExit):
                     code = "CANCELLED"
                     raise

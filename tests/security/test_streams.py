@@ -63,3 +63,30 @@ def test_stalled_stream_is_cancelled(stream_daemon):
         assert "quotas.max_stream_idle_s" in e.value.details()
         assert 2.5 < waited < 15, waited
     assert "Traceback" not in stream_daemon.log()
+
+
+def test_get_reader_that_stops_reading_is_cancelled(stream_daemon):
+    """A Get whose client reads nothing: the daemon ends it after max_stream_idle_s, stays healthy."""
+    import numpy as np
+
+    from kvstore_client import KVStoreClient
+    from kvstore_wire._proto.kvstore.v1 import data_pb2
+
+    ns = dict(model="stall/get", dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64, chunk_tokens=256)
+    tokens = list(range(256 * 4))
+    with KVStoreClient(stream_daemon.addr, ns, token=ALICE, local=False) as c:
+        c.store(tokens, np.ones((30, 2, len(tokens), 3, 64), np.float16))  # 4 chunks of 5.9 MB
+        keys, nid = c.keys(tokens), c.namespace_id
+    with grpc.insecure_channel(stream_daemon.addr, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+        call = ch.unary_stream("/kvstore.v1.KVStore/Get")(
+            data_pb2.GetRequest(namespace_id=nid, keys=list(keys)).SerializeToString(),
+            metadata=md(ALICE), timeout=60)
+        next(call)  # read one message, then stop reading
+        time.sleep(8)
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in call:
+                pass
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, e.value.details()
+        assert "read nothing" in e.value.details()
+    stream_daemon.wait_serving()
+    assert "Traceback" not in stream_daemon.log()
