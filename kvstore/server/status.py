@@ -54,15 +54,17 @@ class RateLimitedLog:
     """Logs an event of a given key at most once per ``interval_s``; the next line says how many
     were suppressed. Thread-safe (deserializers and handlers run on different threads)."""
 
-    def __init__(self, logger: logging.Logger, interval_s: float = LOG_INTERVAL_S) -> None:
+    def __init__(self, logger: logging.Logger, interval_s: float = LOG_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._log = logger
         self._interval_s = interval_s
+        self._clock = clock
         self._lock = threading.Lock()
         self._last: dict[Any, float] = {}
         self._suppressed: dict[Any, int] = {}
 
     def log(self, level: int, key: Any, msg: str, *args, exc_info: BaseException | None = None) -> None:
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             if now - self._last.get(key, -self._interval_s) < self._interval_s:
                 self._suppressed[key] = self._suppressed.get(key, 0) + 1
