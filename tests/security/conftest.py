@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 
 import grpc
@@ -26,6 +28,21 @@ def write_tokens(path: Path, extra: str = "") -> Path:
                      f'local_path = {str(local).lower()} }}')
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
+
+
+def root_conftest():
+    """tests/conftest.py (DaemonProcess, SMALL). Other directories have a ``conftest`` module too,
+    so ``import conftest`` may find theirs: look it up by path."""
+    path = Path(__file__).resolve().parents[1] / "conftest.py"
+    for mod in list(sys.modules.values()):
+        f = getattr(mod, "__file__", None)
+        if f and Path(f).resolve() == path:
+            return mod
+    spec = importlib.util.spec_from_file_location("kvstore_tests_root_conftest", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # (dataclasses look their module up)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def md(token: str | None):
@@ -60,8 +77,9 @@ def raw_call(ch: grpc.Channel, method: str, client_streaming: bool, server_strea
 
 @pytest.fixture(scope="module")
 def sec_daemon(tmp_path_factory):
-    from conftest import SMALL, DaemonProcess
     from integration.helpers import free_port
+
+    SMALL, DaemonProcess = root_conftest().SMALL, root_conftest().DaemonProcess
 
     base = tmp_path_factory.mktemp("kvstore-sec")
     tokens = write_tokens(base / "tokens.toml")
