@@ -7,9 +7,9 @@ CodecError, or a crash, is a failure.
 
     python bench/codec_fuzz.py --seconds 600
     # under AddressSanitizer + UBSan:
-    SANITIZE=1 bash native/codec/build_dev.sh
+    (cd native && KVSTORE_NATIVE_SANITIZE=1 python setup.py -q --name)
     LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \\
-      KVSTORE_NATIVE_LIB=kvstore/_native/libkvstore_asan.so python bench/codec_fuzz.py --seconds 300
+      KVSTORE_NATIVE_LIB=native/kvstore_native/_lib/libkvstore_asan.so python bench/codec_fuzz.py --seconds 300
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kvstore_native.codec as kc  # noqa: E402
-from kvstore.testing.codec_data import fix_checksums, synthetic_kv  # noqa: E402
+from kvstore_testing.codec_data import fix_checksums, synthetic_kv  # noqa: E402
 
 
 def seeds() -> list[bytes]:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kv_baselines  # noqa: E402
 
 import kvstore_native.codec as kc  # noqa: E402
-from kvstore.testing import smollm2  # noqa: E402
+from kvstore_testing import smollm2  # noqa: E402
 
 CONTEXT_TOKENS = 1024
 CONTINUATION_TOKENS = 256

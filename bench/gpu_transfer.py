@@ -1,6 +1,6 @@
 """GPU <-> host KV transfer: gather/scatter kernels against the pinned PCIe ceiling.
 
-Run on a CUDA machine (after the build put libkvstore_cuda.so in kvstore/_native):
+Run on a CUDA machine (after the build put libkvstore_cuda.so in native/kvstore_native/_lib):
     python bench/gpu_transfer.py [--json OUT.json]
 
 Prints, measured in the same run:

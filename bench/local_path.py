@@ -16,17 +16,14 @@ Goals (issue 4): shm >= 70% of memcpy, shm >= 5x the gRPC path. Medians of --rep
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(__file__))
-from _daemon import Daemon  # noqa: E402
-
-from kvstore_client import KVStoreClient, Namespace  # noqa: E402
+from kvstore_client import KVStoreClient, Namespace
+from kvstore_testing.daemon import QUIET_SETTINGS, spawn_daemon
 
 SHAPES = {
     "SmolLM2-135M fp16": dict(dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64),
@@ -86,7 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--chunks", type=int, default=16)
     args = ap.parse_args(argv)
-    d = Daemon("dram.capacity_bytes=2GiB", "disk.enabled=false")
+    d = spawn_daemon(settings=[*QUIET_SETTINGS, "dram.capacity_bytes=2GiB", "disk.enabled=false"])
     try:
         rows = [run_shape(d.addr, n, s, args.chunks, args.repeats) for n, s in SHAPES.items()]
     finally:

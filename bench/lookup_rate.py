@@ -22,9 +22,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _daemon import Daemon, free_port, serve_raw_grpc  # noqa: E402
+from _raw_grpc import serve_raw_grpc  # noqa: E402
 
 from kvstore_client import KVStoreClient, Namespace  # noqa: E402
+from kvstore_testing.daemon import QUIET_SETTINGS, spawn_daemon  # noqa: E402
+from kvstore_testing.ports import free_port  # noqa: E402
 
 NS = Namespace(model="bench/lookup", dtype="float16", num_layers=2, num_kv_heads=3, head_dim=64)
 TOKENS = list(range(4 * 256))
@@ -110,7 +112,7 @@ def main() -> None:
     echo = mp.Process(target=_echo_server, args=(port, ready), daemon=True)
     echo.start()
     ready.wait(30)
-    d = Daemon("dram.capacity_bytes=256MiB", "disk.enabled=false")
+    d = spawn_daemon(settings=[*QUIET_SETTINGS, "dram.capacity_bytes=256MiB", "disk.enabled=false"])
     rows = []
     try:
         with KVStoreClient(d.addr, NS) as c:

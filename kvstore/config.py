@@ -17,7 +17,8 @@ from typing import Annotated, Any, Mapping
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import InvalidArgument
+from .domain.errors import InvalidArgument
+from .domain.types import Medium
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
@@ -297,6 +298,57 @@ class DiskConfig(_Section):
     index_map_bytes: Bytes = 1024**3
 
 
+class WriteMode(str, enum.Enum):
+    """How a put reaches the next tier down the chain."""
+
+    WRITE_THROUGH = "write-through"  #: on the caller's thread, before the put returns
+    WRITE_BEHIND = "write-behind"    #: queued (bounded); a writer thread copies it later
+
+
+def _medium(value: Any) -> Medium:
+    if isinstance(value, Medium):
+        return value
+    try:
+        m = Medium[str(value).upper()]
+    except KeyError:
+        m = None
+    if m is None or m == Medium.NONE:
+        names = ", ".join(repr(x.name.lower()) for x in Medium if x != Medium.NONE)
+        raise ValueError(f"{value!r} is not a tier; use one of {names}")
+    return m
+
+
+TierName = Annotated[Medium, BeforeValidator(_medium)]
+
+
+class ChainConfig(_Section):
+    """The tier chain: which tiers, fastest first, and how chunks move between them.
+
+    Each tier keeps its own section (``[dram]``, ``[disk]``, ...). A tier listed here whose
+    section says ``enabled = false`` is left out, so ``disk.enabled = false`` still means
+    "DRAM only".
+    """
+
+    #: Tiers fastest first. Lookups walk them in this order.
+    tiers: list[TierName] = [Medium.DRAM, Medium.DISK]
+    #: How a MEMORY-durability put reaches each lower tier. PERSISTED puts are always written
+    #: through to the first durable tier before they are acknowledged.
+    write_mode: WriteMode = WriteMode.WRITE_BEHIND
+    #: Per lower tier overrides of ``write_mode``, e.g. ``{disk = "write-through"}``.
+    link_write_mode: dict[TierName, WriteMode] = {}
+    #: Copy a chunk found in a lower tier into the faster tiers above it.
+    promote_on_hit: bool = True
+
+    @field_validator("tiers")
+    @classmethod
+    def _check_tiers(cls, v: list[Medium]) -> list[Medium]:
+        if not v:
+            raise ValueError("the chain needs at least one tier, e.g. ['dram']")
+        if len(set(v)) != len(v):
+            raise ValueError("a tier may appear only once in the chain")
+        return v
+
+
 class MetricsConfig(_Section):
     #: ``host:port`` for the Prometheus exporter; empty disables it.
     listen: str = "127.0.0.1:9400"
@@ -313,6 +365,7 @@ class Config(_Section):
     auth: AuthConfig = AuthConfig()
     dram: DramConfig = DramConfig()
     disk: DiskConfig = DiskConfig()
+    chain: ChainConfig = ChainConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()
     quotas: QuotaConfig = QuotaConfig()

@@ -1,7 +1,7 @@
 """Prometheus exporter: reads plain stats objects, never sits on the request path.
 
 The servicers keep ``RequestStats`` (counters and fixed-bucket latency histograms per RPC
-method and status code) as plain Python objects; the tier manager keeps ``ManagerStats``.
+method and status code) as plain Python objects; the store reports ``StoreStats``.
 ``KVStoreCollector`` turns both into Prometheus metric families when scraped.
 """
 
@@ -69,18 +69,17 @@ class RequestStats:
 
 
 class KVStoreCollector:
-    """A prometheus_client custom collector over ``manager.stats()`` and ``RequestStats``."""
+    """A prometheus_client custom collector over ``Store.stats()`` and ``RequestStats``."""
 
-    def __init__(self, manager_stats: Callable[[], object], requests: RequestStats,
-                 namespaces: Callable[[], int]) -> None:
-        self._manager_stats = manager_stats
+    def __init__(self, store_stats: Callable[[], object], requests: RequestStats) -> None:
+        self._store_stats = store_stats
         self._requests = requests
-        self._namespaces = namespaces
 
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        st = self._manager_stats()
+        snap = self._store_stats()
+        st = snap.chain
         per_tier = {
             "capacity_bytes": GaugeMetricFamily("kvstore_tier_capacity_bytes", "Tier byte budget", labels=["tier"]),
             "used_bytes": GaugeMetricFamily("kvstore_tier_used_bytes", "Bytes held by the tier", labels=["tier"]),
@@ -96,11 +95,11 @@ class KVStoreCollector:
             for field, fam in per_tier.items():
                 fam.add_metric([t.medium.name.lower()], getattr(t, field))
         yield from per_tier.values()
-        yield GaugeMetricFamily("kvstore_write_queue_depth", "Chunks waiting to be written to disk",
+        yield GaugeMetricFamily("kvstore_write_queue_depth", "Chunks waiting to be copied to a lower tier",
                                 value=st.write_queue_depth)
-        yield CounterMetricFamily("kvstore_write_queue_dropped", "Disk writes dropped because the queue was full",
+        yield CounterMetricFamily("kvstore_write_queue_dropped", "Lower-tier copies skipped (write-behind queue full or over budget)",
                                   value=st.write_queue_dropped)
-        yield GaugeMetricFamily("kvstore_namespaces", "Registered namespaces", value=self._namespaces())
+        yield GaugeMetricFamily("kvstore_namespaces", "Registered namespaces", value=snap.namespaces)
 
         reqs, lat, b_in, b_out = self._requests.snapshot()
         c = CounterMetricFamily("kvstore_requests", "RPCs by method and status code", labels=["method", "code"])

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping
 
 from .config import AuthConfig, QuotaConfig, TenantQuotas
-from .errors import Internal, InvalidArgument, ResourceExhausted
+from .domain.errors import Internal, InvalidArgument, ResourceExhausted
 
 
 class Resource(str, enum.Enum):

@@ -20,7 +20,7 @@ import threading
 from pathlib import Path
 from typing import Iterable
 
-from .errors import InvalidArgument
+from .domain.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,17 @@
-"""Builds ``kvstore-native``: compiles every ``src/**/*.cpp`` / ``codec/**/*.cpp`` into
-``kvstore_native/_lib/libkvstore.so`` (C ABI, loaded with ctypes so calls release the GIL)
-and, where ``nvcc`` is found (and ``KVSTORE_NO_CUDA`` is not 1), every ``cuda/**/*.cu`` into
-``kvstore_native/_lib/libkvstore_cuda.so`` for Hopper (sm_90). The libraries are written
-into the source tree (so editable installs and in-tree runs work) and shipped as package data.
+"""Builds ``kvstore-native``: the one C ABI of ``include/kvstore.h`` in two shared libraries.
+
+- ``kvstore_native/_lib/libkvstore.so`` (always): every ``src/**/*.cpp``, each compiled as its
+  own translation unit, g++ -O3.
+- ``kvstore_native/_lib/libkvstore_cuda.so`` (where ``nvcc`` is found and ``KVSTORE_NO_CUDA`` is
+  not 1): every ``cuda/**/*.cu`` plus the host units it shares with the CPU library
+  (``CUDA_HOST_UNITS``), for Hopper (sm_90); it links ``libkvstore.so`` (rpath ``$ORIGIN``) for
+  ``kvs_crc32c``.
+- ``KVSTORE_NATIVE_SANITIZE=1`` additionally builds ``libkvstore_asan.so`` (ASAN + UBSan, -O1 -g)
+  for fuzzing: ``KVSTORE_NATIVE_LIB=.../libkvstore_asan.so`` makes the loader use it
+  (bench/codec_fuzz.py says how to run it).
+
+Only ``KVS_API`` symbols are exported (``-fvisibility=hidden``). The libraries are written into
+the source tree (so editable installs and in-tree runs work) and shipped as package data.
 """
 
 from __future__ import annotations
@@ -17,17 +26,26 @@ from setuptools import setup
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "kvstore_native" / "_lib"
-SOURCE_DIRS = [HERE / d for d in ("src", "codec", "cuda", "include")]
+SRC, CUDA, INCLUDE = HERE / "src", HERE / "cuda", HERE / "include"
+# Host units of src/ that the CUDA library compiles in as well (container header/index, errors,
+# the ABI version); CRC32C is not among them: the CUDA library links libkvstore.so for it.
+CUDA_HOST_UNITS = [SRC / "abi.cpp", SRC / "error.cpp", SRC / "codec" / "format.cpp"]
 
-CXXFLAGS = ["-O3", "-std=c++17", "-fPIC", "-shared", "-Wall", "-Wextra", "-pthread"]
+CXXFLAGS = ["-std=c++17", "-fPIC", "-shared", "-Wall", "-Wextra", "-pthread", "-fvisibility=hidden"]
+OPTFLAGS = ["-O3"]
+SANFLAGS = ["-O1", "-g", "-fsanitize=address,undefined", "-fno-omit-frame-pointer"]
 # The lent GPUs are Hopper; one SASS target keeps the build fast and exact.
-NVCCFLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC",
+NVCCFLAGS = ["-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-fvisibility=hidden",
              "-gencode=arch=compute_90,code=sm_90", "-lineinfo"]
-INCLUDES = [f"-I{HERE / 'include'}", f"-I{HERE / 'codec'}"]
+INCLUDES = [f"-I{INCLUDE}", f"-I{SRC}"]
 
 
-def _files(pattern: str) -> list[Path]:
-    return sorted(p for d in SOURCE_DIRS if d.is_dir() for p in d.rglob(pattern))
+def _files(root: Path, pattern: str) -> list[Path]:
+    return sorted(root.rglob(pattern)) if root.is_dir() else []
+
+
+def _headers() -> list[Path]:
+    return [p for d in (INCLUDE, SRC, CUDA) for ext in ("*.h", "*.cuh") for p in _files(d, ext)]
 
 
 def _newer(sources: list[Path], target: Path) -> bool:
@@ -47,22 +65,29 @@ def _nvcc() -> str | None:
     return str(default) if default.exists() else None
 
 
+def _run(what: str, cmd: list[str]) -> None:
+    print(f"building {what}:", " ".join(cmd), file=sys.stderr)
+    subprocess.check_call(cmd)
+
+
 def build_native() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    hdrs = _files("*.h") + _files("*.cuh")
-    srcs = _files("*.cpp")
+    hdrs = _headers()
+    srcs = _files(SRC, "*.cpp")
+    cxx = os.environ.get("CXX", "g++")
     lib = OUT / "libkvstore.so"
-    if srcs and _newer(srcs + hdrs, lib):
-        cmd = [os.environ.get("CXX", "g++"), *CXXFLAGS, *INCLUDES, *map(str, srcs), "-o", str(lib)]
-        print("building native library:", " ".join(cmd), file=sys.stderr)
-        subprocess.check_call(cmd)
-    cus = _files("*.cu")
+    if _newer(srcs + hdrs, lib):
+        _run("native library", [cxx, *OPTFLAGS, *CXXFLAGS, *INCLUDES, *map(str, srcs), "-o", str(lib)])
+    if os.environ.get("KVSTORE_NATIVE_SANITIZE") == "1":
+        asan = OUT / "libkvstore_asan.so"
+        if _newer(srcs + hdrs, asan):
+            _run("sanitized native library", [cxx, *SANFLAGS, *CXXFLAGS, *INCLUDES, *map(str, srcs), "-o", str(asan)])
+    cus = _files(CUDA, "*.cu")
     nvcc = _nvcc()
     cuda_lib = OUT / "libkvstore_cuda.so"
-    if nvcc and cus and _newer(cus + hdrs, cuda_lib):
-        cmd = [nvcc, *NVCCFLAGS, *INCLUDES, *map(str, cus), "-o", str(cuda_lib), "-lcudart"]
-        print("building CUDA library:", " ".join(cmd), file=sys.stderr)
-        subprocess.check_call(cmd)
+    if nvcc and cus and _newer(cus + CUDA_HOST_UNITS + hdrs + [lib], cuda_lib):
+        _run("CUDA library", [nvcc, *NVCCFLAGS, *INCLUDES, *map(str, cus + CUDA_HOST_UNITS), "-o", str(cuda_lib),
+                              f"-L{OUT}", "-lkvstore", "-Xlinker", "-rpath,$ORIGIN", "-lcudart"])
 
 
 # Editable installs and wheel builds alike: the libraries are (re)built when stale, before

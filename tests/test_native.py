@@ -1,5 +1,9 @@
 import os
+import re
+import shutil
+import subprocess
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,3 +70,66 @@ def test_copy_rows_moves_a_block_into_columns_and_back():
     assert np.array_equal(back, chunk)
     with pytest.raises(ValueError):
         native.copy_rows(back, chunk[:, ::2])
+
+
+def _exported(path) -> list[str]:
+    """Names of the functions a shared library exports (``nm -D --defined-only``)."""
+    out = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True).stdout
+    return sorted(line.split()[-1] for line in out.splitlines() if line.split()[1:2] == ["T"])
+
+
+def _lib_path(name: str):
+    from kvstore_native import _lib
+
+    return _lib.LIB_DIR / name
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_library_exports_one_crc32c_and_only_the_kvs_abi():
+    names = _exported(_lib_path("libkvstore.so"))
+    assert [n for n in names if "crc" in n.lower()] == ["kvs_crc32c"]
+    assert names and all(n.startswith("kvs_") for n in names), names
+    assert not any(n.startswith("kvc_") for n in names)
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
+def test_cuda_library_exports_only_kvs_cuda_functions_and_links_the_core_for_crc():
+    path = _lib_path("libkvstore_cuda.so")
+    if not path.exists():
+        pytest.skip("libkvstore_cuda.so is built only where nvcc exists")
+    names = _exported(path)
+    assert names and all(n.startswith("kvs_cuda_") or n == "kvs_abi_version" for n in names), names
+    assert not any("crc" in n.lower() for n in names)
+
+
+def test_abi_version_matches_the_header_and_the_bindings():
+    from kvstore_native import _lib
+
+    header = (Path(__file__).resolve().parents[1] / "native/include/kvstore.h").read_text()
+    version = int(re.search(r"#define KVS_ABI_VERSION (\d+)", header).group(1))
+    assert native.lib().kvs_abi_version() == version == native.ABI_VERSION == _lib.ABI_VERSION
+
+
+def test_error_codes_of_the_bindings_match_the_header():
+    from kvstore_native import _lib
+
+    header = (Path(__file__).resolve().parents[1] / "native/include/kvstore.h").read_text()
+    codes = {m.group(1): int(m.group(2)) for m in re.finditer(r"#define KVS_(E[A-Z]+) \((-\d+)\)", header)}
+    assert codes and all(getattr(_lib, name) == value for name, value in codes.items())
+
+
+def test_loader_refuses_a_missing_library_with_a_clear_import_error(tmp_path, monkeypatch):
+    from kvstore_native import _lib
+
+    with pytest.raises(native.NativeLibraryMissing, match="missing"):
+        _lib._load(tmp_path / "libnothing.so", {}, "build it")
+
+
+def test_transfer_errors_carry_the_native_code():
+    from kvstore_native import _lib
+    from kvstore_native.transfer import PlaneSpec, TransferError, gather
+
+    buf = np.zeros(16, np.uint8)
+    with pytest.raises(TransferError) as ei:
+        gather(PlaneSpec([buf.ctypes.data], [0], 0, 4, 4, 4), buf.ctypes.data, device=False)
+    assert ei.value.code == _lib.EINVAL and "kvs_gather" in str(ei.value)

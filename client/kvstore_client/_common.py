@@ -1,4 +1,4 @@
-"""What the sync and async clients share: tensor <-> chunk bytes, request building, results.
+"""Tensor <-> chunk bytes, request building, results and the Get assembler, for ``_core``.
 
 Tensors are handled as numpy ``uint8`` arrays whose last axis is ``head_dim * itemsize``
 bytes, so every KV dtype (including bfloat16 and fp8, which numpy lacks) takes the same path.
@@ -13,19 +13,22 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from kvstore_wire.crc import HAVE_FAST_CRC, crc32c, native_copy_rows
+from kvstore_wire import crc as _crc
 from kvstore_wire._proto.kvstore.v1 import common_pb2, data_pb2
 from kvstore_wire.framing import encode_data
-from .errors import DataLoss, InvalidArgument, KVStoreClientError
 from kvstore_wire.keys import Namespace
 from kvstore_wire.types import DType, Durability, Encoding, KeyKind, Layout, Tier
+
+from .errors import DataLoss, InvalidArgument, KVStoreClientError
+
+# CRC32C always goes through ``kvstore_wire.crc`` (native, a small wheel, or pure Python:
+# ``crc.BACKEND`` says which); verification is never switched off for want of a fast one.
+native_copy_rows = _crc.native_copy_rows
 
 #: Default size of the data pieces a Put sends (the daemon tells the largest message it accepts).
 DEFAULT_PIECE_BYTES = 1024 * 1024
 #: Room left for the message framing below the daemon's message limit.
 FRAMING_SLACK_BYTES = 4096
-#: Largest message the client accepts (Get pieces are ``server.stream_piece_bytes``).
-CLIENT_MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
 _NUMPY_DTYPES = {DType.FLOAT16: ("float16",), DType.FLOAT32: ("float32",),
                  DType.BFLOAT16: ("bfloat16", "uint16", "int16"), DType.FLOAT8_E4M3: ("float8_e4m3fn", "uint8", "int8")}
@@ -35,6 +38,7 @@ _NUMPY_OUT = {DType.FLOAT16: np.float16, DType.FLOAT32: np.float32, DType.BFLOAT
 
 @dataclass(frozen=True, slots=True)
 class LookupResult:
+    """The longest stored prefix: whole chunks only, with the tier of each matched chunk."""
     matched_tokens: int
     matched_chunks: int
     tiers: tuple[Tier, ...]
@@ -154,27 +158,38 @@ def kv_bytes_array(kv, ns: Namespace, keep_device: bool = False):
     return u8
 
 
-def chunk_payloads(u8: np.ndarray, ns: Namespace, n_chunks: int) -> list[np.ndarray]:
-    """Contiguous bytes of each of the first ``n_chunks`` full chunks."""
-    return [np.ascontiguousarray(u8[_token_slice(u8.ndim, ns, i)]).reshape(-1) for i in range(n_chunks)]
+def token_count(kv, ns: Namespace) -> int:
+    """Tokens ``kv`` holds along the namespace layout's token axis."""
+    return int(kv.shape[token_axis(ns)])
 
 
-def _token_slice(ndim: int, ns: Namespace, index: int) -> tuple:
+def put_payloads(u8: np.ndarray, ns: Namespace, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
+    """(contiguous bytes, CRC32C) of each full chunk in ``indices`` (memory work: the async
+    client runs it on a worker thread)."""
+    out = []
+    for i in indices:
+        payload = np.ascontiguousarray(u8[token_slice(u8.ndim, ns, i)]).reshape(-1)
+        out.append((payload, _crc.crc32c(payload)))
+    return out
+
+
+def token_slice(ndim: int, ns: Namespace, index: int) -> tuple:
     sl = [slice(None)] * ndim
     sl[token_axis(ns)] = slice(index * ns.chunk_tokens, (index + 1) * ns.chunk_tokens)
     return tuple(sl)
 
 
-def copy_chunk_out(src, ns: Namespace, index: int, dst: np.ndarray) -> None:
+def copy_chunk_out(src, ns: Namespace, index: int, dst: np.ndarray, stream=None) -> None:
     """Writes chunk ``index`` of ``src`` contiguously into the host buffer ``dst``: ``src`` is
     a uint8 array from ``kv_bytes_array`` or a CUDA tensor, whose device-to-host copy is
-    queued on the current stream (the caller synchronises; ``dst`` should be pinned or
-    registered memory for full PCIe speed)."""
-    part = src[_token_slice(src.ndim, ns, index)]
+    queued on ``stream`` (the caller synchronises; ``dst`` should be pinned or registered
+    memory for full PCIe speed)."""
+    part = src[token_slice(src.ndim, ns, index)]
     if is_cuda_tensor(src):
         import torch
 
-        torch.from_numpy(dst).view(src.dtype).view(part.shape).copy_(part, non_blocking=True)
+        with torch.cuda.stream(stream):
+            torch.from_numpy(dst).view(src.dtype).view(part.shape).copy_(part, non_blocking=True)
         return
     rows = int(np.prod(part.shape[:token_axis(ns)]))
     dst2, src2 = dst.reshape(rows, -1), part.reshape(rows, -1)   # views: each row is contiguous
@@ -184,22 +199,24 @@ def copy_chunk_out(src, ns: Namespace, index: int, dst: np.ndarray) -> None:
         np.copyto(dst2, src2)
 
 
-def put_messages(namespace_id: bytes, keys: Sequence[bytes], payloads: Sequence[np.ndarray], ns: Namespace,
-                 durability: Durability, piece_bytes: int):
-    """Serialised Put stream: for each chunk a header then data pieces (generated lazily)."""
-    for key, payload in zip(keys, payloads):
+def put_messages(namespace_id: bytes, keys: Sequence[bytes], payloads: Sequence[tuple[np.ndarray, int]],
+                 ns: Namespace, durability: Durability, piece_bytes: int):
+    """Serialised Put stream: for each ``(payload, crc)`` of ``put_payloads`` a header then
+    data pieces (generated lazily)."""
+    for key, (payload, crc) in zip(keys, payloads):
         view = memoryview(payload).cast("B")
         header = data_pb2.PutChunkHeader(
             namespace_id=namespace_id, key=key, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens,
-            encoding=Encoding.RAW, payload_bytes=view.nbytes, crc32c=crc32c(view) or 0, durability=int(durability))
+            encoding=Encoding.RAW, payload_bytes=view.nbytes, crc32c=crc, durability=int(durability))
         yield data_pb2.PutRequest(header=header).SerializeToString()
         for off in range(0, view.nbytes, piece_bytes):
             yield encode_data(view[off:off + piece_bytes])
 
 
 def codec_available() -> bool:
-    """True when this process can decode codec bitstreams (the kvstore package's native
-    library is installed); the client then accepts chunks as stored, else asks for RAW."""
+    """True when this process can decode codec bitstreams (the optional ``kvstore-native``
+    library is installed and built); the client then accepts chunks as stored, else asks
+    the daemon for RAW (daemon-side decode)."""
     try:
         from kvstore_native import codec  # noqa: F401
     except Exception:  # noqa: BLE001 - any import failure means: no codec here
@@ -212,7 +229,8 @@ def decode_chunk(bits) -> np.ndarray:
     try:
         from kvstore_native import codec
     except Exception as e:  # noqa: BLE001
-        raise DataLoss(f"received a codec bitstream but cannot decode it here ({e}); install kvstore") from None
+        raise DataLoss(f"received a codec bitstream but cannot decode it here ({e}); install "
+                       "kvstore-client[native]") from None
     try:
         return codec.decode(bytes(bits)).view(np.uint8).reshape(-1)
     except codec.CodecError as e:
@@ -246,7 +264,7 @@ class ChunkAssembler:
                                       "the namespace layout")
             self.out = u8.reshape(self.rows, n_keys * self.run)
         self.matched = 0
-        self.verify = HAVE_FAST_CRC if verify_crc is None else verify_crc
+        self.verify = True if verify_crc is None else verify_crc
         self._off = 0          # bytes of the current chunk received
         self._expect = 0       # bytes of the current chunk announced (0 = between chunks)
         self._want_crc = 0
@@ -304,7 +322,7 @@ class ChunkAssembler:
             raise DataLoss(f"chunk {index}: the daemon leased {payload.nbytes} bytes of {Encoding(encoding).name} "
                            f"with {num_tokens} tokens, expected a full chunk of {self.ns.chunk_tokens} tokens "
                            f"({self.chunk_bytes} bytes RAW)")
-        if self.verify and crc and crc32c(payload) != crc:
+        if self.verify and crc and _crc.crc32c(payload) != crc:
             raise DataLoss(f"chunk {index}: CRC32C mismatch in the shared arena")
         if encoding == Encoding.CODEC:
             self._write_decoded(index, payload)
@@ -340,14 +358,14 @@ class ChunkAssembler:
             self._bits[self._off:self._off + m] = np.frombuffer(piece, np.uint8)
             self._off += m
             if self._off == self._expect:
-                if self.verify and self._want_crc and crc32c(self._bits) != self._want_crc:
+                if self.verify and self._want_crc and _crc.crc32c(self._bits) != self._want_crc:
                     raise DataLoss(f"chunk {self.matched}: CRC32C mismatch after transfer")
                 bits, self._bits = self._bits, None
                 self._off = self._expect = 0
                 self._place_decoded(bits)
             return
         if self.verify and self._want_crc:
-            self._crc = crc32c(piece, self._crc)
+            self._crc = _crc.crc32c(piece, self._crc)
         src = np.frombuffer(piece, np.uint8)
         run, base = self.run, self.matched * self.run
         out, pos, off = self.out, 0, self._off

@@ -1,156 +1,190 @@
-"""Asynchronous client (``grpc.aio``), same API as ``KVStoreClient`` with ``await``.
+"""Asynchronous client (``grpc.aio``): the ``_core`` plans driven with awaited RPCs.
 
-    client = await AsyncKVStoreClient.connect("127.0.0.1:50051", ns)
-    hit = await client.lookup(tokens)
+Same methods and behaviour as ``KVStoreClient``, awaited, including the same-host path
+(shared arena, presence index) and ``retrieve_into``:
+
+    async with await AsyncKVStoreClient.connect("127.0.0.1:50051", ns) as c:
+        await c.store(tokens, kv)
+        n = await c.retrieve_into(tokens, out)
+
+Memory work (copies into and out of the arena, CRCs of outgoing chunks) runs on a worker
+thread (``asyncio.to_thread``) so the event loop never stalls on a copy; presence lookups
+are a few memory probes and run inline (no thread hop, no RPC).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
+import logging
 from typing import Any, Mapping, Sequence
 
 import grpc
 
-from . import _common as C
-from kvstore_wire._proto.kvstore.v1 import data_pb2, local_pb2
-from .client import bind_stubs, secure_channel
-from kvstore_wire.channel import TlsOptions
-from .errors import from_rpc_error
-from kvstore_wire.keys import Namespace, prefix_keys
-from kvstore_wire.presence import PresenceReader
+from kvstore_wire._proto.kvstore.v1 import local_pb2
+from kvstore_wire.keys import Namespace
 from kvstore_wire.types import Durability, Tier
 
+from . import _core
+from ._common import LookupResult
+from ._steps import Call, Stream, Upload, Work, bind_stubs, open_client_channel
+from kvstore_wire.channel import TlsOptions
+from .errors import from_rpc_error
 
-
-def _translating(fn):
-    @functools.wraps(fn)
-    async def wrapper(self, *a, **kw):
-        try:
-            return await fn(self, *a, **kw)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e, self.addr) from None
-    return wrapper
+log = logging.getLogger(__name__)
 
 
 class AsyncKVStoreClient:
-    def __init__(self, addr: str, token: str | None = None, timeout_s: float | None = 60.0,
-                 tls: TlsOptions | None = None) -> None:
-        """Use ``await AsyncKVStoreClient.connect(...)``."""
+    """One namespace on one daemon, for one event loop. Build it with ``await connect(...)``."""
+
+    def __init__(self, addr: str, token: str | None = None, timeout_s: float | None = 60.0, *,
+                 local: bool | None = None, copy_threads: int | None = None, tls: TlsOptions | None = None) -> None:
+        """Use ``await AsyncKVStoreClient.connect(...)`` (this only prepares the channel).
+        ``tls``: as for ``KVStoreClient``."""
         self.addr = addr
         self.timeout_s = timeout_s
-        self._metadata, self._channel = secure_channel(addr, token, tls, aio=True)
-        bind_stubs(self, self._channel)
-        self.presence: PresenceReader | None = None
-        self._get_encoding = 0 if C.codec_available() else 1  # 1 = RAW: the daemon decodes
+        self._metadata, self._channel = open_client_channel(addr, token, tls, aio=True)
+        self._releases: set[asyncio.Task] = set()
+        self._core = _core.ClientCore(addr, local=local, copy_threads=copy_threads, release_later=self._release_later)
+        self._rpc = bind_stubs(self._channel)
 
     @classmethod
     async def connect(cls, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
-                      timeout_s: float | None = 60.0, local: bool = True,
-                      tls: TlsOptions | None = None) -> "AsyncKVStoreClient":
-        """``local=False``: never read the same-host presence index (lookups are RPCs).
-        ``tls``: as for ``KVStoreClient``."""
-        self = cls(addr, token, timeout_s, tls)
+                      timeout_s: float | None = 60.0, local: bool | None = None,
+                      copy_threads: int | None = None, tls: TlsOptions | None = None) -> "AsyncKVStoreClient":
+        """Registers the namespace and, per ``local`` (as in ``KVStoreClient``), maps the
+        daemon's arena and presence index."""
+        self = cls(addr, token, timeout_s, local=local, copy_threads=copy_threads, tls=tls)
         try:
-            await self._connect(C.as_namespace(namespace))
-            if local:
-                await self._attach_presence()
+            await self._run(self._core.connect(namespace))
         except BaseException:
+            self._core.close()
             await self._channel.close()
             raise
         return self
 
-    @_translating
-    async def _connect(self, ns: Namespace) -> None:
-        resp = await self._register(data_pb2.RegisterNamespaceRequest(spec=C.spec_of(ns)), metadata=self._metadata,
-                                    timeout=self.timeout_s)
-        reg = C.registration(ns, resp)
-        self.namespace, self.namespace_id, self.piece_bytes = reg.namespace, reg.namespace_id, reg.piece_bytes
+    # ------------------------------------------------------------------ driver
+    async def _run(self, plan):
+        """``KVStoreClient._run`` with awaited steps."""
+        try:
+            result, error = None, None
+            while True:
+                try:
+                    step = plan.throw(error) if error is not None else plan.send(result)
+                except StopIteration as stop:
+                    return stop.value
+                result, error = None, None
+                try:
+                    result = await self._do(step)
+                except BaseException as e:  # noqa: BLE001 - handed to the plan, which re-raises
+                    error = e
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, self.addr) from None
+        finally:
+            plan.close()
+
+    async def _do(self, step):
+        if isinstance(step, Work):
+            return await asyncio.to_thread(step.fn, *step.args)
+        if isinstance(step, Call):
+            return await self._rpc[step.rpc](step.request, metadata=self._metadata, timeout=self.timeout_s)
+        if isinstance(step, Stream):
+            call = self._rpc[step.rpc](step.request, metadata=self._metadata, timeout=self.timeout_s)
+            try:
+                async for msg in call:
+                    if not step.feed(msg):
+                        break
+            finally:
+                call.cancel()   # no-op once the stream has ended
+            return None
+        if isinstance(step, Upload):
+            return await self._rpc[step.rpc](iter(step.messages), metadata=self._metadata, timeout=self.timeout_s)
+        raise TypeError(f"unknown plan step {step!r}")
+
+    # ------------------------------------------------------------------ session
+    @property
+    def namespace(self) -> Namespace:
+        return self._core.namespace
+
+    @property
+    def namespace_id(self) -> bytes:
+        return self._core.namespace_id
+
+    @property
+    def piece_bytes(self) -> int:
+        return self._core.piece_bytes
+
+    @property
+    def arena(self):
+        return self._core.arena
+
+    @property
+    def presence(self):
+        return self._core.presence
+
+    @property
+    def transport(self) -> str:
+        """``"shm"`` (same-host shared memory) or ``"grpc"`` (streamed)."""
+        return self._core.transport
+
+    @property
+    def crc_backend(self) -> str:
+        return _core.crc_backend()
 
     def keys(self, tokens: Sequence[int]) -> list[bytes]:
-        return prefix_keys(self.namespace_id, tokens, self.namespace.chunk_tokens)
+        """Prefix keys of the leading full chunks of ``tokens``."""
+        return self._core.keys(tokens)
 
-    @_translating
+    def storable_tokens(self, tokens: Sequence[int], kv=None) -> int:
+        """See ``KVStoreClient.storable_tokens``."""
+        return self._core.storable_tokens(tokens, kv)
+
+    # ------------------------------------------------------------------ data plane
     async def exists(self, keys: Sequence[bytes]) -> list[Tier]:
-        resp = await self._exists(data_pb2.ExistsRequest(namespace_id=self.namespace_id, keys=list(keys)),
-                                  metadata=self._metadata, timeout=self.timeout_s)
-        return [Tier(t) for t in resp.tiers]
+        return await self._run(self._core.exists(keys))
 
-    @_translating
     async def store(self, tokens: Sequence[int], kv, durability: Durability = Durability.MEMORY) -> int:
-        ns = self.namespace
-        u8 = C.kv_bytes_array(kv, ns)
-        keys = self.keys(tokens)
-        n = min(len(keys), u8.shape[C.token_axis(ns)] // ns.chunk_tokens)
-        if n == 0:
-            return 0
-        present = await self.exists(keys[:n])
-        todo = [i for i in range(n) if present[i] == Tier.NONE]
-        if not todo:
-            return 0
-        payloads = await asyncio.to_thread(C.chunk_payloads, u8, ns, n)
-        msgs = C.put_messages(self.namespace_id, [keys[i] for i in todo], [payloads[i] for i in todo], ns,
-                              Durability(durability), self.piece_bytes)
-        resp = await self._put(msgs, metadata=self._metadata, timeout=self.timeout_s)
-        return resp.stored
+        """See ``KVStoreClient.store``: returns the number of chunks newly stored."""
+        return await self._run(self._core.store(tokens, kv, durability))
 
-    @_translating
-    async def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0) -> C.LookupResult:
-        return await self.lookup_keys(self.keys(tokens), pin_ttl_s)
+    async def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0) -> LookupResult:
+        return await self._run(self._core.lookup_keys(self.keys(tokens), pin_ttl_s))
 
-    @_translating
-    async def lookup_keys(self, keys: Sequence[bytes], pin_ttl_s: int = 0) -> C.LookupResult:
-        """Same-host clients read the daemon's presence index (no RPC) unless pinning."""
-        if self.presence is not None and self.presence.stale():   # the daemon restarted
-            self.presence.close()
-            self.presence = None
-            await self._attach_presence()
-        if self.presence is not None and not pin_ttl_s:
-            hit = C.lookup_from_presence(self.presence, self.namespace_id, keys, self.namespace.chunk_tokens)
-            if hit is not None:
-                return hit
-        resp = await self._lookup(data_pb2.LookupRequest(namespace_id=self.namespace_id, keys=list(keys),
-                                                         pin_ttl_s=pin_ttl_s),
-                                  metadata=self._metadata, timeout=self.timeout_s)
-        n = resp.matched_chunks
-        return C.LookupResult(n * self.namespace.chunk_tokens, n, tuple(Tier(t) for t in resp.tiers))
+    async def lookup_keys(self, keys: Sequence[bytes], pin_ttl_s: int = 0) -> LookupResult:
+        return await self._run(self._core.lookup_keys(keys, pin_ttl_s))
 
-    @_translating
     async def retrieve(self, tokens: Sequence[int], as_torch: bool = False, verify_crc: bool | None = None):
-        keys = self.keys(tokens)
-        asm = C.ChunkAssembler(self.namespace, len(keys), verify_crc)
-        if keys:
-            call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys, encoding=self._get_encoding),
-                             metadata=self._metadata, timeout=self.timeout_s)
-            async for msg in call:
-                if not asm.feed(msg):
-                    call.cancel()
-                    break
-        return asm.matched * self.namespace.chunk_tokens, asm.result(as_torch)
+        """See ``KVStoreClient.retrieve``."""
+        return await self._run(self._core.retrieve(tokens, as_torch, verify_crc))
 
-    @_translating
+    async def retrieve_into(self, tokens: Sequence[int], out, verify_crc: bool | None = None) -> int:
+        """See ``KVStoreClient.retrieve_into``."""
+        return await self._run(self._core.retrieve_into(tokens, out, verify_crc))
+
     async def delete(self, keys: Sequence[bytes]) -> int:
-        resp = await self._delete(data_pb2.DeleteRequest(namespace_id=self.namespace_id, keys=list(keys)),
-                                  metadata=self._metadata, timeout=self.timeout_s)
-        return resp.deleted
+        return await self._run(self._core.delete(keys))
 
-    async def _attach_presence(self) -> None:
-        """Maps the daemon's presence index when this process can (same host, a token allowed
-        the local path); otherwise lookups stay RPCs. Bulk data uses the stream path."""
+    # ------------------------------------------------------------------ leases
+    def _release_later(self, lease_id: int) -> None:
+        """Ends a lease in a background task (the caller does not wait for the answer); if it
+        never arrives, the lease expires after server.lease_ttl_s. Called on the loop's thread."""
+        if not lease_id:
+            return
+        task = asyncio.get_running_loop().create_task(self._release(lease_id))
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release(self, lease_id: int) -> None:
         try:
-            a = await self._attach(local_pb2.AttachRequest(), metadata=self._metadata, timeout=self.timeout_s)
+            await self._rpc["release"](local_pb2.ReleaseRequest(lease_ids=[lease_id]), metadata=self._metadata,
+                                       timeout=self.timeout_s)
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED,
-                            grpc.StatusCode.PERMISSION_DENIED):  # no local_path right: stream path
-                return
-            raise from_rpc_error(e, self.addr) from None
-        if a.index_path:
-            self.presence = PresenceReader.open(a.index_path, a.nonce)
+            log.info("releasing lease %d failed (%s); it expires on the daemon by itself", lease_id, e.code())
 
     async def close(self) -> None:
-        if self.presence is not None:
-            self.presence.close()
-            self.presence = None
+        """Waits for pending lease releases, unmaps the arena and closes the channel."""
+        if self._releases:
+            await asyncio.gather(*self._releases, return_exceptions=True)
+        self._core.close()
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncKVStoreClient":

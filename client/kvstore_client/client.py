@@ -1,4 +1,4 @@
-"""Synchronous client.
+"""Synchronous client: drives the ``_core`` plans with blocking RPCs.
 
     from kvstore_client import KVStoreClient, Namespace
     ns = Namespace(model="HuggingFaceTB/SmolLM2-135M-Instruct@<rev>", dtype="float16",
@@ -10,89 +10,35 @@
 
 Keys are computed locally from docs/keys.md; the daemon only supplies the namespace id
 (which hashes in the tenant of the caller's token). Errors are ``kvstore_client.errors``.
+``AsyncKVStoreClient`` (``aio.py``) has the same methods, awaited.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import os
 import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping, Sequence
 
 import grpc
 
-from . import _common as C
-from kvstore_wire._proto.kvstore.v1 import data_pb2, local_pb2
-from kvstore_wire.framing import data_or_message, serializer
-from kvstore_wire.channel import TlsOptions, auth_metadata, open_channel
-from .errors import InvalidArgument, KVStoreClientError, from_rpc_error
-from kvstore_wire.keys import Namespace, prefix_keys
-from kvstore_native import transfer
-from .local import SharedArena
-from kvstore_wire.presence import PresenceReader
-from kvstore_wire.types import Durability, Encoding, KeyKind, Tier
+from kvstore_wire._proto.kvstore.v1 import local_pb2
+from kvstore_wire.keys import Namespace
+from kvstore_wire.types import Durability, Tier
+
+from . import _core
+from ._common import LookupResult
+from ._steps import Call, Stream, Upload, Work, bind_stubs, open_client_channel
+from kvstore_wire.channel import TlsOptions
+from .errors import from_rpc_error
 
 log = logging.getLogger(__name__)
 
-#: Copy threads on the same-host path: enough to saturate memory bandwidth on a typical
-#: server socket without taking cores from the engine.
-DEFAULT_COPY_THREADS = 4
-
-_SVC = "/kvstore.v1.KVStore/"
-_LOCAL = "/kvstore.v1.LocalData/"
-
-
-def channel_options() -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", C.CLIENT_MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", C.CLIENT_MAX_MESSAGE_BYTES)]
-
-
-def secure_channel(addr: str, token: str | None, tls: TlsOptions | None, aio: bool = False):
-    """(call metadata, channel) for ``addr``: TLS when ``tls`` is given; the token only where it is safe."""
-    try:
-        return auth_metadata(token, addr, tls), open_channel(addr, tls=tls, options=channel_options(), aio=aio)
-    except ValueError as e:  # InsecureTransportError, unreadable PEM files
-        raise InvalidArgument(str(e)) from None
-
-
-def bind_stubs(client, ch) -> None:
-    """Sets the RPC callables on ``client`` (``_register``, ``_put``, ``_lookup``, ``_exists``,
-    ``_get``, ``_delete``, and the LocalData ones) for a sync or an aio channel alike."""
-    D, L = data_pb2, local_pb2
-    client._register = ch.unary_unary(_SVC + "RegisterNamespace", D.RegisterNamespaceRequest.SerializeToString,
-                                      D.RegisterNamespaceResponse.FromString)
-    client._put = ch.stream_unary(_SVC + "Put", serializer, D.PutResponse.FromString)
-    client._lookup = ch.unary_unary(_SVC + "Lookup", D.LookupRequest.SerializeToString, D.LookupResponse.FromString)
-    client._exists = ch.unary_unary(_SVC + "Exists", D.ExistsRequest.SerializeToString, D.ExistsResponse.FromString)
-    client._get = ch.unary_stream(_SVC + "Get", D.GetRequest.SerializeToString,
-                                  functools.partial(data_or_message, message_cls=D.GetResponse))
-    client._delete = ch.unary_unary(_SVC + "Delete", D.DeleteRequest.SerializeToString, D.DeleteResponse.FromString)
-    client._attach = ch.unary_unary(_LOCAL + "Attach", L.AttachRequest.SerializeToString, L.AttachResponse.FromString)
-    client._lease_read = ch.unary_unary(_LOCAL + "LeaseRead", L.LeaseReadRequest.SerializeToString,
-                                        L.LeaseReadResponse.FromString)
-    client._reserve = ch.unary_unary(_LOCAL + "ReserveWrite", L.ReserveWriteRequest.SerializeToString,
-                                     L.ReserveWriteResponse.FromString)
-    client._commit = ch.unary_unary(_LOCAL + "CommitWrite", L.CommitWriteRequest.SerializeToString,
-                                    L.CommitWriteResponse.FromString)
-    client._release = ch.unary_unary(_LOCAL + "Release", L.ReleaseRequest.SerializeToString,
-                                     L.ReleaseResponse.FromString)
-
-
-def _translating(fn):
-    @functools.wraps(fn)
-    def wrapper(self, *a, **kw):
-        try:
-            return fn(self, *a, **kw)
-        except grpc.RpcError as e:
-            raise from_rpc_error(e, self.addr) from None
-    return wrapper
+DEFAULT_COPY_THREADS = _core.DEFAULT_COPY_THREADS
 
 
 class KVStoreClient:
-    """One namespace on one daemon. Thread-safe (gRPC channels are)."""
+    """One namespace on one daemon. Thread-safe (gRPC channels are; see ``_core`` on re-attach)."""
 
     def __init__(self, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
                  timeout_s: float | None = 60.0, local: bool | None = None, copy_threads: int | None = None,
@@ -100,257 +46,170 @@ class KVStoreClient:
         """``local``: use the same-host shared-memory path (True: required; None: when the
         daemon's arena can be mapped from here, else the stream path; False: never).
         ``copy_threads``: threads copying chunks on the same-host path (default: up to 4).
-        ``tls``: TLS (and a client certificate for mutual TLS) for a TCP address; a ``token``
-        is sent only over TLS, a unix socket or loopback (InvalidArgument otherwise)."""
-        self.copy_threads = copy_threads or min(DEFAULT_COPY_THREADS, os.cpu_count() or 1)
-        self._copies: ThreadPoolExecutor | None = None
-        self._release_q: queue.SimpleQueue = queue.SimpleQueue()
-        self._release_lock = threading.Lock()
-        self._releaser: threading.Thread | None = None
+        ``tls``: TLS (a client certificate for mutual TLS) for a TCP address; a ``token`` is sent
+        only over TLS, a unix socket or loopback (InvalidArgument otherwise)."""
         self.addr = addr
         self.timeout_s = timeout_s
-        self._metadata, self._channel = secure_channel(addr, token, tls)
-        bind_stubs(self, self._channel)
-        # Chunks come as stored when this process can decode bitstreams, else the daemon decodes.
-        self._get_encoding = 0 if C.codec_available() else int(Encoding.RAW)
-        self.arena: SharedArena | None = None
-        self.presence: PresenceReader | None = None
-        self._nonce = b""
+        self._metadata, self._channel = open_client_channel(addr, token, tls)
+        self._release_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._release_lock = threading.Lock()   # guards _releaser (started once)
+        self._releaser: threading.Thread | None = None
+        self._core = _core.ClientCore(addr, local=local, copy_threads=copy_threads, release_later=self._release_later)
+        self._rpc = bind_stubs(self._channel)
         try:
-            self._connect(C.as_namespace(namespace))
-            if local is not False:
-                self.arena = self._attach_arena()
-                if local and self.arena is None:
-                    raise KVStoreClientError(f"the daemon at {addr} has no shared arena this process can map "
-                                             "(another host, or dram.shm_name is empty); pass local=None to "
-                                             "fall back to the stream path")
+            self._run(self._core.connect(namespace))
         except BaseException:
+            self._core.close()
             self._channel.close()
             raise
 
-    def _attach_arena(self) -> SharedArena | None:
+    # ------------------------------------------------------------------ driver
+    def _run(self, plan):
+        """Runs a plan to its end: each step blocking on this thread; a step's exception is
+        thrown into the plan; an RPC error leaving the plan becomes a ``KVStoreClientError``."""
         try:
-            a = self._attach(local_pb2.AttachRequest(), metadata=self._metadata, timeout=self.timeout_s)
+            result, error = None, None
+            while True:
+                try:
+                    step = plan.throw(error) if error is not None else plan.send(result)
+                except StopIteration as stop:
+                    return stop.value
+                result, error = None, None
+                try:
+                    result = self._do(step)
+                except BaseException as e:  # noqa: BLE001 - handed to the plan, which re-raises
+                    error = e
         except grpc.RpcError as e:
-            if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED,
-                            grpc.StatusCode.PERMISSION_DENIED):  # no local_path right: stream path
-                return None
             raise from_rpc_error(e, self.addr) from None
-        arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
-        self._nonce = a.nonce if arena is not None else b""
-        if arena is not None and a.index_path:
-            self.presence = PresenceReader.open(a.index_path, a.nonce)
-        return arena
+        finally:
+            plan.close()
 
-    def _reattach(self) -> None:
-        """The daemon restarted (new arena): drop the old mappings and map the new ones; the
-        stream path is used if that is no longer possible."""
-        if self.arena is not None:
-            self.arena.close()
-            self.arena = None
-        if self.presence is not None:
-            self.presence.close()
-            self.presence = None
-        self.arena = self._attach_arena()
+    def _do(self, step):
+        if isinstance(step, Work):
+            return step.fn(*step.args)
+        if isinstance(step, Call):
+            return self._rpc[step.rpc](step.request, metadata=self._metadata, timeout=self.timeout_s)
+        if isinstance(step, Stream):
+            call = self._rpc[step.rpc](step.request, metadata=self._metadata, timeout=self.timeout_s)
+            try:
+                for msg in call:
+                    if not step.feed(msg):
+                        break
+            finally:
+                call.cancel()   # no-op once the stream has ended
+            return None
+        if isinstance(step, Upload):
+            return self._rpc[step.rpc](iter(step.messages), metadata=self._metadata, timeout=self.timeout_s)
+        raise TypeError(f"unknown plan step {step!r}")
 
-    def _same_arena(self, nonce: bytes) -> bool:
-        """Whether offsets from a response with this arena nonce are valid in our mapping;
-        re-attaches when the daemon restarted since we mapped it."""
-        if nonce == self._nonce:
-            return True
-        self._reattach()
-        return self.arena is not None and nonce == self._nonce
+    # ------------------------------------------------------------------ session
+    @property
+    def namespace(self) -> Namespace:
+        """The namespace as registered (with the tenant the daemon took from the credential)."""
+        return self._core.namespace
+
+    @property
+    def namespace_id(self) -> bytes:
+        return self._core.namespace_id
+
+    @namespace_id.setter
+    def namespace_id(self, namespace_id: bytes) -> None:
+        """Tests set a foreign id to check the daemon's tenant isolation."""
+        self._core.namespace_id = bytes(namespace_id)
+
+    @property
+    def piece_bytes(self) -> int:
+        return self._core.piece_bytes
+
+    @property
+    def arena(self):
+        """The mapped daemon arena (``local.SharedArena``), or None on the stream path."""
+        return self._core.arena
+
+    @arena.setter
+    def arena(self, arena) -> None:
+        """Tests set None to force the stream path on a client that mapped the arena."""
+        self._core.arena = arena
+
+    @property
+    def _get_encoding(self) -> int:
+        """The encoding Get asks for: 0 = as stored (this process decodes), RAW = daemon decodes."""
+        return self._core.get_encoding
+
+    @_get_encoding.setter
+    def _get_encoding(self, encoding: int) -> None:
+        self._core.get_encoding = int(encoding)
+
+    @property
+    def presence(self):
+        """The mapped presence index (``kvstore_wire.presence.PresenceReader``), or None."""
+        return self._core.presence
 
     @property
     def transport(self) -> str:
         """``"shm"`` (same-host shared memory) or ``"grpc"`` (streamed)."""
-        return "shm" if self.arena is not None else "grpc"
+        return self._core.transport
 
-    @_translating
-    def _connect(self, ns: Namespace) -> None:
-        resp = self._register(data_pb2.RegisterNamespaceRequest(spec=C.spec_of(ns)), metadata=self._metadata,
-                              timeout=self.timeout_s, wait_for_ready=False)
-        reg = C.registration(ns, resp)
-        self.namespace, self.namespace_id, self.piece_bytes = reg.namespace, reg.namespace_id, reg.piece_bytes
+    @property
+    def crc_backend(self) -> str:
+        """The CRC32C implementation verifying chunks here (``kvstore_wire.crc.BACKEND``)."""
+        return _core.crc_backend()
+
+    @property
+    def _reserve(self):
+        """The raw ReserveWrite stub (tests drive half-finished writes with it)."""
+        return self._rpc["reserve"]
 
     # ------------------------------------------------------------------ keys
     def keys(self, tokens: Sequence[int]) -> list[bytes]:
         """Prefix keys of the leading full chunks of ``tokens``."""
-        return prefix_keys(self.namespace_id, tokens, self.namespace.chunk_tokens)
+        return self._core.keys(tokens)
+
+    def storable_tokens(self, tokens: Sequence[int], kv=None) -> int:
+        """Leading tokens ``store(tokens, kv)`` covers: whole chunks only (a trailing partial
+        chunk is never stored, since no prefix lookup could match its key)."""
+        return self._core.storable_tokens(tokens, kv)
 
     # ------------------------------------------------------------------ data plane
-    @_translating
     def exists(self, keys: Sequence[bytes]) -> list[Tier]:
-        resp = self._exists(data_pb2.ExistsRequest(namespace_id=self.namespace_id, keys=list(keys)),
-                            metadata=self._metadata, timeout=self.timeout_s)
-        return [Tier(t) for t in resp.tiers]
+        """The fastest tier holding each key (``Tier.NONE`` where absent)."""
+        return self._run(self._core.exists(keys))
 
-    @_translating
     def store(self, tokens: Sequence[int], kv, durability: Durability = Durability.MEMORY) -> int:
         """Stores the leading full chunks of ``tokens`` from ``kv`` (namespace layout, covering
         at least those chunks' tokens), skipping chunks already stored. Returns the number of
-        chunks newly stored."""
-        ns = self.namespace
-        local = self.arena is not None
-        u8 = C.kv_bytes_array(kv, ns, keep_device=local)
-        keys = self.keys(tokens)
-        have = u8.shape[C.token_axis(ns)]
-        n = min(len(keys), have // ns.chunk_tokens)
-        if n == 0:
-            return 0
-        if local:  # ReserveWrite reports chunks already stored: no Exists round trip
-            stored = self._store_local(u8, keys[:n], list(range(n)), Durability(durability))
-            if stored is not None:
-                return stored
-            u8 = C.kv_bytes_array(kv, ns)   # the shared arena went away: stream it
-        present = self.exists(keys[:n])
-        todo = [i for i in range(n) if present[i] == Tier.NONE]
-        if not todo:
-            return 0
-        payloads = C.chunk_payloads(u8, ns, n)
-        msgs = C.put_messages(self.namespace_id, [keys[i] for i in todo], [payloads[i] for i in todo], ns,
-                              Durability(durability), self.piece_bytes)
-        resp = self._put(msgs, metadata=self._metadata, timeout=self.timeout_s)
-        return resp.stored
+        chunks newly stored. Tokens past the last full chunk are not stored (see
+        ``storable_tokens``; docs/client.md)."""
+        return self._run(self._core.store(tokens, kv, durability))
 
-    def _store_local(self, u8, keys: list[bytes], chunks: list[int], durability: Durability) -> int | None:
-        """Same-host store: reserve arena extents, copy each chunk straight into its extent
-        (the only copy), commit; the daemon's DRAM tier takes the extents over. None when
-        the arena can no longer be mapped (the caller streams instead)."""
-        ns = self.namespace
-        size = ns.chunk_bytes()
-        req = local_pb2.ReserveWriteRequest(namespace_id=self.namespace_id, chunks=[
-            local_pb2.ChunkToWrite(key=k, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens, encoding=Encoding.RAW,
-                                   payload_bytes=size) for k in keys])
-        resp = self._reserve(req, metadata=self._metadata, timeout=self.timeout_s)
-        if resp.lease_id == 0:
-            return 0
-        if not self._same_arena(resp.arena_nonce):
-            self._release_later(resp.lease_id)
-            return None
-        try:
-            cuda = C.is_cuda_tensor(u8)
-            kernel = cuda and self.arena.register_cuda() and transfer.cuda_available() and u8.is_contiguous()
-            if kernel:
-                import torch
-
-                stream = torch.cuda.current_stream(u8.device)
-                planes, heads, elt = C.planes_of(u8, ns)
-            for slot in resp.slots:
-                if slot.exists:
-                    continue
-                dst = self.arena.view(slot.offset, slot.length)
-                if kernel:
-                    # One kernel writes the chunk from the engine's tensor straight into the
-                    # registered extent over PCIe.
-                    start = chunks[slot.index] * ns.chunk_tokens
-                    spec = transfer.PlaneSpec(planes, list(range(start, start + ns.chunk_tokens)), heads,
-                                              ns.head_dim * elt, heads * ns.head_dim * elt, ns.head_dim * elt)
-                    transfer.gather(spec, int(dst.ctypes.data), device=True, stream=stream.cuda_stream)
-                else:
-                    C.copy_chunk_out(u8, ns, chunks[slot.index], dst)
-            if cuda:
-                import torch
-
-                torch.cuda.current_stream(u8.device).synchronize()   # bytes in the arena before commit
-        except BaseException:
-            self._release(local_pb2.ReleaseRequest(lease_ids=[resp.lease_id]), metadata=self._metadata,
-                          timeout=self.timeout_s)
-            raise
-        done = self._commit(local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability)),
-                            metadata=self._metadata, timeout=self.timeout_s)
-        return done.stored
-
-    @_translating
-    def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0) -> C.LookupResult:
+    def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0) -> LookupResult:
         """The longest stored prefix of ``tokens``' full chunks. On the same host this reads
         the daemon's presence index (no RPC) unless ``pin_ttl_s`` asks for a pin."""
-        if self.presence is not None and self.presence.stale():
-            self._reattach()
-        if self.presence is not None and not pin_ttl_s:
-            hit = C.lookup_from_presence(self.presence, self.namespace_id, self.keys(tokens),
-                                         self.namespace.chunk_tokens)
-            if hit is not None:
-                return hit
-        resp = self._lookup(data_pb2.LookupRequest(namespace_id=self.namespace_id, keys=self.keys(tokens),
-                                                   pin_ttl_s=pin_ttl_s), metadata=self._metadata, timeout=self.timeout_s)
-        n = resp.matched_chunks
-        return C.LookupResult(n * self.namespace.chunk_tokens, n, tuple(Tier(t) for t in resp.tiers))
+        return self._run(self._core.lookup_keys(self.keys(tokens), pin_ttl_s))
 
-    @_translating
+    def lookup_keys(self, keys: Sequence[bytes], pin_ttl_s: int = 0) -> LookupResult:
+        """``lookup`` for precomputed prefix keys."""
+        return self._run(self._core.lookup_keys(keys, pin_ttl_s))
+
     def retrieve(self, tokens: Sequence[int], as_torch: bool = False, verify_crc: bool | None = None):
-        """``(matched_tokens, kv)`` for the longest stored prefix of ``tokens``' full chunks."""
-        asm = self._fetch(self.keys(tokens), verify_crc, None)
-        return asm.matched * self.namespace.chunk_tokens, asm.result(as_torch)
+        """``(matched_tokens, kv)`` for the longest stored prefix of ``tokens``' full chunks.
+        ``verify_crc`` None: chunks that crossed a socket are verified, arena reads are not."""
+        return self._run(self._core.retrieve(tokens, as_torch, verify_crc))
 
-    @_translating
     def retrieve_into(self, tokens: Sequence[int], out, verify_crc: bool | None = None) -> int:
         """Writes the longest stored prefix of ``tokens``' full chunks into ``out`` (a
-        contiguous numpy array or CPU tensor in the namespace layout holding exactly those
-        full chunks' tokens) without allocating; returns the matched token count. Tokens
-        past the match are left as they were."""
-        keys = self.keys(tokens)
-        if C.is_cuda_tensor(out):
-            return self._retrieve_cuda(keys, out) * self.namespace.chunk_tokens
-        return self._fetch(keys, verify_crc, out).matched * self.namespace.chunk_tokens
+        contiguous numpy array, CPU or CUDA tensor in the namespace layout holding exactly
+        those full chunks' tokens) without allocating; returns the matched token count.
+        Tokens past the match are left as they were."""
+        return self._run(self._core.retrieve_into(tokens, out, verify_crc))
 
-    def _retrieve_cuda(self, keys: list[bytes], out) -> int:
-        """Into a CUDA tensor: from leased arena extents (registered with CUDA) by the scatter
-        kernel, one host->device pass; without the shared path, through a host buffer."""
-        import torch
+    def delete(self, keys: Sequence[bytes]) -> int:
+        """Deletes ``keys`` from every tier; returns how many existed."""
+        return self._run(self._core.delete(keys))
 
-        ns = self.namespace
-        if out.dtype != C.torch_dtype(ns.dtype) or not out.is_contiguous() or \
-                tuple(out.shape) != ns.chunk_shape(len(keys) * ns.chunk_tokens):
-            raise InvalidArgument(f"out must be a contiguous {ns.dtype.name} tensor of shape "
-                                  f"{list(ns.chunk_shape(len(keys) * ns.chunk_tokens))}")
-        if self.arena is None or not self.arena.register_cuda():
-            return self._retrieve_via_host(keys, out)
-        resp = self._lease_read(local_pb2.LeaseReadRequest(namespace_id=self.namespace_id, keys=keys),
-                                metadata=self._metadata, timeout=self.timeout_s)
-        if not self._same_arena(resp.arena_nonce) or not self.arena.register_cuda():
-            self._release_later(resp.lease_id)
-            return self._retrieve_via_host(keys, out)
-        stream = torch.cuda.current_stream(out.device)
-        n = 0
-        try:
-            planes, heads, elt = C.planes_of(out, ns)
-            for ext in resp.extents:
-                if not ext.found or ext.index != n:
-                    break
-                start = n * ns.chunk_tokens
-                src = self.arena.view(ext.offset, ext.length)
-                if ext.encoding != Encoding.RAW:
-                    raw = torch.from_numpy(C.decode_chunk(src)).view(out.dtype).view(ns.chunk_shape())
-                    out[C._token_slice(out.dim(), ns, n)].copy_(raw)
-                else:
-                    spec = transfer.PlaneSpec(planes, list(range(start, start + ns.chunk_tokens)),
-                                              heads, ns.head_dim * elt, heads * ns.head_dim * elt, ns.head_dim * elt)
-                    transfer.scatter(int(src.ctypes.data), spec, device=True, stream=stream.cuda_stream)
-                n += 1
-            stream.synchronize()  # the extents are read before the lease ends
-        finally:
-            self._release_later(resp.lease_id)
-        return n
-
-    def _copy_pool(self) -> ThreadPoolExecutor | None:
-        """Threads that copy chunks between the arena and caller buffers in parallel (numpy
-        releases the GIL); None with one thread."""
-        if self._copies is None and self.copy_threads > 1:
-            self._copies = ThreadPoolExecutor(self.copy_threads, thread_name_prefix="kvstore-copy")
-        return self._copies
-
-    def _retrieve_via_host(self, keys: list[bytes], out) -> int:
-        """Into a CUDA tensor through a pinned host buffer (no usable shared arena)."""
-        import torch
-
-        host = torch.empty(out.shape, dtype=out.dtype).pin_memory()
-        n = self._fetch(keys, None, host).matched
-        out.copy_(host)
-        return n
-
+    # ------------------------------------------------------------------ leases
     def _release_later(self, lease_id: int) -> None:
-        """Ends a read lease without waiting for the answer: a background thread sends the
+        """Ends a lease without waiting for the answer: a background thread sends the
         Release (batched), off the caller's critical path. If it never arrives, the lease
         still expires after server.lease_ttl_s."""
         if not lease_id:
@@ -369,76 +228,20 @@ class KVStoreClient:
             live = [i for i in ids if i is not None]
             if live:
                 try:
-                    self._release(local_pb2.ReleaseRequest(lease_ids=live), metadata=self._metadata,
-                                  timeout=self.timeout_s)
+                    self._rpc["release"](local_pb2.ReleaseRequest(lease_ids=live), metadata=self._metadata,
+                                         timeout=self.timeout_s)
                 except grpc.RpcError as e:
                     log.info("releasing %d leases failed (%s); they expire on the daemon by themselves",
                              len(live), e.code())
             if None in ids:
                 return
 
-    def _fetch(self, keys: list[bytes], verify_crc: bool | None, out) -> "C.ChunkAssembler":
-        if verify_crc is None and self.arena is not None:
-            # Shared memory: the bytes cross no network, and the daemon checksummed them on
-            # the way in; verifying again would read every byte a second time.
-            verify_crc = False
-        asm = C.ChunkAssembler(self.namespace, len(keys), verify_crc, out)
-        if keys and self.arena is not None:
-            self._retrieve_local(keys, asm)
-        elif keys:
-            call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys, encoding=self._get_encoding),
-                             metadata=self._metadata, timeout=self.timeout_s)
-            for msg in call:
-                if not asm.feed(msg):
-                    call.cancel()
-                    break
-        return asm
-
-    def _retrieve_local(self, keys: list[bytes], asm: "C.ChunkAssembler") -> None:
-        """Same-host retrieve: lease the chunks, copy each from the mapped arena into place,
-        release. Chunks the daemon could not place in the arena come over the stream."""
-        resp = self._lease_read(local_pb2.LeaseReadRequest(namespace_id=self.namespace_id, keys=keys),
-                                metadata=self._metadata, timeout=self.timeout_s)
-        usable = self._same_arena(resp.arena_nonce)
-        try:
-            items = []
-            for ext in resp.extents if usable else ():
-                if not ext.found or ext.index != asm.matched + len(items):
-                    break
-                items.append((self.arena.view(ext.offset, ext.length), ext.num_tokens, Encoding(ext.encoding),
-                              ext.crc32c))
-            asm.place_many(items, self._copy_pool())
-        finally:
-            self._release_later(resp.lease_id)
-        if asm.matched < len(keys):
-            # Absent, or present but not placeable in the arena (DRAM full of pinned chunks):
-            # the stream path serves what exists.
-            base = asm.matched
-            call = self._get(data_pb2.GetRequest(namespace_id=self.namespace_id, keys=keys[base:], encoding=self._get_encoding),
-                             metadata=self._metadata, timeout=self.timeout_s)
-            for msg in call:
-                if not asm.feed(msg, index_base=base):
-                    call.cancel()
-                    break
-
-    @_translating
-    def delete(self, keys: Sequence[bytes]) -> int:
-        resp = self._delete(data_pb2.DeleteRequest(namespace_id=self.namespace_id, keys=list(keys)),
-                            metadata=self._metadata, timeout=self.timeout_s)
-        return resp.deleted
-
     def close(self) -> None:
+        """Sends pending lease releases, unmaps the arena and closes the channel."""
         if self._releaser is not None:
             self._release_q.put(None)
             self._releaser.join(timeout=self.timeout_s or None)
-        if self._copies is not None:
-            self._copies.shutdown(wait=True)
-        if self.arena is not None:
-            self.arena.close()
-            self.arena = None
-        if self.presence is not None:
-            self.presence.close()
-            self.presence = None
+        self._core.close()
         self._channel.close()
 
     def __enter__(self) -> "KVStoreClient":

@@ -18,7 +18,7 @@ import sys
 
 from .. import __version__
 from ..config import Config, load_config
-from ..errors import KVStoreError
+from ..domain.errors import KVStoreError
 
 log = logging.getLogger("kvstore")
 
@@ -37,7 +37,6 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--listen", action="append", metavar="ADDR",
                    help="host:port or unix:/path (repeatable; replaces server.listen)")
     sub.add_parser("version", help="print the version")
-    sub.add_parser("demo", help="SmolLM2 prefix reuse end to end (see `kvstore demo --help`)", add_help=False)
     return p
 
 
@@ -67,14 +66,14 @@ def _setup_logging(config: Config) -> None:
 
 async def _serve(config: Config) -> None:
     from ..server.app import Daemon
-    from ..tiers.manager import TierManager
+    from ..store import Store
 
     loop = asyncio.get_running_loop()
-    manager = await loop.run_in_executor(None, TierManager, config)
+    store = await loop.run_in_executor(None, Store.open, config)    # tiers built from config.chain
     try:
-        daemon = Daemon(config, manager)
+        daemon = Daemon(config, store)
     except BaseException:
-        manager.close()
+        store.close()
         raise
     await daemon.start()
     log.info("kvstore %s listening on %s (data dir %s, auth %s)", __version__, ", ".join(config.server.listen),
@@ -90,10 +89,6 @@ async def _serve(config: Config) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["demo"]:
-        from .. import demo  # needs torch + transformers: imported only for the demo
-
-        return demo.main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command == "version":
         print(f"kvstore {__version__}")

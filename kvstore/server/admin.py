@@ -1,5 +1,6 @@
-"""The admin-plane servicer (``kvstore.v1.Admin``). Every RPC needs an admin principal
-(enforced by the interceptor). Manager calls that may touch the disk run on the worker pool."""
+"""The admin-plane servicer (``kvstore.v1.Admin``): protobuf <-> domain over the ``Store``.
+Every RPC needs an admin principal (enforced by the interceptor). Store calls that may touch
+the disk run on the worker pool."""
 
 from __future__ import annotations
 
@@ -11,20 +12,20 @@ from kvstore_wire._proto.kvstore.v1 import admin_pb2
 from kvstore_wire.keys import KEY_BYTES
 
 from .. import __version__
-from ..errors import InvalidArgument, NotFound
-from ..namespaces import NamespaceRegistry
-from ..types import Medium
+from ..domain.chunks import chunk_ids
+from ..domain.errors import InvalidArgument, NotFound
+from ..domain.types import Medium
+from ..store import Store
 from . import convert
-from .data import chunk_ids
 
 DEFAULT_PAGE = 100
 MAX_PAGE = 10_000
 
 
 class AdminServicer:
-    def __init__(self, manager, registry: NamespaceRegistry, config, pool: Executor) -> None:
-        self._m = manager
-        self._ns = registry
+    def __init__(self, store: Store, config, pool: Executor) -> None:
+        self._store = store
+        self._ns = store.namespaces
         self._cfg = config.server
         self._pool = pool
         self._started = time.time()
@@ -44,11 +45,12 @@ class AdminServicer:
             raise InvalidArgument(f"unknown tier {value}") from None
 
     async def GetStats(self, request, context):
-        st = self._m.stats()
+        st = self._store.stats()
+        chain = st.chain
         return admin_pb2.GetStatsResponse(
-            tiers=[convert.tier_stats(t) for t in st.tiers], version=__version__,
-            uptime_s=time.time() - self._started, namespaces=len(self._ns),
-            write_queue_depth=st.write_queue_depth, write_queue_dropped=st.write_queue_dropped)
+            tiers=[convert.tier_stats(t) for t in chain.tiers], version=__version__,
+            uptime_s=time.time() - self._started, namespaces=st.namespaces,
+            write_queue_depth=chain.write_queue_depth, write_queue_dropped=chain.write_queue_dropped)
 
     async def ListNamespaces(self, request, context):
         return admin_pb2.ListNamespacesResponse(
@@ -59,7 +61,7 @@ class AdminServicer:
             self._ns.get(request.namespace_id, self._scope())
         limit = min(request.limit or DEFAULT_PAGE, MAX_PAGE)
         medium = self._tier(request.tier)
-        infos = await self._run(lambda: self._m.entries(prefix=bytes(request.namespace_id), medium=medium,
+        infos = await self._run(lambda: self._store.entries(prefix=bytes(request.namespace_id), medium=medium,
                                                         after=bytes(request.page_token), limit=limit + 1))
         more = len(infos) > limit
         infos = infos[:limit]
@@ -69,7 +71,7 @@ class AdminServicer:
     async def Inspect(self, request, context):
         info = self._ns.get(request.namespace_id, self._scope())
         (cid,) = chunk_ids(info, [request.key], 1)
-        ki = await self._run(self._m.inspect, cid)
+        ki = await self._run(self._store.inspect, cid)
         if ki is None:
             raise NotFound(f"key {request.key.hex()} is not stored in namespace {info.namespace_id.hex()[:16]}...")
         return admin_pb2.InspectResponse(entry=convert.key_entry(ki), namespace=convert.namespace_info(info))
@@ -79,14 +81,14 @@ class AdminServicer:
         if request.keys:
             info = self._ns.get(request.namespace_id, self._scope())
             cids = chunk_ids(info, request.keys, self._cfg.max_keys_per_request)
-            n = await self._run(lambda: self._m.evict(cids, medium))
+            n = await self._run(lambda: self._store.evict(cids, medium))
         elif request.namespace_id:
             raise InvalidArgument("evicting a whole namespace is Clear(namespace_id); Evict takes keys, or "
                                   "no keys and a tier to empty that tier")
         elif medium is None:
             raise InvalidArgument("Evict needs keys, or a tier to empty (kvctl evict --tier dram)")
         else:
-            n = await self._run(lambda: self._m.evict(None, medium))
+            n = await self._run(lambda: self._store.evict(None, medium))
         return admin_pb2.EvictResponse(evicted=n)
 
     def _cids(self, request) -> list[bytes]:
@@ -95,11 +97,11 @@ class AdminServicer:
 
     async def Pin(self, request, context):
         cids = self._cids(request)
-        return admin_pb2.PinResponse(pinned=sum(1 for c in cids if self._m.pin(c, request.ttl_s)))
+        return admin_pb2.PinResponse(pinned=self._store.pin(cids, request.ttl_s))
 
     async def Unpin(self, request, context):
         cids = self._cids(request)
-        return admin_pb2.UnpinResponse(unpinned=sum(1 for c in cids if self._m.unpin(c)))
+        return admin_pb2.UnpinResponse(unpinned=self._store.unpin(cids))
 
     async def Clear(self, request, context):
         scope = request.WhichOneof("scope")
@@ -107,13 +109,9 @@ class AdminServicer:
             if len(request.namespace_id) != KEY_BYTES:
                 raise InvalidArgument(f"namespace_id must be {KEY_BYTES} bytes")
             info = self._ns.get(request.namespace_id, self._scope())
-            n = await self._run(self._m.delete_prefix, info.namespace_id)
+            n = await self._run(self._store.clear_namespace, info.namespace_id)
         elif scope == "tenant":
-            infos = self._ns.list(request.tenant)
-            n = 0
-            for info in infos:
-                n += await self._run(self._m.delete_prefix, info.namespace_id)
-            self._ns.remove(i.namespace_id for i in infos)
+            n = await self._run(self._store.clear_tenant, request.tenant)
         else:
             raise InvalidArgument("Clear needs a scope: namespace_id or tenant")
         return admin_pb2.ClearResponse(deleted=n)

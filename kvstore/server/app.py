@@ -1,8 +1,8 @@
 """Assembles the gRPC server: listeners, limits, interceptor, servicers, health, reflection.
 
-``Daemon`` owns the manager, the namespace registry and the worker pool; ``start()`` binds
+``Daemon`` owns the ``Store`` (tiers, namespaces) and the worker pool; ``start()`` binds
 every ``config.server.listen`` address, ``stop()`` drains in-flight RPCs for
-``shutdown_grace_s`` and closes the manager.
+``shutdown_grace_s`` and closes the store.
 """
 
 from __future__ import annotations
@@ -19,10 +19,9 @@ from grpc_reflection.v1alpha import reflection
 from kvstore_wire._proto.kvstore.v1 import admin_pb2_grpc, data_pb2, local_pb2_grpc
 
 from ..config import Config
-from ..errors import FailedPrecondition, Unavailable
+from ..domain.errors import FailedPrecondition, Unavailable
 from ..metrics import KVStoreCollector, RequestStats, start_exporter
-from ..namespaces import NamespaceRegistry
-from ..quotas import ledger_from_config
+from ..store import Store
 from . import wire
 from .admin import AdminServicer
 from .auth import Authenticator
@@ -83,15 +82,11 @@ def _data_handler(svc: DataServicer) -> grpc.GenericRpcHandler:
 
 
 class Daemon:
-    def __init__(self, config: Config, manager) -> None:
+    def __init__(self, config: Config, store: Store) -> None:
         check_exposure(config)
         check_tls_config(config)
         self.config = config
-        self.manager = manager
-        self.quotas = ledger_from_config(config.quotas, config.auth)
-        self.registry = NamespaceRegistry(config.disk.path, config.server.max_chunk_bytes, quotas=self.quotas,
-                                          fsync=config.disk.fsync)
-        manager.attach_namespaces(lambda nid: self.registry.get(nid, None).namespace)
+        self.store = store
         self.pool = ThreadPoolExecutor(config.server.worker_threads, thread_name_prefix="kvstore-worker")
         self.stats = RequestStats()
         self.health = health.aio.HealthServicer()
@@ -100,16 +95,15 @@ class Daemon:
         self.server = grpc.aio.server(
             interceptors=[RequestInterceptor(
                 Authenticator(config.auth, trust_cert_identities=verifies_client_certs(config.server.tls)),
-                self.stats, self.quotas)],
+                self.stats, store.namespaces.quotas)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
-        self.server.add_generic_rpc_handlers((_data_handler(DataServicer(manager, self.registry, config,
-                                                                         self.pool, self.stats)),))
-        self.leases = LeaseTable(manager, config.server.lease_ttl_s, config.server.max_open_leases)
+        self.server.add_generic_rpc_handlers((_data_handler(DataServicer(store, config, self.pool, self.stats)),))
+        self.leases = LeaseTable(store.local, config.server.lease_ttl_s, config.server.max_open_leases)
         self._sweeper: asyncio.Task | None = None
-        self.local = LocalDataServicer(manager, self.registry, config, self.pool, self.leases)
+        self.local = LocalDataServicer(store, config, self.pool, self.leases)
         local_pb2_grpc.add_LocalDataServicer_to_server(self.local, self.server)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(manager, self.registry, config, self.pool),
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(store, config, self.pool),
                                                    self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -133,7 +127,7 @@ class Daemon:
         for name in ("", DATA_SERVICE, ADMIN_SERVICE, LOCAL_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._metrics_server = start_exporter(
-            self.config.metrics.listen, KVStoreCollector(self.manager.stats, self.stats, lambda: len(self.registry)))
+            self.config.metrics.listen, KVStoreCollector(self.store.stats, self.stats))
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
@@ -141,12 +135,10 @@ class Daemon:
         if self._sweeper is not None:
             self._sweeper.cancel()
         self.leases.close()
-        self.local.close()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.manager.close)
-        self.registry.close()
+        await loop.run_in_executor(None, self.store.close)
         self.pool.shutdown(wait=True)
 
     async def wait(self) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from ..config import AuthConfig, CertEntry, TokenEntry
-from ..errors import PermissionDenied, Unauthenticated
+from ..domain.errors import PermissionDenied, Unauthenticated
 from .capabilities import Right
 
 

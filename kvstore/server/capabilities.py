@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 
-from ..errors import PermissionDenied
+from ..domain.errors import PermissionDenied
 
 KVSTORE_PREFIX = "/kvstore.v1."
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from kvstore_wire._proto.kvstore.v1 import admin_pb2, common_pb2
 
-from ..namespaces import NamespaceInfo, build_namespace
-from ..types import KeyKind, Medium
+from ..domain.namespaces import NamespaceInfo, build_namespace
+from ..domain.types import KeyKind, Medium
 
 from kvstore_wire.keys import Namespace
 
@@ -31,7 +31,7 @@ def medium_or_none(tier: int) -> Medium | None:
 
 
 def key_entry(info) -> admin_pb2.KeyEntry:
-    """``KeyEntry`` from the manager's ``KeyInfo``."""
+    """``KeyEntry`` from the store's ``KeyInfo``."""
     cid = bytes(info.cid)
     m = info.meta
     return admin_pb2.KeyEntry(

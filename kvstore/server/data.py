@@ -1,7 +1,11 @@
-"""The data-plane servicer (``kvstore.v1.KVStore``): validates requests, calls the TierManager.
+"""The data-plane servicer (``kvstore.v1.KVStore``): protobuf <-> domain, nothing else.
 
-Threading: methods run on the event loop. ``TierManager.lookup/locate`` never block and run
-inline; ``get``/``put``/``delete`` may do disk I/O and run on the worker pool.
+Headers are checked by ``domain.chunks.validate_header`` (the same rules as ReserveWrite);
+storage, checksums and codec conversion are the ``Store``'s.
+
+Threading: methods run on the event loop. ``Store.lookup/locate`` never block and run
+inline; ``get``/``put``/``delete``/``read_as`` may do disk I/O or codec work and run on the
+worker pool.
 """
 
 from __future__ import annotations
@@ -10,37 +14,24 @@ import asyncio
 from concurrent.futures import Executor
 
 from kvstore_wire._proto.kvstore.v1 import data_pb2
-from kvstore_wire.keys import KEY_BYTES
 
-import kvstore_native as native
-from ..errors import DataLoss, FailedPrecondition, InvalidArgument
+from ..domain.chunks import ChunkHeader, chunk_ids, parse_durability, validate_header
+from ..domain.errors import InvalidArgument
+from ..domain.namespaces import NamespaceInfo
+from ..domain.results import PutResult
+from ..domain.types import ChunkId, ChunkMeta, Durability, Encoding
 from ..metrics import RequestStats
-from ..namespaces import NamespaceInfo, NamespaceRegistry
-from ..types import ChunkMeta, Durability, Encoding, KeyKind
+from ..store import Store
 from . import convert, wire
 from .auth import current_principal
 
 
-def chunk_ids(info: NamespaceInfo, keys, max_keys: int) -> list[bytes]:
-    """``namespace_id || key`` for each key, after checking count and lengths."""
-    if len(keys) > max_keys:
-        raise InvalidArgument(f"{len(keys)} keys in one request; the limit is server.max_keys_per_request="
-                              f"{max_keys}: split the request")
-    nid = info.namespace_id
-    out = [nid + k for k in keys]
-    for i, c in enumerate(out):
-        if len(c) != 2 * KEY_BYTES:
-            raise InvalidArgument(f"keys[{i}] is {len(keys[i])} bytes; keys are {KEY_BYTES}-byte digests "
-                                  "(docs/keys.md)")
-    return out
-
-
 class _Incoming:
-    """One chunk being received: header fields and a preallocated buffer."""
+    """One chunk being received: its id, metadata and a preallocated buffer."""
 
-    __slots__ = ("index", "cid", "meta", "durability", "buf", "view", "filled", "crc")
+    __slots__ = ("index", "cid", "meta", "durability", "buf", "view", "filled")
 
-    def __init__(self, index: int, cid: bytes, meta: ChunkMeta, durability: Durability, crc: int) -> None:
+    def __init__(self, index: int, cid: ChunkId, meta: ChunkMeta, durability: Durability) -> None:
         self.index = index
         self.cid = cid
         self.meta = meta
@@ -48,19 +39,17 @@ class _Incoming:
         self.buf = bytearray(meta.payload_bytes)
         self.view = memoryview(self.buf)
         self.filled = 0
-        self.crc = crc
 
 
 class DataServicer:
-    def __init__(self, manager, registry: NamespaceRegistry, config, pool: Executor, stats: RequestStats) -> None:
-        self._m = manager
-        self._ns = registry
+    def __init__(self, store: Store, config, pool: Executor, stats: RequestStats) -> None:
+        self._store = store
         self._cfg = config.server
         self._pool = pool
         self._stats = stats
 
     def _namespace(self, namespace_id: bytes) -> NamespaceInfo:
-        return self._ns.get(namespace_id, current_principal().tenant_scope)
+        return self._store.namespace(namespace_id, current_principal().tenant_scope)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -68,7 +57,7 @@ class DataServicer:
     # ------------------------------------------------------------------ RegisterNamespace
     async def RegisterNamespace(self, request, context):
         ns = convert.namespace_from_spec(request.spec, current_principal().tenant)
-        info = await self._run(self._ns.register, ns)  # blocking: appends to the registry log and fsyncs
+        info = await self._run(self._store.namespaces.register, ns)  # blocking: registry log append + fsync
         return data_pb2.RegisterNamespaceResponse(namespace=convert.namespace_info(info),
                                                   max_message_bytes=self._cfg.max_message_bytes)
 
@@ -76,41 +65,13 @@ class DataServicer:
     def _begin(self, h, index: int) -> _Incoming:
         where = f"chunk {index} (key {h.key.hex()[:16]})"
         info = self._namespace(h.namespace_id)
-        if len(h.key) != KEY_BYTES:
-            raise InvalidArgument(f"{where}: key is {len(h.key)} bytes; keys are {KEY_BYTES}-byte digests")
-        ns = info.namespace
-        if not 1 <= h.num_tokens <= ns.chunk_tokens:
-            raise InvalidArgument(f"{where}: num_tokens={h.num_tokens}, must be 1..{ns.chunk_tokens} "
-                                  "(the namespace's chunk_tokens)")
-        encoding = Encoding(h.encoding or Encoding.RAW)
-        if encoding == Encoding.RAW:
-            want = ns.chunk_bytes(h.num_tokens)
-            if h.payload_bytes != want:
-                raise InvalidArgument(
-                    f"{where}: payload_bytes={h.payload_bytes} but a RAW chunk of {h.num_tokens} tokens in this "
-                    f"namespace is {want} bytes (shape {list(ns.chunk_shape(h.num_tokens))}, {ns.dtype.name}); "
-                    "check the tensor's shape, dtype and layout against the namespace")
-        elif not 1 <= h.payload_bytes <= self._cfg.max_chunk_bytes:
-            raise InvalidArgument(f"{where}: payload_bytes={h.payload_bytes}, must be 1..server.max_chunk_bytes="
-                                  f"{self._cfg.max_chunk_bytes}")
-        try:
-            kind = KeyKind(h.key_kind or KeyKind.PREFIX)
-            durability = Durability(h.durability or Durability.MEMORY)
-        except ValueError as e:
-            raise InvalidArgument(f"{where}: {e}") from None
-        meta = ChunkMeta(num_tokens=h.num_tokens, encoding=encoding, payload_bytes=h.payload_bytes,
-                         crc32c=h.crc32c, key_kind=kind)
-        return _Incoming(index, info.namespace_id + h.key, meta, durability, h.crc32c)
+        cid, meta = validate_header(info, ChunkHeader(h.key, h.num_tokens, h.payload_bytes, h.encoding,
+                                                      h.key_kind, h.crc32c), self._cfg.max_chunk_bytes, where)
+        return _Incoming(index, cid, meta, parse_durability(h.durability, where))
 
-    def _store(self, c: _Incoming):
-        """Worker thread: verify the checksum, then hand the complete chunk to the manager."""
-        crc = native.crc32c(c.view)
-        if c.crc and crc != c.crc:
-            raise DataLoss(f"chunk {c.index}: CRC32C of the received payload is {crc:#010x}, the header says "
-                           f"{c.crc:#010x}; the data was corrupted in transit or the sender computed the "
-                           "checksum over different bytes. Nothing was stored; retry the put")
-        meta = c.meta if c.crc else c.meta.with_payload(c.meta.encoding, c.meta.payload_bytes, crc)
-        return self._m.put(c.cid, meta, c.view, c.durability)
+    def _stored(self, c: _Incoming) -> PutResult:
+        """Worker thread: the complete chunk to the store (which checks its CRC32C)."""
+        return self._store.put(c.cid, c.meta, c.view, c.durability, where=f"chunk {c.index}")
 
     async def Put(self, request_iterator, context):
         cur: _Incoming | None = None
@@ -144,27 +105,27 @@ class DataServicer:
             else:
                 raise InvalidArgument("empty PutRequest: set header or data")
             if cur is not None and cur.filled == cur.meta.payload_bytes:
-                pending.append(asyncio.ensure_future(self._run(self._store, cur)))
+                pending.append(asyncio.ensure_future(self._run(self._stored, cur)))
                 cur = None
         if cur is not None:
             raise InvalidArgument(f"stream ended after {cur.filled} of {cur.meta.payload_bytes} payload bytes of "
                                   f"chunk {cur.index}: truncated put, that chunk was not stored")
         results = await asyncio.gather(*pending)
         self._stats.add_bytes(received=received)
-        stored = sum(1 for r in results if r.name == "STORED")
+        stored = sum(1 for r in results if r is PutResult.STORED)
         return data_pb2.PutResponse(stored=stored, existed=len(results) - stored)
 
     # ------------------------------------------------------------------ Lookup / Exists
     async def Lookup(self, request, context):
         info = self._namespace(request.namespace_id)
         cids = chunk_ids(info, request.keys, self._cfg.max_keys_per_request)
-        media = self._m.lookup(cids, request.pin_ttl_s)
-        return data_pb2.LookupResponse(matched_chunks=len(media), tiers=[int(m) for m in media])
+        found = self._store.lookup(cids, request.pin_ttl_s)
+        return data_pb2.LookupResponse(matched_chunks=found.matched, tiers=[int(m) for m in found.media])
 
     async def Exists(self, request, context):
         info = self._namespace(request.namespace_id)
         cids = chunk_ids(info, request.keys, self._cfg.max_keys_per_request)
-        return data_pb2.ExistsResponse(tiers=[0 if m is None else int(m) for m in self._m.locate(cids)])
+        return data_pb2.ExistsResponse(tiers=[0 if m is None else int(m) for m in self._store.locate(cids)])
 
     # ------------------------------------------------------------------ Get
     async def Get(self, request, context):
@@ -177,7 +138,7 @@ class DataServicer:
         sent = 0
         try:
             for i, cid in enumerate(cids):
-                ref = await self._run(self._m.get, cid)
+                ref = await self._run(self._store.get, cid)
                 if ref is None:
                     yield data_pb2.GetResponse(header=data_pb2.GetChunkHeader(index=i, found=False))
                     continue
@@ -185,8 +146,7 @@ class DataServicer:
                     m, view = ref.meta, ref.view
                     want = Encoding(request.encoding) if request.encoding else m.encoding
                     if want != m.encoding:
-                        m, view = await self._run(self._transcode, ref, want)
-                        view = memoryview(view).cast("B")
+                        m, view = await self._run(self._store.read_as, ref, want)
                     yield data_pb2.GetResponse(header=data_pb2.GetChunkHeader(
                         index=i, found=True, num_tokens=m.num_tokens, encoding=int(m.encoding),
                         payload_bytes=m.payload_bytes, crc32c=m.crc32c, tier=int(ref.medium),
@@ -197,19 +157,9 @@ class DataServicer:
         finally:
             self._stats.add_bytes(sent=sent)
 
-    def _transcode(self, ref, want: Encoding):
-        """Worker thread: the leased chunk in the encoding the client asked for."""
-        t = self._m.transcoder
-        if t is None:
-            raise FailedPrecondition(f"this daemon cannot convert chunks to {want.name}; request encoding "
-                                     "UNSPECIFIED (as stored)")
-        if want == Encoding.RAW:
-            return t.decode(ref.meta, ref.view)
-        return t.encode(ref.cid, ref.meta, ref.view, self._cfg.network_codec)
-
     # ------------------------------------------------------------------ Delete
     async def Delete(self, request, context):
         info = self._namespace(request.namespace_id)
         cids = chunk_ids(info, request.keys, self._cfg.max_keys_per_request)
-        n = await self._run(lambda: sum(1 for c in cids if self._m.delete(c)))
+        n = await self._run(self._store.delete, cids)
         return data_pb2.DeleteResponse(deleted=n)

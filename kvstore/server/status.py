@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import grpc
 
-from ..errors import DeadlineExceeded, InvalidArgument, KVStoreError
+from ..domain.errors import DeadlineExceeded, InvalidArgument, KVStoreError
 from ..metrics import RequestStats
 from ..quotas import QuotaLedger, Resource
 from . import capabilities

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 
 from ..config import Config, TlsConfig
-from ..errors import InvalidArgument
+from ..domain.errors import InvalidArgument
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from ..errors import InvalidArgument, ResourceExhausted
+from ..domain.errors import InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from ..types import ChunkId, ChunkMeta, Medium
+from ..domain.types import ChunkId, ChunkMeta, Medium
 
 
 class ChunkRef:
@@ -187,6 +187,17 @@ class Tier(abc.ABC):
 
     def close(self) -> None:
         """Releases resources; the tier is unusable afterwards."""
+
+    # Optional capabilities, with defaults any tier may keep.
+    def peek(self, cid: ChunkId) -> ChunkRef | None:
+        """A lease like ``get`` that need not count a hit or touch recency (the chain uses it
+        to copy a chunk into a lower tier). Default: ``get``."""
+        return self.get(cid)
+
+    def shared_memory(self):
+        """The ``tiers.shared.SharedMemoryTier`` face of this tier when same-host clients can
+        map its memory (the DRAM arena), else None (the default)."""
+        return None
 
     # Batch defaults.
     def contains_many(self, cids: Iterable[ChunkId]) -> list[bool]:

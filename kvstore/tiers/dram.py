@@ -1,6 +1,6 @@
 """The DRAM tier: chunk payloads live in one ``HostArena``; Python holds only small entries.
 
-Callers: the ``TierManager`` from the event-loop thread (``contains``, ``locate``, ``scan``,
+Callers: the ``TierChain`` and the store's same-host path from the event-loop thread (``contains``, ``locate``, ``scan``,
 ``stats``: never block on I/O) and from worker threads (``put``/``get``: a memcpy of the
 payload, done outside the lock). Every method is thread-safe.
 
@@ -70,6 +70,8 @@ class DramTier(Tier):
     (a debug aid: this is memory the daemon wrote itself)."""
 
     medium = Medium.DRAM
+    #: Where the arena header's nonce starts (``SharedMemoryTier.nonce_offset``).
+    nonce_offset = NONCE_OFFSET
 
     def __init__(self, conf: cfg.DramConfig, pins: PinTable, clock: Callable[[], float],
                  verify_crc: bool = False) -> None:
@@ -91,7 +93,7 @@ class DramTier(Tier):
         self._pins = pins
         self._clock = clock
         self._verify = verify_crc
-        # Lock order: TierManager._lock -> DramTier._lock -> PinTable._lock. Never held during
+        # Lock order: TierChain/WriteBehind locks -> DramTier._lock -> PinTable._lock. Never held during
         # a payload copy or a checksum.
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)   # a reservation committed or aborted
@@ -125,6 +127,13 @@ class DramTier(Tier):
         """A read lease like ``get`` but without counting a hit or touching recency (used for
         write-behind copies and for shared-memory reads; ``locate`` gives the offset)."""
         return self._lease(cid, touch=False)
+
+    def peek(self, cid: ChunkId) -> ChunkRef | None:
+        return self._lease(cid, touch=False)
+
+    def shared_memory(self) -> "DramTier | None":
+        """This tier when its arena is a shared-memory file, else None (a private arena)."""
+        return self if self._arena.path is not None else None
 
     # -- Tier primitives --------------------------------------------------------------------
     def get(self, cid: ChunkId) -> ChunkRef | None:

@@ -20,7 +20,7 @@ from collections import OrderedDict
 from typing import Iterator
 
 from .. import config
-from ..types import ChunkId
+from ..domain.types import ChunkId
 
 #: Share of the capacity (bytes) given to S3-FIFO's probationary small queue, per the paper
 #: (Yang et al., SOSP'23): 10% filters one-hit wonders without starving the main queue.

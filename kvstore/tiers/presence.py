@@ -1,4 +1,4 @@
-"""The daemon side of the presence index (layout: ``kvstore_client/presence.py``).
+"""The daemon side of the presence index (layout: ``kvstore_wire/presence.py``).
 
 A shared-memory file beside the arena (``<arena>.index``, mode 0600) that the manager keeps
 current from the tiers' change events, so same-host clients answer lookups without an RPC.
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from kvstore_wire.presence import PresenceWriter, layout, tier_bit
 
-from ..types import ChunkId, Medium, split_chunk_id
+from ..domain.types import ChunkId, Medium, split_chunk_id
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Converts chunk payloads between RAW tensor bytes and codec bitstreams.
 
 A tier configured with a codec (``dram.codec``, ``disk.codec``) stores RAW chunks encoded;
-the manager encodes on the way in (put, write-behind, promotion) and the server converts on
+``tiers.codec.CodecTier`` encodes on the way in (put, write-behind, promotion) and the store converts on
 the way out (a Get that asks for another encoding); clients that can decode take chunks as
 stored. Decoding needs nothing but the bitstream (it carries its
 shape); encoding needs the chunk's shape, which the namespace registry knows.
@@ -19,8 +19,8 @@ import numpy as np
 
 import kvstore_native as native
 from ..config import TierCodec
-from ..errors import DataLoss, FailedPrecondition
-from ..types import ChunkId, ChunkMeta, DType, Encoding, Layout, split_chunk_id
+from ..domain.errors import DataLoss, FailedPrecondition
+from ..domain.types import ChunkId, ChunkMeta, DType, Encoding, Layout, split_chunk_id
 
 log = logging.getLogger(__name__)
 

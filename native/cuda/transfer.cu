@@ -1,4 +1,4 @@
-// CUDA paged-KV gather/scatter (see kvstore_transfer.h); bit-identical to the CPU reference
+// CUDA paged-KV gather/scatter (kvstore.h, "paged-KV gather/scatter"); bit-identical to the CPU reference
 // because it only moves bytes.
 //
 // One thread moves one vector (16, 8, 4 or 1 bytes: the widest that every address and
@@ -8,11 +8,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstdio>
 #include <cstring>
 #include <vector>
 
-#include "kvstore_transfer.h"
+#include "error.h"
+#include "kvstore.h"
 
 namespace {
 
@@ -98,13 +98,8 @@ int uniform_block(const int64_t* slots, int tokens) {
 }
 
 int fail(char* err, size_t err_len, int code, const char* what, cudaError_t e = cudaSuccess) {
-  if (err && err_len) {
-    if (e != cudaSuccess)
-      std::snprintf(err, err_len, "%s: %s", what, cudaGetErrorString(e));
-    else
-      std::snprintf(err, err_len, "%s", what);
-  }
-  return code;
+  if (e != cudaSuccess) return kvs::fail(err, err_len, code, "%s: %s", what, cudaGetErrorString(e));
+  return kvs::fail(err, err_len, code, "%s", what);
 }
 
 template <bool kGather>

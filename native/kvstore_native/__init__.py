@@ -1,4 +1,4 @@
-"""ctypes bindings to the native core (``kvstore_native/_lib/libkvstore.so``, built by setup.py).
+"""Bindings of the native core (``libkvstore.so``, loaded by ``kvstore_native._lib``): CRC32C and copies.
 
 ctypes releases the GIL for the duration of each foreign call, so checksums and copies of
 large chunks run in parallel with the event loop.
@@ -7,39 +7,25 @@ large chunks run in parallel with the event loop.
 from __future__ import annotations
 
 import ctypes
-import os
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 
-_DIR = Path(__file__).resolve().parent / "_lib"
-ABI_VERSION = 1
+from kvstore_native import _lib
+from kvstore_native.errors import NativeLibraryMissing
+
+ABI_VERSION = _lib.ABI_VERSION
+
+__all__ = ["ABI_VERSION", "NativeLibraryMissing", "crc32c", "copy_into", "copy_rows", "lib", "have_hw_crc32c"]
 
 
-class NativeLibraryMissing(ImportError):
-    pass
-
-
-@lru_cache(maxsize=None)
 def lib() -> ctypes.CDLL:
-    path = Path(os.environ.get("KVSTORE_NATIVE_LIB", _DIR / "libkvstore.so"))
-    if not path.exists():
-        raise NativeLibraryMissing(
-            f"{path} is missing: build it with `pip install -e .` (or `python setup.py build_generated`)")
-    so = ctypes.CDLL(str(path))
-    so.kvs_abi_version.restype = ctypes.c_int
-    if so.kvs_abi_version() != ABI_VERSION:
-        raise NativeLibraryMissing(f"{path} has ABI {so.kvs_abi_version()}, expected {ABI_VERSION}: rebuild it")
-    so.kvs_crc32c.restype = ctypes.c_uint32
-    so.kvs_crc32c.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_size_t]
-    so.kvs_crc32c_hw.restype = ctypes.c_int
-    so.kvs_copy.restype = None
-    so.kvs_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    so.kvs_copy2d.restype = None
-    so.kvs_copy2d.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t,
-                              ctypes.c_size_t]
-    return so
+    """``libkvstore.so`` with every signature declared (raises :class:`NativeLibraryMissing`)."""
+    return _lib.core()
+
+
+def have_hw_crc32c() -> bool:
+    """Whether :func:`crc32c` uses the CPU's CRC32 instruction (else slicing-by-8 tables)."""
+    return bool(_lib.core().kvs_features() & _lib.FEATURE_CRC32C_HW)
 
 
 def _address(buf) -> tuple[int, int, object]:

@@ -1,58 +1,30 @@
 """Paged-KV gather/scatter between an engine's KV memory and the chunk layout.
 
-Wraps ``native/src/transfer.cpp`` (CPU) and ``native/cuda/transfer.cu`` (CUDA) from the
-libraries the build puts in ``kvstore_native/_lib``. The engine side is described by
+Wraps ``kvs_gather``/``kvs_scatter`` (native/src/transfer.cpp, CPU) and ``kvs_cuda_gather``/
+``kvs_cuda_scatter`` (native/cuda/transfer.cu), loaded by ``kvstore_native._lib``. The engine side is described by
 ``PlaneSpec`` (one base pointer per plane, strides in bytes, a slot per token), so one
 routine serves vLLM's paged blocks, transformers' ``DynamicCache`` and MLA latents.
 """
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
-from functools import lru_cache
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from kvstore_native import _lib
+from kvstore_native.errors import NativeLibraryMissing, TransferError
 
-class TransferError(RuntimeError):
-    pass
-
-
-def _native_dir() -> Path:
-    return Path(__file__).resolve().parent / "_lib"
-
-
-_ARGS = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int,
-         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
-
-
-@lru_cache(maxsize=None)
-def _cpu() -> ctypes.CDLL:
-    so = ctypes.CDLL(str(_native_dir() / "libkvstore.so"))
-    so.kvs_gather.argtypes = _ARGS + [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-    so.kvs_scatter.argtypes = [ctypes.c_void_p] + _ARGS + [ctypes.c_char_p, ctypes.c_size_t]
-    return so
-
-
-@lru_cache(maxsize=None)
-def _cuda() -> ctypes.CDLL:
-    path = _native_dir() / "libkvstore_cuda.so"
-    if not path.exists():
-        raise TransferError(f"{path} is missing: the build compiles it only where nvcc is present")
-    so = ctypes.CDLL(str(path))
-    so.kvs_cuda_gather.argtypes = _ARGS + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-    so.kvs_cuda_scatter.argtypes = [ctypes.c_void_p] + _ARGS + [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
-    return so
+__all__ = ["PlaneSpec", "TransferError", "cuda_available", "gather", "scatter"]
 
 
 def cuda_available() -> bool:
+    """Whether ``libkvstore_cuda.so`` is built and loads (a CUDA device is not checked)."""
     try:
-        _cuda()
+        _lib.cuda()
         return True
-    except (TransferError, OSError):
+    except NativeLibraryMissing:
         return False
 
 
@@ -89,11 +61,15 @@ class PlaneSpec:
         return cls(ptrs, list(range(start, start + tokens)), heads, dim * elt, t0.stride(2) * elt, t0.stride(1) * elt)
 
 
-def _call(fn, *args) -> None:
-    err = ctypes.create_string_buffer(256)
-    rc = fn(*args, err, len(err))
-    if rc != 0:
-        raise TransferError(f"{fn.__name__} failed ({rc}): {err.value.decode(errors='replace')}")
+def _call(name: str, *args) -> None:
+    if name.startswith("kvs_cuda_"):
+        try:
+            so = _lib.cuda()
+        except NativeLibraryMissing as e:
+            raise TransferError(str(e)) from e
+    else:
+        so = _lib.core()
+    _lib.call(getattr(so, name), *args, error=TransferError)
 
 
 def _arrays(spec: PlaneSpec) -> tuple[np.ndarray, np.ndarray]:
@@ -109,9 +85,9 @@ def gather(spec: PlaneSpec, chunk_ptr: int, *, device: bool, stream: int = 0) ->
     args = (ptrs.ctypes.data, len(ptrs), slots.ctypes.data, len(slots), spec.heads, spec.head_bytes,
             spec.token_stride, spec.head_stride, chunk_ptr)
     if device:
-        _call(_cuda().kvs_cuda_gather, *args, stream)
+        _call("kvs_cuda_gather", *args, stream)
     else:
-        _call(_cpu().kvs_gather, *args)
+        _call("kvs_gather", *args)
 
 
 def scatter(chunk_ptr: int, spec: PlaneSpec, *, device: bool, stream: int = 0) -> None:
@@ -120,6 +96,6 @@ def scatter(chunk_ptr: int, spec: PlaneSpec, *, device: bool, stream: int = 0) -
     args = (chunk_ptr, ptrs.ctypes.data, len(ptrs), slots.ctypes.data, len(slots), spec.heads,
             spec.head_bytes, spec.token_stride, spec.head_stride)
     if device:
-        _call(_cuda().kvs_cuda_scatter, *args, stream)
+        _call("kvs_cuda_scatter", *args, stream)
     else:
-        _call(_cpu().kvs_scatter, *args)
+        _call("kvs_scatter", *args)

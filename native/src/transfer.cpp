@@ -1,8 +1,8 @@
-// CPU reference of the paged-KV gather/scatter (see kvstore_transfer.h).
-#include <cstdio>
+// CPU reference of the paged-KV gather/scatter (kvstore.h, "paged-KV gather/scatter").
 #include <cstring>
 
-#include "kvstore_transfer.h"
+#include "error.h"
+#include "kvstore.h"
 
 namespace {
 
@@ -15,10 +15,7 @@ int check(const uint64_t* plane_ptrs, int planes, const int64_t* slots, int toke
     for (int t = 0; t < tokens; ++t)
       if (slots[t] < 0) { msg = "slots must be non-negative"; break; }
   }
-  if (msg) {
-    if (err && err_len) std::snprintf(err, err_len, "%s", msg);
-    return KVS_EINVAL;
-  }
+  if (msg) return kvs::fail(err, err_len, KVS_EINVAL, "%s", msg);
   return KVS_OK;
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kvstore.testing.codec_data import synthetic_kv
+from kvstore_testing.codec_data import synthetic_kv
 
 try:
     import torch

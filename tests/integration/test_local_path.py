@@ -189,3 +189,89 @@ def test_client_outlives_a_daemon_restart(daemon_factory):
         assert c.store(toks2, kv2) == 3
         n2, out2 = c.retrieve(toks2)
         assert n2 == 192 and np.array_equal(out2, kv2[:, :, :192])
+
+
+# ---------------------------------------------------------------- the async client, same host
+def test_async_client_uses_the_shared_arena_and_retrieve_into(daemon):
+    """The async client takes the same-host path too: stores through the arena, looks up in
+    the presence index, reads leased extents into the caller's buffer; bit-exact, and
+    interoperable with a sync client on the stream path."""
+    import asyncio
+
+    from kvstore_client import AsyncKVStoreClient
+
+    ns = Namespace(**{**NS, "model": "async-shm"})
+    toks = list(range(64 * 4 + 30))
+    kv = kv_for(len(toks), 31)
+
+    async def run():
+        async with await AsyncKVStoreClient.connect(daemon.addr, ns, local=True) as c:
+            assert c.transport == "shm" and c.presence is not None
+            assert await c.store(toks, kv) == 4
+            assert await c.store(toks, kv) == 0            # ReserveWrite reports them present
+            hit = await c.lookup(toks)
+            assert hit.matched_chunks == 4 and set(hit.tiers) <= {Tier.DRAM, Tier.DISK}
+            n, out = await c.retrieve(toks)
+            assert n == 256 and np.array_equal(out, kv[:, :, :256])
+            buf = np.full((4, 2, 256, 2, 32), 7, np.float16)
+            assert await c.retrieve_into(toks, buf) == 256
+            assert np.array_equal(buf, kv[:, :, :256])
+            await c.delete([c.keys(toks)[2]])
+            buf[...] = 7
+            assert await c.retrieve_into(toks, buf) == 128
+            assert np.array_equal(buf[:, :, :128], kv[:, :, :128])
+            assert (buf[:, :, 128:] == 7).all()             # past the match: left as it was
+            return c.namespace_id
+
+    asyncio.run(run())
+    with KVStoreClient(daemon.addr, ns, local=False) as stream:
+        n, out = stream.retrieve(toks)
+        assert n == 128 and np.array_equal(out, kv[:, :, :128])
+
+
+def test_async_client_outlives_a_daemon_restart(daemon_factory):
+    import asyncio
+
+    from kvstore_client import AsyncKVStoreClient, Durability
+
+    d = daemon_factory()
+    toks = list(range(64 * 2))
+    kv = kv_for(len(toks), 32)
+
+    async def run():
+        async with await AsyncKVStoreClient.connect(d.addr, Namespace(**NS)) as c:
+            assert c.transport == "shm"
+            assert await c.store(toks, kv, durability=Durability.PERSISTED) == 2
+            old = c.arena.path
+            await asyncio.to_thread(d.restart)
+            hit = await c.lookup(toks)                       # stale index noticed -> re-attached
+            assert hit.matched_chunks == 2 and c.arena is not None and c.arena.path != old
+            buf = np.zeros_like(kv)
+            assert await c.retrieve_into(toks, buf) == 128 and np.array_equal(buf, kv)
+
+    asyncio.run(run())
+
+
+@pytest.mark.gpu
+def test_async_client_moves_cuda_tensors_through_the_arena(daemon):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    import asyncio
+
+    from kvstore_client import AsyncKVStoreClient
+
+    ns = Namespace(**{**NS, "model": "async-cuda", "dtype": "bfloat16"})
+    toks = list(range(64 * 3))
+    kv = torch.randn(ns.chunk_shape(len(toks)), device="cuda").to(torch.bfloat16)
+
+    async def run():
+        async with await AsyncKVStoreClient.connect(daemon.addr, ns, local=True) as c:
+            assert await c.store(toks, kv) == 3
+            out = torch.full_like(kv, float("nan"))
+            assert await c.retrieve_into(toks, out) == 192
+            assert torch.equal(out, kv)
+            n, host = await c.retrieve(toks, as_torch=True)
+            assert n == 192 and torch.equal(host, kv.cpu())
+
+    asyncio.run(run())

@@ -76,6 +76,39 @@ def test_async_client_with_torch_bf16(daemon):
     assert torch.equal(out, kv[:, :, :192])
 
 
+def test_async_stream_path_retrieve_into_and_partial_chunk(daemon):
+    """The async client on the stream path: ``retrieve_into`` fills the caller's buffer; a
+    trailing partial chunk is not stored and ``storable_tokens`` says so."""
+    ns = smol_ns("aio-into", num_layers=2, chunk_tokens=64)
+    toks = tokens_for(64 * 3 + 20, seed=4)
+    kv = kv_for(ns, len(toks), seed=4)
+
+    async def run():
+        async with await AsyncKVStoreClient.connect(daemon.addr, ns, local=False) as c:
+            assert c.transport == "grpc"
+            assert c.storable_tokens(toks, kv) == 192
+            assert await c.store(toks, kv) == 3
+            assert [t != Tier.NONE for t in await c.exists(c.keys(toks))] == [True] * 3
+            buf = np.zeros(ns.chunk_shape(192), np.float16)
+            assert await c.retrieve_into(toks, buf, verify_crc=True) == 192
+            assert np.array_equal(buf, kv[:, :, :192])
+            assert (await c.lookup(toks + [1] * 64)).matched_tokens == 192   # the partial chunk was dropped
+
+    asyncio.run(run())
+
+
+def test_sync_and_async_clients_have_the_same_methods():
+    import inspect
+
+    public = lambda cls: {n: inspect.signature(f) for n, f in vars(cls).items()  # noqa: E731
+                          if not n.startswith("_") and callable(f) and n != "connect"}
+    sync, aio = public(KVStoreClient), public(AsyncKVStoreClient)
+    assert set(sync) == set(aio)
+    for name in sync:
+        assert inspect.iscoroutinefunction(getattr(AsyncKVStoreClient, name)) != (name in ("keys", "storable_tokens"))
+        assert list(sync[name].parameters) == list(aio[name].parameters), name
+
+
 def test_unix_socket(daemon_factory):
     d = daemon_factory(unix=True)
     ns = smol_ns("unix", num_layers=2)

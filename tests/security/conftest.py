@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import grpc
@@ -30,19 +28,9 @@ def write_tokens(path: Path, extra: str = "") -> Path:
     return path
 
 
-def root_conftest():
-    """tests/conftest.py (DaemonProcess, SMALL). Other directories have a ``conftest`` module too,
-    so ``import conftest`` may find theirs: look it up by path."""
-    path = Path(__file__).resolve().parents[1] / "conftest.py"
-    for mod in list(sys.modules.values()):
-        f = getattr(mod, "__file__", None)
-        if f and Path(f).resolve() == path:
-            return mod
-    spec = importlib.util.spec_from_file_location("kvstore_tests_root_conftest", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # (dataclasses look their module up)
-    spec.loader.exec_module(mod)
-    return mod
+#: Small capacities and no metrics port (as tests/conftest.py): many daemons share a small machine.
+SMALL = ["dram.capacity_bytes=96MiB", "disk.capacity_bytes=512MiB", 'metrics.listen=""', "server.worker_threads=4",
+         "server.shutdown_grace_s=1"]
 
 
 def md(token: str | None):
@@ -77,9 +65,8 @@ def raw_call(ch: grpc.Channel, method: str, client_streaming: bool, server_strea
 
 @pytest.fixture(scope="module")
 def sec_daemon(tmp_path_factory):
-    from integration.helpers import free_port
-
-    SMALL, DaemonProcess = root_conftest().SMALL, root_conftest().DaemonProcess
+    from kvstore_testing.daemon import DaemonProcess
+    from kvstore_testing.ports import free_port
 
     base = tmp_path_factory.mktemp("kvstore-sec")
     tokens = write_tokens(base / "tokens.toml")

@@ -17,15 +17,14 @@ from kvstore_wire._proto.kvstore.v1 import common_pb2, data_pb2
 from kvstore_wire.channel import InsecureTransportError, TlsOptions, auth_metadata, open_channel
 
 from .certs import make_pki
-from .conftest import ALICE, OPS, md, root_conftest, write_tokens
+from .conftest import ALICE, OPS, SMALL, md, write_tokens
 
 SPEC = common_pb2.NamespaceSpec(model="tls/m", dtype=1, num_layers=2, num_kv_heads=1, head_dim=8)
 
 
 def _start(tmp_path, settings: list[str], probe: TlsOptions):
-    from integration.helpers import free_port
-
-    SMALL, DaemonProcess = root_conftest().SMALL, root_conftest().DaemonProcess
+    from kvstore_testing.daemon import DaemonProcess
+    from kvstore_testing.ports import free_port
 
     class _Proc(DaemonProcess):
         def wait_serving(self) -> None:
@@ -192,9 +191,8 @@ def _non_loopback_ip() -> str | None:
 
 
 def test_daemon_refuses_token_over_plaintext_non_loopback(tmp_path):
-    from integration.helpers import free_port
-
-    SMALL, DaemonProcess = root_conftest().SMALL, root_conftest().DaemonProcess
+    from kvstore_testing.daemon import DaemonProcess
+    from kvstore_testing.ports import free_port
 
     ip = _non_loopback_ip()
     if ip is None:

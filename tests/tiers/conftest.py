@@ -1,8 +1,10 @@
 """Fixtures for the tier tests: real payloads, an injectable clock and ``any_tier``.
 
 ``any_tier`` is one contract harness per tier and composition (BuildGrid's ``any_storage``):
-the DRAM tier and the disk tier under each eviction policy, and the ``TierManager``. Every
-contract test runs against all of them.
+the DRAM tier and the disk tier under each eviction policy, the wrappers (``FaultyTier`` with
+faults off, ``CodecTier`` lossless) and every chain composition config can build (DRAM only,
+DRAM+disk write-behind and write-through, codec-configured tiers). Every contract test runs
+against all of them.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ import pytest
 
 from kvstore import config as cfg
 import kvstore_native as native
+from kvstore.chain import TierChain, build_chain
+from kvstore.domain.results import PutResult
+from kvstore.domain.types import ChunkId, ChunkMeta, DType, Durability, Encoding, Medium
 from kvstore.tiers.base import PinTable
+from kvstore.tiers.codec import CodecTier
 from kvstore.tiers.disk import DiskTier
 from kvstore.tiers.dram import DramTier
-from kvstore.tiers.manager import PutResult, TierManager
-from kvstore.types import ChunkId, ChunkMeta, Durability, Encoding, Medium
+from kvstore.tiers.faults import FaultyTier
+from kvstore.tiers.transcode import Transcoder
+from kvstore_wire.keys import Namespace
 
 #: SmolLM2-135M KV geometry: [layers, K/V, tokens, kv_heads, head_dim] in float16.
 SMOLLM2_LAYERS, SMOLLM2_KV_HEADS, SMOLLM2_HEAD_DIM = 30, 3, 64
@@ -54,16 +61,62 @@ def make_chunk(rng: np.random.Generator, ns: bytes | None = None, tokens: int = 
     return cid, meta, payload
 
 
+#: The namespace every test chunk belongs to (what a codec tier needs to encode them).
+TEST_NAMESPACE = Namespace("HuggingFaceTB/SmolLM2-135M", DType.FLOAT16, SMOLLM2_LAYERS, SMOLLM2_KV_HEADS,
+                           SMOLLM2_HEAD_DIM, chunk_tokens=1024)
+
+
+def test_transcoder() -> Transcoder:
+    return Transcoder(lambda nid: TEST_NAMESPACE)
+
+
+test_transcoder.__test__ = False
+
+
+class _Decoded:
+    """A decoded copy standing in for a lease (what a reader of a codec tier does)."""
+
+    def __init__(self, ref, meta, arr) -> None:
+        self.cid, self.medium, self.meta = ref.cid, ref.medium, meta
+        self.view = memoryview(arr.tobytes()).toreadonly()
+        ref.release()
+
+    def release(self) -> None:
+        self.view = memoryview(b"")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
 class TierHarness:
-    """Uniform face over a single tier (with its PinTable)."""
+    """Uniform face over a single tier (with its PinTable). Chunks put as RAW that come back
+    as bitstreams (a codec tier) are decoded, as a reader would."""
 
     def __init__(self, tier, pins: PinTable) -> None:
         self.tier, self.pins = tier, pins
+        self._raw: set = set()
+
+    def _decoded(self, ref):
+        if ref is None or ref.meta.encoding != Encoding.CODEC or ref.cid not in self._raw:
+            return ref
+        meta, arr = test_transcoder().decode(ref.meta, ref.view)
+        return _Decoded(ref, meta, arr)
 
     def put(self, cid, meta, payload) -> bool:
-        return self.tier.put(cid, meta, memoryview(payload).cast("B"))
+        if meta.encoding == Encoding.RAW:
+            self._raw.add(cid)
+        return self._put(cid, meta, memoryview(payload).cast("B"))
+
+    def _put(self, cid, meta, payload) -> bool:
+        return self.tier.put(cid, meta, payload)
 
     def get(self, cid):
+        return self._decoded(self._get(cid))
+
+    def _get(self, cid):
         return self.tier.get(cid)
 
     def contains(self, cid) -> bool:
@@ -98,14 +151,15 @@ class TierHarness:
         self.tier.close()
 
 
-class ManagerHarness(TierHarness):
-    def __init__(self, mgr: TierManager) -> None:
-        self.mgr = mgr
+class ChainHarness(TierHarness):
+    def __init__(self, chain: TierChain) -> None:
+        super().__init__(None, chain.pins)
+        self.mgr = chain
 
-    def put(self, cid, meta, payload) -> bool:
-        return self.mgr.put(cid, meta, memoryview(payload).cast("B"), Durability.MEMORY) is PutResult.STORED
+    def _put(self, cid, meta, payload) -> bool:
+        return self.mgr.put(cid, meta, payload, Durability.MEMORY) is PutResult.STORED
 
-    def get(self, cid):
+    def _get(self, cid):
         return self.mgr.get(cid)
 
     def contains(self, cid) -> bool:
@@ -148,12 +202,25 @@ def disk_config(path, policy=cfg.EvictionPolicy.LRU, capacity=BUDGET_BYTES, fsyn
                           index_map_bytes=64 * 1024**2, **kw)
 
 
-def manager_config(path, capacity=BUDGET_BYTES, dram_capacity=None, **disk_kw) -> cfg.Config:
-    return cfg.Config(dram=dram_config(cfg.EvictionPolicy.S3FIFO, dram_capacity or capacity),
-                      disk=disk_config(path, **{"capacity": capacity, **disk_kw}))
+def chain_config(path, capacity=BUDGET_BYTES, dram_capacity=None, dram_codec=cfg.TierCodec.RAW,
+                 chain: dict | None = None, **disk_kw) -> cfg.Config:
+    return cfg.Config(dram=dram_config(cfg.EvictionPolicy.S3FIFO, dram_capacity or capacity, codec=dram_codec),
+                      disk=disk_config(path, **{"capacity": capacity, **disk_kw}),
+                      chain=cfg.ChainConfig(**(chain or {})))
 
 
-TIER_KINDS = ["dram-lru", "dram-s3fifo", "disk-lru", "disk-s3fifo", "manager"]
+LOSSLESS = cfg.TierCodec.LOSSLESS
+#: Chain compositions config can build, by name: ``chain_config`` keyword arguments.
+CHAIN_KINDS = {
+    "chain-dram": dict(chain={"tiers": ["dram"]}),
+    "chain-dram-disk-behind": dict(),
+    "chain-dram-disk-through": dict(chain={"write_mode": "write-through"}),
+    "chain-dram-disk-no-promote": dict(chain={"promote_on_hit": False}),
+    "chain-disk-codec": dict(codec=LOSSLESS),
+    "chain-both-codec": dict(codec=LOSSLESS, dram_codec=LOSSLESS),
+}
+TIER_KINDS = ["dram-lru", "dram-s3fifo", "disk-lru", "disk-s3fifo", "faulty-disk", "codec-dram", "codec-disk",
+              *CHAIN_KINDS]
 
 
 @pytest.fixture
@@ -170,14 +237,20 @@ def rng(request) -> np.random.Generator:
 def any_tier(request, tmp_path, clock):
     kind = request.param
     policy = cfg.EvictionPolicy.S3FIFO if kind.endswith("s3fifo") else cfg.EvictionPolicy.LRU
-    if kind.startswith("dram"):
-        pins = PinTable(clock)
-        h = TierHarness(DramTier(dram_config(policy), pins, clock, verify_crc=True), pins)
-    elif kind.startswith("disk"):
-        pins = PinTable(clock)
-        h = TierHarness(DiskTier(disk_config(tmp_path / "disk", policy), pins, clock), pins)
+    pins = PinTable(clock)
+    if kind.startswith("chain"):
+        h = ChainHarness(build_chain(chain_config(tmp_path / "disk", **CHAIN_KINDS[kind]), test_transcoder(),
+                                     clock, verify_crc=True))
+    elif "dram" in kind:
+        tier = DramTier(dram_config(policy), pins, clock, verify_crc=True)
+        h = TierHarness(CodecTier(tier, LOSSLESS, test_transcoder()) if kind.startswith("codec") else tier, pins)
     else:
-        h = ManagerHarness(TierManager(manager_config(tmp_path / "disk"), clock, dram_verify_crc=True))
+        tier = DiskTier(disk_config(tmp_path / "disk", policy), pins, clock)
+        if kind.startswith("codec"):
+            tier = CodecTier(tier, LOSSLESS, test_transcoder())
+        elif kind.startswith("faulty"):
+            tier = FaultyTier(tier)
+        h = TierHarness(tier, pins)
     h.kind = kind
     yield h
     h.close()

@@ -58,7 +58,7 @@ def encode(array: np.ndarray, level: CodecLevel = CodecLevel.DEFAULT,
     dt = dtype_of(a.dtype, bf16)
     layers, tokens, heads, head_dim = _shape_args(a.shape, layout)
     so = native.lib()
-    cap = so.kvc_encode_bound(dt, layout, layers, tokens, heads, head_dim, level)
+    cap = so.kvs_codec_encode_bound(dt, layout, layers, tokens, heads, head_dim, level)
     out = ctypes.create_string_buffer(cap)
     size = ctypes.c_uint64(0)
     err = native.err_buf()
@@ -67,12 +67,12 @@ def encode(array: np.ndarray, level: CodecLevel = CodecLevel.DEFAULT,
         if len(policy) != 8:
             raise CodecError("policy needs 8 integers")
         pol = (ctypes.c_int32 * 8)(*policy)
-    code = so.kvc_encode_policy(a.ctypes.data, a.nbytes, dt, layout, layers, tokens, heads, head_dim,
+    code = so.kvs_codec_encode(a.ctypes.data, a.nbytes, dt, layout, layers, tokens, heads, head_dim,
                                 level, pol, threads, out, cap, ctypes.byref(size), err, native.ERR_CAP)
     if code == native.E_BUFFER and size.value > cap:  # bound was too small: retry at the exact size
         cap = size.value
         out = ctypes.create_string_buffer(cap)
-        code = so.kvc_encode_policy(a.ctypes.data, a.nbytes, dt, layout, layers, tokens, heads, head_dim,
+        code = so.kvs_codec_encode(a.ctypes.data, a.nbytes, dt, layout, layers, tokens, heads, head_dim,
                                     level, pol, threads, out, cap, ctypes.byref(size), err, native.ERR_CAP)
     native.check(code, err)
     return out.raw[: size.value]
@@ -81,7 +81,7 @@ def encode(array: np.ndarray, level: CodecLevel = CodecLevel.DEFAULT,
 def _parse(data: bytes) -> native.Info:
     inf = native.Info()
     err = native.err_buf()
-    native.check(native.lib().kvc_parse(data, len(data), ctypes.byref(inf), err, native.ERR_CAP), err)
+    native.check(native.lib().kvs_codec_parse(data, len(data), ctypes.byref(inf), err, native.ERR_CAP), err)
     return inf
 
 
@@ -111,7 +111,7 @@ def decode_layers(data: bytes, first: int, count: int, out: np.ndarray | None = 
     err = native.err_buf()
     if first < 0 or count < 0:
         raise CodecError("first and count must be >= 0")
-    native.check(native.lib().kvc_decode_layers(data, len(data), first, count, out.ctypes.data, out.nbytes,
+    native.check(native.lib().kvs_codec_decode_layers(data, len(data), first, count, out.ctypes.data, out.nbytes,
                                                 threads, int(verify), err, native.ERR_CAP), err)
     return out
 
@@ -139,6 +139,6 @@ def size_breakdown(data: bytes) -> dict[str, int]:
     h = info(data)
     out = (ctypes.c_uint64 * 3)()
     err = native.err_buf()
-    native.check(native.lib().kvc_size_breakdown(data, len(data), out, err, native.ERR_CAP), err)
+    native.check(native.lib().kvs_codec_size_breakdown(data, len(data), out, err, native.ERR_CAP), err)
     return {"container": h.payload_offset, "channel_tables": out[0], "lane_tables": out[1],
             "lane_data": out[2]}

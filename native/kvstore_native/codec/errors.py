@@ -1,9 +1,5 @@
-"""Codec exceptions."""
+"""Codec exceptions (defined with the other native errors in ``kvstore_native.errors``)."""
 
+from kvstore_native.errors import ChecksumError, CodecError
 
-class CodecError(ValueError):
-    """A bitstream is malformed, corrupt or hostile, or arguments do not fit the codec."""
-
-
-class ChecksumError(CodecError):
-    """A CRC32C in the bitstream does not match its bytes (corruption in storage or transit)."""
+__all__ = ["ChecksumError", "CodecError"]

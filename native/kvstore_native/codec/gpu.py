@@ -1,4 +1,4 @@
-"""GPU codec: ctypes bindings of ``libkvstore_cuda.so`` (native/cuda/kvc_cuda.h).
+"""GPU codec: the ``kvs_cuda_codec_*`` functions of ``libkvstore_cuda.so`` (include/kvstore.h).
 
 Tensors are torch CUDA tensors or CuPy arrays (anything with ``data_ptr()`` or
 ``.data.ptr``); the stream defaults to the current torch (or CuPy) stream. Lossy levels only;
@@ -8,32 +8,19 @@ the bytes are identical to the CPU encoder's, and each side decodes the other's 
 from __future__ import annotations
 
 import ctypes
-import functools
-import os
-from pathlib import Path
 
+from kvstore_native import _lib
 from kvstore_native.codec import native
 from kvstore_native.codec.errors import CodecError
 from kvstore_native.codec.format import CodecLevel, DType, Layout, parse_header
 
-CUDA_LIB_ENV = "KVSTORE_CUDA_LIB"
+CUDA_LIB_ENV = _lib.CUDA_ENV
 _DTYPES = {"float16": DType.FLOAT16, "bfloat16": DType.BFLOAT16, "float32": DType.FLOAT32}
 
 
-@functools.lru_cache(maxsize=None)
 def lib() -> ctypes.CDLL:
-    path = os.environ.get(CUDA_LIB_ENV) or str(Path(__file__).resolve().parent.parent / "_lib" / "libkvstore_cuda.so")
-    if not Path(path).is_file():
-        raise ImportError(f"{path} not found: build it with `bash native/codec/build_dev.sh` (needs nvcc)")
-    so = ctypes.CDLL(path)
-    vp, u32, u64, ci = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int
-    so.kvc_cuda_encode.argtypes = [vp, ci, ci, u32, u32, u32, u32, ci, vp, vp, u64, ctypes.POINTER(u64), vp, u64]
-    so.kvc_cuda_decode.argtypes = [ctypes.c_char_p, u64, vp, u64, vp, u64, vp, ci, vp, u64]
-    so.kvc_cuda_decode_batch.argtypes = [u32, vp, vp, vp, vp, vp, u64, vp, ci, vp, u64]
-    so.kvc_cuda_decode_batch.restype = ci
-    so.kvc_cuda_encode.restype = ci
-    so.kvc_cuda_decode.restype = ci
-    return so
+    """``libkvstore_cuda.so`` (raises ``NativeLibraryMissing``, an ImportError, where it was not built)."""
+    return _lib.cuda()
 
 
 def _ptr(t) -> int:
@@ -80,16 +67,16 @@ def encode(t, level: CodecLevel = CodecLevel.DEFAULT, layout: Layout = Layout.KV
         raise CodecError("tensor must be contiguous")
     L, T, H, D = _shape_args(tuple(t.shape), layout)
     dt = _dtype(t)
-    cap = native.lib().kvc_encode_bound(dt, layout, L, T, H, D, level)
+    cap = native.lib().kvs_codec_encode_bound(dt, layout, L, T, H, D, level)
     out = ctypes.create_string_buffer(cap)
     size = ctypes.c_uint64(0)
     err = native.err_buf()
-    code = lib().kvc_cuda_encode(_ptr(t), dt, layout, L, T, H, D, level, _stream(t, stream), out, cap,
+    code = lib().kvs_cuda_codec_encode(_ptr(t), dt, layout, L, T, H, D, level, _stream(t, stream), out, cap,
                                  ctypes.byref(size), err, native.ERR_CAP)
     if code == native.E_BUFFER and size.value > cap:  # bound was too small: retry at the exact size
         cap = size.value
         out = ctypes.create_string_buffer(cap)
-        code = lib().kvc_cuda_encode(_ptr(t), dt, layout, L, T, H, D, level, _stream(t, stream), out, cap,
+        code = lib().kvs_cuda_codec_encode(_ptr(t), dt, layout, L, T, H, D, level, _stream(t, stream), out, cap,
                                      ctypes.byref(size), err, native.ERR_CAP)
     native.check(code, err)
     return out.raw[: size.value]
@@ -112,7 +99,7 @@ def decode_into(data: bytes, out, *, device_data=None, stream=None, verify: bool
 
         device_data = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(out.device if hasattr(out, "device") else "cuda")
     err = native.err_buf()
-    native.check(lib().kvc_cuda_decode(data, len(data), _ptr(device_data), len(data), _ptr(out), _nbytes(out),
+    native.check(lib().kvs_cuda_codec_decode(data, len(data), _ptr(device_data), len(data), _ptr(out), _nbytes(out),
                                        _stream(out, stream), int(verify), err, native.ERR_CAP), err)
     return out
 
@@ -140,6 +127,6 @@ def decode_batch(datas: list[bytes], outs: list, *, device_datas: list | None = 
     if any(_nbytes(o) != nb or not _contiguous(o) for o in outs):
         raise CodecError("outputs must be contiguous and of one size")
     err = native.err_buf()
-    native.check(lib().kvc_cuda_decode_batch(n, heads, lens, bufs, lens, dsts, nb, _stream(outs[0], stream),
+    native.check(lib().kvs_cuda_codec_decode_batch(n, heads, lens, bufs, lens, dsts, nb, _stream(outs[0], stream),
                                              int(verify), err, native.ERR_CAP), err)
     return outs

@@ -1,0 +1,201 @@
+"""Same-host plans: attach to the daemon's arena, lease / reserve / commit, restart detection.
+
+Each function takes the ``ClientCore`` and is a plan (see ``_steps``). Bytes move by memory
+copies between the mapped arena and the caller's buffers (``Work`` steps); gRPC carries only
+descriptors (offsets, lengths, lease ids). A lease is always ended: on success and on error,
+through ``core.release_later`` (and it expires on the daemon after ``server.lease_ttl_s``
+if the Release never arrives).
+
+The native library is optional here: without ``kvstore_native.transfer`` a CUDA tensor
+moves through torch copies instead of the gather/scatter kernels.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from kvstore_wire._proto.kvstore.v1 import local_pb2
+from kvstore_wire.presence import PresenceReader
+from kvstore_wire.types import Durability, Encoding, KeyKind
+
+from . import _common as C
+from ._steps import Call, Work
+from .local import SharedArena
+
+try:  # optional: CUDA gather/scatter kernels
+    from kvstore_native import transfer
+except ImportError:
+    transfer = None
+
+
+def _kernels_usable() -> bool:
+    return transfer is not None and transfer.cuda_available()
+
+
+def attach(core):
+    """Maps the daemon's arena and presence index when this process can see them; leaves
+    both None otherwise (another host, a token without the same-host right, no shm)."""
+    try:
+        a = yield Call("attach", local_pb2.AttachRequest())
+    except grpc.RpcError as e:
+        if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED,
+                        grpc.StatusCode.PERMISSION_DENIED):  # no local_path right: the stream path
+            return
+        raise
+    core.arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
+    core.nonce = a.nonce if core.arena is not None else b""
+    if core.arena is not None and a.index_path:
+        core.presence = PresenceReader.open(a.index_path, a.nonce)
+
+
+def detach(core) -> None:
+    if core.arena is not None:
+        core.arena.close()
+        core.arena = None
+    if core.presence is not None:
+        core.presence.close()
+        core.presence = None
+    core.nonce = b""
+
+
+def reattach(core):
+    """The daemon restarted (new arena): drop the old mappings and map the new ones; the
+    stream path is used if that is no longer possible."""
+    detach(core)
+    yield from attach(core)
+
+
+def same_arena(core, nonce: bytes):
+    """Whether offsets from a response with this arena nonce are valid in our mapping;
+    re-attaches when the daemon restarted since we mapped it."""
+    if nonce == core.nonce:
+        return True
+    yield from reattach(core)
+    return core.arena is not None and nonce == core.nonce
+
+
+def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Durability):
+    """Same-host store: reserve arena extents, copy each chunk straight into its extent
+    (the only copy), commit; the daemon's DRAM tier takes the extents over. Returns the
+    chunks newly stored, or None when the arena can no longer be mapped (the caller streams)."""
+    ns = core.namespace
+    size = ns.chunk_bytes()
+    req = local_pb2.ReserveWriteRequest(namespace_id=core.namespace_id, chunks=[
+        local_pb2.ChunkToWrite(key=k, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens, encoding=Encoding.RAW,
+                               payload_bytes=size) for k in keys])
+    resp = yield Call("reserve", req)
+    if resp.lease_id == 0:
+        return 0
+    if not (yield from same_arena(core, resp.arena_nonce)):
+        core.release_later(resp.lease_id)
+        return None
+    targets = [(chunks[s.index], core.arena.view(s.offset, s.length)) for s in resp.slots if not s.exists]
+    stream = None
+    if C.is_cuda_tensor(u8):
+        import torch
+
+        stream = torch.cuda.current_stream(u8.device)   # the caller's stream, captured on its thread
+    try:
+        yield Work(_copy_into_arena, (core, u8, targets, stream))
+    except BaseException:
+        core.release_later(resp.lease_id)
+        raise
+    done = yield Call("commit", local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability)))
+    return done.stored
+
+
+def _copy_into_arena(core, u8, targets: list[tuple[int, object]], stream) -> None:
+    """Chunk ``i`` of ``u8`` into each ``(i, extent)``: one gather kernel per chunk from a
+    contiguous CUDA tensor into the CUDA-registered arena, else a host copy."""
+    ns = core.namespace
+    kernel = stream is not None and u8.is_contiguous() and _kernels_usable() and core.arena.register_cuda()
+    if kernel:
+        planes, heads, elt = C.planes_of(u8, ns)
+    for index, dst in targets:
+        if kernel:
+            start = index * ns.chunk_tokens
+            spec = transfer.PlaneSpec(planes, list(range(start, start + ns.chunk_tokens)), heads,
+                                      ns.head_dim * elt, heads * ns.head_dim * elt, ns.head_dim * elt)
+            transfer.gather(spec, int(dst.ctypes.data), device=True, stream=stream.cuda_stream)
+        else:
+            C.copy_chunk_out(u8, ns, index, dst, stream)
+    if stream is not None:
+        stream.synchronize()   # bytes in the arena before commit
+
+
+def retrieve_local(core, keys: list[bytes], asm: "C.ChunkAssembler"):
+    """Lease the chunks, copy each from the mapped arena into place, release. Leaves
+    ``asm.matched`` short of ``len(keys)`` where the arena did not hold the rest."""
+    resp = yield Call("lease_read", local_pb2.LeaseReadRequest(namespace_id=core.namespace_id, keys=keys))
+    try:
+        usable = yield from same_arena(core, resp.arena_nonce)
+        items = []
+        for ext in resp.extents if usable else ():
+            if not ext.found or ext.index != asm.matched + len(items):
+                break
+            items.append((core.arena.view(ext.offset, ext.length), ext.num_tokens, Encoding(ext.encoding),
+                          ext.crc32c))
+        yield Work(asm.place_many, (items, core.copy_pool()))
+    finally:
+        core.release_later(resp.lease_id)
+
+
+def retrieve_cuda(core, keys: list[bytes], out):
+    """Into a CUDA tensor: from leased arena extents (registered with CUDA) by the scatter
+    kernel, one host->device pass; without the shared path or the kernels, through a pinned
+    host buffer. Returns the matched chunk count."""
+    import torch
+
+    ns = core.namespace
+    if out.dtype != C.torch_dtype(ns.dtype) or not out.is_contiguous() or \
+            tuple(out.shape) != ns.chunk_shape(len(keys) * ns.chunk_tokens):
+        raise C.InvalidArgument(f"out must be a contiguous {ns.dtype.name} tensor of shape "
+                                f"{list(ns.chunk_shape(len(keys) * ns.chunk_tokens))}")
+    if core.arena is None or not _kernels_usable() or not core.arena.register_cuda():
+        return (yield from _retrieve_via_host(core, keys, out))
+    resp = yield Call("lease_read", local_pb2.LeaseReadRequest(namespace_id=core.namespace_id, keys=keys))
+    try:
+        if not (yield from same_arena(core, resp.arena_nonce)) or not core.arena.register_cuda():
+            return (yield from _retrieve_via_host(core, keys, out))
+        stream = torch.cuda.current_stream(out.device)
+        return (yield Work(_scatter_from_arena, (core, resp.extents, out, stream)))
+    finally:
+        core.release_later(resp.lease_id)
+
+
+def _scatter_from_arena(core, extents, out, stream) -> int:
+    ns = core.namespace
+    planes, heads, elt = C.planes_of(out, ns)
+    n = 0
+    for ext in extents:
+        if not ext.found or ext.index != n:
+            break
+        src = core.arena.view(ext.offset, ext.length)
+        if ext.encoding != Encoding.RAW:
+            import torch
+
+            raw = torch.from_numpy(C.decode_chunk(src)).view(out.dtype).view(ns.chunk_shape())
+            with torch.cuda.stream(stream):
+                out[C.token_slice(out.dim(), ns, n)].copy_(raw)
+        else:
+            start = n * ns.chunk_tokens
+            spec = transfer.PlaneSpec(planes, list(range(start, start + ns.chunk_tokens)),
+                                      heads, ns.head_dim * elt, heads * ns.head_dim * elt, ns.head_dim * elt)
+            transfer.scatter(int(src.ctypes.data), spec, device=True, stream=stream.cuda_stream)
+        n += 1
+    stream.synchronize()  # the extents are read before the lease ends
+    return n
+
+
+def _retrieve_via_host(core, keys: list[bytes], out):
+    """Into a CUDA tensor through a pinned host buffer (no usable shared arena or kernels)."""
+    import torch
+
+    host = torch.empty(out.shape, dtype=out.dtype).pin_memory()
+    asm = yield from core.fetch(keys, None, host)
+    yield Work(_copy_to_device, (out, host))
+    return asm.matched
+
+
+def _copy_to_device(out, host) -> None:
+    out.copy_(host)

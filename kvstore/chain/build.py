@@ -1,0 +1,57 @@
+"""Builds a ``TierChain`` from config: ``chain.tiers`` through the tier registry.
+
+For each configured (and enabled) tier: the registry builds it; a codec other than raw wraps
+it in ``CodecTier``; the caller's ``wrap`` (tests, chaos runs: ``FaultyTier``) wraps that;
+the link into it gets ``chain.link_write_mode`` (else ``chain.write_mode``). Nothing here
+names a particular tier.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Mapping
+
+from .. import config as cfg
+from ..domain.errors import FailedPrecondition
+from ..domain.types import Medium
+from ..tiers import registry
+from ..tiers.base import PinTable, Tier
+from ..tiers.codec import CodecTier
+from ..tiers.transcode import Transcoder
+from .chain import Level, TierChain
+
+
+def build_chain(config: cfg.Config, transcoder: Transcoder | None = None,
+                clock: Callable[[], float] = time.time, *,
+                wrap: Mapping[Medium, Callable[[Tier], Tier]] | None = None,
+                verify_crc: bool = False) -> TierChain:
+    """The chain ``config`` describes. ``transcoder`` is needed when a tier has a codec
+    (FailedPrecondition otherwise). On failure every tier built so far is closed."""
+    pins = PinTable(clock)
+    ctx = registry.BuildContext(config, pins, clock, verify_crc)
+    entries = [registry.entry(m) for m in config.chain.tiers]
+    levels: list[Level] = []
+    try:
+        for e in entries:
+            if not e.enabled(config):
+                continue
+            tier = e.build(ctx)
+            codec = e.codec(config)
+            if codec != cfg.TierCodec.RAW:
+                if transcoder is None:
+                    tier.close()
+                    raise FailedPrecondition(f"{e.medium.name.lower()}.codec = {codec.value} needs the namespace "
+                                             "registry (build the chain through the Store), or set it to raw")
+                tier = CodecTier(tier, codec, transcoder)
+            if wrap and e.medium in wrap:
+                tier = wrap[e.medium](tier)
+            levels.append(Level(tier, e.durable,
+                                config.chain.link_write_mode.get(e.medium, config.chain.write_mode),
+                                e.write_queue_chunks(config), config.chain.promote_on_hit))
+        if not levels:
+            raise FailedPrecondition("every tier in chain.tiers is disabled; enable at least one")
+        return TierChain(levels, pins)
+    except BaseException:
+        for lv in reversed(levels):
+            lv.tier.close()
+        raise

@@ -1,0 +1,154 @@
+"""``WriteBehind``: the bounded queue and writer thread of one write-behind link.
+
+``submit(cid)`` takes a read lease on the chunk in the upper tier (``Tier.peek``: eviction
+cannot pull the bytes away before the writer copies them) and queues it; one writer thread
+hands each queued lease to ``write(cid, ref)`` and releases it. The queue is bounded twice:
+
+- ``max_chunks`` entries (``disk.write_queue_chunks``);
+- ``max_bytes`` of leased payload (``WRITE_BEHIND_SOURCE_FRACTION`` of the upper tier), so
+  leases held for the queue can never take the whole arena away from foreground puts.
+
+A submit that would exceed either bound skips the lower-tier copy and counts it in
+``dropped`` (the chunk stays in the upper tier); it never blocks or fails the put.
+
+Lock order: ``WriteBehind._lock`` -> tier locks (``peek`` is called outside it). ``_lock``
+guards the counters and ``_queued``; it is never held during I/O or while waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from typing import Callable
+
+from ..domain.errors import DeadlineExceeded
+from ..domain.types import ChunkId
+from ..tiers.base import ChunkRef, Tier
+
+log = logging.getLogger(__name__)
+
+#: Most of the upper tier's capacity the queued leases may hold (fraction). Half leaves the
+#: other half to foreground puts even when the lower tier stalls completely.
+WRITE_BEHIND_SOURCE_FRACTION = 0.5
+#: How long the writer thread gets to exit after the queue is settled (seconds).
+WRITER_JOIN_TIMEOUT_S = 10.0
+
+
+class _Write:
+    """One queued write; ``cancelled`` is set by a delete before the writer reaches it."""
+
+    __slots__ = ("cid", "ref", "nbytes", "cancelled")
+
+    def __init__(self, cid: ChunkId, ref: ChunkRef) -> None:
+        self.cid = cid
+        self.ref = ref
+        self.nbytes = ref.view.nbytes
+        self.cancelled = False
+
+
+class WriteBehind:
+    """Thread-safe. ``write`` runs on the writer thread and must handle its own errors
+    (the chain counts them); an exception escaping it is logged and the writer goes on."""
+
+    def __init__(self, source: Tier, write: Callable[[ChunkId, ChunkRef], None], max_chunks: int,
+                 max_bytes: int, name: str) -> None:
+        self._source = source
+        self._write = write
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=max_chunks)
+        self._queued: dict[ChunkId, list[_Write]] = {}
+        self._queued_bytes = 0
+        self.dropped = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, cid: ChunkId) -> bool:
+        """Queues the copy of ``cid`` from the upper tier; False (counted) when it was skipped."""
+        ref = self._source.peek(cid)
+        if ref is None:             # evicted already by a concurrent put: nothing left to copy
+            with self._lock:
+                self.dropped += 1
+            return False
+        w = _Write(cid, ref)
+        with self._lock:
+            if not self._closed and self._queued_bytes + w.nbytes <= self._max_bytes:
+                try:
+                    self._queue.put_nowait(w)
+                except queue.Full:
+                    pass
+                else:
+                    self._queued.setdefault(cid, []).append(w)
+                    self._queued_bytes += w.nbytes
+                    return True
+            self.dropped += 1
+        ref.release()
+        return False
+
+    def cancel(self, match: Callable[[ChunkId], bool]) -> None:
+        """Queued copies of matching ids are skipped when the writer reaches them."""
+        with self._lock:
+            for cid, ws in self._queued.items():
+                if match(cid):
+                    for w in ws:
+                        w.cancelled = True
+
+    def _loop(self) -> None:
+        while True:
+            w = self._queue.get()
+            try:
+                if w is None:
+                    return
+                with self._lock:
+                    pending = self._queued.get(w.cid, [])
+                    if w in pending:
+                        pending.remove(w)
+                    if not pending:
+                        self._queued.pop(w.cid, None)
+                    cancelled = w.cancelled
+                if not cancelled:
+                    try:
+                        self._write(w.cid, w.ref)
+                    except Exception:  # noqa: BLE001 - the writer thread must outlive any one bad write
+                        log.exception("write-behind of %s failed with an unexpected error", w.cid.hex())
+            finally:
+                if w is not None:
+                    w.ref.release()
+                    with self._lock:
+                        self._queued_bytes -= w.nbytes
+                self._queue.task_done()
+
+    def flush(self, timeout_s: float | None = None) -> None:
+        """Waits until every queued write has been attempted; DeadlineExceeded on timeout."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise DeadlineExceeded(f"{self._queue.unfinished_tasks} write-behind copies still queued after "
+                                           f"{timeout_s} s; the lower tier is slower than the write rate")
+                self._queue.all_tasks_done.wait(left)
+
+    def close(self, drain_timeout_s: float) -> None:
+        """Drains the queue (up to ``drain_timeout_s``, then cancels the rest) and stops the
+        writer. Later submits are dropped. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        try:
+            self.flush(drain_timeout_s)
+        except DeadlineExceeded as err:
+            log.error("closing with unwritten chunks: %s", err)
+            self.cancel(lambda c: True)
+        self._queue.put(None)
+        self._thread.join(WRITER_JOIN_TIMEOUT_S)
+        if self._thread.is_alive():
+            log.error("write-behind thread %s did not stop within %s s", self._thread.name, WRITER_JOIN_TIMEOUT_S)

@@ -1,0 +1,156 @@
+"""``LocalAccess``: the same-host operations of the store, over ``SharedMemoryTier``.
+
+A local client maps the arena of the chain's shared-memory level (``attach``), reads chunks
+through leases on it (``lease_run``) and writes chunks into reservations it fills itself
+(``reserve`` -> ``commit``/``abort``). Leases and reservations are the shared tier's; the
+server's ``LeaseTable`` only keeps them until the client releases them or they expire.
+
+Threading: ``attach`` and ``nonce`` are non-blocking; the rest runs on worker threads (a
+chain read may hit the disk, ``reserve`` may wait for a concurrent writer).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import kvstore_native as native
+
+from ..chain import TierChain
+from ..domain.errors import DataLoss, FailedPrecondition
+from ..domain.results import PutResult
+from ..domain.types import ChunkId, ChunkMeta, Durability, Medium
+from ..tiers.base import ChunkRef
+from ..tiers.shared import Reservation, SharedMemoryTier
+
+
+@dataclass(frozen=True)
+class ArenaInfo:
+    path: Path
+    nbytes: int
+    nonce: bytes
+    nonce_offset: int
+    #: The presence index file, or None when there is none.
+    index_path: Path | None
+
+
+@dataclass(frozen=True)
+class LocalRead:
+    """A lease on a chunk in the shared arena, where it starts, and where it was found."""
+
+    ref: ChunkRef
+    offset: int
+    found_in: Medium
+
+
+class LocalAccess:
+    def __init__(self, chain: TierChain, index_path: Path | None, crc_threads: int) -> None:
+        self._chain = chain
+        # Separate from the caller's worker pool: ``commit_many`` runs on a worker and waits
+        # for these.
+        self._crc_pool = ThreadPoolExecutor(crc_threads, thread_name_prefix="kvstore-crc")
+        self._level = chain.shared_level
+        self._shared_tier: SharedMemoryTier | None = (
+            None if self._level is None else chain.levels[self._level].tier.shared_memory())
+        self._index_path = index_path
+
+    def _shared(self) -> SharedMemoryTier:
+        if self._shared_tier is None:
+            raise FailedPrecondition("this daemon's DRAM arena is private (dram.shm_name is empty, or /dev/shm had "
+                                     "no room); use the KVStore stream path, or set dram.shm_name = 'auto'")
+        return self._shared_tier
+
+    def attach(self) -> ArenaInfo:
+        s = self._shared()
+        return ArenaInfo(s.arena_path, s.arena_bytes, s.nonce, s.nonce_offset, self._index_path)
+
+    @property
+    def nonce(self) -> bytes:
+        return self._shared().nonce
+
+    def lease_run(self, cids: Sequence[ChunkId]) -> list[LocalRead | None]:
+        """Leases of the leading run of present chunks (a prefix ends at the first miss, so
+        nothing after it is leased); a chunk found below the arena is promoted into it first.
+        A chunk the arena cannot make room for ends the run (the client reads it over the
+        stream path)."""
+        s = self._shared()
+        out: list[LocalRead | None] = []
+        for cid in cids:
+            got = self._lease(s, cid)
+            if got is None:
+                break
+            out.append(got)
+        return out + [None] * (len(cids) - len(out))
+
+    def _lease(self, s: SharedMemoryTier, cid: ChunkId) -> LocalRead | None:
+        ref = self._chain.get(cid)      # the first tier holding it; promoted upward when it can be
+        if ref is None:
+            return None
+        found = ref.medium
+        if found != self._chain.levels[self._level].medium:
+            ref.release()
+            ref = s.lease(cid)
+            if ref is None:
+                return None
+        return LocalRead(ref, s.offset_of(ref), found)
+
+    def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
+        """Arena pages a local client fills directly, or None when ``cid`` is already stored
+        in any tier."""
+        s = self._shared()
+        self._chain.check_put(Durability.MEMORY)
+        if self._chain.medium_of(cid) is not None:
+            return None
+        return s.reserve(cid, nbytes)
+
+    def commit(self, res: Reservation, meta: ChunkMeta, durability: Durability) -> PutResult:
+        """Publishes a filled reservation without copying it, then sends it down the chain as
+        ``put`` does for ``durability`` (PERSISTED: written to the durable tier from the
+        reservation, which nothing can evict, before the chunk becomes visible)."""
+        s = self._shared()
+        try:
+            persist = self._chain.check_put(durability)
+            if persist:
+                self._chain.write_below(self._level, res.cid, meta, res.view, persist=True)
+        except BaseException:
+            s.abort(res)
+            raise
+        s.commit(res, meta)
+        self._chain.stored_in(self._level, res.cid, durability)
+        return PutResult.STORED
+
+    def commit_many(self, reservations: list[tuple[int, Reservation, ChunkMeta]], crcs: Sequence[int],
+                    durability: Durability) -> tuple[int, int]:
+        """Verifies each filled ``(slot index, reservation, meta)`` against ``crcs`` (one per
+        reservation in order, or none: computed), then commits it. Entries are popped from
+        ``reservations`` as they are handled, so whatever happens the caller aborts only the
+        rest. A bad chunk is aborted and reported (DataLoss) after the good ones are stored.
+        Returns ``(stored, existed)``."""
+        stored = existed = 0
+        bad: list[str] = []
+        # Checksums of all extents at once (native, GIL released): one pass over memory per
+        # core instead of one core for the whole commit.
+        got = list(self._crc_pool.map(lambda r: native.crc32c(r[1].view), reservations))
+        for n, crc in enumerate(got):
+            i, res, meta = reservations.pop(0)
+            want = crcs[n] if n < len(crcs) else 0
+            if want and want != crc:
+                self.abort(res)
+                bad.append(f"chunks[{i}]: CRC32C {crc:#010x} of the written extent, the client said {want:#010x}")
+                continue
+            if self.commit(res, meta.with_payload(meta.encoding, meta.payload_bytes, crc), durability) is PutResult.STORED:
+                stored += 1
+            else:
+                existed += 1
+        if bad:
+            raise DataLoss("; ".join(bad) + ". Those chunks were not stored (the others were): the client wrote "
+                           "different bytes than it checksummed, or wrote outside its extent")
+        return stored, existed
+
+    def abort(self, res: Reservation) -> None:
+        self._shared().abort(res)
+
+    def close(self) -> None:
+        self._crc_pool.shutdown(wait=True)

@@ -1,0 +1,174 @@
+"""``Store``: the one facade the gRPC servicers call. Typed arguments and results; the
+servicers never reach into the chain, the tiers or the codec.
+
+It owns the namespace registry, the tier chain, the codec converter, the presence index
+and the same-host access (``local``). ``Store.open(config)`` builds all of them.
+
+Threading: as ``TierChain``: ``lookup``, ``locate``, ``pin``, ``unpin``, ``namespace``,
+``stats`` are non-blocking (event loop); the rest may do I/O or run native code for
+milliseconds (worker threads).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping, Sequence
+
+import kvstore_native as native
+from .. import config as cfg
+from ..chain import ChainStats, TierChain, build_chain
+from ..domain.errors import DataLoss, InvalidArgument
+from ..domain.namespaces import NamespaceInfo, NamespaceRegistry
+from ..quotas import ledger_from_config
+from ..domain.results import KeyInfo, LookupResult, PutResult
+from ..domain.types import ChunkId, ChunkMeta, Durability, Encoding, Medium
+from ..tiers.base import ChunkRef, Tier
+from ..tiers.presence import PresenceIndex
+from ..tiers.transcode import Transcoder
+from .local import LocalAccess
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoreStats:
+    chain: ChainStats
+    namespaces: int
+
+
+class Store:
+    def __init__(self, chain: TierChain, namespaces: NamespaceRegistry, transcoder: Transcoder,
+                 network_codec: cfg.TierCodec, presence: PresenceIndex | None = None, worker_threads: int = 4) -> None:
+        self.namespaces = namespaces
+        self._chain = chain
+        self._transcoder = transcoder
+        self._network_codec = network_codec
+        self._presence = presence
+        self.local = LocalAccess(chain, presence.path if presence is not None else None, worker_threads)
+
+    @classmethod
+    def open(cls, config: cfg.Config, clock: Callable[[], float] = time.time, *,
+             wrap: Mapping[Medium, Callable[[Tier], Tier]] | None = None, verify_crc: bool = False) -> "Store":
+        """Builds the registry, the chain of ``config.chain`` and the presence index.
+        ``wrap`` wraps tiers by medium (tests: ``FaultyTier``)."""
+        registry = NamespaceRegistry(config.disk.path, config.server.max_chunk_bytes, fsync=config.disk.fsync,
+                                     quotas=ledger_from_config(config.quotas, config.auth))
+        transcoder = Transcoder(lambda nid: registry.get(nid, None).namespace)
+        chain = build_chain(config, transcoder, clock, wrap=wrap, verify_crc=verify_crc)
+        try:
+            presence = _open_presence(chain, config.dram.presence_buckets)
+        except BaseException:
+            chain.close()
+            raise
+        return cls(chain, registry, transcoder, config.server.network_codec, presence, config.server.worker_threads)
+
+    # -- namespaces -----------------------------------------------------------------------------
+    def namespace(self, namespace_id: bytes, tenant_scope: str | None) -> NamespaceInfo:
+        """The namespace, NotFound when unknown or owned by another tenant than ``tenant_scope``."""
+        return self.namespaces.get(namespace_id, tenant_scope)
+
+    # -- data -----------------------------------------------------------------------------------
+    def put(self, cid: ChunkId, meta: ChunkMeta, payload, durability: Durability, where: str = "chunk") -> PutResult:
+        """Verifies the payload against ``meta.crc32c`` (0: none was sent, it is computed) and
+        stores it. DataLoss when the checksum does not match (nothing is stored)."""
+        crc = native.crc32c(payload)
+        if meta.crc32c and crc != meta.crc32c:
+            raise DataLoss(f"{where}: CRC32C of the received payload is {crc:#010x}, the header says "
+                           f"{meta.crc32c:#010x}; the data was corrupted in transit or the sender computed the "
+                           "checksum over different bytes. Nothing was stored; retry the put")
+        if not meta.crc32c:
+            meta = meta.with_payload(meta.encoding, meta.payload_bytes, crc)
+        return self._chain.put(cid, meta, payload, durability)
+
+    def lookup(self, cids: Sequence[ChunkId], pin_ttl_s: float = 0) -> LookupResult:
+        return LookupResult(tuple(self._chain.lookup(cids, pin_ttl_s)))
+
+    def locate(self, cids: Sequence[ChunkId]) -> list[Medium | None]:
+        return self._chain.locate(cids)
+
+    def get(self, cid: ChunkId) -> ChunkRef | None:
+        """A lease on the chunk as stored (release it, or use ``with``), or None."""
+        return self._chain.get(cid)
+
+    def read_as(self, ref: ChunkRef, want: Encoding) -> tuple[ChunkMeta, memoryview]:
+        """The leased chunk in encoding ``want`` (the lease's own bytes when it already is):
+        RAW decodes a bitstream, CODEC encodes with ``server.network_codec``."""
+        if want == ref.meta.encoding:
+            return ref.meta, ref.view
+        if want == Encoding.RAW:
+            meta, arr = self._transcoder.decode(ref.meta, ref.view)
+        elif want == Encoding.CODEC:
+            meta, arr = self._transcoder.encode(ref.cid, ref.meta, ref.view, self._network_codec)
+        else:
+            raise InvalidArgument(f"encoding={int(want)} is not one a chunk can be sent in; use RAW or CODEC")
+        return meta, memoryview(arr).cast("B")
+
+    def delete(self, cids: Sequence[ChunkId]) -> int:
+        return sum(1 for c in cids if self._chain.delete(c))
+
+    def clear_namespace(self, namespace_id: bytes) -> int:
+        return self._chain.delete_prefix(namespace_id)
+
+    def clear_tenant(self, tenant: str) -> int:
+        """Deletes every chunk of the tenant's namespaces and forgets the namespaces."""
+        infos = self.namespaces.list(tenant)
+        n = sum(self._chain.delete_prefix(i.namespace_id) for i in infos)
+        self.namespaces.remove(i.namespace_id for i in infos)
+        return n
+
+    def evict(self, cids: Sequence[ChunkId] | None = None, medium: Medium | None = None) -> int:
+        return self._chain.evict(cids, medium)
+
+    def pin(self, cids: Sequence[ChunkId], ttl_s: float = 0) -> int:
+        return sum(1 for c in cids if self._chain.pin(c, ttl_s))
+
+    def unpin(self, cids: Sequence[ChunkId]) -> int:
+        return sum(1 for c in cids if self._chain.unpin(c))
+
+    def entries(self, prefix: bytes = b"", medium: Medium | None = None, after: bytes = b"",
+                limit: int = 100) -> list[KeyInfo]:
+        return self._chain.entries(prefix, medium, after, limit)
+
+    def inspect(self, cid: ChunkId) -> KeyInfo | None:
+        return self._chain.inspect(cid)
+
+    def stats(self) -> StoreStats:
+        return StoreStats(self._chain.stats(), len(self.namespaces))
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def flush(self, timeout_s: float | None = None) -> None:
+        self._chain.flush(timeout_s)
+
+    def close(self) -> None:
+        """Drains and closes the chain, then removes the presence index. Idempotent."""
+        self.local.close()
+        self._chain.close()
+        self.namespaces.close()
+        if self._presence is not None:
+            self._presence.close()
+            self._presence = None
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _open_presence(chain: TierChain, buckets: int) -> PresenceIndex | None:
+    """The presence index beside the shared arena, fed by every tier's change events."""
+    if chain.shared_level is None or not buckets:
+        return None
+    shared = chain.levels[chain.shared_level].tier.shared_memory()
+    try:
+        presence = PresenceIndex(shared.arena_path.with_suffix(".index"), buckets, shared.nonce)
+    except OSError as e:
+        log.warning("no presence index (%s): same-host lookups will use the RPC", e)
+        return None
+    chain.set_listener(presence.changed)
+    for lv in chain.levels:
+        for e in lv.tier.scan():
+            presence.changed(e.cid, lv.medium, True)
+    return presence

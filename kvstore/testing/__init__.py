@@ -1,1 +1,0 @@
-"""Test helpers: real-model KV for tests and benchmarks."""

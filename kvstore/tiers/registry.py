@@ -1,0 +1,77 @@
+"""The tier registry: one entry per medium, so the chain builder never names a tier.
+
+Adding a tier is one new module plus one ``register(TierEntry(...))`` line below (the module
+is imported lazily, so an optional dependency such as a Redis client is only needed when
+that tier is configured). The chain code does not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .. import config as cfg
+from ..domain.errors import InvalidArgument
+from ..domain.types import Medium
+from .base import PinTable, Tier
+
+#: Queue bound for write-behind into a tier whose config section has no
+#: ``write_queue_chunks``: the disk tier's default (256 chunks, a few GB of 40 MB chunks).
+DEFAULT_WRITE_QUEUE_CHUNKS = 256
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What every tier factory gets."""
+
+    config: cfg.Config
+    pins: PinTable
+    clock: Callable[[], float]
+    #: Re-check CRC32C on reads of in-memory tiers (a debug aid for tests).
+    verify_crc: bool = False
+
+
+@dataclass(frozen=True)
+class TierEntry:
+    medium: Medium
+    #: Builds the tier from the daemon config (may raise InvalidArgument / Unavailable).
+    build: Callable[[BuildContext], Tier]
+    #: Whether a chunk stored here survives a restart (PERSISTED puts need one such tier).
+    durable: bool
+    #: The tier's config section's ``enabled`` (True when it has none).
+    enabled: Callable[[cfg.Config], bool] = lambda c: True
+    #: The codec the tier stores chunks with (``TierCodec.RAW``: as they come).
+    codec: Callable[[cfg.Config], cfg.TierCodec] = lambda c: cfg.TierCodec.RAW
+    #: Bound of the write-behind queue into this tier.
+    write_queue_chunks: Callable[[cfg.Config], int] = lambda c: DEFAULT_WRITE_QUEUE_CHUNKS
+
+
+_REGISTRY: dict[Medium, TierEntry] = {}
+
+
+def register(entry: TierEntry) -> None:
+    _REGISTRY[entry.medium] = entry
+
+
+def entry(medium: Medium) -> TierEntry:
+    try:
+        return _REGISTRY[medium]
+    except KeyError:
+        have = ", ".join(m.name.lower() for m in _REGISTRY)
+        raise InvalidArgument(f"chain.tiers names {medium.name.lower()!r}, but this build has no such tier "
+                              f"(available: {have}); remove it from chain.tiers") from None
+
+
+def _dram(ctx: BuildContext) -> Tier:
+    from .dram import DramTier
+    return DramTier(ctx.config.dram, ctx.pins, ctx.clock, verify_crc=ctx.verify_crc)
+
+
+def _disk(ctx: BuildContext) -> Tier:
+    from .disk import DiskTier
+    return DiskTier(ctx.config.disk, ctx.pins, ctx.clock)
+
+
+register(TierEntry(Medium.DRAM, _dram, durable=False, codec=lambda c: c.dram.codec))
+register(TierEntry(Medium.DISK, _disk, durable=True, enabled=lambda c: c.disk.enabled,
+                   codec=lambda c: c.disk.codec, write_queue_chunks=lambda c: c.disk.write_queue_chunks))

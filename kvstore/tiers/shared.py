@@ -1,0 +1,52 @@
+"""``SharedMemoryTier``: what the same-host path needs from the tier that owns shared memory.
+
+Today only the DRAM arena implements it (``DramTier.shared_memory()``); a tier reports its
+face through ``Tier.shared_memory()`` (None: nothing a local client could map). The store's
+``LocalAccess`` talks to this protocol only, never to ``DramTier`` itself.
+
+Threading: every method is thread-safe; ``reserve`` may wait for a concurrent writer of the
+same id, so it runs on worker threads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from ..domain.types import ChunkId, ChunkMeta
+from .base import ChunkRef
+
+
+class Reservation(Protocol):
+    """Writable pages for one not-yet-visible chunk (``dram.Reservation``)."""
+
+    cid: ChunkId
+    offset: int        #: byte offset in the arena
+    nbytes: int
+    view: memoryview   #: writable, exactly ``nbytes``
+
+
+class SharedMemoryTier(Protocol):
+    #: The file local clients map (``/dev/shm/...``).
+    arena_path: Path
+    arena_bytes: int
+    #: Random bytes in the arena header that prove a client mapped this daemon's arena.
+    nonce: bytes
+    #: Where ``nonce`` starts in the arena header.
+    nonce_offset: int
+
+    def lease(self, cid: ChunkId) -> ChunkRef | None:
+        """A read lease (no hit counted); the bytes stay put until it is released."""
+
+    def offset_of(self, ref: ChunkRef) -> int:
+        """Arena offset of a lease's bytes (what a local client reads at)."""
+
+    def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
+        """Pages for ``cid`` (evicting by policy); None if it is already stored.
+        ResourceExhausted when no room can be made."""
+
+    def commit(self, res: Reservation, meta: ChunkMeta) -> None:
+        """Publishes a filled reservation."""
+
+    def abort(self, res: Reservation) -> None:
+        """Gives back a reservation's pages."""

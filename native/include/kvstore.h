@@ -1,0 +1,152 @@
+// kvstore native core: the one C ABI of libkvstore.so and of its CUDA build libkvstore_cuda.so.
+//
+// Loaded from Python with ctypes (kvstore_native/_lib.py, the only loader), which releases the
+// GIL around each call. One prefix (kvs_), one error scheme, one CRC32C.
+//
+// Error scheme: every function that can fail returns 0 (KVS_OK) or a negative KVS_E* code and,
+// when `err` is non-null and `err_len` > 0, writes a NUL-terminated message into
+// err[0 .. err_len). Functions that cannot fail return their value directly.
+//
+// Library split: libkvstore.so has everything that runs on the CPU (always built);
+// libkvstore_cuda.so (built where nvcc exists) has the kvs_cuda_* functions and links
+// libkvstore.so for CRC32C. Both export kvs_abi_version(); the loader checks each against
+// KVS_ABI_VERSION.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+#define KVS_EXTERN_C extern "C"
+#else
+#define KVS_EXTERN_C
+#endif
+#if defined(__GNUC__)
+#define KVS_API KVS_EXTERN_C __attribute__((visibility("default")))
+#else
+#define KVS_API KVS_EXTERN_C
+#endif
+
+// Bumped on any incompatible change of this header (2: one library, one error scheme).
+#define KVS_ABI_VERSION 2
+
+// ---- errors ------------------------------------------------------------------------------
+#define KVS_OK 0
+#define KVS_EINVAL (-1)     // bad caller argument (shape, dtype, level, pointer, size)
+#define KVS_ENOSPC (-2)     // destination too small; an `out_size` argument holds the need
+#define KVS_ECORRUPT (-3)   // malformed or hostile input data (bitstream structure, header CRC)
+#define KVS_ECHECKSUM (-4)  // a payload CRC32C does not match its bytes
+#define KVS_EUNSUP (-5)     // unsupported version / feature (e.g. lossless on the GPU)
+#define KVS_ECUDA (-6)      // CUDA runtime error
+#define KVS_EINTERNAL (-7)  // bug or resource exhaustion inside the library
+
+// ---- library -----------------------------------------------------------------------------
+KVS_API int kvs_abi_version(void);
+
+// Bit set of what this build and CPU use.
+#define KVS_FEATURE_CRC32C_HW 1  // kvs_crc32c uses the SSE4.2 CRC32 instruction
+KVS_API int kvs_features(void);
+
+// ---- checksums and copies ----------------------------------------------------------------
+// CRC32C (Castagnoli, reflected polynomial 0x82F63B78, init/xorout 0xFFFFFFFF) of `len`
+// bytes; `crc` is the value of a previous call (0 to start), so
+// crc32c(a||b) == kvs_crc32c(kvs_crc32c(0, a), b). Hardware (SSE4.2) when the CPU has it,
+// slicing-by-8 tables else.
+KVS_API uint32_t kvs_crc32c(uint32_t crc, const void* data, size_t len);
+
+// memcpy split over `threads` threads (<= 1: the calling thread only). For large host copies
+// (arena <-> staging) where one core does not reach memory bandwidth.
+KVS_API void kvs_copy(void* dst, const void* src, size_t len, int threads);
+
+// Copies `rows` rows of `row_bytes` bytes from `src` (rows `src_pitch` bytes apart) to `dst`
+// (rows `dst_pitch` bytes apart): a chunk's [planes, tokens...] block into its columns of a
+// [planes, all tokens...] tensor and back, one memcpy per row.
+KVS_API void kvs_copy2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t rows,
+                        size_t row_bytes);
+
+// ---- paged-KV gather/scatter ---------------------------------------------------------------
+// Between an engine's KV memory and the chunk layout [planes, tokens, heads, head_bytes]
+// (planes = layers * 2 for K/V, layers for MLA). The engine side is described in bytes, so one
+// routine serves every engine layout and dtype: element (plane p, token t, head h) starts at
+//     plane_ptrs[p] + slots[t] * token_stride + h * head_stride
+// and is head_bytes long. Examples:
+//   vLLM paged [blocks, block_size, heads, dim]: slot = block * block_size + offset,
+//       token_stride = heads*dim*elt, head_stride = dim*elt
+//   HF DynamicCache [1, heads, seq, dim]: slot = position, token_stride = dim*elt,
+//       head_stride = seq_capacity*dim*elt
+// The chunk side is contiguous: ((p * tokens + t) * heads + h) * head_bytes.
+
+// CPU implementations (host pointers), the reference for the CUDA ones.
+KVS_API int kvs_gather(const uint64_t* plane_ptrs, int planes, const int64_t* slots, int tokens, int heads,
+                       int64_t head_bytes, int64_t token_stride, int64_t head_stride, void* chunk, char* err,
+                       size_t err_len);
+KVS_API int kvs_scatter(const void* chunk, const uint64_t* plane_ptrs, int planes, const int64_t* slots, int tokens,
+                        int heads, int64_t head_bytes, int64_t token_stride, int64_t head_stride, char* err,
+                        size_t err_len);
+
+// CUDA implementations (libkvstore_cuda.so): plane_ptrs and slots are HOST arrays (copied to
+// the device by the call); the engine memory is device memory; `chunk` is device memory or
+// host memory the device can address (cudaHostRegister'ed / pinned). `stream` is a
+// cudaStream_t (0: default). Asynchronous on `stream` except for the small argument upload.
+KVS_API int kvs_cuda_gather(const uint64_t* plane_ptrs, int planes, const int64_t* slots, int tokens, int heads,
+                            int64_t head_bytes, int64_t token_stride, int64_t head_stride, void* chunk, void* stream,
+                            char* err, size_t err_len);
+KVS_API int kvs_cuda_scatter(const void* chunk, const uint64_t* plane_ptrs, int planes, const int64_t* slots,
+                             int tokens, int heads, int64_t head_bytes, int64_t token_stride, int64_t head_stride,
+                             void* stream, char* err, size_t err_len);
+
+// ---- KV codec (docs/bitstream.md) ------------------------------------------------------------
+// Shapes: layout 1 = [layers, 2, tokens, heads, head_dim], layout 2 (MLA) = [layers, tokens,
+// head_dim] with heads == 1. dtype 1 fp16, 2 bf16, 3 fp32. level 0 lossless .. 3 aggressive.
+typedef struct {
+  uint32_t version;
+  uint32_t codec, level, dtype, layout;
+  uint32_t layers, tokens, heads, head_dim;
+  uint64_t payload_size;    // bytes after header + index
+  uint64_t decoded_bytes;   // size of the decoded chunk
+  uint64_t payload_offset;  // header + index bytes
+} kvs_codec_info;
+
+// Upper bound of the encoded size (a safe output capacity).
+KVS_API uint64_t kvs_codec_encode_bound(int dtype, int layout, uint32_t layers, uint32_t tokens, uint32_t heads,
+                                        uint32_t head_dim, int level);
+// Encodes one chunk of `src_bytes` bytes. `policy` (NULL = the level's default) is 8 int32
+// {K offset shallow, middle, deep, V offset shallow, middle, deep, K weight, V weight}
+// (docs/bitstream.md, "Encoder policy"); the bitstream does not depend on it. KVS_ENOSPC
+// when dst_cap is too small (*out_size then holds the size needed).
+KVS_API int kvs_codec_encode(const void* src, uint64_t src_bytes, int dtype, int layout, uint32_t layers,
+                             uint32_t tokens, uint32_t heads, uint32_t head_dim, int level, const int32_t* policy,
+                             int threads, uint8_t* dst, uint64_t dst_cap, uint64_t* out_size, char* err,
+                             size_t err_len);
+// Validates header and index (not the payload) and fills *info (may be NULL).
+KVS_API int kvs_codec_parse(const uint8_t* buf, uint64_t n, kvs_codec_info* info, char* err, size_t err_len);
+// Decodes layers [first, first + count) into dst (count layers of decoded elements). With
+// `verify`, each layer's CRC32C is checked first (KVS_ECHECKSUM on mismatch).
+KVS_API int kvs_codec_decode_layers(const uint8_t* buf, uint64_t n, uint32_t first, uint32_t count, void* dst,
+                                    uint64_t dst_bytes, int threads, int verify, char* err, size_t err_len);
+// Byte sizes of every layer's payload by role, for metadata accounting:
+// out3[0] = channel/plane tables, out3[1] = lane tables, out3[2] = lane data.
+KVS_API int kvs_codec_size_breakdown(const uint8_t* buf, uint64_t n, uint64_t* out3, char* err, size_t err_len);
+// Test hook: the codec's portable float -> fp16 (dtype 1) / bf16 (dtype 2) conversion.
+KVS_API void kvs_codec_debug_convert(const float* in, uint16_t* out, uint64_t n, int dtype);
+
+// CUDA codec (libkvstore_cuda.so), lossy levels only (lossless: KVS_EINVAL), bit-exact with
+// the CPU codec: same input -> same bytes, and each decodes the other's output. Pointers named
+// dev_* are device pointers; `stream` is a cudaStream_t (0 = the legacy default stream).
+//
+// Encodes a device-resident chunk; the bitstream is written to host memory `dst`.
+KVS_API int kvs_cuda_codec_encode(const void* dev_src, int dtype, int layout, uint32_t layers, uint32_t tokens,
+                                  uint32_t heads, uint32_t head_dim, int level, void* stream, uint8_t* dst,
+                                  uint64_t dst_cap, uint64_t* out_size, char* err, size_t err_len);
+// Decodes a bitstream resident on the device (dev_buf, n bytes) straight into dev_dst.
+// host_head holds a host copy of at least the header + layer index (host_n bytes), validated
+// on the host; with verify_crc and host_n == n the layer CRCs are checked too. The kernel
+// re-validates everything it reads from dev_buf (bounds, states, values).
+KVS_API int kvs_cuda_codec_decode(const uint8_t* host_head, uint64_t host_n, const uint8_t* dev_buf, uint64_t n,
+                                  void* dev_dst, uint64_t dst_bytes, void* stream, int verify_crc, char* err,
+                                  size_t err_len);
+// Decodes `count` bitstreams of one shape and dtype in one kernel launch. Arrays are host
+// arrays of length count; dev_bufs / dev_dsts hold device pointers.
+KVS_API int kvs_cuda_codec_decode_batch(uint32_t count, const uint8_t* const* host_heads, const uint64_t* host_lens,
+                                        const uint8_t* const* dev_bufs, const uint64_t* lens, void* const* dev_dsts,
+                                        uint64_t dst_bytes_each, void* stream, int verify_crc, char* err,
+                                        size_t err_len);
