@@ -21,7 +21,7 @@ import numpy as np
 
 import kvstore_native as native
 from kvstore.config import RemoteConfig, TierCodec
-from kvstore.testing.codec_data import synthetic_kv
+from kvstore_testing.codec_data import synthetic_kv
 from kvstore_testing.redis_cluster import LocalRedisCluster
 from kvstore.tiers.remote import RemoteTier
 from kvstore.tiers.remote.format import HEADER

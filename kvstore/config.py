@@ -102,6 +102,8 @@ class ServerConfig(_Section):
     network_codec: TierCodec = TierCodec.LOSSLESS
     #: Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = Field(5.0, ge=0)
+    #: TLS on every TCP listener (unix sockets stay plaintext: file permissions guard them).
+    tls: "TlsConfig" = Field(default_factory=lambda: TlsConfig())
 
     @field_validator("listen")
     @classmethod
@@ -124,6 +126,105 @@ class ServerConfig(_Section):
             raise ValueError("stream_piece_bytes must be at least 4 KiB below max_message_bytes")
         return self
 
+# ---------------------------------------------------------------------------------- tenant boundary
+# (issue 8: TLS, client-certificate identities, per-tenant quotas; kvstore.quotas enforces them)
+
+
+class TlsConfig(_Section):
+    """``[server.tls]``: PEM files for TLS on TCP listeners, optionally mutual (client certificates).
+
+    TLS is on when ``cert_file`` is set. ``client_ca_file`` makes the daemon ask for (and with
+    ``require_client_cert`` insist on) a client certificate signed by that CA; a verified
+    certificate's identity maps to a tenant through ``auth.certs``.
+    """
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> "TlsConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file needs cert_file/key_file (mutual TLS is TLS first)")
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError("require_client_cert needs client_ca_file (the CA that signs client certificates)")
+        return self
+
+
+class TenantQuotas(_Section):
+    """Per-tenant overrides of ``[quotas]`` (``auth.tokens.<t>.quotas``, ``auth.certs.<id>.quotas``);
+    a field left unset takes the ``[quotas]`` value. Field meanings: see ``QuotaConfig``."""
+
+    max_dram_bytes: Bytes | None = None
+    max_disk_bytes: Bytes | None = None
+    max_remote_bytes: Bytes | None = None
+    max_pinned_bytes: Bytes | None = None
+    max_pin_ttl_s: float | None = Field(None, gt=0)
+    max_open_leases: int | None = Field(None, ge=0)
+    max_open_reservations: int | None = Field(None, ge=0)
+    max_reserved_bytes: Bytes | None = None
+    max_concurrent_streams: int | None = Field(None, ge=0)
+    max_namespaces: int | None = Field(None, ge=0)
+    max_inflight_request_bytes: Bytes | None = None
+    max_stream_idle_s: float | None = Field(None, gt=0)
+
+
+class QuotaConfig(_Section):
+    """``[quotas]``: what one tenant may hold at once (defaults for every tenant).
+
+    Byte quotas of the cache tiers (``max_dram_bytes``, ``max_disk_bytes``, ``max_remote_bytes``)
+    are unset by default: the tiers are caches shared by eviction. What a tenant can hold
+    *unevictably* (pins, reservations, leases, streams, request bytes) is always bounded.
+    Over a quota a request fails with RESOURCE_EXHAUSTED naming the quota's key.
+    """
+
+    #: Bytes of the DRAM tier one tenant's chunks may occupy; unset: the whole tier.
+    max_dram_bytes: Bytes | None = None
+    #: Bytes of the disk tier one tenant's chunks may occupy; unset: the whole tier.
+    max_disk_bytes: Bytes | None = None
+    #: Bytes of the remote tier one tenant's chunks may occupy; unset: the whole tier.
+    max_remote_bytes: Bytes | None = None
+    #: Bytes a tenant may keep pinned (protected from eviction) at once.
+    max_pinned_bytes: Bytes = 256 * 1024**2
+    #: Longest pin a tenant may ask for; longer requests are clamped to this.
+    max_pin_ttl_s: float = Field(3600.0, gt=0)
+    #: Same-host read leases a tenant may hold open at once.
+    max_open_leases: int = Field(256, ge=0)
+    #: Same-host write reservations a tenant may hold open at once.
+    max_open_reservations: int = Field(64, ge=0)
+    #: Arena bytes a tenant's open write reservations may cover at once.
+    max_reserved_bytes: Bytes = 256 * 1024**2
+    #: Streaming RPCs (Put, Get) a tenant may have in flight at once.
+    max_concurrent_streams: int = Field(256, ge=0)
+    #: Namespaces a tenant may register.
+    max_namespaces: int = Field(1024, ge=0)
+    #: Request bytes of one tenant buffered in the daemon at once (Put payloads being received).
+    max_inflight_request_bytes: Bytes = 512 * 1024**2
+    #: Request bytes of all tenants together buffered in the daemon at once.
+    daemon_max_inflight_request_bytes: Bytes = 1024**3
+    #: Seconds a streaming request (Put) may go without sending its next message before the
+    #: daemon cancels it (DEADLINE_EXCEEDED) and frees what it held.
+    max_stream_idle_s: float = Field(30.0, gt=0)
+
+
+class CertEntry(_Section):
+    """``auth.certs.<identity>``: who a verified client certificate is. The identity is the
+    certificate's subject CN or one of its SAN entries (DNS name or URI, e.g. a SPIFFE id)."""
+
+    tenant: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    admin: bool = False
+    local_path: bool = False
+    quotas: TenantQuotas = TenantQuotas()
+
+# ---------------------------------------------------------------------------------- end tenant boundary
+
 
 class TokenEntry(_Section):
     tenant: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
@@ -133,6 +234,8 @@ class TokenEntry(_Section):
     #: tenant's chunks, so grant this only to the co-located engine trusted with all of them;
     #: other tokens use the stream path, where the tenant check applies to every request.
     local_path: bool = False
+    #: Overrides of ``[quotas]`` for this token's tenant (every token of a tenant must agree).
+    quotas: TenantQuotas = TenantQuotas()
 
 
 class AuthConfig(_Section):
@@ -147,12 +250,15 @@ class AuthConfig(_Section):
     tokens: dict[str, TokenEntry] = {}
     #: TOML file with a ``[tokens]`` table of the same shape.
     tokens_file: Path | None = None
+    #: verified client-certificate identity (subject CN, SAN DNS or SAN URI) -> who it is.
+    #: Needs ``server.tls.client_ca_file``.
+    certs: dict[str, CertEntry] = {}
     #: Allow a non-loopback TCP listener without tokens (anyone who can connect is admin).
     allow_insecure_remote: bool = False
 
     @property
     def enabled(self) -> bool:
-        return bool(self.tokens) or self.tokens_file is not None
+        return bool(self.tokens) or self.tokens_file is not None or bool(self.certs)
 
     def load_tokens(self) -> dict[str, TokenEntry]:
         tokens = dict(self.tokens)
@@ -411,6 +517,7 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     remote: RemoteConfig = RemoteConfig()
     events: EventsConfig = EventsConfig()
+    quotas: QuotaConfig = QuotaConfig()
 
 
 ENV_PREFIX = "KVSTORE_"

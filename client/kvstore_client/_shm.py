@@ -38,7 +38,8 @@ def attach(core):
     try:
         a = yield Call("attach", local_pb2.AttachRequest())
     except grpc.RpcError as e:
-        if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+        if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED,
+                        grpc.StatusCode.PERMISSION_DENIED):  # no local_path right: the stream path
             return
         raise
     core.arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)

@@ -57,7 +57,7 @@ class DataServicer:
     # ------------------------------------------------------------------ RegisterNamespace
     async def RegisterNamespace(self, request, context):
         ns = convert.namespace_from_spec(request.spec, current_principal().tenant)
-        info = self._store.namespaces.register(ns)
+        info = await self._run(self._store.namespaces.register, ns)  # blocking: registry log append + fsync
         return data_pb2.RegisterNamespaceResponse(namespace=convert.namespace_info(info),
                                                   max_message_bytes=self._cfg.max_message_bytes)
 

@@ -21,6 +21,7 @@ from .. import config as cfg
 from ..chain import ChainStats, TierChain, build_chain
 from ..domain.errors import DataLoss, FailedPrecondition, InvalidArgument
 from ..domain.namespaces import NamespaceInfo, NamespaceRegistry
+from ..quotas import ledger_from_config
 from ..domain.results import KeyInfo, LookupResult, PutResult
 from ..domain.types import ChunkId, ChunkMeta, Durability, Encoding, Medium
 from ..tiers.base import ChunkRef, Tier
@@ -52,7 +53,8 @@ class Store:
              wrap: Mapping[Medium, Callable[[Tier], Tier]] | None = None, verify_crc: bool = False) -> "Store":
         """Builds the registry, the chain of ``config.chain`` and the presence index.
         ``wrap`` wraps tiers by medium (tests: ``FaultyTier``)."""
-        registry = NamespaceRegistry(config.disk.path, config.server.max_chunk_bytes)
+        registry = NamespaceRegistry(config.disk.path, config.server.max_chunk_bytes, fsync=config.disk.fsync,
+                                     quotas=ledger_from_config(config.quotas, config.auth))
         transcoder = Transcoder(lambda nid: registry.get(nid, None).namespace)
         chain = build_chain(config, transcoder, clock, wrap=wrap, verify_crc=verify_crc)
         try:
@@ -152,6 +154,7 @@ class Store:
         """Drains and closes the chain, then removes the presence index. Idempotent."""
         self.local.close()
         self._chain.close()
+        self.namespaces.close()
         if self._presence is not None:
             self._presence.close()
             self._presence = None

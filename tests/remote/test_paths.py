@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvstore.config import TierCodec
-from kvstore.testing.codec_data import synthetic_kv
+from kvstore_testing.codec_data import synthetic_kv
 from kvstore.tiers.remote import AdaptiveController, ThroughputMeter, build_remote
 from kvstore.types import ChunkId, ChunkMeta, DType, Encoding
 from kvstore_wire.keys import Namespace

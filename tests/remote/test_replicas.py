@@ -8,7 +8,7 @@ import numpy as np
 import kvstore_native as native
 from kvstore.config import TierCodec
 from kvstore.errors import NotFound
-from kvstore.testing.codec_data import synthetic_kv
+from kvstore_testing.codec_data import synthetic_kv
 from kvstore.tiers.remote import build_remote
 from kvstore.types import ChunkId, ChunkMeta, DType, Encoding
 from kvstore_wire.keys import Namespace, next_prefix_key, root_key
