@@ -408,16 +408,22 @@ CODEC_QUALITY_ORDER = (TierCodec.LOSSLESS, TierCodec.NEAR_LOSSLESS, TierCodec.DE
 class RemoteConfig(_Section):
     """The shared remote tier: compressed KV bitstreams in a Redis Cluster (docs/remote.md)."""
 
+    #: Use the remote tier (a Redis Cluster shared by every replica's sidecar).
     enabled: bool = False
     #: Seed nodes ``host:port`` of the Redis Cluster; the client discovers the rest.
     nodes: list[str] = ["127.0.0.1:7000"]
     #: Redis ACL user and password (AUTH); empty: no AUTH.
     username: str = ""
+    #: Redis AUTH password (with ``username``: an ACL user). Prefer the environment variable
+    #: ``KVSTORE_REMOTE__PASSWORD`` to keep it out of config files.
     password: str = ""
     #: TLS to the cluster; the CA/cert/key paths are optional (system CAs by default).
     tls: bool = False
+    #: PEM CA of the cluster's certificates (with ``tls``; the system CAs when unset).
     tls_ca_file: Path | None = None
+    #: PEM client certificate for Redis servers that require one.
     tls_cert_file: Path | None = None
+    #: PEM key of ``tls_cert_file``.
     tls_key_file: Path | None = None
     #: Cluster-wide secret every sidecar shares: Redis keys are HMAC(secret, namespace) salted,
     #: so nobody without it can compute another tenant's keys from token ids. At least 16 chars.
@@ -483,12 +489,16 @@ class EventEncoding(str, enum.Enum):
 class EventsConfig(_Section):
     """KV events for cache-aware routers over ZMQ, in vLLM's KV-events format (docs/events.md)."""
 
+    #: Publish chunk stored / removed events per medium for cache-aware routers.
     enabled: bool = False
     #: PUB socket: ``tcp://*:5557`` binds; ``tcp://host:port`` connects.
     endpoint: str = "tcp://*:5557"
     #: ROUTER socket for replay and snapshot requests; empty disables replay.
     replay_endpoint: str = "tcp://*:5558"
+    #: ZMQ topic frame of every published batch.
     topic: str = "kv-events"
+    #: Struct encoding of events: ``array`` (positional, what llm-d and the production-stack
+    #: router decode) or ``map`` (field names, what current vLLM writes).
     encoding: EventEncoding = EventEncoding.ARRAY
     #: Block hashes as the 32-byte chunk key (``bytes``) or its first 8 bytes as an unsigned
     #: big-endian integer (``u64``, for consumers that only read integers).
@@ -504,6 +514,7 @@ class EventsConfig(_Section):
     batch_interval_ms: int = Field(50, ge=1, le=10_000)
     #: Most events in one batch.
     max_batch_events: int = Field(1024, ge=1)
+    #: Data-parallel rank announced in every batch (vLLM's ``data_parallel_rank``).
     data_parallel_rank: int = Field(0, ge=0)
 
 

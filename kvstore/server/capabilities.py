@@ -28,7 +28,7 @@ class Right(str, enum.Enum):
 
 _DATA = ("RegisterNamespace", "Put", "Lookup", "Exists", "Get", "Delete")
 _LOCAL = ("Attach", "LeaseRead", "ReserveWrite", "CommitWrite", "Release")
-_ADMIN = ("GetStats", "ListNamespaces", "ListKeys", "Inspect", "Evict", "Pin", "Unpin", "Clear")
+_ADMIN = ("GetStats", "ListNamespaces", "ListKeys", "Inspect", "Evict", "Pin", "Unpin", "Clear", "Verify")
 
 #: Full gRPC method name -> the right it needs.
 METHOD_RIGHTS: dict[str, Right] = {
