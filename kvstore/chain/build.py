@@ -24,9 +24,11 @@ from .chain import Level, TierChain
 def build_chain(config: cfg.Config, transcoder: Transcoder | None = None,
                 clock: Callable[[], float] = time.time, *,
                 wrap: Mapping[Medium, Callable[[Tier], Tier]] | None = None,
-                verify_crc: bool = False) -> TierChain:
+                verify_crc: bool = True) -> TierChain:
     """The chain ``config`` describes. ``transcoder`` is needed when a tier has a codec
-    (FailedPrecondition otherwise). On failure every tier built so far is closed."""
+    (FailedPrecondition otherwise). ``verify_crc``: in-memory tiers check every chunk's
+    CRC32C on ``get`` (False only for benchmarks that measure the unchecked path). On failure
+    every tier built so far is closed."""
     pins = PinTable(clock)
     ctx = registry.BuildContext(config, pins, clock, verify_crc)
     entries = [registry.entry(m) for m in config.chain.tiers]

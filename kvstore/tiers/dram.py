@@ -66,15 +66,19 @@ class Reservation:
 
 
 class DramTier(Tier):
-    """Host-memory tier over one arena. ``verify_crc`` re-checks CRC32C on every ``get``
-    (a debug aid: this is memory the daemon wrote itself)."""
+    """Host-memory tier over one arena. ``verify_crc`` (the default) checks a chunk's CRC32C
+    on every ``get`` before anyone reads the lease: the arena is shared with same-host
+    clients that may write into it, and a bit flipped in RAM must not be served. A chunk
+    that fails is dropped, counted in ``stats().corrupt`` and reported as absent (the chain
+    then reads the tier below). ``peek``/``lease`` do not check (write-behind copies: the
+    lower tier checks the CRC on its own ``put``)."""
 
     medium = Medium.DRAM
     #: Where the arena header's nonce starts (``SharedMemoryTier.nonce_offset``).
     nonce_offset = NONCE_OFFSET
 
     def __init__(self, conf: cfg.DramConfig, pins: PinTable, clock: Callable[[], float],
-                 verify_crc: bool = False) -> None:
+                 verify_crc: bool = True) -> None:
         if conf.page_bytes <= 0 or conf.capacity_bytes < conf.page_bytes:
             raise InvalidArgument("dram.capacity_bytes must hold at least one dram.page_bytes page")
         self._page = conf.page_bytes
@@ -137,15 +141,27 @@ class DramTier(Tier):
 
     # -- Tier primitives --------------------------------------------------------------------
     def get(self, cid: ChunkId) -> ChunkRef | None:
+        """A verified lease (see the class docstring), or None: absent, or dropped as corrupt.
+        The checksum runs on the caller's thread, outside the lock, with the GIL released."""
         ref = self._lease(cid, touch=True)
-        if ref is not None and self._verify and native.crc32c(ref.view) != ref.meta.crc32c:
-            ref.release()
-            log.error("DRAM chunk %s failed its CRC32C check; dropping it", cid.hex())
-            with self._lock:
-                self._stats.corrupt += 1
-            self.delete(cid)
-            return None
-        return ref
+        if ref is None or not self._verify:
+            return ref
+        meta = ref.meta
+        crc = native.crc32c(ref.view)
+        if crc == meta.crc32c:
+            return ref
+        ref.release()
+        log.error("DRAM chunk %s failed its CRC32C check (%#010x, stored with %#010x): the arena was written "
+                  "outside a reservation or the memory is failing; dropping the copy, lower tiers serve it",
+                  cid.hex(), crc, meta.crc32c)
+        with self._lock:
+            self._stats.corrupt += 1
+            self._stats.hits -= 1     # counted as a hit by _lease; it is served as a miss
+            self._stats.misses += 1
+            e = self._entries.get(cid)
+            if e is not None and e.meta is meta:   # not a good copy stored again meanwhile
+                self._unlink(e, evicted=False)
+        return None
 
     def _lease(self, cid: ChunkId, touch: bool) -> ChunkRef | None:
         with self._lock:
