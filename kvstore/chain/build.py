@@ -49,7 +49,8 @@ def build_chain(config: cfg.Config, transcoder: Transcoder | None = None,
                 tier = wrap[e.medium](tier)
             levels.append(Level(tier, e.durable,
                                 config.chain.link_write_mode.get(e.medium, config.chain.write_mode),
-                                e.write_queue_chunks(config), config.chain.promote_on_hit))
+                                e.write_queue_chunks(config), config.chain.promote_on_hit,
+                                config.chain.write_behind_fraction))
         if not levels:
             raise FailedPrecondition("every tier in chain.tiers is disabled; enable at least one")
         return TierChain(levels, pins)

@@ -30,7 +30,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 from .. import config as cfg
 from ..domain.errors import FailedPrecondition, KVStoreError, ResourceExhausted, Unavailable
@@ -41,6 +41,8 @@ from ..tiers.registry import DEFAULT_WRITE_QUEUE_CHUNKS
 from .writeback import WRITE_BEHIND_SOURCE_FRACTION, WriteBehind
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: How long ``close`` waits for each link's queued copies before dropping them (seconds).
 #: Sized for a full default queue (256 chunks of tens of MB) on a slow SSD.
@@ -56,10 +58,13 @@ class Level:
     durable: bool
     #: How MEMORY puts reach this level from the one above (ignored for the first level).
     write_mode: cfg.WriteMode = cfg.WriteMode.WRITE_BEHIND
-    #: Bound of the write-behind queue into this level.
+    #: Bound of the write-behind queue into this level (chunks).
     write_queue_chunks: int = DEFAULT_WRITE_QUEUE_CHUNKS
     #: Copy hits found below this level into it.
     promote: bool = True
+    #: Bound of that queue in bytes, as a fraction of the level above's capacity
+    #: (``chain.write_behind_fraction``).
+    write_queue_fraction: float = WRITE_BEHIND_SOURCE_FRACTION
 
     @property
     def medium(self) -> Medium:
@@ -100,7 +105,7 @@ class TierChain:
         for i, lower in enumerate(self.levels[1:]):
             upper = self.levels[i]
             if lower.write_mode is cfg.WriteMode.WRITE_BEHIND:
-                budget = int(upper.tier.stats().capacity_bytes * WRITE_BEHIND_SOURCE_FRACTION)
+                budget = int(upper.tier.stats().capacity_bytes * lower.write_queue_fraction)
                 self._links.append(WriteBehind(
                     upper.tier, lambda cid, ref, i=i: self._write_behind(i, cid, ref), lower.write_queue_chunks,
                     budget, name=f"kvstore-writer-{upper.medium.name.lower()}-{lower.medium.name.lower()}"))
@@ -170,7 +175,7 @@ class TierChain:
                 self.write_below(0, cid, meta, payload, persist=True, from_top=True)
             return PutResult.EXISTED
         try:
-            stored = self.levels[0].tier.put(cid, meta, payload)
+            stored = self.with_room(0, lambda: self.levels[0].tier.put(cid, meta, payload))
         except ResourceExhausted:
             if not persist:
                 raise
@@ -178,6 +183,20 @@ class TierChain:
         if stored or persist:
             self.write_below(0, cid, meta, payload, persist)
         return PutResult.STORED if stored else PutResult.EXISTED
+
+    def with_room(self, level: int, write: Callable[[], T]) -> T:
+        """Runs a foreground ``write`` into ``level``; if that tier cannot make room
+        (ResourceExhausted), the write-behind link out of it gives back the leases of its
+        queued copies (skipped and counted) and ``write`` runs once more. Queued lower-tier
+        copies therefore never make a put fail; a second ResourceExhausted is the tier's own
+        (pins, readers, writes in progress) and propagates with its message."""
+        try:
+            return write()
+        except ResourceExhausted:
+            link = self._links[level] if level < len(self._links) else None
+            if link is None or not link.shed():
+                raise
+        return write()
 
     def stored_in(self, level: int, cid: ChunkId, durability: Durability) -> None:
         """A chunk was just published in ``level`` by someone other than ``put`` (a same-host

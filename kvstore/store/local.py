@@ -122,7 +122,7 @@ class LocalAccess:
         self._chain.check_put(Durability.MEMORY)
         if self._chain.medium_of(cid) is not None:
             return None
-        return s.reserve(cid, nbytes)
+        return self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes))
 
     def commit(self, res: Reservation, meta: ChunkMeta, durability: Durability) -> PutResult:
         """Publishes a filled reservation without copying it, then sends it down the chain as

@@ -264,9 +264,32 @@ class DramTier(Tier):
             page = self._alloc.alloc(npages)
             if page is not None:
                 return page
-        raise ResourceExhausted(
-            f"DRAM tier cannot free {npages * self._page} contiguous bytes: the remaining chunks are pinned "
-            f"({len(self._pins)} pins) or being read; unpin chunks (kvctl unpin) or raise dram.capacity_bytes")
+        raise ResourceExhausted(self._no_room_message(npages * self._page))
+
+    def _no_room_message(self, nbytes: int) -> str:
+        """What holds the arena when ``nbytes`` cannot be freed, and the knob to turn. Caller
+        holds the lock (the failure path only: it walks every entry)."""
+        reserved = leased = pinned = 0
+        n_res = n_lease = n_pin = 0
+        live = 0
+        for e in self._entries.values():
+            b = e.npages * self._page
+            live += b
+            if e.meta is None:
+                reserved, n_res = reserved + b, n_res + 1
+            elif e.leases:
+                leased, n_lease = leased + b, n_lease + 1
+            elif self._pins.is_pinned(e.cid):
+                pinned, n_pin = pinned + b, n_pin + 1
+        dead = self._stats.used_bytes - live          # unlinked, waiting for their last lease
+        free = self._alloc.free_pages * self._page
+        mib = 1024 * 1024
+        return (f"DRAM arena full: no room for a {nbytes / mib:.1f} MiB chunk in dram.capacity_bytes = "
+                f"{self._stats.capacity_bytes / mib:.0f} MiB. Held: {reserved / mib:.1f} MiB by {n_res} writes in "
+                f"progress, {(leased + dead) / mib:.1f} MiB by {n_lease} read leases (streams, same-host leases) and "
+                f"deleted chunks still being read, {pinned / mib:.1f} MiB by {n_pin} pinned chunks; "
+                f"{free / mib:.1f} MiB free but not contiguous. Raise dram.capacity_bytes, write from fewer clients "
+                "at once, or unpin chunks (kvctl unpin)")
 
     def _unlink(self, e: _Entry, evicted: bool) -> None:
         del self._entries[e.cid]
