@@ -286,9 +286,9 @@ class DramTier(Tier):
         mib = 1024 * 1024
         return (f"DRAM arena full: no room for a {nbytes / mib:.1f} MiB chunk in dram.capacity_bytes = "
                 f"{self._stats.capacity_bytes / mib:.0f} MiB. Held: {reserved / mib:.1f} MiB by {n_res} writes in "
-                f"progress, {(leased + dead) / mib:.1f} MiB by {n_lease} read leases (streams, same-host leases) and "
-                f"deleted chunks still being read, {pinned / mib:.1f} MiB by {n_pin} pinned chunks; "
-                f"{free / mib:.1f} MiB free but not contiguous. Raise dram.capacity_bytes, write from fewer clients "
+                f"progress, {(leased + dead) / mib:.1f} MiB by {n_lease} read leases (streams, same-host reads, a "
+                f"copy to a lower tier in progress) and deleted chunks still being read, {pinned / mib:.1f} MiB by {n_pin} pinned chunks; "
+                f"{free / mib:.1f} MiB free (too little, or not contiguous). Raise dram.capacity_bytes, write from fewer clients "
                 "at once, or unpin chunks (kvctl unpin)")
 
     def _unlink(self, e: _Entry, evicted: bool) -> None:
