@@ -40,7 +40,7 @@ from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc
 #: proto common.Tier number of DRAM.
 TIER_DRAM = 2
 #: Longest part of an error message kept per distinct failure in the summary (characters).
-MESSAGE_CHARS = 200
+MESSAGE_CHARS = 600
 
 
 def rss_bytes(pid: int) -> int:

@@ -85,6 +85,8 @@ class ChainStats:
     read_errors: int = 0
     #: Hits that could not be promoted (no room above); served from where they were found.
     promotions_skipped: int = 0
+    #: MEMORY puts the first tier had no room for, stored in a lower tier instead.
+    spilled: int = 0
 
 
 class TierChain:
@@ -99,6 +101,7 @@ class TierChain:
         self._write_errors = 0
         self._read_errors = 0
         self._promotions_skipped = 0
+        self._spilled = 0
         self._closed = False
         # _links[i] carries copies from level i to level i + 1 (None: write-through).
         self._links: list[WriteBehind | None] = []
@@ -168,7 +171,8 @@ class TierChain:
         """Stores the chunk (copying ``payload``) in the first tier and down the chain by
         policy. PERSISTED: written through to the first durable tier before returning
         (Unavailable if there is none or it fails). Raises ResourceExhausted when the first
-        tier cannot make room and the chunk cannot go to a durable tier instead."""
+        tier cannot make room (after the write-behind queue out of it gave its leases back)
+        and no lower tier takes the chunk instead (``_spill``)."""
         persist = self.check_put(durability)
         if self.medium_of(cid) is not None:
             if persist and not any(lv.durable and lv.tier.contains(cid) for lv in self.levels):
@@ -176,13 +180,31 @@ class TierChain:
             return PutResult.EXISTED
         try:
             stored = self.with_room(0, lambda: self.levels[0].tier.put(cid, meta, payload))
-        except ResourceExhausted:
-            if not persist:
-                raise
-            return PutResult.STORED if self.write_below(0, cid, meta, payload, persist=True) else PutResult.EXISTED
+        except ResourceExhausted as full:
+            if persist:
+                return PutResult.STORED if self.write_below(0, cid, meta, payload, persist=True) else PutResult.EXISTED
+            return self._spill(cid, meta, payload, full)
         if stored or persist:
             self.write_below(0, cid, meta, payload, persist)
         return PutResult.STORED if stored else PutResult.EXISTED
+
+    def _spill(self, cid: ChunkId, meta: ChunkMeta, payload, full: ResourceExhausted) -> PutResult:
+        """A MEMORY put the first tier has no room for (its space is held by readers, writes
+        in progress or pins): stored in the first lower tier that takes it, then on down by
+        policy, as if it had been evicted from above. Counted in ``spilled``. Raises ``full``
+        when no lower tier takes it."""
+        for i in range(1, len(self.levels)):
+            try:
+                stored = self.levels[i].tier.put(cid, meta, payload)
+            except (Unavailable, ResourceExhausted) as err:
+                log.warning("%s has no room for %s and %s refused it too: %s", self.levels[0].medium.name,
+                            cid.hex(), self.levels[i].medium.name, err)
+                continue
+            self._count("_spilled")
+            if stored:
+                self.write_below(i, cid, meta, payload, persist=False)
+            return PutResult.STORED if stored else PutResult.EXISTED
+        raise full
 
     def with_room(self, level: int, write: Callable[[], T]) -> T:
         """Runs a foreground ``write`` into ``level``; if that tier cannot make room
@@ -360,10 +382,11 @@ class TierChain:
 
     def stats(self) -> ChainStats:
         with self._lock:
-            werr, rerr, skipped = self._write_errors, self._read_errors, self._promotions_skipped
+            werr, rerr, skipped, spilled = (self._write_errors, self._read_errors, self._promotions_skipped,
+                                            self._spilled)
         links = [lk for lk in self._links if lk is not None]
         return ChainStats([t.stats() for t in self._tiers()], sum(lk.depth for lk in links),
-                          sum(lk.dropped for lk in links), len(self.pins), werr, rerr, skipped)
+                          sum(lk.dropped for lk in links), len(self.pins), werr, rerr, skipped, spilled)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def flush(self, timeout_s: float | None = None) -> None:

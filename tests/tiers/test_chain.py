@@ -329,3 +329,20 @@ def test_a_full_arena_names_what_holds_it_and_the_key_to_raise(make_manager, rng
     assert "dram.capacity_bytes" in msg and "read leases" in msg and "pinned" not in msg.split("Held:")[0]
     for ref in held:
         ref.release()
+
+
+def test_a_put_dram_has_no_room_for_is_stored_on_disk(make_manager, tmp_path, rng):
+    # Readers hold every DRAM chunk: a MEMORY put spills to the disk tier instead of failing.
+    m = make_manager(chain_config(tmp_path / "disk", chain={"write_mode": "write-through"}))
+    held = []
+    for _ in range(BUDGET_BYTES // CHUNK_BYTES):
+        cid, meta, payload = make_chunk(rng)
+        m.put(cid, meta, payload, MEM)
+        held.append(m.get(cid))
+    cid, meta, payload = make_chunk(rng)
+    assert m.put(cid, meta, payload, MEM) is PutResult.STORED
+    assert m.locate([cid]) == [Medium.DISK] and m.stats().spilled == 1
+    for ref in held:
+        ref.release()
+    with m.get(cid) as ref:
+        assert bytes(ref.view) == payload.tobytes()
