@@ -367,8 +367,9 @@ class KVStoreClient:
 
     def _fetch(self, keys: list[bytes], verify_crc: bool | None, out) -> "C.ChunkAssembler":
         if verify_crc is None and self.arena is not None:
-            # Shared memory: the bytes cross no network, and the daemon checksummed them on
-            # the way in; verifying again would read every byte a second time.
+            # Shared memory: the daemon checked each extent's CRC32C when it granted the
+            # lease (a corrupt copy is dropped and the disk copy leased instead); checking
+            # again here would read every byte a second time (docs/local-path.md#integrity).
             verify_crc = False
         asm = C.ChunkAssembler(self.namespace, len(keys), verify_crc, out)
         if keys and self.arena is not None:
