@@ -19,8 +19,9 @@ allowed (the chunk was evicted and its disk copy skipped); wrong bytes never are
 Measured (2-core VM shared with other jobs, 64 clients x 10 stores, 256 MiB DRAM, fsync on):
 same-host: 640 stores, 0 failed, 249 disk copies skipped, peak daemon RSS 349 MiB (the arena
 is in /dev/shm, not RSS); stream path: 0 failed, 267 skipped, peak RSS 879 MiB (gRPC message
-buffers of 64 concurrent 6 MB puts). Before the fix (issue 9): 69% of such stores failed. Exit code 1
-when any store failed or any read returned wrong bytes. Not run in CI.
+buffers of 64 concurrent 6 MB puts). Before the fix (issue 9): 69% of such stores failed.
+
+Exit code 1 when any store failed or any read returned wrong bytes. Not run in CI.
 """
 
 from __future__ import annotations
