@@ -6,6 +6,11 @@
 - A put lands in the first tier and goes down link by link: ``WRITE_THROUGH`` on the caller's
   thread, ``WRITE_BEHIND`` through the link's bounded ``WriteBehind`` queue. A PERSISTED put
   is written through every link down to the first durable tier before it returns.
+- Backpressure never fails a put because of write-behind: when a tier has no room for a
+  foreground write, its outgoing queue gives back its leases first (``with_room``); a MEMORY
+  put the first tier still cannot take is stored in a lower tier (``_spill``).
+- ``get`` serves only verified bytes: a tier reports a chunk whose checksum fails as a miss
+  (after dropping it), and the walk goes on to the tiers below.
 - Pins (one ``PinTable`` shared by every tier) protect chunks from eviction, with a TTL.
 
 The chain never names a medium: tiers come from ``chain.build`` (the registry), wrappers
