@@ -369,6 +369,12 @@ class ChainConfig(_Section):
     link_write_mode: dict[TierName, WriteMode] = {}
     #: Copy a chunk found in a lower tier into the faster tiers above it.
     promote_on_hit: bool = True
+    #: Write-behind bound in bytes, as a fraction of the upper tier's capacity: queued copies
+    #: hold read leases on their chunks there, at most this much (0.5 of a 256 MiB arena:
+    #: 128 MiB, 21 SmolLM2 6 MB chunks). A copy beyond it is skipped and counted
+    #: (``write_queue_dropped``). The chunk count ``disk.write_queue_chunks`` bounds it too.
+    #: When a foreground write finds no room, queued copies give their leases back first.
+    write_behind_fraction: float = Field(0.5, gt=0.0, le=0.9)
 
     @field_validator("tiers")
     @classmethod

@@ -48,8 +48,8 @@ class LocalRead:
 class LocalAccess:
     def __init__(self, chain: TierChain, index_path: Path | None, crc_threads: int) -> None:
         self._chain = chain
-        # Separate from the caller's worker pool: ``commit_many`` runs on a worker and waits
-        # for these.
+        # Separate from the caller's worker pool: ``commit_many`` and ``lease_run`` run on a
+        # worker and wait for these.
         self._crc_pool = ThreadPoolExecutor(crc_threads, thread_name_prefix="kvstore-crc")
         self._level = chain.shared_level
         self._shared_tier: SharedMemoryTier | None = (
@@ -79,14 +79,33 @@ class LocalAccess:
         """Leases of the leading run of present chunks (a prefix ends at the first miss, so
         nothing after it is leased); a chunk found below the arena is promoted into it first.
         A chunk the arena cannot make room for ends the run (the client reads it over the
-        stream path)."""
+        stream path), and so does one whose arena copy fails its CRC32C check and has no
+        copy below. Every lease is of a chunk whose CRC32C the shared tier has just checked
+        (``Tier.get``); the checks of one run go in parallel on the CRC pool."""
         s = self._shared()
+        run = self._chain.lookup(cids)      # in-memory presence: only the leading run is leased
+        futures = [self._crc_pool.submit(self._lease, s, c) for c in cids[:len(run)]]
+        got: list[LocalRead | None] = []
+        failure: BaseException | None = None
+        for f in futures:
+            try:
+                got.append(f.result())
+            except BaseException as err:  # noqa: BLE001 - re-raised below once every lease is released
+                failure = failure or err
+                got.append(None)
+        if failure is not None:
+            for lr in got:
+                if lr is not None:
+                    lr.ref.release()
+            raise failure
         out: list[LocalRead | None] = []
-        for cid in cids:
-            got = self._lease(s, cid)
-            if got is None:
+        for i, lr in enumerate(got):
+            if lr is None:                  # evicted or dropped meanwhile: the run ends here
+                for later in got[i + 1:]:
+                    if later is not None:
+                        later.ref.release()
                 break
-            out.append(got)
+            out.append(lr)
         return out + [None] * (len(cids) - len(out))
 
     def _lease(self, s: SharedMemoryTier, cid: ChunkId) -> LocalRead | None:
@@ -108,7 +127,7 @@ class LocalAccess:
         self._chain.check_put(Durability.MEMORY)
         if self._chain.medium_of(cid) is not None:
             return None
-        return s.reserve(cid, nbytes)
+        return self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes))
 
     def commit(self, res: Reservation, meta: ChunkMeta, durability: Durability) -> PutResult:
         """Publishes a filled reservation without copying it, then sends it down the chain as

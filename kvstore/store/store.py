@@ -50,7 +50,7 @@ class Store:
 
     @classmethod
     def open(cls, config: cfg.Config, clock: Callable[[], float] = time.time, *,
-             wrap: Mapping[Medium, Callable[[Tier], Tier]] | None = None, verify_crc: bool = False) -> "Store":
+             wrap: Mapping[Medium, Callable[[Tier], Tier]] | None = None, verify_crc: bool = True) -> "Store":
         """Builds the registry, the chain of ``config.chain`` and the presence index.
         ``wrap`` wraps tiers by medium (tests: ``FaultyTier``)."""
         registry = NamespaceRegistry(config.disk.path, config.server.max_chunk_bytes, fsync=config.disk.fsync,

@@ -66,15 +66,19 @@ class Reservation:
 
 
 class DramTier(Tier):
-    """Host-memory tier over one arena. ``verify_crc`` re-checks CRC32C on every ``get``
-    (a debug aid: this is memory the daemon wrote itself)."""
+    """Host-memory tier over one arena. ``verify_crc`` (the default) checks a chunk's CRC32C
+    on every ``get`` before anyone reads the lease: the arena is shared with same-host
+    clients that may write into it, and a bit flipped in RAM must not be served. A chunk
+    that fails is dropped, counted in ``stats().corrupt`` and reported as absent (the chain
+    then reads the tier below). ``peek``/``lease`` do not check (write-behind copies: the
+    lower tier checks the CRC on its own ``put``)."""
 
     medium = Medium.DRAM
     #: Where the arena header's nonce starts (``SharedMemoryTier.nonce_offset``).
     nonce_offset = NONCE_OFFSET
 
     def __init__(self, conf: cfg.DramConfig, pins: PinTable, clock: Callable[[], float],
-                 verify_crc: bool = False) -> None:
+                 verify_crc: bool = True) -> None:
         if conf.page_bytes <= 0 or conf.capacity_bytes < conf.page_bytes:
             raise InvalidArgument("dram.capacity_bytes must hold at least one dram.page_bytes page")
         self._page = conf.page_bytes
@@ -137,15 +141,27 @@ class DramTier(Tier):
 
     # -- Tier primitives --------------------------------------------------------------------
     def get(self, cid: ChunkId) -> ChunkRef | None:
+        """A verified lease (see the class docstring), or None: absent, or dropped as corrupt.
+        The checksum runs on the caller's thread, outside the lock, with the GIL released."""
         ref = self._lease(cid, touch=True)
-        if ref is not None and self._verify and native.crc32c(ref.view) != ref.meta.crc32c:
-            ref.release()
-            log.error("DRAM chunk %s failed its CRC32C check; dropping it", cid.hex())
-            with self._lock:
-                self._stats.corrupt += 1
-            self.delete(cid)
-            return None
-        return ref
+        if ref is None or not self._verify:
+            return ref
+        meta = ref.meta
+        crc = native.crc32c(ref.view)
+        if crc == meta.crc32c:
+            return ref
+        ref.release()
+        log.error("DRAM chunk %s failed its CRC32C check (%#010x, stored with %#010x): the arena was written "
+                  "outside a reservation or the memory is failing; dropping the copy, lower tiers serve it",
+                  cid.hex(), crc, meta.crc32c)
+        with self._lock:
+            self._stats.corrupt += 1
+            self._stats.hits -= 1     # counted as a hit by _lease; it is served as a miss
+            self._stats.misses += 1
+            e = self._entries.get(cid)
+            if e is not None and e.meta is meta:   # not a good copy stored again meanwhile
+                self._unlink(e, evicted=False)
+        return None
 
     def _lease(self, cid: ChunkId, touch: bool) -> ChunkRef | None:
         with self._lock:
@@ -248,9 +264,32 @@ class DramTier(Tier):
             page = self._alloc.alloc(npages)
             if page is not None:
                 return page
-        raise ResourceExhausted(
-            f"DRAM tier cannot free {npages * self._page} contiguous bytes: the remaining chunks are pinned "
-            f"({len(self._pins)} pins) or being read; unpin chunks (kvctl unpin) or raise dram.capacity_bytes")
+        raise ResourceExhausted(self._no_room_message(npages * self._page))
+
+    def _no_room_message(self, nbytes: int) -> str:
+        """What holds the arena when ``nbytes`` cannot be freed, and the knob to turn. Caller
+        holds the lock (the failure path only: it walks every entry)."""
+        reserved = leased = pinned = 0
+        n_res = n_lease = n_pin = 0
+        live = 0
+        for e in self._entries.values():
+            b = e.npages * self._page
+            live += b
+            if e.meta is None:
+                reserved, n_res = reserved + b, n_res + 1
+            elif e.leases:
+                leased, n_lease = leased + b, n_lease + 1
+            elif self._pins.is_pinned(e.cid):
+                pinned, n_pin = pinned + b, n_pin + 1
+        dead = self._stats.used_bytes - live          # unlinked, waiting for their last lease
+        free = self._alloc.free_pages * self._page
+        mib = 1024 * 1024
+        return (f"DRAM arena full: no room for a {nbytes / mib:.1f} MiB chunk in dram.capacity_bytes = "
+                f"{self._stats.capacity_bytes / mib:.0f} MiB. Held: {reserved / mib:.1f} MiB by {n_res} writes in "
+                f"progress, {(leased + dead) / mib:.1f} MiB by {n_lease} read leases (streams, same-host reads, a "
+                f"copy to a lower tier in progress) and deleted chunks still being read, {pinned / mib:.1f} MiB by {n_pin} pinned chunks; "
+                f"{free / mib:.1f} MiB free (too little, or not contiguous). Raise dram.capacity_bytes, write from fewer clients "
+                "at once, or unpin chunks (kvctl unpin)")
 
     def _unlink(self, e: _Entry, evicted: bool) -> None:
         del self._entries[e.cid]
