@@ -446,3 +446,23 @@ class HbmPoolMapping:
         if not self._closed:
             self._closed = True
             cuda_ipc.ipc_close(self.base)
+
+
+def store_encoded(client, keys: Sequence[bytes], blobs: Sequence[bytes]) -> int:
+    """Stores already-encoded chunk bitstreams (``Encoding.CODEC``; e.g. from the GPU encoder)
+    under ``keys`` through the same-host arena; returns the chunks newly stored."""
+    ns = client.namespace
+    req = local_pb2.ReserveWriteRequest(namespace_id=client.namespace_id, chunks=[
+        local_pb2.ChunkToWrite(key=k, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens, encoding=Encoding.CODEC,
+                               payload_bytes=len(b)) for k, b in zip(keys, blobs)])
+    meta = dict(metadata=client._metadata, timeout=client.timeout_s)
+    resp = client._reserve(req, **meta)
+    if resp.lease_id == 0:
+        return 0
+    if not client._same_arena(resp.arena_nonce):
+        client._release_later(resp.lease_id)
+        raise KVStoreClientError("the daemon restarted during the store; retry")
+    for s in resp.slots:
+        if not s.exists:
+            client.arena.view(s.offset, s.length)[:] = np.frombuffer(blobs[s.index], dtype=np.uint8)
+    return client._commit(local_pb2.CommitWriteRequest(lease_id=resp.lease_id), **meta).stored
