@@ -78,6 +78,17 @@ class GpuPath:
         self._staging_free: list[Any] = []  # event per slot: recorded when its last reader finished
         self._lock = threading.Lock()
         self._commits = ThreadPoolExecutor(1, thread_name_prefix="kvstore-gpu-commit")
+        self._pinned: dict[str, Any] = {}
+
+    def pinned_u32(self, name: str, n: int):
+        """A cached pinned int32 host buffer of at least ``n`` entries (pinned allocations are
+        slow: made once, reused by every call)."""
+        torch = _torch()
+        buf = self._pinned.get(name)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1024), dtype=torch.int32, pin_memory=True)
+            self._pinned[name] = buf
+        return buf
 
     def close(self) -> None:
         self._commits.shutdown(wait=True)
@@ -143,9 +154,13 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int) -> int:
         return c._reserve.future(req, **gp._rpc_meta())
 
     groups = [(lo, min(n, lo + group)) for lo in range(0, n, group)]
-    pending = reserve(*groups[0])
+    # Every group's ReserveWrite in flight at once: copies of group g start as soon as its
+    # answer is back while the daemon serves the others.
+    reserves = [reserve(lo, hi) for lo, hi in groups]
     commits: list[Future] = []
-    crc_host = torch.empty(n, dtype=torch.int32, pin_memory=True)
+    crc_host = gp.pinned_u32("crc", n)
+    rows_total = n * (contiguous[0][3] if contiguous else 0)
+    row_host = gp.pinned_u32("rows", rows_total) if contiguous else None
     cur = torch.cuda.current_stream(gp.device)
     gp.kernel_stream.wait_stream(cur)  # the engine's writes to src are ordered before our reads
     gp.copy_stream.wait_stream(cur)
@@ -154,9 +169,7 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int) -> int:
     slot_i = 0
     try:
         for gi, (lo, hi) in enumerate(groups):
-            resp = pending.result()
-            if gi + 1 < len(groups):
-                pending = reserve(*groups[gi + 1])
+            resp = reserves[gi].result()
             if resp.lease_id == 0:
                 continue
             if not c._same_arena(resp.arena_nonce):
@@ -194,7 +207,7 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int) -> int:
             if crc_slots:
                 ptrs = [p for _, rows, _ in crc_slots for p in rows]
                 row = crc_slots[0][2]
-                row_crcs = torch.empty(len(ptrs), dtype=torch.int32, pin_memory=True)
+                row_crcs = row_host[lo * contiguous[0][3]:]
                 cuda_ipc.crc32c_batch(ptrs, [row] * len(ptrs), int(row_crcs.data_ptr()),
                                       gp.kernel_stream.cuda_stream)
             k_ev = torch.cuda.Event()
@@ -208,6 +221,13 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int) -> int:
     except BaseException:
         for f in commits:
             f.cancel()
+        for f in reserves:  # reservations nobody will fill end now, not at their expiry
+            try:
+                r = f.result()
+                if r.lease_id:
+                    c._release_later(r.lease_id)
+            except Exception:  # noqa: BLE001 - an unanswered reservation expires by itself
+                pass
         raise
 
 
@@ -223,14 +243,10 @@ def _commit_when_done(gp: GpuPath, lease_id: int, idx: list[int], crc_host, row_
         raise
     crcs = crc_host.numpy().view(np.uint32)
     if row_crcs is not None:
-        rc = row_crcs.numpy().view(np.uint32)
-        j = 0
-        for i, rows, row in crc_slots:
-            acc = int(rc[j])
-            for p in range(1, len(rows)):
-                acc = cuda_ipc.crc32c_combine(acc, int(rc[j + p]), row)
-            j += len(rows)
-            crcs[i] = acc
+        planes, row = len(crc_slots[0][1]), crc_slots[0][2]
+        folded = cuda_ipc.crc32c_fold(row_crcs.numpy().view(np.uint32)[: planes * len(crc_slots)], planes, row)
+        for (i, _, _), v in zip(crc_slots, folded):
+            crcs[i] = v
     done = c._commit(local_pb2.CommitWriteRequest(lease_id=lease_id, durability=int(durability),
                                                   crc32c=[int(crcs[i]) for i in idx]), **gp._rpc_meta())
     return done.stored
@@ -269,7 +285,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool) -> int:
                                     **gp._rpc_meta())
 
     groups = [(lo, min(n, lo + group)) for lo in range(0, n, group)]
-    pending = lease(*groups[0])
+    pendings = [lease(lo, hi) for lo, hi in groups]  # all in flight at once
     leases: list[int] = []
     placed = 0
     cur = torch.cuda.current_stream(gp.device)
@@ -277,17 +293,15 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool) -> int:
     gp.kernel_stream.wait_stream(cur)
     gp._ensure_staging(size)
     slot_i = 0
+    coded: list = []  # compressed chunks, decoded together at the end (their leases stay held)
     keep: list[Any] = []  # device bitstream buffers alive until the streams finish
     try:
         for gi, (lo, hi) in enumerate(groups):
-            resp = pending.result()
-            if gi + 1 < len(groups):
-                pending = lease(*groups[gi + 1])
+            resp = pendings[gi].result()
             leases.append(resp.lease_id)
             if not c._same_arena(resp.arena_nonce):
                 break
             arena_base = gp._arena_ptr()
-            coded = []
             stop = False
             for ext in resp.extents:
                 i = lo + ext.index
@@ -320,22 +334,21 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool) -> int:
                     done.record(gp.kernel_stream)
                     gp._staging_free[k] = done
                 placed += 1
-            if coded:
-                placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify)
-            if stop or placed < hi:
+            if stop or placed + len(coded) < hi:
                 break
+        if coded:  # one batched decode launch for every compressed chunk of the call
+            placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify)
         cur.wait_stream(gp.copy_stream)
         cur.wait_stream(gp.kernel_stream)
         gp.copy_stream.synchronize()  # the arena extents are read before their leases end
         gp.kernel_stream.synchronize()
     finally:
-        # A look-ahead lease that was requested but not used is released too.
-        if not pending.done() or pending.exception() is None:
+        for f in pendings[len(leases):]:  # look-ahead leases not used
             try:
-                extra = pending.result()
-                if extra.lease_id and extra.lease_id not in leases:
-                    leases.append(extra.lease_id)
-            except Exception:  # noqa: BLE001 - an unanswered look-ahead lease expires by itself
+                r = f.result()
+                if r.lease_id:
+                    leases.append(r.lease_id)
+            except Exception:  # noqa: BLE001 - an unanswered lease expires by itself
                 pass
         for lid in leases:
             c._release_later(lid)

@@ -310,3 +310,14 @@ KVS_API int kvs_cuda_ipc_close(uint64_t ptr, char* err, size_t err_len) {
   if (e != cudaSuccess) return cuda_fail(err, err_len, "cudaIpcCloseMemHandle", e);
   return KVS_OK;
 }
+
+KVS_API void kvs_crc32c_fold(const uint32_t* crcs, uint64_t per_group, uint64_t len_each, uint64_t groups,
+                             uint32_t* out) {
+  const uint32_t op = shift_op(tables().x2n, len_each);
+  for (uint64_t g = 0; g < groups; ++g) {
+    const uint32_t* c = crcs + g * per_group;
+    uint32_t acc = per_group ? c[0] : 0;
+    for (uint64_t i = 1; i < per_group; ++i) acc = multmodp(op, acc) ^ c[i];
+    out[g] = acc;
+  }
+}

@@ -80,6 +80,7 @@ _CUDA = {
     "kvs_cuda_codec_decode_batch": (_ci, [_u32, _vp, _vp, _vp, _vp, _vp, _u64, _vp, _ci] + _ERR),
     "kvs_cuda_crc32c_batch": (_ci, [_u32, _vp, _vp, _vp, _vp] + _ERR),
     "kvs_crc32c_combine": (_u32, [_u32, _u32, _u64]),
+    "kvs_crc32c_fold": (None, [_vp, _u64, _u64, _u64, _vp]),
     "kvs_cuda_memcpy_batch": (_ci, [_u32, _vp, _vp, _vp, _vp] + _ERR),
     "kvs_cuda_memcpy2d": (_ci, [_u64, _u64, _u64, _u64, _u64, _u64, _vp] + _ERR),
     "kvs_cuda_stream_sync": (_ci, [_vp] + _ERR),

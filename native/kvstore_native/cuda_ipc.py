@@ -65,6 +65,15 @@ def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
     return int(_so().kvs_crc32c_combine(crc1, crc2, len2))
 
 
+def crc32c_fold(crcs: np.ndarray, per_group: int, len_each: int) -> np.ndarray:
+    """CRC32C of each run of ``per_group`` consecutive buffers of ``len_each`` bytes, from their CRCs."""
+    c = np.ascontiguousarray(crcs, dtype=np.uint32)
+    groups = c.size // per_group if per_group else 0
+    out = np.empty(groups, np.uint32)
+    _so().kvs_crc32c_fold(c.ctypes.data, per_group, len_each, groups, out.ctypes.data)
+    return out
+
+
 def memcpy_batch(dsts: Sequence[int], srcs: Sequence[int], sizes: Sequence[int], stream: int = 0) -> None:
     """Copy-engine copies ``srcs[i] -> dsts[i]`` of ``sizes[i]`` bytes, asynchronous on ``stream``."""
     if not (len(dsts) == len(srcs) == len(sizes)):

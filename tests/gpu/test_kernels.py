@@ -67,4 +67,4 @@ def test_paged_layouts_match_cpu_reference(layout, strided):
     transfer.scatter(int(chunk.numpy().ctypes.data), cspec, device=False)
     torch.cuda.synchronize()
     for g, c in zip(gpu_layers, cpu_layers):
-        assert torch.equal(g.cpu(), c)
+        assert torch.equal(g.cpu().contiguous().view(torch.int16), c.contiguous().view(torch.int16))  # bytes: random bits hold NaNs
