@@ -202,7 +202,7 @@ KVS_API int kvs_cuda_crc32c_batch(uint32_t count, const uint64_t* ptrs, const ui
   return KVS_OK;
 }
 
-KVS_API uint32_t kvs_crc32c_combine(uint32_t crc1, uint32_t crc2, uint64_t len2) {
+KVS_API uint32_t kvs_cuda_crc32c_combine(uint32_t crc1, uint32_t crc2, uint64_t len2) {
   return multmodp(shift_op(tables().x2n, len2), crc1) ^ crc2;
 }
 
@@ -311,7 +311,7 @@ KVS_API int kvs_cuda_ipc_close(uint64_t ptr, char* err, size_t err_len) {
   return KVS_OK;
 }
 
-KVS_API void kvs_crc32c_fold(const uint32_t* crcs, uint64_t per_group, uint64_t len_each, uint64_t groups,
+KVS_API void kvs_cuda_crc32c_fold(const uint32_t* crcs, uint64_t per_group, uint64_t len_each, uint64_t groups,
                              uint32_t* out) {
   const uint32_t op = shift_op(tables().x2n, len_each);
   for (uint64_t g = 0; g < groups; ++g) {

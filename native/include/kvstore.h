@@ -159,10 +159,10 @@ KVS_API int kvs_cuda_codec_decode_batch(uint32_t count, const uint8_t* const* ho
 KVS_API int kvs_cuda_crc32c_batch(uint32_t count, const uint64_t* ptrs, const uint64_t* lens, uint32_t* out,
                                   void* stream, char* err, size_t err_len);
 // crc32c(A || B) from crc32c(A), crc32c(B) and |B| (host; the GPU kernels' combine rule).
-KVS_API uint32_t kvs_crc32c_combine(uint32_t crc1, uint32_t crc2, uint64_t len2);
+KVS_API uint32_t kvs_cuda_crc32c_combine(uint32_t crc1, uint32_t crc2, uint64_t len2);
 // out[g] = crc32c of the concatenation of `per_group` buffers of `len_each` bytes each whose
 // CRCs are crcs[g*per_group ..] (e.g. the planes of a chunk checksummed row by row on the GPU).
-KVS_API void kvs_crc32c_fold(const uint32_t* crcs, uint64_t per_group, uint64_t len_each, uint64_t groups,
+KVS_API void kvs_cuda_crc32c_fold(const uint32_t* crcs, uint64_t per_group, uint64_t len_each, uint64_t groups,
                              uint32_t* out);
 // Copy-engine copies (cudaMemcpyDefault: any mix of device and registered host memory),
 // asynchronous on `stream`, no SM time. A batch of `count` copies (HOST arrays).

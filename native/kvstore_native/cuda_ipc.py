@@ -62,7 +62,7 @@ def crc32c_batch(ptrs: Sequence[int], lens: Sequence[int], out_ptr: int, stream:
 
 def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
     """crc32c(A||B) from crc32c(A), crc32c(B) and len(B)."""
-    return int(_so().kvs_crc32c_combine(crc1, crc2, len2))
+    return int(_so().kvs_cuda_crc32c_combine(crc1, crc2, len2))
 
 
 def crc32c_fold(crcs: np.ndarray, per_group: int, len_each: int) -> np.ndarray:
@@ -70,7 +70,7 @@ def crc32c_fold(crcs: np.ndarray, per_group: int, len_each: int) -> np.ndarray:
     c = np.ascontiguousarray(crcs, dtype=np.uint32)
     groups = c.size // per_group if per_group else 0
     out = np.empty(groups, np.uint32)
-    _so().kvs_crc32c_fold(c.ctypes.data, per_group, len_each, groups, out.ctypes.data)
+    _so().kvs_cuda_crc32c_fold(c.ctypes.data, per_group, len_each, groups, out.ctypes.data)
     return out
 
 
