@@ -79,6 +79,12 @@ class GpuPath:
         self._lock = threading.Lock()
         self._commits = ThreadPoolExecutor(1, thread_name_prefix="kvstore-gpu-commit")
         self._pinned: dict[str, Any] = {}
+        # Checksum buffer sets rotate over calls: a set is reused only once the commits of the
+        # call that used it last are done (stores with wait=False overlap their commits with
+        # later calls).
+        self._sets = 4
+        self._next_set = 0
+        self._set_busy: list[Future | None] = [None] * self._sets
 
     def pinned_u32(self, name: str, n: int):
         """A cached pinned int32 host buffer of at least ``n`` entries (pinned allocations are
@@ -122,16 +128,43 @@ def _path(client) -> GpuPath:
 
 # ----------------------------------------------------------------------------- store
 def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Durability.MEMORY,
-               group_chunks: int | None = None) -> int:
+               group_chunks: int | None = None, wait: bool = True):
     """Stores the leading full chunks of ``tokens`` from engine CUDA memory ``src`` (namespace
     layout tensor or :class:`Paged`) straight into reserved arena extents; returns the chunks
-    newly stored. RPCs are pipelined with the copies; checksums are computed on the GPU."""
+    newly stored. RPCs are pipelined with the copies; checksums are computed on the GPU.
+
+    ``wait=False``: returns as soon as every byte is in the arena (``src`` may be reused) with
+    a ``Future`` of the stored count; the CommitWrites finish in the background (chunks become
+    visible to lookups when it resolves). A failed commit raises from ``Future.result()``."""
     gp = _path(client)
     with gp._lock:
-        return _store(gp, tokens, src, Durability(durability), group_chunks or gp.group_chunks)
+        return _store(gp, tokens, src, Durability(durability), group_chunks or gp.group_chunks, wait)
 
 
-def _store(gp: GpuPath, tokens, src, durability: Durability, group: int) -> int:
+def _all_of(futures: list[Future]) -> Future:
+    """A Future of the sum of ``futures``' results (the first exception wins)."""
+    out: Future = Future()
+    left = [len(futures)]
+    lock = threading.Lock()
+    if not futures:
+        out.set_result(0)
+        return out
+
+    def done(_f):
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            try:
+                out.set_result(sum(f.result() for f in futures))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the Future
+                out.set_exception(e)
+    for f in futures:
+        f.add_done_callback(done)
+    return out
+
+
+def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: bool):
     torch = _torch()
     c = gp.client
     ns = c.namespace
@@ -140,7 +173,7 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int) -> int:
     if isinstance(src, Paged):
         n = min(n, len(src.specs))
     if n == 0:
-        return 0
+        return 0 if wait else _all_of([])
     size = ns.chunk_bytes()
     arena_base = gp._arena_ptr()
     contiguous = None if isinstance(src, Paged) else _contiguous_rows(src, ns, n)
@@ -158,9 +191,16 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int) -> int:
     # answer is back while the daemon serves the others.
     reserves = [reserve(lo, hi) for lo, hi in groups]
     commits: list[Future] = []
-    crc_host = gp.pinned_u32("crc", n)
+    k_set = gp._next_set
+    gp._next_set = (k_set + 1) % gp._sets
+    if gp._set_busy[k_set] is not None:
+        try:
+            gp._set_busy[k_set].result()  # that call's commits no longer read these buffers
+        except BaseException:  # noqa: BLE001 - reported to that call's caller
+            pass
+    crc_host = gp.pinned_u32(f"crc{k_set}", n)
     rows_total = n * (contiguous[0][3] if contiguous else 0)
-    row_host = gp.pinned_u32("rows", rows_total) if contiguous else None
+    row_host = gp.pinned_u32(f"rows{k_set}", rows_total) if contiguous else None
     cur = torch.cuda.current_stream(gp.device)
     gp.kernel_stream.wait_stream(cur)  # the engine's writes to src are ordered before our reads
     gp.copy_stream.wait_stream(cur)
@@ -217,7 +257,13 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int) -> int:
             idx = [lo + s.index for s in todo]
             commits.append(gp._commits.submit(_commit_when_done, gp, resp.lease_id, idx, crc_host, row_crcs,
                                               crc_slots, k_ev, c_ev, durability))
-        return sum(f.result() for f in commits)
+        everything = _all_of(commits)
+        gp._set_busy[k_set] = everything
+        if wait:
+            return everything.result()
+        gp.copy_stream.synchronize()  # every byte is in the arena: the engine may reuse src
+        gp.kernel_stream.synchronize()
+        return everything
     except BaseException:
         for f in commits:
             f.cancel()
@@ -377,11 +423,12 @@ def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, size: in
                              lens,
                             [int(outs[j].data_ptr()) for j in range(len(coded))], size,
                             gp.kernel_stream.cuda_stream, verify)
-    for j, (i, _) in enumerate(coded):
-        if contiguous is not None:
-            base, pitch, row, planes = contiguous[i]
-            cuda_ipc.memcpy2d(base, pitch, int(outs[j].data_ptr()), row, row, planes, gp.kernel_stream.cuda_stream)
-        else:
+    if contiguous is not None:  # one SM launch moves every decoded chunk into place (D2D)
+        _, pitch, row, planes = contiguous[coded[0][0]]
+        cuda_ipc.copy_rows([contiguous[i][0] for i, _ in coded], [int(outs[j].data_ptr()) for j in range(len(coded))],
+                           pitch, row, row, planes, gp.kernel_stream.cuda_stream)
+    else:
+        for j, (i, _) in enumerate(coded):
             transfer.scatter(int(outs[j].data_ptr()), dst.specs[i], device=True, stream=gp.kernel_stream.cuda_stream)
     return len(coded)
 
@@ -454,6 +501,16 @@ class HbmPoolMapping:
         else:
             base, pitch, row, planes = _contiguous_rows(dst, ns, chunk + 1)[chunk]
             cuda_ipc.memcpy2d(base, pitch, src, row, row, planes, stream)
+
+    def load_many(self, extents: Sequence[tuple[int, int]], dst, ns, first_chunk: int = 0, stream: int = 0) -> None:
+        """Device-to-device: pool extents ``[(offset, length), ...]`` into consecutive chunks of
+        the contiguous namespace-layout tensor ``dst`` from ``first_chunk`` on, in one kernel launch."""
+        rows = _contiguous_rows(dst, ns, first_chunk + len(extents))[first_chunk:]
+        for off, n in extents:
+            if off < 0 or off + n > self.size or n != ns.chunk_bytes():
+                raise InvalidArgument(f"extent [{off}, {off + n}) is not a chunk inside the {self.size}-byte pool")
+        _, pitch, row, planes = rows[0]
+        cuda_ipc.copy_rows([r[0] for r in rows], [self.base + off for off, _ in extents], pitch, row, row, planes, stream)
 
     def close(self) -> None:
         if not self._closed:

@@ -171,6 +171,14 @@ KVS_API int kvs_cuda_memcpy_batch(uint32_t count, const uint64_t* dsts, const ui
 // `height` rows of `width` bytes, rows `src_pitch` / `dst_pitch` bytes apart (cudaMemcpy2DAsync).
 KVS_API int kvs_cuda_memcpy2d(uint64_t dst, uint64_t dst_pitch, uint64_t src, uint64_t src_pitch, uint64_t width,
                               uint64_t height, void* stream, char* err, size_t err_len);
+// SM-kernel form of a batch of 2D copies with one shape: job i moves `height` rows of `width`
+// bytes from srcs[i] (rows src_pitch apart) to dsts[i] (rows dst_pitch apart); one launch for
+// all jobs. For device-to-device moves (HBM-tier loads, decoded chunks into the engine's
+// tensor), where it outruns cudaMemcpy2DAsync; falls back to the copy engine when any address,
+// pitch or width is not 16-byte aligned. dsts/srcs are HOST arrays.
+KVS_API int kvs_cuda_copy_rows(uint32_t count, const uint64_t* dsts, const uint64_t* srcs, uint64_t dst_pitch,
+                               uint64_t src_pitch, uint64_t width, uint64_t height, void* stream, char* err,
+                               size_t err_len);
 KVS_API int kvs_cuda_stream_sync(void* stream, char* err, size_t err_len);
 KVS_API int kvs_cuda_device_count(int* count, char* err, size_t err_len);
 KVS_API int kvs_cuda_set_device(int device, char* err, size_t err_len);

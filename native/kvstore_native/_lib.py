@@ -83,6 +83,7 @@ _CUDA = {
     "kvs_cuda_crc32c_fold": (None, [_vp, _u64, _u64, _u64, _vp]),
     "kvs_cuda_memcpy_batch": (_ci, [_u32, _vp, _vp, _vp, _vp] + _ERR),
     "kvs_cuda_memcpy2d": (_ci, [_u64, _u64, _u64, _u64, _u64, _u64, _vp] + _ERR),
+    "kvs_cuda_copy_rows": (_ci, [_u32, _vp, _vp, _u64, _u64, _u64, _u64, _vp] + _ERR),
     "kvs_cuda_stream_sync": (_ci, [_vp] + _ERR),
     "kvs_cuda_device_count": (_ci, [ctypes.POINTER(_ci)] + _ERR),
     "kvs_cuda_set_device": (_ci, [_ci] + _ERR),

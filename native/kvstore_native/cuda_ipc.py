@@ -87,6 +87,15 @@ def memcpy2d(dst: int, dst_pitch: int, src: int, src_pitch: int, width: int, hei
     _call("kvs_cuda_memcpy2d", dst, dst_pitch, src, src_pitch, width, height, stream)
 
 
+def copy_rows(dsts: Sequence[int], srcs: Sequence[int], dst_pitch: int, src_pitch: int, width: int, height: int,
+              stream: int = 0) -> None:
+    """SM-kernel batch of 2D copies of one shape (device-to-device; one launch for all jobs)."""
+    if len(dsts) != len(srcs):
+        raise CudaError("dsts and srcs differ in length")
+    d, s = _u64(dsts), _u64(srcs)
+    _call("kvs_cuda_copy_rows", len(d), d.ctypes.data, s.ctypes.data, dst_pitch, src_pitch, width, height, stream)
+
+
 def stream_sync(stream: int = 0) -> None:
     _call("kvs_cuda_stream_sync", stream)
 

@@ -68,3 +68,21 @@ def test_paged_layouts_match_cpu_reference(layout, strided):
     torch.cuda.synchronize()
     for g, c in zip(gpu_layers, cpu_layers):
         assert torch.equal(g.cpu().contiguous().view(torch.int16), c.contiguous().view(torch.int16))  # bytes: random bits hold NaNs
+
+
+@pytest.mark.parametrize("shift", [0, 4])  # 16-byte aligned (SM kernel) and not (copy-engine fallback)
+def test_copy_rows_batch_matches_torch(shift):
+    import torch
+
+    jobs, rows, width, pitch = 5, 7, 4096 + 16, 3 * 8192
+    src = torch.randint(0, 256, (jobs, rows * width + 64), dtype=torch.uint8, device="cuda")
+    dst = torch.zeros(jobs * width + rows * pitch + 64, dtype=torch.uint8, device="cuda")
+    base = int(dst.data_ptr()) + shift
+    cuda_ipc.copy_rows([base + j * width for j in range(jobs)], [int(src[j].data_ptr()) + shift for j in range(jobs)],
+                       pitch, width, width if not shift else width - 4, rows)
+    torch.cuda.synchronize()
+    w = width if not shift else width - 4
+    for j in range(jobs):
+        for r in range(rows):
+            got = dst[shift + j * width + r * pitch: shift + j * width + r * pitch + w]
+            assert torch.equal(got, src[j, shift + r * width: shift + r * width + w])
