@@ -42,9 +42,10 @@ from .errors import InvalidArgument, KVStoreClientError
 
 __all__ = ["Paged", "GpuPath", "store_cuda", "retrieve_into_cuda", "HbmPoolMapping", "DEFAULT_GROUP_CHUNKS", "DEFAULT_STAGING_CHUNKS"]
 
-#: Chunks per ReserveWrite / LeaseRead when pipelining (first group ready sooner; later ones
-#: overlap their RPC with the previous group's copies).
-DEFAULT_GROUP_CHUNKS = 4
+#: Chunks in the first ReserveWrite / LeaseRead of a call: a small first request is answered
+#: soonest, so copies start early; the rest of the call goes in ONE more request, in flight
+#: meanwhile (each RPC costs the daemon a fixed ~1 ms, serialised: fewer, larger ones win).
+DEFAULT_GROUP_CHUNKS = 2
 #: Device staging buffers for paged sources (gather of chunk i+1 overlaps the PCIe copy of i).
 DEFAULT_STAGING_CHUNKS = 3
 
@@ -127,6 +128,7 @@ def _path(client) -> GpuPath:
 
 
 # ----------------------------------------------------------------------------- store
+@_rpc_errors
 def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Durability.MEMORY,
                group_chunks: int | None = None, wait: bool = True):
     """Stores the leading full chunks of ``tokens`` from engine CUDA memory ``src`` (namespace
@@ -139,6 +141,29 @@ def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Dura
     gp = _path(client)
     with gp._lock:
         return _store(gp, tokens, src, Durability(durability), group_chunks or gp.group_chunks, wait)
+
+
+def _groups(n: int, first: int) -> list[tuple[int, int]]:
+    """``[0, first)`` then ``[first, n)``: the request split of one call."""
+    first = max(1, min(first, n))
+    return [(0, first)] + ([(first, n)] if first < n else [])
+
+
+def _rpc_errors(fn):
+    """Maps gRPC failures to the client's exception classes (as the client's own methods do)."""
+    import functools
+
+    import grpc
+
+    from .errors import from_rpc_error
+
+    @functools.wraps(fn)
+    def wrapper(client, *a, **kw):
+        try:
+            return fn(client, *a, **kw)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, client.addr) from None
+    return wrapper
 
 
 def _all_of(futures: list[Future]) -> Future:
@@ -186,7 +211,7 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
                                    encoding=Encoding.RAW, payload_bytes=size) for k in keys[lo:hi]])
         return c._reserve.future(req, **gp._rpc_meta())
 
-    groups = [(lo, min(n, lo + group)) for lo in range(0, n, group)]
+    groups = _groups(n, group)
     # Every group's ReserveWrite in flight at once: copies of group g start as soon as its
     # answer is back while the daemon serves the others.
     reserves = [reserve(lo, hi) for lo, hi in groups]
@@ -299,6 +324,7 @@ def _commit_when_done(gp: GpuPath, lease_id: int, idx: list[int], crc_host, row_
 
 
 # ----------------------------------------------------------------------------- retrieve
+@_rpc_errors
 def retrieve_into_cuda(client, tokens: Sequence[int], dst, group_chunks: int | None = None,
                        verify: bool = False) -> int:
     """Places the longest stored prefix of ``tokens``' full chunks into engine CUDA memory
@@ -330,7 +356,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool) -> int:
         return c._lease_read.future(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys[lo:hi]),
                                     **gp._rpc_meta())
 
-    groups = [(lo, min(n, lo + group)) for lo in range(0, n, group)]
+    groups = _groups(n, group)
     pendings = [lease(lo, hi) for lo, hi in groups]  # all in flight at once
     leases: list[int] = []
     placed = 0

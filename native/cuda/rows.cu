@@ -12,15 +12,21 @@
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kUnroll = 4;
+constexpr int kUnroll = 8;
+constexpr int kParamJobs = 128;  // jobs passed in the kernel's parameter space (no upload)
 
 struct Job {
   uint64_t dst, src;
 };
 
+struct ParamJobs {
+  Job job[kParamJobs];
+};
+
 // grid (x: vector blocks of a row, y: row of all jobs' rows). Row r belongs to job r / height.
-__global__ void copy_rows_kernel(const Job* __restrict__ jobs, uint64_t dst_pitch, uint64_t src_pitch,
-                                 uint64_t vecs, uint64_t height, uint64_t rows) {
+template <typename Jobs>
+__device__ void copy_rows(const Jobs& jobs, uint64_t dst_pitch, uint64_t src_pitch, uint64_t vecs, uint64_t height,
+                          uint64_t rows) {
   for (uint64_t r = blockIdx.y; r < rows; r += gridDim.y) {
     const Job j = jobs[r / height];
     const uint64_t row = r % height;
@@ -37,6 +43,16 @@ __global__ void copy_rows_kernel(const Job* __restrict__ jobs, uint64_t dst_pitc
         if (i + u * kThreads < vecs) d[i + u * kThreads] = v[u];
     }
   }
+}
+
+__global__ void copy_rows_kernel(const Job* __restrict__ jobs, uint64_t dst_pitch, uint64_t src_pitch, uint64_t vecs,
+                                 uint64_t height, uint64_t rows) {
+  copy_rows(jobs, dst_pitch, src_pitch, vecs, height, rows);
+}
+
+__global__ void copy_rows_param_kernel(const __grid_constant__ ParamJobs jobs, uint64_t dst_pitch, uint64_t src_pitch,
+                                       uint64_t vecs, uint64_t height, uint64_t rows) {
+  copy_rows(jobs.job, dst_pitch, src_pitch, vecs, height, rows);
 }
 
 }  // namespace
@@ -58,6 +74,19 @@ KVS_API int kvs_cuda_copy_rows(uint32_t count, const uint64_t* dsts, const uint6
     }
     return KVS_OK;
   }
+  const uint64_t vecs = width / 16, rows = static_cast<uint64_t>(count) * height;
+  const uint64_t per_block = static_cast<uint64_t>(kThreads) * kUnroll;
+  const uint64_t bx64 = (vecs + per_block - 1) / per_block;
+  const unsigned bx = static_cast<unsigned>(bx64 < 1024 ? bx64 : 1024);
+  const unsigned by = static_cast<unsigned>(rows < 65535 ? rows : 65535);
+  if (count <= kParamJobs) {
+    ParamJobs p;
+    for (uint32_t i = 0; i < count; ++i) p.job[i] = Job{dsts[i], srcs[i]};
+    copy_rows_param_kernel<<<dim3(bx, by), kThreads, 0, stream>>>(p, dst_pitch, src_pitch, vecs, height, rows);
+    e = cudaGetLastError();
+    if (e != cudaSuccess) return kvs::fail(err, err_len, KVS_ECUDA, "copy_rows: %s", cudaGetErrorString(e));
+    return KVS_OK;
+  }
   std::vector<Job> host(count);
   for (uint32_t i = 0; i < count; ++i) host[i] = Job{dsts[i], srcs[i]};
   void* dev = nullptr;
@@ -65,10 +94,6 @@ KVS_API int kvs_cuda_copy_rows(uint32_t count, const uint64_t* dsts, const uint6
   if (e != cudaSuccess) return kvs::fail(err, err_len, KVS_ECUDA, "cudaMallocAsync: %s", cudaGetErrorString(e));
   e = cudaMemcpyAsync(dev, host.data(), count * sizeof(Job), cudaMemcpyHostToDevice, stream);  // pageable: staged
   if (e == cudaSuccess) {
-    const uint64_t vecs = width / 16, rows = static_cast<uint64_t>(count) * height;
-    const uint64_t per_block = static_cast<uint64_t>(kThreads) * kUnroll;
-    const unsigned bx = static_cast<unsigned>((vecs + per_block - 1) / per_block < 1024 ? (vecs + per_block - 1) / per_block : 1024);
-    const unsigned by = static_cast<unsigned>(rows < 65535 ? rows : 65535);
     copy_rows_kernel<<<dim3(bx, by), kThreads, 0, stream>>>(static_cast<const Job*>(dev), dst_pitch, src_pitch, vecs,
                                                             height, rows);
     e = cudaGetLastError();
