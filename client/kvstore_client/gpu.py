@@ -127,22 +127,6 @@ def _path(client) -> GpuPath:
     return gp
 
 
-# ----------------------------------------------------------------------------- store
-@_rpc_errors
-def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Durability.MEMORY,
-               group_chunks: int | None = None, wait: bool = True):
-    """Stores the leading full chunks of ``tokens`` from engine CUDA memory ``src`` (namespace
-    layout tensor or :class:`Paged`) straight into reserved arena extents; returns the chunks
-    newly stored. RPCs are pipelined with the copies; checksums are computed on the GPU.
-
-    ``wait=False``: returns as soon as every byte is in the arena (``src`` may be reused) with
-    a ``Future`` of the stored count; the CommitWrites finish in the background (chunks become
-    visible to lookups when it resolves). A failed commit raises from ``Future.result()``."""
-    gp = _path(client)
-    with gp._lock:
-        return _store(gp, tokens, src, Durability(durability), group_chunks or gp.group_chunks, wait)
-
-
 def _groups(n: int, first: int) -> list[tuple[int, int]]:
     """``[0, first)`` then ``[first, n)``: the request split of one call."""
     first = max(1, min(first, n))
@@ -164,6 +148,22 @@ def _rpc_errors(fn):
         except grpc.RpcError as e:
             raise from_rpc_error(e, client.addr) from None
     return wrapper
+
+
+# ----------------------------------------------------------------------------- store
+@_rpc_errors
+def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Durability.MEMORY,
+               group_chunks: int | None = None, wait: bool = True):
+    """Stores the leading full chunks of ``tokens`` from engine CUDA memory ``src`` (namespace
+    layout tensor or :class:`Paged`) straight into reserved arena extents; returns the chunks
+    newly stored. RPCs are pipelined with the copies; checksums are computed on the GPU.
+
+    ``wait=False``: returns as soon as every byte is in the arena (``src`` may be reused) with
+    a ``Future`` of the stored count; the CommitWrites finish in the background (chunks become
+    visible to lookups when it resolves). A failed commit raises from ``Future.result()``."""
+    gp = _path(client)
+    with gp._lock:
+        return _store(gp, tokens, src, Durability(durability), group_chunks or gp.group_chunks, wait)
 
 
 def _all_of(futures: list[Future]) -> Future:
