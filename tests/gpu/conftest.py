@@ -21,5 +21,5 @@ def _cuda_ready() -> str:
 def pytest_collection_modifyitems(config, items):
     why = _cuda_ready()
     for item in items:
-        if "tests/gpu" in str(item.fspath) and why and "nogpu" not in item.keywords:
+        if "tests/gpu" in str(item.fspath) and why:
             item.add_marker(pytest.mark.skip(reason=why))

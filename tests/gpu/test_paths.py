@@ -183,15 +183,3 @@ def test_hbm_pool_mapped_by_second_process_and_killed_client_leaks_nothing():
         assert tier.put(_cid(2), _meta(len(b)), b)
     finally:
         tier.close()
-
-
-@pytest.mark.nogpu
-def test_hbm_tier_absent_cleanly_without_gpu():
-    from kvstore.errors import FailedPrecondition
-    from kvstore.tiers.hbm import make_hbm_tier
-    from kvstore_native import cuda_ipc
-
-    if cuda_ipc.available():
-        pytest.skip("a GPU is present")
-    with pytest.raises(FailedPrecondition):
-        make_hbm_tier(1 << 20)
