@@ -14,6 +14,7 @@ Replies are the lines starting with ``@@RESULT `` (vLLM logs to the same streams
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -22,6 +23,11 @@ REPLY = "@@RESULT "
 
 def main() -> None:
     model_dir, kv_cfg = sys.argv[1], sys.argv[2]
+    # Replies keep the original stdout; everything vLLM prints goes to stderr (the log file),
+    # so a chatty engine can never fill the reply pipe while nobody reads it.
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -30,7 +36,7 @@ def main() -> None:
     if kv_cfg != "none":
         kwargs["kv_transfer_config"] = json.loads(kv_cfg)
     llm = LLM(**kwargs)
-    print(REPLY + json.dumps({"ready": True}), flush=True)
+    print(REPLY + json.dumps({"ready": True}), file=replies, flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["op"] == "quit":
@@ -48,7 +54,7 @@ def main() -> None:
                             "ttft_s": getattr(m, "first_token_latency", None) if m is not None else None,
                             "num_cached_tokens": out.num_cached_tokens,
                             "kv_transfer_params": out.kv_transfer_params})
-        print(REPLY + json.dumps({"results": results}), flush=True)
+        print(REPLY + json.dumps({"results": results}), file=replies, flush=True)
 
 
 if __name__ == "__main__":

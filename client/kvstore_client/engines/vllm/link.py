@@ -34,6 +34,7 @@ class SidecarLink:
         self._lock = threading.Lock()
         self._client: KVStoreClient | None = None
         self._retry_at = 0.0
+        self._down_since: float | None = None
         self.failures = 0      #: connects or calls that failed (each one was a miss or a skipped save)
 
     def client(self) -> KVStoreClient | None:
@@ -45,7 +46,9 @@ class SidecarLink:
             try:
                 self._client = KVStoreClient(self.cfg.addr, self.namespace, token=self.cfg.token,
                                              timeout_s=self.cfg.timeout_s)
-                log.info("kvstore connector: connected to %s (%s)", self.cfg.addr, self._client.transport)
+                log.log(logging.WARNING if self.failures else logging.INFO, "kvstore connector: connected to %s (%s)",
+                        self.cfg.addr, self._client.transport)
+                self._down_since = None
             except KVStoreClientError as e:
                 self._down(e)
             return self._client
@@ -70,6 +73,10 @@ class SidecarLink:
     def _down(self, e: Exception) -> None:
         self.failures += 1
         self._retry_at = time.monotonic() + self.cfg.reconnect_s
+        if self._down_since is not None:      # said once per outage; the retries are quiet
+            log.debug("kvstore connector: sidecar %s still unavailable (%s)", self.cfg.addr, e)
+            return
+        self._down_since = time.monotonic()
         log.warning("kvstore connector: sidecar %s unavailable (%s); treating requests as misses, retrying in "
                     "%.1f s", self.cfg.addr, e, self.cfg.reconnect_s)
 

