@@ -25,7 +25,6 @@ import torch
 from kvstore_wire.keys import Namespace
 
 from .._base import StoreQueue
-from ...client import KVStoreClient
 from .config import ConnectorConfig
 from .layout import PagedLayout
 from .link import SidecarLink
