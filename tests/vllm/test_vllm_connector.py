@@ -10,8 +10,9 @@ engines serve every test, in this order):
   prompts (namespaces never share), stores the long prompt, and a prompt sharing its first
   1024 tokens with a different suffix hits those 4 chunks;
 - engine B (a second process, same namespace as A) hits both prompts from DRAM, then from
-  disk after a daemon restart; a chunk evicted between lookup and load is recomputed; a
-  lossy disk codec keeps most greedy tokens.
+  disk after a daemon restart; a chunk evicted between lookup and load, and a daemon killed
+  (SIGKILL) with its shared index left behind, are recomputed; a lossy disk codec keeps most
+  greedy tokens.
 
 Every output is compared token for token with engine C's cold output of the same prompt.
 """
@@ -138,6 +139,14 @@ def test_chunk_evicted_between_lookup_and_load_is_recomputed(sc):
     assert _loaded(r) == (LONG_TOKENS // CHUNK) * CHUNK     # planned; only chunk 0 arrived
     assert r["tokens"] == sc.ref["long"]["tokens"]
     assert "did not load" in b.log_tail(200_000)
+
+
+def test_sidecar_killed_between_lookup_and_load_still_correct(sc):
+    b = sc.engine("B", fault_injection=True)
+    sc.daemon.kill(signal.SIGKILL)      # its shared presence index and arena files stay behind
+    r = _one(b, sc.long)                # a stale "hit" whose load fails, or a miss: either way correct
+    assert r["tokens"] == sc.ref["long"]["tokens"]
+    sc.daemon.start()
 
 
 def test_lossy_disk_tier_within_documented_bound(sc):

@@ -42,6 +42,8 @@ def suite_conftest():
     import importlib.util
 
     name = "kvstore_tests_root_conftest"
+    if str(REPO / "tests") not in sys.path:
+        sys.path.insert(0, str(REPO / "tests"))    # it imports integration.helpers
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, REPO / "tests" / "conftest.py")
