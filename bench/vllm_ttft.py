@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -111,12 +112,19 @@ def main() -> None:
     off += args.shared
     shared = [base + pool[off + i * 300: off + i * 300 + 300] for i in range(args.prompts + 1)]
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the finally: engines and daemon go too
     root = H.suite_conftest()
     tmp = Path(tempfile.mkdtemp(prefix="kvstore-vllm-bench-"))
     daemon = root.DaemonProcess(tmp / "data", f"127.0.0.1:{root.free_port()}", tmp / "daemon.log",
                                 ['metrics.listen=""', "dram.capacity_bytes=3GiB", "disk.capacity_bytes=8GiB",
                                  "server.shutdown_grace_s=1"]).start()
     res: dict[str, dict[int, float]] = {}
+    live: list[H.Engine] = []
+
+    def engine(cfg, log):
+        live.append(H.Engine(model, cfg, tmp / log))
+        return live[-1]
+
     flat = [p for L in lengths for p in prompts[L]]
     try:
         def run(name, engine, ps=None):
@@ -125,16 +133,16 @@ def main() -> None:
             res[name] = {L: _med([next(it) for _ in prompts[L]]) for L in lengths} if ps is None else out
             return out
 
-        e = H.Engine(model, None, tmp / "cold.log")
+        e = engine(None, "cold.log")
         run("cold", e)
         cold_shared = _ttfts(e, shared[1:])
         e.close()
         kv_cfg = H.connector_config(daemon.addr, durability="persisted")
-        e = H.Engine(model, kv_cfg, tmp / "kv1.log")
+        e = engine(kv_cfg, "kv1.log")
         run("kv miss", e)
         _ttfts(e, shared[:1])            # publishes the shared prefix
         e.close()
-        e = H.Engine(model, kv_cfg, tmp / "kv2.log")
+        e = engine(kv_cfg, "kv2.log")
         run("kv dram", e)
         kv_shared = _ttfts(e, shared[1:])
         daemon.restart()
@@ -146,14 +154,16 @@ def main() -> None:
         store.mkdir()
         file_cfg = {"kv_connector": "ExampleConnector", "kv_role": "kv_both",
                     "kv_connector_extra_config": {"shared_storage_path": str(store)}}
-        e = H.Engine(model, file_cfg, tmp / "file1.log")
+        e = engine(file_cfg, "file1.log")
         _ttfts(e, flat)
         e.close()
-        e = H.Engine(model, file_cfg, tmp / "file2.log")
+        e = engine(file_cfg, "file2.log")
         run("file", e)
         e.close()
         bw, mem = load_bandwidth(daemon.addr, pool[:4096])
     finally:
+        for e in live:
+            e.close()
         daemon.stop()
 
     print(f"\nvLLM-CPU {args.threads} threads, SmolLM2-135M fp32; TTFT medians of {args.prompts} prompts "
