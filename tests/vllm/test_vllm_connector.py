@@ -167,6 +167,9 @@ def test_sidecar_killed_between_lookup_and_load_still_correct(sc):
     sc.daemon.kill(signal.SIGKILL)      # its shared presence index and arena files stay behind
     r = _one(b, sc.long)                # a stale "hit" whose load fails, or a miss: either way correct
     assert r["tokens"] == sc.ref["long"]["tokens"]
+    if _loaded(r):                      # the lookup answered from the stale index: the load failed
+        assert b.log_tail(200_000).count("did not load") >= 2
+    print(f"sidecar killed: {'stale hit, load failed, recomputed' if _loaded(r) else 'miss'}")
     sc.daemon.start()
 
 
