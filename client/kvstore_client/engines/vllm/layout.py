@@ -96,12 +96,48 @@ class PagedLayout:
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
 
+    def _plane_spec(self, block_ids: Sequence[int]) -> "tuple[list[int], Any] | None":
+        """Every layer's K and V as planes of one native gather/scatter (CPU only): token t
+        of the range goes to block ``block_ids[t // N]``, row ``t % N``. None when the views
+        cannot be addressed as ``ptr + slot * token_stride`` (then torch indexing is used)."""
+        if self.device.type != "cpu":
+            return None
+        k0 = self.layers[0].k
+        sb, sn, sh, sd = k0.stride()
+        if sd != 1 or sb % sn or any(v.k.stride() != k0.stride() or v.v.stride() != k0.stride() for v in self.layers):
+            return None
+        import numpy as np
+
+        from kvstore_native import transfer
+
+        n = self.block_size
+        slots = (np.repeat(np.asarray(block_ids, dtype=np.int64) * (sb // sn), n) +
+                 np.tile(np.arange(n, dtype=np.int64), len(block_ids)))
+        elt = k0.element_size()
+        ptrs = [t.data_ptr() for views in self.layers for t in (views.k, views.v)]
+        return ptrs, transfer.PlaneSpec(ptrs, slots, k0.shape[2], k0.shape[3] * elt, sn * elt, sh * elt)
+
     def scatter(self, chunks: torch.Tensor, first_block: int, block_ids: Sequence[int]) -> None:
         """Writes tokens ``[first_block * N, (first_block + len(block_ids)) * N)`` of
         ``chunks`` (``[layers, 2, tokens, heads, dim]``, contiguous) into ``block_ids``."""
         n = self.block_size
-        idx = self._index(block_ids)
         lo, hi = first_block * n, (first_block + len(block_ids)) * n
+        native = self._plane_spec(block_ids) if chunks.device.type == "cpu" else None
+        if native is not None:
+            from dataclasses import replace
+
+            from kvstore_native import transfer
+
+            ptrs, spec = native
+            src = chunks[:, :, lo:hi]
+            if src.is_contiguous():          # one call moves every layer's K and V
+                transfer.scatter(src.data_ptr(), spec, device=False)
+            else:                            # one call per plane
+                for p, ptr in enumerate(ptrs):
+                    plane = chunks[p // 2, p % 2, lo:hi]
+                    transfer.scatter(plane.data_ptr(), replace(spec, ptrs=[ptr]), device=False)
+            return
+        idx = self._index(block_ids)
         for l, views in enumerate(self.layers):
             for kv, dst in ((0, views.k), (1, views.v)):
                 src = chunks[l, kv, lo:hi].view(len(block_ids), n, *dst.shape[2:])
@@ -110,6 +146,12 @@ class PagedLayout:
     def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
         """Copies ``block_ids`` into ``out`` (``[layers, 2, len(block_ids) * N, heads, dim]``)."""
         n = self.block_size
+        native = self._plane_spec(block_ids) if out.device.type == "cpu" and out.is_contiguous() else None
+        if native is not None:
+            from kvstore_native import transfer
+
+            transfer.gather(native[1], out.data_ptr(), device=False)
+            return
         idx = self._index(block_ids)
         for l, views in enumerate(self.layers):
             for kv, src in ((0, views.k), (1, views.v)):
