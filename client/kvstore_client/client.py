@@ -241,11 +241,14 @@ class KVStoreClient:
                 import torch
 
                 torch.cuda.current_stream(u8.device).synchronize()   # bytes in the arena before commit
+            # The daemon publishes an extent only when this CRC32C of what was written matches it.
+            crcs = [C.crc32c(self.arena.view(sl.offset, sl.length)) for sl in resp.slots if not sl.exists]
         except BaseException:
             self._release(local_pb2.ReleaseRequest(lease_ids=[resp.lease_id]), metadata=self._metadata,
                           timeout=self.timeout_s)
             raise
-        done = self._commit(local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability)),
+        done = self._commit(local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability),
+                                                         crc32c=crcs),
                             metadata=self._metadata, timeout=self.timeout_s)
         return done.stored
 

@@ -188,10 +188,6 @@ class LocalDataServicer:
 
     async def CommitWrite(self, request, context):
         lease = self._leases.take(request.lease_id)
-        if request.crc32c and len(request.crc32c) != len(lease.reservations):
-            lease.release(self._m)
-            raise InvalidArgument(f"{len(request.crc32c)} checksums for {len(lease.reservations)} reserved slots; "
-                                  "send one per slot that was not `exists`, in slot order, or none")
         try:
             durability = parse_durability(request.durability)
         except InvalidArgument:
