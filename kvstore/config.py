@@ -96,7 +96,7 @@ class ServerConfig(_Section):
     #: by the client) before it is cancelled with DEADLINE_EXCEEDED.
     stream_idle_timeout_s: float = Field(30.0, gt=0, le=3600)
     #: Most Put and Get streams open at once, daemon-wide; more are refused at once.
-    max_concurrent_streams: int = Field(256, ge=1)
+    max_concurrent_streams: int = Field(64, ge=1)
     #: Longest pin a Lookup(pin_ttl_s=...) may ask for; longer requests are clamped to it.
     max_pin_ttl_s: float = Field(60.0, gt=0, le=86400)
     #: Bytes one tenant may hold pinned through Lookup (counted at the namespace's raw chunk size).

@@ -128,19 +128,31 @@ async def next_within(it: AsyncIterator[T], idle_s: float, what: str = "stream")
 
 
 class IdleWatchdog:
-    """Cancels the current task when a ``with watchdog:`` block (one send of a response
-    stream) takes longer than ``idle_s``: the reader stopped reading. Reusable."""
+    """Ends a response stream whose reader stopped reading: a ``with watchdog:`` block (one
+    send) that takes longer than ``idle_s`` is cancelled, and the block raises
+    DeadlineExceeded naming ``server.stream_idle_timeout_s`` instead (so the caller gets that
+    status, not a silently dropped stream). Reusable; one task at a time."""
 
     def __init__(self, idle_s: float) -> None:
         self._idle_s = idle_s
         self._timer: asyncio.TimerHandle | None = None
+        self._fired = False
+
+    def _fire(self, task: asyncio.Task) -> None:
+        self._fired = True
+        task.cancel()
 
     def __enter__(self) -> "IdleWatchdog":
-        task = asyncio.current_task()
-        self._timer = asyncio.get_running_loop().call_later(self._idle_s, task.cancel)
+        self._fired = False
+        self._timer = asyncio.get_running_loop().call_later(self._idle_s, self._fire, asyncio.current_task())
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> bool:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._fired and exc_type is asyncio.CancelledError:
+            asyncio.current_task().uncancel()
+            raise DeadlineExceeded(f"the reader took nothing for {self._idle_s:g} s "
+                                   "(server.stream_idle_timeout_s); the stream was ended") from None
+        return False

@@ -245,6 +245,33 @@ def test_header_only_and_stalled_streams_cost_no_memory_and_are_cancelled(daemon
     assert after < 48 * MIB, after
 
 
+def dram_used(ch) -> int:
+    stats = admin_pb2_grpc.AdminStub(ch).GetStats(admin_pb2.GetStatsRequest(), metadata=md(ADMIN_TOKEN), timeout=10)
+    return next(t.used_bytes for t in stats.tiers if t.tier == 2)
+
+
+def test_a_get_whose_reader_stalls_is_cancelled_and_frees_its_lease(daemon):
+    big = dict(NS, model="stalled-reader", num_layers=32, num_kv_heads=8, head_dim=128)   # 8 MiB chunks
+    with KVStoreClient(daemon.addr, Namespace(**big), token=MALLORY, local=False) as m, \
+            grpc.insecure_channel(daemon.addr) as ch:
+        before = dram_used(ch)
+        toks = list(range(64 * 4))
+        data = np.random.default_rng(12).standard_normal((32, 2, len(toks), 8, 128)).astype(np.float16)
+        assert m.store(toks, data) == 4
+        get = ch.unary_stream("/kvstore.v1.KVStore/Get")
+        it = get(data_pb2.GetRequest(namespace_id=m.namespace_id, keys=m.keys(toks)).SerializeToString(),
+                 metadata=md(MALLORY), timeout=60)
+        next(it)                                   # the first header, then the reader stops reading
+        time.sleep(0.5)
+        assert m.delete(m.keys(toks)) == 4         # gone from lookups; the streamed one stays leased
+        assert dram_used(ch) > before
+        deadline = time.time() + IDLE_S + 10
+        while dram_used(ch) > before and time.time() < deadline:
+            time.sleep(0.2)
+        assert dram_used(ch) == before, "the stalled Get still holds its lease"
+        it.cancel()   # (grpc does not end the HTTP/2 stream while a send is pending: see docs/security.md)
+
+
 def test_inflight_budget_and_stream_cap(daemon_factory):
     d = daemon_factory(auth=False, settings=("server.max_chunk_bytes=32MiB", "server.max_inflight_bytes=48MiB",
                                              "server.inflight_wait_s=1", "server.max_concurrent_streams=3",
