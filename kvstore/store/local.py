@@ -105,8 +105,9 @@ class LocalAccess:
         return LocalRead(ref, s.offset_of(ref), found)
 
     def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
-        """Arena pages a local client fills directly, or None when ``cid`` is already stored
-        in any tier."""
+        """Arena pages a local client fills directly, zeroed (they may hold another tenant's
+        freed chunk), or None when ``cid`` is already stored in any tier or being written by
+        another request right now (never waits for it)."""
         s = self._shared()
         self._chain.check_put(Durability.MEMORY)
         if self._chain.medium_of(cid) is not None:
