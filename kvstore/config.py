@@ -105,6 +105,26 @@ class ServerConfig(_Section):
     #: TLS on every TCP listener (unix sockets stay plaintext: file permissions guard them).
     tls: "TlsConfig" = Field(default_factory=lambda: TlsConfig())
 
+    # -- admission control and per-tenant limits (docs/security.md, "Admission control") ----------
+    #: Daemon-wide budget of request bytes received but not yet stored (Put data held in
+    #: memory). A stream over budget waits up to ``inflight_wait_s``, then RESOURCE_EXHAUSTED.
+    max_inflight_bytes: Bytes = 1024**3
+    #: Seconds a Put stream waits for in-flight budget before it is refused.
+    inflight_wait_s: float = Field(5.0, ge=0, le=600)
+    #: Seconds a Put or Get stream may make no progress (no message received, or none taken
+    #: by the client) before it is cancelled with DEADLINE_EXCEEDED.
+    stream_idle_timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: Most Put and Get streams open at once, daemon-wide; more are refused at once.
+    max_concurrent_streams: int = Field(64, ge=1)
+    #: Longest pin a Lookup(pin_ttl_s=...) may ask for; longer requests are clamped to it.
+    max_pin_ttl_s: float = Field(60.0, gt=0, le=86400)
+    #: Bytes one tenant may hold pinned through Lookup (counted at the namespace's raw chunk size).
+    max_pinned_bytes_per_tenant: Bytes = 256 * 1024**2
+    #: Same-host read leases (LeaseRead answers with a lease id) one tenant may hold open.
+    max_open_leases_per_tenant: int = Field(1024, ge=1)
+    #: Same-host chunk reservations (reserved, uncommitted slots) one tenant may hold open.
+    max_open_reservations_per_tenant: int = Field(4096, ge=1)
+
     @field_validator("listen")
     @classmethod
     def _check_listen(cls, v: list[str]) -> list[str]:
@@ -124,6 +144,9 @@ class ServerConfig(_Section):
     def _check_piece(self) -> "ServerConfig":
         if self.stream_piece_bytes + 4096 > self.max_message_bytes:
             raise ValueError("stream_piece_bytes must be at least 4 KiB below max_message_bytes")
+        if self.max_inflight_bytes < self.max_chunk_bytes + self.max_message_bytes:
+            raise ValueError("max_inflight_bytes must hold at least one largest chunk plus one message "
+                             "(max_chunk_bytes + max_message_bytes)")
         return self
 
 # ---------------------------------------------------------------------------------- tenant boundary

@@ -10,6 +10,7 @@ import numpy as np
 
 from kvstore_native import cuda_ipc, transfer
 from kvstore_wire._proto.kvstore.v1 import local_pb2
+from kvstore_wire.crc import crc32c
 from kvstore_wire.types import Durability, Encoding, KeyKind
 
 from .errors import KVStoreClientError
@@ -180,7 +181,10 @@ def store_encoded(client, keys: Sequence[bytes], blobs: Sequence[bytes]) -> int:
     if not client._same_arena(resp.arena_nonce):
         client._release_later(resp.lease_id)
         raise KVStoreClientError("the daemon restarted during the store; retry")
+    crcs = []
     for s in resp.slots:
         if not s.exists:
-            client.arena.view(s.offset, s.length)[:] = np.frombuffer(blobs[s.index], dtype=np.uint8)
-    return client._commit(local_pb2.CommitWriteRequest(lease_id=resp.lease_id), **meta).stored
+            dst = client.arena.view(s.offset, s.length)
+            dst[:] = np.frombuffer(blobs[s.index], dtype=np.uint8)
+            crcs.append(crc32c(dst))      # the daemon publishes only what matches (docs/security.md)
+    return client._commit(local_pb2.CommitWriteRequest(lease_id=resp.lease_id, crc32c=crcs), **meta).stored

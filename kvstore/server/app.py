@@ -99,7 +99,8 @@ class Daemon:
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers((_data_handler(DataServicer(store, config, self.pool, self.stats)),))
-        self.leases = LeaseTable(store.local, config.server.lease_ttl_s, config.server.max_open_leases)
+        self.leases = LeaseTable(store.local, config.server.lease_ttl_s, config.server.max_open_leases,
+                                 limits=store.limits)
         self._sweeper: asyncio.Task | None = None
         self.local = LocalDataServicer(store, config, self.pool, self.leases)
         local_pb2_grpc.add_LocalDataServicer_to_server(self.local, self.server)

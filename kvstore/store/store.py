@@ -27,9 +27,13 @@ from ..domain.types import ChunkId, ChunkMeta, Durability, Encoding, Medium
 from ..tiers.base import ChunkRef, Tier
 from ..tiers.presence import PresenceIndex
 from ..tiers.transcode import Transcoder
+from .limits import PinAccount, TenantCounters, TenantLimits
 from .local import LocalAccess
 
 log = logging.getLogger(__name__)
+
+#: ``server.max_pin_ttl_s``'s default, for a Store built without a config.
+DEFAULT_MAX_PIN_TTL_S = cfg.ServerConfig.model_fields["max_pin_ttl_s"].default
 
 
 @dataclass(frozen=True)
@@ -40,8 +44,14 @@ class StoreStats:
 
 class Store:
     def __init__(self, chain: TierChain, namespaces: NamespaceRegistry, transcoder: Transcoder,
-                 network_codec: cfg.TierCodec, presence: PresenceIndex | None = None, worker_threads: int = 4) -> None:
+                 network_codec: cfg.TierCodec, presence: PresenceIndex | None = None, worker_threads: int = 4,
+                 limits: TenantLimits | None = None, max_pin_ttl_s: float = DEFAULT_MAX_PIN_TTL_S) -> None:
         self.namespaces = namespaces
+        #: Per-tenant limits (pinned bytes here; open leases and reservations in the server's
+        #: LeaseTable). Swap in the quota ledger by passing it as ``limits``.
+        self.limits: TenantLimits = limits if limits is not None else TenantCounters.from_config(cfg.ServerConfig())
+        self._pins = PinAccount(self.limits)
+        self._max_pin_ttl_s = max_pin_ttl_s
         self._chain = chain
         self._transcoder = transcoder
         self._network_codec = network_codec
@@ -62,7 +72,8 @@ class Store:
         except BaseException:
             chain.close()
             raise
-        return cls(chain, registry, transcoder, config.server.network_codec, presence, config.server.worker_threads)
+        return cls(chain, registry, transcoder, config.server.network_codec, presence, config.server.worker_threads,
+                   limits=TenantCounters.from_config(config.server), max_pin_ttl_s=config.server.max_pin_ttl_s)
 
     # -- namespaces -----------------------------------------------------------------------------
     def namespace(self, namespace_id: bytes, tenant_scope: str | None) -> NamespaceInfo:
@@ -82,8 +93,18 @@ class Store:
             meta = meta.with_payload(meta.encoding, meta.payload_bytes, crc)
         return self._chain.put(cid, meta, payload, durability)
 
-    def lookup(self, cids: Sequence[ChunkId], pin_ttl_s: float = 0) -> LookupResult:
-        return LookupResult(tuple(self._chain.lookup(cids, pin_ttl_s)))
+    def lookup(self, cids: Sequence[ChunkId], pin_ttl_s: float = 0, tenant: str = "",
+               chunk_bytes: int = 0) -> LookupResult:
+        """The leading run of present chunks. ``pin_ttl_s > 0`` also pins that run for
+        ``min(pin_ttl_s, server.max_pin_ttl_s)`` seconds, counted as ``chunk_bytes`` each
+        against ``tenant``'s pinned-bytes limit (ResourceExhausted, nothing pinned, when over)."""
+        media = self._chain.lookup(cids)
+        ttl = min(pin_ttl_s, self._max_pin_ttl_s)
+        if ttl > 0 and media:
+            run = cids[:len(media)]
+            self._pins.charge(tenant, run, ttl, chunk_bytes)
+            self._chain.lookup(run, ttl)
+        return LookupResult(tuple(media))
 
     def locate(self, cids: Sequence[ChunkId]) -> list[Medium | None]:
         return self._chain.locate(cids)

@@ -100,7 +100,6 @@ class DramTier(Tier):
         # Lock order: TierChain/WriteBehind locks -> DramTier._lock -> PinTable._lock. Never held during
         # a payload copy or a checksum.
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)   # a reservation committed or aborted
         self._entries: dict[ChunkId, _Entry] = {}          # committed and reserved, not dead
         self._stats = TierStats(Medium.DRAM, self._policy.name, self._arena.capacity_bytes - self._page)
         self._closed = False
@@ -206,18 +205,17 @@ class DramTier(Tier):
         return True
 
     def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
-        """Takes pages for ``cid`` (evicting by policy); None if ``cid`` is already present.
-        If another thread is writing ``cid``, waits for it to commit or abort first.
+        """Takes pages for ``cid`` (evicting by policy); None if ``cid`` is already present
+        OR is being written right now (reserved, not yet committed: "in flight"). Never waits
+        for that other writer: a reservation may be held by a same-host client for up to
+        ``server.lease_ttl_s``, and a waiting worker thread would stall every other tenant's
+        requests behind it. The caller reports such a chunk as existing (pending); if that
+        writer aborts, the chunk is simply absent (a cache miss), never wrong.
         Raises ResourceExhausted when no room can be made."""
         npages = max(1, -(-nbytes // self._page))
         with self._lock:
-            while True:
-                cur = self._entries.get(cid)
-                if cur is None:
-                    break
-                if cur.meta is not None:
-                    return None
-                self._changed.wait()
+            if cid in self._entries:   # committed, or in flight
+                return None
             if npages > self._alloc.total_pages - 1:  # page 0 is the header
                 raise ResourceExhausted(
                     f"a chunk of {nbytes} bytes does not fit the DRAM arena of {self._arena.capacity_bytes} "
@@ -242,7 +240,6 @@ class DramTier(Tier):
             self._policy.insert(e.cid, e.npages * self._page)
             self._stats.chunks += 1
             self._notify(e.cid, True)
-            self._changed.notify_all()
 
     def abort(self, res: Reservation) -> None:
         """Gives back the pages of a reservation that will not be committed."""
@@ -251,7 +248,6 @@ class DramTier(Tier):
             e = res._entry
             del self._entries[e.cid]
             self._free(e)
-            self._changed.notify_all()
 
     def _make_room(self, npages: int) -> int:
         """Evicts by policy until a run of ``npages`` is free; returns its start. Caller holds

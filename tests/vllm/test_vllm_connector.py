@@ -25,6 +25,8 @@ import time
 import pytest
 
 import vllm_harness as H
+from kvstore_testing.daemon import DaemonProcess
+from kvstore_testing.ports import free_port
 
 ROOT = H.suite_conftest()
 
@@ -49,10 +51,10 @@ class Scenario:
         self.long = gpl[:LONG_TOKENS]
         self.shared = gpl[:SHARED_TOKENS] + apache[:400]
         self.other = mpl[:1100]
-        port = ROOT.free_port()
+        port = free_port()
         settings = [s for s in ROOT.SMALL if not s.startswith(("dram.capacity", "disk.capacity"))]
-        self.daemon = ROOT.DaemonProcess(tmp / "data", f"127.0.0.1:{port}", tmp / "daemon.log",
-                                         settings + ["dram.capacity_bytes=768MiB", "disk.capacity_bytes=2GiB"])
+        self.daemon = DaemonProcess(tmp / "data", f"127.0.0.1:{port}", tmp / "daemon.log",
+                                    settings + ["dram.capacity_bytes=768MiB", "disk.capacity_bytes=2GiB"])
         self.engines: dict[str, H.Engine] = {}
         self.ref: dict[str, dict] = {}
 
