@@ -108,19 +108,19 @@ def bench_shape(name, layers, heads, dim, dtype, seq) -> dict:
     assert torch.equal(pinned, ref), "gather (staged) differs from the CPU reference"
 
     def kernel_direct():
-        gather(spec, reg.data_ptr(), device=True, stream=torch.cuda.current_stream().cuda_stream)
+        gather(spec, pinned.data_ptr(), device=True, stream=torch.cuda.current_stream().cuda_stream)
 
-    reg.zero_()
+    pinned.zero_()
     out["gather_direct_ms"] = timed(kernel_direct)
     torch.cuda.synchronize()
-    assert torch.equal(reg, ref), "gather (direct to registered host) differs from the CPU reference"
+    assert torch.equal(pinned, ref), "gather (direct to registered host) differs from the CPU reference"
 
     # Reverse: chunk in registered host memory -> engine KV.
     back = [torch.zeros_like(p) for p in planes]
     bspec = PlaneSpec.from_layer_tensors(back, start, CHUNK_TOKENS)
 
     def scatter_direct():
-        scatter(reg.data_ptr(), bspec, device=True, stream=torch.cuda.current_stream().cuda_stream)
+        scatter(pinned.data_ptr(), bspec, device=True, stream=torch.cuda.current_stream().cuda_stream)
 
     out["scatter_direct_ms"] = timed(scatter_direct)
 

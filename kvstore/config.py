@@ -102,6 +102,28 @@ class ServerConfig(_Section):
     network_codec: TierCodec = TierCodec.LOSSLESS
     #: Seconds in-flight RPCs get to finish on shutdown.
     shutdown_grace_s: float = Field(5.0, ge=0)
+    #: TLS on every TCP listener (unix sockets stay plaintext: file permissions guard them).
+    tls: "TlsConfig" = Field(default_factory=lambda: TlsConfig())
+
+    # -- admission control and per-tenant limits (docs/security.md, "Admission control") ----------
+    #: Daemon-wide budget of request bytes received but not yet stored (Put data held in
+    #: memory). A stream over budget waits up to ``inflight_wait_s``, then RESOURCE_EXHAUSTED.
+    max_inflight_bytes: Bytes = 1024**3
+    #: Seconds a Put stream waits for in-flight budget before it is refused.
+    inflight_wait_s: float = Field(5.0, ge=0, le=600)
+    #: Seconds a Put or Get stream may make no progress (no message received, or none taken
+    #: by the client) before it is cancelled with DEADLINE_EXCEEDED.
+    stream_idle_timeout_s: float = Field(30.0, gt=0, le=3600)
+    #: Most Put and Get streams open at once, daemon-wide; more are refused at once.
+    max_concurrent_streams: int = Field(64, ge=1)
+    #: Longest pin a Lookup(pin_ttl_s=...) may ask for; longer requests are clamped to it.
+    max_pin_ttl_s: float = Field(60.0, gt=0, le=86400)
+    #: Bytes one tenant may hold pinned through Lookup (counted at the namespace's raw chunk size).
+    max_pinned_bytes_per_tenant: Bytes = 256 * 1024**2
+    #: Same-host read leases (LeaseRead answers with a lease id) one tenant may hold open.
+    max_open_leases_per_tenant: int = Field(1024, ge=1)
+    #: Same-host chunk reservations (reserved, uncommitted slots) one tenant may hold open.
+    max_open_reservations_per_tenant: int = Field(4096, ge=1)
 
     @field_validator("listen")
     @classmethod
@@ -122,7 +144,109 @@ class ServerConfig(_Section):
     def _check_piece(self) -> "ServerConfig":
         if self.stream_piece_bytes + 4096 > self.max_message_bytes:
             raise ValueError("stream_piece_bytes must be at least 4 KiB below max_message_bytes")
+        if self.max_inflight_bytes < self.max_chunk_bytes + self.max_message_bytes:
+            raise ValueError("max_inflight_bytes must hold at least one largest chunk plus one message "
+                             "(max_chunk_bytes + max_message_bytes)")
         return self
+
+# ---------------------------------------------------------------------------------- tenant boundary
+# (issue 8: TLS, client-certificate identities, per-tenant quotas; kvstore.quotas enforces them)
+
+
+class TlsConfig(_Section):
+    """``[server.tls]``: PEM files for TLS on TCP listeners, optionally mutual (client certificates).
+
+    TLS is on when ``cert_file`` is set. ``client_ca_file`` makes the daemon ask for (and with
+    ``require_client_cert`` insist on) a client certificate signed by that CA; a verified
+    certificate's identity maps to a tenant through ``auth.certs``.
+    """
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    client_ca_file: Path | None = None
+    require_client_cert: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _check_pair(self) -> "TlsConfig":
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file must be set together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("client_ca_file needs cert_file/key_file (mutual TLS is TLS first)")
+        if self.require_client_cert and self.client_ca_file is None:
+            raise ValueError("require_client_cert needs client_ca_file (the CA that signs client certificates)")
+        return self
+
+
+class TenantQuotas(_Section):
+    """Per-tenant overrides of ``[quotas]`` (``auth.tokens.<t>.quotas``, ``auth.certs.<id>.quotas``);
+    a field left unset takes the ``[quotas]`` value. Field meanings: see ``QuotaConfig``."""
+
+    max_dram_bytes: Bytes | None = None
+    max_disk_bytes: Bytes | None = None
+    max_remote_bytes: Bytes | None = None
+    max_pinned_bytes: Bytes | None = None
+    max_pin_ttl_s: float | None = Field(None, gt=0)
+    max_open_leases: int | None = Field(None, ge=0)
+    max_open_reservations: int | None = Field(None, ge=0)
+    max_reserved_bytes: Bytes | None = None
+    max_concurrent_streams: int | None = Field(None, ge=0)
+    max_namespaces: int | None = Field(None, ge=0)
+    max_inflight_request_bytes: Bytes | None = None
+    max_stream_idle_s: float | None = Field(None, gt=0)
+
+
+class QuotaConfig(_Section):
+    """``[quotas]``: what one tenant may hold at once (defaults for every tenant).
+
+    Byte quotas of the cache tiers (``max_dram_bytes``, ``max_disk_bytes``, ``max_remote_bytes``)
+    are unset by default: the tiers are caches shared by eviction. What a tenant can hold
+    *unevictably* (pins, reservations, leases, streams, request bytes) is always bounded.
+    Over a quota a request fails with RESOURCE_EXHAUSTED naming the quota's key.
+    """
+
+    #: Bytes of the DRAM tier one tenant's chunks may occupy; unset: the whole tier.
+    max_dram_bytes: Bytes | None = None
+    #: Bytes of the disk tier one tenant's chunks may occupy; unset: the whole tier.
+    max_disk_bytes: Bytes | None = None
+    #: Bytes of the remote tier one tenant's chunks may occupy; unset: the whole tier.
+    max_remote_bytes: Bytes | None = None
+    #: Bytes a tenant may keep pinned (protected from eviction) at once.
+    max_pinned_bytes: Bytes = 256 * 1024**2
+    #: Longest pin a tenant may ask for; longer requests are clamped to this.
+    max_pin_ttl_s: float = Field(3600.0, gt=0)
+    #: Same-host read leases a tenant may hold open at once.
+    max_open_leases: int = Field(256, ge=0)
+    #: Same-host write reservations a tenant may hold open at once.
+    max_open_reservations: int = Field(64, ge=0)
+    #: Arena bytes a tenant's open write reservations may cover at once.
+    max_reserved_bytes: Bytes = 256 * 1024**2
+    #: Streaming RPCs (Put, Get) a tenant may have in flight at once.
+    max_concurrent_streams: int = Field(256, ge=0)
+    #: Namespaces a tenant may register.
+    max_namespaces: int = Field(1024, ge=0)
+    #: Request bytes of one tenant buffered in the daemon at once (Put payloads being received).
+    max_inflight_request_bytes: Bytes = 512 * 1024**2
+    #: Request bytes of all tenants together buffered in the daemon at once.
+    daemon_max_inflight_request_bytes: Bytes = 1024**3
+    #: Seconds a streaming request (Put) may go without sending its next message before the
+    #: daemon cancels it (DEADLINE_EXCEEDED) and frees what it held.
+    max_stream_idle_s: float = Field(30.0, gt=0)
+
+
+class CertEntry(_Section):
+    """``auth.certs.<identity>``: who a verified client certificate is. The identity is the
+    certificate's subject CN or one of its SAN entries (DNS name or URI, e.g. a SPIFFE id)."""
+
+    tenant: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
+    admin: bool = False
+    local_path: bool = False
+    quotas: TenantQuotas = TenantQuotas()
+
+# ---------------------------------------------------------------------------------- end tenant boundary
 
 
 class TokenEntry(_Section):
@@ -133,6 +257,8 @@ class TokenEntry(_Section):
     #: tenant's chunks, so grant this only to the co-located engine trusted with all of them;
     #: other tokens use the stream path, where the tenant check applies to every request.
     local_path: bool = False
+    #: Overrides of ``[quotas]`` for this token's tenant (every token of a tenant must agree).
+    quotas: TenantQuotas = TenantQuotas()
 
 
 class AuthConfig(_Section):
@@ -147,12 +273,15 @@ class AuthConfig(_Section):
     tokens: dict[str, TokenEntry] = {}
     #: TOML file with a ``[tokens]`` table of the same shape.
     tokens_file: Path | None = None
+    #: verified client-certificate identity (subject CN, SAN DNS or SAN URI) -> who it is.
+    #: Needs ``server.tls.client_ca_file``.
+    certs: dict[str, CertEntry] = {}
     #: Allow a non-loopback TCP listener without tokens (anyone who can connect is admin).
     allow_insecure_remote: bool = False
 
     @property
     def enabled(self) -> bool:
-        return bool(self.tokens) or self.tokens_file is not None
+        return bool(self.tokens) or self.tokens_file is not None or bool(self.certs)
 
     def load_tokens(self) -> dict[str, TokenEntry]:
         tokens = dict(self.tokens)
@@ -263,6 +392,12 @@ class ChainConfig(_Section):
     link_write_mode: dict[TierName, WriteMode] = {}
     #: Copy a chunk found in a lower tier into the faster tiers above it.
     promote_on_hit: bool = True
+    #: Write-behind bound in bytes, as a fraction of the upper tier's capacity: queued copies
+    #: hold read leases on their chunks there, at most this much (0.5 of a 256 MiB arena:
+    #: 128 MiB, 21 SmolLM2 6 MB chunks). A copy beyond it is skipped and counted
+    #: (``write_queue_dropped``). The chunk count ``disk.write_queue_chunks`` bounds it too.
+    #: When a foreground write finds no room, queued copies give their leases back first.
+    write_behind_fraction: float = Field(0.5, gt=0.0, le=0.9)
 
     @field_validator("tiers")
     @classmethod
@@ -312,15 +447,16 @@ class RemoteConfig(_Section):
     address_map: dict[str, str] = {}
     #: Redis ACL user and password (AUTH); empty: no AUTH.
     username: str = ""
-    #: Redis password (AUTH / ACL); empty: no AUTH.
+    #: Redis AUTH password (with ``username``: an ACL user). Prefer the environment variable
+    #: ``KVSTORE_REMOTE__PASSWORD`` to keep it out of config files.
     password: str = ""
     #: TLS to the cluster; the CA/cert/key paths are optional (system CAs by default).
     tls: bool = False
-    #: CA bundle that signs the cluster's certificates (system CAs when unset).
+    #: PEM CA of the cluster's certificates (with ``tls``; the system CAs when unset).
     tls_ca_file: Path | None = None
-    #: Client certificate for mutual TLS (optional).
+    #: PEM client certificate for Redis servers that require one.
     tls_cert_file: Path | None = None
-    #: Private key of ``tls_cert_file``.
+    #: PEM key of ``tls_cert_file``.
     tls_key_file: Path | None = None
     #: Cluster-wide secret every sidecar shares: Redis keys are HMAC(secret, namespace) salted,
     #: so nobody without it can compute another tenant's keys from token ids. At least 16 chars.
@@ -403,9 +539,10 @@ class EventsConfig(_Section):
     endpoint: str = "tcp://*:5557"
     #: ROUTER socket for replay and snapshot requests; empty disables replay.
     replay_endpoint: str = "tcp://*:5558"
-    #: Topic frame of every published batch.
+    #: ZMQ topic frame of every published batch.
     topic: str = "kv-events"
-    #: msgpack layout of events: ``array`` (positional, tag first) or ``map`` (``type`` key).
+    #: Struct encoding of events: ``array`` (positional, what llm-d and the production-stack
+    #: router decode) or ``map`` (field names, what current vLLM writes).
     encoding: EventEncoding = EventEncoding.ARRAY
     #: Block hashes as the 32-byte chunk key (``bytes``) or its first 8 bytes as an unsigned
     #: big-endian integer (``u64``, for consumers that only read integers).
@@ -421,7 +558,7 @@ class EventsConfig(_Section):
     batch_interval_ms: int = Field(50, ge=1, le=10_000)
     #: Most events in one batch.
     max_batch_events: int = Field(1024, ge=1)
-    #: ``data_parallel_rank`` field of every batch.
+    #: Data-parallel rank announced in every batch (vLLM's ``data_parallel_rank``).
     data_parallel_rank: int = Field(0, ge=0)
 
 
@@ -435,6 +572,7 @@ class Config(_Section):
     log: LogConfig = LogConfig()
     remote: RemoteConfig = RemoteConfig()
     events: EventsConfig = EventsConfig()
+    quotas: QuotaConfig = QuotaConfig()
 
     @model_validator(mode="before")
     @classmethod

@@ -97,8 +97,18 @@ class KVStoreCollector:
         yield from per_tier.values()
         yield GaugeMetricFamily("kvstore_write_queue_depth", "Chunks waiting to be copied to a lower tier",
                                 value=st.write_queue_depth)
-        yield CounterMetricFamily("kvstore_write_queue_dropped", "Lower-tier copies skipped (write-behind queue full or over budget)",
+        yield CounterMetricFamily("kvstore_write_queue_dropped",
+                                  "Lower-tier copies skipped (write-behind queue full or over its byte budget, or "
+                                  "its leases given back to make room for a foreground write)",
                                   value=st.write_queue_dropped)
+        yield CounterMetricFamily("kvstore_write_errors", "Lower-tier writes that failed (the chunk stayed above)",
+                                  value=st.write_errors)
+        yield CounterMetricFamily("kvstore_read_errors", "Tier reads that failed with an I/O error (served from "
+                                  "further down or as misses)", value=st.read_errors)
+        yield CounterMetricFamily("kvstore_promotions_skipped", "Lower-tier hits not copied up (no room above)",
+                                  value=st.promotions_skipped)
+        yield CounterMetricFamily("kvstore_puts_spilled", "MEMORY puts the first tier had no room for, stored in a "
+                                  "lower tier instead", value=st.spilled)
         yield GaugeMetricFamily("kvstore_namespaces", "Registered namespaces", value=snap.namespaces)
 
         reqs, lat, b_in, b_out = self._requests.snapshot()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import grpc
 
+from kvstore_wire import crc as _crc
 from kvstore_wire._proto.kvstore.v1 import local_pb2
 from kvstore_wire.presence import PresenceReader
 from kvstore_wire.types import Durability, Encoding, KeyKind
@@ -38,7 +39,8 @@ def attach(core):
     try:
         a = yield Call("attach", local_pb2.AttachRequest())
     except grpc.RpcError as e:
-        if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+        if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED,
+                        grpc.StatusCode.PERMISSION_DENIED):  # no local_path right: the stream path
             return
         raise
     core.arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
@@ -95,17 +97,22 @@ def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Dura
 
         stream = torch.cuda.current_stream(u8.device)   # the caller's stream, captured on its thread
     try:
-        yield Work(_copy_into_arena, (core, u8, targets, stream))
+        crcs = yield Work(_copy_into_arena, (core, u8, targets, stream))
     except BaseException:
         core.release_later(resp.lease_id)
         raise
-    done = yield Call("commit", local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability)))
+    # The daemon publishes an extent only if its CRC32C matches what we say we wrote
+    # (docs/security.md, "Stale bytes"): one per slot that was not `exists`, in slot order.
+    done = yield Call("commit", local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability),
+                                                             crc32c=crcs))
     return done.stored
 
 
-def _copy_into_arena(core, u8, targets: list[tuple[int, object]], stream) -> None:
+def _copy_into_arena(core, u8, targets: list[tuple[int, object]], stream) -> list[int]:
     """Chunk ``i`` of ``u8`` into each ``(i, extent)``: one gather kernel per chunk from a
-    contiguous CUDA tensor into the CUDA-registered arena, else a host copy."""
+    contiguous CUDA tensor into the CUDA-registered arena, else a host copy. Returns the
+    CRC32C of each extent as written (read back from the arena, so it covers what the daemon
+    will publish)."""
     ns = core.namespace
     kernel = stream is not None and u8.is_contiguous() and _kernels_usable() and core.arena.register_cuda()
     if kernel:
@@ -120,6 +127,7 @@ def _copy_into_arena(core, u8, targets: list[tuple[int, object]], stream) -> Non
             C.copy_chunk_out(u8, ns, index, dst, stream)
     if stream is not None:
         stream.synchronize()   # bytes in the arena before commit
+    return [_crc.crc32c(dst) for _, dst in targets]
 
 
 def retrieve_local(core, keys: list[bytes], asm: "C.ChunkAssembler"):

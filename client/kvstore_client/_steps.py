@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from kvstore_wire._proto.kvstore.v1 import data_pb2, local_pb2
+from kvstore_wire.channel import TlsOptions, auth_metadata, open_channel
 from kvstore_wire.framing import data_or_message, serializer
 
 #: Largest message the client accepts (Get pieces are ``server.stream_piece_bytes``).
@@ -56,6 +57,17 @@ RPCS: dict[str, tuple[str, str, Callable, Callable]] = {
 def channel_options() -> list[tuple[str, int]]:
     return [("grpc.max_receive_message_length", CLIENT_MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", CLIENT_MAX_MESSAGE_BYTES)]
+
+
+def open_client_channel(addr: str, token: str | None, tls: TlsOptions | None, aio: bool = False):
+    """(call metadata, channel) for ``addr``: TLS when ``tls`` is given; the token only over
+    TLS, a unix socket or loopback (``kvstore_client.errors.InvalidArgument`` otherwise)."""
+    from .errors import InvalidArgument
+
+    try:
+        return auth_metadata(token, addr, tls), open_channel(addr, tls=tls, options=channel_options(), aio=aio)
+    except ValueError as e:  # InsecureTransportError, unreadable PEM files
+        raise InvalidArgument(str(e)) from None
 
 
 def bind_stubs(channel) -> dict[str, Callable]:

@@ -26,7 +26,8 @@ from kvstore_wire.types import Durability, Tier
 
 from . import _core
 from ._common import LookupResult
-from ._steps import Call, Stream, Upload, Work, bind_stubs, channel_options
+from ._steps import Call, Stream, Upload, Work, bind_stubs, open_client_channel
+from kvstore_wire.channel import TlsOptions
 from .errors import from_rpc_error
 
 log = logging.getLogger(__name__)
@@ -36,23 +37,23 @@ class AsyncKVStoreClient:
     """One namespace on one daemon, for one event loop. Build it with ``await connect(...)``."""
 
     def __init__(self, addr: str, token: str | None = None, timeout_s: float | None = 60.0, *,
-                 local: bool | None = None, copy_threads: int | None = None) -> None:
-        """Use ``await AsyncKVStoreClient.connect(...)`` (this only prepares the channel)."""
+                 local: bool | None = None, copy_threads: int | None = None, tls: TlsOptions | None = None) -> None:
+        """Use ``await AsyncKVStoreClient.connect(...)`` (this only prepares the channel).
+        ``tls``: as for ``KVStoreClient``."""
         self.addr = addr
         self.timeout_s = timeout_s
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata, self._channel = open_client_channel(addr, token, tls, aio=True)
         self._releases: set[asyncio.Task] = set()
         self._core = _core.ClientCore(addr, local=local, copy_threads=copy_threads, release_later=self._release_later)
-        self._channel = grpc.aio.insecure_channel(addr, options=channel_options())
         self._rpc = bind_stubs(self._channel)
 
     @classmethod
     async def connect(cls, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
                       timeout_s: float | None = 60.0, local: bool | None = None,
-                      copy_threads: int | None = None) -> "AsyncKVStoreClient":
+                      copy_threads: int | None = None, tls: TlsOptions | None = None) -> "AsyncKVStoreClient":
         """Registers the namespace and, per ``local`` (as in ``KVStoreClient``), maps the
         daemon's arena and presence index."""
-        self = cls(addr, token, timeout_s, local=local, copy_threads=copy_threads)
+        self = cls(addr, token, timeout_s, local=local, copy_threads=copy_threads, tls=tls)
         try:
             await self._run(self._core.connect(namespace))
         except BaseException:

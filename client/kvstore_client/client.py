@@ -28,7 +28,8 @@ from kvstore_wire.types import Durability, Tier
 
 from . import _core
 from ._common import LookupResult
-from ._steps import Call, Stream, Upload, Work, bind_stubs, channel_options
+from ._steps import Call, Stream, Upload, Work, bind_stubs, open_client_channel
+from kvstore_wire.channel import TlsOptions
 from .errors import from_rpc_error
 
 log = logging.getLogger(__name__)
@@ -40,18 +41,20 @@ class KVStoreClient:
     """One namespace on one daemon. Thread-safe (gRPC channels are; see ``_core`` on re-attach)."""
 
     def __init__(self, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
-                 timeout_s: float | None = 60.0, local: bool | None = None, copy_threads: int | None = None) -> None:
+                 timeout_s: float | None = 60.0, local: bool | None = None, copy_threads: int | None = None,
+                 tls: TlsOptions | None = None) -> None:
         """``local``: use the same-host shared-memory path (True: required; None: when the
         daemon's arena can be mapped from here, else the stream path; False: never).
-        ``copy_threads``: threads copying chunks on the same-host path (default: up to 4)."""
+        ``copy_threads``: threads copying chunks on the same-host path (default: up to 4).
+        ``tls``: TLS (a client certificate for mutual TLS) for a TCP address; a ``token`` is sent
+        only over TLS, a unix socket or loopback (InvalidArgument otherwise)."""
         self.addr = addr
         self.timeout_s = timeout_s
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._metadata, self._channel = open_client_channel(addr, token, tls)
         self._release_q: queue.SimpleQueue = queue.SimpleQueue()
         self._release_lock = threading.Lock()   # guards _releaser (started once)
         self._releaser: threading.Thread | None = None
         self._core = _core.ClientCore(addr, local=local, copy_threads=copy_threads, release_later=self._release_later)
-        self._channel = grpc.insecure_channel(addr, options=channel_options())
         self._rpc = bind_stubs(self._channel)
         try:
             self._run(self._core.connect(namespace))

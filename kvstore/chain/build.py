@@ -24,10 +24,12 @@ from .chain import Level, TierChain
 def build_chain(config: cfg.Config, transcoder: Transcoder | None = None,
                 clock: Callable[[], float] = time.time, *,
                 wrap: Mapping[Medium, Callable[[Tier], Tier]] | None = None,
-                verify_crc: bool = False, resolve: Callable[[bytes], object] | None = None) -> TierChain:
+                verify_crc: bool = True, resolve: Callable[[bytes], object] | None = None) -> TierChain:
     """The chain ``config`` describes. ``transcoder`` is needed when a tier has a codec
-    (FailedPrecondition otherwise); ``resolve`` (namespace id -> Namespace) is handed to the
-    tier factories. On failure every tier built so far is closed."""
+    (FailedPrecondition otherwise). ``verify_crc``: in-memory tiers check every chunk's
+    CRC32C on ``get`` (False only for benchmarks that measure the unchecked path).
+    ``resolve`` (namespace id -> Namespace) is handed to the tier factories. On failure
+    every tier built so far is closed."""
     pins = PinTable(clock)
     ctx = registry.BuildContext(config, pins, clock, verify_crc, resolve)
     entries = [registry.entry(m) for m in config.chain.tiers]
@@ -48,7 +50,8 @@ def build_chain(config: cfg.Config, transcoder: Transcoder | None = None,
                 tier = wrap[e.medium](tier)
             levels.append(Level(tier, e.durable,
                                 config.chain.link_write_mode.get(e.medium, e.write_mode(config) or config.chain.write_mode),
-                                e.write_queue_chunks(config), config.chain.promote_on_hit))
+                                e.write_queue_chunks(config), config.chain.promote_on_hit,
+                                config.chain.write_behind_fraction))
         if not levels:
             raise FailedPrecondition("every tier in chain.tiers is disabled; enable at least one")
         return TierChain(levels, pins)

@@ -6,6 +6,11 @@
 - A put lands in the first tier and goes down link by link: ``WRITE_THROUGH`` on the caller's
   thread, ``WRITE_BEHIND`` through the link's bounded ``WriteBehind`` queue. A PERSISTED put
   is written through every link down to the first durable tier before it returns.
+- Backpressure never fails a put because of write-behind: when a tier has no room for a
+  foreground write, its outgoing queue gives back its leases first (``with_room``); a MEMORY
+  put the first tier still cannot take is stored in a lower tier (``_spill``).
+- ``get`` serves only verified bytes: a tier reports a chunk whose checksum fails as a miss
+  (after dropping it), and the walk goes on to the tiers below.
 - Pins (one ``PinTable`` shared by every tier) protect chunks from eviction, with a TTL.
 
 The chain never names a medium: tiers come from ``chain.build`` (the registry), wrappers
@@ -30,7 +35,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 from .. import config as cfg
 from ..domain.errors import FailedPrecondition, KVStoreError, ResourceExhausted, Unavailable
@@ -41,6 +46,8 @@ from ..tiers.registry import DEFAULT_WRITE_QUEUE_CHUNKS
 from .writeback import WRITE_BEHIND_SOURCE_FRACTION, WriteBehind
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: How long ``close`` waits for each link's queued copies before dropping them (seconds).
 #: Sized for a full default queue (256 chunks of tens of MB) on a slow SSD.
@@ -56,10 +63,13 @@ class Level:
     durable: bool
     #: How MEMORY puts reach this level from the one above (ignored for the first level).
     write_mode: cfg.WriteMode = cfg.WriteMode.WRITE_BEHIND
-    #: Bound of the write-behind queue into this level.
+    #: Bound of the write-behind queue into this level (chunks).
     write_queue_chunks: int = DEFAULT_WRITE_QUEUE_CHUNKS
     #: Copy hits found below this level into it.
     promote: bool = True
+    #: Bound of that queue in bytes, as a fraction of the level above's capacity
+    #: (``chain.write_behind_fraction``).
+    write_queue_fraction: float = WRITE_BEHIND_SOURCE_FRACTION
 
     @property
     def medium(self) -> Medium:
@@ -80,6 +90,8 @@ class ChainStats:
     read_errors: int = 0
     #: Hits that could not be promoted (no room above); served from where they were found.
     promotions_skipped: int = 0
+    #: MEMORY puts the first tier had no room for, stored in a lower tier instead.
+    spilled: int = 0
 
 
 class TierChain:
@@ -94,13 +106,14 @@ class TierChain:
         self._write_errors = 0
         self._read_errors = 0
         self._promotions_skipped = 0
+        self._spilled = 0
         self._closed = False
         # _links[i] carries copies from level i to level i + 1 (None: write-through).
         self._links: list[WriteBehind | None] = []
         for i, lower in enumerate(self.levels[1:]):
             upper = self.levels[i]
             if lower.write_mode is cfg.WriteMode.WRITE_BEHIND:
-                budget = int(upper.tier.stats().capacity_bytes * WRITE_BEHIND_SOURCE_FRACTION)
+                budget = int(upper.tier.stats().capacity_bytes * lower.write_queue_fraction)
                 self._links.append(WriteBehind(
                     upper.tier, lambda cid, ref, i=i: self._write_behind(i, cid, ref), lower.write_queue_chunks,
                     budget, name=f"kvstore-writer-{upper.medium.name.lower()}-{lower.medium.name.lower()}"))
@@ -166,21 +179,54 @@ class TierChain:
         """Stores the chunk (copying ``payload``) in the first tier and down the chain by
         policy. PERSISTED: written through to the first durable tier before returning
         (Unavailable if there is none or it fails). Raises ResourceExhausted when the first
-        tier cannot make room and the chunk cannot go to a durable tier instead."""
+        tier cannot make room (after the write-behind queue out of it gave its leases back)
+        and no lower tier takes the chunk instead (``_spill``)."""
         persist = self.check_put(durability)
         if self.medium_of(cid) is not None:
             if persist and not any(lv.durable and lv.tier.contains(cid) for lv in self.levels):
                 self.write_below(0, cid, meta, payload, persist=True, from_top=True)
             return PutResult.EXISTED
         try:
-            stored = self.levels[0].tier.put(cid, meta, payload)
-        except ResourceExhausted:
-            if not persist:
-                raise
-            return PutResult.STORED if self.write_below(0, cid, meta, payload, persist=True) else PutResult.EXISTED
+            stored = self.with_room(0, lambda: self.levels[0].tier.put(cid, meta, payload))
+        except ResourceExhausted as full:
+            if persist:
+                return PutResult.STORED if self.write_below(0, cid, meta, payload, persist=True) else PutResult.EXISTED
+            return self._spill(cid, meta, payload, full)
         if stored or persist:
             self.write_below(0, cid, meta, payload, persist)
         return PutResult.STORED if stored else PutResult.EXISTED
+
+    def _spill(self, cid: ChunkId, meta: ChunkMeta, payload, full: ResourceExhausted) -> PutResult:
+        """A MEMORY put the first tier has no room for (its space is held by readers, writes
+        in progress or pins): stored in the first lower tier that takes it, then on down by
+        policy, as if it had been evicted from above. Counted in ``spilled``. Raises ``full``
+        when no lower tier takes it."""
+        for i in range(1, len(self.levels)):
+            try:
+                stored = self.levels[i].tier.put(cid, meta, payload)
+            except (Unavailable, ResourceExhausted) as err:
+                log.warning("%s has no room for %s and %s refused it too: %s", self.levels[0].medium.name,
+                            cid.hex(), self.levels[i].medium.name, err)
+                continue
+            self._count("_spilled")
+            if stored:
+                self.write_below(i, cid, meta, payload, persist=False)
+            return PutResult.STORED if stored else PutResult.EXISTED
+        raise full
+
+    def with_room(self, level: int, write: Callable[[], T]) -> T:
+        """Runs a foreground ``write`` into ``level``; if that tier cannot make room
+        (ResourceExhausted), the write-behind link out of it gives back the leases of its
+        queued copies (skipped and counted) and ``write`` runs once more. Queued lower-tier
+        copies therefore never make a put fail; a second ResourceExhausted is the tier's own
+        (pins, readers, writes in progress) and propagates with its message."""
+        try:
+            return write()
+        except ResourceExhausted:
+            link = self._links[level] if level < len(self._links) else None
+            if link is None or not link.shed():
+                raise
+        return write()
 
     def stored_in(self, level: int, cid: ChunkId, durability: Durability) -> None:
         """A chunk was just published in ``level`` by someone other than ``put`` (a same-host
@@ -391,10 +437,11 @@ class TierChain:
 
     def stats(self) -> ChainStats:
         with self._lock:
-            werr, rerr, skipped = self._write_errors, self._read_errors, self._promotions_skipped
+            werr, rerr, skipped, spilled = (self._write_errors, self._read_errors, self._promotions_skipped,
+                                            self._spilled)
         links = [lk for lk in self._links if lk is not None]
         return ChainStats([t.stats() for t in self._tiers()], sum(lk.depth for lk in links),
-                          sum(lk.dropped for lk in links), len(self.pins), werr, rerr, skipped)
+                          sum(lk.dropped for lk in links), len(self.pins), werr, rerr, skipped, spilled)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def flush(self, timeout_s: float | None = None) -> None:

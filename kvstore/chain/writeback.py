@@ -5,11 +5,14 @@ cannot pull the bytes away before the writer copies them) and queues it; one wri
 hands each queued lease to ``write(cid, ref)`` and releases it. The queue is bounded twice:
 
 - ``max_chunks`` entries (``disk.write_queue_chunks``);
-- ``max_bytes`` of leased payload (``WRITE_BEHIND_SOURCE_FRACTION`` of the upper tier), so
+- ``max_bytes`` of leased payload (``chain.write_behind_fraction`` of the upper tier), so
   leases held for the queue can never take the whole arena away from foreground puts.
 
 A submit that would exceed either bound skips the lower-tier copy and counts it in
-``dropped`` (the chunk stays in the upper tier); it never blocks or fails the put.
+``dropped`` (the chunk stays in the upper tier); it never blocks or fails the put. When the
+upper tier cannot make room for a foreground write, the chain calls ``shed``: every queued
+copy not yet started gives its lease back (skipped and counted the same way), so queued
+copies never make a put fail.
 
 Lock order: ``WriteBehind._lock`` -> tier locks (``peek`` is called outside it). ``_lock``
 guards the counters and ``_queued``; it is never held during I/O or while waiting.
@@ -29,8 +32,9 @@ from ..tiers.base import ChunkRef, Tier
 
 log = logging.getLogger(__name__)
 
-#: Most of the upper tier's capacity the queued leases may hold (fraction). Half leaves the
-#: other half to foreground puts even when the lower tier stalls completely.
+#: Default of ``chain.write_behind_fraction``: most of the upper tier's capacity the queued
+#: leases may hold. Half leaves the other half to foreground writes and readers even when the
+#: lower tier stalls completely (and ``shed`` gives it back under pressure).
 WRITE_BEHIND_SOURCE_FRACTION = 0.5
 #: How long the writer thread gets to exit after the queue is settled (seconds).
 WRITER_JOIN_TIMEOUT_S = 10.0
@@ -39,13 +43,17 @@ WRITER_JOIN_TIMEOUT_S = 10.0
 class _Write:
     """One queued write; ``cancelled`` is set by a delete before the writer reaches it."""
 
-    __slots__ = ("cid", "ref", "nbytes", "cancelled")
+    __slots__ = ("cid", "ref", "nbytes", "cancelled", "started", "shed")
 
     def __init__(self, cid: ChunkId, ref: ChunkRef) -> None:
         self.cid = cid
         self.ref = ref
         self.nbytes = ref.view.nbytes
         self.cancelled = False
+        #: The writer took it (``shed`` leaves it alone from then on).
+        self.started = False
+        #: ``shed`` gave its lease back (and took its bytes off ``_queued_bytes``).
+        self.shed = False
 
 
 class WriteBehind:
@@ -92,6 +100,33 @@ class WriteBehind:
         ref.release()
         return False
 
+    @property
+    def queued_bytes(self) -> int:
+        """Payload bytes the queue's leases hold in the upper tier."""
+        with self._lock:
+            return self._queued_bytes
+
+    def shed(self) -> int:
+        """Gives back the lease of every queued copy the writer has not started: those
+        lower-tier copies are skipped and counted in ``dropped`` (the chunks stay in the upper
+        tier, where eviction may now take them). Returns the payload bytes released."""
+        shed: list[_Write] = []
+        with self._lock:
+            for ws in self._queued.values():
+                for w in ws:
+                    if not w.started and not w.cancelled:
+                        w.cancelled = w.shed = True
+                        shed.append(w)
+            freed = sum(w.nbytes for w in shed)
+            self._queued_bytes -= freed
+            self.dropped += len(shed)
+        for w in shed:
+            w.ref.release()         # the writer skips it and does not release it again
+        if shed:
+            log.info("write-behind gave back %d queued copies (%d bytes) to make room for foreground writes; "
+                     "their lower-tier copies are skipped", len(shed), freed)
+        return freed
+
     def cancel(self, match: Callable[[ChunkId], bool]) -> None:
         """Queued copies of matching ids are skipped when the writer reaches them."""
         with self._lock:
@@ -113,6 +148,7 @@ class WriteBehind:
                     if not pending:
                         self._queued.pop(w.cid, None)
                     cancelled = w.cancelled
+                    w.started = True
                 if not cancelled:
                     try:
                         self._write(w.cid, w.ref)
@@ -120,9 +156,12 @@ class WriteBehind:
                         log.exception("write-behind of %s failed with an unexpected error", w.cid.hex())
             finally:
                 if w is not None:
-                    w.ref.release()
                     with self._lock:
-                        self._queued_bytes -= w.nbytes
+                        mine = not w.shed       # a shed write's lease is released by ``shed``
+                        if mine:
+                            self._queued_bytes -= w.nbytes
+                    if mine:
+                        w.ref.release()
                 self._queue.task_done()
 
     def flush(self, timeout_s: float | None = None) -> None:

@@ -87,13 +87,29 @@ def _pick(prefix: str, candidates: list[str], what: str) -> bytes:
     return bytes.fromhex(hits[0])
 
 
+def _channel(args) -> tuple[grpc.Channel, tuple]:
+    """The channel to the daemon and the call metadata (the token), from the --tls-* and --token options."""
+    from kvstore_wire.channel import InsecureTransportError, TlsOptions, auth_metadata, open_channel
+
+    tls = None
+    if args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+        try:
+            tls = TlsOptions(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
+                             server_name=args.tls_server_name)
+        except ValueError as e:
+            raise Exit(EXIT_USAGE, f"kvctl: {e}") from None
+    try:
+        md = auth_metadata(args.token or os.environ.get("KVSTORE_TOKEN"), args.addr, tls)
+        return open_channel(args.addr, tls=tls), md
+    except (InsecureTransportError, ValueError) as e:
+        raise Exit(EXIT_USAGE, f"kvctl: {e}") from None
+
+
 class Ctl:
     def __init__(self, args) -> None:
         self.args = args
-        self.channel = grpc.insecure_channel(args.addr)
+        self.channel, self.md = _channel(args)
         self.admin = admin_pb2_grpc.AdminStub(self.channel)
-        token = args.token or os.environ.get("KVSTORE_TOKEN")
-        self.md = (("authorization", f"Bearer {token}"),) if token else ()
 
     def channel_state_down(self) -> bool:
         """After an UNAVAILABLE: True when there is no connection to the daemon (not running,
@@ -302,6 +318,11 @@ def _common() -> argparse.ArgumentParser:
     c.add_argument("--token", default=S, help="admin token (default: env KVSTORE_TOKEN); status works without one")
     c.add_argument("--json", action="store_true", default=S, help="one JSON object on stdout")
     c.add_argument("--timeout", type=float, default=S, help="seconds per request (default 10)")
+    c.add_argument("--tls-ca", default=S, help="PEM CA that signs the daemon's certificate: use TLS (env KVSTORE_TLS_CA)")
+    c.add_argument("--tls-cert", default=S, help="PEM client certificate for mutual TLS (env KVSTORE_TLS_CERT)")
+    c.add_argument("--tls-key", default=S, help="PEM key of --tls-cert (env KVSTORE_TLS_KEY)")
+    c.add_argument("--tls-server-name", default=S, help="name to verify the daemon's certificate against "
+                                                        "(default: the host)")
     return c
 
 
@@ -346,7 +367,9 @@ def _parser() -> argparse.ArgumentParser:
 def _defaults() -> dict:
     # Not ``set_defaults``: the global options' actions are shared with every subparser, whose
     # defaults would then overwrite a value given before the command.
-    return {"addr": os.environ.get("KVSTORE_ADDR", DEFAULT_ADDR), "token": None, "json": False, "timeout": 10.0}
+    return {"addr": os.environ.get("KVSTORE_ADDR", DEFAULT_ADDR), "token": None, "json": False, "timeout": 10.0,
+            "tls_ca": os.environ.get("KVSTORE_TLS_CA"), "tls_cert": os.environ.get("KVSTORE_TLS_CERT"),
+            "tls_key": os.environ.get("KVSTORE_TLS_KEY"), "tls_server_name": None}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from .auth import Authenticator
 from .data import DataServicer
 from .local import LeaseTable, LocalDataServicer
 from .status import RequestInterceptor
+from .tls import check_tls_config, is_unix, server_credentials, verifies_client_certs
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def _data_handler(svc: DataServicer) -> grpc.GenericRpcHandler:
 class Daemon:
     def __init__(self, config: Config, store: Store) -> None:
         check_exposure(config)
+        check_tls_config(config)
         self.config = config
         self.store = store
         self.pool = ThreadPoolExecutor(config.server.worker_threads, thread_name_prefix="kvstore-worker")
@@ -91,11 +93,14 @@ class Daemon:
         self._metrics_server = None
         limit = config.server.max_message_bytes
         self.server = grpc.aio.server(
-            interceptors=[RequestInterceptor(Authenticator(config.auth), self.stats)],
+            interceptors=[RequestInterceptor(
+                Authenticator(config.auth, trust_cert_identities=verifies_client_certs(config.server.tls)),
+                self.stats, store.namespaces.quotas)],
             options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
                      ("grpc.so_reuseport", 0)])
         self.server.add_generic_rpc_handlers((_data_handler(DataServicer(store, config, self.pool, self.stats)),))
-        self.leases = LeaseTable(store.local, config.server.lease_ttl_s, config.server.max_open_leases)
+        self.leases = LeaseTable(store.local, config.server.lease_ttl_s, config.server.max_open_leases,
+                                 limits=store.limits)
         self._sweeper: asyncio.Task | None = None
         self.local = LocalDataServicer(store, config, self.pool, self.leases)
         local_pb2_grpc.add_LocalDataServicer_to_server(self.local, self.server)
@@ -104,9 +109,14 @@ class Daemon:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (DATA_SERVICE, ADMIN_SERVICE, LOCAL_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        tls = config.server.tls
+        creds = server_credentials(tls) if tls.enabled else None
         for addr in config.server.listen:
             try:
-                port = self.server.add_insecure_port(addr)
+                if creds is not None and not is_unix(addr):
+                    port = self.server.add_secure_port(addr, creds)
+                else:
+                    port = self.server.add_insecure_port(addr)
             except RuntimeError as e:
                 raise Unavailable(f"cannot listen on {addr}: {e} (is another daemon using it?)") from None
             if port == 0:

@@ -3,6 +3,12 @@
 Headers are checked by ``domain.chunks.validate_header`` (the same rules as ReserveWrite);
 storage, checksums and codec conversion are the ``Store``'s.
 
+Admission (``admission.py``): Put and Get streams pass a daemon-wide ``StreamGate``
+(``server.max_concurrent_streams``); Put data counts against the daemon-wide
+``InflightBudget`` (``server.max_inflight_bytes``) from the moment it arrives until its chunk
+is stored, and nothing is allocated from a header's announced length; a Put that sends
+nothing, or a Get whose reader takes nothing, for ``server.stream_idle_timeout_s`` is ended.
+
 Threading: methods run on the event loop. ``Store.lookup/locate`` never block and run
 inline; ``get``/``put``/``delete``/``read_as`` may do disk I/O or codec work and run on the
 worker pool.
@@ -23,22 +29,35 @@ from ..domain.types import ChunkId, ChunkMeta, Durability, Encoding
 from ..metrics import RequestStats
 from ..store import Store
 from . import convert, wire
+from .admission import END, IdleWatchdog, InflightBudget, StreamGate, next_within
 from .auth import current_principal
 
 
 class _Incoming:
-    """One chunk being received: its id, metadata and a preallocated buffer."""
+    """One chunk being received: its id, metadata and the data pieces that arrived so far.
+    Nothing is allocated from the header's ``payload_bytes``: the pieces are the messages
+    gRPC already holds, joined into one buffer (the one copy) when the chunk is complete."""
 
-    __slots__ = ("index", "cid", "meta", "durability", "buf", "view", "filled")
+    __slots__ = ("index", "cid", "meta", "durability", "pieces", "filled")
 
     def __init__(self, index: int, cid: ChunkId, meta: ChunkMeta, durability: Durability) -> None:
         self.index = index
         self.cid = cid
         self.meta = meta
         self.durability = durability
-        self.buf = bytearray(meta.payload_bytes)
-        self.view = memoryview(self.buf)
+        self.pieces: list[memoryview] = []
         self.filled = 0
+
+    def payload(self) -> memoryview | bytes:
+        """The complete payload (joins the pieces; one piece is used as is) and drops the pieces."""
+        pieces, self.pieces = self.pieces, []
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+
+
+def _retrieve(f: asyncio.Future) -> None:
+    """Done callback: consumes a background store's outcome (the stream already failed)."""
+    if not f.cancelled():
+        f.exception()
 
 
 class DataServicer:
@@ -47,6 +66,8 @@ class DataServicer:
         self._cfg = config.server
         self._pool = pool
         self._stats = stats
+        self._budget = InflightBudget(self._cfg.max_inflight_bytes, self._cfg.inflight_wait_s)
+        self._streams = StreamGate(self._cfg.max_concurrent_streams)
 
     def _namespace(self, namespace_id: bytes) -> NamespaceInfo:
         return self._store.namespace(namespace_id, current_principal().tenant_scope)
@@ -57,7 +78,7 @@ class DataServicer:
     # ------------------------------------------------------------------ RegisterNamespace
     async def RegisterNamespace(self, request, context):
         ns = convert.namespace_from_spec(request.spec, current_principal().tenant)
-        info = self._store.namespaces.register(ns)
+        info = await self._run(self._store.namespaces.register, ns)  # blocking: registry log append + fsync
         return data_pb2.RegisterNamespaceResponse(namespace=convert.namespace_info(info),
                                                   max_message_bytes=self._cfg.max_message_bytes)
 
@@ -71,60 +92,90 @@ class DataServicer:
 
     def _stored(self, c: _Incoming) -> PutResult:
         """Worker thread: the complete chunk to the store (which checks its CRC32C)."""
-        return self._store.put(c.cid, c.meta, c.view, c.durability, where=f"chunk {c.index}")
+        return self._store.put(c.cid, c.meta, c.payload(), c.durability, where=f"chunk {c.index}")
+
+    async def _store_and_release(self, c: _Incoming) -> PutResult:
+        try:
+            return await self._run(self._stored, c)
+        finally:
+            c.pieces = []
+            self._budget.release(c.filled)
 
     async def Put(self, request_iterator, context):
-        cur: _Incoming | None = None
-        index = 0
-        pending = []
-        received = 0
-        async for req in request_iterator:
-            if isinstance(req, memoryview):
-                if cur is None and index:
-                    raise InvalidArgument(f"data message after chunk {index - 1} was complete: more data than its "
-                                          "header's payload_bytes, or a missing header; send exactly "
-                                          "payload_bytes of data after each header")
-                if cur is None:
-                    raise InvalidArgument("data message before any header: each chunk is a PutChunkHeader "
-                                          "followed by its data messages")
-                n = req.nbytes
-                if cur.filled + n > cur.meta.payload_bytes:
-                    raise InvalidArgument(f"chunk {cur.index}: {cur.filled + n} data bytes sent but the header "
-                                          f"declared payload_bytes={cur.meta.payload_bytes}; send exactly that many")
-                cur.view[cur.filled:cur.filled + n] = req
-                cur.filled += n
-                received += n
-            elif req.WhichOneof("item") == "header":
-                if cur is not None:
-                    raise InvalidArgument(f"chunk {cur.index}: a new header arrived after {cur.filled} of "
-                                          f"{cur.meta.payload_bytes} payload bytes; send all data first")
-                cur = self._begin(req.header, index)
-                index += 1
-            elif req.WhichOneof("item") == "data":  # only reached for unusual encodings of data
-                raise InvalidArgument("malformed data message; send PutRequest(data=...) pieces")
-            else:
-                raise InvalidArgument("empty PutRequest: set header or data")
-            if cur is not None and cur.filled == cur.meta.payload_bytes:
-                pending.append(asyncio.ensure_future(self._run(self._stored, cur)))
-                cur = None
-        if cur is not None:
-            raise InvalidArgument(f"stream ended after {cur.filled} of {cur.meta.payload_bytes} payload bytes of "
-                                  f"chunk {cur.index}: truncated put, that chunk was not stored")
-        results = await asyncio.gather(*pending)
-        self._stats.add_bytes(received=received)
+        with self._streams.enter():
+            pending: list[asyncio.Future] = []
+            try:
+                await self._receive(request_iterator, pending)
+                results = await asyncio.gather(*pending)
+            finally:
+                for f in pending:   # after a failure, stores already started finish (and release) by themselves
+                    f.add_done_callback(_retrieve)
         stored = sum(1 for r in results if r is PutResult.STORED)
         return data_pb2.PutResponse(stored=stored, existed=len(results) - stored)
+
+    async def _receive(self, request_iterator, pending: list) -> None:
+        """Reads the whole stream, starting a store per complete chunk (appended to ``pending``).
+        Bytes count against the in-flight budget as they arrive, until their chunk is stored."""
+        cur: _Incoming | None = None
+        index = 0
+        received = 0
+        idle_s = self._cfg.stream_idle_timeout_s
+        try:
+            while (req := await next_within(request_iterator, idle_s, "the Put stream")) is not END:
+                if isinstance(req, memoryview):
+                    if cur is None and index:
+                        raise InvalidArgument(f"data message after chunk {index - 1} was complete: more data than "
+                                              "its header's payload_bytes, or a missing header; send exactly "
+                                              "payload_bytes of data after each header")
+                    if cur is None:
+                        raise InvalidArgument("data message before any header: each chunk is a PutChunkHeader "
+                                              "followed by its data messages")
+                    n = req.nbytes
+                    if cur.filled + n > cur.meta.payload_bytes:
+                        raise InvalidArgument(f"chunk {cur.index}: {cur.filled + n} data bytes sent but the header "
+                                              f"declared payload_bytes={cur.meta.payload_bytes}; send exactly that "
+                                              "many")
+                    await self._budget.acquire(n)
+                    cur.pieces.append(req)
+                    cur.filled += n
+                    received += n
+                elif req.WhichOneof("item") == "header":
+                    if cur is not None:
+                        raise InvalidArgument(f"chunk {cur.index}: a new header arrived after {cur.filled} of "
+                                              f"{cur.meta.payload_bytes} payload bytes; send all data first")
+                    cur = self._begin(req.header, index)
+                    index += 1
+                elif req.WhichOneof("item") == "data":  # only reached for unusual encodings of data
+                    raise InvalidArgument("malformed data message; send PutRequest(data=...) pieces")
+                else:
+                    raise InvalidArgument("empty PutRequest: set header or data")
+                if cur is not None and cur.filled == cur.meta.payload_bytes:
+                    pending.append(asyncio.ensure_future(self._store_and_release(cur)))
+                    cur = None
+        except BaseException:
+            if cur is not None:         # a failed stream: drop the partial chunk's bytes
+                cur.pieces = []
+                self._budget.release(cur.filled)
+            raise
+        finally:
+            self._stats.add_bytes(received=received)
+        if cur is not None:
+            cur.pieces = []
+            self._budget.release(cur.filled)
+            raise InvalidArgument(f"stream ended after {cur.filled} of {cur.meta.payload_bytes} payload bytes of "
+                                  f"chunk {cur.index}: truncated put, that chunk was not stored")
 
     # ------------------------------------------------------------------ Lookup / Exists
     async def Lookup(self, request, context):
         info = self._namespace(request.namespace_id)
         cids = chunk_ids(info, request.keys, self._cfg.max_keys_per_request)
-        found = self._store.lookup(cids, request.pin_ttl_s)
-        if found.matched < len(cids) and self._store.serves_prefixes:
+        tenant, pin = current_principal().tenant, request.pin_ttl_s
+        if self._store.serves_prefixes:
             # A local miss: the rest of the prefix from the remote tier, on a worker (one
-            # round trip, bounded by its deadline), promoted locally; then answer again.
-            await self._run(self._store.fill_prefix, cids)
-            found = self._store.lookup(cids, request.pin_ttl_s)
+            # round trip, bounded by its deadline), promoted locally; then pinned and answered.
+            if self._store.lookup(cids).matched < len(cids):
+                await self._run(self._store.fill_prefix, cids)
+        found = self._store.lookup(cids, pin, tenant, info.chunk_bytes)
         return data_pb2.LookupResponse(matched_chunks=found.matched, tiers=[int(m) for m in found.media])
 
     async def Exists(self, request, context):
@@ -143,26 +194,33 @@ class DataServicer:
         sent = 0
         if self._store.serves_prefixes:
             await self._run(self._store.fill_prefix, cids)  # a prefix missed locally: one remote batch
-        try:
-            for i, cid in enumerate(cids):
-                ref = await self._run(self._store.get, cid)
-                if ref is None:
-                    yield data_pb2.GetResponse(header=data_pb2.GetChunkHeader(index=i, found=False))
-                    continue
-                with ref:  # the lease is held until the last piece is handed to gRPC
-                    m, view = ref.meta, ref.view
-                    want = Encoding(request.encoding) if request.encoding else m.encoding
-                    if want != m.encoding:
-                        m, view = await self._run(self._store.read_as, ref, want)
-                    yield data_pb2.GetResponse(header=data_pb2.GetChunkHeader(
-                        index=i, found=True, num_tokens=m.num_tokens, encoding=int(m.encoding),
-                        payload_bytes=m.payload_bytes, crc32c=m.crc32c, tier=int(ref.medium),
-                        key_kind=int(m.key_kind)))
-                    for off in range(0, view.nbytes, piece):
-                        yield wire.encode_data_piece(view[off:off + piece])
-                    sent += view.nbytes
-        finally:
-            self._stats.add_bytes(sent=sent)
+        # A reader that stops taking pieces would hold its lease (arena pages) forever: each
+        # send gets server.stream_idle_timeout_s, then the stream is cancelled.
+        watchdog = IdleWatchdog(self._cfg.stream_idle_timeout_s)
+        with self._streams.enter():
+            try:
+                for i, cid in enumerate(cids):
+                    ref = await self._run(self._store.get, cid)
+                    if ref is None:
+                        with watchdog:
+                            yield data_pb2.GetResponse(header=data_pb2.GetChunkHeader(index=i, found=False))
+                        continue
+                    with ref:  # the lease is held until the last piece is handed to gRPC
+                        m, view = ref.meta, ref.view
+                        want = Encoding(request.encoding) if request.encoding else m.encoding
+                        if want != m.encoding:
+                            m, view = await self._run(self._store.read_as, ref, want)
+                        with watchdog:
+                            yield data_pb2.GetResponse(header=data_pb2.GetChunkHeader(
+                                index=i, found=True, num_tokens=m.num_tokens, encoding=int(m.encoding),
+                                payload_bytes=m.payload_bytes, crc32c=m.crc32c, tier=int(ref.medium),
+                                key_kind=int(m.key_kind)))
+                        for off in range(0, view.nbytes, piece):
+                            with watchdog:
+                                yield wire.encode_data_piece(view[off:off + piece])
+                        sent += view.nbytes
+            finally:
+                self._stats.add_bytes(sent=sent)
 
     # ------------------------------------------------------------------ Delete
     async def Delete(self, request, context):

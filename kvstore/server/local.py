@@ -27,7 +27,9 @@ from kvstore_wire._proto.kvstore.v1 import local_pb2
 
 from ..domain.chunks import ChunkHeader, chunk_ids, parse_durability, validate_header
 from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from ..config import ServerConfig
 from ..store import LocalAccess, Store
+from ..store.limits import Resource, TenantCounters, TenantLimits
 from .auth import current_principal
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,33 @@ SWEEP_INTERVAL_S = 1.0
 
 @dataclass(eq=False)
 class _Lease:
+    """One lease id: read leases or reservations of one tenant, and what they count against
+    that tenant's limits (given back by ``release``)."""
+
     tenant_scope: str | None
+    tenant: str
     expires_s: float
+    limits: TenantLimits
     refs: list = field(default_factory=list)            # read leases (ChunkRef)
     reservations: list = field(default_factory=list)    # (slot index, Reservation, ChunkMeta)
+    held_leases: int = 0
+    held_reservations: int = 0
+
+    def hold(self, resource: Resource, n: int = 1) -> None:
+        """Counts ``n`` open leases/reservations against the tenant (ResourceExhausted naming
+        the config key when over its limit)."""
+        self.limits.acquire(self.tenant, resource, n)
+        if resource is Resource.OPEN_LEASES:
+            self.held_leases += n
+        else:
+            self.held_reservations += n
+
+    def unhold(self, resource: Resource, n: int = 1) -> None:
+        self.limits.release(self.tenant, resource, n)
+        if resource is Resource.OPEN_LEASES:
+            self.held_leases -= n
+        else:
+            self.held_reservations -= n
 
     def release(self, local: LocalAccess) -> None:
         for r in self.refs:
@@ -50,13 +75,20 @@ class _Lease:
             local.abort(res)
         self.refs.clear()
         self.reservations.clear()
+        if self.held_leases:
+            self.unhold(Resource.OPEN_LEASES, self.held_leases)
+        if self.held_reservations:
+            self.unhold(Resource.OPEN_RESERVATIONS, self.held_reservations)
 
 
 class LeaseTable:
     """Open leases by id. Event-loop thread only."""
 
-    def __init__(self, local: LocalAccess, ttl_s: float, max_open: int, clock=time.time) -> None:
+    def __init__(self, local: LocalAccess, ttl_s: float, max_open: int, clock=time.time,
+                 limits: TenantLimits | None = None) -> None:
         self._m = local
+        #: Per-tenant open leases and reservations (the store's ``TenantLimits``).
+        self._limits = limits if limits is not None else TenantCounters.from_config(ServerConfig())
         self._ttl = ttl_s
         self._max = max_open
         self._clock = clock
@@ -76,7 +108,8 @@ class LeaseTable:
         return lid
 
     def new(self) -> _Lease:
-        return _Lease(current_principal().tenant_scope, self._clock() + self._ttl)
+        p = current_principal()
+        return _Lease(p.tenant_scope, p.tenant, self._clock() + self._ttl, self._limits)
 
     def take(self, lease_id: int) -> _Lease:
         """Removes and returns the caller's lease; NOT_FOUND when unknown, expired or another tenant's."""
@@ -143,6 +176,7 @@ class LocalDataServicer:
         cids = chunk_ids(info, request.keys, self._cfg.max_keys_per_request)
         lease = self._leases.new()
         extents = []
+        lease.hold(Resource.OPEN_LEASES)   # before anything is leased: over the limit, nothing is
         try:
             # One worker hop for the whole request (a disk hit inside may block).
             got_all = await self._run(self._m.lease_run, cids)
@@ -158,6 +192,8 @@ class LocalDataServicer:
         except BaseException:
             lease.release(self._m)
             raise
+        if not lease.refs:
+            lease.release(self._m)
         lid = self._leases.open(lease) if lease.refs else 0
         return local_pb2.LeaseReadResponse(lease_id=lid, extents=extents, expires_unix_s=lease.expires_s,
                                            arena_nonce=self._m.nonce)
@@ -173,8 +209,10 @@ class LocalDataServicer:
             for i, c in enumerate(request.chunks):
                 cid, meta = validate_header(info, ChunkHeader(c.key, c.num_tokens, c.payload_bytes, c.encoding,
                                                               c.key_kind), self._cfg.max_chunk_bytes, f"chunks[{i}]")
+                lease.hold(Resource.OPEN_RESERVATIONS)   # before the pages are taken
                 res = await self._run(self._m.reserve, cid, c.payload_bytes)
-                if res is None:
+                if res is None:   # stored already, or being written by another request
+                    lease.unhold(Resource.OPEN_RESERVATIONS)
                     slots.append(local_pb2.Slot(index=i, exists=True))
                     continue
                 lease.reservations.append((i, res, meta))
@@ -188,10 +226,6 @@ class LocalDataServicer:
 
     async def CommitWrite(self, request, context):
         lease = self._leases.take(request.lease_id)
-        if request.crc32c and len(request.crc32c) != len(lease.reservations):
-            lease.release(self._m)
-            raise InvalidArgument(f"{len(request.crc32c)} checksums for {len(lease.reservations)} reserved slots; "
-                                  "send one per slot that was not `exists`, in slot order, or none")
         try:
             durability = parse_durability(request.durability)
         except InvalidArgument:

@@ -5,21 +5,29 @@ through leases on it (``lease_run``) and writes chunks into reservations it fill
 (``reserve`` -> ``commit``/``abort``). Leases and reservations are the shared tier's; the
 server's ``LeaseTable`` only keeps them until the client releases them or they expire.
 
+No stale bytes: an extent handed to a client is zeroed first (freed pages hold other
+tenants' deleted or evicted chunks), and ``commit_many`` publishes an extent only when the
+client's CRC32C of what it wrote matches the extent (docs/security.md, "Stale bytes").
+
 Threading: ``attach`` and ``nonce`` are non-blocking; the rest runs on worker threads (a
-chain read may hit the disk, ``reserve`` may wait for a concurrent writer).
+chain read may hit the disk, ``reserve`` may evict and zeroes the extent; nothing here waits
+for another writer).
 """
 
 from __future__ import annotations
 
+import ctypes
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 import kvstore_native as native
 
 from ..chain import TierChain
-from ..domain.errors import DataLoss, FailedPrecondition
+from ..domain.errors import DataLoss, FailedPrecondition, InvalidArgument
 from ..domain.results import PutResult
 from ..domain.types import ChunkId, ChunkMeta, Durability, Medium
 from ..tiers.base import ChunkRef
@@ -48,8 +56,8 @@ class LocalRead:
 class LocalAccess:
     def __init__(self, chain: TierChain, index_path: Path | None, crc_threads: int) -> None:
         self._chain = chain
-        # Separate from the caller's worker pool: ``commit_many`` runs on a worker and waits
-        # for these.
+        # Separate from the caller's worker pool: ``commit_many`` and ``lease_run`` run on a
+        # worker and wait for these.
         self._crc_pool = ThreadPoolExecutor(crc_threads, thread_name_prefix="kvstore-crc")
         self._level = chain.shared_level
         self._shared_tier: SharedMemoryTier | None = (
@@ -79,17 +87,37 @@ class LocalAccess:
         """Leases of the leading run of present chunks (a prefix ends at the first miss, so
         nothing after it is leased); a chunk found below the arena is promoted into it first.
         A chunk the arena cannot make room for ends the run (the client reads it over the
-        stream path). With a level that serves prefixes (the remote tier), what the local
-        tiers miss is fetched from it in one batch and promoted first."""
+        stream path), and so does one whose arena copy fails its CRC32C check and has no
+        copy below. Every lease is of a chunk whose CRC32C the shared tier has just checked
+        (``Tier.get``); the checks of one run go in parallel on the CRC pool. With a level that
+        serves prefixes (the remote tier), what the local tiers miss is fetched from it in one
+        batch and promoted first."""
         s = self._shared()
         if self._chain.serves_prefixes:
             self._chain.fill_prefix(cids)   # the part missed locally, from the remote tier in one batch
+        run = self._chain.lookup(cids)      # in-memory presence: only the leading run is leased
+        futures = [self._crc_pool.submit(self._lease, s, c) for c in cids[:len(run)]]
+        got: list[LocalRead | None] = []
+        failure: BaseException | None = None
+        for f in futures:
+            try:
+                got.append(f.result())
+            except BaseException as err:  # noqa: BLE001 - re-raised below once every lease is released
+                failure = failure or err
+                got.append(None)
+        if failure is not None:
+            for lr in got:
+                if lr is not None:
+                    lr.ref.release()
+            raise failure
         out: list[LocalRead | None] = []
-        for cid in cids:
-            got = self._lease(s, cid)
-            if got is None:
+        for i, lr in enumerate(got):
+            if lr is None:                  # evicted or dropped meanwhile: the run ends here
+                for later in got[i + 1:]:
+                    if later is not None:
+                        later.ref.release()
                 break
-            out.append(got)
+            out.append(lr)
         return out + [None] * (len(cids) - len(out))
 
     def _lease(self, s: SharedMemoryTier, cid: ChunkId) -> LocalRead | None:
@@ -105,13 +133,17 @@ class LocalAccess:
         return LocalRead(ref, s.offset_of(ref), found)
 
     def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
-        """Arena pages a local client fills directly, or None when ``cid`` is already stored
-        in any tier."""
+        """Arena pages a local client fills directly, zeroed (they may hold another tenant's
+        freed chunk), or None when ``cid`` is already stored in any tier or being written by
+        another request right now (never waits for it)."""
         s = self._shared()
         self._chain.check_put(Durability.MEMORY)
         if self._chain.medium_of(cid) is not None:
             return None
-        return s.reserve(cid, nbytes)
+        res = self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes))
+        if res is not None:
+            _zero(res.view)     # never hand out another chunk's old bytes (docs/security.md)
+        return res
 
     def commit(self, res: Reservation, meta: ChunkMeta, durability: Durability) -> PutResult:
         """Publishes a filled reservation without copying it, then sends it down the chain as
@@ -131,11 +163,19 @@ class LocalAccess:
 
     def commit_many(self, reservations: list[tuple[int, Reservation, ChunkMeta]], crcs: Sequence[int],
                     durability: Durability) -> tuple[int, int]:
-        """Verifies each filled ``(slot index, reservation, meta)`` against ``crcs`` (one per
-        reservation in order, or none: computed), then commits it. Entries are popped from
-        ``reservations`` as they are handled, so whatever happens the caller aborts only the
-        rest. A bad chunk is aborted and reported (DataLoss) after the good ones are stored.
+        """Verifies each filled ``(slot index, reservation, meta)`` against ``crcs`` (exactly
+        one per reservation, in order: the CRC32C the client computed over what it wrote),
+        then commits it. Entries are popped from ``reservations`` as they are handled, so
+        whatever happens the caller aborts only the rest. InvalidArgument (nothing committed)
+        when the checksums are missing or miscounted; a chunk whose extent does not match is
+        aborted and reported (DataLoss) after the good ones are stored.
         Returns ``(stored, existed)``."""
+        if len(crcs) != len(reservations):
+            what = "no CRC32C checksums" if not crcs else f"{len(crcs)} CRC32C checksums"
+            raise InvalidArgument(
+                f"CommitWrite carried {what} for {len(reservations)} reserved slots: send crc32c, one per slot "
+                "that was not `exists`, in slot order, each the CRC32C of the bytes written into that extent; "
+                "an extent is only published after its checksum matches what the writer wrote")
         stored = existed = 0
         bad: list[str] = []
         # Checksums of all extents at once (native, GIL released): one pass over memory per
@@ -143,8 +183,8 @@ class LocalAccess:
         got = list(self._crc_pool.map(lambda r: native.crc32c(r[1].view), reservations))
         for n, crc in enumerate(got):
             i, res, meta = reservations.pop(0)
-            want = crcs[n] if n < len(crcs) else 0
-            if want and want != crc:
+            want = crcs[n]
+            if want != crc:
                 self.abort(res)
                 bad.append(f"chunks[{i}]: CRC32C {crc:#010x} of the written extent, the client said {want:#010x}")
                 continue
@@ -162,3 +202,9 @@ class LocalAccess:
 
     def close(self) -> None:
         self._crc_pool.shutdown(wait=True)
+
+
+def _zero(view: memoryview) -> None:
+    """Clears a writable extent (a memset, GIL released: about 0.6 ms for 6 MB)."""
+    if view.nbytes:
+        ctypes.memset(np.frombuffer(view, dtype=np.uint8).ctypes.data, 0, view.nbytes)

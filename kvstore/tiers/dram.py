@@ -66,15 +66,19 @@ class Reservation:
 
 
 class DramTier(Tier):
-    """Host-memory tier over one arena. ``verify_crc`` re-checks CRC32C on every ``get``
-    (a debug aid: this is memory the daemon wrote itself)."""
+    """Host-memory tier over one arena. ``verify_crc`` (the default) checks a chunk's CRC32C
+    on every ``get`` before anyone reads the lease: the arena is shared with same-host
+    clients that may write into it, and a bit flipped in RAM must not be served. A chunk
+    that fails is dropped, counted in ``stats().corrupt`` and reported as absent (the chain
+    then reads the tier below). ``peek``/``lease`` do not check (write-behind copies: the
+    lower tier checks the CRC on its own ``put``)."""
 
     medium = Medium.DRAM
     #: Where the arena header's nonce starts (``SharedMemoryTier.nonce_offset``).
     nonce_offset = NONCE_OFFSET
 
     def __init__(self, conf: cfg.DramConfig, pins: PinTable, clock: Callable[[], float],
-                 verify_crc: bool = False) -> None:
+                 verify_crc: bool = True) -> None:
         if conf.page_bytes <= 0 or conf.capacity_bytes < conf.page_bytes:
             raise InvalidArgument("dram.capacity_bytes must hold at least one dram.page_bytes page")
         self._page = conf.page_bytes
@@ -96,7 +100,6 @@ class DramTier(Tier):
         # Lock order: TierChain/WriteBehind locks -> DramTier._lock -> PinTable._lock. Never held during
         # a payload copy or a checksum.
         self._lock = threading.Lock()
-        self._changed = threading.Condition(self._lock)   # a reservation committed or aborted
         self._entries: dict[ChunkId, _Entry] = {}          # committed and reserved, not dead
         self._stats = TierStats(Medium.DRAM, self._policy.name, self._arena.capacity_bytes - self._page)
         self._closed = False
@@ -137,15 +140,27 @@ class DramTier(Tier):
 
     # -- Tier primitives --------------------------------------------------------------------
     def get(self, cid: ChunkId) -> ChunkRef | None:
+        """A verified lease (see the class docstring), or None: absent, or dropped as corrupt.
+        The checksum runs on the caller's thread, outside the lock, with the GIL released."""
         ref = self._lease(cid, touch=True)
-        if ref is not None and self._verify and native.crc32c(ref.view) != ref.meta.crc32c:
-            ref.release()
-            log.error("DRAM chunk %s failed its CRC32C check; dropping it", cid.hex())
-            with self._lock:
-                self._stats.corrupt += 1
-            self.delete(cid)
-            return None
-        return ref
+        if ref is None or not self._verify:
+            return ref
+        meta = ref.meta
+        crc = native.crc32c(ref.view)
+        if crc == meta.crc32c:
+            return ref
+        ref.release()
+        log.error("DRAM chunk %s failed its CRC32C check (%#010x, stored with %#010x): the arena was written "
+                  "outside a reservation or the memory is failing; dropping the copy, lower tiers serve it",
+                  cid.hex(), crc, meta.crc32c)
+        with self._lock:
+            self._stats.corrupt += 1
+            self._stats.hits -= 1     # counted as a hit by _lease; it is served as a miss
+            self._stats.misses += 1
+            e = self._entries.get(cid)
+            if e is not None and e.meta is meta:   # not a good copy stored again meanwhile
+                self._unlink(e, evicted=False)
+        return None
 
     def _lease(self, cid: ChunkId, touch: bool) -> ChunkRef | None:
         with self._lock:
@@ -190,18 +205,17 @@ class DramTier(Tier):
         return True
 
     def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
-        """Takes pages for ``cid`` (evicting by policy); None if ``cid`` is already present.
-        If another thread is writing ``cid``, waits for it to commit or abort first.
+        """Takes pages for ``cid`` (evicting by policy); None if ``cid`` is already present
+        OR is being written right now (reserved, not yet committed: "in flight"). Never waits
+        for that other writer: a reservation may be held by a same-host client for up to
+        ``server.lease_ttl_s``, and a waiting worker thread would stall every other tenant's
+        requests behind it. The caller reports such a chunk as existing (pending); if that
+        writer aborts, the chunk is simply absent (a cache miss), never wrong.
         Raises ResourceExhausted when no room can be made."""
         npages = max(1, -(-nbytes // self._page))
         with self._lock:
-            while True:
-                cur = self._entries.get(cid)
-                if cur is None:
-                    break
-                if cur.meta is not None:
-                    return None
-                self._changed.wait()
+            if cid in self._entries:   # committed, or in flight
+                return None
             if npages > self._alloc.total_pages - 1:  # page 0 is the header
                 raise ResourceExhausted(
                     f"a chunk of {nbytes} bytes does not fit the DRAM arena of {self._arena.capacity_bytes} "
@@ -226,7 +240,6 @@ class DramTier(Tier):
             self._policy.insert(e.cid, e.npages * self._page)
             self._stats.chunks += 1
             self._notify(e.cid, True)
-            self._changed.notify_all()
 
     def abort(self, res: Reservation) -> None:
         """Gives back the pages of a reservation that will not be committed."""
@@ -235,7 +248,6 @@ class DramTier(Tier):
             e = res._entry
             del self._entries[e.cid]
             self._free(e)
-            self._changed.notify_all()
 
     def _make_room(self, npages: int) -> int:
         """Evicts by policy until a run of ``npages`` is free; returns its start. Caller holds
@@ -248,9 +260,32 @@ class DramTier(Tier):
             page = self._alloc.alloc(npages)
             if page is not None:
                 return page
-        raise ResourceExhausted(
-            f"DRAM tier cannot free {npages * self._page} contiguous bytes: the remaining chunks are pinned "
-            f"({len(self._pins)} pins) or being read; unpin chunks (kvctl unpin) or raise dram.capacity_bytes")
+        raise ResourceExhausted(self._no_room_message(npages * self._page))
+
+    def _no_room_message(self, nbytes: int) -> str:
+        """What holds the arena when ``nbytes`` cannot be freed, and the knob to turn. Caller
+        holds the lock (the failure path only: it walks every entry)."""
+        reserved = leased = pinned = 0
+        n_res = n_lease = n_pin = 0
+        live = 0
+        for e in self._entries.values():
+            b = e.npages * self._page
+            live += b
+            if e.meta is None:
+                reserved, n_res = reserved + b, n_res + 1
+            elif e.leases:
+                leased, n_lease = leased + b, n_lease + 1
+            elif self._pins.is_pinned(e.cid):
+                pinned, n_pin = pinned + b, n_pin + 1
+        dead = self._stats.used_bytes - live          # unlinked, waiting for their last lease
+        free = self._alloc.free_pages * self._page
+        mib = 1024 * 1024
+        return (f"DRAM arena full: no room for a {nbytes / mib:.1f} MiB chunk in dram.capacity_bytes = "
+                f"{self._stats.capacity_bytes / mib:.0f} MiB. Held: {reserved / mib:.1f} MiB by {n_res} writes in "
+                f"progress, {(leased + dead) / mib:.1f} MiB by {n_lease} read leases (streams, same-host reads, a "
+                f"copy to a lower tier in progress) and deleted chunks still being read, {pinned / mib:.1f} MiB by {n_pin} pinned chunks; "
+                f"{free / mib:.1f} MiB free (too little, or not contiguous). Raise dram.capacity_bytes, write from fewer clients "
+                "at once, or unpin chunks (kvctl unpin)")
 
     def _unlink(self, e: _Entry, evicted: bool) -> None:
         del self._entries[e.cid]

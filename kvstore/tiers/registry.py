@@ -27,8 +27,10 @@ class BuildContext:
     config: cfg.Config
     pins: PinTable
     clock: Callable[[], float]
-    #: Re-check CRC32C on reads of in-memory tiers (a debug aid for tests).
-    verify_crc: bool = False
+    #: Re-check CRC32C on every ``get`` of an in-memory tier before its bytes are served
+    #: (corrupt copies are dropped and the chain reads the next tier). On by default: the
+    #: hardware CRC costs a fraction of the copy (numbers in docs/local-path.md).
+    verify_crc: bool = True
     #: Namespace id -> ``kvstore_wire.keys.Namespace`` (raises NotFound); None when the chain
     #: is built without the namespace registry (tiers that need it then treat chunks as opaque).
     resolve: Callable[[bytes], object] | None = None

@@ -4,8 +4,8 @@ Today only the DRAM arena implements it (``DramTier.shared_memory()``); a tier r
 face through ``Tier.shared_memory()`` (None: nothing a local client could map). The store's
 ``LocalAccess`` talks to this protocol only, never to ``DramTier`` itself.
 
-Threading: every method is thread-safe; ``reserve`` may wait for a concurrent writer of the
-same id, so it runs on worker threads.
+Threading: every method is thread-safe and none waits for another writer (``reserve`` of an
+id being written returns None at once); ``reserve`` may evict, so it runs on worker threads.
 """
 
 from __future__ import annotations
@@ -42,8 +42,9 @@ class SharedMemoryTier(Protocol):
         """Arena offset of a lease's bytes (what a local client reads at)."""
 
     def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
-        """Pages for ``cid`` (evicting by policy); None if it is already stored.
-        ResourceExhausted when no room can be made."""
+        """Pages for ``cid`` (evicting by policy); None if it is already stored or being
+        written (never waits). The pages hold whatever was there before: clear them before
+        anyone but the daemon may read them. ResourceExhausted when no room can be made."""
 
     def commit(self, res: Reservation, meta: ChunkMeta) -> None:
         """Publishes a filled reservation."""

@@ -150,3 +150,48 @@ KVS_API int kvs_cuda_codec_decode_batch(uint32_t count, const uint8_t* const* ho
                                         const uint8_t* const* dev_bufs, const uint64_t* lens, void* const* dev_dsts,
                                         uint64_t dst_bytes_each, void* stream, int verify_crc, char* err,
                                         size_t err_len);
+
+// ---- CUDA batch copies, checksums, pools, IPC (libkvstore_cuda.so, cuda/batch.cu) ---------
+// CRC32C of `count` buffers (ptrs/lens are HOST arrays; each buffer is device memory or
+// host memory the device can address), bit-exact with kvs_crc32c(0, buf, len). out[count] is
+// device memory or registered/pinned host memory, written by a kernel: asynchronous on
+// `stream`; read it after the stream synchronizes. Costs two launches for the whole batch.
+KVS_API int kvs_cuda_crc32c_batch(uint32_t count, const uint64_t* ptrs, const uint64_t* lens, uint32_t* out,
+                                  void* stream, char* err, size_t err_len);
+// crc32c(A || B) from crc32c(A), crc32c(B) and |B| (host; the GPU kernels' combine rule).
+KVS_API uint32_t kvs_cuda_crc32c_combine(uint32_t crc1, uint32_t crc2, uint64_t len2);
+// out[g] = crc32c of the concatenation of `per_group` buffers of `len_each` bytes each whose
+// CRCs are crcs[g*per_group ..] (e.g. the planes of a chunk checksummed row by row on the GPU).
+KVS_API void kvs_cuda_crc32c_fold(const uint32_t* crcs, uint64_t per_group, uint64_t len_each, uint64_t groups,
+                             uint32_t* out);
+// Copy-engine copies (cudaMemcpyDefault: any mix of device and registered host memory),
+// asynchronous on `stream`, no SM time. A batch of `count` copies (HOST arrays).
+KVS_API int kvs_cuda_memcpy_batch(uint32_t count, const uint64_t* dsts, const uint64_t* srcs, const uint64_t* sizes,
+                                  void* stream, char* err, size_t err_len);
+// `height` rows of `width` bytes, rows `src_pitch` / `dst_pitch` bytes apart (cudaMemcpy2DAsync).
+KVS_API int kvs_cuda_memcpy2d(uint64_t dst, uint64_t dst_pitch, uint64_t src, uint64_t src_pitch, uint64_t width,
+                              uint64_t height, void* stream, char* err, size_t err_len);
+// SM-kernel form of a batch of 2D copies with one shape: job i moves `height` rows of `width`
+// bytes from srcs[i] (rows src_pitch apart) to dsts[i] (rows dst_pitch apart); one launch for
+// all jobs. For device-to-device moves (HBM-tier loads, decoded chunks into the engine's
+// tensor), where it outruns cudaMemcpy2DAsync; falls back to the copy engine when any address,
+// pitch or width is not 16-byte aligned. dsts/srcs are HOST arrays.
+KVS_API int kvs_cuda_copy_rows(uint32_t count, const uint64_t* dsts, const uint64_t* srcs, uint64_t dst_pitch,
+                               uint64_t src_pitch, uint64_t width, uint64_t height, void* stream, char* err,
+                               size_t err_len);
+KVS_API int kvs_cuda_stream_sync(void* stream, char* err, size_t err_len);
+KVS_API int kvs_cuda_device_count(int* count, char* err, size_t err_len);
+KVS_API int kvs_cuda_set_device(int device, char* err, size_t err_len);
+// Page-locks host memory for the device (an already registered range is not an error).
+KVS_API int kvs_cuda_host_register(uint64_t ptr, uint64_t bytes, char* err, size_t err_len);
+KVS_API int kvs_cuda_host_unregister(uint64_t ptr, char* err, size_t err_len);
+// Device memory of the current device (plain cudaMalloc: IPC-exportable).
+KVS_API int kvs_cuda_malloc(uint64_t bytes, uint64_t* ptr, char* err, size_t err_len);
+KVS_API int kvs_cuda_free(uint64_t ptr, char* err, size_t err_len);
+// CUDA IPC: the handle of an allocation's base pointer (KVS_CUDA_IPC_HANDLE_BYTES bytes), and
+// its mapping in another process of the same GPU (close with kvs_cuda_ipc_close; the driver
+// unmaps it when the process dies).
+#define KVS_CUDA_IPC_HANDLE_BYTES 64
+KVS_API int kvs_cuda_ipc_get_handle(uint64_t ptr, uint8_t* handle, char* err, size_t err_len);
+KVS_API int kvs_cuda_ipc_open(const uint8_t* handle, uint64_t* ptr, char* err, size_t err_len);
+KVS_API int kvs_cuda_ipc_close(uint64_t ptr, char* err, size_t err_len);

@@ -78,7 +78,25 @@ _CUDA = {
     "kvs_cuda_codec_encode": (_ci, [_vp] + _SHAPE + [_ci, _vp, _vp, _u64, _pu64] + _ERR),
     "kvs_cuda_codec_decode": (_ci, [_cp, _u64, _vp, _u64, _vp, _u64, _vp, _ci] + _ERR),
     "kvs_cuda_codec_decode_batch": (_ci, [_u32, _vp, _vp, _vp, _vp, _vp, _u64, _vp, _ci] + _ERR),
+    "kvs_cuda_crc32c_batch": (_ci, [_u32, _vp, _vp, _vp, _vp] + _ERR),
+    "kvs_cuda_crc32c_combine": (_u32, [_u32, _u32, _u64]),
+    "kvs_cuda_crc32c_fold": (None, [_vp, _u64, _u64, _u64, _vp]),
+    "kvs_cuda_memcpy_batch": (_ci, [_u32, _vp, _vp, _vp, _vp] + _ERR),
+    "kvs_cuda_memcpy2d": (_ci, [_u64, _u64, _u64, _u64, _u64, _u64, _vp] + _ERR),
+    "kvs_cuda_copy_rows": (_ci, [_u32, _vp, _vp, _u64, _u64, _u64, _u64, _vp] + _ERR),
+    "kvs_cuda_stream_sync": (_ci, [_vp] + _ERR),
+    "kvs_cuda_device_count": (_ci, [ctypes.POINTER(_ci)] + _ERR),
+    "kvs_cuda_set_device": (_ci, [_ci] + _ERR),
+    "kvs_cuda_host_register": (_ci, [_u64, _u64] + _ERR),
+    "kvs_cuda_host_unregister": (_ci, [_u64] + _ERR),
+    "kvs_cuda_malloc": (_ci, [_u64, _pu64] + _ERR),
+    "kvs_cuda_free": (_ci, [_u64] + _ERR),
+    "kvs_cuda_ipc_get_handle": (_ci, [_u64, _vp] + _ERR),
+    "kvs_cuda_ipc_open": (_ci, [_vp, _pu64] + _ERR),
+    "kvs_cuda_ipc_close": (_ci, [_u64] + _ERR),
 }
+#: Bytes of a CUDA IPC memory handle (KVS_CUDA_IPC_HANDLE_BYTES).
+IPC_HANDLE_BYTES = 64
 
 
 def _load(path: Path, signatures: dict, hint: str) -> ctypes.CDLL:

@@ -16,7 +16,7 @@ import numpy as np
 from kvstore_native import _lib
 from kvstore_native.errors import NativeLibraryMissing, TransferError
 
-__all__ = ["PlaneSpec", "TransferError", "cuda_available", "gather", "scatter"]
+__all__ = ["PlaneSpec", "TransferError", "cuda_available", "gather", "scatter", "paged_views", "paged_spec"]
 
 
 def cuda_available() -> bool:
@@ -59,6 +59,63 @@ class PlaneSpec:
                 raise TransferError("every plane needs the same strides")
             ptrs.append(t.data_ptr())
         return cls(ptrs, list(range(start, start + tokens)), heads, dim * elt, t0.stride(2) * elt, t0.stride(1) * elt)
+
+
+#: vLLM GPU KV-cache layouts of one layer's tensor (``paged_views`` turns each into per-plane views
+#: shaped ``[num_blocks, block_size, heads, dim]``, strides as they are):
+#: FlashAttention ``[2, blocks, block_size, heads, dim]`` (NHD) / ``[2, blocks, heads, block_size, dim]`` (HND);
+#: FlashInfer ``[blocks, 2, block_size, heads, dim]`` / ``[blocks, 2, heads, block_size, dim]``;
+#: K/V separate: a (K, V) pair of ``[blocks, block_size, heads, dim]`` (``separate_nhd``) or
+#: ``[blocks, heads, block_size, dim]`` (``separate_hnd``); MLA latent ``[blocks, block_size, dim]``.
+PAGED_LAYOUTS = ("fa_nhd", "fa_hnd", "fi_nhd", "fi_hnd", "separate_nhd", "separate_hnd", "mla")
+
+
+def paged_views(layer: Any, layout: str) -> list[Any]:
+    """Per-plane views ``[blocks, block_size, heads, dim]`` (K then V; one plane for MLA) of one
+    layer's cache in a vLLM layout (``PAGED_LAYOUTS``); no copy, strides read as they are, so
+    per-layer strided views into one big buffer work too."""
+    if layout == "fa_nhd":
+        return [layer[0], layer[1]]
+    if layout == "fa_hnd":
+        return [layer[0].transpose(1, 2), layer[1].transpose(1, 2)]
+    if layout == "fi_nhd":
+        return [layer[:, 0], layer[:, 1]]
+    if layout == "fi_hnd":
+        return [layer[:, 0].transpose(1, 2), layer[:, 1].transpose(1, 2)]
+    if layout == "separate_nhd":
+        return [layer[0], layer[1]]
+    if layout == "separate_hnd":
+        return [layer[0].transpose(1, 2), layer[1].transpose(1, 2)]
+    if layout == "mla":
+        return [layer.unsqueeze(2)]
+    raise TransferError(f"unknown paged layout {layout!r}; known: {', '.join(PAGED_LAYOUTS)}")
+
+
+def paged_spec(layers: Sequence[Any], layout: str, block_ids: Sequence[int], tokens: int,
+               first_token: int = 0) -> PlaneSpec:
+    """The ``PlaneSpec`` of ``tokens`` tokens starting at position ``first_token`` of a sequence
+    whose KV lives in the paged blocks ``block_ids`` of per-layer caches ``layers`` (torch tensors
+    in ``layout``). Planes are (layer 0 K, layer 0 V, layer 1 K, ...), or one per layer for MLA."""
+    views = [v for layer in layers for v in paged_views(layer, layout)]
+    v0 = views[0]
+    if v0.dim() != 4:
+        raise TransferError(f"{layout}: each plane view must be [blocks, block_size, heads, dim], got {tuple(v0.shape)}")
+    _, bs, heads, dim = v0.shape
+    elt = v0.element_size()
+    for v in views:
+        if tuple(v.shape) != tuple(v0.shape) or v.stride() != v0.stride():
+            raise TransferError(f"{layout}: every plane needs one shape and one stride set")
+        if v.stride(3) != 1:
+            raise TransferError(f"{layout}: the head dimension must be contiguous")
+    bstride, tstride, hstride = v0.stride(0) * elt, v0.stride(1) * elt, v0.stride(2) * elt
+    if bstride % tstride:
+        raise TransferError(f"{layout}: block stride {bstride} is not a multiple of the token stride {tstride}")
+    per_block = bstride // tstride
+    need = (first_token + tokens + bs - 1) // bs
+    if len(block_ids) < need:
+        raise TransferError(f"{tokens} tokens from position {first_token} need {need} blocks, got {len(block_ids)}")
+    slots = [int(block_ids[(first_token + i) // bs]) * per_block + (first_token + i) % bs for i in range(tokens)]
+    return PlaneSpec([int(v.data_ptr()) for v in views], slots, int(heads), int(dim) * elt, tstride, hstride)
 
 
 def _call(name: str, *args) -> None:

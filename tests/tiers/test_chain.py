@@ -297,3 +297,59 @@ def test_chaos_a_flaky_disk_never_fails_memory_puts_or_serves_wrong_bytes(make_m
     s = m.stats()
     assert s.write_errors > 0 and served > 0
     assert all(t.used_bytes <= t.capacity_bytes for t in s.tiers)
+
+
+def test_queued_copies_give_their_leases_back_rather_than_fail_a_put(make_manager, tmp_path, rng):
+    # A budget of 90% of the arena and a stalled disk: the queued leases alone would leave no
+    # room for the next put. The put must still succeed: the queue sheds (skips, counts).
+    conf = chain_config(tmp_path / "disk", write_queue_chunks=1000, chain={"write_behind_fraction": 0.9})
+    m = make_manager(conf, disk_wrapper=lambda d: FaultyTier(d, delay_s=0.5))
+    readers = []
+    for _ in range(2):                            # two chunks a reader keeps leased
+        cid, meta, payload = make_chunk(rng)
+        m.put(cid, meta, payload, MEM)
+        readers.append(m.get(cid))
+    m.flush(timeout_s=10)
+    for _ in range(16):
+        cid, meta, payload = make_chunk(rng)
+        assert m.put(cid, meta, payload, MEM) is PutResult.STORED
+        with m.get(cid) as ref:
+            assert bytes(ref.view) == payload.tobytes()
+    s = m.stats()
+    assert s.write_queue_dropped >= 1
+    for ref in readers:
+        ref.release()
+    m.flush(timeout_s=30)
+    assert m.stats().write_queue_depth == 0
+
+
+def test_a_full_arena_names_what_holds_it_and_the_key_to_raise(make_manager, rng):
+    m = make_manager(chain_config("unused", chain={"tiers": ["dram"]}))
+    held = []
+    with pytest.raises(Exception) as e:
+        for _ in range(20):
+            cid, meta, payload = make_chunk(rng)
+            m.put(cid, meta, payload, MEM)
+            held.append(m.get(cid))               # readers keep every chunk leased
+    msg = str(e.value)
+    assert type(e.value).__name__ == "ResourceExhausted"
+    assert "dram.capacity_bytes" in msg and "read leases" in msg and "pinned" not in msg.split("Held:")[0]
+    for ref in held:
+        ref.release()
+
+
+def test_a_put_dram_has_no_room_for_is_stored_on_disk(make_manager, tmp_path, rng):
+    # Readers hold every DRAM chunk: a MEMORY put spills to the disk tier instead of failing.
+    m = make_manager(chain_config(tmp_path / "disk", chain={"write_mode": "write-through"}))
+    held = []
+    for _ in range(BUDGET_BYTES // CHUNK_BYTES):
+        cid, meta, payload = make_chunk(rng)
+        m.put(cid, meta, payload, MEM)
+        held.append(m.get(cid))
+    cid, meta, payload = make_chunk(rng)
+    assert m.put(cid, meta, payload, MEM) is PutResult.STORED
+    assert m.locate([cid]) == [Medium.DISK] and m.stats().spilled == 1
+    for ref in held:
+        ref.release()
+    with m.get(cid) as ref:
+        assert bytes(ref.view) == payload.tobytes()

@@ -130,3 +130,30 @@ def decode_batch(datas: list[bytes], outs: list, *, device_datas: list | None = 
     native.check(lib().kvs_cuda_codec_decode_batch(n, heads, lens, bufs, lens, dsts, nb, _stream(outs[0], stream),
                                              int(verify), err, native.ERR_CAP), err)
     return outs
+
+
+def decode_batch_ptrs(host_ptrs: list[int], dev_ptrs: list[int], lens: list[int], dst_ptrs: list[int],
+                      dst_bytes_each: int, stream: int, verify: bool = False) -> None:
+    """Pointer form of :func:`decode_batch` for the data path: ``host_ptrs[i]`` is the bitstream in
+    host memory (e.g. the shared arena; only its header and index are read unless ``verify``),
+    ``dev_ptrs[i]`` the same bytes on the device, ``dst_ptrs[i]`` its decoded chunk's device
+    buffer of ``dst_bytes_each`` bytes. One kernel launch on ``stream``; asynchronous."""
+    n = len(host_ptrs)
+    if not n or not (n == len(dev_ptrs) == len(lens) == len(dst_ptrs)):
+        raise CodecError("host_ptrs, dev_ptrs, lens and dst_ptrs must be non-empty and of one length")
+    core = native.lib()
+    host_lens = []
+    for p, ln in zip(host_ptrs, lens):
+        if verify:
+            host_lens.append(ln)
+            continue
+        info = _lib.CodecInfo()
+        err = native.err_buf()
+        native.check(core.kvs_codec_parse(ctypes.c_char_p(p), ln, ctypes.byref(info), err, native.ERR_CAP), err)
+        host_lens.append(int(info.payload_offset))
+    arr = lambda t, v: (t * n)(*v)  # noqa: E731
+    err = native.err_buf()
+    native.check(lib().kvs_cuda_codec_decode_batch(n, arr(ctypes.c_void_p, host_ptrs), arr(ctypes.c_uint64, host_lens),
+                                                   arr(ctypes.c_void_p, dev_ptrs), arr(ctypes.c_uint64, lens),
+                                                   arr(ctypes.c_void_p, dst_ptrs), dst_bytes_each, stream, int(verify),
+                                                   err, native.ERR_CAP), err)

@@ -1,0 +1,343 @@
+"""Every GPU benchmark of issue 12 in one call, beside the ceilings measured in the same run.
+
+    python bench/gpu_all.py [--chunks 16] [--repeats 8] [--out DIR]
+
+Ceilings: pinned cudaMemcpy H2D / D2H (256 MiB) and a device-to-device copy (1 GiB, bytes
+read + written counted once as the copy's size). Paths (both chunk shapes, 256-token chunks,
+end to end through a real daemon, RPCs included, bit-exact check each repeat):
+  new store/retrieve, contiguous engine tensor (copy engine 2D, GPU CRC, pipelined RPCs);
+  new store/retrieve, vLLM FlashAttention paged blocks (kernel into device staging + copy engine);
+  old KVStoreClient.store / retrieve_into (one chunk at a time, CPU CRC at commit).
+SM time: gather/scatter kernel durations (events) of the direct-over-PCIe kernel vs the
+D2D staging kernel, per chunk. Compressed load: effective KV bytes/s by level (bitstreams H2D,
+batched GPU decode). GPU encode speed. HBM tier: pool -> engine D2D load vs the D2D ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _daemon import Daemon  # noqa: E402
+
+from kvstore_client import KVStoreClient, Namespace  # noqa: E402
+from kvstore_client import gpu as kgpu  # noqa: E402
+from kvstore_native import cuda_ipc, transfer  # noqa: E402
+
+SHAPES = {
+    "SmolLM2-135M fp16": dict(dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64),
+    "Llama-3-8B bf16": dict(dtype="bfloat16", num_layers=32, num_kv_heads=8, head_dim=128),
+}
+TDT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def med_time(fn, repeats=10, warm=2) -> float:
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def ceilings() -> dict:
+    n = 256 << 20
+    host = torch.empty(n, dtype=torch.uint8).pin_memory()
+    dev = torch.empty(n, dtype=torch.uint8, device="cuda")
+    a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    return {"h2d": n / med_time(lambda: dev.copy_(host, non_blocking=True)) / 1e9,
+            "d2h": n / med_time(lambda: host.copy_(dev, non_blocking=True)) / 1e9,
+            "d2d": a.numel() / med_time(lambda: b.copy_(a)) / 1e9}
+
+
+def kernel_ms(fn, repeats=20) -> float:
+    """Median device time of fn's launches on the current stream (events)."""
+    for _ in range(3):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e))
+    return statistics.median(ts)
+
+
+def crc_bench() -> dict:
+    import kvstore_native as native
+
+    n = 64 << 20
+    buf = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
+    out = torch.empty(16, dtype=torch.int32, device="cuda")
+    ptrs = [int(buf.data_ptr()) + i * (n // 16) for i in range(16)]
+    ms = kernel_ms(lambda: cuda_ipc.crc32c_batch(ptrs, [n // 16] * 16, int(out.data_ptr())))
+    got = [int(x) for x in out.cpu().numpy().view(np.uint32)]
+    h = buf.cpu().numpy()
+    want = [native.crc32c(h[i * (n // 16):(i + 1) * (n // 16)].tobytes()) for i in range(16)]
+    assert got == want, "GPU CRC32C differs from kvs_crc32c"
+    return {"crc_GBps": n / ms / 1e6}
+
+
+def paged_cache(ns, chunks, bs=16):
+    """A vLLM FlashAttention NHD cache per layer with the sequence's blocks shuffled."""
+    tdt = TDT[ns.dtype.name.lower()]
+    blocks = chunks * ns.chunk_tokens // bs + 8
+    layers = [torch.randn((2, blocks, bs, ns.num_kv_heads, ns.head_dim), device="cuda").to(tdt)
+              for _ in range(ns.num_layers)]
+    ids = torch.randperm(blocks)[: chunks * ns.chunk_tokens // bs].tolist()
+    return layers, ids
+
+
+def paged_specs(layers, ids, ns, chunks):
+    tok = ns.chunk_tokens
+    return kgpu.Paged([transfer.paged_spec(layers, "fa_nhd", ids, tok, i * tok) for i in range(chunks)])
+
+
+def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old")) -> dict:
+    ns = Namespace(model=f"bench-gpu-{name}", **shape)
+    tdt = TDT[shape["dtype"]]
+    tokens = list(range(ns.chunk_tokens * chunks))
+    kv = torch.randn(ns.chunk_shape(len(tokens)), device="cuda").to(tdt)
+    nbytes = kv.numel() * kv.element_size()
+    row = {"shape": name, "MB": nbytes / 1e6}
+    with KVStoreClient(addr, ns) as c:
+        keys = c.keys(tokens)
+        out = torch.empty_like(kv)
+
+        def cycle(store, retrieve, check, tag):
+            st, rt = [], []
+            for r in range(repeats + 1):
+                c.delete(keys)
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                assert store() == chunks
+                torch.cuda.synchronize()
+                st.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                assert retrieve() == len(tokens)
+                torch.cuda.synchronize()
+                rt.append(time.perf_counter() - t)
+                assert check(), f"{tag}: round trip not bit-exact"
+            row[f"{tag}_store"] = nbytes / statistics.median(st[1:]) / 1e9
+            row[f"{tag}_retrieve"] = nbytes / statistics.median(rt[1:]) / 1e9
+
+        def fresh():
+            out.fill_(float("nan"))
+            return True
+
+        cycle(lambda: kgpu.store_cuda(c, tokens, kv),
+              lambda: fresh() and kgpu.retrieve_into_cuda(c, tokens, out), lambda: torch.equal(out, kv), "ce")
+        # Stores that return once the bytes are in the arena (wait=False): 4 calls back to back,
+        # each call's CommitWrite overlapping the next call; all commits awaited inside the timing.
+        sets = [list(range(10_000_000 * (k + 1), 10_000_000 * (k + 1) + len(tokens))) for k in range(4)]
+        ts = []
+        for r in range(max(2, repeats // 2) + 1):
+            for t4 in sets:
+                c.delete(c.keys(t4))
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            futs = [kgpu.store_cuda(c, t4, kv, wait=False) for t4 in sets]
+            assert sum(f.result() for f in futs) == 4 * chunks
+            ts.append(time.perf_counter() - t)
+        for t4 in sets:
+            c.delete(c.keys(t4))
+        row["ce_store_streamed"] = 4 * nbytes / statistics.median(ts[1:]) / 1e9
+        if variants == ("ce",):
+            c.delete(keys)
+            return row
+        layers, ids = paged_cache(ns, chunks)
+        dlayers = [torch.empty_like(t) for t in layers]
+        src, ids_spec = paged_specs(layers, ids, ns, chunks), paged_specs(dlayers, ids, ns, chunks)
+
+        def paged_equal():
+            ok = True
+            for sp, dp in zip(src.specs, ids_spec.specs):
+                a = torch.empty(sp.chunk_bytes, dtype=torch.uint8, device="cuda")
+                b = torch.empty_like(a)
+                transfer.gather(sp, int(a.data_ptr()), device=True)
+                transfer.gather(dp, int(b.data_ptr()), device=True)
+                ok = ok and torch.equal(a, b)
+            return ok
+
+        cycle(lambda: kgpu.store_cuda(c, tokens, src), lambda: kgpu.retrieve_into_cuda(c, tokens, ids_spec),
+              paged_equal, "paged")
+        cycle(lambda: c.store(tokens, kv), lambda: fresh() and c.retrieve_into(tokens, out),
+              lambda: torch.equal(out, kv), "old")
+        c.delete(keys)
+        # SM time per chunk: the kernel straight over PCIe vs the D2D staging kernel
+        spec = src.specs[0]
+        host = torch.empty(spec.chunk_bytes, dtype=torch.uint8).pin_memory()
+        dev = torch.empty(spec.chunk_bytes, dtype=torch.uint8, device="cuda")
+        s = torch.cuda.current_stream().cuda_stream
+        row["sm_gather_pcie_ms"] = kernel_ms(lambda: transfer.gather(spec, int(host.data_ptr()), device=True, stream=s))
+        row["sm_scatter_pcie_ms"] = kernel_ms(lambda: transfer.scatter(int(host.data_ptr()), spec, device=True, stream=s))
+        row["sm_gather_d2d_ms"] = kernel_ms(lambda: transfer.gather(spec, int(dev.data_ptr()), device=True, stream=s))
+        row["sm_scatter_d2d_ms"] = kernel_ms(lambda: transfer.scatter(int(dev.data_ptr()), spec, device=True, stream=s))
+        row["ce_chunk_d2h_ms"] = kernel_ms(lambda: cuda_ipc.memcpy_batch([int(host.data_ptr())], [int(dev.data_ptr())],
+                                                                          [spec.chunk_bytes], s))
+        row["chunk_MB"] = spec.chunk_bytes / 1e6
+    return row
+
+
+def codec_bench(addr, chunks, repeats) -> list[dict]:
+    from kvstore_native import codec
+    from kvstore_native.codec import gpu as gcodec
+
+    ns = Namespace(model="bench-gpu-codec", **SHAPES["SmolLM2-135M fp16"])
+    tok = ns.chunk_tokens
+    tokens = list(range(tok * chunks))
+    kv = torch.randn(ns.chunk_shape(len(tokens)), device="cuda").to(torch.float16)
+    host = kv.cpu().numpy()
+    nbytes = kv.numel() * 2
+    rows = []
+    with KVStoreClient(addr, ns) as c:
+        keys = c.keys(tokens)
+        out = torch.empty_like(kv)
+        for level in (1, 2, 3):
+            blobs = [codec.encode(np.ascontiguousarray(host[:, :, i * tok:(i + 1) * tok]), level,
+                                  threads=8) for i in range(chunks)]
+            want = torch.from_numpy(np.concatenate([codec.decode(b) for b in blobs], axis=2)).cuda()
+            c.delete(keys)
+            assert kgpu.store_encoded(c, keys, blobs) == chunks
+            ts = []
+            for r in range(repeats + 1):
+                out.fill_(float("nan"))
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                assert kgpu.retrieve_into_cuda(c, tokens, out) == len(tokens)
+                torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t)
+                assert torch.equal(out, want), "GPU decode differs from the CPU decode"
+            devb = [torch.frombuffer(bytearray(b), dtype=torch.uint8).cuda() for b in blobs]
+            hostb = [np.frombuffer(b, dtype=np.uint8) for b in blobs]
+            outs = torch.empty((chunks, ns.chunk_bytes()), dtype=torch.uint8, device="cuda")
+            dec_ms = kernel_ms(lambda: gcodec.decode_batch_ptrs(
+                [int(h.ctypes.data) for h in hostb], [int(d.data_ptr()) for d in devb], [len(b) for b in blobs],
+                [int(outs[j].data_ptr()) for j in range(chunks)], ns.chunk_bytes(), torch.cuda.current_stream().cuda_stream),
+                repeats=10)
+            chunk0 = kv[:, :, :tok].contiguous()
+            enc_s = med_time(lambda: gcodec.encode(chunk0, level), repeats=3, warm=1)
+            ratio = nbytes / sum(len(b) for b in blobs)
+            rows.append({"level": level, "ratio": ratio, "load_GBps": nbytes / statistics.median(ts[1:]) / 1e9,
+                         "decode_kernel_GBps": nbytes / dec_ms / 1e6,
+                         "encode_GBps": chunk0.numel() * 2 / enc_s / 1e9})
+        c.delete(keys)
+    return rows
+
+
+def hbm_bench(chunks) -> dict:
+    from kvstore.tiers.hbm import make_hbm_tier
+    from kvstore.types import ChunkMeta, Encoding
+
+    ns = Namespace(model="bench-gpu-hbm", **SHAPES["Llama-3-8B bf16"])
+    size = ns.chunk_bytes()
+    tier = make_hbm_tier(size * chunks + (1 << 20))
+    try:
+        src = torch.randint(0, 256, (chunks, size), dtype=torch.uint8, device="cuda")
+        for i in range(chunks):
+            assert tier.put_device(bytes([i]) * 64, ChunkMeta(256, Encoding.RAW, size, 0), int(src[i].data_ptr()))
+        ex = tier.export()
+        m = kgpu.HbmPoolMapping(tier.base, ex.pool_bytes)  # same process: the pool's own pointer
+        leases = [tier.lease(bytes([i]) * 64) for i in range(chunks)]
+        kv = torch.empty(ns.chunk_shape(ns.chunk_tokens * chunks), device="cuda", dtype=torch.bfloat16)
+        s = torch.cuda.current_stream().cuda_stream
+
+        def load_ce():
+            for i, (off, n, _) in enumerate(leases):
+                m.load(off, n, kv, ns, chunk=i, stream=s)
+        ms_ce = kernel_ms(load_ce, repeats=10)
+        ms = kernel_ms(lambda: m.load_many([(off, n) for off, n, _ in leases], kv, ns, stream=s), repeats=10)
+        ok = all(torch.equal(kv[:, :, i * 256:(i + 1) * 256].contiguous().view(torch.uint8).flatten(), src[i])
+                 for i in range(chunks))
+        for *_, rel in leases:
+            rel()
+        return {"hbm_load_GBps": size * chunks / ms / 1e6, "hbm_load_ce_GBps": size * chunks / ms_ce / 1e6,
+                "bit_exact": ok}
+    finally:
+        tier.close()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--chunks", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    args = ap.parse_args(argv)
+    ceil = ceilings()
+    crc = crc_bench()
+    d = Daemon("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8")
+    try:
+        rows = [e2e(d.addr, n, s, args.chunks, args.repeats) for n, s in SHAPES.items()]
+        big = e2e(d.addr, "SmolLM2-135M fp16", SHAPES["SmolLM2-135M fp16"], 4 * args.chunks, args.repeats, ("ce",))
+        crow = codec_bench(d.addr, args.chunks, args.repeats)
+    finally:
+        d.close()
+    from gpu_probe import TrustDaemon
+
+    d = TrustDaemon("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8")
+    try:
+        trust = [e2e(d.addr, n, s, args.chunks, args.repeats, ("ce",)) for n, s in SHAPES.items()]
+    finally:
+        d.close()
+    hbm = hbm_bench(8)
+    h2d, d2h, d2d = ceil["h2d"], ceil["d2h"], ceil["d2d"]
+    lines = [f"device: {torch.cuda.get_device_name()}; ceilings (same run): pinned H2D {h2d:.1f} GB/s, "
+             f"D2H {d2h:.1f} GB/s, D2D copy {d2d:.0f} GB/s; GPU CRC32C {crc['crc_GBps']:.0f} GB/s (bit-exact)",
+             f"{'path':44} {'store GB/s':>10} {'of D2H':>7} {'retrieve GB/s':>13} {'of H2D':>7}"]
+    for r in rows:
+        for tag, what in (("ce", "copy engine 2D, contiguous"), ("paged", "paged FA-NHD bs16, kernel+CE"),
+                          ("old", "old client.store/retrieve_into")):
+            lines.append(f"{r['shape'] + ' ' + what:44} {r[tag + '_store']:10.1f} {r[tag + '_store'] / d2h:7.0%} "
+                         f"{r[tag + '_retrieve']:13.1f} {r[tag + '_retrieve'] / h2d:7.0%}")
+    lines.append(f"{big['shape'] + ' x' + str(4 * args.chunks) + ' chunks, copy engine':44} {big['ce_store']:10.1f} "
+                 f"{big['ce_store'] / d2h:7.0%} {big['ce_retrieve']:13.1f} {big['ce_retrieve'] / h2d:7.0%}")
+    for r in rows + [big]:
+        lines.append(f"{r['shape'] + ' store wait=False, 4 calls streamed':44} {r['ce_store_streamed']:10.1f} "
+                     f"{r['ce_store_streamed'] / d2h:7.0%}")
+    for r in trust:
+        lines.append(f"{r['shape'] + ' [daemon trusts GPU CRCs]':44} {r['ce_store']:10.1f} {r['ce_store'] / d2h:7.0%} "
+                     f"{r['ce_retrieve']:13.1f} {r['ce_retrieve'] / h2d:7.0%}")
+        lines.append(f"{r['shape'] + ' [trusts CRCs] wait=False streamed':44} {r['ce_store_streamed']:10.1f} "
+                     f"{r['ce_store_streamed'] / d2h:7.0%}")
+    lines.append(f"{'SM time per chunk (ms)':44} {'chunk MB':>8} {'gather PCIe':>11} {'scatter PCIe':>12} "
+                 f"{'gather D2D':>10} {'scatter D2D':>11} {'CE D2H (0 SM)':>13}")
+    for r in rows:
+        lines.append(f"{r['shape']:44} {r['chunk_MB']:8.1f} {r['sm_gather_pcie_ms']:11.3f} {r['sm_scatter_pcie_ms']:12.3f} "
+                     f"{r['sm_gather_d2d_ms']:10.3f} {r['sm_scatter_d2d_ms']:11.3f} {r['ce_chunk_d2h_ms']:13.3f}")
+    lines.append(f"{'compressed load (SmolLM2, GPU decode)':44} {'ratio':>6} {'eff. GB/s':>10} {'x H2D':>6} "
+                 f"{'decode kernel GB/s':>18} {'x H2D':>6} {'GPU encode GB/s':>16} {'x PCIe':>7}")
+    for r in crow:
+        lines.append(f"{'  level ' + str(r['level']):44} {r['ratio']:6.2f} {r['load_GBps']:10.1f} {r['load_GBps'] / h2d:6.2f} "
+                     f"{r['decode_kernel_GBps']:18.1f} {r['decode_kernel_GBps'] / h2d:6.2f} "
+                     f"{r['encode_GBps']:16.2f} {r['encode_GBps'] / h2d:7.2f}")
+    lines.append(f"HBM tier load (8 Llama chunks -> engine tensor, D2D): SM copy_rows {hbm['hbm_load_GBps']:.0f} GB/s = "
+                 f"{hbm['hbm_load_GBps'] / d2d:.0%} of the D2D ceiling; copy-engine 2D {hbm['hbm_load_ce_GBps']:.0f} GB/s = "
+                 f"{hbm['hbm_load_ce_GBps'] / d2d:.0%}; bit-exact {hbm['bit_exact']}")
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        with open(os.path.join(args.out, "gpu_all.txt"), "w") as f:
+            f.write(text + "\n")
+        with open(os.path.join(args.out, "gpu_all.json"), "w") as f:
+            json.dump({"ceilings": ceil, "crc": crc, "e2e": rows, "e2e_x4": big, "trust": trust, "codec": crow,
+                       "hbm": hbm}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The connector's settings, read from vLLM's ``kv_transfer_config.kv_connector_extra_config``.
+
+Every key is optional; unknown keys are refused (a typo must not silently fall back to a
+default). Keys, with their defaults::
+
+    {"kvstore.addr": "127.0.0.1:50051",    sidecar address (host:port or unix:/path)
+     "kvstore.token": null,                bearer token (or env KVSTORE_TOKEN)
+     "kvstore.tls": false,                 TLS to the sidecar: not supported yet (refused)
+     "kvstore.chunk_tokens": 256,          chunk size; a multiple of vLLM's block size
+     "kvstore.model_id": null,             model identity override (default: derived, see namespace.py)
+     "kvstore.durability": "memory",       "memory" | "persisted" (acknowledged once on disk)
+     "kvstore.codec": null,                the tier codec the sidecar applies; informational, must
+                                           match the daemon (the client reads whatever it stores)
+     "kvstore.reconnect_s": 5.0,           a sidecar that could not be reached is retried after this
+     "kvstore.timeout_s": 30.0,            per-RPC deadline
+     "kvstore.save": true,                 store new chunks (false: load only)
+     "kvstore.fault_injection": false}     honour per-request fault requests (tests only)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from kvstore_wire.types import Durability
+
+PREFIX = "kvstore."
+#: Default chunk: two of the CPU backend's 128-token blocks; big enough that per-chunk
+#: overheads (one key, one extent) stay far below the copy, small enough to reuse short prefixes.
+DEFAULT_CHUNK_TOKENS = 256
+#: After a failed connect, how long requests are treated as misses before trying again.
+DEFAULT_RECONNECT_S = 5.0
+DEFAULT_TIMEOUT_S = 30.0
+_DURABILITY = {"memory": Durability.MEMORY, "persisted": Durability.PERSISTED}
+
+
+@dataclass(frozen=True)
+class ConnectorConfig:
+    """Typed form of the ``kvstore.*`` keys (see the module docstring)."""
+
+    addr: str = "127.0.0.1:50051"
+    token: str | None = None
+    tls: bool = False
+    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    model_id: str | None = None
+    durability: Durability = Durability.MEMORY
+    codec: str | None = None
+    reconnect_s: float = DEFAULT_RECONNECT_S
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    save: bool = True
+    fault_injection: bool = False
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> "ConnectorConfig":
+        extra = dict(extra or {})
+        known = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        unknown = []
+        for key, value in extra.items():
+            name = key[len(PREFIX):] if key.startswith(PREFIX) else None
+            if name not in known:
+                unknown.append(key)
+                continue
+            values[name] = value
+        if unknown:
+            raise ValueError(f"kv_connector_extra_config: unknown keys {sorted(unknown)}; the kvstore connector "
+                             f"accepts {sorted(PREFIX + k for k in known)}")
+        if "durability" in values:
+            d = str(values["durability"]).lower()
+            if d not in _DURABILITY:
+                raise ValueError(f"kvstore.durability must be one of {sorted(_DURABILITY)}, got {values['durability']!r}")
+            values["durability"] = _DURABILITY[d]
+        if values.get("token") is None and os.environ.get("KVSTORE_TOKEN"):
+            values["token"] = os.environ["KVSTORE_TOKEN"]
+        cfg = cls(**values)
+        cfg._check()
+        return cfg
+
+    def _check(self) -> None:
+        if self.tls:
+            raise ValueError("kvstore.tls: TLS to the sidecar is not supported yet; use a unix socket or loopback")
+        if not isinstance(self.chunk_tokens, int) or self.chunk_tokens <= 0:
+            raise ValueError(f"kvstore.chunk_tokens must be a positive integer, got {self.chunk_tokens!r}")
+        for name in ("reconnect_s", "timeout_s"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"kvstore.{name} must be > 0 seconds")
+
+    def check_block_size(self, block_size: int) -> None:
+        if self.chunk_tokens % block_size:
+            raise ValueError(f"kvstore.chunk_tokens={self.chunk_tokens} must be a multiple of vLLM's block size "
+                             f"{block_size} (chunks are loaded and saved as whole blocks)")

@@ -1,0 +1,177 @@
+"""vLLM's paged KV, as K and V views a chunk can be copied into and out of.
+
+vLLM hands a connector one tensor per attention layer, logically ``[blocks, kv_heads,
+block_size, content]`` (RFC 42082), where ``content`` holds K and V of a token and head.
+Where K and V sit inside it is the attention backend's choice:
+
+- ``CPU_ATTN`` (vLLM-CPU): each (block, head) tile is ``[2 * block_size, head_dim]``, the
+  block's K rows then its V rows (the backend views ``[B, H, N, 2D]`` as ``[B, H, 2N, D]``);
+- ``FLASH_ATTN``: ``content`` is ``[K | V]`` along the last axis of each token.
+
+:class:`PagedLayout` reads the shapes and strides of the tensors it is given (never
+assumes contiguity beyond what the backend guarantees) and builds, per layer, two strided
+views ``[blocks, block_size, kv_heads, head_dim]`` (K and V) over the same memory. A chunk in
+the namespace layout ``[layers, 2, tokens, kv_heads, head_dim]`` maps onto them block by
+block, so loads and saves are one indexed copy per layer and K/V, on the CPU or on the GPU.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from kvstore_wire.keys import Namespace
+
+#: Backends whose placement of K and V inside a block this module knows.
+ROWS_SPLIT = "rows"        # [B, H, 2N, D] tiles: K rows, then V rows
+LAST_DIM_SPLIT = "last"    # [B, H, N, 2D] with K = [..., :D], V = [..., D:]
+BACKEND_SPLITS = {"CPU_ATTN": ROWS_SPLIT, "FLASH_ATTN": LAST_DIM_SPLIT}
+
+
+class LayoutError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class LayerViews:
+    name: str
+    k: torch.Tensor          #: [blocks, block_size, kv_heads, head_dim] (strided view)
+    v: torch.Tensor
+
+
+def _layer_index(name: str) -> int:
+    m = re.search(r"\.(\d+)\.", f".{name}.")
+    return int(m.group(1)) if m else -1
+
+
+def _views(name: str, kv: torch.Tensor, split: str, block_size: int, heads: int, dim: int) -> LayerViews:
+    if kv.dim() != 4:
+        raise LayoutError(f"{name}: expected a 4-D [blocks, heads, block_size, content] KV tensor, got {tuple(kv.shape)}")
+    b, h, n, c = kv.shape
+    if (h, n, c) != (heads, block_size, 2 * dim):
+        raise LayoutError(f"{name}: KV tensor {tuple(kv.shape)} does not match [blocks, {heads}, {block_size}, "
+                          f"{2 * dim}] (kv_heads, block size, 2 * head_dim from the model config)")
+    s0, s1, s2, s3 = kv.stride()
+    if split == ROWS_SPLIT:
+        if s3 != 1 or s2 != c:
+            raise LayoutError(f"{name}: the CPU backend's [2N, D] tiles need dense block interiors, got strides "
+                              f"{kv.stride()}")
+        off = kv.storage_offset()
+        size, stride = (b, n, h, dim), (s0, dim, s1, 1)
+        k = torch.as_strided(kv, size, stride, off)
+        v = torch.as_strided(kv, size, stride, off + n * dim)
+    elif split == LAST_DIM_SPLIT:
+        t = kv.permute(0, 2, 1, 3)
+        k, v = t[..., :dim], t[..., dim:]
+    else:
+        raise LayoutError(f"unknown K/V split {split!r}")
+    return LayerViews(name, k, v)
+
+
+class PagedLayout:
+    """Every attention layer's K and V views, in model layer order.
+
+    ``backends`` maps a layer name to its attention backend's name (``get_name()``).
+    """
+
+    def __init__(self, kv_caches: Mapping[str, torch.Tensor], backends: Mapping[str, str], ns: Namespace,
+                 block_size: int) -> None:
+        names = sorted(kv_caches, key=_layer_index)
+        if len(names) != ns.num_layers:
+            raise LayoutError(f"vLLM registered {len(names)} KV layers, the namespace has {ns.num_layers}")
+        self.block_size = block_size
+        self.layers: list[LayerViews] = []
+        for name in names:
+            backend = backends.get(name, "")
+            split = BACKEND_SPLITS.get(backend)
+            if split is None:
+                raise LayoutError(f"{name}: attention backend {backend or '(unknown)'} keeps K and V in a layout the "
+                                  f"kvstore connector does not know; supported: {sorted(BACKEND_SPLITS)}")
+            self.layers.append(_views(name, kv_caches[name], split, block_size, ns.num_kv_heads, ns.head_dim))
+        self.device = self.layers[0].k.device
+
+    def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
+        return torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
+
+    def _plane_spec(self, block_ids: Sequence[int]) -> "tuple[list[int], Any] | None":
+        """Every layer's K and V as planes of one native gather/scatter (CPU only): token t
+        of the range goes to block ``block_ids[t // N]``, row ``t % N``. None when the views
+        cannot be addressed as ``ptr + slot * token_stride`` (then torch indexing is used)."""
+        if self.device.type != "cpu":
+            return None
+        k0 = self.layers[0].k
+        sb, sn, sh, sd = k0.stride()
+        if sd != 1 or sb % sn or any(v.k.stride() != k0.stride() or v.v.stride() != k0.stride() for v in self.layers):
+            return None
+        import numpy as np
+
+        from kvstore_native import transfer
+
+        n = self.block_size
+        slots = (np.repeat(np.asarray(block_ids, dtype=np.int64) * (sb // sn), n) +
+                 np.tile(np.arange(n, dtype=np.int64), len(block_ids)))
+        elt = k0.element_size()
+        ptrs = [t.data_ptr() for views in self.layers for t in (views.k, views.v)]
+        return ptrs, transfer.PlaneSpec(ptrs, slots, k0.shape[2], k0.shape[3] * elt, sn * elt, sh * elt)
+
+    def scatter(self, chunks: torch.Tensor, first_block: int, block_ids: Sequence[int]) -> None:
+        """Writes tokens ``[first_block * N, (first_block + len(block_ids)) * N)`` of
+        ``chunks`` (``[layers, 2, tokens, heads, dim]``, contiguous) into ``block_ids``."""
+        n = self.block_size
+        lo, hi = first_block * n, (first_block + len(block_ids)) * n
+        native = self._plane_spec(block_ids) if chunks.device.type == "cpu" else None
+        if native is not None:
+            from dataclasses import replace
+
+            from kvstore_native import transfer
+
+            ptrs, spec = native
+            src = chunks[:, :, lo:hi]
+            if src.is_contiguous():          # one call moves every layer's K and V
+                transfer.scatter(src.data_ptr(), spec, device=False)
+            else:                            # one call per plane
+                for p, ptr in enumerate(ptrs):
+                    plane = chunks[p // 2, p % 2, lo:hi]
+                    transfer.scatter(plane.data_ptr(), replace(spec, ptrs=[ptr]), device=False)
+            return
+        idx = self._index(block_ids)
+        for l, views in enumerate(self.layers):
+            for kv, dst in ((0, views.k), (1, views.v)):
+                src = chunks[l, kv, lo:hi].view(len(block_ids), n, *dst.shape[2:])
+                dst[idx] = src.to(dst.device, non_blocking=True)
+
+    def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
+        """Copies ``block_ids`` into ``out`` (``[layers, 2, len(block_ids) * N, heads, dim]``)."""
+        n = self.block_size
+        native = self._plane_spec(block_ids) if out.device.type == "cpu" and out.is_contiguous() else None
+        if native is not None:
+            from kvstore_native import transfer
+
+            transfer.gather(native[1], out.data_ptr(), device=False)
+            return
+        idx = self._index(block_ids)
+        for l, views in enumerate(self.layers):
+            for kv, src in ((0, views.k), (1, views.v)):
+                dst = out[l, kv].view(len(block_ids), n, *src.shape[2:])
+                if dst.device == src.device:
+                    torch.index_select(src, 0, idx, out=dst)
+                else:
+                    dst.copy_(torch.index_select(src, 0, idx))
+
+
+def backend_names(vllm_config: Any, layer_names: Sequence[str]) -> dict[str, str]:
+    """Layer name -> attention backend name, from vLLM's static forward context."""
+    ctx = getattr(vllm_config.compilation_config, "static_forward_context", {}) or {}
+    out = {}
+    for name in layer_names:
+        backend = getattr(ctx.get(name), "attn_backend", None)
+        out[name] = backend.get_name() if backend is not None else ""
+    if not any(out.values()):
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            out = {name: "CPU_ATTN" for name in layer_names}
+    return out

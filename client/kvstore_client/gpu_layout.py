@@ -1,0 +1,64 @@
+"""Engine-memory descriptions for the GPU data path (kvstore_client.gpu): a paged source/destination
+(per-chunk ``PlaneSpec``) and the copy-engine rows of a contiguous namespace-layout tensor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from kvstore_native.transfer import PlaneSpec
+
+from .errors import InvalidArgument
+
+
+@dataclass
+class Paged:
+    """An engine's paged KV: ``specs[i]`` says where chunk i's tokens live (``PlaneSpec``)."""
+
+    specs: Sequence[PlaneSpec]
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _tokens_of(t) -> int:
+    return int(t.shape[2] if t.dim() == 5 else t.shape[1])
+
+
+def _contiguous_rows(t, ns, n: int):
+    """Copy-engine rows for a contiguous namespace-layout CUDA tensor, else None."""
+    torch = _torch()
+    if not isinstance(t, torch.Tensor) or not t.is_cuda:
+        raise InvalidArgument("the GPU data path takes a CUDA tensor or a Paged source")
+    if not t.is_contiguous():
+        return None
+    elt = t.element_size()
+    if t.dim() == 5:  # [layers, 2, tokens, heads, dim]
+        planes, tokens_total = t.shape[0] * t.shape[1], t.shape[2]
+        per_token = t.shape[3] * t.shape[4] * elt
+    elif t.dim() == 3:  # MLA [layers, tokens, dim]
+        planes, tokens_total, per_token = t.shape[0], t.shape[1], t.shape[2] * elt
+    else:
+        raise InvalidArgument(f"unexpected KV tensor rank {t.dim()}")
+    if planes * ns.chunk_tokens * per_token != ns.chunk_bytes():
+        raise InvalidArgument(f"tensor shape {tuple(t.shape)} does not match the namespace's chunk layout")
+    pitch = tokens_total * per_token
+    row = ns.chunk_tokens * per_token
+    base = int(t.data_ptr())
+    return [(base + i * row, pitch, row, planes) for i in range(n)]
+
+
+def _spec_of_tensor(t, ns, i: int) -> PlaneSpec:
+    """A strided (non-contiguous) namespace-layout tensor as per-chunk plane specs."""
+    elt = t.element_size()
+    if t.dim() == 5:
+        planes = [t[l, k] for l in range(t.shape[0]) for k in range(t.shape[1])]
+    else:
+        planes = [t[l].unsqueeze(1) for l in range(t.shape[0])]
+    p0 = planes[0]
+    start = i * ns.chunk_tokens
+    return PlaneSpec([int(p.data_ptr()) for p in planes], list(range(start, start + ns.chunk_tokens)),
+                     int(p0.shape[1]), int(p0.shape[2]) * elt, p0.stride(0) * elt, p0.stride(1) * elt)

@@ -1,0 +1,127 @@
+"""Per-client state and request helpers of the GPU data path (kvstore_client.gpu)."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from .errors import KVStoreClientError
+from .gpu_layout import _torch
+
+#: Chunks in the first ReserveWrite / LeaseRead of a call: a small first request is answered
+#: soonest, so copies start early; the rest of the call goes in ONE more request, in flight
+#: meanwhile (each RPC costs the daemon a fixed ~1 ms, serialised: fewer, larger ones win).
+DEFAULT_GROUP_CHUNKS = 2
+#: Device staging buffers for paged sources (gather of chunk i+1 overlaps the PCIe copy of i).
+DEFAULT_STAGING_CHUNKS = 3
+
+
+class GpuPath:
+    """Per-client, per-device state: streams, events, staging ring, pinned CRC buffer."""
+
+    def __init__(self, client, device: int | None = None, staging_chunks: int = DEFAULT_STAGING_CHUNKS,
+                 group_chunks: int = DEFAULT_GROUP_CHUNKS) -> None:
+        torch = _torch()
+        self.client = client
+        self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device)
+        self.copy_stream = torch.cuda.Stream(self.device)
+        self.kernel_stream = torch.cuda.Stream(self.device)
+        self.staging_chunks = max(1, staging_chunks)
+        self.group_chunks = max(1, group_chunks)
+        self._staging: list[Any] = []
+        self._staging_free: list[Any] = []  # event per slot: recorded when its last reader finished
+        self._lock = threading.Lock()
+        self._commits = ThreadPoolExecutor(1, thread_name_prefix="kvstore-gpu-commit")
+        self._pinned: dict[str, Any] = {}
+        # Checksum buffer sets rotate over calls: a set is reused only once the commits of the
+        # call that used it last are done (stores with wait=False overlap their commits with
+        # later calls).
+        self._sets = 4
+        self._next_set = 0
+        self._set_busy: list[Future | None] = [None] * self._sets
+
+    def pinned_u32(self, name: str, n: int):
+        """A cached pinned int32 host buffer of at least ``n`` entries (pinned allocations are
+        slow: made once, reused by every call)."""
+        torch = _torch()
+        buf = self._pinned.get(name)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1024), dtype=torch.int32, pin_memory=True)
+            self._pinned[name] = buf
+        return buf
+
+    def close(self) -> None:
+        self._commits.shutdown(wait=True)
+
+    # ---- helpers
+    def _ensure_staging(self, nbytes: int) -> None:
+        torch = _torch()
+        if self._staging and self._staging[0].numel() >= nbytes:
+            return
+        self._staging = [torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                         for _ in range(self.staging_chunks)]
+        self._staging_free = [None] * self.staging_chunks
+
+    def _arena_ptr(self) -> int:
+        arena = self.client.arena
+        if arena is None or not arena.register_cuda():
+            raise KVStoreClientError("the GPU data path needs the same-host arena registered with CUDA")
+        return int(arena.view(0, 0).ctypes.data) if arena.size else 0
+
+    def _rpc_meta(self) -> dict:
+        return dict(metadata=self.client._metadata, timeout=self.client.timeout_s)
+
+
+def _path(client) -> GpuPath:
+    gp = getattr(client, "_gpu_path", None)
+    if gp is None:
+        gp = GpuPath(client)
+        client._gpu_path = gp
+    return gp
+
+
+def _groups(n: int, first: int) -> list[tuple[int, int]]:
+    """``[0, first)`` then ``[first, n)``: the request split of one call."""
+    first = max(1, min(first, n))
+    return [(0, first)] + ([(first, n)] if first < n else [])
+
+
+def _rpc_errors(fn):
+    """Maps gRPC failures to the client's exception classes (as the client's own methods do)."""
+    import functools
+
+    import grpc
+
+    from .errors import from_rpc_error
+
+    @functools.wraps(fn)
+    def wrapper(client, *a, **kw):
+        try:
+            return fn(client, *a, **kw)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e, client.addr) from None
+    return wrapper
+
+
+def _all_of(futures: list[Future]) -> Future:
+    """A Future of the sum of ``futures``' results (the first exception wins)."""
+    out: Future = Future()
+    left = [len(futures)]
+    lock = threading.Lock()
+    if not futures:
+        out.set_result(0)
+        return out
+
+    def done(_f):
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            try:
+                out.set_result(sum(f.result() for f in futures))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller through the Future
+                out.set_exception(e)
+    for f in futures:
+        f.add_done_callback(done)
+    return out

@@ -1,0 +1,185 @@
+"""End-to-end GPU data path through a real daemon: pipelined store/retrieve (contiguous and
+paged vLLM layouts, both chunk shapes), compressed loads decoded on the GPU, HBM tier."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from kvstore_client import KVStoreClient, Namespace
+from kvstore_client import gpu as kgpu
+from kvstore_native import transfer
+
+SHAPES = {"smol": dict(dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64),
+          "llama": dict(dtype="bfloat16", num_layers=32, num_kv_heads=8, head_dim=128)}
+
+
+def _kv(ns, chunks):
+    import torch
+
+    tdt = {"FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16}[ns.dtype.name]
+    return torch.randn(ns.chunk_shape(ns.chunk_tokens * chunks), device="cuda").to(tdt)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_contiguous_round_trip_bit_exact(daemon, shape):
+    import torch
+
+    ns = Namespace(model=f"test/gpu-{shape}", **SHAPES[shape])
+    chunks = 6 if shape == "smol" else 2
+    kv = _kv(ns, chunks)
+    tokens = list(range(ns.chunk_tokens * chunks))
+    with KVStoreClient(daemon.addr, ns) as c:
+        assert kgpu.store_cuda(c, tokens, kv, group_chunks=2) == chunks
+        assert kgpu.store_cuda(c, tokens, kv) == 0  # already stored
+        if shape == "smol":  # (two Llama chunk sets do not fit the test daemon's 96 MiB DRAM)
+            c.delete(c.keys(tokens))
+            fut = kgpu.store_cuda(c, tokens, kv, wait=False)  # bytes in the arena now, commit in the background
+            assert fut.result(timeout=60) == chunks
+        out = torch.full_like(kv, float("nan"))
+        assert kgpu.retrieve_into_cuda(c, tokens, out, group_chunks=4) == len(tokens)
+        assert torch.equal(out, kv)
+        # the CPU path reads the same bytes (the daemon accepted the GPU checksums)
+        n, host = c.retrieve(tokens, verify_crc=True)
+        assert n == len(tokens) and np.array_equal(host.view(np.uint16), kv.cpu().view(torch.int16).numpy().view(np.uint16))
+        c.delete(c.keys(tokens))
+
+
+@pytest.mark.parametrize("layout", ["fa_nhd", "fi_hnd", "separate_nhd", "fa_hnd"])
+def test_paged_round_trip_bit_exact(daemon, layout):
+    import torch
+
+    ns = Namespace(model=f"test/gpu-paged-{layout}", dtype="bfloat16", num_layers=4, num_kv_heads=2, head_dim=128)
+    chunks, bs, blocks = 3, 16, 80
+    shape = {"fa_nhd": (2, blocks, bs, 2, 128), "fa_hnd": (2, blocks, 2, bs, 128), "fi_hnd": (blocks, 2, 2, bs, 128),
+             "separate_nhd": (2, blocks, bs, 2, 128)}[layout]
+    src = [torch.randn(shape, device="cuda").to(torch.bfloat16) for _ in range(ns.num_layers)]
+    dst = [torch.zeros_like(t) for t in src]
+    ids = torch.randperm(blocks)[: chunks * ns.chunk_tokens // bs].tolist()
+    tok = ns.chunk_tokens
+    specs = lambda layers: kgpu.Paged([transfer.paged_spec(layers, layout, ids, tok, i * tok) for i in range(chunks)])  # noqa: E731
+    tokens = list(range(tok * chunks))
+    with KVStoreClient(daemon.addr, ns) as c:
+        assert kgpu.store_cuda(c, tokens, specs(src), group_chunks=2) == chunks
+        assert kgpu.retrieve_into_cuda(c, tokens, specs(dst)) == len(tokens)
+        want = torch.empty(specs(src).specs[0].chunk_bytes * chunks, dtype=torch.uint8, device="cuda")
+        got = torch.empty_like(want)
+        for i in range(chunks):
+            n = specs(src).specs[0].chunk_bytes
+            transfer.gather(specs(src).specs[i], int(want.data_ptr()) + i * n, device=True)
+            transfer.gather(specs(dst).specs[i], int(got.data_ptr()) + i * n, device=True)
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)
+        c.delete(c.keys(tokens))
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_compressed_load_decoded_on_gpu(daemon, level):
+    import torch
+
+    from kvstore_native import codec
+
+    ns = Namespace(model=f"test/gpu-codec-{level}", **SHAPES["smol"])
+    chunks = 4
+    kv = _kv(ns, chunks)
+    host = kv.cpu().numpy()
+    tok = ns.chunk_tokens
+    blobs = [codec.encode(np.ascontiguousarray(host[:, :, i * tok:(i + 1) * tok]), level) for i in range(chunks)]
+    want = np.concatenate([codec.decode(b) for b in blobs], axis=2)
+    tokens = list(range(tok * chunks))
+    with KVStoreClient(daemon.addr, ns) as c:
+        assert kgpu.store_encoded(c, c.keys(tokens), blobs) == chunks
+        out = torch.full_like(kv, float("nan"))
+        assert kgpu.retrieve_into_cuda(c, tokens, out) == len(tokens)
+        assert np.array_equal(out.cpu().numpy().view(np.uint16), want.view(np.uint16))
+        c.delete(c.keys(tokens))
+
+
+# ----------------------------------------------------------------------------- HBM tier
+def _meta(n):
+    from kvstore.types import ChunkMeta, Encoding
+
+    return ChunkMeta(num_tokens=256, encoding=Encoding.RAW, payload_bytes=n, crc32c=0)
+
+
+def _cid(i):
+    return bytes([i % 256]) * 32 + i.to_bytes(32, "big")
+
+
+def test_hbm_tier_contract_and_demotion():
+    from kvstore.tiers.hbm import HBM_PAGE_BYTES, make_hbm_tier
+
+    demoted = {}
+    tier = make_hbm_tier(8 * HBM_PAGE_BYTES * 4, demote=lambda cid, meta, data: demoted.__setitem__(cid, bytes(data)))
+    try:
+        rng = np.random.default_rng()
+        blobs = {_cid(i): rng.integers(0, 256, 3 * HBM_PAGE_BYTES + 5, dtype=np.uint8).tobytes() for i in range(20)}
+        for cid, b in blobs.items():
+            assert tier.put(cid, _meta(len(b)), b)
+            assert not tier.put(cid, _meta(len(b)), b)  # immutable
+        st = tier.stats()
+        assert st.evictions > 0 and st.chunks + len(demoted) == len(blobs)
+        for cid, b in demoted.items():
+            assert blobs[cid] == b and not tier.contains(cid)  # demoted bit-exact
+        for e in tier.scan():
+            with tier.get(e.cid) as ref:
+                assert bytes(ref.view) == blobs[e.cid]
+        live = [e.cid for e in tier.scan()]
+        off, n, release = tier.lease(live[0])
+        assert tier.delete(live[0]) and not tier.contains(live[0])
+        release()  # pages come back with the last lease
+        assert tier.clear() == len(live) - 1 and tier.stats().used_bytes == 0
+    finally:
+        tier.close()
+
+
+_CHILD = r"""
+import sys, numpy as np
+from kvstore_native import cuda_ipc
+sys.path.insert(0, sys.argv[4])
+from kvstore_client.gpu import HbmPoolMapping
+import torch
+m = HbmPoolMapping.open(bytes.fromhex(sys.argv[1]), int(sys.argv[2]))
+n = int(sys.argv[3])
+out = torch.empty(n, dtype=torch.uint8, device="cuda")
+m.load(0, n, int(out.data_ptr()))
+torch.cuda.synchronize()
+sys.stdout.write(out.cpu().numpy().tobytes().hex())
+sys.stdout.flush()
+if len(sys.argv) > 5:
+    import time; time.sleep(60)
+m.close()
+"""
+
+
+def test_hbm_pool_mapped_by_second_process_and_killed_client_leaks_nothing():
+    from kvstore.tiers.hbm import make_hbm_tier
+
+    tier = make_hbm_tier(64 << 20)
+    try:
+        b = np.random.default_rng().integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
+        cid = _cid(1)
+        assert tier.put(cid, _meta(len(b)), b)
+        off, n, release = tier.lease(cid)
+        assert off == 0
+        ex = tier.export()
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        args = [sys.executable, "-c", _CHILD, ex.ipc_handle.hex(), str(ex.pool_bytes), str(n), os.path.join(here, "client")]
+        got = subprocess.run(args, capture_output=True, text=True, timeout=120)
+        assert got.returncode == 0, got.stderr
+        assert bytes.fromhex(got.stdout) == b
+        # a client killed while it holds the mapping: the pool stays intact and reusable
+        p = subprocess.Popen(args + ["hold"], stdout=subprocess.PIPE, text=True)
+        assert bytes.fromhex(p.stdout.read(2 * n)) == b
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=30)
+        release()
+        with tier.get(cid) as ref:
+            assert bytes(ref.view) == b
+        assert tier.delete(cid) and tier.stats().used_bytes == 0
+        assert tier.put(_cid(2), _meta(len(b)), b)
+    finally:
+        tier.close()

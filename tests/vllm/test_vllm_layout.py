@@ -1,0 +1,79 @@
+"""The connector's pieces that need no engine: paged layouts, namespace, config (fast)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvstore_client.engines.vllm.config import ConnectorConfig
+from kvstore_client.engines.vllm.layout import LayoutError, PagedLayout
+from kvstore_wire.keys import Namespace
+
+L, H, D, N = 4, 3, 8, 16
+
+
+def _ns(**kw) -> Namespace:
+    return Namespace(model="m@sha256:x", dtype="float32", num_layers=L, num_kv_heads=H, head_dim=D,
+                     chunk_tokens=2 * N, **kw)
+
+
+def _caches(blocks=6, flash=False):
+    return {f"model.layers.{i}.self_attn.attn": torch.zeros(blocks, H, N, 2 * D) for i in range(L)}
+
+
+@pytest.mark.parametrize("backend", ["CPU_ATTN", "FLASH_ATTN"])
+def test_scatter_then_gather_round_trips_and_lands_where_the_backend_reads(backend):
+    caches = _caches()
+    layout = PagedLayout(caches, {k: backend for k in caches}, _ns(), N)
+    kv = torch.randn(_ns().chunk_shape(4 * N))
+    blocks = [5, 1, 3, 0]
+    layout.scatter(kv, 0, blocks)
+    out = torch.empty_like(kv)
+    layout.gather(blocks, out)
+    assert torch.equal(out, kv)
+    layer0 = caches["model.layers.0.self_attn.attn"]
+    # Token 1 of the chunk (block 5, offset 1), head 2: where the backend's kernel reads K and V.
+    if backend == "CPU_ATTN":      # [B, H, 2N, D]: K rows then V rows
+        tile = layer0.view(6, H, 2 * N, D)
+        k, v = tile[5, 2, 1], tile[5, 2, N + 1]
+    else:                          # [B, H, N, 2D]: [K | V] on the last axis
+        k, v = layer0[5, 2, 1, :D], layer0[5, 2, 1, D:]
+    assert torch.equal(k, kv[0, 0, 1, 2]) and torch.equal(v, kv[0, 1, 1, 2])
+
+
+def test_partial_scatter_skips_blocks_vllm_already_has():
+    caches = _caches()
+    layout = PagedLayout(caches, {k: "CPU_ATTN" for k in caches}, _ns(), N)
+    kv = torch.randn(_ns().chunk_shape(2 * N))
+    layout.scatter(kv, 1, [4])               # only the second block of the chunk
+    out = torch.empty(_ns().chunk_shape(N))
+    layout.gather([4], out)
+    assert torch.equal(out, kv[:, :, N:])
+    assert caches["model.layers.0.self_attn.attn"][:4].abs().sum() == 0
+
+
+def test_unknown_backend_and_wrong_shapes_are_refused():
+    caches = _caches()
+    with pytest.raises(LayoutError, match="FLASHINFER"):
+        PagedLayout(caches, {k: "FLASHINFER" for k in caches}, _ns(), N)
+    bad = {k: torch.zeros(6, H, N, D) for k in caches}
+    with pytest.raises(LayoutError, match="does not match"):
+        PagedLayout(bad, {k: "CPU_ATTN" for k in bad}, _ns(), N)
+
+
+def test_namespaces_differ_by_tp_rank_size_and_identity():
+    ids = {_ns().namespace_id, _ns(tp_size=2).namespace_id, _ns(tp_size=2, tp_rank=1).namespace_id,
+           Namespace(model="other@sha256:y", dtype="float32", num_layers=L, num_kv_heads=H, head_dim=D,
+                     chunk_tokens=2 * N).namespace_id}
+    assert len(ids) == 4
+
+
+def test_config_rejects_unknown_keys_tls_and_misaligned_chunks():
+    with pytest.raises(ValueError, match="unknown keys"):
+        ConnectorConfig.from_extra_config({"kvstore.adr": "x"})
+    with pytest.raises(ValueError, match="TLS"):
+        ConnectorConfig.from_extra_config({"kvstore.tls": True})
+    cfg = ConnectorConfig.from_extra_config({"kvstore.chunk_tokens": 192})
+    with pytest.raises(ValueError, match="multiple of vLLM's block size"):
+        cfg.check_block_size(128)
+    assert ConnectorConfig.from_extra_config({"kvstore.durability": "persisted"}).durability.name == "PERSISTED"
