@@ -12,6 +12,9 @@ codec setting (adaptive, or one ``remote.fixed_level``) and each link rate:
    prefixes, then generates one token: lookup -> remote fetch -> promote -> retrieve -> prefill
    of the tail. TTFT is the adapter's ``ttft_s``.
 
+Clients use the stream path (``local=False``): a run maps every fresh B's 2 GiB arena
+otherwise, and one process holding all of them ran the box out of memory.
+
 Recompute on B: the same prompt through the adapter against B with nothing stored (a miss:
 lookup, which asks the remote, then the full prefill), and the plain model alone.
 
@@ -104,10 +107,13 @@ def run(args) -> None:
                             with KVStoreClient(b.addr, wns, token=TOK_X, local=False) as c:
                                 c.lookup(prompt[WARM_SHIFT * k:WARM_SHIFT * k + CHUNK_TOKENS])
                         if recompute is None:
-                            with KVCacheAdapter(lm.model, KVStoreClient(b.addr, _ns(lm, "miss"), token=TOK_X),
-                                                store_back=False) as ad:
+                            with KVCacheAdapter(lm.model, KVStoreClient(b.addr, _ns(lm, "miss"), token=TOK_X,
+                                                                             local=False), store_back=False) as ad:
                                 recompute = [ad.generate(prompt, max_new_tokens=1).ttft_s for _ in range(args.reps)]
-                        with KVCacheAdapter(lm.model, KVStoreClient(b.addr, ns, token=TOK_X), store_back=False) as ad:
+                            print(f"recompute on B (adapter, miss): {statistics.median(recompute):.3f}s; plain model "
+                                  f"{statistics.median(plain):.3f}s", flush=True)
+                        with KVCacheAdapter(lm.model, KVStoreClient(b.addr, ns, token=TOK_X, local=False),
+                                            store_back=False) as ad:
                             hit = ad.generate(prompt, max_new_tokens=1)
                         r = stats(b).remote
                         chosen = ", ".join(k.split(":", 1)[1] for k, v in sorted(r.level_decisions.items())
