@@ -8,7 +8,6 @@ every ``config.server.listen`` address, ``stop()`` drains in-flight RPCs for
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from kvstore_wire._proto.kvstore.v1 import admin_pb2_grpc, data_pb2, local_pb2_grpc
+from kvstore_wire.channel import is_local_address
 
 from ..config import Config
 from ..domain.errors import FailedPrecondition, Unavailable
@@ -37,23 +37,11 @@ ADMIN_SERVICE = "kvstore.v1.Admin"
 LOCAL_SERVICE = "kvstore.v1.LocalData"
 
 
-def is_loopback(addr: str) -> bool:
-    if addr.startswith("unix:"):
-        return True
-    host = addr.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_exposure(config: Config) -> None:
     """Refuses a non-loopback TCP listener without auth (unless explicitly allowed)."""
     if config.auth.enabled or config.auth.allow_insecure_remote:
         return
-    remote = [a for a in config.server.listen if not is_loopback(a)]
+    remote = [a for a in config.server.listen if not is_local_address(a)]
     if remote:
         raise FailedPrecondition(
             f"refusing to listen on {', '.join(remote)} without authentication: configure auth.tokens or "
