@@ -28,6 +28,14 @@ def _tokens_of(t) -> int:
     return int(t.shape[2] if t.dim() == 5 else t.shape[1])
 
 
+def _whole_chunks(keys: Sequence[bytes], view, chunk_tokens: int) -> int:
+    """How many of ``keys``' chunks the engine-side ``view`` (a ``Paged`` or a tensor in the
+    namespace layout) has room for: store and retrieve move the same leading run."""
+    if isinstance(view, Paged):
+        return min(len(keys), len(view.specs))
+    return min(len(keys), _tokens_of(view) // chunk_tokens)
+
+
 def _contiguous_rows(t, ns, n: int):
     """Copy-engine rows for a contiguous namespace-layout CUDA tensor, else None."""
     torch = _torch()

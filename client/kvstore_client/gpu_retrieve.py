@@ -12,7 +12,7 @@ from kvstore_native import cuda_ipc, transfer
 from kvstore_wire._proto.kvstore.v1 import local_pb2
 from kvstore_wire.types import Encoding
 
-from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _tokens_of, _torch
+from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks
 from .gpu_state import GpuPath, _groups, _path, _rpc_errors
 
 
@@ -33,9 +33,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool) -> int:
     c = gp.client
     ns = c.namespace
     keys = c.keys(tokens)
-    n = len(keys) if isinstance(dst, Paged) else min(len(keys), _tokens_of(dst) // ns.chunk_tokens)
-    if isinstance(dst, Paged):
-        n = min(n, len(dst.specs))
+    n = _whole_chunks(keys, dst, ns.chunk_tokens)
     if n == 0:
         return 0
     size = ns.chunk_bytes()

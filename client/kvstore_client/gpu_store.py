@@ -14,7 +14,7 @@ from kvstore_wire.crc import crc32c
 from kvstore_wire.types import Durability, Encoding, KeyKind
 
 from .errors import KVStoreClientError
-from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _tokens_of, _torch
+from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks
 from .gpu_state import GpuPath, _all_of, _groups, _path, _rpc_errors
 
 
@@ -38,9 +38,7 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
     c = gp.client
     ns = c.namespace
     keys = c.keys(tokens)
-    n = len(keys) if isinstance(src, Paged) else min(len(keys), _tokens_of(src) // ns.chunk_tokens)
-    if isinstance(src, Paged):
-        n = min(n, len(src.specs))
+    n = _whole_chunks(keys, src, ns.chunk_tokens)
     if n == 0:
         return 0 if wait else _all_of([])
     size = ns.chunk_bytes()
