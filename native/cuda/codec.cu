@@ -15,6 +15,8 @@
 #include "codec/format.h"
 #include "codec/levels.h"
 #include "codec/tables.h"
+#include "codec_decode.h"
+#include "codec_shared.cuh"
 #include "kvstore.h"
 // Host parts shared with the CPU library: src/codec/format.cpp (header, index) is compiled
 // into this library as its own unit; CRC32C is libkvstore.so's kvs_crc32c (linked).
@@ -25,6 +27,10 @@ using kvc::Error;
 using kvc::Header;
 using kvc::IndexEntry;
 using kvc::report;
+using kvc_cuda::cuda_ok;
+using kvc_cuda::DevBuffers;
+using kvc_cuda::dev_error_text;
+using namespace kvc_cuda;  // DevError codes
 
 struct DevModels {
   uint16_t limit[KVC_NUM_MODELS];
@@ -40,13 +46,6 @@ struct Policy {
   int32_t off[2][3];
   int32_t w[2];
 };
-
-enum DevError : int { kErrNone = 0, kErrStream = 1, kErrValue = 2, kErrLayout = 3, kErrMeta = 4, kErrEnd = 5 };
-
-bool cuda_ok(cudaError_t st, Error& e, const char* what) {
-  if (st == cudaSuccess) return true;
-  return e.fail("CUDA %s failed: %s", what, cudaGetErrorString(st));
-}
 
 bool init_models(Error& e) {
   static std::mutex mu;
@@ -384,35 +383,6 @@ __global__ void k_decode(const uint8_t* const* __restrict__ bufs, const uint64_t
   if (!(x == KVC_RANS_L && lp == lend)) fail(err, kErrEnd, seg);
 }
 
-const char* dev_error_text(int code) {
-  switch (code) {
-    case kErrStream: return "lane stream exhausted";
-    case kErrValue: return "value out of range";
-    case kErrLayout: return "segment layout out of bounds or rANS state out of range";
-    case kErrMeta: return "malformed channel table";
-    case kErrEnd: return "lane does not end cleanly / trailing bytes";
-    default: return "unknown";
-  }
-}
-
-// Device buffers of one call, freed on every exit path.
-struct DevBuffers {
-  cudaStream_t st;
-  std::vector<void*> ptrs;
-  explicit DevBuffers(cudaStream_t s) : st(s) {}
-  template <class T>
-  bool alloc(T** p, uint64_t bytes, Error& e) {
-    void* v = nullptr;
-    if (!cuda_ok(cudaMallocAsync(&v, bytes ? bytes : 1, st), e, "cudaMallocAsync")) return false;
-    ptrs.push_back(v);
-    *p = static_cast<T*>(v);
-    return true;
-  }
-  ~DevBuffers() {
-    for (void* p : ptrs) cudaFreeAsync(p, st);
-  }
-};
-
 }  // namespace
 
 KVS_API int kvs_cuda_codec_encode(const void* dev_src, int dtype, int layout, uint32_t L, uint32_t T, uint32_t H, uint32_t D,
@@ -517,50 +487,23 @@ KVS_API int kvs_cuda_codec_decode_batch(uint32_t count, const uint8_t* const* ho
     e.fail("batch of %u chunks: 1..65535 chunks and non-null arrays required", count);
     return report(KVS_EINVAL, e, err, err_len);
   }
+  for (uint32_t i = 0; i < count; i++)
+    if (dev_bufs[i] == nullptr || dev_dsts[i] == nullptr) {
+      e.fail("chunk %u: null device pointer", i);
+      return report(KVS_EINVAL, e, err, err_len);
+    }
   Header first;
-  for (uint32_t i = 0; i < count; i++) {
-    Header h;
-    std::vector<IndexEntry> idx;
-    const uint8_t* head = host_heads[i];
-    const uint64_t host_n = host_lens[i], n = lens[i];
-    if (head == nullptr || host_n > n || dev_bufs[i] == nullptr || dev_dsts[i] == nullptr) {
-      e.fail("chunk %u: null pointer or host copy longer than the bitstream", i);
-      return report(KVS_EINVAL, e, err, err_len);
-    }
-    // Header + index are validated on the host; with a partial host copy (header + index
-    // only) the payload is not inspected here: the kernel bounds-checks every read.
-    if (host_n == n) {
-      if (!kvc::parse_container(head, n, h, idx, verify_crc != 0, e)) return report(KVS_ECORRUPT, e, err, err_len);
-    } else {
-      uint32_t layers = 0;
-      if (host_n >= KVC_HEADER_SIZE) memcpy(&layers, head + 12, 4);
-      const uint64_t need = KVC_HEADER_SIZE + 16ull * (layers > KVC_MAX_LAYERS ? 0 : layers);
-      if (host_n < KVC_HEADER_SIZE || host_n < need) {
-        e.fail("chunk %u: host copy must hold header + index (%llu bytes)", i, (unsigned long long)need);
-        return report(KVS_EINVAL, e, err, err_len);
-      }
-      std::vector<uint8_t> tmp(head, head + need);
-      tmp.resize(n, 0);
-      if (!kvc::parse_container(tmp.data(), n, h, idx, false, e)) return report(KVS_ECORRUPT, e, err, err_len);
-    }
-    if (h.level == KVC_LEVEL_LOSSLESS) {
-      e.fail("lossless bitstreams decode on the CPU (kvstore.codec.decode)");
-      return report(KVS_EINVAL, e, err, err_len);
-    }
-    if (i == 0) first = h;
-    else if (h.dtype != first.dtype || h.layout != first.layout || h.layers != first.layers ||
-             h.tokens != first.tokens || h.heads != first.heads || h.head_dim != first.head_dim) {
-      e.fail("chunk %u: shape or dtype differs from chunk 0 (a batch shares one shape)", i);
-      return report(KVS_EINVAL, e, err, err_len);
-    }
-  }
+  const int pc = kvc_cuda::parse_batch(count, host_heads, host_lens, lens, verify_crc != 0, first, e);
+  if (pc != KVS_OK) return report(pc, e, err, err_len);
   const Header& h = first;
   const uint64_t want = h.elements() * kvc_dtype_size(h.dtype);
   if (dst_bytes_each != want) {
     e.fail("destination has %llu bytes, chunk needs %llu", (unsigned long long)dst_bytes_each, (unsigned long long)want);
     return report(KVS_EINVAL, e, err, err_len);
   }
-  if (!init_models(e)) return report(KVS_EINTERNAL, e, err, err_len);
+  const int variant = kvc_cuda::decode_variant();
+  if (variant == kvc_cuda::kDecoderFirst ? !init_models(e) : !kvc_cuda::ensure_decode_models(e))
+    return report(KVS_EINTERNAL, e, err, err_len);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   DevBuffers mem(st);
   int* derr;
@@ -582,7 +525,10 @@ KVS_API int kvs_cuda_codec_decode_batch(uint32_t count, const uint8_t* const* ho
   const uint64_t threads = (uint64_t)h.layers * S * KVC_MAX_LANES;
   const dim3 grid((unsigned)((threads + 127) / 128), count);
   const uint64_t po = h.payload_offset();
-  if (h.dtype == KVC_DTYPE_F16)
+  if (variant != kvc_cuda::kDecoderFirst) {
+    if (!kvc_cuda::enqueue_decode(variant, h, count, 0, d_bufs, d_lens, d_dsts, derr, st, e))
+      return report(KVS_EINTERNAL, e, err, err_len);
+  } else if (h.dtype == KVC_DTYPE_F16)
     k_decode<KVC_DTYPE_F16><<<grid, 128, 0, st>>>(d_bufs, d_lens, d_dsts, po, h.layers, S, h.tokens, C, derr);
   else if (h.dtype == KVC_DTYPE_BF16)
     k_decode<KVC_DTYPE_BF16><<<grid, 128, 0, st>>>(d_bufs, d_lens, d_dsts, po, h.layers, S, h.tokens, C, derr);

@@ -151,6 +151,32 @@ KVS_API int kvs_cuda_codec_decode_batch(uint32_t count, const uint8_t* const* ho
                                         uint64_t dst_bytes_each, void* stream, int verify_crc, char* err,
                                         size_t err_len);
 
+// Compressed load: `count` bitstreams in HOST memory (host_bufs[i], lens[i] bytes; pinned or
+// cudaHostRegister'ed for asynchronous copies) cross PCIe in `groups` groups (0: default 4) on
+// the library's copy stream and are decoded on `stream` into dev_dsts[i] (dst_bytes_each each),
+// group g decoding while group g+1 is copied. Headers and indexes are validated on the host;
+// verify_crc: every layer's CRC32C is computed on the GPU and compared. Returns after the
+// stream has synchronized.
+KVS_API int kvs_cuda_codec_load_batch(uint32_t count, const uint8_t* const* host_bufs, const uint64_t* lens,
+                                      void* const* dev_dsts, uint64_t dst_bytes_each, uint32_t groups, void* stream,
+                                      int verify_crc, char* err, size_t err_len);
+// Encodes `count` device-resident chunks of one shape (dev_srcs[i]) in one pass of batched
+// kernels; the bitstreams go to host memory `dst` (pinned for speed), chunk i at out_offsets[i]
+// with out_sizes[i] bytes (16-byte aligned, in order). KVS_ENOSPC when dst_cap is too small:
+// out_sizes then hold the sizes needed (dst untouched). Layer CRCs are computed on the GPU.
+KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs, int dtype, int layout, uint32_t layers,
+                                        uint32_t tokens, uint32_t heads, uint32_t head_dim, int level, void* stream,
+                                        uint8_t* dst, uint64_t dst_cap, uint64_t* out_offsets, uint64_t* out_sizes,
+                                        char* err, size_t err_len);
+// Decoder choice for the batched calls (tests and benchmarks): 0 = the first decoder, 1 = one
+// warp per segment with the models in shared memory (default), 2 = same with hardware fp16/bf16
+// conversion, 3/4 = models in global memory (portable / hardware conversion);
+// warps_per_block 1..8 (default 4).
+KVS_API int kvs_cuda_codec_set_decoder(int variant, int warps_per_block, char* err, size_t err_len);
+// Counts, over every non-NaN binary32 value, where the hardware fp16 / bf16 conversions differ
+// from the format's portable ones (0 and 0 make variants 2 and 4 bit-exact).
+KVS_API int kvs_cuda_codec_selftest(uint64_t* mismatches_f16, uint64_t* mismatches_bf16, char* err, size_t err_len);
+
 // ---- CUDA batch copies, checksums, pools, IPC (libkvstore_cuda.so, cuda/batch.cu) ---------
 // CRC32C of `count` buffers (ptrs/lens are HOST arrays; each buffer is device memory or
 // host memory the device can address), bit-exact with kvs_crc32c(0, buf, len). out[count] is

@@ -141,19 +141,121 @@ def decode_batch_ptrs(host_ptrs: list[int], dev_ptrs: list[int], lens: list[int]
     n = len(host_ptrs)
     if not n or not (n == len(dev_ptrs) == len(lens) == len(dst_ptrs)):
         raise CodecError("host_ptrs, dev_ptrs, lens and dst_ptrs must be non-empty and of one length")
-    core = native.lib()
-    host_lens = []
-    for p, ln in zip(host_ptrs, lens):
-        if verify:
-            host_lens.append(ln)
-            continue
-        info = _lib.CodecInfo()
-        err = native.err_buf()
-        native.check(core.kvs_codec_parse(ctypes.c_char_p(p), ln, ctypes.byref(info), err, native.ERR_CAP), err)
-        host_lens.append(int(info.payload_offset))
+    # The host pointers hold the whole bitstreams: without ``verify`` only their headers and
+    # indexes are read (validated on the host); with it the layer CRCs are checked on the CPU.
+    host_lens = list(lens)
     arr = lambda t, v: (t * n)(*v)  # noqa: E731
     err = native.err_buf()
     native.check(lib().kvs_cuda_codec_decode_batch(n, arr(ctypes.c_void_p, host_ptrs), arr(ctypes.c_uint64, host_lens),
                                                    arr(ctypes.c_void_p, dev_ptrs), arr(ctypes.c_uint64, lens),
                                                    arr(ctypes.c_void_p, dst_ptrs), dst_bytes_each, stream, int(verify),
                                                    err, native.ERR_CAP), err)
+
+
+# ---- batched calls (codec_decode.cu, codec_load.cu, codec_encode.cu) -------------------------
+
+#: Decoder variants of :func:`set_decoder` (include/kvstore.h, kvs_cuda_codec_set_decoder).
+DECODERS = {"first": 0, "warp-smem": 1, "warp-smem-hw": 2, "warp-global": 3, "warp-global-hw": 4}
+
+
+def set_decoder(name: str = "warp-smem", warps_per_block: int = 4) -> None:
+    """Process-wide choice of the batched decoder (tests and benchmarks compare them)."""
+    if name not in DECODERS:
+        raise CodecError(f"unknown decoder {name!r} (one of {sorted(DECODERS)})")
+    err = native.err_buf()
+    native.check(lib().kvs_cuda_codec_set_decoder(DECODERS[name], warps_per_block, err, native.ERR_CAP), err)
+
+
+def selftest_conversions() -> tuple[int, int]:
+    """Non-NaN binary32 values where the hardware fp16 / bf16 conversion differs from the format's."""
+    a, b = ctypes.c_uint64(0), ctypes.c_uint64(0)
+    err = native.err_buf()
+    native.check(lib().kvs_cuda_codec_selftest(ctypes.byref(a), ctypes.byref(b), err, native.ERR_CAP), err)
+    return a.value, b.value
+
+
+def load_batch_ptrs(host_ptrs: list[int], lens: list[int], dst_ptrs: list[int], dst_bytes_each: int, stream: int,
+                    *, groups: int = 0, verify: bool = False) -> None:
+    """Compressed load: bitstreams in host memory (``host_ptrs[i]``, ``lens[i]`` bytes; pinned or
+    registered memory for asynchronous copies) cross PCIe in ``groups`` groups and are decoded on
+    the GPU into ``dst_ptrs[i]``, group g decoding while g + 1 is in flight. ``verify``: layer
+    CRC32Cs checked on the GPU. Returns after ``stream`` synchronized; raises CodecError on
+    corrupt input."""
+    n = len(host_ptrs)
+    if not n or not (n == len(lens) == len(dst_ptrs)):
+        raise CodecError("host_ptrs, lens and dst_ptrs must be non-empty and of one length")
+    arr = lambda t, v: (t * n)(*v)  # noqa: E731
+    err = native.err_buf()
+    native.check(lib().kvs_cuda_codec_load_batch(n, arr(ctypes.c_void_p, host_ptrs), arr(ctypes.c_uint64, lens),
+                                                 arr(ctypes.c_void_p, dst_ptrs), dst_bytes_each, groups, stream,
+                                                 int(verify), err, native.ERR_CAP), err)
+
+
+def load_batch(host_bufs: list, outs: list, *, groups: int = 0, verify: bool = False, stream=None) -> list:
+    """:func:`load_batch_ptrs` over host buffers (pinned torch uint8 tensors, numpy arrays or
+    bytes) and contiguous device tensors of the chunks' shape and dtype."""
+    if len(host_bufs) != len(outs) or not outs:
+        raise CodecError("host_bufs and outs must be non-empty lists of equal length")
+    nb = _nbytes(outs[0])
+    if any(_nbytes(o) != nb or not _contiguous(o) for o in outs):
+        raise CodecError("outputs must be contiguous and of one size")
+    keep, ptrs, lens = [], [], []
+    for b in host_bufs:
+        if isinstance(b, (bytes, bytearray, memoryview)):
+            raw = bytes(b)
+            keep.append(ctypes.c_char_p(raw))  # pageable: the copies are staged, not asynchronous
+            ptrs.append(ctypes.cast(keep[-1], ctypes.c_void_p).value)
+            lens.append(len(raw))
+        elif hasattr(b, "data_ptr"):
+            ptrs.append(int(b.data_ptr()))
+            lens.append(int(b.numel() * b.element_size()))
+        else:
+            ptrs.append(int(b.ctypes.data))
+            lens.append(int(b.nbytes))
+    load_batch_ptrs(ptrs, lens, [_ptr(o) for o in outs], nb, _stream(outs[0], stream), groups=groups, verify=verify)
+    return outs
+
+
+def encode_batch_into(srcs: list, level: CodecLevel, out, *, layout: Layout = Layout.KV,
+                      stream=None) -> list[tuple[int, int]]:
+    """Encode device chunks of one shape in one batched pass; bitstream i is written to the host
+    buffer ``out`` (pinned uint8 tensor or numpy array; :func:`encode_bound_batch` bytes) at the
+    returned (offset, size). Bit-exact with the CPU encoder. Raises CodecError when ``out`` is
+    too small."""
+    from kvstore_native.codec import _shape_args
+
+    level, layout = CodecLevel(level), Layout(layout)
+    if not srcs:
+        raise CodecError("srcs must be non-empty")
+    shape, dt = tuple(srcs[0].shape), _dtype(srcs[0])
+    if any(tuple(s.shape) != shape or _dtype(s) != dt or not _contiguous(s) for s in srcs):
+        raise CodecError("sources must be contiguous and of one shape and dtype")
+    L, T, H, D = _shape_args(shape, layout)
+    n = len(srcs)
+    offs, sizes = (ctypes.c_uint64 * n)(), (ctypes.c_uint64 * n)()
+    optr = int(out.data_ptr()) if hasattr(out, "data_ptr") else int(out.ctypes.data)
+    cap = _nbytes(out) if hasattr(out, "data_ptr") else int(out.nbytes)
+    err = native.err_buf()
+    native.check(lib().kvs_cuda_codec_encode_batch(n, (ctypes.c_uint64 * n)(*[_ptr(s) for s in srcs]), dt, layout,
+                                                   L, T, H, D, level, _stream(srcs[0], stream), optr, cap, offs, sizes,
+                                                   err, native.ERR_CAP), err)
+    return [(int(offs[i]), int(sizes[i])) for i in range(n)]
+
+
+def encode_bound_batch(src, count: int, level: CodecLevel, layout: Layout = Layout.KV) -> int:
+    """Host bytes :func:`encode_batch_into` may need for ``count`` chunks shaped like ``src``."""
+    from kvstore_native.codec import _shape_args
+
+    L, T, H, D = _shape_args(tuple(src.shape), Layout(layout))
+    one = native.lib().kvs_codec_encode_bound(_dtype(src), Layout(layout), L, T, H, D, CodecLevel(level))
+    return count * ((one + 15) // 16 * 16)
+
+
+def encode_batch(srcs: list, level: CodecLevel = CodecLevel.DEFAULT, layout: Layout = Layout.KV, *,
+                 stream=None) -> list[bytes]:
+    """:func:`encode_batch_into` returning one ``bytes`` per chunk (copies out of a host buffer)."""
+    import numpy as np
+
+    out = np.empty(encode_bound_batch(srcs[0], len(srcs), level, layout), dtype=np.uint8)
+    spans = encode_batch_into(srcs, level, out, layout=layout, stream=stream)
+    return [out[o:o + s].tobytes() for o, s in spans]

@@ -1,0 +1,328 @@
+// Batched GPU decoder of the lossy levels, bit-exact with native/src/codec (CPU) and with the
+// first CUDA decoder of codec.cu (kept selectable: kvs_cuda_codec_set_decoder).
+//
+// Work mapping: one warp per segment (layer, K|V) of one chunk, one thread per rANS lane (the
+// format's 32 lanes), segments of every chunk of the batch flattened over the grid so that a
+// batch fills the GPU. Per symbol the decoder's dependency chain is two shared-memory loads
+// (the compact model table: bucket -> symbol, then cum|freq) and a multiply-add; lane bytes
+// arrive through aligned 4-byte loads issued one word ahead of use, so no global load sits on
+// the chain. Output stores: the 32 lanes of a warp write 32 consecutive channels of one token.
+//
+// kvs_cuda_codec_load_batch: bitstreams in host memory cross PCIe on a copy stream in groups;
+// group g decodes while group g+1 is in flight (events order the two streams).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <atomic>
+
+#include "codec_decode.h"
+#include "codec_shared.cuh"
+#include "kvstore.h"
+
+namespace {
+
+using kvc::Error;
+using kvc::Header;
+using kvc::report;
+using namespace kvc_cuda;
+
+__device__ CompactModels d_cm;
+std::mutex g_models_mu;
+bool g_models_done[64] = {false};
+
+// Process-wide decoder choice (kvs_cuda_codec_set_decoder); see codec_decode.h.
+std::atomic<int> g_variant{kvc_cuda::kDecoderInitial};
+std::atomic<int> g_warps{4};
+
+struct DecArgs {
+  const uint8_t* const* bufs;
+  const uint64_t* lens;
+  void* const* dsts;
+  uint64_t payload_off;
+  uint32_t L, S, T, C;
+  uint32_t segs_total;  // chunks * L * S
+  uint32_t chunk_base;  // index of chunk 0 of this launch in the caller's batch (error reports)
+  int* err;
+};
+
+__device__ __forceinline__ uint32_t ld32(const uint8_t* p) {
+  return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+__device__ void fail(int* err, int code, uint32_t seg, uint32_t chunk) {
+  if (atomicCAS(err, 0, code) == 0) { err[1] = (int)seg; err[2] = (int)chunk; }
+}
+
+__device__ __forceinline__ uint64_t warp_sum64(uint64_t v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ uint64_t warp_incl_scan64(uint64_t v, uint32_t lane) {
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint64_t u = __shfl_up_sync(0xFFFFFFFFu, v, o);
+    if (lane >= (uint32_t)o) v += u;
+  }
+  return v;
+}
+
+// The bytes of one lane, read through aligned 4-byte loads one word ahead of use. Words are
+// read only up to the end of the chunk's buffer (wend); `rem` bounds the lane itself.
+struct LaneReader {
+  const uint32_t* wp;
+  const uint32_t* wend;
+  uint64_t bits;  // the next nb bytes, next byte lowest
+  uint32_t nb;
+  uint32_t pend;  // the word after those
+  uint32_t rem;   // bytes of the lane not yet consumed
+
+  __device__ __forceinline__ uint32_t next_word() { return wp < wend ? __ldg(wp++) : 0u; }
+  __device__ __forceinline__ void init(const uint8_t* lp, uint32_t len, const uint8_t* buf_end) {
+    rem = len;
+    const uintptr_t a = (uintptr_t)lp;
+    wp = reinterpret_cast<const uint32_t*>(a & ~(uintptr_t)3);
+    wend = reinterpret_cast<const uint32_t*>(((uintptr_t)buf_end + 3) & ~(uintptr_t)3);
+    const uint32_t sh = (uint32_t)(a & 3);
+    bits = (uint64_t)(next_word() >> (8 * sh));
+    nb = 4 - sh;
+    bits |= (uint64_t)next_word() << (8 * nb);
+    nb += 4;
+    pend = next_word();
+  }
+  // Next byte of the lane; false past the lane's end.
+  __device__ __forceinline__ bool byte(uint32_t& b) {
+    if (rem == 0) return false;
+    rem--;
+    b = (uint32_t)bits & 0xFFu;
+    bits >>= 8;
+    if (--nb <= 4) {
+      bits |= (uint64_t)pend << (8 * nb);
+      nb += 4;
+      pend = next_word();
+    }
+    return true;
+  }
+};
+
+template <int DT, bool HWCVT>
+__device__ __forceinline__ void put(void* dst, uint64_t o, float f) {
+  if (DT == KVC_DTYPE_F16) {
+    ((uint16_t*)dst)[o] = HWCVT ? __half_as_ushort(__float2half_rn(f)) : kvc_float_to_half(f);
+  } else if (DT == KVC_DTYPE_BF16) {
+    ((uint16_t*)dst)[o] = HWCVT ? __bfloat16_as_ushort(__float2bfloat16_rn(f)) : kvc_float_to_bf16(f);
+  } else {
+    ((float*)dst)[o] = f;
+  }
+}
+
+// blockDim.x = 32 * warps; warp w of block b decodes flattened segment b * warps + w.
+template <int DT, bool SMEM, bool HWCVT>
+__global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
+  __shared__ CompactModels sm[SMEM ? 1 : 1];
+  const CompactModels* M = &d_cm;
+  if (SMEM) {
+    const uint4* src = reinterpret_cast<const uint4*>(&d_cm);
+    uint4* dstw = reinterpret_cast<uint4*>(&sm[0]);
+    for (uint32_t i = threadIdx.x; i < sizeof(CompactModels) / 16; i += blockDim.x) dstw[i] = src[i];
+    __syncthreads();
+    M = &sm[0];
+  }
+  const uint32_t warps = blockDim.x >> 5, j = threadIdx.x & 31u;
+  const uint32_t g = blockIdx.x * warps + (threadIdx.x >> 5);
+  if (g >= a.segs_total) return;
+  const uint32_t per_chunk = a.L * a.S;
+  const uint32_t chunk = g / per_chunk, seg = g % per_chunk, l = seg / a.S, s = seg % a.S;
+  const uint32_t T = a.T, C = a.C, n = C < KVC_MAX_LANES ? C : KVC_MAX_LANES;
+  const uint32_t ec = a.chunk_base + chunk;
+  const uint8_t* __restrict__ buf = a.bufs[chunk];
+  const uint64_t n_buf = a.lens[chunk];
+  void* __restrict__ dst = a.dsts[chunk];
+  const uint64_t po = a.payload_off;
+  const uint8_t* ie = buf + KVC_HEADER_SIZE + 16ull * l;
+  const uint64_t loff = (uint64_t)ld32(ie) | ((uint64_t)ld32(ie + 4) << 32);
+  const uint32_t lsize = ld32(ie + 8);
+  // Everything up to the lane split is the same in every lane of the warp (warp-uniform exits).
+  if (po > n_buf || loff > n_buf - po || lsize > n_buf - po - loff) { fail(a.err, kErrLayout, seg, ec); return; }
+  const uint8_t* p = buf + po + loff;
+  const uint8_t* const end = p + lsize;
+  const uint8_t* const buf_end = buf + n_buf;
+  const uint32_t B = kvc_dtype_size(DT);
+  const uint64_t head = (uint64_t)C * KVC_CHANNEL_META_SIZE + (uint64_t)n * KVC_LANE_ENTRY_SIZE;
+  uint32_t R = 0;
+  const uint8_t* ridx = p;
+  for (uint32_t ss = 0; ss <= s; ss++) {  // walk to segment s
+    if (end - p < 2) { fail(a.err, kErrLayout, seg, ec); return; }
+    R = (uint32_t)p[0] | ((uint32_t)p[1] << 8);
+    const uint64_t raw = 2 + 4ull * R + (uint64_t)R * C * B;
+    if (R > KVC_MAX_RAW_TOKENS || R > T || (uint64_t)(end - p) < raw + head) { fail(a.err, kErrLayout, seg, ec); return; }
+    ridx = p + 2;
+    p += raw;
+    if (ss == s) break;
+    const uint8_t* tbl = p + (uint64_t)C * KVC_CHANNEL_META_SIZE;
+    const uint64_t total = warp_sum64(j < n ? ld32(tbl + 8 * j) : 0u);
+    if (total > (uint64_t)(end - p) - head) { fail(a.err, kErrLayout, seg, ec); return; }
+    p += head + total;
+  }
+  const uint64_t base = (uint64_t)seg * T * C;
+  {  // raw rows of this lane's channels
+    uint32_t next = 0;
+    const uint8_t* rows = ridx + 4ull * R;
+    for (uint32_t r = 0; r < R; r++) {
+      const uint32_t t = ld32(ridx + 4 * r);
+      if (t >= T || t < next) { fail(a.err, kErrMeta, seg, ec); return; }
+      next = t + 1;
+      for (uint32_t c = j; c < C; c += n)
+        for (uint32_t b = 0; b < B; b++)
+          ((uint8_t*)dst)[(base + (uint64_t)t * C + c) * B + b] = rows[((uint64_t)r * C + c) * B + b];
+    }
+  }
+  const uint8_t* meta = p;
+  const uint8_t* tbl = p + (uint64_t)C * KVC_CHANNEL_META_SIZE;
+  const uint8_t* data = p + head;
+  const uint32_t mylen = j < n ? ld32(tbl + 8 * j) : 0u;
+  const uint64_t incl = warp_incl_scan64(mylen, j);
+  const uint64_t total = __shfl_sync(0xFFFFFFFFu, incl, 31);
+  if (total > (uint64_t)(end - data)) { fail(a.err, kErrLayout, seg, ec); return; }
+  if (s == a.S - 1 && data + total != end) { fail(a.err, kErrEnd, seg, ec); return; }
+  if (j >= n) return;
+  uint32_t x = ld32(tbl + 8 * j + 4);
+  if (x < KVC_RANS_L || x >= (KVC_RANS_L << 8)) { fail(a.err, kErrLayout, seg, ec); return; }
+  LaneReader rd;
+  rd.init(data + (incl - mylen), mylen, buf_end);
+  const uint32_t first_raw = R ? ld32(ridx) : T;
+  const uint32_t nch = (C - j + n - 1) / n;
+  for (uint32_t ci = 0; ci < nch; ci++) {
+    const uint32_t c = j + ci * n;
+    const uint32_t mw = ld32(meta + (uint64_t)c * KVC_CHANNEL_META_SIZE);
+    const uint32_t mb = (mw >> 8) & 0xFFu;
+    const int32_t ctr = (int16_t)(uint16_t)(mw >> 16);
+    if ((mb & KVC_MODEL_RESERVED_MASK) || ctr > KVC_QMAX || ctr < -KVC_QMAX) { fail(a.err, kErrMeta, seg, ec); return; }
+    const float step = kvc_step(mw & 0xFFu);
+    const uint32_t k = mb & KVC_MODEL_INDEX_MASK, lim = M->lim[k], moff = M->moff[k];
+    const uint8_t* bk = M->bucket[k];
+    const uint32_t* ent = M->ent + moff;
+    const bool delta = mb & KVC_MODEL_DELTA_BIT;
+    int32_t pred = ctr;
+    uint32_t ri = 0, next_raw = first_raw;
+    uint64_t o = base + c;
+    for (uint32_t t = 0; t < T; t++, o += C) {
+      if (t == next_raw) {
+        ri++;
+        next_raw = ri < R ? ld32(ridx + 4 * ri) : T;
+        continue;
+      }
+      uint32_t slot = x & (KVC_PROB_TOTAL - 1);
+      uint32_t z = bk[slot >> kBucketShift];
+      uint32_t e = ent[z];
+      while (slot >= (e & 0xFFFFu) + (e >> 16)) e = ent[++z];
+      x = (e >> 16) * (x >> KVC_PROB_BITS) + slot - (e & 0xFFFFu);
+      // x >= 2^11 here (freq >= 1, x was >= 2^23): at most two bytes restore x >= L.
+      uint32_t byte;
+      if (x < KVC_RANS_L) {
+        if (!rd.byte(byte)) { fail(a.err, kErrStream, seg, ec); return; }
+        x = (x << 8) | byte;
+        if (x < KVC_RANS_L) {
+          if (!rd.byte(byte)) { fail(a.err, kErrStream, seg, ec); return; }
+          x = (x << 8) | byte;
+        }
+      }
+      if (z == lim) {  // escape: two uniform bypass bytes (freq 16 each: one renormalisation byte at most)
+        uint32_t bb[2];
+        for (int i = 0; i < 2; i++) {
+          slot = x & (KVC_PROB_TOTAL - 1);
+          bb[i] = slot / KVC_BYPASS_FREQ;
+          x = KVC_BYPASS_FREQ * (x >> KVC_PROB_BITS) + slot - bb[i] * KVC_BYPASS_FREQ;
+          while (x < KVC_RANS_L) {
+            if (!rd.byte(byte)) { fail(a.err, kErrStream, seg, ec); return; }
+            x = (x << 8) | byte;
+          }
+        }
+        z = bb[0] | (bb[1] << 8);
+      }
+      const int32_t v = pred + kvc_unzigzag(z);
+      if (v > KVC_QMAX || v < -KVC_QMAX) { fail(a.err, kErrValue, seg, ec); return; }
+      if (delta) pred = v;
+      put<DT, HWCVT>(dst, o, kvc_dequantize(v, step));
+    }
+  }
+  if (!(x == KVC_RANS_L && rd.rem == 0)) fail(a.err, kErrEnd, seg, ec);
+}
+
+template <bool SMEM, bool HWCVT>
+void launch_t(int dtype, uint32_t blocks, uint32_t threads, cudaStream_t st, const DecArgs& a) {
+  if (dtype == KVC_DTYPE_F16) k_decode_warp<KVC_DTYPE_F16, SMEM, HWCVT><<<blocks, threads, 0, st>>>(a);
+  else if (dtype == KVC_DTYPE_BF16) k_decode_warp<KVC_DTYPE_BF16, SMEM, HWCVT><<<blocks, threads, 0, st>>>(a);
+  else k_decode_warp<KVC_DTYPE_F32, SMEM, HWCVT><<<blocks, threads, 0, st>>>(a);
+}
+
+void launch(int variant, int dtype, const DecArgs& a, cudaStream_t st) {
+  const uint32_t warps = (uint32_t)g_warps.load();
+  const uint32_t blocks = (a.segs_total + warps - 1) / warps;
+  switch (variant) {
+    case kDecoderWarpSmemHw: launch_t<true, true>(dtype, blocks, 32 * warps, st, a); break;
+    case kDecoderWarpGlobal: launch_t<false, false>(dtype, blocks, 32 * warps, st, a); break;
+    case kDecoderWarpGlobalHw: launch_t<false, true>(dtype, blocks, 32 * warps, st, a); break;
+    default: launch_t<true, false>(dtype, blocks, 32 * warps, st, a); break;
+  }
+}
+
+// Self-test of the hardware conversions against the format's portable ones over every finite
+// binary32 value: counts of differing results (f16, bf16) in out[0..1].
+__global__ void k_cvt_check(uint64_t start, unsigned long long* out) {
+  const uint64_t i = start + (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i > 0xFFFFFFFFull) return;
+  const float f = kvc_u2f((uint32_t)i);
+  if (kvc_is_nan(f)) return;
+  if (__half_as_ushort(__float2half_rn(f)) != kvc_float_to_half(f)) atomicAdd(out, 1ull);
+  if (__bfloat16_as_ushort(__float2bfloat16_rn(f)) != kvc_float_to_bf16(f)) atomicAdd(out + 1, 1ull);
+}
+
+}  // namespace
+
+namespace kvc_cuda {
+
+int decode_variant() { return g_variant.load(); }
+
+bool ensure_decode_models(Error& e) { return upload_models(d_cm, g_models_done, g_models_mu, e); }
+
+bool enqueue_decode(int variant, const Header& h, uint32_t count, uint32_t chunk_base, const uint8_t* const* d_bufs,
+                    const uint64_t* d_lens, void* const* d_dsts, int* derr, cudaStream_t st, Error& e) {
+  DecArgs a{d_bufs, d_lens, d_dsts, h.payload_offset(), h.layers, h.segments(), h.tokens, (uint32_t)h.channels(),
+            count * h.layers * h.segments(), chunk_base, derr};
+  launch(variant, h.dtype, a, st);
+  return cuda_ok(cudaGetLastError(), e, "decode launch");
+}
+
+}  // namespace kvc_cuda
+
+KVS_API int kvs_cuda_codec_set_decoder(int variant, int warps_per_block, char* err, size_t err_len) {
+  Error e;
+  if (variant < kvc_cuda::kDecoderFirst || variant > kvc_cuda::kDecoderWarpGlobalHw || warps_per_block < 1 ||
+      warps_per_block > 8) {
+    e.fail("decoder variant %d (0..%d) or warps per block %d (1..8) out of range", variant,
+           kvc_cuda::kDecoderWarpGlobalHw, warps_per_block);
+    return report(KVS_EINVAL, e, err, err_len);
+  }
+  g_variant.store(variant);
+  g_warps.store(warps_per_block);
+  return KVS_OK;
+}
+
+KVS_API int kvs_cuda_codec_selftest(uint64_t* mismatches_f16, uint64_t* mismatches_bf16, char* err, size_t err_len) {
+  Error e;
+  unsigned long long* d = nullptr;
+  unsigned long long h[2] = {0, 0};
+  const uint64_t per_launch = 1ull << 30;
+  bool ok = cuda_ok(cudaMalloc(&d, 16), e, "cudaMalloc") && cuda_ok(cudaMemset(d, 0, 16), e, "memset");
+  for (uint64_t s = 0; ok && s < (1ull << 32); s += per_launch) {
+    k_cvt_check<<<(unsigned)(per_launch / 256), 256>>>(s, d);
+    ok = cuda_ok(cudaGetLastError(), e, "selftest launch");
+  }
+  ok = ok && cuda_ok(cudaMemcpy(h, d, 16, cudaMemcpyDeviceToHost), e, "selftest copy");
+  if (d) cudaFree(d);
+  if (!ok) return report(KVS_EINTERNAL, e, err, err_len);
+  *mismatches_f16 = h[0];
+  *mismatches_bf16 = h[1];
+  return KVS_OK;
+}

@@ -1,0 +1,473 @@
+// Batched GPU encoder of the lossy levels, bit-exact with native/src/codec (CPU) and with the
+// one-chunk encoder of codec.cu (kvs_cuda_codec_encode, kept beside it).
+//
+// One pass of kernels for a whole batch of chunks of one shape:
+//   k_plan_b     one block per segment of every chunk: integer statistics (token means by
+//                warp reductions, channel statistics one thread per channel), step codes,
+//                quantisation, centre / predictor / model choice, and the zigzag symbols
+//                written lane-major (each lane's symbols contiguous, 16-byte aligned);
+//   k_lanes_b    one thread per rANS lane: symbols read 8 at a time (one 16-byte load, the
+//                next block in flight while the current one is coded), models from shared
+//                memory, bytes written backwards into the lane's scratch region;
+//   (host)       one synchronisation for every lane size, the payload layout of every chunk;
+//   k_gather_b   the payloads assembled on the device, layer CRC32C on the GPU
+//                (kvs_cuda_crc32c_batch), one copy per chunk to the host; headers on the host.
+#include <cuda_runtime.h>
+
+#include <vector>
+
+#include "codec/levels.h"
+#include "codec_shared.cuh"
+#include "kvstore.h"
+
+namespace {
+
+using kvc::Error;
+using kvc::Header;
+using kvc::report;
+using namespace kvc_cuda;
+
+__device__ CompactModels d_cm_enc;
+__constant__ uint32_t d_thr_enc[KVC_NUM_MODELS];
+std::mutex g_enc_mu;
+bool g_enc_done[64] = {false};
+
+constexpr int kPlanThreads = 256;
+constexpr int kLaneThreads = 128;
+constexpr uint32_t kSymAlign = 8;  // u16 symbols per 16-byte load
+
+struct Policy {
+  int32_t off[2][3];
+  int32_t w[2];
+};
+
+struct PlanArgs {
+  const uint64_t* srcs;  // device array: chunk pointers
+  int dtype;
+  uint32_t L, S, T, C, n;
+  uint64_t sym_stride;  // u16 symbols per lane region (multiple of kSymAlign)
+  Policy pol;
+  uint8_t* meta;        // [segs][C][4]
+  int16_t* q;           // [segs][T][C]
+  uint16_t* sym;        // [segs][32][sym_stride]
+  int64_t* chan_lc;
+  int32_t* chan_qlmax;
+  uint8_t* chan_const;
+  int64_t* tok_tm;      // [segs][T]
+  uint32_t* coded_all;  // [segs][T]
+  uint32_t* raw_count;  // [segs]
+  uint32_t* raw_idx;    // [segs][16]
+};
+
+__device__ __forceinline__ const void* chunk_src(const PlanArgs& a, uint32_t g) {
+  return reinterpret_cast<const void*>(a.srcs[g / (a.L * a.S)]);
+}
+
+// One block per segment g of the batch (chunk g / (L*S)); the policy of codec.cu's k_plan.
+__global__ void __launch_bounds__(kPlanThreads) k_plan_b(const PlanArgs a) {
+  const uint32_t g = blockIdx.x, spc = a.L * a.S, seg = g % spc, l = seg / a.S, s = seg % a.S;
+  const uint32_t T = a.T, C = a.C, n = a.n;
+  const int dtype = a.dtype;
+  const void* src = chunk_src(a, g);
+  const uint64_t base = (uint64_t)seg * T * C;  // in the chunk
+  const uint64_t qbase = (uint64_t)g * T * C;   // in the batch scratch
+  int64_t* tm = a.tok_tm + (uint64_t)g * T;
+  uint32_t* coded = a.coded_all + (uint64_t)g * T;
+  __shared__ long long sum_bits;
+  __shared__ uint32_t tc_shared;
+  if (threadIdx.x == 0) sum_bits = 0;
+  __syncthreads();
+  // token means: one warp per token, lanes over channels (coalesced), exact integer sums
+  const uint32_t warp = threadIdx.x >> 5, lane = threadIdx.x & 31u, nw = blockDim.x >> 5;
+  long long local = 0;
+  for (uint32_t t = warp; t < T; t += nw) {
+    long long sq = 0;
+    for (uint32_t c = lane; c < C; c += 32) sq += kvc_qlog(kvc_sanitize(kvc_load(src, base + (uint64_t)t * C + c, dtype)));
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xFFFFFFFFu, sq, o);
+    if (lane == 0) {
+      tm[t] = kvc_floordiv(sq, C);
+      local += tm[t];
+    }
+  }
+  if (lane == 0) atomicAdd((unsigned long long*)&sum_bits, (unsigned long long)local);  // exact, order free
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int64_t mean = kvc_floordiv((int64_t)sum_bits, T);
+    uint32_t r = 0, tc = 0;
+    for (uint32_t t = 0; t < T; t++) {
+      const bool raw = r < KVC_MAX_RAW_TOKENS &&
+                       (tm[t] - mean >= KVC_RAW_TOKEN_DEVIATION || mean - tm[t] >= KVC_RAW_TOKEN_DEVIATION);
+      if (raw) a.raw_idx[g * KVC_MAX_RAW_TOKENS + r++] = t;
+      else coded[tc++] = t;
+    }
+    a.raw_count[g] = r;
+    tc_shared = tc;
+    sum_bits = 0;
+  }
+  __syncthreads();
+  const uint32_t TC = tc_shared, TD = TC ? TC : 1;
+  local = 0;
+  for (uint32_t c = threadIdx.x; c < C; c += blockDim.x) {
+    int64_t sum_ql = 0;
+    int32_t qlmax = KVC_QL_FLOOR;
+    const uint32_t first = TC ? kvc_f2u(kvc_sanitize(kvc_load(src, base + (uint64_t)coded[0] * C + c, dtype))) : 0;
+    uint8_t cst = 1;
+#pragma unroll 4
+    for (uint32_t i = 0; i < TC; i++) {
+      const float v = kvc_sanitize(kvc_load(src, base + (uint64_t)coded[i] * C + c, dtype));
+      if (kvc_f2u(v) != first) cst = 0;
+      const int32_t ql = kvc_qlog(v);
+      sum_ql += ql;
+      qlmax = ql > qlmax ? ql : qlmax;
+    }
+    const int64_t lc = kvc_floordiv(sum_ql, TD);
+    a.chan_lc[(uint64_t)g * C + c] = lc;
+    a.chan_qlmax[(uint64_t)g * C + c] = qlmax;
+    a.chan_const[(uint64_t)g * C + c] = cst;
+    local += lc;
+  }
+  atomicAdd((unsigned long long*)&sum_bits, (unsigned long long)local);
+  __syncthreads();
+  const int64_t lbar = kvc_floordiv((int64_t)sum_bits, C);
+  const int grp = kvc_layer_group(l, a.L);
+  for (uint32_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const uint64_t ch = (uint64_t)g * C + c;
+    const uint32_t code =
+        kvc_step_code(a.chan_lc[ch], lbar, a.chan_qlmax[ch], a.pol.off[s][grp], a.pol.w[s], a.chan_const[ch] != 0);
+    const float step = kvc_step(code);
+    int64_t sum_q = 0;
+#pragma unroll 4
+    for (uint32_t i = 0; i < TC; i++) {
+      const uint64_t t = coded[i];
+      const int32_t v = kvc_quantize(kvc_sanitize(kvc_load(src, base + t * C + c, dtype)), step);
+      a.q[qbase + t * C + c] = (int16_t)v;
+      sum_q += v;
+    }
+    const int32_t ctr = kvc_center(sum_q, TD);
+    uint64_t cost_c = 0, cost_d = 0;
+    int32_t prev = ctr;
+#pragma unroll 4
+    for (uint32_t i = 0; i < TC; i++) {
+      const int32_t v = a.q[qbase + (uint64_t)coded[i] * C + c];
+      cost_c += (uint64_t)abs(v - ctr);
+      cost_d += (uint64_t)abs(v - prev);
+      prev = v;
+    }
+    const bool delta = cost_d < cost_c;
+    const uint32_t model =
+        kvc_choose_model(delta ? cost_d : cost_c, TD, d_thr_enc, KVC_NUM_MODELS) | (delta ? KVC_MODEL_DELTA_BIT : 0u);
+    uint8_t* m = a.meta + ch * KVC_CHANNEL_META_SIZE;
+    m[0] = (uint8_t)code;
+    m[1] = (uint8_t)model;
+    m[2] = (uint8_t)((uint16_t)(int16_t)ctr & 0xFF);
+    m[3] = (uint8_t)((uint16_t)(int16_t)ctr >> 8);
+    // this channel's symbols, in the lane's decode order: lane c % n, position (c / n) * TC + i
+    uint16_t* out = a.sym + ((uint64_t)g * KVC_MAX_LANES + c % n) * a.sym_stride + (uint64_t)(c / n) * TC;
+    prev = ctr;
+    for (uint32_t i = 0; i < TC; i++) {
+      const int32_t v = a.q[qbase + (uint64_t)coded[i] * C + c];
+      out[i] = (uint16_t)kvc_zigzag(v - (delta ? prev : ctr));
+      prev = v;
+    }
+  }
+}
+
+struct Enc {
+  uint32_t x;
+  uint8_t* p;  // next byte goes to *--p
+  __device__ __forceinline__ void put(uint32_t e) {  // e = cum | freq << 16
+    const uint32_t freq = e >> 16, start = e & 0xFFFFu;
+    const uint32_t x_max = ((KVC_RANS_L >> KVC_PROB_BITS) << 8) * freq;
+    while (x >= x_max) { *--p = (uint8_t)(x & 0xFF); x >>= 8; }
+    x = ((x / freq) << KVC_PROB_BITS) + (x % freq) + start;
+  }
+};
+
+struct LaneArgs {
+  const uint8_t* meta;
+  const uint16_t* sym;
+  uint32_t segs, T, C, n;
+  uint64_t sym_stride, cap;
+  uint8_t* scratch;
+  uint32_t* lane_len;
+  uint32_t* lane_state;
+  const uint32_t* raw_count;
+};
+
+// One thread per (segment, lane); lane bytes end at scratch + (lane + 1) * cap.
+__global__ void __launch_bounds__(kLaneThreads) k_lanes_b(const LaneArgs a) {
+  __shared__ CompactModels sm;
+  {
+    const uint4* src = reinterpret_cast<const uint4*>(&d_cm_enc);
+    uint4* dst = reinterpret_cast<uint4*>(&sm);
+    for (uint32_t i = threadIdx.x; i < sizeof(CompactModels) / 16; i += blockDim.x) dst[i] = src[i];
+    __syncthreads();
+  }
+  const uint64_t gid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (gid >= (uint64_t)a.segs * KVC_MAX_LANES) return;
+  const uint32_t g = (uint32_t)(gid / KVC_MAX_LANES), j = (uint32_t)(gid % KVC_MAX_LANES);
+  if (j >= a.n) return;
+  const uint32_t C = a.C, n = a.n, TC = a.T - a.raw_count[g];
+  const uint32_t nch = (C - j + n - 1) / n;
+  uint8_t* end = a.scratch + (gid + 1) * a.cap;
+  Enc enc{KVC_RANS_L, end};
+  const uint32_t total = nch * TC;
+  if (total) {
+    const uint4* P = reinterpret_cast<const uint4*>(a.sym + gid * a.sym_stride);
+    int32_t kk = (int32_t)total - 1;
+    uint32_t blk = (uint32_t)kk / kSymAlign;
+    uint4 cur = P[blk];
+    uint4 nxt = blk ? P[blk - 1] : cur;
+    uint32_t ci = nch - 1, i = TC - 1;
+    const uint8_t* m = a.meta + ((uint64_t)g * C + j + ci * n) * KVC_CHANNEL_META_SIZE;
+    uint32_t k = m[1] & KVC_MODEL_INDEX_MASK;
+    const uint32_t* ent = sm.ent + sm.moff[k];
+    uint32_t lim = sm.lim[k];
+    for (;;) {
+      const uint32_t u = (uint32_t)kk % kSymAlign;
+      const uint32_t w = u < 4 ? (u < 2 ? cur.x : cur.y) : (u < 6 ? cur.z : cur.w);
+      const uint32_t z = (u & 1) ? (w >> 16) : (w & 0xFFFFu);
+      if (z < lim) {
+        enc.put(ent[z]);
+      } else {
+        enc.put(((z >> 8) * KVC_BYPASS_FREQ) | (KVC_BYPASS_FREQ << 16));
+        enc.put(((z & 0xFF) * KVC_BYPASS_FREQ) | (KVC_BYPASS_FREQ << 16));
+        enc.put(ent[lim]);
+      }
+      if (kk == 0) break;
+      if (u == 0) {  // next block down; fetch the one after it
+        cur = nxt;
+        blk--;
+        if (blk) nxt = P[blk - 1];
+      }
+      kk--;
+      if (i == 0) {
+        ci--;
+        i = TC - 1;
+        m = a.meta + ((uint64_t)g * C + j + ci * n) * KVC_CHANNEL_META_SIZE;
+        k = m[1] & KVC_MODEL_INDEX_MASK;
+        ent = sm.ent + sm.moff[k];
+        lim = sm.lim[k];
+      } else {
+        i--;
+      }
+    }
+  }
+  a.lane_len[gid] = (uint32_t)(end - enc.p);
+  a.lane_state[gid] = enc.x;
+}
+
+struct GatherArgs {
+  const uint64_t* srcs;
+  int dtype;
+  uint32_t L, S, T, C, n;
+  uint64_t cap;
+  const uint32_t* raw_count;
+  const uint32_t* raw_idx;
+  const uint8_t* meta;
+  const uint8_t* scratch;
+  const uint32_t* lane_len;
+  const uint32_t* lane_state;
+  const uint64_t* seg_off;   // [segs]: offset in `out`
+  const uint64_t* lane_off;  // [segs][32]
+  uint8_t* out;
+};
+
+// One block per (segment, lane) of the batch, as codec.cu's k_gather.
+__global__ void k_gather_b(const GatherArgs a) {
+  const uint32_t g = blockIdx.x / KVC_MAX_LANES, j = blockIdx.x % KVC_MAX_LANES;
+  if (j >= a.n) return;
+  const uint32_t C = a.C, T = a.T, spc = a.L * a.S;
+  const void* src = reinterpret_cast<const void*>(a.srcs[g / spc]);
+  const uint64_t lane = (uint64_t)g * KVC_MAX_LANES + j;
+  uint8_t* so = a.out + a.seg_off[g];
+  const uint32_t R = a.raw_count[g], B = kvc_dtype_size(a.dtype);
+  const uint32_t* ridx = a.raw_idx + (uint64_t)g * KVC_MAX_RAW_TOKENS;
+  if (j == 0) {
+    if (threadIdx.x == 0) { so[0] = (uint8_t)R; so[1] = (uint8_t)(R >> 8); }
+    for (uint32_t i = threadIdx.x; i < 4 * R; i += blockDim.x) so[2 + i] = (uint8_t)(ridx[i / 4] >> (8 * (i % 4)));
+    uint8_t* rows = so + 2 + 4 * R;
+    const uint8_t* sb = static_cast<const uint8_t*>(src);
+    for (uint64_t e = threadIdx.x; e < (uint64_t)R * C; e += blockDim.x) {  // NaN -> +0, else verbatim
+      const uint64_t el = (uint64_t)(g % spc) * T * C + (uint64_t)ridx[e / C] * C + e % C;
+      const bool nan = kvc_is_nan(kvc_load(src, el, a.dtype));
+      for (uint32_t b = 0; b < B; b++) rows[e * B + b] = nan ? 0 : sb[el * B + b];
+    }
+  }
+  so += 2 + 4ull * R + (uint64_t)R * C * B;
+  if (j == 0)
+    for (uint64_t i = threadIdx.x; i < (uint64_t)C * KVC_CHANNEL_META_SIZE; i += blockDim.x)
+      so[i] = a.meta[(uint64_t)g * C * KVC_CHANNEL_META_SIZE + i];
+  if (threadIdx.x < 8) {
+    const uint32_t v = threadIdx.x < 4 ? a.lane_len[lane] : a.lane_state[lane];
+    so[(uint64_t)C * KVC_CHANNEL_META_SIZE + 8 * j + threadIdx.x] = (uint8_t)(v >> (8 * (threadIdx.x & 3)));
+  }
+  const uint32_t len = a.lane_len[lane];
+  const uint8_t* lane_src = a.scratch + (lane + 1) * a.cap - len;
+  uint8_t* lane_dst = a.out + a.lane_off[lane];
+  for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) lane_dst[i] = lane_src[i];
+}
+
+bool init_encoder(Error& e) {
+  if (!upload_models(d_cm_enc, g_enc_done, g_enc_mu, e)) return false;
+  static std::once_flag thr_once[64];
+  int dev = 0;
+  if (!cuda_ok(cudaGetDevice(&dev), e, "cudaGetDevice")) return false;
+  cudaError_t st = cudaSuccess;
+  std::call_once(thr_once[dev & 63], [&] {
+    st = cudaMemcpyToSymbol(d_thr_enc, kvc_model_threshold_q16, sizeof(uint32_t) * KVC_NUM_MODELS);
+  });
+  return cuda_ok(st, e, "threshold upload");
+}
+
+}  // namespace
+
+KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs, int dtype, int layout, uint32_t L,
+                                        uint32_t T, uint32_t H, uint32_t D, int level, void* stream, uint8_t* dst,
+                                        uint64_t dst_cap, uint64_t* out_offsets, uint64_t* out_sizes, char* err,
+                                        size_t err_len) {
+  Error e;
+  Header h;
+  if (count == 0) return KVS_OK;
+  if (count > 65535 || !dev_srcs || !out_offsets || !out_sizes) {
+    e.fail("batch of %u chunks: 1..65535 chunks and non-null arrays required", count);
+    return report(KVS_EINVAL, e, err, err_len);
+  }
+  if (level <= KVC_LEVEL_LOSSLESS || level >= KVC_NUM_LEVELS) {
+    e.fail("GPU encode supports the lossy levels 1..3, got %d (encode lossless on the CPU)", level);
+    return report(KVS_EINVAL, e, err, err_len);
+  }
+  if (dtype < 1 || dtype > 3 || layout < 1 || layout > 2) {
+    e.fail("bad dtype %d or layout %d", dtype, layout);
+    return report(KVS_EINVAL, e, err, err_len);
+  }
+  h.level = (uint8_t)level; h.dtype = (uint8_t)dtype; h.layout = (uint8_t)layout;
+  h.layers = L; h.tokens = T; h.heads = H; h.head_dim = D;
+  if (!kvc::check_shape(h, e)) return report(KVS_EINVAL, e, err, err_len);
+  for (uint32_t i = 0; i < count; i++)
+    if (!dev_srcs[i]) {
+      e.fail("chunk %u: null source", i);
+      return report(KVS_EINVAL, e, err, err_len);
+    }
+  if (!init_encoder(e)) return report(KVS_EINTERNAL, e, err, err_len);
+  cudaStream_t st = static_cast<cudaStream_t>(stream);
+  const uint32_t S = h.segments(), C = (uint32_t)h.channels(), spc = L * S;
+  const uint64_t segs = (uint64_t)spc * count;
+  if (segs > 0x7FFFFFFFull / KVC_MAX_LANES) {
+    e.fail("batch of %llu segments too large", (unsigned long long)segs);
+    return report(KVS_EINVAL, e, err, err_len);
+  }
+  const uint32_t n = C < KVC_MAX_LANES ? C : KVC_MAX_LANES, nch_max = (C + n - 1) / n;
+  const uint64_t elems = h.elements();
+  const uint64_t sym_stride = ((uint64_t)nch_max * T + kSymAlign - 1) / kSymAlign * kSymAlign;
+  // worst case per symbol: 3 puts of at most 2 renormalisation bytes each
+  const uint64_t cap = ((uint64_t)nch_max * T * 6 + 16 + 15) / 16 * 16;
+  const kvc_level_params& lp = kvc_level_defaults(level);
+  Policy pol;
+  for (int x = 0; x < 2; x++) {
+    pol.w[x] = lp.w[x];
+    for (int y = 0; y < 3; y++) pol.off[x][y] = lp.off[x][y];
+  }
+  DevBuffers mem(st);
+  const uint64_t nlanes = segs * KVC_MAX_LANES;
+  PlanArgs pa{};
+  uint64_t* d_srcs;
+  uint8_t *scratch, *out;
+  uint32_t *lane_len, *lane_state, *d_crc;
+  uint64_t *seg_off, *lane_off;
+  if (!mem.alloc(&d_srcs, 8ull * count, e) || !mem.alloc(&pa.meta, segs * C * KVC_CHANNEL_META_SIZE, e) ||
+      !mem.alloc(&pa.q, elems * count * 2, e) || !mem.alloc(&pa.sym, nlanes * sym_stride * 2, e) ||
+      !mem.alloc(&pa.chan_lc, segs * C * 8, e) || !mem.alloc(&pa.chan_qlmax, segs * C * 4, e) ||
+      !mem.alloc(&pa.chan_const, segs * C, e) || !mem.alloc(&pa.tok_tm, segs * T * 8, e) ||
+      !mem.alloc(&pa.coded_all, segs * T * 4, e) || !mem.alloc(&pa.raw_count, segs * 4, e) ||
+      !mem.alloc(&pa.raw_idx, segs * KVC_MAX_RAW_TOKENS * 4, e) || !mem.alloc(&scratch, nlanes * cap, e) ||
+      !mem.alloc(&lane_len, nlanes * 4, e) || !mem.alloc(&lane_state, nlanes * 4, e) ||
+      !mem.alloc(&seg_off, segs * 8, e) || !mem.alloc(&lane_off, nlanes * 8, e) ||
+      !mem.alloc(&d_crc, 4ull * count * L, e) ||
+      !cuda_ok(cudaMemcpyAsync(d_srcs, dev_srcs, 8ull * count, cudaMemcpyHostToDevice, st), e, "copy sources"))
+    return report(KVS_EINTERNAL, e, err, err_len);
+  pa.srcs = d_srcs; pa.dtype = dtype; pa.L = L; pa.S = S; pa.T = T; pa.C = C; pa.n = n;
+  pa.sym_stride = sym_stride; pa.pol = pol;
+  k_plan_b<<<(unsigned)segs, kPlanThreads, 0, st>>>(pa);
+  LaneArgs la{pa.meta, pa.sym, (uint32_t)segs, T, C, n, sym_stride, cap, scratch, lane_len, lane_state, pa.raw_count};
+  k_lanes_b<<<(unsigned)((nlanes + kLaneThreads - 1) / kLaneThreads), kLaneThreads, 0, st>>>(la);
+  std::vector<uint32_t> hl(nlanes), hr(segs);
+  if (!cuda_ok(cudaGetLastError(), e, "encode launch") ||
+      !cuda_ok(cudaMemcpyAsync(hl.data(), lane_len, nlanes * 4, cudaMemcpyDeviceToHost, st), e, "copy lane sizes") ||
+      !cuda_ok(cudaMemcpyAsync(hr.data(), pa.raw_count, segs * 4, cudaMemcpyDeviceToHost, st), e, "copy raw counts") ||
+      !cuda_ok(cudaStreamSynchronize(st), e, "encode kernels"))
+    return report(KVS_EINTERNAL, e, err, err_len);
+  // payload layout: chunk i's payload at pay_off[i] of `out`; its container at out_offsets[i] of dst
+  std::vector<uint64_t> hs(segs), hlo(nlanes, 0), pay_off(count);
+  std::vector<uint32_t> layer_size((size_t)count * L, 0);
+  uint64_t off = 0, dst_total = 0;
+  const uint64_t po = h.payload_offset();
+  for (uint32_t c = 0; c < count; c++) {
+    pay_off[c] = off;
+    for (uint32_t sl = 0; sl < spc; sl++) {
+      const uint64_t sg = (uint64_t)c * spc + sl;
+      hs[sg] = off;
+      uint64_t o = off + 2 + 4ull * hr[sg] + (uint64_t)hr[sg] * C * kvc_dtype_size(dtype) +
+                   (uint64_t)C * KVC_CHANNEL_META_SIZE + (uint64_t)n * KVC_LANE_ENTRY_SIZE;
+      for (uint32_t j = 0; j < n; j++) {
+        hlo[sg * KVC_MAX_LANES + j] = o;
+        o += hl[sg * KVC_MAX_LANES + j];
+      }
+      uint32_t& ls = layer_size[(size_t)c * L + sl / S];
+      if (o - off + ls > 0xFFFFFFFFull) {
+        e.fail("layer encodes to more than 4 GiB");
+        return report(KVS_EINVAL, e, err, err_len);
+      }
+      ls += (uint32_t)(o - off);
+      off = o;
+    }
+    out_offsets[c] = dst_total;
+    out_sizes[c] = po + (off - pay_off[c]);
+    dst_total += (out_sizes[c] + 15) / 16 * 16;
+  }
+  if (dst == nullptr || dst_cap < dst_total) {
+    e.fail("output buffer of %llu bytes too small, need %llu", (unsigned long long)dst_cap,
+           (unsigned long long)dst_total);
+    return report(KVS_ENOSPC, e, err, err_len);
+  }
+  if (!mem.alloc(&out, off, e) ||
+      !cuda_ok(cudaMemcpyAsync(seg_off, hs.data(), segs * 8, cudaMemcpyHostToDevice, st), e, "copy offsets") ||
+      !cuda_ok(cudaMemcpyAsync(lane_off, hlo.data(), nlanes * 8, cudaMemcpyHostToDevice, st), e, "copy offsets"))
+    return report(KVS_EINTERNAL, e, err, err_len);
+  GatherArgs ga{d_srcs, dtype, L, S, T, C, n, cap, pa.raw_count, pa.raw_idx, pa.meta, scratch, lane_len, lane_state,
+                seg_off, lane_off, out};
+  k_gather_b<<<(unsigned)nlanes, 128, 0, st>>>(ga);
+  if (!cuda_ok(cudaGetLastError(), e, "gather launch")) return report(KVS_EINTERNAL, e, err, err_len);
+  std::vector<uint64_t> cptr((size_t)count * L), clen((size_t)count * L);
+  for (uint32_t c = 0; c < count; c++) {
+    uint64_t lo = pay_off[c];
+    for (uint32_t l = 0; l < L; l++) {
+      cptr[(size_t)c * L + l] = (uint64_t)(uintptr_t)(out + lo);
+      clen[(size_t)c * L + l] = layer_size[(size_t)c * L + l];
+      lo += layer_size[(size_t)c * L + l];
+    }
+  }
+  char cerr[256] = {0};
+  for (uint64_t s0 = 0; s0 < (uint64_t)count * L; s0 += 65535) {
+    const uint32_t m = (uint32_t)((uint64_t)count * L - s0 < 65535 ? (uint64_t)count * L - s0 : 65535);
+    const int rc = kvs_cuda_crc32c_batch(m, cptr.data() + s0, clen.data() + s0, d_crc + s0, st, cerr, sizeof cerr);
+    if (rc != KVS_OK) {
+      e.fail("layer checksums on the GPU: %s", cerr);
+      return report(rc, e, err, err_len);
+    }
+  }
+  std::vector<uint32_t> crcs((size_t)count * L);
+  for (uint32_t c = 0; c < count; c++)
+    if (!cuda_ok(cudaMemcpyAsync(dst + out_offsets[c] + po, out + pay_off[c], out_sizes[c] - po, cudaMemcpyDeviceToHost,
+                                 st), e, "copy payload"))
+      return report(KVS_EINTERNAL, e, err, err_len);
+  if (!cuda_ok(cudaMemcpyAsync(crcs.data(), d_crc, 4ull * count * L, cudaMemcpyDeviceToHost, st), e, "copy checksums") ||
+      !cuda_ok(cudaStreamSynchronize(st), e, "gather"))
+    return report(KVS_EINTERNAL, e, err, err_len);
+  for (uint32_t c = 0; c < count; c++) {
+    Header hc = h;
+    hc.payload_size = out_sizes[c] - po;
+    kvc::write_header_index(hc, layer_size.data() + (size_t)c * L, crcs.data() + (size_t)c * L, dst + out_offsets[c]);
+  }
+  return KVS_OK;
+}
