@@ -15,6 +15,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <type_traits>
 
 #include "codec_decode.h"
 #include "codec_shared.cuh"
@@ -68,7 +69,10 @@ __device__ __forceinline__ uint64_t warp_incl_scan64(uint64_t v, uint32_t lane) 
 }
 
 // The bytes of one lane, read through aligned 4-byte loads one word ahead of use. Words are
-// read only up to the end of the chunk's buffer (wend); `rem` bounds the lane itself.
+// read only up to the end of the chunk's buffer (wend: an aligned word holding a byte of the
+// buffer is inside its allocation); `rem` bounds the lane itself: a lane read past its end
+// sets `over` (checked once per lane, after the loop: the bytes read meanwhile are other
+// lanes' or zero, never outside the buffer).
 struct LaneReader {
   const uint32_t* wp;
   const uint32_t* wend;
@@ -76,10 +80,12 @@ struct LaneReader {
   uint32_t nb;
   uint32_t pend;  // the word after those
   uint32_t rem;   // bytes of the lane not yet consumed
+  bool over;
 
   __device__ __forceinline__ uint32_t next_word() { return wp < wend ? __ldg(wp++) : 0u; }
   __device__ __forceinline__ void init(const uint8_t* lp, uint32_t len, const uint8_t* buf_end) {
     rem = len;
+    over = false;
     const uintptr_t a = (uintptr_t)lp;
     wp = reinterpret_cast<const uint32_t*>(a & ~(uintptr_t)3);
     wend = reinterpret_cast<const uint32_t*>(((uintptr_t)buf_end + 3) & ~(uintptr_t)3);
@@ -90,35 +96,43 @@ struct LaneReader {
     nb += 4;
     pend = next_word();
   }
-  // Next byte of the lane; false past the lane's end.
-  __device__ __forceinline__ bool byte(uint32_t& b) {
-    if (rem == 0) return false;
-    rem--;
-    b = (uint32_t)bits & 0xFFu;
-    bits >>= 8;
-    if (--nb <= 4) {
+  // Renormalises x (>= 2^11 after a decode step: freq >= 1, x was >= L) with the 0, 1 or 2
+  // bytes that bring it to >= L, without a branch; the next byte is the most significant.
+  __device__ __forceinline__ uint32_t renorm(uint32_t x) {
+    const uint32_t n = (x < (KVC_RANS_L >> 8)) + (x < KVC_RANS_L);
+    const uint32_t two = __byte_perm((uint32_t)bits, 0u, 0x4401u);  // b0 << 8 | b1
+    over |= n > rem;
+    rem -= n;
+    x = (x << (8 * n)) | (two >> (16 - 8 * n));
+    bits >>= 8 * n;
+    nb -= n;
+    if (nb <= 4) {  // nb >= 3 here: the buffer never runs dry within a step
       bits |= (uint64_t)pend << (8 * nb);
       nb += 4;
       pend = next_word();
     }
-    return true;
+    return x;
   }
 };
 
+template <int DT>
+using Elem = typename std::conditional<DT == KVC_DTYPE_F32, float, uint16_t>::type;
+
 template <int DT, bool HWCVT>
-__device__ __forceinline__ void put(void* dst, uint64_t o, float f) {
+__device__ __forceinline__ void put(Elem<DT>* dst, uint64_t o, float f) {
   if (DT == KVC_DTYPE_F16) {
-    ((uint16_t*)dst)[o] = HWCVT ? __half_as_ushort(__float2half_rn(f)) : kvc_float_to_half(f);
+    dst[o] = HWCVT ? __half_as_ushort(__float2half_rn(f)) : kvc_float_to_half(f);
   } else if (DT == KVC_DTYPE_BF16) {
-    ((uint16_t*)dst)[o] = HWCVT ? __bfloat16_as_ushort(__float2bfloat16_rn(f)) : kvc_float_to_bf16(f);
+    dst[o] = HWCVT ? __bfloat16_as_ushort(__float2bfloat16_rn(f)) : kvc_float_to_bf16(f);
   } else {
-    ((float*)dst)[o] = f;
+    dst[o] = f;
   }
 }
 
 // blockDim.x = 32 * warps; warp w of block b decodes flattened segment b * warps + w.
 template <int DT, bool SMEM, bool HWCVT>
 __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
+  using ElemT = Elem<DT>;
   __shared__ CompactModels sm[SMEM ? 1 : 1];
   const CompactModels* M = &d_cm;
   if (SMEM) {
@@ -198,54 +212,48 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
     const uint32_t mb = (mw >> 8) & 0xFFu;
     const int32_t ctr = (int16_t)(uint16_t)(mw >> 16);
     if ((mb & KVC_MODEL_RESERVED_MASK) || ctr > KVC_QMAX || ctr < -KVC_QMAX) { fail(a.err, kErrMeta, seg, ec); return; }
-    const float step = kvc_step(mw & 0xFFu);
+    const float step_f = kvc_step(mw & 0xFFu);
     const uint32_t k = mb & KVC_MODEL_INDEX_MASK, lim = M->lim[k], moff = M->moff[k];
     const uint8_t* bk = M->bucket[k];
     const uint32_t* ent = M->ent + moff;
     const bool delta = mb & KVC_MODEL_DELTA_BIT;
     int32_t pred = ctr;
-    uint32_t ri = 0, next_raw = first_raw;
-    uint64_t o = base + c;
-    for (uint32_t t = 0; t < T; t++, o += C) {
-      if (t == next_raw) {
+    uint32_t ri = 0, next_raw = first_raw, bad = 0;
+    ElemT* out = static_cast<ElemT*>(dst) + base + c;
+    for (uint32_t t = 0; t < T; t++, out += C) {
+      if (t == next_raw) {  // the same tokens in every lane: no divergence
         ri++;
         next_raw = ri < R ? ld32(ridx + 4 * ri) : T;
         continue;
       }
-      uint32_t slot = x & (KVC_PROB_TOTAL - 1);
+      const uint32_t slot = x & (KVC_PROB_TOTAL - 1);
       uint32_t z = bk[slot >> kBucketShift];
-      uint32_t e = ent[z];
+      // the bucket's symbol or the next one, both loaded at once (no branch); further steps
+      // (buckets holding three or more thin tail symbols) are rare
+      const uint32_t e0 = ent[z], e1 = ent[z + 1];
+      const bool step = slot >= (e0 & 0xFFFFu) + (e0 >> 16);
+      uint32_t e = step ? e1 : e0;
+      z += step;
       while (slot >= (e & 0xFFFFu) + (e >> 16)) e = ent[++z];
-      x = (e >> 16) * (x >> KVC_PROB_BITS) + slot - (e & 0xFFFFu);
-      // x >= 2^11 here (freq >= 1, x was >= 2^23): at most two bytes restore x >= L.
-      uint32_t byte;
-      if (x < KVC_RANS_L) {
-        if (!rd.byte(byte)) { fail(a.err, kErrStream, seg, ec); return; }
-        x = (x << 8) | byte;
-        if (x < KVC_RANS_L) {
-          if (!rd.byte(byte)) { fail(a.err, kErrStream, seg, ec); return; }
-          x = (x << 8) | byte;
-        }
-      }
-      if (z == lim) {  // escape: two uniform bypass bytes (freq 16 each: one renormalisation byte at most)
-        uint32_t bb[2];
+      x = rd.renorm((e >> 16) * (x >> KVC_PROB_BITS) + slot - (e & 0xFFFFu));
+      if (z == lim) {  // escape: two uniform bypass bytes (freq 16: at most one renormalisation byte each)
+        uint32_t zz = 0;
+#pragma unroll
         for (int i = 0; i < 2; i++) {
-          slot = x & (KVC_PROB_TOTAL - 1);
-          bb[i] = slot / KVC_BYPASS_FREQ;
-          x = KVC_BYPASS_FREQ * (x >> KVC_PROB_BITS) + slot - bb[i] * KVC_BYPASS_FREQ;
-          while (x < KVC_RANS_L) {
-            if (!rd.byte(byte)) { fail(a.err, kErrStream, seg, ec); return; }
-            x = (x << 8) | byte;
-          }
+          const uint32_t sl = x & (KVC_PROB_TOTAL - 1);
+          zz |= (sl / KVC_BYPASS_FREQ) << (8 * i);
+          x = rd.renorm(KVC_BYPASS_FREQ * (x >> KVC_PROB_BITS) + (sl & (KVC_BYPASS_FREQ - 1)));
         }
-        z = bb[0] | (bb[1] << 8);
+        z = zz;
       }
       const int32_t v = pred + kvc_unzigzag(z);
-      if (v > KVC_QMAX || v < -KVC_QMAX) { fail(a.err, kErrValue, seg, ec); return; }
+      bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
       if (delta) pred = v;
-      put<DT, HWCVT>(dst, o, kvc_dequantize(v, step));
+      put<DT, HWCVT>(out, 0, kvc_dequantize(v, step_f));
     }
+    if (bad) { fail(a.err, kErrValue, seg, ec); return; }
   }
+  if (rd.over) { fail(a.err, kErrStream, seg, ec); return; }
   if (!(x == KVC_RANS_L && rd.rem == 0)) fail(a.err, kErrEnd, seg, ec);
 }
 

@@ -18,11 +18,11 @@ enum DecoderVariant : int {
   kDecoderWarpGlobal = 3,
   kDecoderWarpGlobalHw = 4,
 };
-// The process's initial choice for kvs_cuda_codec_decode(_batch) (the first decoder until the
-// batched ones are proven on the GPU machine) and the batched decoder the pipelined load uses
-// when the first decoder is selected (the first one has no chunk offset for groups).
-constexpr int kDecoderInitial = kDecoderFirst;
-constexpr int kDecoderDefault = kDecoderWarpSmem;
+// The process's initial choice for kvs_cuda_codec_decode(_batch), and the batched decoder the
+// pipelined load uses when the first decoder is selected (it has no chunk offset for groups).
+// Both bit-exact with the CPU on an H200 (bench/results/h200-gpu_codec_bench.txt).
+constexpr int kDecoderInitial = kDecoderWarpSmemHw;
+constexpr int kDecoderDefault = kDecoderWarpSmemHw;
 
 int decode_variant();
 bool ensure_decode_models(kvc::Error& e);

@@ -3,12 +3,13 @@
 //
 // One pass of kernels for a whole batch of chunks of one shape:
 //   k_plan_b     one block per segment of every chunk: integer statistics (token means by
-//                warp reductions, channel statistics one thread per channel), step codes,
-//                quantisation, centre / predictor / model choice, and the zigzag symbols
-//                written lane-major (each lane's symbols contiguous, 16-byte aligned);
-//   k_lanes_b    one thread per rANS lane: symbols read 8 at a time (one 16-byte load, the
-//                next block in flight while the current one is coded), models from shared
-//                memory, bytes written backwards into the lane's scratch region;
+//                warp reductions, channel statistics one thread per channel, the coded-token
+//                list in shared memory), step codes, quantisation, centre / predictor / model
+//                choice, and the zigzag symbols, laid out [segment][channel / lanes][token][lane]
+//                so that both the writes here and the lane reads below are coalesced;
+//   k_lanes_b    one thread per rANS lane: symbols prefetched 8 ahead, models with exact
+//                reciprocals (no integer division) in shared memory, renormalisation bytes
+//                written without a branch, backwards into the lane's scratch region;
 //   (host)       one synchronisation for every lane size, the payload layout of every chunk;
 //   k_gather_b   the payloads assembled on the device, layer CRC32C on the GPU
 //                (kvs_cuda_crc32c_batch), one copy per chunk to the host; headers on the host.
@@ -27,14 +28,49 @@ using kvc::Header;
 using kvc::report;
 using namespace kvc_cuda;
 
-__device__ CompactModels d_cm_enc;
+// The models as the encoder reads them: ent = cum | freq << 16 and rcp = the exact reciprocal
+// of freq for 31-bit numerators (Granlund-Montgomery: m = ceil(2^(31+l) / f), l = ceil(log2 f),
+// then x / f = (x * m) >> (31 + l) for every x < 2^31; rANS states are < 2^31).
+struct alignas(16) EncModels {
+  uint32_t ent[KVC_MODEL_FREQ_TOTAL];
+  uint32_t rcp[KVC_MODEL_FREQ_TOTAL];
+  uint16_t moff[KVC_NUM_MODELS];
+  uint16_t lim[KVC_NUM_MODELS];
+};
+static_assert(sizeof(EncModels) % 16 == 0, "copied to shared memory in 16-byte words");
+
+__device__ EncModels d_em;
 __constant__ uint32_t d_thr_enc[KVC_NUM_MODELS];
 std::mutex g_enc_mu;
 bool g_enc_done[64] = {false};
 
-constexpr int kPlanThreads = 256;
+constexpr int kPlanThreadsMin = 256;   // small segments: 8 warps share the token pass
+constexpr int kPlanThreadsMax = 1024;  // one thread per channel up to 1024 channels
+constexpr uint32_t kPlanSmemTokens = 2048;  // coded-token list in shared memory up to this
 constexpr int kLaneThreads = 128;
-constexpr uint32_t kSymAlign = 8;  // u16 symbols per 16-byte load
+constexpr int kLanePrefetch = 8;  // symbols in flight per lane
+
+__host__ __device__ inline uint32_t ceil_log2(uint32_t f) {  // f >= 1
+  uint32_t l = 0;
+  while ((1u << l) < f) l++;
+  return l;
+}
+
+void build_enc_models(EncModels& m) {
+  memset(&m, 0, sizeof m);
+  for (int k = 0; k < KVC_NUM_MODELS; k++) {
+    const uint32_t n = kvc_model_limit[k] + 1u, off = kvc_model_offset[k];
+    m.moff[k] = (uint16_t)off;
+    m.lim[k] = kvc_model_limit[k];
+    uint32_t c = 0;
+    for (uint32_t z = 0; z < n; z++) {
+      const uint32_t f = kvc_model_freq[off + z], l = ceil_log2(f);
+      m.ent[off + z] = c | (f << 16);
+      m.rcp[off + z] = (uint32_t)(((1ull << (31 + l)) + f - 1) / f);
+      c += f;
+    }
+  }
+}
 
 struct Policy {
   int32_t off[2][3];
@@ -44,12 +80,11 @@ struct Policy {
 struct PlanArgs {
   const uint64_t* srcs;  // device array: chunk pointers
   int dtype;
-  uint32_t L, S, T, C, n;
-  uint64_t sym_stride;  // u16 symbols per lane region (multiple of kSymAlign)
+  uint32_t L, S, T, C, n, nch;  // nch: channels per lane, rounded up (C / n)
   Policy pol;
   uint8_t* meta;        // [segs][C][4]
   int16_t* q;           // [segs][T][C]
-  uint16_t* sym;        // [segs][32][sym_stride]
+  uint16_t* sym;        // [segs][nch][T][n]: channel c = j + ci * n of lane j, coded token i
   int64_t* chan_lc;
   int32_t* chan_qlmax;
   uint8_t* chan_const;
@@ -64,7 +99,7 @@ __device__ __forceinline__ const void* chunk_src(const PlanArgs& a, uint32_t g) 
 }
 
 // One block per segment g of the batch (chunk g / (L*S)); the policy of codec.cu's k_plan.
-__global__ void __launch_bounds__(kPlanThreads) k_plan_b(const PlanArgs a) {
+__global__ void __launch_bounds__(kPlanThreadsMax) k_plan_b(const PlanArgs a) {
   const uint32_t g = blockIdx.x, spc = a.L * a.S, seg = g % spc, l = seg / a.S, s = seg % a.S;
   const uint32_t T = a.T, C = a.C, n = a.n;
   const int dtype = a.dtype;
@@ -72,7 +107,8 @@ __global__ void __launch_bounds__(kPlanThreads) k_plan_b(const PlanArgs a) {
   const uint64_t base = (uint64_t)seg * T * C;  // in the chunk
   const uint64_t qbase = (uint64_t)g * T * C;   // in the batch scratch
   int64_t* tm = a.tok_tm + (uint64_t)g * T;
-  uint32_t* coded = a.coded_all + (uint64_t)g * T;
+  __shared__ uint32_t s_coded[kPlanSmemTokens];
+  const uint32_t* coded = T <= kPlanSmemTokens ? s_coded : a.coded_all + (uint64_t)g * T;
   __shared__ long long sum_bits;
   __shared__ uint32_t tc_shared;
   if (threadIdx.x == 0) sum_bits = 0;
@@ -93,12 +129,13 @@ __global__ void __launch_bounds__(kPlanThreads) k_plan_b(const PlanArgs a) {
   __syncthreads();
   if (threadIdx.x == 0) {
     const int64_t mean = kvc_floordiv((int64_t)sum_bits, T);
+    uint32_t* cl = T <= kPlanSmemTokens ? s_coded : a.coded_all + (uint64_t)g * T;
     uint32_t r = 0, tc = 0;
     for (uint32_t t = 0; t < T; t++) {
       const bool raw = r < KVC_MAX_RAW_TOKENS &&
                        (tm[t] - mean >= KVC_RAW_TOKEN_DEVIATION || mean - tm[t] >= KVC_RAW_TOKEN_DEVIATION);
       if (raw) a.raw_idx[g * KVC_MAX_RAW_TOKENS + r++] = t;
-      else coded[tc++] = t;
+      else cl[tc++] = t;
     }
     a.raw_count[g] = r;
     tc_shared = tc;
@@ -111,11 +148,11 @@ __global__ void __launch_bounds__(kPlanThreads) k_plan_b(const PlanArgs a) {
     int64_t sum_ql = 0;
     int32_t qlmax = KVC_QL_FLOOR;
     const uint32_t first = TC ? kvc_f2u(kvc_sanitize(kvc_load(src, base + (uint64_t)coded[0] * C + c, dtype))) : 0;
-    uint8_t cst = 1;
-#pragma unroll 4
+    uint32_t diff = 0;
+#pragma unroll 8
     for (uint32_t i = 0; i < TC; i++) {
       const float v = kvc_sanitize(kvc_load(src, base + (uint64_t)coded[i] * C + c, dtype));
-      if (kvc_f2u(v) != first) cst = 0;
+      diff |= kvc_f2u(v) ^ first;
       const int32_t ql = kvc_qlog(v);
       sum_ql += ql;
       qlmax = ql > qlmax ? ql : qlmax;
@@ -123,7 +160,7 @@ __global__ void __launch_bounds__(kPlanThreads) k_plan_b(const PlanArgs a) {
     const int64_t lc = kvc_floordiv(sum_ql, TD);
     a.chan_lc[(uint64_t)g * C + c] = lc;
     a.chan_qlmax[(uint64_t)g * C + c] = qlmax;
-    a.chan_const[(uint64_t)g * C + c] = cst;
+    a.chan_const[(uint64_t)g * C + c] = diff == 0;
     local += lc;
   }
   atomicAdd((unsigned long long*)&sum_bits, (unsigned long long)local);
@@ -136,23 +173,23 @@ __global__ void __launch_bounds__(kPlanThreads) k_plan_b(const PlanArgs a) {
         kvc_step_code(a.chan_lc[ch], lbar, a.chan_qlmax[ch], a.pol.off[s][grp], a.pol.w[s], a.chan_const[ch] != 0);
     const float step = kvc_step(code);
     int64_t sum_q = 0;
-#pragma unroll 4
+    uint64_t cost_d = 0;  // |q_i - q_(i-1)| for i >= 1; the first token's term needs the centre
+    int32_t prev = 0, q0 = 0;
+#pragma unroll 8
     for (uint32_t i = 0; i < TC; i++) {
       const uint64_t t = coded[i];
       const int32_t v = kvc_quantize(kvc_sanitize(kvc_load(src, base + t * C + c, dtype)), step);
       a.q[qbase + t * C + c] = (int16_t)v;
       sum_q += v;
-    }
-    const int32_t ctr = kvc_center(sum_q, TD);
-    uint64_t cost_c = 0, cost_d = 0;
-    int32_t prev = ctr;
-#pragma unroll 4
-    for (uint32_t i = 0; i < TC; i++) {
-      const int32_t v = a.q[qbase + (uint64_t)coded[i] * C + c];
-      cost_c += (uint64_t)abs(v - ctr);
-      cost_d += (uint64_t)abs(v - prev);
+      if (i) cost_d += (uint64_t)abs(v - prev);
+      else q0 = v;
       prev = v;
     }
+    const int32_t ctr = kvc_center(sum_q, TD);
+    if (TC) cost_d += (uint64_t)abs(q0 - ctr);
+    uint64_t cost_c = 0;
+#pragma unroll 8
+    for (uint32_t i = 0; i < TC; i++) cost_c += (uint64_t)abs((int32_t)a.q[qbase + (uint64_t)coded[i] * C + c] - ctr);
     const bool delta = cost_d < cost_c;
     const uint32_t model =
         kvc_choose_model(delta ? cost_d : cost_c, TD, d_thr_enc, KVC_NUM_MODELS) | (delta ? KVC_MODEL_DELTA_BIT : 0u);
@@ -161,12 +198,13 @@ __global__ void __launch_bounds__(kPlanThreads) k_plan_b(const PlanArgs a) {
     m[1] = (uint8_t)model;
     m[2] = (uint8_t)((uint16_t)(int16_t)ctr & 0xFF);
     m[3] = (uint8_t)((uint16_t)(int16_t)ctr >> 8);
-    // this channel's symbols, in the lane's decode order: lane c % n, position (c / n) * TC + i
-    uint16_t* out = a.sym + ((uint64_t)g * KVC_MAX_LANES + c % n) * a.sym_stride + (uint64_t)(c / n) * TC;
+    // this channel's symbols: lane c % n, row c / n; consecutive channels -> consecutive lanes
+    uint16_t* out = a.sym + ((uint64_t)g * a.nch + c / n) * T * n + c % n;
     prev = ctr;
+#pragma unroll 8
     for (uint32_t i = 0; i < TC; i++) {
       const int32_t v = a.q[qbase + (uint64_t)coded[i] * C + c];
-      out[i] = (uint16_t)kvc_zigzag(v - (delta ? prev : ctr));
+      out[(uint64_t)i * n] = (uint16_t)kvc_zigzag(v - (delta ? prev : ctr));
       prev = v;
     }
   }
@@ -175,81 +213,100 @@ __global__ void __launch_bounds__(kPlanThreads) k_plan_b(const PlanArgs a) {
 struct Enc {
   uint32_t x;
   uint8_t* p;  // next byte goes to *--p
-  __device__ __forceinline__ void put(uint32_t e) {  // e = cum | freq << 16
+  // Emits the 0, 1 or 2 bytes that bring x under x_max (x < 2^31: at most two), no branch.
+  __device__ __forceinline__ void emit(uint32_t x_max) {
+    const uint32_t nb = (x >= x_max) + ((x >> 8) >= x_max);
+    if (nb >= 1) p[-1] = (uint8_t)x;
+    if (nb == 2) p[-2] = (uint8_t)(x >> 8);
+    p -= nb;
+    x >>= 8 * nb;
+  }
+  __device__ __forceinline__ void put(uint32_t e, uint32_t rcp) {  // e = cum | freq << 16
     const uint32_t freq = e >> 16, start = e & 0xFFFFu;
-    const uint32_t x_max = ((KVC_RANS_L >> KVC_PROB_BITS) << 8) * freq;
-    while (x >= x_max) { *--p = (uint8_t)(x & 0xFF); x >>= 8; }
-    x = ((x / freq) << KVC_PROB_BITS) + (x % freq) + start;
+    emit(((KVC_RANS_L >> KVC_PROB_BITS) << 8) * freq);
+    const uint32_t l = 32 - __clz(freq - 1);  // ceil(log2 freq); 0 for freq 1
+    const uint32_t qt = (uint32_t)(((uint64_t)x * rcp) >> (31 + l));
+    x = (qt << KVC_PROB_BITS) + (x - qt * freq) + start;
+  }
+  __device__ __forceinline__ void put_bypass(uint32_t b) {  // freq 16, cum 16 b
+    emit(((KVC_RANS_L >> KVC_PROB_BITS) << 8) * KVC_BYPASS_FREQ);
+    x = ((x >> 4) << KVC_PROB_BITS) + (x & (KVC_BYPASS_FREQ - 1)) + b * KVC_BYPASS_FREQ;
   }
 };
+static_assert(KVC_BYPASS_FREQ == 16, "put_bypass divides by shifting");
 
 struct LaneArgs {
   const uint8_t* meta;
   const uint16_t* sym;
-  uint32_t segs, T, C, n;
-  uint64_t sym_stride, cap;
+  uint32_t segs, T, C, n, nch;
+  uint64_t cap;
   uint8_t* scratch;
   uint32_t* lane_len;
   uint32_t* lane_state;
   const uint32_t* raw_count;
 };
 
-// One thread per (segment, lane); lane bytes end at scratch + (lane + 1) * cap.
+// One thread per (segment, lane); lane bytes end at scratch + (lane + 1) * cap. Symbols are
+// coded in reverse (channel c = j + ci * n from the last, coded token i from the last).
 __global__ void __launch_bounds__(kLaneThreads) k_lanes_b(const LaneArgs a) {
-  __shared__ CompactModels sm;
+  extern __shared__ uint4 sm_raw[];
+  EncModels& sm = *reinterpret_cast<EncModels*>(sm_raw);
   {
-    const uint4* src = reinterpret_cast<const uint4*>(&d_cm_enc);
-    uint4* dst = reinterpret_cast<uint4*>(&sm);
-    for (uint32_t i = threadIdx.x; i < sizeof(CompactModels) / 16; i += blockDim.x) dst[i] = src[i];
+    const uint4* src = reinterpret_cast<const uint4*>(&d_em);
+    for (uint32_t i = threadIdx.x; i < sizeof(EncModels) / 16; i += blockDim.x) sm_raw[i] = src[i];
     __syncthreads();
   }
   const uint64_t gid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (gid >= (uint64_t)a.segs * KVC_MAX_LANES) return;
   const uint32_t g = (uint32_t)(gid / KVC_MAX_LANES), j = (uint32_t)(gid % KVC_MAX_LANES);
   if (j >= a.n) return;
-  const uint32_t C = a.C, n = a.n, TC = a.T - a.raw_count[g];
-  const uint32_t nch = (C - j + n - 1) / n;
+  const uint32_t C = a.C, n = a.n, T = a.T, TC = a.T - a.raw_count[g];
+  const int32_t nch = (int32_t)((C - j + n - 1) / n);
   uint8_t* end = a.scratch + (gid + 1) * a.cap;
   Enc enc{KVC_RANS_L, end};
-  const uint32_t total = nch * TC;
+  const uint32_t total = (uint32_t)nch * TC;
   if (total) {
-    const uint4* P = reinterpret_cast<const uint4*>(a.sym + gid * a.sym_stride);
-    int32_t kk = (int32_t)total - 1;
-    uint32_t blk = (uint32_t)kk / kSymAlign;
-    uint4 cur = P[blk];
-    uint4 nxt = blk ? P[blk - 1] : cur;
-    uint32_t ci = nch - 1, i = TC - 1;
-    const uint8_t* m = a.meta + ((uint64_t)g * C + j + ci * n) * KVC_CHANNEL_META_SIZE;
-    uint32_t k = m[1] & KVC_MODEL_INDEX_MASK;
-    const uint32_t* ent = sm.ent + sm.moff[k];
-    uint32_t lim = sm.lim[k];
-    for (;;) {
-      const uint32_t u = (uint32_t)kk % kSymAlign;
-      const uint32_t w = u < 4 ? (u < 2 ? cur.x : cur.y) : (u < 6 ? cur.z : cur.w);
-      const uint32_t z = (u & 1) ? (w >> 16) : (w & 0xFFFFu);
-      if (z < lim) {
-        enc.put(ent[z]);
-      } else {
-        enc.put(((z >> 8) * KVC_BYPASS_FREQ) | (KVC_BYPASS_FREQ << 16));
-        enc.put(((z & 0xFF) * KVC_BYPASS_FREQ) | (KVC_BYPASS_FREQ << 16));
-        enc.put(ent[lim]);
+    const uint16_t* S = a.sym + (uint64_t)g * a.nch * T * n + j;  // (ci, i) at S[(ci * T + i) * n]
+    int32_t lci = nch - 1, li = (int32_t)TC - 1;                   // load cursor
+    uint32_t zn[kLanePrefetch];
+#pragma unroll
+    for (int u = 0; u < kLanePrefetch; u++) {
+      zn[u] = lci >= 0 ? S[((uint64_t)lci * T + li) * n] : 0u;
+      if (li == 0) { lci--; li = (int32_t)TC - 1; } else { li--; }
+    }
+    int32_t pci = nch - 1, pi = (int32_t)TC - 1;  // coding cursor
+    uint32_t k = a.meta[((uint64_t)g * C + j + pci * n) * KVC_CHANNEL_META_SIZE + 1] & KVC_MODEL_INDEX_MASK;
+    uint32_t moff = sm.moff[k], lim = sm.lim[k];
+    for (uint32_t done = 0; done < total; done += kLanePrefetch) {
+      uint32_t zc[kLanePrefetch];
+#pragma unroll
+      for (int u = 0; u < kLanePrefetch; u++) {
+        zc[u] = zn[u];
+        zn[u] = lci >= 0 ? S[((uint64_t)lci * T + li) * n] : 0u;
+        if (li == 0) { lci--; li = (int32_t)TC - 1; } else { li--; }
       }
-      if (kk == 0) break;
-      if (u == 0) {  // next block down; fetch the one after it
-        cur = nxt;
-        blk--;
-        if (blk) nxt = P[blk - 1];
-      }
-      kk--;
-      if (i == 0) {
-        ci--;
-        i = TC - 1;
-        m = a.meta + ((uint64_t)g * C + j + ci * n) * KVC_CHANNEL_META_SIZE;
-        k = m[1] & KVC_MODEL_INDEX_MASK;
-        ent = sm.ent + sm.moff[k];
-        lim = sm.lim[k];
-      } else {
-        i--;
+#pragma unroll
+      for (int u = 0; u < kLanePrefetch; u++) {
+        if (done + u >= total) break;
+        const uint32_t z = zc[u];
+        if (z < lim) {
+          enc.put(sm.ent[moff + z], sm.rcp[moff + z]);
+        } else {
+          enc.put_bypass(z >> 8);
+          enc.put_bypass(z & 0xFF);
+          enc.put(sm.ent[moff + lim], sm.rcp[moff + lim]);
+        }
+        if (pi == 0) {
+          pci--;
+          pi = (int32_t)TC - 1;
+          if (pci >= 0) {
+            k = a.meta[((uint64_t)g * C + j + pci * n) * KVC_CHANNEL_META_SIZE + 1] & KVC_MODEL_INDEX_MASK;
+            moff = sm.moff[k];
+            lim = sm.lim[k];
+          }
+        } else {
+          pi--;
+        }
       }
     }
   }
@@ -308,16 +365,25 @@ __global__ void k_gather_b(const GatherArgs a) {
   for (uint32_t i = threadIdx.x; i < len; i += blockDim.x) lane_dst[i] = lane_src[i];
 }
 
+// Uploads the encoder's models and thresholds once per device; raises the lane kernel's
+// shared-memory limit (EncModels is over the 48 KB default).
 bool init_encoder(Error& e) {
-  if (!upload_models(d_cm_enc, g_enc_done, g_enc_mu, e)) return false;
-  static std::once_flag thr_once[64];
   int dev = 0;
   if (!cuda_ok(cudaGetDevice(&dev), e, "cudaGetDevice")) return false;
-  cudaError_t st = cudaSuccess;
-  std::call_once(thr_once[dev & 63], [&] {
-    st = cudaMemcpyToSymbol(d_thr_enc, kvc_model_threshold_q16, sizeof(uint32_t) * KVC_NUM_MODELS);
-  });
-  return cuda_ok(st, e, "threshold upload");
+  if (dev < 0 || dev >= 64) return e.fail("device ordinal %d out of range", dev);
+  std::lock_guard<std::mutex> lock(g_enc_mu);
+  if (g_enc_done[dev]) return true;
+  std::vector<EncModels> hm(1);
+  build_enc_models(hm[0]);
+  if (!cuda_ok(cudaMemcpyToSymbol(d_em, hm.data(), sizeof(EncModels)), e, "model upload") ||
+      !cuda_ok(cudaMemcpyToSymbol(d_thr_enc, kvc_model_threshold_q16, sizeof(uint32_t) * KVC_NUM_MODELS), e,
+               "threshold upload") ||
+      !cuda_ok(cudaFuncSetAttribute(k_lanes_b, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(EncModels)), e,
+               "shared memory limit") ||
+      !keep_pool_memory(dev, e))
+    return false;
+  g_enc_done[dev] = true;
+  return true;
 }
 
 }  // namespace
@@ -359,7 +425,6 @@ KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs
   }
   const uint32_t n = C < KVC_MAX_LANES ? C : KVC_MAX_LANES, nch_max = (C + n - 1) / n;
   const uint64_t elems = h.elements();
-  const uint64_t sym_stride = ((uint64_t)nch_max * T + kSymAlign - 1) / kSymAlign * kSymAlign;
   // worst case per symbol: 3 puts of at most 2 renormalisation bytes each
   const uint64_t cap = ((uint64_t)nch_max * T * 6 + 16 + 15) / 16 * 16;
   const kvc_level_params& lp = kvc_level_defaults(level);
@@ -376,7 +441,7 @@ KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs
   uint32_t *lane_len, *lane_state, *d_crc;
   uint64_t *seg_off, *lane_off;
   if (!mem.alloc(&d_srcs, 8ull * count, e) || !mem.alloc(&pa.meta, segs * C * KVC_CHANNEL_META_SIZE, e) ||
-      !mem.alloc(&pa.q, elems * count * 2, e) || !mem.alloc(&pa.sym, nlanes * sym_stride * 2, e) ||
+      !mem.alloc(&pa.q, elems * count * 2, e) || !mem.alloc(&pa.sym, segs * nch_max * T * n * 2, e) ||
       !mem.alloc(&pa.chan_lc, segs * C * 8, e) || !mem.alloc(&pa.chan_qlmax, segs * C * 4, e) ||
       !mem.alloc(&pa.chan_const, segs * C, e) || !mem.alloc(&pa.tok_tm, segs * T * 8, e) ||
       !mem.alloc(&pa.coded_all, segs * T * 4, e) || !mem.alloc(&pa.raw_count, segs * 4, e) ||
@@ -386,11 +451,12 @@ KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs
       !mem.alloc(&d_crc, 4ull * count * L, e) ||
       !cuda_ok(cudaMemcpyAsync(d_srcs, dev_srcs, 8ull * count, cudaMemcpyHostToDevice, st), e, "copy sources"))
     return report(KVS_EINTERNAL, e, err, err_len);
-  pa.srcs = d_srcs; pa.dtype = dtype; pa.L = L; pa.S = S; pa.T = T; pa.C = C; pa.n = n;
-  pa.sym_stride = sym_stride; pa.pol = pol;
-  k_plan_b<<<(unsigned)segs, kPlanThreads, 0, st>>>(pa);
-  LaneArgs la{pa.meta, pa.sym, (uint32_t)segs, T, C, n, sym_stride, cap, scratch, lane_len, lane_state, pa.raw_count};
-  k_lanes_b<<<(unsigned)((nlanes + kLaneThreads - 1) / kLaneThreads), kLaneThreads, 0, st>>>(la);
+  pa.srcs = d_srcs; pa.dtype = dtype; pa.L = L; pa.S = S; pa.T = T; pa.C = C; pa.n = n; pa.nch = nch_max;
+  pa.pol = pol;
+  const uint32_t plan_threads = C <= kPlanThreadsMin ? kPlanThreadsMin : C >= kPlanThreadsMax ? kPlanThreadsMax : (C + 31) / 32 * 32;
+  k_plan_b<<<(unsigned)segs, plan_threads, 0, st>>>(pa);
+  LaneArgs la{pa.meta, pa.sym, (uint32_t)segs, T, C, n, nch_max, cap, scratch, lane_len, lane_state, pa.raw_count};
+  k_lanes_b<<<(unsigned)((nlanes + kLaneThreads - 1) / kLaneThreads), kLaneThreads, sizeof(EncModels), st>>>(la);
   std::vector<uint32_t> hl(nlanes), hr(segs);
   if (!cuda_ok(cudaGetLastError(), e, "encode launch") ||
       !cuda_ok(cudaMemcpyAsync(hl.data(), lane_len, nlanes * 4, cudaMemcpyDeviceToHost, st), e, "copy lane sizes") ||

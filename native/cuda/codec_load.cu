@@ -20,7 +20,11 @@ using kvc::Header;
 using kvc::report;
 using namespace kvc_cuda;
 
-constexpr uint32_t kDefaultGroups = 4;     // enough to hide the decode of all but the last group
+// Default grouping: one group per wave of the decoder. A decode launch is latency-bound (its time
+// is one lane's serial chain) until it fills the GPU, so splitting a batch that fits one wave
+// only adds launches; one group per kWarpsPerSmWave warps per multiprocessor overlaps the
+// copies of group g + 1 with a decode that already keeps the GPU busy.
+constexpr uint32_t kWarpsPerSmWave = 8;  // resident warps of k_decode_warp per SM (its shared models)
 constexpr uint64_t kDevAlign = 256;        // device offset of each bitstream (aligned word reads)
 
 // One non-blocking copy stream per device, created on first use, kept for the process.
@@ -79,7 +83,15 @@ KVS_API int kvs_cuda_codec_load_batch(uint32_t count, const uint8_t* const* host
     e.fail("destination has %llu bytes, chunk needs %llu", (unsigned long long)dst_bytes_each, (unsigned long long)want);
     return report(KVS_EINVAL, e, err, err_len);
   }
-  if (groups == 0) groups = kDefaultGroups;
+  if (groups == 0) {
+    int dev = 0, sms = 0;
+    if (!cuda_ok(cudaGetDevice(&dev), e, "cudaGetDevice") ||
+        !cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), e, "device attribute"))
+      return report(KVS_EINTERNAL, e, err, err_len);
+    const uint64_t wave = (uint64_t)(sms > 0 ? sms : 1) * kWarpsPerSmWave;
+    const uint64_t warps = (uint64_t)count * h.layers * h.segments();
+    groups = (uint32_t)((warps + wave - 1) / wave);
+  }
   if (groups > count) groups = count;
   if (!ensure_decode_models(e)) return report(KVS_EINTERNAL, e, err, err_len);
   int variant = decode_variant();

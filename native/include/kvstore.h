@@ -152,11 +152,11 @@ KVS_API int kvs_cuda_codec_decode_batch(uint32_t count, const uint8_t* const* ho
                                         size_t err_len);
 
 // Compressed load: `count` bitstreams in HOST memory (host_bufs[i], lens[i] bytes; pinned or
-// cudaHostRegister'ed for asynchronous copies) cross PCIe in `groups` groups (0: default 4) on
-// the library's copy stream and are decoded on `stream` into dev_dsts[i] (dst_bytes_each each),
-// group g decoding while group g+1 is copied. Headers and indexes are validated on the host;
-// verify_crc: every layer's CRC32C is computed on the GPU and compared. Returns after the
-// stream has synchronized.
+// cudaHostRegister'ed for asynchronous copies) cross PCIe in `groups` groups on the library's
+// copy stream and are decoded on `stream` into dev_dsts[i] (dst_bytes_each each), group g
+// decoding while group g+1 is copied (groups 0: one group per wave of the decoder). Headers
+// and indexes are validated on the host; verify_crc: every layer's CRC32C is computed on the
+// GPU and compared. Returns after the stream has synchronized.
 KVS_API int kvs_cuda_codec_load_batch(uint32_t count, const uint8_t* const* host_bufs, const uint64_t* lens,
                                       void* const* dev_dsts, uint64_t dst_bytes_each, uint32_t groups, void* stream,
                                       int verify_crc, char* err, size_t err_len);
@@ -168,10 +168,11 @@ KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs
                                         uint32_t tokens, uint32_t heads, uint32_t head_dim, int level, void* stream,
                                         uint8_t* dst, uint64_t dst_cap, uint64_t* out_offsets, uint64_t* out_sizes,
                                         char* err, size_t err_len);
-// Decoder choice for the batched calls (tests and benchmarks): 0 = the first decoder, 1 = one
-// warp per segment with the models in shared memory (default), 2 = same with hardware fp16/bf16
-// conversion, 3/4 = models in global memory (portable / hardware conversion);
-// warps_per_block 1..8 (default 4).
+// Decoder choice of kvs_cuda_codec_decode(_batch) and load_batch (tests and benchmarks): 0 = the
+// first decoder (one thread per lane, grid row per chunk; load_batch then uses 2), 1 = one warp
+// per segment with the models in shared memory, 2 = same with the hardware fp16/bf16 conversion
+// (default), 3/4 = models in global memory (portable / hardware conversion); warps_per_block
+// 1..8 (default 4). Every variant is bit-exact with the CPU codec.
 KVS_API int kvs_cuda_codec_set_decoder(int variant, int warps_per_block, char* err, size_t err_len);
 // Counts, over every non-NaN binary32 value, where the hardware fp16 / bf16 conversions differ
 // from the format's portable ones (0 and 0 make variants 2 and 4 bit-exact).

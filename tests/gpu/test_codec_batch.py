@@ -46,7 +46,7 @@ def _default_decoder():
     from kvstore_native.codec import gpu
 
     yield
-    gpu.set_decoder("warp-smem", 4)
+    gpu.set_decoder("warp-smem-hw", 4)
 
 
 @pytest.mark.parametrize("level", LOSSY)

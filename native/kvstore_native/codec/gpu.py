@@ -137,7 +137,8 @@ def decode_batch_ptrs(host_ptrs: list[int], dev_ptrs: list[int], lens: list[int]
     """Pointer form of :func:`decode_batch` for the data path: ``host_ptrs[i]`` is the bitstream in
     host memory (e.g. the shared arena; only its header and index are read unless ``verify``),
     ``dev_ptrs[i]`` the same bytes on the device, ``dst_ptrs[i]`` its decoded chunk's device
-    buffer of ``dst_bytes_each`` bytes. One kernel launch on ``stream``; asynchronous."""
+    buffer of ``dst_bytes_each`` bytes. One kernel launch on ``stream``; returns after the stream
+    synchronized (the kernel's error word is read back)."""
     n = len(host_ptrs)
     if not n or not (n == len(dev_ptrs) == len(lens) == len(dst_ptrs)):
         raise CodecError("host_ptrs, dev_ptrs, lens and dst_ptrs must be non-empty and of one length")
@@ -158,8 +159,9 @@ def decode_batch_ptrs(host_ptrs: list[int], dev_ptrs: list[int], lens: list[int]
 DECODERS = {"first": 0, "warp-smem": 1, "warp-smem-hw": 2, "warp-global": 3, "warp-global-hw": 4}
 
 
-def set_decoder(name: str = "warp-smem", warps_per_block: int = 4) -> None:
-    """Process-wide choice of the batched decoder (tests and benchmarks compare them)."""
+def set_decoder(name: str = "warp-smem-hw", warps_per_block: int = 4) -> None:
+    """Process-wide choice of the GPU decoder (tests and benchmarks compare them; every variant
+    is bit-exact with the CPU codec; the default is "warp-smem-hw")."""
     if name not in DECODERS:
         raise CodecError(f"unknown decoder {name!r} (one of {sorted(DECODERS)})")
     err = native.err_buf()
