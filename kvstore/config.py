@@ -352,6 +352,18 @@ class DiskConfig(_Section):
     scrub_bytes_per_s: Bytes = 4 * 1024**2
 
 
+class HbmConfig(_Section):
+    """The GPU HBM tier: used only when ``chain.tiers`` names ``"hbm"`` (put it first, e.g.
+    ``["hbm", "dram", "disk"]``). A host without a CUDA device then refuses to start, naming
+    ``chain.tiers``; without ``"hbm"`` in the chain nothing CUDA is loaded."""
+
+    #: Byte budget of the daemon's GPU pool, allocated once (one ``cudaMalloc``) at start.
+    #: Eviction demotes chunks to the next tier down the chain.
+    capacity_bytes: Bytes = 4 * 1024**3
+    #: CUDA device ordinal (as this daemon's ``CUDA_VISIBLE_DEVICES`` numbers them) holding the pool.
+    device: int = Field(0, ge=0)
+
+
 class WriteMode(str, enum.Enum):
     """How a put reaches the next tier down the chain."""
 
@@ -567,6 +579,7 @@ class Config(_Section):
     auth: AuthConfig = AuthConfig()
     dram: DramConfig = DramConfig()
     disk: DiskConfig = DiskConfig()
+    hbm: HbmConfig = HbmConfig()
     chain: ChainConfig = ChainConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()

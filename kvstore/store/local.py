@@ -63,6 +63,9 @@ class LocalAccess:
         self._shared_tier: SharedMemoryTier | None = (
             None if self._level is None else chain.levels[self._level].tier.shared_memory())
         self._index_path = index_path
+        #: The HBM tier's pool (``tiers.hbm.HbmTier.device_pool()``), or None without one.
+        self._device = next((lv.tier.device_pool() for lv in chain.levels if lv.tier.device_pool() is not None),
+                            None)
 
     def _shared(self) -> SharedMemoryTier:
         if self._shared_tier is None:
@@ -121,6 +124,10 @@ class LocalAccess:
         return out + [None] * (len(cids) - len(out))
 
     def _lease(self, s: SharedMemoryTier, cid: ChunkId) -> LocalRead | None:
+        if self._level:   # a level above the arena (HBM): the arena's own copy, without a device round trip
+            ref = self._chain.levels[self._level].tier.get(cid)
+            if ref is not None:
+                return LocalRead(ref, s.offset_of(ref), ref.medium)
         ref = self._chain.get(cid)      # the first tier holding it; promoted upward when it can be
         if ref is None:
             return None
@@ -131,6 +138,42 @@ class LocalAccess:
             if ref is None:
                 return None
         return LocalRead(ref, s.offset_of(ref), found)
+
+    # ---- the HBM tier's pool (same-host GPU clients)
+    def device_export(self):
+        """``tiers.hbm.PoolExport`` of the HBM pool (what Attach hands out), or None without one."""
+        return None if self._device is None else self._device.export()
+
+    @property
+    def device_nonce(self) -> bytes:
+        return b"" if self._device is None else self._device.nonce
+
+    def device_lease_run(self, cids: Sequence[ChunkId]) -> list:
+        """``DeviceLease``s of the leading run of ``cids`` held in the HBM pool (empty without
+        one). A chunk found below the pool is read through the chain first, which promotes
+        it into the pool when ``chain.promote_on_hit`` allows and the pool has room; the run
+        ends at the first chunk the pool then still lacks. Worker threads (a promotion copies
+        to the GPU; a disk hit reads a file)."""
+        out: list = []
+        if self._device is None:
+            return out
+        try:
+            for cid in cids:
+                got = self._device.lease(cid)
+                if got is None:
+                    ref = self._chain.get(cid)   # a hit below is promoted into the pool by chain policy
+                    if ref is None:
+                        break
+                    ref.release()
+                    got = self._device.lease(cid)
+                    if got is None:
+                        break
+                out.append(got)
+        except BaseException:
+            for d in out:
+                d.release()
+            raise
+        return out
 
     def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
         """Arena pages a local client fills directly, zeroed (they may hold another tenant's
