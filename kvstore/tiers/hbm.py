@@ -155,8 +155,9 @@ class HbmTier(Tier):
             return False
         src = np.frombuffer(payload, dtype=np.uint8)
         try:
-            self._cuda.memcpy_batch([self.base + page * HBM_PAGE_BYTES], [int(src.ctypes.data)], [n], 0)
-            self._cuda.stream_sync(0)
+            if n:
+                self._cuda.memcpy_batch([self.base + page * HBM_PAGE_BYTES], [int(src.ctypes.data)], [n], 0)
+                self._cuda.stream_sync(0)
         except BaseException:
             with self._lock:
                 self._alloc.free(page, self._npages(n))
