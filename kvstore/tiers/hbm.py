@@ -180,7 +180,8 @@ class HbmTier(Tier):
     def _reserve(self, cid: ChunkId, n: int) -> int | None:
         npages = self._npages(n)
         if npages > self._pages:
-            raise ResourceExhausted(f"a {n}-byte chunk is larger than the {self.capacity_bytes}-byte HBM tier")
+            raise ResourceExhausted(f"a {n}-byte chunk is larger than the HBM tier (hbm.capacity_bytes = "
+                                    f"{self.capacity_bytes})")
         while True:
             with self._lock:
                 if cid in self._index:
@@ -190,7 +191,8 @@ class HbmTier(Tier):
                     return page
                 v = self._pick_victim()
                 if v is None:
-                    raise ResourceExhausted("HBM tier full of pinned or leased chunks")
+                    raise ResourceExhausted("HBM tier full of pinned or leased chunks: unpin chunks (kvctl unpin), "
+                                            "release leases, or raise hbm.capacity_bytes")
                 e = self._index[v]
                 e.leases += 1  # holds the pages while the victim is demoted
                 self._unlink(v, e)
