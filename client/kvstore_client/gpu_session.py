@@ -7,15 +7,20 @@ channel to the same daemon with the same credentials (``AsyncKVStoreClient._bloc
 Session state (namespace, arena mapping, nonce, HBM pool export) is read live from the
 client core, so a re-attach by the core (daemon restart) is seen here at once.
 
-Threading: every method may be called from any thread; ``arena_changed`` is set, never
-cleared, by the thread that saw the mismatch (the route then lets the core re-attach).
+Threading: every method may be called from any thread; ``arena_changed`` is set by the
+thread that saw the mismatch and cleared by the route once the core re-attached.
+``_releasing_lock`` guards the set of release calls in flight (a leaf lock).
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from typing import Any, Sequence
 
 from kvstore_wire._proto.kvstore.v1 import local_pb2
+
+log = logging.getLogger(__name__)
 
 
 class GpuSession:
@@ -30,6 +35,10 @@ class GpuSession:
         #: A response carried another arena's nonce (the daemon restarted): the core must
         #: re-attach before this session's offsets are valid again.
         self.arena_changed = False
+        # Release calls in flight: a gRPC future that is garbage-collected cancels its call,
+        # so each is held here until it completes (else the lease lives until its TTL).
+        self._releasing: set = set()
+        self._releasing_lock = threading.Lock()
 
     @classmethod
     def of(cls, client) -> "GpuSession":
@@ -70,6 +79,27 @@ class GpuSession:
 
     def _release_later(self, lease_id: int) -> None:
         """Ends a lease without waiting for the answer (it expires on the daemon otherwise)."""
-        if lease_id:
-            self._release.future(local_pb2.ReleaseRequest(lease_ids=[lease_id]), metadata=self._metadata,
-                                 timeout=self.timeout_s)
+        if not lease_id:
+            return
+        fut = self._release.future(local_pb2.ReleaseRequest(lease_ids=[lease_id]), metadata=self._metadata,
+                                   timeout=self.timeout_s)
+        with self._releasing_lock:
+            self._releasing.add(fut)
+        fut.add_done_callback(self._released)
+
+    def _released(self, fut) -> None:
+        with self._releasing_lock:
+            self._releasing.discard(fut)
+        if fut.cancelled() or fut.exception() is not None:
+            log.info("releasing a lease failed (%s); it expires on the daemon by itself",
+                     "cancelled" if fut.cancelled() else fut.exception())
+
+    def drain(self, timeout_s: float | None = None) -> None:
+        """Waits for the release calls in flight (before the channel closes)."""
+        with self._releasing_lock:
+            pending = list(self._releasing)
+        for f in pending:
+            try:
+                f.result(timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - logged by _released; the lease expires by itself
+                pass

@@ -101,6 +101,7 @@ class GpuPath:
 
     def close(self) -> None:
         self._commits.shutdown(wait=True)
+        self.client.drain(self.client.timeout_s)
         self._close_pool()
 
     # ---- helpers

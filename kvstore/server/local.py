@@ -219,11 +219,13 @@ class LocalDataServicer:
         lease = self._leases.new()
         slots = []
         try:
-            for i, c in enumerate(request.chunks):
-                cid, meta = validate_header(info, ChunkHeader(c.key, c.num_tokens, c.payload_bytes, c.encoding,
-                                                              c.key_kind), self._cfg.max_chunk_bytes, f"chunks[{i}]")
-                lease.hold(Resource.OPEN_RESERVATIONS)   # before the pages are taken
-                res = await self._run(self._m.reserve, cid, c.payload_bytes)
+            checked = [validate_header(info, ChunkHeader(c.key, c.num_tokens, c.payload_bytes, c.encoding, c.key_kind),
+                                       self._cfg.max_chunk_bytes, f"chunks[{i}]") for i, c in enumerate(request.chunks)]
+            lease.hold(Resource.OPEN_RESERVATIONS, len(checked))   # before the pages are taken
+            # One worker hop for the whole request; the extents are zeroed in parallel there.
+            got = await self._run(self._m.reserve_many, [(cid, c.payload_bytes)
+                                                         for (cid, _), c in zip(checked, request.chunks)])
+            for i, ((_, meta), res) in enumerate(zip(checked, got)):
                 if res is None:   # stored already, or being written by another request
                     lease.unhold(Resource.OPEN_RESERVATIONS)
                     slots.append(local_pb2.Slot(index=i, exists=True))

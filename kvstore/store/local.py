@@ -187,20 +187,31 @@ class LocalAccess:
         """Arena pages a local client fills directly, zeroed (they may hold another tenant's
         freed chunk), or None when ``cid`` is already stored in any tier or being written by
         another request right now (never waits for it)."""
+        return self.reserve_many([(cid, nbytes)])[0]
+
+    def reserve_many(self, wanted: Sequence[tuple[ChunkId, int]]) -> list[Reservation | None]:
+        """``reserve`` for each ``(cid, nbytes)`` in one call: pages taken in order, then every
+        extent zeroed at once in pieces on the memory threads (one worker hop and one pass
+        over memory per core for a whole ReserveWrite). On failure nothing stays reserved."""
         s = self._shared()
         self._chain.check_put(Durability.MEMORY)
-        if self._chain.medium_of(cid) is not None:
-            return None
-        res = self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes))
-        if res is not None:     # never hand out another chunk's old bytes (docs/security.md)
-            try:
-                for f in [self._crc_pool.submit(_zero, res.view[i:i + PIECE_BYTES])
-                          for i in range(0, res.view.nbytes, PIECE_BYTES)]:
-                    f.result()
-            except BaseException:
-                s.abort(res)
-                raise
-        return res
+        out: list[Reservation | None] = []
+        try:
+            for cid, nbytes in wanted:
+                if self._chain.medium_of(cid) is not None:
+                    out.append(None)
+                    continue
+                out.append(self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes)))
+            # never hand out another chunk's old bytes (docs/security.md)
+            for f in [self._crc_pool.submit(_zero, r.view[i:i + PIECE_BYTES])
+                      for r in out if r is not None for i in range(0, r.view.nbytes, PIECE_BYTES)]:
+                f.result()
+        except BaseException:
+            for r in out:
+                if r is not None:
+                    s.abort(r)
+            raise
+        return out
 
     def commit(self, res: Reservation, meta: ChunkMeta, durability: Durability) -> PutResult:
         """Publishes a filled reservation without copying it, then sends it down the chain as

@@ -147,7 +147,7 @@ class HbmTier(Tier):
 
     # ---- Tier primitives
     def put(self, cid: ChunkId, meta: ChunkMeta, payload: memoryview | bytes) -> bool:
-        n = len(payload)
+        n = memoryview(payload).nbytes
         if n != meta.payload_bytes:
             raise InvalidArgument(f"payload is {n} bytes, meta says {meta.payload_bytes}")
         page = self._reserve(cid, n)

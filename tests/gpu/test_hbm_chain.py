@@ -70,7 +70,7 @@ def test_eviction_from_hbm_demotes_into_dram(tmp_path, rng, clock):
     try:
         chunks = [make_chunk(rng) for _ in range(6)]
         for cid, meta, payload in chunks:
-            assert hbm.put(cid, meta, payload)       # into HBM only: DRAM gets what HBM evicts
+            assert hbm.put(cid, meta, memoryview(payload).cast("B"))   # into HBM only: DRAM gets its victims
         assert hbm.stats().evictions > 0
         for cid, meta, payload in chunks:
             assert hbm.contains(cid) != dram.contains(cid)
@@ -185,3 +185,56 @@ def test_pool_survives_engine_restart(hbm_daemon):
     assert b.returncode == 0, b.stderr
     assert a.stdout.split()[0] == "HBM" and b.stdout.split()[0] == "HBM"
     assert a.stdout.split()[1] == b.stdout.split()[1]
+
+
+_HOLDER = r"""
+import sys, time
+from kvstore_client import KVStoreClient, Namespace
+from kvstore_client.gpu_session import GpuSession
+from kvstore_wire._proto.kvstore.v1 import local_pb2
+ns = Namespace("hbm-ttl", chunk_tokens=256, dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64)
+c = KVStoreClient(sys.argv[1], ns)
+s = GpuSession.of(c)
+keys = c.keys(list(range(256 * 4)))
+r = s._lease_read(local_pb2.LeaseReadRequest(namespace_id=s.namespace_id, keys=keys, device_pool=True),
+                  metadata=s._metadata, timeout=30)
+print(sum(e.in_device_pool for e in r.extents), flush=True)
+time.sleep(600)
+"""
+
+
+def test_killed_client_leases_on_the_pool_expire(tmp_path):
+    """A client killed while it holds HBM-pool leases: after server.lease_ttl_s the pages are
+    free again (a pool exactly 4 chunks large takes 4 new chunks)."""
+    import signal
+
+    import torch
+
+    from kvstore_client import KVStoreClient, Namespace
+
+    d = spawn_daemon(base_dir=tmp_path, settings=["dram.capacity_bytes=256MiB", "disk.enabled=false",
+                                                   'metrics.listen=""', "server.lease_ttl_s=2",
+                                                   "hbm.capacity_bytes=24MiB", 'chain.tiers=["hbm","dram"]'])
+    try:
+        ns = Namespace("hbm-ttl", chunk_tokens=256, **SHAPES["smol"])
+        old, new = list(range(256 * 4)), list(range(50_000, 50_000 + 256 * 4))
+        with KVStoreClient(d.addr, ns) as c:
+            kv = _kv(ns, 4)
+            out = torch.zeros_like(kv)
+            assert c.store(old, kv) == 4 and c.retrieve_into(old, out) == len(old)   # now in HBM
+            assert set(c.exists(c.keys(old))) == {Tier.HBM}
+            p = subprocess.Popen([sys.executable, "-c", _HOLDER, d.addr], stdout=subprocess.PIPE, text=True)
+            try:
+                assert p.stdout.readline().strip() == "4"   # the child holds 4 pool leases
+            finally:
+                p.send_signal(signal.SIGKILL)
+                p.wait(timeout=30)
+            assert c.delete(c.keys(old)) == 4               # pages stay leased until the TTL
+            import time
+            time.sleep(4)                                   # lease_ttl_s = 2, swept every second
+            kv2 = _kv(ns, 4)
+            assert c.store(new, kv2) == 4 and c.retrieve_into(new, out) == len(new)
+            assert torch.equal(out, kv2)
+            assert set(c.exists(c.keys(new))) == {Tier.HBM}  # all 4 fit: the dead client's pages came back
+    finally:
+        d.close()
