@@ -248,7 +248,7 @@ class LocalDataServicer:
             raise
         try:
             stored, existed = await self._run(self._m.commit_many, lease.reservations, list(request.crc32c),
-                                              durability)
+                                              durability, current_principal().trust_client_crc)
         finally:
             lease.release(self._m)
         return local_pb2.CommitWriteResponse(stored=stored, existed=existed)

@@ -230,13 +230,14 @@ class LocalAccess:
         return PutResult.STORED
 
     def commit_many(self, reservations: list[tuple[int, Reservation, ChunkMeta]], crcs: Sequence[int],
-                    durability: Durability) -> tuple[int, int]:
+                    durability: Durability, trust_crcs: bool = False) -> tuple[int, int]:
         """Verifies each filled ``(slot index, reservation, meta)`` against ``crcs`` (exactly
         one per reservation, in order: the CRC32C the client computed over what it wrote),
         then commits it. Entries are popped from ``reservations`` as they are handled, so
         whatever happens the caller aborts only the rest. InvalidArgument (nothing committed)
         when the checksums are missing or miscounted; a chunk whose extent does not match is
-        aborted and reported (DataLoss) after the good ones are stored.
+        aborted and reported (DataLoss) after the good ones are stored. ``trust_crcs`` (a
+        principal with ``trust_client_crc``): the extents are published with ``crcs`` unread.
         Returns ``(stored, existed)``."""
         if len(crcs) != len(reservations):
             what = "no CRC32C checksums" if not crcs else f"{len(crcs)} CRC32C checksums"
@@ -248,7 +249,8 @@ class LocalAccess:
         bad: list[str] = []
         # Checksums of all extents at once, each in pieces (native, GIL released): one pass
         # over memory per core instead of one core per chunk.
-        got = self._piece_crc.crc_many([r[1].view for r in reservations], self._crc_pool)
+        got = list(crcs) if trust_crcs else self._piece_crc.crc_many([r[1].view for r in reservations],
+                                                                     self._crc_pool)
         for n, crc in enumerate(got):
             i, res, meta = reservations.pop(0)
             want = crcs[n]
