@@ -3,8 +3,8 @@ daemon with one change, chosen by ``KVSTORE_BENCH_VARIANT``, so each variant is 
 in the same run as the shipped code. Benchmarks label these numbers with the variant.
 
 - ``trust`` (default): CommitWrite takes the client's CRC32Cs (computed on the GPU by
-  kvstore_client.gpu) instead of reading every committed byte again on the CPU (what a
-  trusted-principal option would do; not shipped: the stale-bytes check would rest on the client).
+  kvstore_client.gpu) instead of reading every committed byte again on the CPU, for every
+  caller (what a token with ``trust_client_crc = true`` gets; this runs with auth off).
 - ``serial``: the same-host path as before the parallel verification (issue 12): checksum and
   zero threads = server.worker_threads, one thread per extent.
 
