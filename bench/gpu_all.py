@@ -177,7 +177,7 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old")) -> 
         cycle(lambda: kgpu.store_cuda(c, tokens, src), lambda: kgpu.retrieve_into_cuda(c, tokens, ids_spec),
               paged_equal, "paged")
         cycle(lambda: c.store(tokens, kv), lambda: fresh() and c.retrieve_into(tokens, out),
-              lambda: torch.equal(out, kv), "old")
+              lambda: torch.equal(out, kv), "old")   # KVStoreClient.store / retrieve_into: routed to the GPU path
         c.delete(keys)
         # SM time per chunk: the kernel straight over PCIe vs the D2D staging kernel
         spec = src.specs[0]
@@ -240,6 +240,46 @@ def codec_bench(addr, chunks, repeats) -> list[dict]:
     return rows
 
 
+def hbm_e2e(chunks, repeats) -> list[dict]:
+    """Through a daemon whose chain is ["hbm", "dram"]: KVStoreClient.store (routed to the GPU
+    path), one retrieve_into that promotes the chunks into HBM, then timed retrieve_into calls
+    served from the pool device-to-device (LeaseRead with device_pool, one copy_rows launch)."""
+    d = Daemon("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8",
+               "hbm.capacity_bytes=8GiB", 'chain.tiers=["hbm","dram"]')
+    rows = []
+    try:
+        for name, shape in SHAPES.items():
+            ns = Namespace(model=f"bench-hbm-{name}", **shape)
+            tokens = list(range(ns.chunk_tokens * chunks))
+            kv = torch.randn(ns.chunk_shape(len(tokens)), device="cuda").to(TDT[shape["dtype"]])
+            nbytes = kv.numel() * kv.element_size()
+            with KVStoreClient(d.addr, ns) as c:
+                assert c._core.hbm is not None, "the daemon exported no HBM pool"
+                assert c.store(tokens, kv) == chunks
+                out = torch.empty_like(kv)
+                t = time.perf_counter()
+                assert c.retrieve_into(tokens, out) == len(tokens)
+                torch.cuda.synchronize()
+                first = time.perf_counter() - t
+                assert torch.equal(out, kv)
+                tiers = {t.name for t in c.exists(c.keys(tokens))}
+                ts = []
+                for r in range(repeats + 1):
+                    out.fill_(float("nan"))
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    assert c.retrieve_into(tokens, out) == len(tokens)
+                    torch.cuda.synchronize()
+                    ts.append(time.perf_counter() - t)
+                    assert torch.equal(out, kv), "HBM load not bit-exact"
+                rows.append({"shape": name, "MB": nbytes / 1e6, "tiers": sorted(tiers),
+                             "first_GBps": nbytes / first / 1e9, "hbm_GBps": nbytes / statistics.median(ts[1:]) / 1e9})
+                c.delete(c.keys(tokens))
+    finally:
+        d.close()
+    return rows
+
+
 def hbm_bench(chunks) -> dict:
     from kvstore.tiers.hbm import make_hbm_tier
     from kvstore.types import ChunkMeta, Encoding
@@ -258,18 +298,34 @@ def hbm_bench(chunks) -> dict:
         s = torch.cuda.current_stream().cuda_stream
 
         def load_ce():
-            for i, (off, n, _) in enumerate(leases):
-                m.load(off, n, kv, ns, chunk=i, stream=s)
+            for i, d in enumerate(leases):
+                m.load(d.offset, size, kv, ns, chunk=i, stream=s)
         ms_ce = kernel_ms(load_ce, repeats=10)
-        ms = kernel_ms(lambda: m.load_many([(off, n) for off, n, _ in leases], kv, ns, stream=s), repeats=10)
+        ms = kernel_ms(lambda: m.load_many([(d.offset, size) for d in leases], kv, ns, stream=s), repeats=10)
         ok = all(torch.equal(kv[:, :, i * 256:(i + 1) * 256].contiguous().view(torch.uint8).flatten(), src[i])
                  for i in range(chunks))
-        for *_, rel in leases:
-            rel()
+        for d in leases:
+            d.release()
         return {"hbm_load_GBps": size * chunks / ms / 1e6, "hbm_load_ce_GBps": size * chunks / ms_ce / 1e6,
                 "bit_exact": ok}
     finally:
         tier.close()
+
+
+def _guard(errors: list, what: str, fn, default):
+    """Runs one section; a failure is recorded (and printed) instead of losing the others."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - reported in the output, the run goes on
+        import traceback
+
+        traceback.print_exc()
+        errors.append(f"{what}: {type(e).__name__}: {e}")
+        return default
+
+
+def _pct(x, ceil):
+    return f"{x:10.1f} {x / ceil:7.0%}"
 
 
 def main(argv=None) -> int:
@@ -277,66 +333,84 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
+    ap.add_argument("--skip-codec", action="store_true")
     args = ap.parse_args(argv)
+    errors: list[str] = []
     ceil = ceilings()
-    crc = crc_bench()
-    d = Daemon("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8")
-    try:
-        rows = [e2e(d.addr, n, s, args.chunks, args.repeats) for n, s in SHAPES.items()]
-        big = e2e(d.addr, "SmolLM2-135M fp16", SHAPES["SmolLM2-135M fp16"], 4 * args.chunks, args.repeats, ("ce",))
-        crow = codec_bench(d.addr, args.chunks, args.repeats)
-    finally:
-        d.close()
+    crc = _guard(errors, "gpu crc", crc_bench, {"crc_GBps": float("nan")})
     from gpu_probe import TrustDaemon
 
-    d = TrustDaemon("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8")
-    try:
-        trust = [e2e(d.addr, n, s, args.chunks, args.repeats, ("ce",)) for n, s in SHAPES.items()]
-    finally:
-        d.close()
-    hbm = hbm_bench(8)
+    settings = ("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8")
+    runs: dict[str, list] = {}
+    big, crow = None, []
+    for variant in ("stock", "serial", "trust"):
+        d = Daemon(*settings) if variant == "stock" else TrustDaemon(*settings, variant=variant)
+        try:
+            variants = ("ce", "paged", "old") if variant == "stock" else ("ce",)
+            runs[variant] = [_guard(errors, f"e2e {variant} {n}", lambda n=n, sh=sh: e2e(d.addr, n, sh, args.chunks,
+                                                                                       args.repeats, variants), None)
+                             for n, sh in SHAPES.items()]
+            if variant == "stock":
+                smol = SHAPES["SmolLM2-135M fp16"]
+                big = _guard(errors, "e2e x4", lambda: e2e(d.addr, "SmolLM2-135M fp16", smol, 4 * args.chunks,
+                                                           args.repeats, ("ce",)), None)
+                if not args.skip_codec:
+                    crow = _guard(errors, "codec", lambda: codec_bench(d.addr, args.chunks, args.repeats), [])
+        finally:
+            d.close()
+    hbm_rows = _guard(errors, "hbm e2e", lambda: hbm_e2e(args.chunks, args.repeats), [])
+    hbm = _guard(errors, "hbm pool load", lambda: hbm_bench(8), None)
     h2d, d2h, d2d = ceil["h2d"], ceil["d2h"], ceil["d2d"]
     lines = [f"device: {torch.cuda.get_device_name()}; ceilings (same run): pinned H2D {h2d:.1f} GB/s, "
              f"D2H {d2h:.1f} GB/s, D2D copy {d2d:.0f} GB/s; GPU CRC32C {crc['crc_GBps']:.0f} GB/s (bit-exact)",
-             f"{'path':44} {'store GB/s':>10} {'of D2H':>7} {'retrieve GB/s':>13} {'of H2D':>7}"]
-    for r in rows:
-        for tag, what in (("ce", "copy engine 2D, contiguous"), ("paged", "paged FA-NHD bs16, kernel+CE"),
-                          ("old", "old client.store/retrieve_into")):
-            lines.append(f"{r['shape'] + ' ' + what:44} {r[tag + '_store']:10.1f} {r[tag + '_store'] / d2h:7.0%} "
-                         f"{r[tag + '_retrieve']:13.1f} {r[tag + '_retrieve'] / h2d:7.0%}")
-    lines.append(f"{big['shape'] + ' x' + str(4 * args.chunks) + ' chunks, copy engine':44} {big['ce_store']:10.1f} "
-                 f"{big['ce_store'] / d2h:7.0%} {big['ce_retrieve']:13.1f} {big['ce_retrieve'] / h2d:7.0%}")
-    for r in rows + [big]:
-        lines.append(f"{r['shape'] + ' store wait=False, 4 calls streamed':44} {r['ce_store_streamed']:10.1f} "
-                     f"{r['ce_store_streamed'] / d2h:7.0%}")
-    for r in trust:
-        lines.append(f"{r['shape'] + ' [daemon trusts GPU CRCs]':44} {r['ce_store']:10.1f} {r['ce_store'] / d2h:7.0%} "
-                     f"{r['ce_retrieve']:13.1f} {r['ce_retrieve'] / h2d:7.0%}")
-        lines.append(f"{r['shape'] + ' [trusts CRCs] wait=False streamed':44} {r['ce_store_streamed']:10.1f} "
-                     f"{r['ce_store_streamed'] / d2h:7.0%}")
-    lines.append(f"{'SM time per chunk (ms)':44} {'chunk MB':>8} {'gather PCIe':>11} {'scatter PCIe':>12} "
-                 f"{'gather D2D':>10} {'scatter D2D':>11} {'CE D2H (0 SM)':>13}")
-    for r in rows:
-        lines.append(f"{r['shape']:44} {r['chunk_MB']:8.1f} {r['sm_gather_pcie_ms']:11.3f} {r['sm_scatter_pcie_ms']:12.3f} "
+             f"{'path [daemon]':52} {'store GB/s':>10} {'of D2H':>7} {'retrieve GB/s':>13} {'of H2D':>7}"]
+    labels = (("ce", "gpu.store_cuda/retrieve_into_cuda, contiguous"), ("paged", "paged FA-NHD bs16, kernel+CE"),
+              ("old", "KVStoreClient.store/retrieve_into (routed)"))
+    for variant, rows in runs.items():
+        for r in rows:
+            if r is None:
+                continue
+            for tag, what in labels:
+                if f"{tag}_store" in r:
+                    lines.append(f"{r['shape'] + ' ' + what + ' [' + variant + ']':52} {_pct(r[tag + '_store'], d2h)} "
+                                 f"{r[tag + '_retrieve']:13.1f} {r[tag + '_retrieve'] / h2d:7.0%}")
+            lines.append(f"{r['shape'] + ' store wait=False, 4 calls [' + variant + ']':52} "
+                         f"{_pct(r['ce_store_streamed'], d2h)}")
+    if big is not None:
+        lines.append(f"{big['shape'] + ' x' + str(4 * args.chunks) + ' chunks, contiguous [stock]':52} "
+                     f"{_pct(big['ce_store'], d2h)} {big['ce_retrieve']:13.1f} {big['ce_retrieve'] / h2d:7.0%}")
+    for r in hbm_rows:
+        lines.append(f"{r['shape'] + ' retrieve_into from the HBM tier (D2D)':52} {'':18} {r['hbm_GBps']:13.1f} "
+                     f"{r['hbm_GBps'] / d2d:7.1%} of D2D ({r['hbm_GBps'] / h2d:.1f}x H2D); first call (promotion) "
+                     f"{r['first_GBps']:.1f} GB/s; tiers after {r['tiers']}")
+    stock = [r for r in runs.get("stock", []) if r is not None and "sm_gather_pcie_ms" in r]
+    if stock:
+        lines.append(f"{'SM time per chunk (ms)':52} {'chunk MB':>8} {'gather PCIe':>11} {'scatter PCIe':>12} "
+                     f"{'gather D2D':>10} {'scatter D2D':>11} {'CE D2H (0 SM)':>13}")
+    for r in stock:
+        lines.append(f"{r['shape']:52} {r['chunk_MB']:8.1f} {r['sm_gather_pcie_ms']:11.3f} {r['sm_scatter_pcie_ms']:12.3f} "
                      f"{r['sm_gather_d2d_ms']:10.3f} {r['sm_scatter_d2d_ms']:11.3f} {r['ce_chunk_d2h_ms']:13.3f}")
-    lines.append(f"{'compressed load (SmolLM2, GPU decode)':44} {'ratio':>6} {'eff. GB/s':>10} {'x H2D':>6} "
-                 f"{'decode kernel GB/s':>18} {'x H2D':>6} {'GPU encode GB/s':>16} {'x PCIe':>7}")
+    if crow:
+        lines.append(f"{'compressed load (SmolLM2, GPU decode)':52} {'ratio':>6} {'eff. GB/s':>10} {'x H2D':>6} "
+                     f"{'decode kernel GB/s':>18} {'x H2D':>6} {'GPU encode GB/s':>16} {'x PCIe':>7}")
     for r in crow:
-        lines.append(f"{'  level ' + str(r['level']):44} {r['ratio']:6.2f} {r['load_GBps']:10.1f} {r['load_GBps'] / h2d:6.2f} "
+        lines.append(f"{'  level ' + str(r['level']):52} {r['ratio']:6.2f} {r['load_GBps']:10.1f} {r['load_GBps'] / h2d:6.2f} "
                      f"{r['decode_kernel_GBps']:18.1f} {r['decode_kernel_GBps'] / h2d:6.2f} "
                      f"{r['encode_GBps']:16.2f} {r['encode_GBps'] / h2d:7.2f}")
-    lines.append(f"HBM tier load (8 Llama chunks -> engine tensor, D2D): SM copy_rows {hbm['hbm_load_GBps']:.0f} GB/s = "
-                 f"{hbm['hbm_load_GBps'] / d2d:.0%} of the D2D ceiling; copy-engine 2D {hbm['hbm_load_ce_GBps']:.0f} GB/s = "
-                 f"{hbm['hbm_load_ce_GBps'] / d2d:.0%}; bit-exact {hbm['bit_exact']}")
+    if hbm is not None:
+        lines.append(f"HBM pool load alone (8 Llama chunks -> engine tensor, D2D): SM copy_rows {hbm['hbm_load_GBps']:.0f} "
+                     f"GB/s = {hbm['hbm_load_GBps'] / d2d:.0%} of the D2D ceiling; copy-engine 2D "
+                     f"{hbm['hbm_load_ce_GBps']:.0f} GB/s = {hbm['hbm_load_ce_GBps'] / d2d:.0%}; bit-exact {hbm['bit_exact']}")
+    lines += [f"ERROR {e}" for e in errors]
     text = "\n".join(lines)
     print(text)
     if args.out:
         with open(os.path.join(args.out, "gpu_all.txt"), "w") as f:
             f.write(text + "\n")
         with open(os.path.join(args.out, "gpu_all.json"), "w") as f:
-            json.dump({"ceilings": ceil, "crc": crc, "e2e": rows, "e2e_x4": big, "trust": trust, "codec": crow,
-                       "hbm": hbm}, f, indent=1)
-    return 0
+            json.dump({"ceilings": ceil, "crc": crc, "e2e": runs, "e2e_x4": big, "codec": crow, "hbm_e2e": hbm_rows,
+                       "hbm": hbm, "errors": errors}, f, indent=1)
+    return 1 if errors else 0
 
 
 if __name__ == "__main__":

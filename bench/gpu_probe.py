@@ -22,6 +22,8 @@ from _daemon import Daemon  # noqa: E402
 
 from kvstore_client import KVStoreClient, Namespace  # noqa: E402
 from kvstore_client import gpu as kgpu  # noqa: E402
+from kvstore_client.gpu_session import GpuSession  # noqa: E402
+import kvstore_native as native  # noqa: E402
 from kvstore_native import cuda_ipc  # noqa: E402
 from kvstore_wire._proto.kvstore.v1 import local_pb2  # noqa: E402
 from kvstore_wire.types import Encoding, KeyKind  # noqa: E402
@@ -36,10 +38,11 @@ TDT = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 class TrustDaemon(Daemon):
     """The daemon through bench/gpu_trust_daemon.py (same settings handling as Daemon)."""
 
-    def __init__(self, *settings: str) -> None:
+    def __init__(self, *settings: str, variant: str = "trust") -> None:
         real = subprocess.Popen
 
         def popen(cmd, *a, **kw):
+            kw["env"] = {**(kw.get("env") or os.environ), "KVSTORE_BENCH_VARIANT": variant}
             i = cmd.index("-m")
             cmd = cmd[:i] + [os.path.join(os.path.dirname(__file__), "gpu_trust_daemon.py")] + cmd[i + 2:]
             return real(cmd, *a, **kw)
@@ -62,17 +65,18 @@ def med(fn, n=7) -> float:
     return statistics.median(ts)
 
 
-def probe(addr, name, shape, chunks, trust: bool) -> list[str]:
+def probe(addr, name, shape, chunks, trust) -> list[str]:
     ns = Namespace(model=f"probe-{name}", **shape)
     tokens = list(range(ns.chunk_tokens * chunks))
     kv = torch.randn(ns.chunk_shape(len(tokens)), device="cuda").to(TDT[shape["dtype"]])
     nb = kv.numel() * kv.element_size()
     out = torch.empty_like(kv)
     lines = []
-    with KVStoreClient(addr, ns) as c:
+    with KVStoreClient(addr, ns) as client:
+        c = GpuSession.of(client)   # the blocking stubs (with .future) the GPU path uses
         keys = c.keys(tokens)
         meta = dict(metadata=c._metadata, timeout=c.timeout_s)
-        kgpu.store_cuda(c, tokens, kv)
+        kgpu.store_cuda(client, tokens, kv)
         for k in (1, 4, chunks):
             def lease():
                 r = c._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys[:k]), **meta)
@@ -93,8 +97,9 @@ def probe(addr, name, shape, chunks, trust: bool) -> list[str]:
         t_h2d, t_d2h = med(h2d), med(d2h)
         lines.append(f"  copy engine only, arena<->GPU 2D: H2D {nb / t_h2d / 1e9:5.1f} GB/s, D2H {nb / t_d2h / 1e9:5.1f} GB/s")
         c._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), **meta)
-        c.delete(keys)
+        client.delete(keys)
         size = ns.chunk_bytes()
+        zero_crc = native.crc32c(bytes(size))
 
         def reserve():
             return c._reserve(local_pb2.ReserveWriteRequest(namespace_id=c.namespace_id, chunks=[
@@ -106,27 +111,28 @@ def probe(addr, name, shape, chunks, trust: bool) -> list[str]:
             rr = reserve()
             ts.append(time.perf_counter() - t)
             t = time.perf_counter()
-            c._commit(local_pb2.CommitWriteRequest(lease_id=rr.lease_id), **meta)
+            zero_crcs = [zero_crc] * sum(1 for sl in rr.slots if not sl.exists)   # reserved extents are zeroed
+            c._commit(local_pb2.CommitWriteRequest(lease_id=rr.lease_id, crc32c=zero_crcs), **meta)
             tc.append(time.perf_counter() - t)
-            c.delete(keys)
+            client.delete(keys)
         lines.append(f"  ReserveWrite {chunks} chunks {statistics.median(ts) * 1e3:7.3f} ms; CommitWrite (daemon CPU CRC) "
                      f"{statistics.median(tc) * 1e3:7.3f} ms")
         for g in (1, 2, 4, chunks):
             def st():
-                c.delete(keys)
+                client.delete(keys)
                 torch.cuda.synchronize()
                 t = time.perf_counter()
-                kgpu.store_cuda(c, tokens, kv, group_chunks=g)
+                kgpu.store_cuda(client, tokens, kv, group_chunks=g)
                 return time.perf_counter() - t
             t_st = statistics.median([st() for _ in range(5)])
 
             def rt():
-                kgpu.retrieve_into_cuda(c, tokens, out, group_chunks=g)
+                kgpu.retrieve_into_cuda(client, tokens, out, group_chunks=g)
             t_rt = med(rt, 5)
             assert torch.equal(out, kv)
             lines.append(f"  first request {g:2} chunks: store {nb / t_st / 1e9:5.1f} GB/s, retrieve {nb / t_rt / 1e9:5.1f} GB/s")
-        c.delete(keys)
-    return [f"{name} ({'daemon trusts GPU CRCs' if trust else 'stock daemon'}), {nb / 1e6:.0f} MB:"] + lines
+        client.delete(keys)
+    return [f"{name} ({trust or 'stock'} daemon), {nb / 1e6:.0f} MB:"] + lines
 
 
 def main(argv=None) -> int:
@@ -134,12 +140,12 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", type=int, default=16)
     args = ap.parse_args(argv)
     lines = []
-    for trust in (False, True):
-        d = (TrustDaemon if trust else Daemon)("dram.capacity_bytes=8GiB", "disk.enabled=false",
-                                               "server.worker_threads=8")
+    for variant in ("", "serial", "trust"):
+        st = ("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8")
+        d = TrustDaemon(*st, variant=variant) if variant else Daemon(*st)
         try:
             for n, s in SHAPES.items():
-                lines += probe(d.addr, n, s, args.chunks, trust)
+                lines += probe(d.addr, n, s, args.chunks, variant)
         finally:
             d.close()
     print("\n".join(lines))

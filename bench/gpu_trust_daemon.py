@@ -1,31 +1,60 @@
-"""What-if launcher for bench/gpu_probe.py: the real daemon, except that CommitWrite takes the
-client's CRC32Cs (computed on the GPU by kvstore_client.gpu) instead of reading every committed
-byte again on the CPU. This is the server change the GPU store path needs (see the gpu branch
-report); benchmarks label its numbers as such. Usage: python bench/gpu_trust_daemon.py serve ..."""
+"""Variant launcher for the GPU benchmarks (bench/gpu_all.py, bench/gpu_probe.py): the real
+daemon with one change, chosen by ``KVSTORE_BENCH_VARIANT``, so each variant is measured
+in the same run as the shipped code. Benchmarks label these numbers with the variant.
+
+- ``trust`` (default): CommitWrite takes the client's CRC32Cs (computed on the GPU by
+  kvstore_client.gpu) instead of reading every committed byte again on the CPU, for every
+  caller (what a token with ``trust_client_crc = true`` gets; this runs with auth off).
+- ``serial``: the same-host path as before the parallel verification (issue 12): checksum and
+  zero threads = server.worker_threads, one thread per extent.
+
+Usage: KVSTORE_BENCH_VARIANT=serial python bench/gpu_trust_daemon.py serve ...
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from kvstore.cli import daemon
-from kvstore.server import local
+from kvstore.store import local
+from kvstore.store.crc_parallel import PieceCrc
 
-_orig = local.LocalDataServicer._commit
+#: "One piece per extent" for the serial variant (larger than any chunk).
+WHOLE_EXTENT_BYTES = 1 << 40
+
+VARIANT = os.environ.get("KVSTORE_BENCH_VARIANT", "trust")
+_orig_commit_many = local.LocalAccess.commit_many
+_orig_init = local.LocalAccess.__init__
 
 
-def _commit_trusting(self, lease, crcs, durability):
-    if not crcs or len(crcs) != len(lease.reservations) or not all(crcs):
-        return _orig(self, lease, crcs, durability)
+def _commit_trusting(self, reservations, crcs, durability):
+    if len(crcs) != len(reservations):
+        return _orig_commit_many(self, reservations, crcs, durability)
     stored = existed = 0
-    for n in range(len(lease.reservations)):
-        _, res, meta = lease.reservations.pop(0)
-        result = self._m.commit_local(res, meta.with_payload(meta.encoding, meta.payload_bytes, crcs[n]), durability)
+    for n in range(len(crcs)):
+        _, res, meta = reservations.pop(0)
+        result = self.commit(res, meta.with_payload(meta.encoding, meta.payload_bytes, crcs[n]), durability)
         stored += result.name == "STORED"
         existed += result.name != "STORED"
     return stored, existed
 
 
-local.LocalDataServicer._commit = _commit_trusting
+def _init_serial(self, chain, index_path, crc_threads):
+    _orig_init(self, chain, index_path, crc_threads)
+    self._crc_pool.shutdown(wait=True)
+    self._crc_pool = ThreadPoolExecutor(crc_threads, thread_name_prefix="kvstore-crc")
+    self._piece_crc = PieceCrc(WHOLE_EXTENT_BYTES)
+
+
+if VARIANT == "trust":
+    local.LocalAccess.commit_many = _commit_trusting
+elif VARIANT == "serial":
+    local.LocalAccess.__init__ = _init_serial
+    local.PIECE_BYTES = WHOLE_EXTENT_BYTES
+else:
+    raise SystemExit(f"KVSTORE_BENCH_VARIANT={VARIANT!r}: use trust or serial")
 
 if __name__ == "__main__":
     sys.exit(daemon.main())

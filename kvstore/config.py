@@ -237,6 +237,12 @@ class QuotaConfig(_Section):
     max_stream_idle_s: float = Field(30.0, gt=0)
 
 
+def _check_trust(entry):
+    if entry.trust_client_crc and not entry.local_path:
+        raise ValueError("trust_client_crc = true needs local_path = true (it applies to same-host commits)")
+    return entry
+
+
 class CertEntry(_Section):
     """``auth.certs.<identity>``: who a verified client certificate is. The identity is the
     certificate's subject CN or one of its SAN entries (DNS name or URI, e.g. a SPIFFE id)."""
@@ -244,7 +250,13 @@ class CertEntry(_Section):
     tenant: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     admin: bool = False
     local_path: bool = False
+    #: As ``TokenEntry.trust_client_crc``.
+    trust_client_crc: bool = False
     quotas: TenantQuotas = TenantQuotas()
+
+    @model_validator(mode="after")
+    def _trust_needs_local(self):
+        return _check_trust(self)
 
 # ---------------------------------------------------------------------------------- end tenant boundary
 
@@ -257,8 +269,18 @@ class TokenEntry(_Section):
     #: tenant's chunks, so grant this only to the co-located engine trusted with all of them;
     #: other tokens use the stream path, where the tenant check applies to every request.
     local_path: bool = False
+    #: CommitWrite publishes this principal's same-host extents with the CRC32C it sent,
+    #: without the daemon re-reading every byte (the GPU data path computes them on the GPU;
+    #: the re-read is one CPU pass over each chunk). Off by default: with it on, the
+    #: stale-bytes guarantee for this principal's writes rests on the client (docs/security.md).
+    #: Needs ``local_path``.
+    trust_client_crc: bool = False
     #: Overrides of ``[quotas]`` for this token's tenant (every token of a tenant must agree).
     quotas: TenantQuotas = TenantQuotas()
+
+    @model_validator(mode="after")
+    def _trust_needs_local(self):
+        return _check_trust(self)
 
 
 class AuthConfig(_Section):
@@ -350,6 +372,18 @@ class DiskConfig(_Section):
     #: Background verification of cold chunk files (header + CRC32C) in bytes per second;
     #: 0 turns it off. ``kvctl verify`` checks everything on demand.
     scrub_bytes_per_s: Bytes = 4 * 1024**2
+
+
+class HbmConfig(_Section):
+    """The GPU HBM tier: used only when ``chain.tiers`` names ``"hbm"`` (put it first, e.g.
+    ``["hbm", "dram", "disk"]``). A host without a CUDA device then refuses to start, naming
+    ``chain.tiers``; without ``"hbm"`` in the chain nothing CUDA is loaded."""
+
+    #: Byte budget of the daemon's GPU pool, allocated once (one ``cudaMalloc``) at start.
+    #: Eviction demotes chunks to the next tier down the chain.
+    capacity_bytes: Bytes = 4 * 1024**3
+    #: CUDA device ordinal (as this daemon's ``CUDA_VISIBLE_DEVICES`` numbers them) holding the pool.
+    device: int = Field(0, ge=0)
 
 
 class WriteMode(str, enum.Enum):
@@ -567,6 +601,7 @@ class Config(_Section):
     auth: AuthConfig = AuthConfig()
     dram: DramConfig = DramConfig()
     disk: DiskConfig = DiskConfig()
+    hbm: HbmConfig = HbmConfig()
     chain: ChainConfig = ChainConfig()
     metrics: MetricsConfig = MetricsConfig()
     log: LogConfig = LogConfig()

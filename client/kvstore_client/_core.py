@@ -66,6 +66,10 @@ class ClientCore:
         self.arena: SharedArena | None = None
         self.presence: PresenceReader | None = None
         self.nonce = b""
+        #: ``AttachResponse.hbm``: the daemon's HBM pool export, or None.
+        self.hbm = None
+        #: The front end's ``gpu_route.GpuRoute`` (CUDA tensors go to the GPU data path), or None.
+        self.gpu = None
         self._copies: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ session
@@ -125,6 +129,10 @@ class ClientCore:
         n = min(len(keys), u8.shape[C.token_axis(ns)] // ns.chunk_tokens)
         if n == 0:
             return 0
+        if local and self.gpu is not None and C.is_cuda_tensor(kv):
+            stored = yield Work(self.gpu.store, (tokens, kv, durability, self.gpu.caller_stream(kv)))  # None: not served
+            if stored is not None:
+                return stored
         if local:  # ReserveWrite reports chunks already stored: no Exists round trip
             stored = yield from _shm.store_local(self, u8, keys[:n], list(range(n)), durability)
             if stored is not None:
@@ -160,6 +168,11 @@ class ClientCore:
     def retrieve_into(self, tokens: Sequence[int], out, verify_crc: bool | None) -> Plan:
         keys = self.keys(tokens)
         if C.is_cuda_tensor(out):
+            if self.arena is not None and self.gpu is not None:
+                _shm.check_cuda_out(self, keys, out)
+                placed = yield Work(self.gpu.retrieve_into, (tokens, out, self.gpu.caller_stream(out)))
+                if placed is not None:   # tokens; None: the GPU path cannot serve it
+                    return placed
             n = yield from _shm.retrieve_cuda(self, keys, out)
         else:
             n = (yield from self.fetch(keys, verify_crc, out)).matched

@@ -45,6 +45,9 @@ def attach(core):
         raise
     core.arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
     core.nonce = a.nonce if core.arena is not None else b""
+    core.hbm = a.hbm if core.arena is not None and a.HasField("hbm") else None   # the daemon's HBM pool
+    if core.gpu is not None:
+        core.gpu.reattached()
     if core.arena is not None and a.index_path:
         core.presence = PresenceReader.open(a.index_path, a.nonce)
 
@@ -57,6 +60,7 @@ def detach(core) -> None:
         core.presence.close()
         core.presence = None
     core.nonce = b""
+    core.hbm = None
 
 
 def reattach(core):
@@ -147,17 +151,23 @@ def retrieve_local(core, keys: list[bytes], asm: "C.ChunkAssembler"):
         core.release_later(resp.lease_id)
 
 
+def check_cuda_out(core, keys: list[bytes], out) -> None:
+    """InvalidArgument unless ``out`` is a contiguous tensor of the namespace's dtype holding
+    exactly ``keys``' chunks (``retrieve_into``'s contract, on every CUDA path)."""
+    ns = core.namespace
+    if out.dtype != C.torch_dtype(ns.dtype) or not out.is_contiguous() or \
+            tuple(out.shape) != ns.chunk_shape(len(keys) * ns.chunk_tokens):
+        raise C.InvalidArgument(f"out must be a contiguous {ns.dtype.name} tensor of shape "
+                                f"{list(ns.chunk_shape(len(keys) * ns.chunk_tokens))}")
+
+
 def retrieve_cuda(core, keys: list[bytes], out):
     """Into a CUDA tensor: from leased arena extents (registered with CUDA) by the scatter
     kernel, one host->device pass; without the shared path or the kernels, through a pinned
     host buffer. Returns the matched chunk count."""
     import torch
 
-    ns = core.namespace
-    if out.dtype != C.torch_dtype(ns.dtype) or not out.is_contiguous() or \
-            tuple(out.shape) != ns.chunk_shape(len(keys) * ns.chunk_tokens):
-        raise C.InvalidArgument(f"out must be a contiguous {ns.dtype.name} tensor of shape "
-                                f"{list(ns.chunk_shape(len(keys) * ns.chunk_tokens))}")
+    check_cuda_out(core, keys, out)
     if core.arena is None or not _kernels_usable() or not core.arena.register_cuda():
         return (yield from _retrieve_via_host(core, keys, out))
     resp = yield Call("lease_read", local_pb2.LeaseReadRequest(namespace_id=core.namespace_id, keys=keys))

@@ -29,6 +29,7 @@ from ._common import LookupResult
 from ._steps import Call, Stream, Upload, Work, bind_stubs, open_client_channel
 from kvstore_wire.channel import TlsOptions
 from .errors import from_rpc_error
+from .gpu_route import GpuRoute
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,10 @@ class AsyncKVStoreClient:
         self._metadata, self._channel = open_client_channel(addr, token, tls, aio=True)
         self._releases: set[asyncio.Task] = set()
         self._core = _core.ClientCore(addr, local=local, copy_threads=copy_threads, release_later=self._release_later)
+        self._core.gpu = GpuRoute(self)   # CUDA tensors: the GPU data path, on a worker thread
         self._rpc = bind_stubs(self._channel)
+        self._credentials = (token, tls)
+        self._blocking: tuple | None = None   # (channel, stubs) for the GPU path, opened on first use
 
     @classmethod
     async def connect(cls, addr: str, namespace: Namespace | Mapping[str, Any], token: str | None = None,
@@ -180,11 +184,22 @@ class AsyncKVStoreClient:
         except grpc.RpcError as e:
             log.info("releasing lease %d failed (%s); it expires on the daemon by itself", lease_id, e.code())
 
+    def _blocking_stubs(self) -> dict:
+        """Sync stubs on a second channel (same address and credentials) for the GPU data
+        path, which runs blocking on a worker thread and pipelines with ``.future()`` calls."""
+        if self._blocking is None:
+            _, channel = open_client_channel(self.addr, *self._credentials)
+            self._blocking = (channel, bind_stubs(channel))
+        return self._blocking[1]
+
     async def close(self) -> None:
-        """Waits for pending lease releases, unmaps the arena and closes the channel."""
+        """Waits for pending lease releases, unmaps the arena and closes the channels."""
         if self._releases:
             await asyncio.gather(*self._releases, return_exceptions=True)
+        await asyncio.to_thread(self._core.gpu.close)   # waits for background GPU commits
         self._core.close()
+        if self._blocking is not None:
+            self._blocking[0].close()
         await self._channel.close()
 
     async def __aenter__(self) -> "AsyncKVStoreClient":

@@ -31,6 +31,7 @@ from ._common import LookupResult
 from ._steps import Call, Stream, Upload, Work, bind_stubs, open_client_channel
 from kvstore_wire.channel import TlsOptions
 from .errors import from_rpc_error
+from .gpu_route import GpuRoute
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class KVStoreClient:
         self._release_lock = threading.Lock()   # guards _releaser (started once)
         self._releaser: threading.Thread | None = None
         self._core = _core.ClientCore(addr, local=local, copy_threads=copy_threads, release_later=self._release_later)
+        self._core.gpu = GpuRoute(self)   # CUDA tensors: the GPU data path (kvstore_client.gpu)
         self._rpc = bind_stubs(self._channel)
         try:
             self._run(self._core.connect(namespace))
@@ -241,6 +243,7 @@ class KVStoreClient:
         if self._releaser is not None:
             self._release_q.put(None)
             self._releaser.join(timeout=self.timeout_s or None)
+        self._core.gpu.close()
         self._core.close()
         self._channel.close()
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from .errors import KVStoreClientError
+from .gpu_hbm import HbmPoolMapping
 from .gpu_layout import _torch
+from .gpu_session import GpuSession
+
+log = logging.getLogger(__name__)
 
 #: Chunks in the first ReserveWrite / LeaseRead of a call: a small first request is answered
 #: soonest, so copies start early; the rest of the call goes in ONE more request, in flight
@@ -17,13 +22,24 @@ DEFAULT_GROUP_CHUNKS = 2
 DEFAULT_STAGING_CHUNKS = 3
 
 
+class GpuPathUnusable(KVStoreClientError):
+    """The GPU path cannot serve this call (no mapped arena, or it could not be registered
+    with CUDA); the client core's other paths can."""
+
+
+class ArenaChanged(KVStoreClientError):
+    """The daemon restarted during the call (a response carried another arena's nonce); the
+    client re-attaches and retries."""
+
+
 class GpuPath:
     """Per-client, per-device state: streams, events, staging ring, pinned CRC buffer."""
 
     def __init__(self, client, device: int | None = None, staging_chunks: int = DEFAULT_STAGING_CHUNKS,
                  group_chunks: int = DEFAULT_GROUP_CHUNKS) -> None:
+        """``client``: a ``KVStoreClient``, ``AsyncKVStoreClient`` or ``GpuSession``."""
         torch = _torch()
-        self.client = client
+        self.client = GpuSession.of(client)
         self.device = torch.device("cuda", torch.cuda.current_device() if device is None else device)
         self.copy_stream = torch.cuda.Stream(self.device)
         self.kernel_stream = torch.cuda.Stream(self.device)
@@ -40,6 +56,8 @@ class GpuPath:
         self._sets = 4
         self._next_set = 0
         self._set_busy: list[Future | None] = [None] * self._sets
+        self._pool: HbmPoolMapping | None = None
+        self._pool_nonce = b""
 
     def pinned_u32(self, name: str, n: int):
         """A cached pinned int32 host buffer of at least ``n`` entries (pinned allocations are
@@ -51,8 +69,40 @@ class GpuPath:
             self._pinned[name] = buf
         return buf
 
+    def pool(self) -> "HbmPoolMapping | None":
+        """The daemon's HBM pool mapped into this process (once per pool: a new nonce, i.e. a
+        restarted daemon, maps the new one), or None when the daemon exports none or it
+        cannot be mapped here (another GPU without peer access: the arena path serves)."""
+        exp = self.client.hbm
+        if exp is None or not exp.ipc_handle:
+            return None
+        if self._pool is not None and self._pool_nonce == exp.nonce:
+            return self._pool
+        self._close_pool()
+        from kvstore_native import cuda_ipc
+
+        try:
+            with _torch().cuda.device(self.device):
+                self._pool = HbmPoolMapping.open(exp.ipc_handle, exp.pool_bytes)
+        except cuda_ipc.CudaError as e:
+            log.info("the daemon's HBM pool (GPU %d) cannot be mapped on %s (%s); loads use the arena",
+                     exp.device, self.device, e)
+            self._pool = None
+        self._pool_nonce = exp.nonce
+        return self._pool
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            try:
+                self._pool.close()
+            except Exception as e:  # noqa: BLE001 - the old daemon's pool may be gone already
+                log.info("unmapping the old HBM pool failed: %s", e)
+            self._pool = None
+
     def close(self) -> None:
         self._commits.shutdown(wait=True)
+        self.client.drain(self.client.timeout_s)
+        self._close_pool()
 
     # ---- helpers
     def _ensure_staging(self, nbytes: int) -> None:
@@ -66,7 +116,7 @@ class GpuPath:
     def _arena_ptr(self) -> int:
         arena = self.client.arena
         if arena is None or not arena.register_cuda():
-            raise KVStoreClientError("the GPU data path needs the same-host arena registered with CUDA")
+            raise GpuPathUnusable("the GPU data path needs the same-host arena registered with CUDA")
         return int(arena.view(0, 0).ctypes.data) if arena.size else 0
 
     def _rpc_meta(self) -> dict:

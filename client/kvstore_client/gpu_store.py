@@ -13,27 +13,28 @@ from kvstore_wire._proto.kvstore.v1 import local_pb2
 from kvstore_wire.crc import crc32c
 from kvstore_wire.types import Durability, Encoding, KeyKind
 
-from .errors import KVStoreClientError
 from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks
-from .gpu_state import GpuPath, _all_of, _groups, _path, _rpc_errors
+from .gpu_session import GpuSession
+from .gpu_state import ArenaChanged, GpuPath, _all_of, _groups, _path, _rpc_errors
 
 
 @_rpc_errors
 def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Durability.MEMORY,
-               group_chunks: int | None = None, wait: bool = True):
+               group_chunks: int | None = None, wait: bool = True, stream=None):
     """Stores the leading full chunks of ``tokens`` from engine CUDA memory ``src`` (namespace
     layout tensor or :class:`Paged`) straight into reserved arena extents; returns the chunks
     newly stored. RPCs are pipelined with the copies; checksums are computed on the GPU.
 
     ``wait=False``: returns as soon as every byte is in the arena (``src`` may be reused) with
     a ``Future`` of the stored count; the CommitWrites finish in the background (chunks become
-    visible to lookups when it resolves). A failed commit raises from ``Future.result()``."""
+    visible to lookups when it resolves). A failed commit raises from ``Future.result()``.
+    ``stream``: the engine's stream whose writes to ``src`` come first (default: the current one)."""
     gp = _path(client)
     with gp._lock:
-        return _store(gp, tokens, src, Durability(durability), group_chunks or gp.group_chunks, wait)
+        return _store(gp, tokens, src, Durability(durability), group_chunks or gp.group_chunks, wait, stream)
 
 
-def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: bool):
+def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: bool, stream=None):
     torch = _torch()
     c = gp.client
     ns = c.namespace
@@ -68,7 +69,7 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
     crc_host = gp.pinned_u32(f"crc{k_set}", n)
     rows_total = n * (contiguous[0][3] if contiguous else 0)
     row_host = gp.pinned_u32(f"rows{k_set}", rows_total) if contiguous else None
-    cur = torch.cuda.current_stream(gp.device)
+    cur = stream if stream is not None else torch.cuda.current_stream(gp.device)
     gp.kernel_stream.wait_stream(cur)  # the engine's writes to src are ordered before our reads
     gp.copy_stream.wait_stream(cur)
     if contiguous is None:
@@ -81,7 +82,7 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
                 continue
             if not c._same_arena(resp.arena_nonce):
                 c._release_later(resp.lease_id)
-                raise KVStoreClientError("the daemon restarted during a GPU store; retry")
+                raise ArenaChanged("the daemon restarted during a GPU store; retry")
             arena_base = gp._arena_ptr()
             todo = [s for s in resp.slots if not s.exists]
             crc_slots = []
@@ -168,6 +169,7 @@ def _commit_when_done(gp: GpuPath, lease_id: int, idx: list[int], crc_host, row_
 def store_encoded(client, keys: Sequence[bytes], blobs: Sequence[bytes]) -> int:
     """Stores already-encoded chunk bitstreams (``Encoding.CODEC``; e.g. from the GPU encoder)
     under ``keys`` through the same-host arena; returns the chunks newly stored."""
+    client = GpuSession.of(client)
     ns = client.namespace
     req = local_pb2.ReserveWriteRequest(namespace_id=client.namespace_id, chunks=[
         local_pb2.ChunkToWrite(key=k, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens, encoding=Encoding.CODEC,
@@ -178,7 +180,7 @@ def store_encoded(client, keys: Sequence[bytes], blobs: Sequence[bytes]) -> int:
         return 0
     if not client._same_arena(resp.arena_nonce):
         client._release_later(resp.lease_id)
-        raise KVStoreClientError("the daemon restarted during the store; retry")
+        raise ArenaChanged("the daemon restarted during the store; retry")
     crcs = []
     for s in resp.slots:
         if not s.exists:

@@ -2,7 +2,8 @@
 
 For each configured (and enabled) tier: the registry builds it; a codec other than raw wraps
 it in ``CodecTier``; the caller's ``wrap`` (tests, chaos runs: ``FaultyTier``) wraps that;
-the link into it gets ``chain.link_write_mode`` (else ``chain.write_mode``). Nothing here
+the link into it gets ``chain.link_write_mode`` (else ``chain.write_mode``); a tier whose
+entry has ``demote_into`` (HBM) is wired to put its victims into the level below. Nothing here
 names a particular tier.
 """
 
@@ -34,11 +35,14 @@ def build_chain(config: cfg.Config, transcoder: Transcoder | None = None,
     ctx = registry.BuildContext(config, pins, clock, verify_crc, resolve)
     entries = [registry.entry(m) for m in config.chain.tiers]
     levels: list[Level] = []
+    demoting: list[tuple[int, registry.TierEntry, Tier]] = []   # (level, entry, unwrapped tier)
     try:
         for e in entries:
             if not e.enabled(config):
                 continue
             tier = e.build(ctx)
+            if e.demote_into is not None:
+                demoting.append((len(levels), e, tier))
             codec = e.codec(config)
             if codec != cfg.TierCodec.RAW:
                 if transcoder is None:
@@ -54,6 +58,9 @@ def build_chain(config: cfg.Config, transcoder: Transcoder | None = None,
                                 config.chain.write_behind_fraction))
         if not levels:
             raise FailedPrecondition("every tier in chain.tiers is disabled; enable at least one")
+        for i, e, tier in demoting:   # eviction from such a tier demotes into the level below
+            if i + 1 < len(levels):
+                e.demote_into(tier, levels[i + 1].tier)
         return TierChain(levels, pins)
     except BaseException:
         for lv in reversed(levels):

@@ -35,6 +35,8 @@ class Principal:
     authenticated: bool
     #: May map the shared arena and presence index (which hold every tenant's chunks).
     local_path: bool = False
+    #: Same-host commits take this caller's CRC32Cs without a re-read (config ``trust_client_crc``).
+    trust_client_crc: bool = False
 
     @property
     def tenant_scope(self) -> str | None:
@@ -114,7 +116,7 @@ LOCAL_PEER = Peer(Transport.LOOPBACK)
 
 
 def _principal(e: TokenEntry | CertEntry) -> Principal:
-    return Principal(e.tenant, e.admin, True, e.local_path)
+    return Principal(e.tenant, e.admin, True, e.local_path, e.trust_client_crc)
 
 
 class Authenticator:

@@ -28,6 +28,7 @@ from kvstore_wire._proto.kvstore.v1 import local_pb2
 from ..domain.chunks import ChunkHeader, chunk_ids, parse_durability, validate_header
 from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ..config import ServerConfig
+from ..domain.types import Medium
 from ..store import LocalAccess, Store
 from ..store.limits import Resource, TenantCounters, TenantLimits
 from .auth import current_principal
@@ -167,9 +168,13 @@ class LocalDataServicer:
                                      "tenant's chunks); use the KVStore stream path, or give the token "
                                      "local_path = true if it belongs to a fully trusted co-located engine")
         a = self._m.attach()
+        pool = self._m.device_export()   # the HBM tier's pool, when the chain has one
+        hbm = None if pool is None else local_pb2.HbmPool(ipc_handle=pool.ipc_handle, pool_bytes=pool.pool_bytes,
+                                                          device=pool.device, nonce=pool.nonce)
         return local_pb2.AttachResponse(arena_path=str(a.path), arena_bytes=a.nbytes, nonce=a.nonce,
                                         nonce_offset=a.nonce_offset, lease_ttl_s=int(self._cfg.lease_ttl_s),
-                                        index_path=str(a.index_path) if a.index_path is not None else "")
+                                        index_path=str(a.index_path) if a.index_path is not None else "",
+                                        hbm=hbm)
 
     async def LeaseRead(self, request, context):
         info = self._namespace(request.namespace_id)
@@ -178,9 +183,17 @@ class LocalDataServicer:
         extents = []
         lease.hold(Resource.OPEN_LEASES)   # before anything is leased: over the limit, nothing is
         try:
-            # One worker hop for the whole request (a disk hit inside may block).
-            got_all = await self._run(self._m.lease_run, cids)
-            for i, got in enumerate(got_all):
+            # One worker hop for the whole request (a disk hit inside may block). With
+            # device_pool, the leading run the HBM tier holds comes as pool extents first.
+            dev = await self._run(self._m.device_lease_run, cids) if request.device_pool else []
+            for i, d in enumerate(dev):
+                lease.refs.append(d)
+                m = d.meta
+                extents.append(local_pb2.Extent(index=i, found=True, offset=d.offset, length=m.payload_bytes,
+                                                num_tokens=m.num_tokens, encoding=int(m.encoding), crc32c=m.crc32c,
+                                                tier=int(Medium.HBM), key_kind=int(m.key_kind), in_device_pool=True))
+            got_all = await self._run(self._m.lease_run, cids[len(dev):]) if len(dev) < len(cids) else []
+            for i, got in enumerate(got_all, start=len(dev)):
                 if got is None:
                     extents.append(local_pb2.Extent(index=i, found=False))
                     continue
@@ -196,7 +209,7 @@ class LocalDataServicer:
             lease.release(self._m)
         lid = self._leases.open(lease) if lease.refs else 0
         return local_pb2.LeaseReadResponse(lease_id=lid, extents=extents, expires_unix_s=lease.expires_s,
-                                           arena_nonce=self._m.nonce)
+                                           arena_nonce=self._m.nonce, device_pool_nonce=self._m.device_nonce)
 
     async def ReserveWrite(self, request, context):
         info = self._namespace(request.namespace_id)
@@ -206,11 +219,13 @@ class LocalDataServicer:
         lease = self._leases.new()
         slots = []
         try:
-            for i, c in enumerate(request.chunks):
-                cid, meta = validate_header(info, ChunkHeader(c.key, c.num_tokens, c.payload_bytes, c.encoding,
-                                                              c.key_kind), self._cfg.max_chunk_bytes, f"chunks[{i}]")
-                lease.hold(Resource.OPEN_RESERVATIONS)   # before the pages are taken
-                res = await self._run(self._m.reserve, cid, c.payload_bytes)
+            checked = [validate_header(info, ChunkHeader(c.key, c.num_tokens, c.payload_bytes, c.encoding, c.key_kind),
+                                       self._cfg.max_chunk_bytes, f"chunks[{i}]") for i, c in enumerate(request.chunks)]
+            lease.hold(Resource.OPEN_RESERVATIONS, len(checked))   # before the pages are taken
+            # One worker hop for the whole request; the extents are zeroed in parallel there.
+            got = await self._run(self._m.reserve_many, [(cid, c.payload_bytes)
+                                                         for (cid, _), c in zip(checked, request.chunks)])
+            for i, ((_, meta), res) in enumerate(zip(checked, got)):
                 if res is None:   # stored already, or being written by another request
                     lease.unhold(Resource.OPEN_RESERVATIONS)
                     slots.append(local_pb2.Slot(index=i, exists=True))
@@ -233,7 +248,7 @@ class LocalDataServicer:
             raise
         try:
             stored, existed = await self._run(self._m.commit_many, lease.reservations, list(request.crc32c),
-                                              durability)
+                                              durability, current_principal().trust_client_crc)
         finally:
             lease.release(self._m)
         return local_pb2.CommitWriteResponse(stored=stored, existed=existed)

@@ -17,6 +17,7 @@ for another writer).
 from __future__ import annotations
 
 import ctypes
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,19 @@ from typing import Sequence
 
 import numpy as np
 
-import kvstore_native as native
-
 from ..chain import TierChain
 from ..domain.errors import DataLoss, FailedPrecondition, InvalidArgument
 from ..domain.results import PutResult
 from ..domain.types import ChunkId, ChunkMeta, Durability, Medium
 from ..tiers.base import ChunkRef
 from ..tiers.shared import Reservation, SharedMemoryTier
+from .crc_parallel import PieceCrc
+
+#: Threads that checksum and zero same-host extents: one per core up to this many (a 16-core
+#: GPU host verifies a 537 MB commit of 16 Llama-3-8B chunks on all of them).
+MAX_MEMORY_THREADS = 16
+#: Extents are checksummed and zeroed in pieces of this size, in parallel.
+PIECE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -56,13 +62,18 @@ class LocalRead:
 class LocalAccess:
     def __init__(self, chain: TierChain, index_path: Path | None, crc_threads: int) -> None:
         self._chain = chain
-        # Separate from the caller's worker pool: ``commit_many`` and ``lease_run`` run on a
-        # worker and wait for these.
-        self._crc_pool = ThreadPoolExecutor(crc_threads, thread_name_prefix="kvstore-crc")
+        # Separate from the caller's worker pool: ``commit_many``, ``lease_run`` and ``reserve``
+        # run on a worker and wait for these (checksums, zeroing: one pass over memory per core).
+        self._crc_pool = ThreadPoolExecutor(max(crc_threads, min(os.cpu_count() or 1, MAX_MEMORY_THREADS)),
+                                            thread_name_prefix="kvstore-crc")
+        self._piece_crc = PieceCrc(PIECE_BYTES)
         self._level = chain.shared_level
         self._shared_tier: SharedMemoryTier | None = (
             None if self._level is None else chain.levels[self._level].tier.shared_memory())
         self._index_path = index_path
+        #: The HBM tier's pool (``tiers.hbm.HbmTier.device_pool()``), or None without one.
+        self._device = next((lv.tier.device_pool() for lv in chain.levels if lv.tier.device_pool() is not None),
+                            None)
 
     def _shared(self) -> SharedMemoryTier:
         if self._shared_tier is None:
@@ -121,6 +132,10 @@ class LocalAccess:
         return out + [None] * (len(cids) - len(out))
 
     def _lease(self, s: SharedMemoryTier, cid: ChunkId) -> LocalRead | None:
+        if self._level:   # a level above the arena (HBM): the arena's own copy, without a device round trip
+            ref = self._chain.levels[self._level].tier.get(cid)
+            if ref is not None:
+                return LocalRead(ref, s.offset_of(ref), ref.medium)
         ref = self._chain.get(cid)      # the first tier holding it; promoted upward when it can be
         if ref is None:
             return None
@@ -132,18 +147,71 @@ class LocalAccess:
                 return None
         return LocalRead(ref, s.offset_of(ref), found)
 
+    # ---- the HBM tier's pool (same-host GPU clients)
+    def device_export(self):
+        """``tiers.hbm.PoolExport`` of the HBM pool (what Attach hands out), or None without one."""
+        return None if self._device is None else self._device.export()
+
+    @property
+    def device_nonce(self) -> bytes:
+        return b"" if self._device is None else self._device.nonce
+
+    def device_lease_run(self, cids: Sequence[ChunkId]) -> list:
+        """``DeviceLease``s of the leading run of ``cids`` held in the HBM pool (empty without
+        one). A chunk found below the pool is read through the chain first, which promotes
+        it into the pool when ``chain.promote_on_hit`` allows and the pool has room; the run
+        ends at the first chunk the pool then still lacks. Worker threads (a promotion copies
+        to the GPU; a disk hit reads a file)."""
+        out: list = []
+        if self._device is None:
+            return out
+        try:
+            for cid in cids:
+                got = self._device.lease(cid)
+                if got is None:
+                    ref = self._chain.get(cid)   # a hit below is promoted into the pool by chain policy
+                    if ref is None:
+                        break
+                    ref.release()
+                    got = self._device.lease(cid)
+                    if got is None:
+                        break
+                out.append(got)
+        except BaseException:
+            for d in out:
+                d.release()
+            raise
+        return out
+
     def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
         """Arena pages a local client fills directly, zeroed (they may hold another tenant's
         freed chunk), or None when ``cid`` is already stored in any tier or being written by
         another request right now (never waits for it)."""
+        return self.reserve_many([(cid, nbytes)])[0]
+
+    def reserve_many(self, wanted: Sequence[tuple[ChunkId, int]]) -> list[Reservation | None]:
+        """``reserve`` for each ``(cid, nbytes)`` in one call: pages taken in order, then every
+        extent zeroed at once in pieces on the memory threads (one worker hop and one pass
+        over memory per core for a whole ReserveWrite). On failure nothing stays reserved."""
         s = self._shared()
         self._chain.check_put(Durability.MEMORY)
-        if self._chain.medium_of(cid) is not None:
-            return None
-        res = self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes))
-        if res is not None:
-            _zero(res.view)     # never hand out another chunk's old bytes (docs/security.md)
-        return res
+        out: list[Reservation | None] = []
+        try:
+            for cid, nbytes in wanted:
+                if self._chain.medium_of(cid) is not None:
+                    out.append(None)
+                    continue
+                out.append(self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes)))
+            # never hand out another chunk's old bytes (docs/security.md)
+            for f in [self._crc_pool.submit(_zero, r.view[i:i + PIECE_BYTES])
+                      for r in out if r is not None for i in range(0, r.view.nbytes, PIECE_BYTES)]:
+                f.result()
+        except BaseException:
+            for r in out:
+                if r is not None:
+                    s.abort(r)
+            raise
+        return out
 
     def commit(self, res: Reservation, meta: ChunkMeta, durability: Durability) -> PutResult:
         """Publishes a filled reservation without copying it, then sends it down the chain as
@@ -162,13 +230,14 @@ class LocalAccess:
         return PutResult.STORED
 
     def commit_many(self, reservations: list[tuple[int, Reservation, ChunkMeta]], crcs: Sequence[int],
-                    durability: Durability) -> tuple[int, int]:
+                    durability: Durability, trust_crcs: bool = False) -> tuple[int, int]:
         """Verifies each filled ``(slot index, reservation, meta)`` against ``crcs`` (exactly
         one per reservation, in order: the CRC32C the client computed over what it wrote),
         then commits it. Entries are popped from ``reservations`` as they are handled, so
         whatever happens the caller aborts only the rest. InvalidArgument (nothing committed)
         when the checksums are missing or miscounted; a chunk whose extent does not match is
-        aborted and reported (DataLoss) after the good ones are stored.
+        aborted and reported (DataLoss) after the good ones are stored. ``trust_crcs`` (a
+        principal with ``trust_client_crc``): the extents are published with ``crcs`` unread.
         Returns ``(stored, existed)``."""
         if len(crcs) != len(reservations):
             what = "no CRC32C checksums" if not crcs else f"{len(crcs)} CRC32C checksums"
@@ -178,9 +247,10 @@ class LocalAccess:
                 "an extent is only published after its checksum matches what the writer wrote")
         stored = existed = 0
         bad: list[str] = []
-        # Checksums of all extents at once (native, GIL released): one pass over memory per
-        # core instead of one core for the whole commit.
-        got = list(self._crc_pool.map(lambda r: native.crc32c(r[1].view), reservations))
+        # Checksums of all extents at once, each in pieces (native, GIL released): one pass
+        # over memory per core instead of one core per chunk.
+        got = list(crcs) if trust_crcs else self._piece_crc.crc_many([r[1].view for r in reservations],
+                                                                     self._crc_pool)
         for n, crc in enumerate(got):
             i, res, meta = reservations.pop(0)
             want = crcs[n]

@@ -225,6 +225,11 @@ class Tier(abc.ABC):
         map its memory (the DRAM arena), else None (the default)."""
         return None
 
+    def device_pool(self):
+        """The ``tiers.hbm.HbmTier`` face (``export`` + ``lease``) when same-host GPU clients can
+        map this tier's device memory (the HBM tier), else None (the default)."""
+        return None
+
     # Batch defaults.
     def contains_many(self, cids: Iterable[ChunkId]) -> list[bool]:
         return [self.contains(c) for c in cids]

@@ -11,10 +11,12 @@ Eviction demotes: ``on_evict(cid, meta, payload)`` (a host copy of the bytes) is
 each victim before its pages are reused, so the manager can put it into DRAM.
 
 Without a GPU, ``make_hbm_tier`` raises ``FailedPrecondition``; nothing here initialises CUDA
-at import. Hook (for the tier chain): ``TierManager`` builds it from config with
-``make_hbm_tier(capacity_bytes, device, demote=lambda cid, meta, data: dram.put(cid, meta, data))``
-placed before DRAM; the LocalData service adds ``export()`` (handle, pool bytes, nonce) to
-``AttachResponse`` and ``lease(cid)``'s ``(offset, length)`` to the extents it returns.
+at import. Wiring: the tier registry builds it when ``chain.tiers`` names ``"hbm"`` (config
+section ``[hbm]``); ``chain.build`` points ``set_demote`` at the next tier down; the store's
+``LocalAccess`` reaches it through ``device_pool()`` (this object, a ``DevicePool``) and the
+LocalData service puts ``export()`` into ``AttachResponse.hbm`` and ``lease(cid)``'s extents
+into ``LeaseRead`` answers (``device_pool = true``), held in the same lease table (TTL) as
+arena leases.
 
 Threading: every method is thread-safe; ``_lock`` guards the index and the allocator. Copies
 run outside the lock on pages no other entry can own (reserved, or leased). Lock order:
@@ -25,6 +27,7 @@ the listener are called with ``_lock`` released for ``on_evict``, held for the l
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -33,10 +36,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from ..types import ChunkId, ChunkMeta, Medium
+from ..domain.errors import KVStoreError, FailedPrecondition, InvalidArgument, ResourceExhausted
+from ..domain.types import ChunkId, ChunkMeta, Medium
 from .arena import PageAllocator
 from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
+
+log = logging.getLogger(__name__)
 
 #: Pool page: extents start on this boundary (the widest vector the copy kernels use is 16 B;
 #: 4 KiB keeps the allocator small for multi-MB chunks).
@@ -54,6 +59,22 @@ class _Entry:
     deleted: bool = False
     last_access_s: float = 0.0
     hits: int = 0
+
+
+@dataclass(eq=False)
+class DeviceLease:
+    """A read lease on one chunk's pool extent (``offset`` bytes into the pool); the extent
+    stays unchanged until ``release()`` (idempotent)."""
+
+    cid: ChunkId
+    meta: ChunkMeta
+    offset: int
+    _release: Callable[[], None] | None
+
+    def release(self) -> None:
+        fn, self._release = self._release, None
+        if fn is not None:
+            fn()
 
 
 @dataclass(frozen=True)
@@ -96,9 +117,17 @@ class HbmTier(Tier):
     def export(self) -> PoolExport:
         return PoolExport(self._cuda.ipc_handle(self.base), self.capacity_bytes, self._device, self.nonce)
 
-    def lease(self, cid: ChunkId) -> tuple[int, int, Callable[[], None]] | None:
-        """``(offset, length, release)`` of a stored chunk for a device-to-device reader (another
-        process through the pool mapping); the extent stays unchanged until ``release()``."""
+    def device_pool(self) -> "HbmTier":
+        """This tier's ``DevicePool`` face (``export`` + ``lease``), for the same-host path."""
+        return self
+
+    def set_demote(self, fn: Demote | None) -> None:
+        """Where evicted chunks go (a host copy of their bytes), before their pages are reused."""
+        self._on_evict = fn
+
+    def lease(self, cid: ChunkId) -> DeviceLease | None:
+        """A ``DeviceLease`` on a stored chunk for a device-to-device reader (another process
+        through the pool mapping), counted as a hit; None when absent."""
         with self._lock:
             e = self._index.get(cid)
             if e is None or e.deleted:
@@ -108,7 +137,7 @@ class HbmTier(Tier):
             e.hits += 1
             e.last_access_s = self._clock()
             self._stats.hits += 1
-        return e.page * HBM_PAGE_BYTES, e.meta.payload_bytes, lambda: self._unlease(cid, e)
+        return DeviceLease(cid, e.meta, e.page * HBM_PAGE_BYTES, lambda: self._unlease(cid, e))
 
     def _unlease(self, cid: ChunkId, e: _Entry) -> None:
         with self._lock:
@@ -118,7 +147,7 @@ class HbmTier(Tier):
 
     # ---- Tier primitives
     def put(self, cid: ChunkId, meta: ChunkMeta, payload: memoryview | bytes) -> bool:
-        n = len(payload)
+        n = memoryview(payload).nbytes
         if n != meta.payload_bytes:
             raise InvalidArgument(f"payload is {n} bytes, meta says {meta.payload_bytes}")
         page = self._reserve(cid, n)
@@ -126,8 +155,9 @@ class HbmTier(Tier):
             return False
         src = np.frombuffer(payload, dtype=np.uint8)
         try:
-            self._cuda.memcpy_batch([self.base + page * HBM_PAGE_BYTES], [int(src.ctypes.data)], [n], 0)
-            self._cuda.stream_sync(0)
+            if n:
+                self._cuda.memcpy_batch([self.base + page * HBM_PAGE_BYTES], [int(src.ctypes.data)], [n], 0)
+                self._cuda.stream_sync(0)
         except BaseException:
             with self._lock:
                 self._alloc.free(page, self._npages(n))
@@ -150,7 +180,8 @@ class HbmTier(Tier):
     def _reserve(self, cid: ChunkId, n: int) -> int | None:
         npages = self._npages(n)
         if npages > self._pages:
-            raise ResourceExhausted(f"a {n}-byte chunk is larger than the {self.capacity_bytes}-byte HBM tier")
+            raise ResourceExhausted(f"a {n}-byte chunk is larger than the HBM tier (hbm.capacity_bytes = "
+                                    f"{self.capacity_bytes})")
         while True:
             with self._lock:
                 if cid in self._index:
@@ -160,7 +191,8 @@ class HbmTier(Tier):
                     return page
                 v = self._pick_victim()
                 if v is None:
-                    raise ResourceExhausted("HBM tier full of pinned or leased chunks")
+                    raise ResourceExhausted("HBM tier full of pinned or leased chunks: unpin chunks (kvctl unpin), "
+                                            "release leases, or raise hbm.capacity_bytes")
                 e = self._index[v]
                 e.leases += 1  # holds the pages while the victim is demoted
                 self._unlink(v, e)
@@ -203,9 +235,14 @@ class HbmTier(Tier):
             self._unlease(cid, e)
 
     def _read(self, e: _Entry) -> bytes:
-        out = np.empty(e.meta.payload_bytes, dtype=np.uint8)
-        self._cuda.memcpy_batch([int(out.ctypes.data)], [self.base + e.page * HBM_PAGE_BYTES], [out.nbytes], 0)
-        self._cuda.stream_sync(0)
+        return self._read_at(e.page * HBM_PAGE_BYTES, e.meta.payload_bytes)
+
+    def _read_at(self, offset: int, n: int) -> bytes:
+        """A host copy of pool bytes (D2H, the caller holds a lease on them)."""
+        out = np.empty(n, dtype=np.uint8)
+        if n:
+            self._cuda.memcpy_batch([int(out.ctypes.data)], [self.base + offset], [n], 0)
+            self._cuda.stream_sync(0)
         return out.tobytes()
 
     def get(self, cid: ChunkId) -> ChunkRef | None:
@@ -214,16 +251,11 @@ class HbmTier(Tier):
         got = self.lease(cid)
         if got is None:
             return None
-        off, n, release = got
         try:
-            with self._lock:
-                e = self._index.get(cid)
-            data = self._read(e) if e is not None else b""
+            data = self._read_at(got.offset, got.meta.payload_bytes)
         finally:
-            release()
-        if e is None:
-            return None
-        return ChunkRef(cid, e.meta, memoryview(data), Medium.HBM)
+            got.release()
+        return ChunkRef(cid, got.meta, memoryview(data), Medium.HBM)
 
     def contains(self, cid: ChunkId) -> bool:
         with self._lock:
@@ -275,6 +307,21 @@ class HbmTier(Tier):
             self._cuda.free(self.base)
 
 
+def demote_into(tier: "HbmTier", below: Tier) -> None:
+    """Evicted chunks of ``tier`` are put into ``below`` (unless it holds them already); a
+    refusal there is logged and the chunk is dropped (it was a cache copy), never raised
+    into the put that caused the eviction."""
+
+    def demote(cid: ChunkId, meta: ChunkMeta, data: memoryview) -> None:
+        try:
+            if not below.contains(cid):
+                below.put(cid, meta, data)
+        except KVStoreError as err:
+            log.warning("HBM eviction could not demote %s to %s (dropped): %s", cid.hex(), below.medium.name, err)
+
+    tier.set_demote(demote)
+
+
 def make_hbm_tier(capacity_bytes: int, device: int = 0, pins: PinTable | None = None,
                   demote: Demote | None = None) -> HbmTier:
     """The HBM tier, or ``FailedPrecondition`` where no CUDA device (or CUDA build) exists."""
@@ -283,9 +330,11 @@ def make_hbm_tier(capacity_bytes: int, device: int = 0, pins: PinTable | None = 
     except ImportError as e:  # pragma: no cover - the package ships cuda_ipc
         raise FailedPrecondition(f"the HBM tier needs kvstore_native's CUDA build: {e}") from e
     if not cuda_ipc.available():
-        raise FailedPrecondition("the HBM tier needs a CUDA device and libkvstore_cuda.so; disable tiers.hbm "
-                                 "on hosts without a GPU")
+        raise FailedPrecondition("chain.tiers names 'hbm', but this host has no CUDA device (or "
+                                 "kvstore_native was built without libkvstore_cuda.so); remove 'hbm' from "
+                                 "chain.tiers on hosts without a GPU")
     try:
         return HbmTier(capacity_bytes, device, pins, demote)
     except cuda_ipc.CudaError as e:
-        raise FailedPrecondition(f"cannot allocate the {capacity_bytes}-byte HBM pool on GPU {device}: {e}") from e
+        raise FailedPrecondition(f"cannot allocate the {capacity_bytes}-byte HBM pool on GPU {device} "
+                                 f"(hbm.capacity_bytes, hbm.device): {e}") from e

@@ -52,6 +52,9 @@ class TierEntry:
     #: The link mode into this tier when ``chain.link_write_mode`` does not name it (None:
     #: ``chain.write_mode``). A tier with its own queue (the remote uploader) says write-through.
     write_mode: Callable[[cfg.Config], cfg.WriteMode | None] = lambda c: None
+    #: Wires a tier that demotes what it evicts to the tier below it (``(tier, below)``; None:
+    #: the tier drops victims, whose copies below come from the chain's links).
+    demote_into: Callable[[Tier, Tier], None] | None = None
 
 
 _REGISTRY: dict[Medium, TierEntry] = {}
@@ -100,6 +103,17 @@ def _remote(ctx: BuildContext) -> Tier:
     return RemoteLevel(parts, chunk_tokens if resolve else None)
 
 
+def _hbm(ctx: BuildContext) -> Tier:
+    from .hbm import make_hbm_tier   # CUDA is loaded only here, when chain.tiers names "hbm"
+    return make_hbm_tier(ctx.config.hbm.capacity_bytes, ctx.config.hbm.device, ctx.pins)
+
+
+def _hbm_demote(tier: Tier, below: Tier) -> None:
+    from .hbm import demote_into
+    demote_into(tier, below)
+
+
+register(TierEntry(Medium.HBM, _hbm, durable=False, demote_into=_hbm_demote))
 register(TierEntry(Medium.DRAM, _dram, durable=False, codec=lambda c: c.dram.codec))
 register(TierEntry(Medium.DISK, _disk, durable=True, enabled=lambda c: c.disk.enabled,
                    codec=lambda c: c.disk.codec, write_queue_chunks=lambda c: c.disk.write_queue_chunks))

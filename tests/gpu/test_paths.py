@@ -128,9 +128,9 @@ def test_hbm_tier_contract_and_demotion():
             with tier.get(e.cid) as ref:
                 assert bytes(ref.view) == blobs[e.cid]
         live = [e.cid for e in tier.scan()]
-        off, n, release = tier.lease(live[0])
+        lease = tier.lease(live[0])
         assert tier.delete(live[0]) and not tier.contains(live[0])
-        release()  # pages come back with the last lease
+        lease.release()  # pages come back with the last lease
         assert tier.clear() == len(live) - 1 and tier.stats().used_bytes == 0
     finally:
         tier.close()
@@ -163,7 +163,8 @@ def test_hbm_pool_mapped_by_second_process_and_killed_client_leaks_nothing():
         b = np.random.default_rng().integers(0, 256, 1 << 20, dtype=np.uint8).tobytes()
         cid = _cid(1)
         assert tier.put(cid, _meta(len(b)), b)
-        off, n, release = tier.lease(cid)
+        lease = tier.lease(cid)
+        off, n, release = lease.offset, lease.meta.payload_bytes, lease.release
         assert off == 0
         ex = tier.export()
         here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
