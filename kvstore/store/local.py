@@ -140,7 +140,7 @@ class LocalAccess:
         self._chain.check_put(Durability.MEMORY)
         if self._chain.medium_of(cid) is not None:
             return None
-        res = self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes))
+        res = self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes, same_host=True))
         if res is not None:
             _zero(res.view)     # never hand out another chunk's old bytes (docs/security.md)
         return res
@@ -154,10 +154,10 @@ class LocalAccess:
             persist = self._chain.check_put(durability)
             if persist:
                 self._chain.write_below(self._level, res.cid, meta, res.view, persist=True)
+            s.commit(res, meta)     # over the tenant's DRAM quota: ResourceExhausted, aborted below
         except BaseException:
             s.abort(res)
             raise
-        s.commit(res, meta)
         self._chain.stored_in(self._level, res.cid, durability)
         return PutResult.STORED
 

@@ -42,10 +42,10 @@ IDLE_S = 2.0
 SETTINGS = [
     "dram.capacity_bytes=96MiB", "disk.capacity_bytes=512MiB", 'metrics.listen=""', "server.worker_threads=4",
     "server.shutdown_grace_s=1", "server.lease_ttl_s=20", f"server.stream_idle_timeout_s={IDLE_S}",
-    "server.inflight_wait_s=1", f"server.max_pin_ttl_s={PIN_TTL_MAX_S}",
-    f"server.max_pinned_bytes_per_tenant={PINNED_CHUNKS_MAX * CHUNK_BYTES}",
-    f"server.max_open_leases_per_tenant={LEASES_MAX}",
-    f"server.max_open_reservations_per_tenant={RESERVATIONS_MAX}",
+    "server.inflight_wait_s=1", f"quotas.max_pin_ttl_s={PIN_TTL_MAX_S}",
+    f"quotas.max_pinned_bytes={PINNED_CHUNKS_MAX * CHUNK_BYTES}",
+    f"quotas.max_open_leases={LEASES_MAX}",
+    f"quotas.max_open_reservations={RESERVATIONS_MAX}",
 ]
 MIB = 1024**2
 
@@ -310,7 +310,7 @@ def test_pins_are_clamped_and_bounded_per_tenant(daemon):
         info = admin.Inspect(admin_pb2.InspectRequest(namespace_id=m.namespace_id, key=m.keys(head)[0]),
                              metadata=md(ADMIN_TOKEN), timeout=10).entry
         assert info.pinned and 0 < info.pin_expires_unix_s <= t0 + PIN_TTL_MAX_S + 1
-        with pytest.raises(Exception, match="server.max_pinned_bytes_per_tenant"):
+        with pytest.raises(Exception, match="quotas.max_pinned_bytes"):
             m.lookup(toks, pin_ttl_s=30)          # two more chunks: over the tenant's pinned bytes
         assert m.lookup(head, pin_ttl_s=30).matched_chunks == PINNED_CHUNKS_MAX   # re-pinning is free
         vt = list(range(64 * 2))                  # the other tenant pins within its own limit
@@ -330,14 +330,14 @@ def test_open_leases_and_reservations_are_bounded_per_tenant(daemon):
         with pytest.raises(grpc.RpcError) as e:
             stub.LeaseRead(req, metadata=md(MALLORY), timeout=10)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "server.max_open_leases_per_tenant" in e.value.details()
+        assert "quotas.max_open_leases" in e.value.details()
         assert v.retrieve(toks)[0] == 64 and v.transport == "shm"   # the victim still leases
         keys = m.keys(list(range(1000, 1000 + 64 * (RESERVATIONS_MAX + 1))))
         r = reserve(stub, m, keys[:RESERVATIONS_MAX])
         with pytest.raises(grpc.RpcError) as e:
             reserve(stub, m, keys[RESERVATIONS_MAX:])
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "server.max_open_reservations_per_tenant" in e.value.details()
+        assert "quotas.max_open_reservations" in e.value.details()
         vt = list(range(2000, 2000 + 64 * 2))
         assert v.store(vt, kv(len(vt), 11)) == 2                        # the victim still reserves
         released = stub.Release(local_pb2.ReleaseRequest(lease_ids=held + [r.lease_id]), metadata=md(MALLORY),
