@@ -105,16 +105,13 @@ class ServerConfig(_Section):
     #: TLS on every TCP listener (unix sockets stay plaintext: file permissions guard them).
     tls: "TlsConfig" = Field(default_factory=lambda: TlsConfig())
 
-    # -- admission control and per-tenant limits (docs/security.md, "Admission control") ----------
-    #: Daemon-wide budget of request bytes received but not yet stored (Put data held in
-    #: memory). A stream over budget waits up to ``inflight_wait_s``, then RESOURCE_EXHAUSTED.
-    max_inflight_bytes: Bytes = 1024**3
-    #: Seconds a Put stream waits for in-flight budget before it is refused.
+    # -- daemon-wide admission control (docs/security.md, "Admission control"); every
+    # per-tenant limit, the stream idle deadline and the in-flight byte budgets are in [quotas]
+    #: Seconds a Put stream waits for daemon-wide in-flight room
+    #: (``quotas.daemon_max_inflight_request_bytes``) before it is refused.
     inflight_wait_s: float = Field(5.0, ge=0, le=600)
-    #: Seconds a Put or Get stream may make no progress (no message received, or none taken
-    #: by the client) before it is cancelled with DEADLINE_EXCEEDED.
-    stream_idle_timeout_s: float = Field(30.0, gt=0, le=3600)
-    #: Most Put and Get streams open at once, daemon-wide; more are refused at once.
+    #: Most Put and Get streams open at once, daemon-wide (all tenants; per tenant:
+    #: ``quotas.max_concurrent_streams``); more are refused at once.
     max_concurrent_streams: int = Field(64, ge=1)
 
     @field_validator("listen")
@@ -136,9 +133,6 @@ class ServerConfig(_Section):
     def _check_piece(self) -> "ServerConfig":
         if self.stream_piece_bytes + 4096 > self.max_message_bytes:
             raise ValueError("stream_piece_bytes must be at least 4 KiB below max_message_bytes")
-        if self.max_inflight_bytes < self.max_chunk_bytes + self.max_message_bytes:
-            raise ValueError("max_inflight_bytes must hold at least one largest chunk plus one message "
-                             "(max_chunk_bytes + max_message_bytes)")
         return self
 
 # ---------------------------------------------------------------------------------- tenant boundary
@@ -228,13 +222,17 @@ class QuotaConfig(_Section):
     max_concurrent_streams: int = Field(256, ge=0)
     #: Namespaces a tenant may register.
     max_namespaces: int = Field(1024, ge=0)
-    #: Request bytes of one tenant buffered in the daemon at once (Put payloads being received).
+    #: Request bytes of one tenant buffered in the daemon at once (Put payloads received, not
+    #: yet stored); over it a Put is refused at once.
     max_inflight_request_bytes: Bytes = 512 * 1024**2
-    #: Request bytes of all tenants together buffered in the daemon at once.
+    #: Request bytes of all tenants together buffered in the daemon at once (daemon-wide, no
+    #: per-token override). A Put over it stops reading for up to ``server.inflight_wait_s``,
+    #: then RESOURCE_EXHAUSTED. At least ``server.max_chunk_bytes + server.max_message_bytes``.
     daemon_max_inflight_request_bytes: Bytes = 1024**3
-    #: Seconds a streaming request (Put) may go without sending its next message before the
-    #: daemon cancels it (DEADLINE_EXCEEDED) and frees what it held.
-    max_stream_idle_s: float = Field(30.0, gt=0)
+    #: Seconds a stream may make no progress before the daemon cancels it with
+    #: DEADLINE_EXCEEDED and frees what it held: a Put (or any request stream) that sends no
+    #: message, a Get (any response stream) whose client takes none. The one idle deadline.
+    max_stream_idle_s: float = Field(30.0, gt=0, le=3600)
 
 
 class CertEntry(_Section):
@@ -570,6 +568,14 @@ class Config(_Section):
     events: EventsConfig = EventsConfig()
     quotas: QuotaConfig = QuotaConfig()
 
+    @model_validator(mode="after")
+    def _check_inflight(self) -> "Config":
+        need = self.server.max_chunk_bytes + self.server.max_message_bytes
+        if self.quotas.daemon_max_inflight_request_bytes < need:
+            raise ValueError("quotas.daemon_max_inflight_request_bytes must hold at least one largest chunk plus one "
+                             f"message (server.max_chunk_bytes + server.max_message_bytes = {need})")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _remote_joins_chain(cls, data: Any) -> Any:
@@ -636,6 +642,8 @@ _HINTS = {
 #: Settings that moved: old dotted key -> where it lives now (a config naming the old one
 #: gets an error saying so).
 MOVED_SETTINGS = {
+    "server.stream_idle_timeout_s": "quotas.max_stream_idle_s",
+    "server.max_inflight_bytes": "quotas.daemon_max_inflight_request_bytes",
     "server.max_pin_ttl_s": "quotas.max_pin_ttl_s",
     "server.max_pinned_bytes_per_tenant": "quotas.max_pinned_bytes",
     "server.max_open_leases_per_tenant": "quotas.max_open_leases",
@@ -652,14 +660,15 @@ def _error_line(err: Mapping[str, Any], sources: Mapping[str, str], tree: Mappin
     where = f" (from {origin})" if origin else ""
     if err["type"] == "extra_forbidden":
         if dotted in MOVED_SETTINGS:
-            return (f"{dotted}: this setting moved to {MOVED_SETTINGS[dotted]}{where}; "
-                    "rename it there (per-tenant values go in auth.tokens.<token>.quotas)")
+            return f"{dotted}: this setting moved to {MOVED_SETTINGS[dotted]}{where}; rename it there"
         if len(loc) == 1:
             return f"{dotted}: unknown section{where}; sections are {', '.join(Config.model_fields)}"
         section = Config.model_fields.get(loc[0])
         known = ", ".join(section.annotation.model_fields) if section is not None and len(loc) == 2 else ""
         return f"{dotted}: unknown setting{where}" + (f"; [{loc[0]}] has {known}" if known else "")
     msg = err["msg"].removeprefix("Value error, ")
+    if not dotted:      # a check across sections: the message names its settings
+        return msg
     return f"{dotted}: {msg}{_HINTS.get(err['type'], '')}{where}"
 
 

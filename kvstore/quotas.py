@@ -2,9 +2,10 @@
 
 Limits come from ``[quotas]`` (``QuotaConfig``, the defaults for every tenant), overridden per
 tenant in ``auth.tokens.<token>.quotas`` / ``auth.certs.<identity>.quotas`` (``TenantQuotas``).
-``QuotaLedger.acquire(tenant, resource, n)`` counts ``n`` units against the tenant (and, for
-request bytes, against the daemon-wide budget) or raises ``ResourceExhausted`` naming the quota
-and its config key; ``release`` gives them back. The core (tiers, lease table, servicers) calls
+``QuotaLedger.acquire(tenant, resource, n)`` counts ``n`` units against the tenant or raises
+``ResourceExhausted`` naming the quota and its config key (the daemon-wide budget of request
+bytes, ``quotas.daemon_max_inflight_request_bytes``, is ``server.admission.InflightBudget``'s:
+it queues streams instead of refusing them); ``release`` gives them back. The core (tiers, lease table, servicers) calls
 it at the point where a tenant starts holding something and where it stops: the ledger does not
 know what a lease is, only how many each tenant holds.
 
@@ -127,10 +128,8 @@ class QuotaLedger:
         self._defaults = defaults
         self._default_limits = resolve_limits(defaults)
         self._limits = {t: resolve_limits(defaults, q) for t, q in (overrides or {}).items()}
-        self._daemon_inflight_limit = defaults.daemon_max_inflight_request_bytes
         self._lock = threading.Lock()
         self._held: dict[str, dict[Resource, int]] = {}
-        self._daemon_inflight = 0
 
     def limits(self, tenant: str) -> TenantLimits:
         return self._limits.get(tenant, self._default_limits)
@@ -139,8 +138,8 @@ class QuotaLedger:
     def acquire(self, tenant: str, resource: Resource, n: int = 1, *, enforce: bool = True) -> None:
         """Counts ``n`` more units of ``resource`` against ``tenant``.
 
-        Raises ResourceExhausted (nothing counted) when that would pass the tenant's quota or,
-        for request bytes, the daemon-wide budget. ``enforce=False`` counts without checking
+        Raises ResourceExhausted (nothing counted) when that would pass the tenant's quota.
+        ``enforce=False`` counts without checking
         (what a restart finds already held, e.g. registered namespaces)."""
         if n < 0:
             raise Internal(f"QuotaLedger.acquire({resource.name}, n={n}): n must be >= 0")
@@ -153,13 +152,6 @@ class QuotaLedger:
                 raise ResourceExhausted(
                     f"tenant {tenant!r} holds {resource.describe(have)} and asked for {resource.describe(n)} more, "
                     f"over its quota ({lim.key(resource.value)}={cap}); release some first, or raise the quota")
-            if resource is Resource.INFLIGHT_REQUEST_BYTES:
-                if enforce and self._daemon_inflight + n > self._daemon_inflight_limit:
-                    raise ResourceExhausted(
-                        f"the daemon is buffering {_size(self._daemon_inflight)} of request data for all tenants, "
-                        f"at its budget (quotas.{DAEMON_INFLIGHT_KEY}={self._daemon_inflight_limit}); retry "
-                        "shortly, or raise the budget")
-                self._daemon_inflight += n
             held[resource] = have + n
 
     def release(self, tenant: str, resource: Resource, n: int = 1) -> None:
@@ -171,8 +163,6 @@ class QuotaLedger:
                 raise Internal(f"QuotaLedger.release: tenant {tenant!r} holds {have} of {resource.name}, "
                                f"cannot release {n}")
             held[resource] = have - n
-            if resource is Resource.INFLIGHT_REQUEST_BYTES:
-                self._daemon_inflight -= n
 
     @contextlib.contextmanager
     def holding(self, tenant: str, resource: Resource, n: int = 1) -> Iterator[None]:
@@ -202,10 +192,6 @@ class QuotaLedger:
         if cap is None:
             return 0
         return max(0, self.held(tenant, resource) + n - cap)
-
-    def daemon_inflight_bytes(self) -> int:
-        with self._lock:
-            return self._daemon_inflight
 
     def tenants(self) -> list[str]:
         with self._lock:

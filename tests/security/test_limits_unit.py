@@ -17,7 +17,7 @@ def test_budget_waits_bounded_then_names_its_key_and_serves_waiters_in_order():
     async def go():
         b = InflightBudget(100, wait_s=0.2)
         await b.acquire(80)
-        with pytest.raises(ResourceExhausted, match="server.max_inflight_bytes"):
+        with pytest.raises(ResourceExhausted, match="quotas.daemon_max_inflight_request_bytes"):
             await b.acquire(30)                      # nothing freed in time
         assert b.used_bytes == 80
         first = asyncio.ensure_future(b.acquire(50))
@@ -29,6 +29,24 @@ def test_budget_waits_bounded_then_names_its_key_and_serves_waiters_in_order():
         assert b.used_bytes == 60
         b.release(60)
         assert b.used_bytes == 0
+    asyncio.run(go())
+
+
+def test_budget_counts_each_tenant_against_its_own_quota_first():
+    async def go():
+        ledger = QuotaLedger(QuotaConfig(max_inflight_request_bytes=60))
+        b = InflightBudget(100, wait_s=0.2, ledger=ledger)
+        await b.acquire(50, "a")
+        with pytest.raises(ResourceExhausted, match="quotas.max_inflight_request_bytes=60"):
+            await b.acquire(20, "a")                 # over its own quota: refused at once, no wait
+        await b.acquire(40, "b")                     # another tenant still has room
+        assert b.used_bytes == 90 and ledger.held("a", Resource.INFLIGHT_REQUEST_BYTES) == 50
+        with pytest.raises(ResourceExhausted, match="quotas.daemon_max_inflight_request_bytes"):
+            await b.acquire(20, "c")                 # daemon-wide: waited, then refused, nothing kept
+        assert ledger.held("c", Resource.INFLIGHT_REQUEST_BYTES) == 0
+        b.release(50, "a")
+        b.release(40, "b")
+        assert b.used_bytes == 0 and ledger.held("a", Resource.INFLIGHT_REQUEST_BYTES) == 0
     asyncio.run(go())
 
 

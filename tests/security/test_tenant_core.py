@@ -41,7 +41,7 @@ RESERVATIONS_MAX = 8
 IDLE_S = 2.0
 SETTINGS = [
     "dram.capacity_bytes=96MiB", "disk.capacity_bytes=512MiB", 'metrics.listen=""', "server.worker_threads=4",
-    "server.shutdown_grace_s=1", "server.lease_ttl_s=20", f"server.stream_idle_timeout_s={IDLE_S}",
+    "server.shutdown_grace_s=1", "server.lease_ttl_s=20", f"quotas.max_stream_idle_s={IDLE_S}",
     "server.inflight_wait_s=1", f"quotas.max_pin_ttl_s={PIN_TTL_MAX_S}",
     f"quotas.max_pinned_bytes={PINNED_CHUNKS_MAX * CHUNK_BYTES}",
     f"quotas.max_open_leases={LEASES_MAX}",
@@ -237,7 +237,7 @@ def test_header_only_and_stalled_streams_cost_no_memory_and_are_cancelled(daemon
         toks = list(range(1000, 1000 + 64 * 4))
         assert v.store(toks, kv(len(toks), 5)) == 4 and v.retrieve(toks)[0] == len(toks)
         codes = [s.code() for s in streams]
-        assert all(c == grpc.StatusCode.DEADLINE_EXCEEDED and "stream_idle_timeout_s" in d for c, d in codes), codes
+        assert all(c == grpc.StatusCode.DEADLINE_EXCEEDED and "quotas.max_stream_idle_s" in d for c, d in codes), codes
         after = rss_bytes(pid) - base
     # Six headers announcing 256 MiB each (1.5 GiB) plus 16 MiB of stalled data: bounded by
     # what actually arrived, and given back once the streams are cancelled.
@@ -273,9 +273,9 @@ def test_a_get_whose_reader_stalls_is_cancelled_and_frees_its_lease(daemon):
 
 
 def test_inflight_budget_and_stream_cap(daemon_factory):
-    d = daemon_factory(auth=False, settings=("server.max_chunk_bytes=32MiB", "server.max_inflight_bytes=48MiB",
+    d = daemon_factory(auth=False, settings=("server.max_chunk_bytes=32MiB", "quotas.daemon_max_inflight_request_bytes=48MiB",
                                              "server.inflight_wait_s=1", "server.max_concurrent_streams=3",
-                                             f"server.stream_idle_timeout_s={IDLE_S * 2}"))
+                                             f"quotas.max_stream_idle_s={IDLE_S * 2}"))
     with KVStoreClient(d.addr, Namespace(**{**NS, "model": "budget"}), local=False) as c, \
             grpc.insecure_channel(d.addr) as ch:
         keys = c.keys(list(range(64 * 4)))
@@ -284,7 +284,7 @@ def test_inflight_budget_and_stream_cap(daemon_factory):
         time.sleep(1.0)
         over = _Stalled(ch, "", [_header(c, keys[1], 32 * MIB)] + [encode_data(piece)] * 30)
         code, details = over.code()
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "server.max_inflight_bytes" in details, details
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "quotas.daemon_max_inflight_request_bytes" in details, details
         # The cap on open streams: two stalled (the holder and one header-only) + one more is the limit.
         s2 = _Stalled(ch, "", [_header(c, keys[2], 1024)])
         s3 = _Stalled(ch, "", [_header(c, keys[3], 1024)])
