@@ -78,13 +78,21 @@ def same_arena(core, nonce: bytes):
 def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Durability):
     """Same-host store: reserve arena extents, copy each chunk straight into its extent
     (the only copy), commit; the daemon's DRAM tier takes the extents over. Returns the
-    chunks newly stored, or None when the arena can no longer be mapped (the caller streams)."""
+    chunks newly stored, or None when the caller should stream them instead: the arena can no
+    longer be mapped, or the daemon refused the reservation or its commit with
+    RESOURCE_EXHAUSTED (the tenant's reserved-bytes or DRAM quota, or no arena room: the
+    stream path queues on the in-flight budget and may land the chunks in a lower tier)."""
     ns = core.namespace
     size = ns.chunk_bytes()
     req = local_pb2.ReserveWriteRequest(namespace_id=core.namespace_id, chunks=[
         local_pb2.ChunkToWrite(key=k, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens, encoding=Encoding.RAW,
                                payload_bytes=size) for k in keys])
-    resp = yield Call("reserve", req)
+    try:
+        resp = yield Call("reserve", req)
+    except grpc.RpcError as e:
+        if _exhausted(e):
+            return None
+        raise
     if resp.lease_id == 0:
         return 0
     if not (yield from same_arena(core, resp.arena_nonce)):
@@ -103,9 +111,19 @@ def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Dura
         raise
     # The daemon publishes an extent only if its CRC32C matches what we say we wrote
     # (docs/security.md, "Stale bytes"): one per slot that was not `exists`, in slot order.
-    done = yield Call("commit", local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability),
-                                                             crc32c=crcs))
+    try:
+        done = yield Call("commit", local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability),
+                                                                 crc32c=crcs))
+    except grpc.RpcError as e:
+        if _exhausted(e):   # over the tenant's DRAM quota: nothing left reserved on the daemon
+            return None
+        raise
     return done.stored
+
+
+def _exhausted(e: grpc.RpcError) -> bool:
+    code = getattr(e, "code", None)
+    return callable(code) and code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _copy_into_arena(core, u8, targets: list[tuple[int, object]], stream) -> list[int]:
