@@ -26,6 +26,12 @@ from .config import AuthConfig, DramConfig, QuotaConfig, TenantQuotas
 from .domain.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
 
 
+class QuotaExceeded(ResourceExhausted):
+    """RESOURCE_EXHAUSTED because the tenant is at its own quota (not because the daemon or a
+    tier is out of room): the chain then neither sheds other tenants' queued write-behind
+    copies nor retries; a put goes to the next tier (``TierChain._spill``)."""
+
+
 class Resource(str, enum.Enum):
     """What a tenant can hold; the value is the quota's field in ``[quotas]``."""
 
@@ -149,7 +155,7 @@ class QuotaLedger:
             held = self._held.setdefault(tenant, {})
             have = held.get(resource, 0)
             if enforce and cap is not None and have + n > cap:
-                raise ResourceExhausted(
+                raise QuotaExceeded(
                     f"tenant {tenant!r} holds {resource.describe(have)} and asked for {resource.describe(n)} more, "
                     f"over its quota ({lim.key(resource.value)}={cap}); release some first, or raise the quota")
             held[resource] = have + n

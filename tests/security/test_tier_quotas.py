@@ -138,3 +138,15 @@ def test_one_tenant_exhausting_every_quota_never_fails_or_slows_another(daemon):
         again = reserve(stub, ml, keys[:RESERVED_CHUNKS], MALLORY)
         stub.Release(local_pb2.ReleaseRequest(lease_ids=[again.lease_id]), metadata=md(MALLORY), timeout=10)
 
+
+
+def test_a_same_host_store_over_the_reserved_bytes_quota_is_streamed_instead(daemon):
+    """A store bigger than the tenant's reserved-bytes share is not an error for the engine:
+    the client streams it (the stream path queues on the in-flight budget)."""
+    with client(daemon, MALLORY, "big-store", local=True) as m:
+        n = RESERVED_CHUNKS * 2
+        toks = list(range(64 * n))
+        data = kv(len(toks), 21)
+        assert m.store(toks, data) == n
+        got, arr = m.retrieve(toks)
+        assert got == len(toks) and np.array_equal(np.asarray(arr), data)
