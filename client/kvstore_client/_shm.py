@@ -13,6 +13,7 @@ moves through torch copies instead of the gather/scatter kernels.
 from __future__ import annotations
 
 import grpc
+import numpy as np
 
 from kvstore_wire import crc as _crc
 from kvstore_wire._proto.kvstore.v1 import local_pb2
@@ -129,10 +130,15 @@ def _exhausted(e: grpc.RpcError) -> bool:
 def _copy_into_arena(core, u8, targets: list[tuple[int, object]], stream) -> list[int]:
     """Chunk ``i`` of ``u8`` into each ``(i, extent)``: one gather kernel per chunk from a
     contiguous CUDA tensor into the CUDA-registered arena, else a host copy. Returns the
-    CRC32C of each extent as written (read back from the arena, so it covers what the daemon
-    will publish)."""
+    CRC32C of each extent as written, so it covers what the daemon will publish. From host
+    memory each chunk is copied and checksummed in one pass (``_copy_chunk_crc``), chunks in
+    parallel on the client's copy threads."""
     ns = core.namespace
-    kernel = stream is not None and u8.is_contiguous() and _kernels_usable() and core.arena.register_cuda()
+    if stream is None:
+        pool = core.copy_pool()
+        one = lambda t: _copy_chunk_crc(u8, ns, t[0], t[1])  # noqa: E731
+        return list(pool.map(one, targets)) if pool is not None and len(targets) > 1 else [one(t) for t in targets]
+    kernel = u8.is_contiguous() and _kernels_usable() and core.arena.register_cuda()
     if kernel:
         planes, heads, elt = C.planes_of(u8, ns)
     for index, dst in targets:
@@ -143,9 +149,21 @@ def _copy_into_arena(core, u8, targets: list[tuple[int, object]], stream) -> lis
             transfer.gather(spec, int(dst.ctypes.data), device=True, stream=stream.cuda_stream)
         else:
             C.copy_chunk_out(u8, ns, index, dst, stream)
-    if stream is not None:
-        stream.synchronize()   # bytes in the arena before commit
+    stream.synchronize()   # bytes in the arena before commit
     return [_crc.crc32c(dst) for _, dst in targets]
+
+
+def _copy_chunk_crc(u8, ns, index: int, dst) -> int:
+    """Host chunk ``index`` of ``u8`` into the extent ``dst``; returns the CRC32C of the extent
+    as written. Native: each row is copied and checksummed block by block while cache-hot
+    (the bytes cross memory once); else a copy, then a CRC pass over the extent."""
+    part = u8[C.token_slice(u8.ndim, ns, index)]
+    rows = int(np.prod(part.shape[:C.token_axis(ns)]))
+    dst2, src2 = dst.reshape(rows, -1), part.reshape(rows, -1)   # views: each row is contiguous
+    if _crc.native_copy_rows_crc32c is not None and src2.strides[1] == 1 and dst2.strides[1] == 1:
+        return _crc.native_copy_rows_crc32c(dst2, src2)
+    C.copy_chunk_out(u8, ns, index, dst)
+    return _crc.crc32c(dst)
 
 
 def retrieve_local(core, keys: list[bytes], asm: "C.ChunkAssembler"):

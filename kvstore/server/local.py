@@ -211,13 +211,16 @@ class LocalDataServicer:
                 cid, meta = validate_header(info, ChunkHeader(c.key, c.num_tokens, c.payload_bytes, c.encoding,
                                                               c.key_kind), self._cfg.max_chunk_bytes, f"chunks[{i}]")
                 lease.hold(Resource.OPEN_RESERVATIONS)   # before the pages are taken
-                res = await self._run(self._m.reserve, cid, c.payload_bytes)
+                res = await self._run(self._m.reserve, cid, c.payload_bytes, False)   # zeroed below
                 if res is None:   # stored already, or being written by another request
                     lease.unhold(Resource.OPEN_RESERVATIONS)
                     slots.append(local_pb2.Slot(index=i, exists=True))
                     continue
                 lease.reservations.append((i, res, meta))
                 slots.append(local_pb2.Slot(index=i, offset=res.offset, length=res.nbytes))
+            # Before any slot leaves the daemon: no extent may show another chunk's old bytes
+            # (docs/security.md, "Stale bytes"); all of the request's extents at once.
+            await self._run(self._m.zero_many, [r for _, r, _ in lease.reservations])
         except BaseException:
             lease.release(self._m)
             raise

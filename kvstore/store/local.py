@@ -132,18 +132,28 @@ class LocalAccess:
                 return None
         return LocalRead(ref, s.offset_of(ref), found)
 
-    def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
+    def reserve(self, cid: ChunkId, nbytes: int, zero: bool = True) -> Reservation | None:
         """Arena pages a local client fills directly, zeroed (they may hold another tenant's
         freed chunk), or None when ``cid`` is already stored in any tier or being written by
-        another request right now (never waits for it)."""
+        another request right now (never waits for it). ``zero=False``: the caller zeroes them
+        (``zero_many``) before anyone but the daemon may see them."""
         s = self._shared()
         self._chain.check_put(Durability.MEMORY)
         if self._chain.medium_of(cid) is not None:
             return None
         res = self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes, same_host=True))
-        if res is not None:
+        if res is not None and zero:
             _zero(res.view)     # never hand out another chunk's old bytes (docs/security.md)
         return res
+
+    def zero_many(self, reservations: Sequence[Reservation]) -> None:
+        """Zeroes the extents of one request's reservations in parallel (one memset per
+        extent on the CRC pool, GIL released) before they are handed out. Worker threads."""
+        if len(reservations) <= 1:
+            for r in reservations:
+                _zero(r.view)
+            return
+        list(self._crc_pool.map(lambda r: _zero(r.view), reservations))
 
     def commit(self, res: Reservation, meta: ChunkMeta, durability: Durability) -> PutResult:
         """Publishes a filled reservation without copying it, then sends it down the chain as
