@@ -105,25 +105,14 @@ class ServerConfig(_Section):
     #: TLS on every TCP listener (unix sockets stay plaintext: file permissions guard them).
     tls: "TlsConfig" = Field(default_factory=lambda: TlsConfig())
 
-    # -- admission control and per-tenant limits (docs/security.md, "Admission control") ----------
-    #: Daemon-wide budget of request bytes received but not yet stored (Put data held in
-    #: memory). A stream over budget waits up to ``inflight_wait_s``, then RESOURCE_EXHAUSTED.
-    max_inflight_bytes: Bytes = 1024**3
-    #: Seconds a Put stream waits for in-flight budget before it is refused.
+    # -- daemon-wide admission control (docs/security.md, "Admission control"); every
+    # per-tenant limit, the stream idle deadline and the in-flight byte budgets are in [quotas]
+    #: Seconds a Put stream waits for daemon-wide in-flight room
+    #: (``quotas.daemon_max_inflight_request_bytes``) before it is refused.
     inflight_wait_s: float = Field(5.0, ge=0, le=600)
-    #: Seconds a Put or Get stream may make no progress (no message received, or none taken
-    #: by the client) before it is cancelled with DEADLINE_EXCEEDED.
-    stream_idle_timeout_s: float = Field(30.0, gt=0, le=3600)
-    #: Most Put and Get streams open at once, daemon-wide; more are refused at once.
+    #: Most Put and Get streams open at once, daemon-wide (all tenants; per tenant:
+    #: ``quotas.max_concurrent_streams``); more are refused at once.
     max_concurrent_streams: int = Field(64, ge=1)
-    #: Longest pin a Lookup(pin_ttl_s=...) may ask for; longer requests are clamped to it.
-    max_pin_ttl_s: float = Field(60.0, gt=0, le=86400)
-    #: Bytes one tenant may hold pinned through Lookup (counted at the namespace's raw chunk size).
-    max_pinned_bytes_per_tenant: Bytes = 256 * 1024**2
-    #: Same-host read leases (LeaseRead answers with a lease id) one tenant may hold open.
-    max_open_leases_per_tenant: int = Field(1024, ge=1)
-    #: Same-host chunk reservations (reserved, uncommitted slots) one tenant may hold open.
-    max_open_reservations_per_tenant: int = Field(4096, ge=1)
 
     @field_validator("listen")
     @classmethod
@@ -144,9 +133,6 @@ class ServerConfig(_Section):
     def _check_piece(self) -> "ServerConfig":
         if self.stream_piece_bytes + 4096 > self.max_message_bytes:
             raise ValueError("stream_piece_bytes must be at least 4 KiB below max_message_bytes")
-        if self.max_inflight_bytes < self.max_chunk_bytes + self.max_message_bytes:
-            raise ValueError("max_inflight_bytes must hold at least one largest chunk plus one message "
-                             "(max_chunk_bytes + max_message_bytes)")
         return self
 
 # ---------------------------------------------------------------------------------- tenant boundary
@@ -202,39 +188,51 @@ class TenantQuotas(_Section):
 class QuotaConfig(_Section):
     """``[quotas]``: what one tenant may hold at once (defaults for every tenant).
 
-    Byte quotas of the cache tiers (``max_dram_bytes``, ``max_disk_bytes``, ``max_remote_bytes``)
-    are unset by default: the tiers are caches shared by eviction. What a tenant can hold
-    *unevictably* (pins, reservations, leases, streams, request bytes) is always bounded.
-    Over a quota a request fails with RESOURCE_EXHAUSTED naming the quota's key.
+    The DRAM and disk byte quotas (``max_dram_bytes``, ``max_disk_bytes``) are unset by
+    default: those tiers are caches shared by eviction, so another tenant's chunks only cost a
+    tenant hit rate, never a failed request. Set, they are charged in the tier (bytes as
+    stored) and a tenant at its quota evicts its own chunks first. What a tenant can hold
+    *unevictably* (pins, reservations, leases, streams, request bytes) and its bytes in the
+    remote cluster (evicted by TTL only) are always bounded. Over a quota a request fails
+    with RESOURCE_EXHAUSTED naming the quota's key.
     """
 
     #: Bytes of the DRAM tier one tenant's chunks may occupy; unset: the whole tier.
     max_dram_bytes: Bytes | None = None
     #: Bytes of the disk tier one tenant's chunks may occupy; unset: the whole tier.
     max_disk_bytes: Bytes | None = None
-    #: Bytes of the remote tier one tenant's chunks may occupy; unset: the whole tier.
-    max_remote_bytes: Bytes | None = None
-    #: Bytes a tenant may keep pinned (protected from eviction) at once.
+    #: Bytes one tenant may hold in the remote tier's cluster (live bytes, counted in Redis
+    #: per TTL window across every sidecar); a store over it is skipped and counted. Set by
+    #: default: Redis evicts only by TTL, so an unbounded tenant could fill the cluster.
+    max_remote_bytes: Bytes | None = 64 * 1024**3
+    #: Bytes a tenant may keep pinned through Lookup(pin_ttl_s=...) at once (counted at the
+    #: namespace's raw chunk size).
     max_pinned_bytes: Bytes = 256 * 1024**2
     #: Longest pin a tenant may ask for; longer requests are clamped to this.
-    max_pin_ttl_s: float = Field(3600.0, gt=0)
-    #: Same-host read leases a tenant may hold open at once.
-    max_open_leases: int = Field(256, ge=0)
-    #: Same-host write reservations a tenant may hold open at once.
-    max_open_reservations: int = Field(64, ge=0)
-    #: Arena bytes a tenant's open write reservations may cover at once.
-    max_reserved_bytes: Bytes = 256 * 1024**2
+    max_pin_ttl_s: float = Field(60.0, gt=0, le=86400)
+    #: Same-host read leases (LeaseRead answers with a lease id) a tenant may hold open at once.
+    max_open_leases: int = Field(1024, ge=0)
+    #: Same-host write reservations (reserved, uncommitted slots) a tenant may hold open at once.
+    max_open_reservations: int = Field(1024, ge=0)
+    #: Arena bytes a tenant's open same-host write reservations (uncommitted, unevictable)
+    #: may cover at once; unset: half of ``dram.capacity_bytes``, so one tenant's
+    #: reservations can never take the whole arena from the others.
+    max_reserved_bytes: Bytes | None = None
     #: Streaming RPCs (Put, Get) a tenant may have in flight at once.
     max_concurrent_streams: int = Field(256, ge=0)
     #: Namespaces a tenant may register.
     max_namespaces: int = Field(1024, ge=0)
-    #: Request bytes of one tenant buffered in the daemon at once (Put payloads being received).
+    #: Request bytes of one tenant buffered in the daemon at once (Put payloads received, not
+    #: yet stored); over it a Put is refused at once.
     max_inflight_request_bytes: Bytes = 512 * 1024**2
-    #: Request bytes of all tenants together buffered in the daemon at once.
+    #: Request bytes of all tenants together buffered in the daemon at once (daemon-wide, no
+    #: per-token override). A Put over it stops reading for up to ``server.inflight_wait_s``,
+    #: then RESOURCE_EXHAUSTED. At least ``server.max_chunk_bytes + server.max_message_bytes``.
     daemon_max_inflight_request_bytes: Bytes = 1024**3
-    #: Seconds a streaming request (Put) may go without sending its next message before the
-    #: daemon cancels it (DEADLINE_EXCEEDED) and frees what it held.
-    max_stream_idle_s: float = Field(30.0, gt=0)
+    #: Seconds a stream may make no progress before the daemon cancels it with
+    #: DEADLINE_EXCEEDED and frees what it held: a Put (or any request stream) that sends no
+    #: message, a Get (any response stream) whose client takes none. The one idle deadline.
+    max_stream_idle_s: float = Field(30.0, gt=0, le=3600)
 
 
 def _check_trust(entry):
@@ -504,10 +502,6 @@ class RemoteConfig(_Section):
     max_connections_per_node: int = Field(32, ge=1, le=4096)
     #: Lifetime of a stored value in Redis (renewed by nothing: chunks are immutable).
     ttl_s: int = Field(24 * 3600, ge=1)
-    #: Bytes a tenant may hold in the cluster (live bytes, counted per TTL window).
-    tenant_quota_bytes: Bytes = 64 * 1024**3
-    #: Per-tenant overrides of ``tenant_quota_bytes``.
-    tenant_quota_overrides: dict[str, Bytes] = {}
     #: Best-quality-first floor: levels of lower quality than this are never stored or sent.
     #: ``lossless`` forbids every lossy level.
     min_quality: TierCodec = TierCodec.AGGRESSIVE
@@ -609,6 +603,14 @@ class Config(_Section):
     events: EventsConfig = EventsConfig()
     quotas: QuotaConfig = QuotaConfig()
 
+    @model_validator(mode="after")
+    def _check_inflight(self) -> "Config":
+        need = self.server.max_chunk_bytes + self.server.max_message_bytes
+        if self.quotas.daemon_max_inflight_request_bytes < need:
+            raise ValueError("quotas.daemon_max_inflight_request_bytes must hold at least one largest chunk plus one "
+                             f"message (server.max_chunk_bytes + server.max_message_bytes = {need})")
+        return self
+
     @model_validator(mode="before")
     @classmethod
     def _remote_joins_chain(cls, data: Any) -> Any:
@@ -672,18 +674,36 @@ _HINTS = {
 }
 
 
+#: Settings that moved: old dotted key -> where it lives now (a config naming the old one
+#: gets an error saying so).
+MOVED_SETTINGS = {
+    "server.stream_idle_timeout_s": "quotas.max_stream_idle_s",
+    "server.max_inflight_bytes": "quotas.daemon_max_inflight_request_bytes",
+    "server.max_pin_ttl_s": "quotas.max_pin_ttl_s",
+    "server.max_pinned_bytes_per_tenant": "quotas.max_pinned_bytes",
+    "server.max_open_leases_per_tenant": "quotas.max_open_leases",
+    "server.max_open_reservations_per_tenant": "quotas.max_open_reservations",
+    "remote.tenant_quota_bytes": "quotas.max_remote_bytes",
+    "remote.tenant_quota_overrides": "auth.tokens.<token>.quotas.max_remote_bytes (per tenant)",
+}
+
+
 def _error_line(err: Mapping[str, Any], sources: Mapping[str, str], tree: Mapping[str, Any]) -> str:
     loc = [str(x) for x in err["loc"]]
     dotted = ".".join(loc)
     origin = sources.get(".".join(loc[:2])) or sources.get(loc[0]) if loc else None
     where = f" (from {origin})" if origin else ""
     if err["type"] == "extra_forbidden":
+        if dotted in MOVED_SETTINGS:
+            return f"{dotted}: this setting moved to {MOVED_SETTINGS[dotted]}{where}; rename it there"
         if len(loc) == 1:
             return f"{dotted}: unknown section{where}; sections are {', '.join(Config.model_fields)}"
         section = Config.model_fields.get(loc[0])
         known = ", ".join(section.annotation.model_fields) if section is not None and len(loc) == 2 else ""
         return f"{dotted}: unknown setting{where}" + (f"; [{loc[0]}] has {known}" if known else "")
     msg = err["msg"].removeprefix("Value error, ")
+    if not dotted:      # a check across sections: the message names its settings
+        return msg
     return f"{dotted}: {msg}{_HINTS.get(err['type'], '')}{where}"
 
 

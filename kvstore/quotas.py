@@ -2,9 +2,10 @@
 
 Limits come from ``[quotas]`` (``QuotaConfig``, the defaults for every tenant), overridden per
 tenant in ``auth.tokens.<token>.quotas`` / ``auth.certs.<identity>.quotas`` (``TenantQuotas``).
-``QuotaLedger.acquire(tenant, resource, n)`` counts ``n`` units against the tenant (and, for
-request bytes, against the daemon-wide budget) or raises ``ResourceExhausted`` naming the quota
-and its config key; ``release`` gives them back. The core (tiers, lease table, servicers) calls
+``QuotaLedger.acquire(tenant, resource, n)`` counts ``n`` units against the tenant or raises
+``ResourceExhausted`` naming the quota and its config key (the daemon-wide budget of request
+bytes, ``quotas.daemon_max_inflight_request_bytes``, is ``server.admission.InflightBudget``'s:
+it queues streams instead of refusing them); ``release`` gives them back. The core (tiers, lease table, servicers) calls
 it at the point where a tenant starts holding something and where it stops: the ledger does not
 know what a lease is, only how many each tenant holds.
 
@@ -19,10 +20,16 @@ import enum
 import math
 import threading
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
-from .config import AuthConfig, QuotaConfig, TenantQuotas
-from .domain.errors import Internal, InvalidArgument, ResourceExhausted
+from .config import AuthConfig, DramConfig, QuotaConfig, TenantQuotas
+from .domain.errors import Internal, InvalidArgument, NotFound, ResourceExhausted
+
+
+class QuotaExceeded(ResourceExhausted):
+    """RESOURCE_EXHAUSTED because the tenant is at its own quota (not because the daemon or a
+    tier is out of room): the chain then neither sheds other tenants' queued write-behind
+    copies nor retries; a put goes to the next tier (``TierChain._spill``)."""
 
 
 class Resource(str, enum.Enum):
@@ -53,6 +60,10 @@ class Resource(str, enum.Enum):
                  Resource.CONCURRENT_STREAMS: "streams in flight", Resource.NAMESPACES: "registered namespaces"}
         return f"{_size(n)} {words[self]}" if self.is_bytes else f"{n} {words[self]}"
 
+
+#: ``dram.capacity_bytes``' default: what an unset ``max_reserved_bytes`` is half of when the
+#: ledger is built without a DRAM size.
+DEFAULT_DRAM_BYTES = DramConfig.model_fields["capacity_bytes"].default
 
 #: The daemon-wide budget of in-flight request bytes (all tenants together).
 DAEMON_INFLIGHT_KEY = "daemon_max_inflight_request_bytes"
@@ -92,7 +103,10 @@ def resolve_limits(defaults: QuotaConfig, override: TenantQuotas | None = None) 
         v = getattr(override, field) if field in set_fields else None
         return getattr(defaults, field) if v is None else v
 
-    return TenantLimits({r: pick(r.value) for r in Resource}, pick("max_pin_ttl_s"), pick("max_stream_idle_s"),
+    values = {r: pick(r.value) for r in Resource}
+    if values[Resource.RESERVED_BYTES] is None:   # never unbounded (see ledger_from_config)
+        values[Resource.RESERVED_BYTES] = DEFAULT_DRAM_BYTES // 2
+    return TenantLimits(values, pick("max_pin_ttl_s"), pick("max_stream_idle_s"),
                         frozenset(f for f in set_fields if getattr(override, f) is not None))
 
 
@@ -120,10 +134,8 @@ class QuotaLedger:
         self._defaults = defaults
         self._default_limits = resolve_limits(defaults)
         self._limits = {t: resolve_limits(defaults, q) for t, q in (overrides or {}).items()}
-        self._daemon_inflight_limit = defaults.daemon_max_inflight_request_bytes
         self._lock = threading.Lock()
         self._held: dict[str, dict[Resource, int]] = {}
-        self._daemon_inflight = 0
 
     def limits(self, tenant: str) -> TenantLimits:
         return self._limits.get(tenant, self._default_limits)
@@ -132,8 +144,8 @@ class QuotaLedger:
     def acquire(self, tenant: str, resource: Resource, n: int = 1, *, enforce: bool = True) -> None:
         """Counts ``n`` more units of ``resource`` against ``tenant``.
 
-        Raises ResourceExhausted (nothing counted) when that would pass the tenant's quota or,
-        for request bytes, the daemon-wide budget. ``enforce=False`` counts without checking
+        Raises ResourceExhausted (nothing counted) when that would pass the tenant's quota.
+        ``enforce=False`` counts without checking
         (what a restart finds already held, e.g. registered namespaces)."""
         if n < 0:
             raise Internal(f"QuotaLedger.acquire({resource.name}, n={n}): n must be >= 0")
@@ -143,16 +155,9 @@ class QuotaLedger:
             held = self._held.setdefault(tenant, {})
             have = held.get(resource, 0)
             if enforce and cap is not None and have + n > cap:
-                raise ResourceExhausted(
+                raise QuotaExceeded(
                     f"tenant {tenant!r} holds {resource.describe(have)} and asked for {resource.describe(n)} more, "
                     f"over its quota ({lim.key(resource.value)}={cap}); release some first, or raise the quota")
-            if resource is Resource.INFLIGHT_REQUEST_BYTES:
-                if enforce and self._daemon_inflight + n > self._daemon_inflight_limit:
-                    raise ResourceExhausted(
-                        f"the daemon is buffering {_size(self._daemon_inflight)} of request data for all tenants, "
-                        f"at its budget (quotas.{DAEMON_INFLIGHT_KEY}={self._daemon_inflight_limit}); retry "
-                        "shortly, or raise the budget")
-                self._daemon_inflight += n
             held[resource] = have + n
 
     def release(self, tenant: str, resource: Resource, n: int = 1) -> None:
@@ -164,8 +169,6 @@ class QuotaLedger:
                 raise Internal(f"QuotaLedger.release: tenant {tenant!r} holds {have} of {resource.name}, "
                                f"cannot release {n}")
             held[resource] = have - n
-            if resource is Resource.INFLIGHT_REQUEST_BYTES:
-                self._daemon_inflight -= n
 
     @contextlib.contextmanager
     def holding(self, tenant: str, resource: Resource, n: int = 1) -> Iterator[None]:
@@ -182,9 +185,19 @@ class QuotaLedger:
             held = dict(self._held.get(tenant, {}))
         return {r: held.get(r, 0) for r in Resource}
 
-    def daemon_inflight_bytes(self) -> int:
+    def held(self, tenant: str, resource: Resource) -> int:
+        """What ``tenant`` holds of ``resource`` now (O(1))."""
         with self._lock:
-            return self._daemon_inflight
+            return self._held.get(tenant, {}).get(resource, 0)
+
+    def excess(self, tenant: str, resource: Resource, n: int) -> int:
+        """Units ``tenant`` must give back before ``n`` more of ``resource`` fit its quota
+        (0 when they fit now or the quota is unset). A tier evicts that much of the tenant's
+        own chunks before it charges a new one (``TierAccount``)."""
+        cap = self.limits(tenant).limit(resource)
+        if cap is None:
+            return 0
+        return max(0, self.held(tenant, resource) + n - cap)
 
     def tenants(self) -> list[str]:
         with self._lock:
@@ -199,6 +212,64 @@ class QuotaLedger:
         return cap if requested_s == 0 else min(requested_s, cap)
 
 
-def ledger_from_config(quotas: QuotaConfig, auth: AuthConfig) -> QuotaLedger:
-    """The daemon's ledger: ``[quotas]`` defaults plus every credential's overrides."""
+#: Bytes of the namespace-id prefix of a chunk id (``domain.types.split_chunk_id``).
+_NAMESPACE_ID_BYTES = 32
+
+
+class TierAccount:
+    """Charges the chunks of one tier to the tenants that own them.
+
+    A chunk's tenant is its namespace's (a chunk id starts with its namespace id, and a
+    namespace id hashes its tenant, so the mapping never changes: it is cached).
+    ``tenant_of`` raises NotFound for a namespace the registry does not know; such a chunk
+    is charged to nobody (``tenant`` None), as is every chunk of a tier built without a
+    registry. A tier calls ``charge`` where a chunk starts occupying it (bytes as the tier
+    stores them: arena extent, file, Redis value) and ``release`` with the same tenant and
+    bytes where it stops; it stores the tenant on its entry so the two always agree.
+
+    Threading: thread-safe; never calls into a tier (the ledger's lock nests inside a tier's).
+    """
+
+    def __init__(self, ledger: QuotaLedger, resource: Resource,
+                 tenant_of: Callable[[bytes], str] | None) -> None:
+        self.ledger = ledger
+        self.resource = resource
+        self._tenant_of = tenant_of
+        self._cache: dict[bytes, str] = {}
+
+    def tenant(self, cid: bytes) -> str | None:
+        """The tenant owning chunk ``cid``, or None (unknown namespace, no registry)."""
+        if self._tenant_of is None:
+            return None
+        ns = bytes(cid[:_NAMESPACE_ID_BYTES])
+        t = self._cache.get(ns)
+        if t is None:
+            try:
+                t = self._tenant_of(ns)
+            except NotFound:
+                return None
+            self._cache[ns] = t
+        return t
+
+    def excess(self, tenant: str | None, n: int, resource: Resource | None = None) -> int:
+        """Bytes of ``tenant``'s own chunks to evict before ``n`` more fit (see QuotaLedger)."""
+        return 0 if tenant is None else self.ledger.excess(tenant, resource or self.resource, n)
+
+    def charge(self, tenant: str | None, n: int, resource: Resource | None = None, *, enforce: bool = True) -> None:
+        """Counts ``n`` bytes against ``tenant``; ResourceExhausted (nothing counted) naming
+        the quota's key when over. No-op for tenant None."""
+        if tenant is not None:
+            self.ledger.acquire(tenant, resource or self.resource, n, enforce=enforce)
+
+    def release(self, tenant: str | None, n: int, resource: Resource | None = None) -> None:
+        if tenant is not None:
+            self.ledger.release(tenant, resource or self.resource, n)
+
+
+def ledger_from_config(quotas: QuotaConfig, auth: AuthConfig, dram_capacity_bytes: int | None = None) -> QuotaLedger:
+    """The daemon's ledger: ``[quotas]`` defaults plus every credential's overrides. An unset
+    ``max_reserved_bytes`` becomes half of ``dram_capacity_bytes`` (reservations are never
+    unbounded: they cannot be evicted)."""
+    if quotas.max_reserved_bytes is None:
+        quotas = quotas.model_copy(update={"max_reserved_bytes": (dram_capacity_bytes or DEFAULT_DRAM_BYTES) // 2})
     return QuotaLedger(quotas, tenant_overrides(auth))

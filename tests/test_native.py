@@ -87,7 +87,8 @@ def _lib_path(name: str):
 @pytest.mark.skipif(shutil.which("nm") is None, reason="needs binutils' nm")
 def test_library_exports_one_crc32c_and_only_the_kvs_abi():
     names = _exported(_lib_path("libkvstore.so"))
-    assert [n for n in names if "crc" in n.lower()] == ["kvs_crc32c"]
+    # One CRC32C implementation: the fused copy calls kvs_crc32c block by block.
+    assert sorted(n for n in names if "crc" in n.lower()) == ["kvs_copy2d_crc32c", "kvs_crc32c"]
     assert names and all(n.startswith("kvs_") for n in names), names
     assert not any(n.startswith("kvc_") for n in names)
 
@@ -102,6 +103,15 @@ def test_cuda_library_exports_only_kvs_cuda_functions_and_links_the_core_for_crc
     # The CPU CRC32C lives in the core library only (the CUDA one has the GPU kernels' batch,
     # combine and fold, all kvs_cuda_*).
     assert "kvs_crc32c" not in names
+
+
+def test_fused_copy_returns_the_crc_of_what_it_wrote():
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, (30, 70_001), dtype=np.uint8)[:, 1:]     # pitched rows, odd offset
+    dst = np.zeros((30, 70_000), np.uint8)
+    crc = native.copy_rows_crc32c(dst, src)
+    assert np.array_equal(dst, src) and crc == native.crc32c(np.ascontiguousarray(src))
+    assert native.copy_rows_crc32c(dst[:, :0], src[:, :0], crc) == crc    # nothing written: unchanged
 
 
 def test_abi_version_matches_the_header_and_the_bindings():

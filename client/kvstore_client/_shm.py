@@ -13,6 +13,7 @@ moves through torch copies instead of the gather/scatter kernels.
 from __future__ import annotations
 
 import grpc
+import numpy as np
 
 from kvstore_wire import crc as _crc
 from kvstore_wire._proto.kvstore.v1 import local_pb2
@@ -82,13 +83,21 @@ def same_arena(core, nonce: bytes):
 def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Durability):
     """Same-host store: reserve arena extents, copy each chunk straight into its extent
     (the only copy), commit; the daemon's DRAM tier takes the extents over. Returns the
-    chunks newly stored, or None when the arena can no longer be mapped (the caller streams)."""
+    chunks newly stored, or None when the caller should stream them instead: the arena can no
+    longer be mapped, or the daemon refused the reservation or its commit with
+    RESOURCE_EXHAUSTED (the tenant's reserved-bytes or DRAM quota, or no arena room: the
+    stream path queues on the in-flight budget and may land the chunks in a lower tier)."""
     ns = core.namespace
     size = ns.chunk_bytes()
     req = local_pb2.ReserveWriteRequest(namespace_id=core.namespace_id, chunks=[
         local_pb2.ChunkToWrite(key=k, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens, encoding=Encoding.RAW,
                                payload_bytes=size) for k in keys])
-    resp = yield Call("reserve", req)
+    try:
+        resp = yield Call("reserve", req)
+    except grpc.RpcError as e:
+        if _exhausted(e):
+            return None
+        raise
     if resp.lease_id == 0:
         return 0
     if not (yield from same_arena(core, resp.arena_nonce)):
@@ -107,18 +116,33 @@ def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Dura
         raise
     # The daemon publishes an extent only if its CRC32C matches what we say we wrote
     # (docs/security.md, "Stale bytes"): one per slot that was not `exists`, in slot order.
-    done = yield Call("commit", local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability),
-                                                             crc32c=crcs))
+    try:
+        done = yield Call("commit", local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability),
+                                                                 crc32c=crcs))
+    except grpc.RpcError as e:
+        if _exhausted(e):   # over the tenant's DRAM quota: nothing left reserved on the daemon
+            return None
+        raise
     return done.stored
+
+
+def _exhausted(e: grpc.RpcError) -> bool:
+    code = getattr(e, "code", None)
+    return callable(code) and code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _copy_into_arena(core, u8, targets: list[tuple[int, object]], stream) -> list[int]:
     """Chunk ``i`` of ``u8`` into each ``(i, extent)``: one gather kernel per chunk from a
     contiguous CUDA tensor into the CUDA-registered arena, else a host copy. Returns the
-    CRC32C of each extent as written (read back from the arena, so it covers what the daemon
-    will publish)."""
+    CRC32C of each extent as written, so it covers what the daemon will publish. From host
+    memory each chunk is copied and checksummed in one pass (``_copy_chunk_crc``), chunks in
+    parallel on the client's copy threads."""
     ns = core.namespace
-    kernel = stream is not None and u8.is_contiguous() and _kernels_usable() and core.arena.register_cuda()
+    if stream is None:
+        pool = core.copy_pool()
+        one = lambda t: _copy_chunk_crc(u8, ns, t[0], t[1])  # noqa: E731
+        return list(pool.map(one, targets)) if pool is not None and len(targets) > 1 else [one(t) for t in targets]
+    kernel = u8.is_contiguous() and _kernels_usable() and core.arena.register_cuda()
     if kernel:
         planes, heads, elt = C.planes_of(u8, ns)
     for index, dst in targets:
@@ -129,9 +153,21 @@ def _copy_into_arena(core, u8, targets: list[tuple[int, object]], stream) -> lis
             transfer.gather(spec, int(dst.ctypes.data), device=True, stream=stream.cuda_stream)
         else:
             C.copy_chunk_out(u8, ns, index, dst, stream)
-    if stream is not None:
-        stream.synchronize()   # bytes in the arena before commit
+    stream.synchronize()   # bytes in the arena before commit
     return [_crc.crc32c(dst) for _, dst in targets]
+
+
+def _copy_chunk_crc(u8, ns, index: int, dst) -> int:
+    """Host chunk ``index`` of ``u8`` into the extent ``dst``; returns the CRC32C of the extent
+    as written. Native: each row is copied and checksummed block by block while cache-hot
+    (the bytes cross memory once); else a copy, then a CRC pass over the extent."""
+    part = u8[C.token_slice(u8.ndim, ns, index)]
+    rows = int(np.prod(part.shape[:C.token_axis(ns)]))
+    dst2, src2 = dst.reshape(rows, -1), part.reshape(rows, -1)   # views: each row is contiguous
+    if _crc.native_copy_rows_crc32c is not None and src2.strides[1] == 1 and dst2.strides[1] == 1:
+        return _crc.native_copy_rows_crc32c(dst2, src2)
+    C.copy_chunk_out(u8, ns, index, dst)
+    return _crc.crc32c(dst)
 
 
 def retrieve_local(core, keys: list[bytes], asm: "C.ChunkAssembler"):

@@ -25,14 +25,16 @@ from .chain import Level, TierChain
 def build_chain(config: cfg.Config, transcoder: Transcoder | None = None,
                 clock: Callable[[], float] = time.time, *,
                 wrap: Mapping[Medium, Callable[[Tier], Tier]] | None = None,
-                verify_crc: bool = True, resolve: Callable[[bytes], object] | None = None) -> TierChain:
+                verify_crc: bool = True, resolve: Callable[[bytes], object] | None = None,
+                quotas=None) -> TierChain:
     """The chain ``config`` describes. ``transcoder`` is needed when a tier has a codec
     (FailedPrecondition otherwise). ``verify_crc``: in-memory tiers check every chunk's
     CRC32C on ``get`` (False only for benchmarks that measure the unchecked path).
     ``resolve`` (namespace id -> Namespace) is handed to the tier factories. On failure
+    ``quotas`` (a ``QuotaLedger``): tiers charge their chunks to their tenants. On failure
     every tier built so far is closed."""
     pins = PinTable(clock)
-    ctx = registry.BuildContext(config, pins, clock, verify_crc, resolve)
+    ctx = registry.BuildContext(config, pins, clock, verify_crc, resolve, quotas)
     entries = [registry.entry(m) for m in config.chain.tiers]
     levels: list[Level] = []
     demoting: list[tuple[int, registry.TierEntry, Tier]] = []   # (level, entry, unwrapped tier)

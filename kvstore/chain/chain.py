@@ -39,6 +39,7 @@ from typing import Callable, Sequence, TypeVar
 
 from .. import config as cfg
 from ..domain.errors import FailedPrecondition, KVStoreError, ResourceExhausted, Unavailable
+from ..quotas import QuotaExceeded
 from ..domain.results import KeyInfo, PutResult
 from ..domain.types import ChunkId, ChunkMeta, Durability, Medium
 from ..tiers.base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
@@ -222,6 +223,8 @@ class TierChain:
         (pins, readers, writes in progress) and propagates with its message."""
         try:
             return write()
+        except QuotaExceeded:
+            raise       # the tenant's own quota: other tenants' queued copies are not shed for it
         except ResourceExhausted:
             link = self._links[level] if level < len(self._links) else None
             if link is None or not link.shed():

@@ -1,43 +1,45 @@
-"""Admission control for streams: a daemon-wide in-flight byte budget, a cap on open streams
-and a per-stream idle deadline (docs/security.md, "Admission control").
+"""Admission control for streams: the in-flight byte budgets and a cap on open streams
+(docs/security.md, "Admission control"). The per-stream idle deadline is the interceptor's
+(``status.RequestInterceptor``, ``quotas.max_stream_idle_s``): one deadline per stream.
 
 ``InflightBudget`` counts request bytes the daemon holds in memory but has not stored yet
-(Put data as it arrives). Nothing is allocated from an announced length: bytes are counted
-when they have arrived, so a header-only stream costs nothing, and a stream over budget
-stops reading (gRPC flow control then stops its sender) for at most ``wait_s`` before it is
-refused with RESOURCE_EXHAUSTED.
+(Put data as it arrives), per tenant against ``quotas.max_inflight_request_bytes`` (through the
+quota ledger: over it, RESOURCE_EXHAUSTED at once) and daemon-wide against
+``quotas.daemon_max_inflight_request_bytes``. Nothing is allocated from an announced length:
+bytes are counted when they have arrived, so a header-only stream costs nothing, and a stream
+over the daemon-wide budget stops reading (gRPC flow control then stops its sender) for at
+most ``wait_s`` (``server.inflight_wait_s``) before it is refused with RESOURCE_EXHAUSTED.
 
-``StreamGate`` caps the Put and Get streams open at once; one more is refused at once.
+``StreamGate`` caps the Put and Get streams open at once daemon-wide
+(``server.max_concurrent_streams``; per tenant: ``quotas.max_concurrent_streams``, counted by
+the interceptor); one more is refused at once.
 
-``next_within`` reads the next message of a request stream, or raises DeadlineExceeded when
-none arrives within the idle deadline (the handler then ends and frees what it held).
-
-Threading: event-loop thread only (no locks); every method is non-blocking or a coroutine.
+Threading: event-loop thread only (no locks of its own; the ledger is thread-safe); every
+method is non-blocking or a coroutine.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import AsyncIterator, TypeVar
 
-from ..domain.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted
+from ..domain.errors import InvalidArgument, ResourceExhausted
+from ..quotas import DAEMON_INFLIGHT_KEY, QuotaLedger, Resource
 
-T = TypeVar("T")
-
-#: Returned by ``next_within`` when the stream ended.
-END = object()
+_KEY = f"quotas.{DAEMON_INFLIGHT_KEY}"
 
 
 class InflightBudget:
-    """Bytes held by requests in flight, daemon-wide. Waiters are served first come, first
-    served, so a large request is not starved by a stream of small ones."""
+    """Bytes held by requests in flight, per tenant (``ledger``, when given) and daemon-wide.
+    Waiters for the daemon-wide budget are served first come, first served, so a large request
+    is not starved by a stream of small ones."""
 
-    def __init__(self, limit_bytes: int, wait_s: float) -> None:
+    def __init__(self, limit_bytes: int, wait_s: float, ledger: QuotaLedger | None = None) -> None:
         if limit_bytes <= 0:
-            raise InvalidArgument("server.max_inflight_bytes must be positive")
+            raise InvalidArgument(f"{_KEY} must be positive")
         self._limit = limit_bytes
         self._wait_s = wait_s
+        self._ledger = ledger
         self._used = 0
         self._waiters: deque[tuple[int, asyncio.Future]] = deque()
 
@@ -49,12 +51,24 @@ class InflightBudget:
     def limit_bytes(self) -> int:
         return self._limit
 
-    async def acquire(self, n: int) -> None:
-        """Counts ``n`` bytes, waiting up to ``wait_s`` for room. ResourceExhausted naming
-        ``server.max_inflight_bytes`` when there is none in time (nothing is counted then)."""
+    async def acquire(self, n: int, tenant: str | None = None) -> None:
+        """Counts ``n`` bytes of ``tenant`` (None: no per-tenant quota), waiting up to
+        ``wait_s`` for daemon-wide room. ResourceExhausted naming the tenant's quota at once
+        when it is over it, or naming ``quotas.daemon_max_inflight_request_bytes`` when there
+        is no daemon-wide room in time (nothing is counted then)."""
         if n > self._limit:
             raise ResourceExhausted(f"a request of {n} bytes exceeds the daemon's in-flight budget "
-                                    f"(server.max_inflight_bytes={self._limit}); send smaller chunks")
+                                    f"({_KEY}={self._limit}); send smaller chunks")
+        if tenant is not None and self._ledger is not None:
+            self._ledger.acquire(tenant, Resource.INFLIGHT_REQUEST_BYTES, n)
+        try:
+            await self._acquire_daemon(n)
+        except BaseException:
+            if tenant is not None and self._ledger is not None:
+                self._ledger.release(tenant, Resource.INFLIGHT_REQUEST_BYTES, n)
+            raise
+
+    async def _acquire_daemon(self, n: int) -> None:
         if not self._waiters and self._used + n <= self._limit:
             self._used += n
             return
@@ -73,11 +87,13 @@ class InflightBudget:
             if isinstance(e, asyncio.CancelledError):
                 raise
             raise ResourceExhausted(
-                f"the daemon holds {self._used} of its server.max_inflight_bytes={self._limit} bytes of requests "
-                f"in flight and none were freed within server.inflight_wait_s={self._wait_s:g} s; retry later, "
-                "or raise server.max_inflight_bytes") from None
+                f"the daemon holds {self._used} of its {_KEY}={self._limit} bytes of requests "
+                f"in flight (all tenants) and none were freed within server.inflight_wait_s={self._wait_s:g} s; "
+                f"retry later, or raise {_KEY}") from None
 
-    def release(self, n: int) -> None:
+    def release(self, n: int, tenant: str | None = None) -> None:
+        if tenant is not None and self._ledger is not None:
+            self._ledger.release(tenant, Resource.INFLIGHT_REQUEST_BYTES, n)
         self._used -= n
         assert self._used >= 0, "in-flight bytes released twice"
         self._grant()
@@ -113,46 +129,3 @@ class StreamGate:
 
     def __exit__(self, *exc) -> None:
         self._open -= 1
-
-
-async def next_within(it: AsyncIterator[T], idle_s: float, what: str = "stream"):
-    """The next item of ``it``, or ``END``; DeadlineExceeded naming
-    ``server.stream_idle_timeout_s`` when nothing arrives within ``idle_s``."""
-    try:
-        return await asyncio.wait_for(it.__anext__(), idle_s)
-    except StopAsyncIteration:
-        return END
-    except asyncio.TimeoutError:
-        raise DeadlineExceeded(f"{what} sent nothing for {idle_s:g} s (server.stream_idle_timeout_s); "
-                               "it was cancelled and what it had sent was dropped") from None
-
-
-class IdleWatchdog:
-    """Ends a response stream whose reader stopped reading: a ``with watchdog:`` block (one
-    send) that takes longer than ``idle_s`` is cancelled, and the block raises
-    DeadlineExceeded naming ``server.stream_idle_timeout_s`` instead (so the caller gets that
-    status, not a silently dropped stream). Reusable; one task at a time."""
-
-    def __init__(self, idle_s: float) -> None:
-        self._idle_s = idle_s
-        self._timer: asyncio.TimerHandle | None = None
-        self._fired = False
-
-    def _fire(self, task: asyncio.Task) -> None:
-        self._fired = True
-        task.cancel()
-
-    def __enter__(self) -> "IdleWatchdog":
-        self._fired = False
-        self._timer = asyncio.get_running_loop().call_later(self._idle_s, self._fire, asyncio.current_task())
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        if self._fired and exc_type is asyncio.CancelledError:
-            asyncio.current_task().uncancel()
-            raise DeadlineExceeded(f"the reader took nothing for {self._idle_s:g} s "
-                                   "(server.stream_idle_timeout_s); the stream was ended") from None
-        return False

@@ -4,10 +4,12 @@ Headers are checked by ``domain.chunks.validate_header`` (the same rules as Rese
 storage, checksums and codec conversion are the ``Store``'s.
 
 Admission (``admission.py``): Put and Get streams pass a daemon-wide ``StreamGate``
-(``server.max_concurrent_streams``); Put data counts against the daemon-wide
-``InflightBudget`` (``server.max_inflight_bytes``) from the moment it arrives until its chunk
-is stored, and nothing is allocated from a header's announced length; a Put that sends
-nothing, or a Get whose reader takes nothing, for ``server.stream_idle_timeout_s`` is ended.
+(``server.max_concurrent_streams``); Put data counts against the ``InflightBudget`` (the
+tenant's ``quotas.max_inflight_request_bytes`` and the daemon's
+``quotas.daemon_max_inflight_request_bytes``) from the moment it arrives until its chunk is
+stored, and nothing is allocated from a header's announced length. The idle deadline of
+every stream (a Put that sends nothing, a Get whose reader takes nothing, for
+``quotas.max_stream_idle_s``) is the interceptor's (``status.py``), not repeated here.
 
 Threading: methods run on the event loop. ``Store.lookup/locate`` never block and run
 inline; ``get``/``put``/``delete``/``read_as`` may do disk I/O or codec work and run on the
@@ -29,7 +31,7 @@ from ..domain.types import ChunkId, ChunkMeta, Durability, Encoding
 from ..metrics import RequestStats
 from ..store import Store
 from . import convert, wire
-from .admission import END, IdleWatchdog, InflightBudget, StreamGate, next_within
+from .admission import InflightBudget, StreamGate
 from .auth import current_principal
 
 
@@ -38,10 +40,11 @@ class _Incoming:
     Nothing is allocated from the header's ``payload_bytes``: the pieces are the messages
     gRPC already holds, joined into one buffer (the one copy) when the chunk is complete."""
 
-    __slots__ = ("index", "cid", "meta", "durability", "pieces", "filled")
+    __slots__ = ("index", "cid", "meta", "durability", "pieces", "filled", "tenant")
 
-    def __init__(self, index: int, cid: ChunkId, meta: ChunkMeta, durability: Durability) -> None:
+    def __init__(self, index: int, cid: ChunkId, meta: ChunkMeta, durability: Durability, tenant: str) -> None:
         self.index = index
+        self.tenant = tenant    # whose in-flight bytes ``filled`` are
         self.cid = cid
         self.meta = meta
         self.durability = durability
@@ -66,7 +69,8 @@ class DataServicer:
         self._cfg = config.server
         self._pool = pool
         self._stats = stats
-        self._budget = InflightBudget(self._cfg.max_inflight_bytes, self._cfg.inflight_wait_s)
+        self._budget = InflightBudget(config.quotas.daemon_max_inflight_request_bytes, self._cfg.inflight_wait_s,
+                                      store.limits)
         self._streams = StreamGate(self._cfg.max_concurrent_streams)
 
     def _namespace(self, namespace_id: bytes) -> NamespaceInfo:
@@ -88,7 +92,7 @@ class DataServicer:
         info = self._namespace(h.namespace_id)
         cid, meta = validate_header(info, ChunkHeader(h.key, h.num_tokens, h.payload_bytes, h.encoding,
                                                       h.key_kind, h.crc32c), self._cfg.max_chunk_bytes, where)
-        return _Incoming(index, cid, meta, parse_durability(h.durability, where))
+        return _Incoming(index, cid, meta, parse_durability(h.durability, where), current_principal().tenant)
 
     def _stored(self, c: _Incoming) -> PutResult:
         """Worker thread: the complete chunk to the store (which checks its CRC32C)."""
@@ -99,7 +103,7 @@ class DataServicer:
             return await self._run(self._stored, c)
         finally:
             c.pieces = []
-            self._budget.release(c.filled)
+            self._budget.release(c.filled, c.tenant)
 
     async def Put(self, request_iterator, context):
         with self._streams.enter():
@@ -119,9 +123,8 @@ class DataServicer:
         cur: _Incoming | None = None
         index = 0
         received = 0
-        idle_s = self._cfg.stream_idle_timeout_s
         try:
-            while (req := await next_within(request_iterator, idle_s, "the Put stream")) is not END:
+            async for req in request_iterator:   # the interceptor ends a stream that sends nothing
                 if isinstance(req, memoryview):
                     if cur is None and index:
                         raise InvalidArgument(f"data message after chunk {index - 1} was complete: more data than "
@@ -135,7 +138,7 @@ class DataServicer:
                         raise InvalidArgument(f"chunk {cur.index}: {cur.filled + n} data bytes sent but the header "
                                               f"declared payload_bytes={cur.meta.payload_bytes}; send exactly that "
                                               "many")
-                    await self._budget.acquire(n)
+                    await self._budget.acquire(n, cur.tenant)
                     cur.pieces.append(req)
                     cur.filled += n
                     received += n
@@ -155,13 +158,13 @@ class DataServicer:
         except BaseException:
             if cur is not None:         # a failed stream: drop the partial chunk's bytes
                 cur.pieces = []
-                self._budget.release(cur.filled)
+                self._budget.release(cur.filled, cur.tenant)
             raise
         finally:
             self._stats.add_bytes(received=received)
         if cur is not None:
             cur.pieces = []
-            self._budget.release(cur.filled)
+            self._budget.release(cur.filled, cur.tenant)
             raise InvalidArgument(f"stream ended after {cur.filled} of {cur.meta.payload_bytes} payload bytes of "
                                   f"chunk {cur.index}: truncated put, that chunk was not stored")
 
@@ -194,30 +197,27 @@ class DataServicer:
         sent = 0
         if self._store.serves_prefixes:
             await self._run(self._store.fill_prefix, cids)  # a prefix missed locally: one remote batch
-        # A reader that stops taking pieces would hold its lease (arena pages) forever: each
-        # send gets server.stream_idle_timeout_s, then the stream is cancelled.
-        watchdog = IdleWatchdog(self._cfg.stream_idle_timeout_s)
+        # A reader that stops taking pieces would hold its lease (arena pages) forever: the
+        # interceptor gives each send quotas.max_stream_idle_s, then closes this generator
+        # (its ``with ref`` releases the lease).
         with self._streams.enter():
             try:
                 for i, cid in enumerate(cids):
                     ref = await self._run(self._store.get, cid)
                     if ref is None:
-                        with watchdog:
-                            yield data_pb2.GetResponse(header=data_pb2.GetChunkHeader(index=i, found=False))
+                        yield data_pb2.GetResponse(header=data_pb2.GetChunkHeader(index=i, found=False))
                         continue
                     with ref:  # the lease is held until the last piece is handed to gRPC
                         m, view = ref.meta, ref.view
                         want = Encoding(request.encoding) if request.encoding else m.encoding
                         if want != m.encoding:
                             m, view = await self._run(self._store.read_as, ref, want)
-                        with watchdog:
-                            yield data_pb2.GetResponse(header=data_pb2.GetChunkHeader(
-                                index=i, found=True, num_tokens=m.num_tokens, encoding=int(m.encoding),
-                                payload_bytes=m.payload_bytes, crc32c=m.crc32c, tier=int(ref.medium),
-                                key_kind=int(m.key_kind)))
+                        yield data_pb2.GetResponse(header=data_pb2.GetChunkHeader(
+                            index=i, found=True, num_tokens=m.num_tokens, encoding=int(m.encoding),
+                            payload_bytes=m.payload_bytes, crc32c=m.crc32c, tier=int(ref.medium),
+                            key_kind=int(m.key_kind)))
                         for off in range(0, view.nbytes, piece):
-                            with watchdog:
-                                yield wire.encode_data_piece(view[off:off + piece])
+                            yield wire.encode_data_piece(view[off:off + piece])
                         sent += view.nbytes
             finally:
                 self._stats.add_bytes(sent=sent)

@@ -27,10 +27,11 @@ from kvstore_wire._proto.kvstore.v1 import local_pb2
 
 from ..domain.chunks import ChunkHeader, chunk_ids, parse_durability, validate_header
 from ..domain.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
-from ..config import ServerConfig
+from ..config import QuotaConfig
 from ..domain.types import Medium
 from ..store import LocalAccess, Store
-from ..store.limits import Resource, TenantCounters, TenantLimits
+from ..quotas import QuotaLedger
+from ..store.limits import Resource, TenantLimits
 from .auth import current_principal
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,7 @@ class LeaseTable:
                  limits: TenantLimits | None = None) -> None:
         self._m = local
         #: Per-tenant open leases and reservations (the store's ``TenantLimits``).
-        self._limits = limits if limits is not None else TenantCounters.from_config(ServerConfig())
+        self._limits = limits if limits is not None else QuotaLedger(QuotaConfig())
         self._ttl = ttl_s
         self._max = max_open
         self._clock = clock

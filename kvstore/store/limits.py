@@ -2,43 +2,28 @@
 
 ``TenantLimits`` is what callers use: ``acquire(tenant, resource, n)`` (ResourceExhausted
 naming the config key when the tenant would go over), ``release(tenant, resource, n)`` and
-``usage(tenant)``. ``TenantCounters`` is the simple in-process implementation built from
-``server.*`` settings; the quota model's ledger (``kvstore.quotas.QuotaLedger``) has the same
-three methods and replaces it in ``Store.open`` (one line) when it lands.
+``usage(tenant)``. The daemon's implementation is the quota ledger
+(``kvstore.quotas.QuotaLedger``, built from ``[quotas]`` and per-token overrides): the one
+source of every per-tenant limit.
 
 ``PinAccount`` tracks which chunks each tenant pinned through Lookup, for how long and at
 what size, so pinned bytes are released when a pin expires (lazily, at the tenant's next
 pinning Lookup).
 
-Threading: both are thread-safe (one small lock each, never held while calling out).
-Lock order: PinAccount._lock -> TenantCounters._lock.
+Threading: thread-safe (one small lock each, never held while calling out).
+Lock order: PinAccount._lock -> QuotaLedger._lock.
 """
 
 from __future__ import annotations
 
-import enum
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Mapping, Protocol, Sequence
 
-from ..domain.errors import ResourceExhausted
 from ..domain.types import ChunkId
+from ..quotas import Resource
 
-
-class Resource(str, enum.Enum):
-    PINNED_BYTES = "pinned_bytes"
-    OPEN_LEASES = "open_leases"
-    OPEN_RESERVATIONS = "open_reservations"
-
-
-@dataclass(frozen=True)
-class Limit:
-    amount: int
-    #: The setting that raises it, quoted in the error.
-    config_key: str
-    #: What is counted, for the error message ("bytes pinned", "open read leases").
-    what: str
+__all__ = ["PinAccount", "Resource", "TenantLimits"]
 
 
 class TenantLimits(Protocol):
@@ -51,51 +36,6 @@ class TenantLimits(Protocol):
 
     def usage(self, tenant: str) -> Mapping[Resource, int]:
         """What the tenant holds now."""
-
-
-class TenantCounters:
-    """The same limit for every tenant, counted in memory."""
-
-    def __init__(self, limits: Mapping[Resource, Limit]) -> None:
-        self._limits = dict(limits)
-        self._lock = threading.Lock()
-        self._used: dict[tuple[str, Resource], int] = {}
-
-    @classmethod
-    def from_config(cls, server) -> "TenantCounters":
-        return cls({
-            Resource.PINNED_BYTES: Limit(server.max_pinned_bytes_per_tenant, "server.max_pinned_bytes_per_tenant",
-                                         "bytes pinned"),
-            Resource.OPEN_LEASES: Limit(server.max_open_leases_per_tenant, "server.max_open_leases_per_tenant",
-                                        "open same-host read leases"),
-            Resource.OPEN_RESERVATIONS: Limit(server.max_open_reservations_per_tenant,
-                                              "server.max_open_reservations_per_tenant",
-                                              "open same-host reservations (uncommitted chunks)"),
-        })
-
-    def acquire(self, tenant: str, resource: Resource, n: int) -> None:
-        lim = self._limits.get(resource)
-        with self._lock:
-            cur = self._used.get((tenant, resource), 0)
-            if lim is not None and cur + n > lim.amount:
-                raise ResourceExhausted(
-                    f"tenant {tenant!r} holds {cur} {lim.what} and asked for {n} more; the limit is "
-                    f"{lim.config_key}={lim.amount}. Release what you hold (Release, or let pins expire), "
-                    "or ask the operator to raise the limit")
-            self._used[(tenant, resource)] = cur + n
-
-    def release(self, tenant: str, resource: Resource, n: int) -> None:
-        with self._lock:
-            left = self._used.get((tenant, resource), 0) - n
-            assert left >= 0, f"{resource.value} of tenant {tenant!r} released twice"
-            if left:
-                self._used[(tenant, resource)] = left
-            else:
-                self._used.pop((tenant, resource), None)
-
-    def usage(self, tenant: str) -> dict[Resource, int]:
-        with self._lock:
-            return {r: n for (t, r), n in self._used.items() if t == tenant}
 
 
 class PinAccount:

@@ -201,7 +201,7 @@ class LocalAccess:
                 if self._chain.medium_of(cid) is not None:
                     out.append(None)
                     continue
-                out.append(self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes)))
+                out.append(self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes, same_host=True)))
             # never hand out another chunk's old bytes (docs/security.md)
             for f in [self._crc_pool.submit(_zero, r.view[i:i + PIECE_BYTES])
                       for r in out if r is not None for i in range(0, r.view.nbytes, PIECE_BYTES)]:
@@ -222,10 +222,10 @@ class LocalAccess:
             persist = self._chain.check_put(durability)
             if persist:
                 self._chain.write_below(self._level, res.cid, meta, res.view, persist=True)
+            s.commit(res, meta)     # over the tenant's DRAM quota: ResourceExhausted, aborted below
         except BaseException:
             s.abort(res)
             raise
-        s.commit(res, meta)
         self._chain.stored_in(self._level, res.cid, durability)
         return PutResult.STORED
 

@@ -22,23 +22,20 @@ from .. import config as cfg
 from ..chain import ChainStats, TierChain, build_chain
 from ..domain.errors import DataLoss, FailedPrecondition, InvalidArgument
 from ..domain.namespaces import NamespaceInfo, NamespaceRegistry
-from ..quotas import ledger_from_config
+from ..quotas import QuotaLedger, ledger_from_config
 from ..domain.results import KeyInfo, LookupResult, PutResult
 from ..domain.types import ChunkId, ChunkMeta, Durability, Encoding, Medium
 from ..tiers.base import ChunkRef, Tier
 from ..remote_metrics import RemoteCollector
 from ..tiers.presence import PresenceIndex
 from ..tiers.transcode import Transcoder
-from .limits import PinAccount, TenantCounters, TenantLimits
+from .limits import PinAccount, TenantLimits
 from .local import LocalAccess
 
 if TYPE_CHECKING:
     from ..events import KVEventPublisher
 
 log = logging.getLogger(__name__)
-
-#: ``server.max_pin_ttl_s``'s default, for a Store built without a config.
-DEFAULT_MAX_PIN_TTL_S = cfg.ServerConfig.model_fields["max_pin_ttl_s"].default
 
 
 @dataclass(frozen=True)
@@ -50,14 +47,13 @@ class StoreStats:
 class Store:
     def __init__(self, chain: TierChain, namespaces: NamespaceRegistry, transcoder: Transcoder,
                  network_codec: cfg.TierCodec, presence: PresenceIndex | None = None, worker_threads: int = 4,
-                 limits: TenantLimits | None = None, max_pin_ttl_s: float = DEFAULT_MAX_PIN_TTL_S,
-                 events: "KVEventPublisher | None" = None) -> None:
+                 limits: QuotaLedger | None = None, events: "KVEventPublisher | None" = None) -> None:
         self.namespaces = namespaces
-        #: Per-tenant limits (pinned bytes here; open leases and reservations in the server's
-        #: LeaseTable). Swap in the quota ledger by passing it as ``limits``.
-        self.limits: TenantLimits = limits if limits is not None else TenantCounters.from_config(cfg.ServerConfig())
+        #: The daemon's quota ledger (``[quotas]`` plus per-token overrides): pinned bytes and
+        #: pin TTLs here, open leases and reservations in the server's LeaseTable, streams in
+        #: the interceptor, tier bytes in the tiers. One source for every per-tenant limit.
+        self.limits: QuotaLedger = limits if limits is not None else namespaces.quotas
         self._pins = PinAccount(self.limits)
-        self._max_pin_ttl_s = max_pin_ttl_s
         self._chain = chain
         self._transcoder = transcoder
         self._network_codec = network_codec
@@ -74,11 +70,13 @@ class Store:
              wrap: Mapping[Medium, Callable[[Tier], Tier]] | None = None, verify_crc: bool = True) -> "Store":
         """Builds the registry, the chain of ``config.chain`` and the presence index.
         ``wrap`` wraps tiers by medium (tests: ``FaultyTier``)."""
+        ledger = ledger_from_config(config.quotas, config.auth, config.dram.capacity_bytes)
         registry = NamespaceRegistry(config.disk.path, config.server.max_chunk_bytes, fsync=config.disk.fsync,
-                                     quotas=ledger_from_config(config.quotas, config.auth))
+                                     quotas=ledger)
         resolve = lambda nid: registry.get(nid, None).namespace  # noqa: E731 - NotFound when unknown
         transcoder = Transcoder(resolve)
-        chain = build_chain(config, transcoder, clock, wrap=wrap, verify_crc=verify_crc, resolve=resolve)
+        chain = build_chain(config, transcoder, clock, wrap=wrap, verify_crc=verify_crc, resolve=resolve,
+                            quotas=ledger)
         presence = events = None
         try:
             presence = _open_presence(chain, config.dram.presence_buckets)
@@ -92,8 +90,7 @@ class Store:
                 presence.close()
             raise
         return cls(chain, registry, transcoder, config.server.network_codec, presence, config.server.worker_threads,
-                   limits=TenantCounters.from_config(config.server), max_pin_ttl_s=config.server.max_pin_ttl_s,
-                   events=events)
+                   limits=ledger, events=events)
 
     # -- namespaces -----------------------------------------------------------------------------
     def namespace(self, namespace_id: bytes, tenant_scope: str | None) -> NamespaceInfo:
@@ -116,10 +113,11 @@ class Store:
     def lookup(self, cids: Sequence[ChunkId], pin_ttl_s: float = 0, tenant: str = "",
                chunk_bytes: int = 0) -> LookupResult:
         """The leading run of present chunks. ``pin_ttl_s > 0`` also pins that run for
-        ``min(pin_ttl_s, server.max_pin_ttl_s)`` seconds, counted as ``chunk_bytes`` each
-        against ``tenant``'s pinned-bytes limit (ResourceExhausted, nothing pinned, when over)."""
+        ``min(pin_ttl_s, quotas.max_pin_ttl_s)`` seconds (the tenant's), counted as
+        ``chunk_bytes`` each against its ``quotas.max_pinned_bytes`` (ResourceExhausted,
+        nothing pinned, when over)."""
         media = self._chain.lookup(cids)
-        ttl = min(pin_ttl_s, self._max_pin_ttl_s)
+        ttl = min(pin_ttl_s, self.limits.limits(tenant).max_pin_ttl_s)
         if ttl > 0 and media:
             run = cids[:len(media)]
             self._pins.charge(tenant, run, ttl, chunk_bytes)

@@ -43,6 +43,7 @@ from .. import config as cfg
 import kvstore_native as native
 from ..errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from ..types import CHUNK_ID_BYTES, ChunkId, ChunkMeta, Medium
+from ..quotas import TierAccount
 from .base import ChunkRef, EntryInfo, PinTable, Tier, TierStats
 from .disk_index import DiskIndex
 from .disk_recovery import Progress, RecoveryReport
@@ -93,15 +94,19 @@ class _Entry:
     file_bytes: int
     last_access_s: float
     hits: int = 0
+    tenant: str | None = None   # charged ``file_bytes`` (quotas.max_disk_bytes); None: nobody
 
 
 class DiskTier(Tier):
     medium = Medium.DISK
 
     def __init__(self, conf: cfg.DiskConfig, pins: PinTable, clock: Callable[[], float], *,
-                 start_scrubber: bool = True) -> None:
+                 start_scrubber: bool = True, account: TierAccount | None = None) -> None:
         """Opens (and if needed rebuilds) the index, reconciles it with the chunk files and starts
         the background scrubber when ``conf.scrub_bytes_per_s`` > 0 (and ``start_scrubber``).
+        ``account``: charges each chunk file to its tenant (``quotas.max_disk_bytes``) from the
+        moment its write starts until it is unlinked; rebuilt from the index on start-up. A
+        tenant at its quota first evicts its own chunks, least recently used first.
         ``recovery`` then says what start-up found. Raises FailedPrecondition when another daemon
         owns the directory, Unavailable when the directory cannot be used."""
         self._root = Path(conf.path)
@@ -110,6 +115,7 @@ class DiskTier(Tier):
         self._capacity = conf.capacity_bytes
         self._pins = pins
         self._clock = clock
+        self._account = account
         self._policy = make_policy(conf.policy, conf.capacity_bytes)
         # Lock order: TierManager._lock -> DiskTier._lock -> PinTable._lock. ``_lock`` guards
         # the in-memory view and is never held during I/O; ``_db_lock`` serialises LMDB write
@@ -215,6 +221,9 @@ class DiskTier(Tier):
         for cid, e in sorted(self._index.items(), key=lambda kv: kv[1].last_access_s):
             self._policy.insert(cid, e.file_bytes)
             self._stats.used_bytes += e.file_bytes
+            if self._account is not None:   # what each tenant holds, as found (may be over a lowered quota)
+                e.tenant = self._account.tenant(cid)
+                self._account.charge(e.tenant, e.file_bytes, enforce=False)
         self._stats.chunks = len(self._index)
         if self._stats.used_bytes > self._capacity:
             self.evict(self._stats.used_bytes - self._capacity)
@@ -296,6 +305,9 @@ class DiskTier(Tier):
         self._stats.chunks -= 1
         if evicted:
             self._stats.evictions += 1
+        if e.tenant is not None:
+            self._account.release(e.tenant, e.file_bytes)
+            e.tenant = None
 
     def _remove_files_and_index(self, cids: list[ChunkId]) -> None:
         for cid in cids:
@@ -317,6 +329,8 @@ class DiskTier(Tier):
                                   "ChunkMeta.crc32c over the exact payload bytes")
         header = encode_header(cid, meta)
         size = len(header) + n
+        tenant = self._account.tenant(cid) if self._account is not None else None
+        refused: ResourceExhausted | None = None
         with self._lock:
             while cid in self._busy:
                 self._idle.wait()
@@ -325,20 +339,32 @@ class DiskTier(Tier):
             if size > self._capacity:
                 raise ResourceExhausted(f"a chunk of {size} bytes does not fit disk.capacity_bytes="
                                         f"{self._capacity}; raise disk.capacity_bytes")
-            victims, enough = self._pick_victims_locked(
-                self._stats.used_bytes + self._reserved_bytes + size - self._capacity)
+            victims, enough = self._pick_victims_locked(self._account.excess(tenant, size), tenant) \
+                if tenant is not None else ([], True)
+            try:
+                self._account.charge(tenant, size) if tenant is not None else None
+            except ResourceExhausted as err:
+                refused, enough = err, False
             if enough:
-                self._busy.add(cid)
-                self._reserved_bytes += size
+                more, enough = self._pick_victims_locked(
+                    self._stats.used_bytes + self._reserved_bytes + size - self._capacity)
+                victims += more
+                if enough:
+                    self._busy.add(cid)
+                    self._reserved_bytes += size
+                elif tenant is not None:
+                    self._account.release(tenant, size)
         if not enough:
             try:
                 self._remove_files_and_index(victims)
             finally:
                 self._done(victims)
+            if refused is not None:
+                raise refused
             raise ResourceExhausted(
                 f"disk tier cannot make room for {size} bytes: the remaining chunks are pinned or being "
                 "written; unpin chunks (kvctl unpin) or raise disk.capacity_bytes")
-        entry = _Entry(meta, size, self._clock())
+        entry = _Entry(meta, size, self._clock(), tenant=tenant)
         ok = written = False
         try:
             for v in victims:
@@ -356,6 +382,8 @@ class DiskTier(Tier):
                 self._db_write(dels=victims)
             with self._lock:
                 self._reserved_bytes -= size
+                if not ok and tenant is not None:
+                    self._account.release(tenant, size)
                 if ok:
                     self._index[cid] = entry
                     self._notify(cid, True)
@@ -391,15 +419,22 @@ class DiskTier(Tier):
             tmp.unlink(missing_ok=True)
             raise Unavailable(f"writing {final} failed: {err}; check free space and health of disk.path") from err
 
-    def _pick_victims_locked(self, need_bytes: int) -> tuple[list[ChunkId], bool]:
+    def _pick_victims_locked(self, need_bytes: int, tenant: str | None = None) -> tuple[list[ChunkId], bool]:
         """Unlinks (in memory) unpinned, idle chunks by policy until ``need_bytes`` are freed;
         returns them (marked busy: the caller removes their files and index entries, then
-        calls ``_done``) and whether enough was freed."""
+        calls ``_done``) and whether enough was freed. ``tenant``: only that tenant's chunks,
+        least recently used first (the shared policy is not walked: other tenants' state is
+        untouched)."""
         out: list[ChunkId] = []
         freed = 0
         if need_bytes <= 0:
             return out, True
-        for cid in self._policy.victims():
+        if tenant is None:
+            order = self._policy.victims()
+        else:
+            order = [c for c, _ in sorted(((c, e) for c, e in self._index.items() if e.tenant == tenant),
+                                          key=lambda ce: ce[1].last_access_s)]
+        for cid in order:
             if cid in self._busy or self._pins.is_pinned(cid):
                 continue
             e = self._index[cid]

@@ -10,6 +10,16 @@ chunk. ``get``/``lease`` hand out read leases (``ChunkRef``) that count on the e
 ``delete`` or eviction of a leased entry only unlinks it (it disappears from lookups at once)
 and its pages return to the allocator when the last lease is released. Eviction never picks a
 leased, pinned or uncommitted chunk.
+
+Tenant quotas (``account``, a ``quotas.TierAccount``): an extent is charged to its chunk's
+tenant from ``reserve`` until its pages return to the allocator (``_free``: after delete,
+eviction, abort or the last lease of an unlinked chunk), by extent bytes. A ``put`` charges
+``quotas.max_dram_bytes`` at once; a same-host reservation (``reserve(..., same_host=True)``)
+charges ``quotas.max_reserved_bytes`` until ``commit`` moves the charge to
+``quotas.max_dram_bytes``. A tenant at its DRAM quota first evicts its OWN least valuable
+unpinned, unleased chunks (never another tenant's: those are only evicted for want of arena
+room, by policy); when that cannot make room the request fails with ResourceExhausted
+naming the quota's key.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .. import config as cfg
+from ..quotas import Resource, TierAccount
 import kvstore_native as native
 from ..errors import InvalidArgument, ResourceExhausted
 from ..types import ChunkId, ChunkMeta, Medium
@@ -50,6 +61,8 @@ class _Entry:
     dead: bool = False          # unlinked; pages freed when ``leases`` drops to 0
     last_access_s: float = 0.0
     hits: int = 0
+    tenant: str | None = None   # charged to (None: nobody)
+    charged: Resource | None = None   # what ``npages * page`` bytes are charged as
 
 
 @dataclass(slots=True, eq=False)
@@ -78,7 +91,7 @@ class DramTier(Tier):
     nonce_offset = NONCE_OFFSET
 
     def __init__(self, conf: cfg.DramConfig, pins: PinTable, clock: Callable[[], float],
-                 verify_crc: bool = True) -> None:
+                 verify_crc: bool = True, account: TierAccount | None = None) -> None:
         if conf.page_bytes <= 0 or conf.capacity_bytes < conf.page_bytes:
             raise InvalidArgument("dram.capacity_bytes must hold at least one dram.page_bytes page")
         self._page = conf.page_bytes
@@ -97,6 +110,7 @@ class DramTier(Tier):
         self._pins = pins
         self._clock = clock
         self._verify = verify_crc
+        self._account = account
         # Lock order: TierChain/WriteBehind locks -> DramTier._lock -> PinTable._lock. Never held during
         # a payload copy or a checksum.
         self._lock = threading.Lock()
@@ -188,6 +202,9 @@ class DramTier(Tier):
     def _free(self, e: _Entry) -> None:
         self._alloc.free(e.page, e.npages)
         self._stats.used_bytes -= e.npages * self._page
+        if e.charged is not None:
+            self._account.release(e.tenant, e.npages * self._page, e.charged)
+            e.charged = None
 
     def put(self, cid: ChunkId, meta: ChunkMeta, payload: memoryview | bytes) -> bool:
         n = memoryview(payload).nbytes
@@ -204,15 +221,19 @@ class DramTier(Tier):
         self.commit(res, meta)
         return True
 
-    def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
+    def reserve(self, cid: ChunkId, nbytes: int, same_host: bool = False) -> Reservation | None:
         """Takes pages for ``cid`` (evicting by policy); None if ``cid`` is already present
         OR is being written right now (reserved, not yet committed: "in flight"). Never waits
         for that other writer: a reservation may be held by a same-host client for up to
         ``server.lease_ttl_s``, and a waiting worker thread would stall every other tenant's
         requests behind it. The caller reports such a chunk as existing (pending); if that
         writer aborts, the chunk is simply absent (a cache miss), never wrong.
-        Raises ResourceExhausted when no room can be made."""
+        ``same_host``: the pages are charged as the tenant's reserved bytes until ``commit``
+        (else as its DRAM bytes). Raises ResourceExhausted when no room can be made or the
+        chunk's tenant is over its quota (see the module docstring)."""
         npages = max(1, -(-nbytes // self._page))
+        tenant = self._account.tenant(cid) if self._account is not None else None
+        charge = Resource.RESERVED_BYTES if same_host else Resource.DRAM_BYTES
         with self._lock:
             if cid in self._entries:   # committed, or in flight
                 return None
@@ -220,22 +241,39 @@ class DramTier(Tier):
                 raise ResourceExhausted(
                     f"a chunk of {nbytes} bytes does not fit the DRAM arena of {self._arena.capacity_bytes} "
                     "bytes; raise dram.capacity_bytes or store smaller chunks")
-            page = self._alloc.alloc(npages)
-            if page is None:
-                page = self._make_room(npages)
-            e = _Entry(cid, None, page, npages, nbytes, last_access_s=self._clock())
+            if tenant is not None:
+                self._charge_locked(tenant, npages * self._page, charge)
+            try:
+                page = self._alloc.alloc(npages)
+                if page is None:
+                    page = self._make_room(npages)
+            except BaseException:
+                if tenant is not None:
+                    self._account.release(tenant, npages * self._page, charge)
+                raise
+            e = _Entry(cid, None, page, npages, nbytes, last_access_s=self._clock(), tenant=tenant,
+                       charged=charge if tenant is not None else None)
             self._entries[cid] = e
             self._stats.used_bytes += npages * self._page
         off = page * self._page
         return Reservation(cid, off, nbytes, self._arena.writable(off, nbytes), e)
 
     def commit(self, res: Reservation, meta: ChunkMeta) -> None:
-        """Publishes a reserved chunk; ``meta.payload_bytes`` must equal the reserved size."""
+        """Publishes a reserved chunk; ``meta.payload_bytes`` must equal the reserved size.
+        A same-host reservation's charge moves from reserved to DRAM bytes here:
+        ResourceExhausted (the reservation stays, unpublished: abort it) when the tenant's
+        DRAM quota cannot take it even after evicting the tenant's own chunks."""
         if meta.payload_bytes != res.nbytes:
             raise InvalidArgument(f"metadata says {meta.payload_bytes} bytes, {res.nbytes} were reserved")
-        res.view.release()
         with self._lock:
             e = res._entry
+            if e.charged is Resource.RESERVED_BYTES:
+                n = e.npages * self._page
+                self._charge_locked(e.tenant, n, Resource.DRAM_BYTES)
+                self._account.release(e.tenant, n, Resource.RESERVED_BYTES)
+                e.charged = Resource.DRAM_BYTES
+        res.view.release()
+        with self._lock:
             e.meta = meta
             self._policy.insert(e.cid, e.npages * self._page)
             self._stats.chunks += 1
@@ -248,6 +286,23 @@ class DramTier(Tier):
             e = res._entry
             del self._entries[e.cid]
             self._free(e)
+
+    def _charge_locked(self, tenant: str, nbytes: int, resource: Resource) -> None:
+        """Charges ``nbytes`` of ``resource`` to ``tenant``, first evicting the tenant's own
+        chunks by policy while it is over its DRAM quota (reserved bytes are never made room
+        for: they are bounded, not cached). ResourceExhausted naming the quota's key when the
+        quota still cannot take them. Caller holds the lock. O(chunks) only when over quota;
+        the tenant's chunks go least recently used first (the shared policy is not walked, so
+        other tenants' recency and frequency state is untouched)."""
+        if resource is Resource.DRAM_BYTES and self._account.excess(tenant, nbytes, resource) > 0:
+            own = sorted((e for e in self._entries.values()
+                          if e.tenant == tenant and e.meta is not None and not e.leases
+                          and not self._pins.is_pinned(e.cid)), key=lambda e: e.last_access_s)
+            for e in own:
+                self._unlink(e, evicted=True)
+                if self._account.excess(tenant, nbytes, resource) <= 0:
+                    break
+        self._account.charge(tenant, nbytes, resource)
 
     def _make_room(self, npages: int) -> int:
         """Evicts by policy until a run of ``npages`` is free; returns its start. Caller holds

@@ -34,6 +34,17 @@ class BuildContext:
     #: Namespace id -> ``kvstore_wire.keys.Namespace`` (raises NotFound); None when the chain
     #: is built without the namespace registry (tiers that need it then treat chunks as opaque).
     resolve: Callable[[bytes], object] | None = None
+    #: The daemon's quota ledger: tiers charge their chunks' bytes to their tenants
+    #: (``quotas.max_dram_bytes`` ...). None: nothing is charged (a chain built alone).
+    quotas: object | None = None
+
+    def account(self, resource):
+        """A ``quotas.TierAccount`` charging ``resource`` for a tier, or None without a ledger."""
+        if self.quotas is None:
+            return None
+        from ..quotas import TierAccount
+        resolve = self.resolve
+        return TierAccount(self.quotas, resource, (lambda ns: resolve(ns).tenant) if resolve is not None else None)
 
 
 @dataclass(frozen=True)
@@ -74,13 +85,16 @@ def entry(medium: Medium) -> TierEntry:
 
 
 def _dram(ctx: BuildContext) -> Tier:
+    from ..quotas import Resource
     from .dram import DramTier
-    return DramTier(ctx.config.dram, ctx.pins, ctx.clock, verify_crc=ctx.verify_crc)
+    return DramTier(ctx.config.dram, ctx.pins, ctx.clock, verify_crc=ctx.verify_crc,
+                    account=ctx.account(Resource.DRAM_BYTES))
 
 
 def _disk(ctx: BuildContext) -> Tier:
+    from ..quotas import Resource
     from .disk import DiskTier
-    return DiskTier(ctx.config.disk, ctx.pins, ctx.clock)
+    return DiskTier(ctx.config.disk, ctx.pins, ctx.clock, account=ctx.account(Resource.DISK_BYTES))
 
 
 def _remote(ctx: BuildContext) -> Tier:
@@ -99,7 +113,16 @@ def _remote(ctx: BuildContext) -> Tier:
         except NotFound:
             return None
 
-    parts = build_remote(ctx.config.remote, resolve=resolve, tenant_of=tenant_of if resolve else None)
+    quota_of = None
+    if ctx.quotas is not None:
+        from ..quotas import Resource
+        ledger = ctx.quotas
+
+        def quota_of(tenant: str) -> int | None:
+            return ledger.limits(tenant).limit(Resource.REMOTE_BYTES)
+
+    parts = build_remote(ctx.config.remote, resolve=resolve, tenant_of=tenant_of if resolve else None,
+                         quota_of=quota_of)
     return RemoteLevel(parts, chunk_tokens if resolve else None)
 
 

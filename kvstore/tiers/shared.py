@@ -41,13 +41,15 @@ class SharedMemoryTier(Protocol):
     def offset_of(self, ref: ChunkRef) -> int:
         """Arena offset of a lease's bytes (what a local client reads at)."""
 
-    def reserve(self, cid: ChunkId, nbytes: int) -> Reservation | None:
+    def reserve(self, cid: ChunkId, nbytes: int, same_host: bool = False) -> Reservation | None:
         """Pages for ``cid`` (evicting by policy); None if it is already stored or being
         written (never waits). The pages hold whatever was there before: clear them before
-        anyone but the daemon may read them. ResourceExhausted when no room can be made."""
+        anyone but the daemon may read them. ResourceExhausted when no room can be made or
+        the tenant is over its quota (``same_host``: charged as reserved bytes until commit)."""
 
     def commit(self, res: Reservation, meta: ChunkMeta) -> None:
-        """Publishes a filled reservation."""
+        """Publishes a filled reservation; ResourceExhausted (still reserved: abort it) when
+        the tenant's DRAM quota cannot take it."""
 
     def abort(self, res: Reservation) -> None:
         """Gives back a reservation's pages."""

@@ -63,6 +63,13 @@ KVS_API void kvs_copy(void* dst, const void* src, size_t len, int threads);
 KVS_API void kvs_copy2d(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t rows,
                         size_t row_bytes);
 
+// kvs_copy2d that also returns the CRC32C (continuing from `crc`, 0 to start) of the bytes it
+// wrote, rows in order: one pass over memory instead of a copy then a checksum. The CRC is
+// computed over `dst` right after each block lands (cache-hot), so it covers what was written.
+// Added in ABI 2 without a version change (a new symbol).
+KVS_API uint32_t kvs_copy2d_crc32c(void* dst, size_t dst_pitch, const void* src, size_t src_pitch, size_t rows,
+                                   size_t row_bytes, uint32_t crc);
+
 // ---- paged-KV gather/scatter ---------------------------------------------------------------
 // Between an engine's KV memory and the chunk layout [planes, tokens, heads, head_bytes]
 // (planes = layers * 2 for K/V, layers for MLA). The engine side is described in bytes, so one

@@ -15,7 +15,7 @@ from kvstore_native.errors import NativeLibraryMissing
 
 ABI_VERSION = _lib.ABI_VERSION
 
-__all__ = ["ABI_VERSION", "NativeLibraryMissing", "crc32c", "copy_into", "copy_rows", "lib", "have_hw_crc32c"]
+__all__ = ["ABI_VERSION", "NativeLibraryMissing", "crc32c", "copy_into", "copy_rows", "copy_rows_crc32c", "lib", "have_hw_crc32c"]
 
 
 def lib() -> ctypes.CDLL:
@@ -69,3 +69,17 @@ def copy_rows(dst: np.ndarray, src: np.ndarray) -> None:
     if not dst.flags.writeable:
         raise ValueError("destination is read-only")
     lib().kvs_copy2d(dst.ctypes.data, dst.strides[0], src.ctypes.data, src.strides[0], dst.shape[0], dst.shape[1])
+
+
+def copy_rows_crc32c(dst: np.ndarray, src: np.ndarray, crc: int = 0) -> int:
+    """``copy_rows`` that also returns the CRC32C (continuing from ``crc``) of the bytes written
+    to ``dst``, rows in order (for a contiguous ``dst``: the CRC of the whole buffer), in the
+    same pass over memory (GIL released)."""
+    if dst.shape != src.shape or dst.ndim != 2 or dst.dtype != np.uint8 or src.dtype != np.uint8:
+        raise ValueError("copy_rows_crc32c needs two 2-D uint8 arrays of one shape")
+    if dst.strides[1] != 1 or src.strides[1] != 1:
+        raise ValueError("copy_rows_crc32c needs contiguous rows")
+    if not dst.flags.writeable:
+        raise ValueError("destination is read-only")
+    return lib().kvs_copy2d_crc32c(dst.ctypes.data, dst.strides[0], src.ctypes.data, src.strides[0],
+                                   dst.shape[0], dst.shape[1], crc)

@@ -62,6 +62,7 @@ _CORE = {
     "kvs_crc32c": (_u32, [_u32, _vp, _sz]),
     "kvs_copy": (None, [_vp, _vp, _sz, _ci]),
     "kvs_copy2d": (None, [_vp, _sz, _vp, _sz, _sz, _sz]),
+    "kvs_copy2d_crc32c": (_u32, [_vp, _sz, _vp, _sz, _sz, _sz, _u32]),
     "kvs_gather": (_ci, _PLANES + [_vp] + _ERR),
     "kvs_scatter": (_ci, [_vp] + _PLANES + _ERR),
     "kvs_codec_encode_bound": (_u64, _SHAPE + [_ci]),

@@ -12,9 +12,9 @@ def test_remote_and_events_from_env_and_overrides():
     cfg = load_config(env={"KVSTORE_REMOTE__NODES": '["redis-0:7000", "redis-1:7000"]',
                            "KVSTORE_REMOTE__KEY_SECRET": "a-secret-of-enough-length",
                            "KVSTORE_EVENTS__ENCODING": "map"},
-                      overrides=["remote.min_quality=lossless", "remote.tenant_quota_bytes=2GiB"])
+                      overrides=["remote.min_quality=lossless", "quotas.max_remote_bytes=2GiB"])
     assert cfg.remote.nodes == ["redis-0:7000", "redis-1:7000"]
-    assert cfg.remote.min_quality is TierCodec.LOSSLESS and cfg.remote.tenant_quota_bytes == 2 * 1024**3
+    assert cfg.remote.min_quality is TierCodec.LOSSLESS and cfg.quotas.max_remote_bytes == 2 * 1024**3
     assert cfg.events.encoding is EventEncoding.MAP
     assert not cfg.remote.enabled and not cfg.events.enabled
 

@@ -59,8 +59,9 @@ def test_quota_skips_and_delete_refunds(redis_cluster, rng, ns):
     from kvstore.tiers.remote import StoreOutcome
     one = make_chunk(rng, ns, tokens=4)
     size = one[2].nbytes + 104
-    tier = ready(RemoteTier(remote_config(redis_cluster, tenant_quota_bytes=2 * size + size // 2,
-                                          tenant_quota_overrides={"big": 10**9}),
+    # The quota is the daemon ledger's quotas.max_remote_bytes (per-token overrides included).
+    quota = {"small": 2 * size + size // 2, "big": 10**9}
+    tier = ready(RemoteTier(remote_config(redis_cluster), quota_of=lambda t: quota.get(t, 10**9),
                             tenant_of=lambda n: "small" if n == ns else "big"))
     try:
         chunks = [one] + [make_chunk(rng, ns, tokens=4) for _ in range(3)]

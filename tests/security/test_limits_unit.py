@@ -8,14 +8,16 @@ import pytest
 
 from kvstore.domain.errors import ResourceExhausted
 from kvstore.server.admission import InflightBudget, StreamGate
-from kvstore.store.limits import Limit, PinAccount, Resource, TenantCounters
+from kvstore.config import QuotaConfig
+from kvstore.quotas import QuotaLedger
+from kvstore.store.limits import PinAccount, Resource
 
 
 def test_budget_waits_bounded_then_names_its_key_and_serves_waiters_in_order():
     async def go():
         b = InflightBudget(100, wait_s=0.2)
         await b.acquire(80)
-        with pytest.raises(ResourceExhausted, match="server.max_inflight_bytes"):
+        with pytest.raises(ResourceExhausted, match="quotas.daemon_max_inflight_request_bytes"):
             await b.acquire(30)                      # nothing freed in time
         assert b.used_bytes == 80
         first = asyncio.ensure_future(b.acquire(50))
@@ -30,6 +32,24 @@ def test_budget_waits_bounded_then_names_its_key_and_serves_waiters_in_order():
     asyncio.run(go())
 
 
+def test_budget_counts_each_tenant_against_its_own_quota_first():
+    async def go():
+        ledger = QuotaLedger(QuotaConfig(max_inflight_request_bytes=60))
+        b = InflightBudget(100, wait_s=0.2, ledger=ledger)
+        await b.acquire(50, "a")
+        with pytest.raises(ResourceExhausted, match="quotas.max_inflight_request_bytes=60"):
+            await b.acquire(20, "a")                 # over its own quota: refused at once, no wait
+        await b.acquire(40, "b")                     # another tenant still has room
+        assert b.used_bytes == 90 and ledger.held("a", Resource.INFLIGHT_REQUEST_BYTES) == 50
+        with pytest.raises(ResourceExhausted, match="quotas.daemon_max_inflight_request_bytes"):
+            await b.acquire(20, "c")                 # daemon-wide: waited, then refused, nothing kept
+        assert ledger.held("c", Resource.INFLIGHT_REQUEST_BYTES) == 0
+        b.release(50, "a")
+        b.release(40, "b")
+        assert b.used_bytes == 0 and ledger.held("a", Resource.INFLIGHT_REQUEST_BYTES) == 0
+    asyncio.run(go())
+
+
 def test_stream_gate_refuses_one_more():
     g = StreamGate(1)
     with g.enter():
@@ -39,26 +59,16 @@ def test_stream_gate_refuses_one_more():
         assert g.open_streams == 1
 
 
-def test_tenant_counters_are_per_tenant_and_name_the_key():
-    c = TenantCounters({Resource.OPEN_LEASES: Limit(2, "server.max_open_leases_per_tenant", "leases")})
-    c.acquire("a", Resource.OPEN_LEASES, 2)
-    with pytest.raises(ResourceExhausted, match="server.max_open_leases_per_tenant=2"):
-        c.acquire("a", Resource.OPEN_LEASES, 1)
-    c.acquire("b", Resource.OPEN_LEASES, 2)          # another tenant is not affected
-    c.release("a", Resource.OPEN_LEASES, 2)
-    assert c.usage("a") == {} and c.usage("b") == {Resource.OPEN_LEASES: 2}
-
-
 def test_pin_account_counts_new_pins_once_and_releases_expired_ones():
     now = [1000.0]
-    c = TenantCounters({Resource.PINNED_BYTES: Limit(300, "server.max_pinned_bytes_per_tenant", "bytes pinned")})
+    c = QuotaLedger(QuotaConfig(max_pinned_bytes=300))
     pins = PinAccount(c, clock=lambda: now[0])
     pins.charge("t", [b"a", b"b"], 10, 100)
     pins.charge("t", [b"a", b"b"], 10, 100)          # re-pinning is free
-    assert c.usage("t") == {Resource.PINNED_BYTES: 200}
-    with pytest.raises(ResourceExhausted, match="server.max_pinned_bytes_per_tenant"):
+    assert c.held("t", Resource.PINNED_BYTES) == 200
+    with pytest.raises(ResourceExhausted, match="quotas.max_pinned_bytes=300"):
         pins.charge("t", [b"c", b"d"], 10, 100)
-    assert c.usage("t") == {Resource.PINNED_BYTES: 200}   # nothing counted for the refused call
+    assert c.held("t", Resource.PINNED_BYTES) == 200   # nothing counted for the refused call
     now[0] += 11                                      # both pins expired
     pins.charge("t", [b"c", b"d", b"e"], 10, 100)
-    assert c.usage("t") == {Resource.PINNED_BYTES: 300}
+    assert c.held("t", Resource.PINNED_BYTES) == 300

@@ -69,16 +69,6 @@ def test_conflicting_overrides_of_one_tenant_are_refused():
         ledger_from_config(QuotaConfig(), auth)
 
 
-def test_daemon_wide_inflight_budget():
-    led = QuotaLedger(QuotaConfig(max_inflight_request_bytes=600, daemon_max_inflight_request_bytes=1000))
-    led.acquire("a", Resource.INFLIGHT_REQUEST_BYTES, 600)
-    with pytest.raises(ResourceExhausted, match="quotas.daemon_max_inflight_request_bytes=1000"):
-        led.acquire("b", Resource.INFLIGHT_REQUEST_BYTES, 500)
-    with led.holding("b", Resource.INFLIGHT_REQUEST_BYTES, 400):
-        assert led.daemon_inflight_bytes() == 1000
-    assert led.daemon_inflight_bytes() == 600
-
-
 def test_pin_ttl_clamp():
     led = QuotaLedger(QuotaConfig(max_pin_ttl_s=60), {"vip": TenantQuotas(max_pin_ttl_s=600)})
     assert led.clamp_pin_ttl_s("t", 2**32 - 1) == 60    # the century-long pin of finding 2

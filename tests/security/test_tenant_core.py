@@ -41,11 +41,11 @@ RESERVATIONS_MAX = 8
 IDLE_S = 2.0
 SETTINGS = [
     "dram.capacity_bytes=96MiB", "disk.capacity_bytes=512MiB", 'metrics.listen=""', "server.worker_threads=4",
-    "server.shutdown_grace_s=1", "server.lease_ttl_s=20", f"server.stream_idle_timeout_s={IDLE_S}",
-    "server.inflight_wait_s=1", f"server.max_pin_ttl_s={PIN_TTL_MAX_S}",
-    f"server.max_pinned_bytes_per_tenant={PINNED_CHUNKS_MAX * CHUNK_BYTES}",
-    f"server.max_open_leases_per_tenant={LEASES_MAX}",
-    f"server.max_open_reservations_per_tenant={RESERVATIONS_MAX}",
+    "server.shutdown_grace_s=1", "server.lease_ttl_s=20", f"quotas.max_stream_idle_s={IDLE_S}",
+    "server.inflight_wait_s=1", f"quotas.max_pin_ttl_s={PIN_TTL_MAX_S}",
+    f"quotas.max_pinned_bytes={PINNED_CHUNKS_MAX * CHUNK_BYTES}",
+    f"quotas.max_open_leases={LEASES_MAX}",
+    f"quotas.max_open_reservations={RESERVATIONS_MAX}",
 ]
 MIB = 1024**2
 
@@ -237,7 +237,7 @@ def test_header_only_and_stalled_streams_cost_no_memory_and_are_cancelled(daemon
         toks = list(range(1000, 1000 + 64 * 4))
         assert v.store(toks, kv(len(toks), 5)) == 4 and v.retrieve(toks)[0] == len(toks)
         codes = [s.code() for s in streams]
-        assert all(c == grpc.StatusCode.DEADLINE_EXCEEDED and "stream_idle_timeout_s" in d for c, d in codes), codes
+        assert all(c == grpc.StatusCode.DEADLINE_EXCEEDED and "quotas.max_stream_idle_s" in d for c, d in codes), codes
         after = rss_bytes(pid) - base
     # Six headers announcing 256 MiB each (1.5 GiB) plus 16 MiB of stalled data: bounded by
     # what actually arrived, and given back once the streams are cancelled.
@@ -273,9 +273,9 @@ def test_a_get_whose_reader_stalls_is_cancelled_and_frees_its_lease(daemon):
 
 
 def test_inflight_budget_and_stream_cap(daemon_factory):
-    d = daemon_factory(auth=False, settings=("server.max_chunk_bytes=32MiB", "server.max_inflight_bytes=48MiB",
+    d = daemon_factory(auth=False, settings=("server.max_chunk_bytes=32MiB", "quotas.daemon_max_inflight_request_bytes=48MiB",
                                              "server.inflight_wait_s=1", "server.max_concurrent_streams=3",
-                                             f"server.stream_idle_timeout_s={IDLE_S * 2}"))
+                                             f"quotas.max_stream_idle_s={IDLE_S * 2}"))
     with KVStoreClient(d.addr, Namespace(**{**NS, "model": "budget"}), local=False) as c, \
             grpc.insecure_channel(d.addr) as ch:
         keys = c.keys(list(range(64 * 4)))
@@ -284,7 +284,7 @@ def test_inflight_budget_and_stream_cap(daemon_factory):
         time.sleep(1.0)
         over = _Stalled(ch, "", [_header(c, keys[1], 32 * MIB)] + [encode_data(piece)] * 30)
         code, details = over.code()
-        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "server.max_inflight_bytes" in details, details
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "quotas.daemon_max_inflight_request_bytes" in details, details
         # The cap on open streams: two stalled (the holder and one header-only) + one more is the limit.
         s2 = _Stalled(ch, "", [_header(c, keys[2], 1024)])
         s3 = _Stalled(ch, "", [_header(c, keys[3], 1024)])
@@ -310,7 +310,7 @@ def test_pins_are_clamped_and_bounded_per_tenant(daemon):
         info = admin.Inspect(admin_pb2.InspectRequest(namespace_id=m.namespace_id, key=m.keys(head)[0]),
                              metadata=md(ADMIN_TOKEN), timeout=10).entry
         assert info.pinned and 0 < info.pin_expires_unix_s <= t0 + PIN_TTL_MAX_S + 1
-        with pytest.raises(Exception, match="server.max_pinned_bytes_per_tenant"):
+        with pytest.raises(Exception, match="quotas.max_pinned_bytes"):
             m.lookup(toks, pin_ttl_s=30)          # two more chunks: over the tenant's pinned bytes
         assert m.lookup(head, pin_ttl_s=30).matched_chunks == PINNED_CHUNKS_MAX   # re-pinning is free
         vt = list(range(64 * 2))                  # the other tenant pins within its own limit
@@ -330,14 +330,14 @@ def test_open_leases_and_reservations_are_bounded_per_tenant(daemon):
         with pytest.raises(grpc.RpcError) as e:
             stub.LeaseRead(req, metadata=md(MALLORY), timeout=10)
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "server.max_open_leases_per_tenant" in e.value.details()
+        assert "quotas.max_open_leases" in e.value.details()
         assert v.retrieve(toks)[0] == 64 and v.transport == "shm"   # the victim still leases
         keys = m.keys(list(range(1000, 1000 + 64 * (RESERVATIONS_MAX + 1))))
         r = reserve(stub, m, keys[:RESERVATIONS_MAX])
         with pytest.raises(grpc.RpcError) as e:
             reserve(stub, m, keys[RESERVATIONS_MAX:])
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "server.max_open_reservations_per_tenant" in e.value.details()
+        assert "quotas.max_open_reservations" in e.value.details()
         vt = list(range(2000, 2000 + 64 * 2))
         assert v.store(vt, kv(len(vt), 11)) == 2                        # the victim still reserves
         released = stub.Release(local_pb2.ReleaseRequest(lease_ids=held + [r.lease_id]), metadata=md(MALLORY),

@@ -144,6 +144,8 @@ def _py_crc32c(data, crc: int = 0) -> int:
 
 BACKENDS: dict[str, Callable[..., int]] = {"python": _py_crc32c}
 native_copy_rows = None
+#: ``kvstore_native.copy_rows_crc32c`` (copy + CRC of what was written, one pass), or None.
+native_copy_rows_crc32c = None
 
 try:  # the kvstore-native distribution (optional for the client)
     import kvstore_native as _native
@@ -151,6 +153,7 @@ try:  # the kvstore-native distribution (optional for the client)
     _native.lib()  # built and of the right ABI, else NativeLibraryMissing (an ImportError)
     BACKENDS["native"] = _native.crc32c
     native_copy_rows = _native.copy_rows
+    native_copy_rows_crc32c = getattr(_native, "copy_rows_crc32c", None)
 except ImportError as _e:
     log.debug("kvstore_native unavailable for CRC32C: %s", _e)
 

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-from ...config import RemoteConfig, TierCodec
+from ...config import QuotaConfig, RemoteConfig, TierCodec
 from ...errors import DataLoss, DeadlineExceeded, NotFound, Unavailable
 from ...types import ChunkId, ChunkMeta, Medium, split_chunk_id
 from ..base import ChunkRef, EntryInfo, Tier, TierStats
@@ -50,6 +50,8 @@ _SCAN_COUNT = 1000
 
 #: Namespace id -> tenant name (the namespace registry); NotFound -> accounted per namespace.
 TenantResolver = Callable[[bytes], str]
+#: Tenant name -> its ``quotas.max_remote_bytes`` (None: unlimited), from the daemon's ledger.
+QuotaResolver = Callable[[str], "int | None"]
 
 
 class StoreOutcome(enum.Enum):
@@ -79,12 +81,17 @@ class RemoteTier(Tier):
 
     def __init__(self, cfg: RemoteConfig, *, tenant_of: TenantResolver | None = None,
                  meter: ThroughputMeter | None = None, link: RedisLink | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, quota_of: QuotaResolver | None = None) -> None:
+        """``quota_of``: each tenant's byte quota in the cluster (``quotas.max_remote_bytes``
+        and its per-token overrides, through the daemon's ledger); None: the ``[quotas]``
+        default for every tenant."""
         self.cfg = cfg
         self.link = link or RedisLink(cfg)
         self.keys = RemoteKeys(cfg.key_secret, cfg.key_prefix)
         self.meter = meter or ThroughputMeter(cfg.initial_throughput_bytes_per_s, cfg.throughput_ewma_alpha)
         self._tenant_of = tenant_of
+        default = QuotaConfig().max_remote_bytes
+        self._quota_of_tenant: QuotaResolver = quota_of or (lambda tenant: default)
         self._clock = clock
         self._lock = threading.Lock()
         self._s = RemoteStats()
@@ -103,9 +110,10 @@ class RemoteTier(Tier):
                 pass  # a namespace the registry forgot: accounted on its own below
         return "n:" + namespace_id.hex()
 
-    def _quota_of(self, tenant: str) -> int:
-        name = tenant[2:] if tenant.startswith("t:") else tenant
-        return self.cfg.tenant_quota_overrides.get(name, self.cfg.tenant_quota_bytes)
+    def _quota_of(self, tenant: str) -> int | None:
+        """The quota of an accounting key: ``t:<tenant>``, or ``n:<namespace>`` for a namespace
+        the registry does not know (the ``[quotas]`` default)."""
+        return self._quota_of_tenant(tenant[2:] if tenant.startswith("t:") else "")
 
     def _epoch(self, at_s: float) -> int:
         return int(at_s // self.cfg.ttl_s)
@@ -227,7 +235,7 @@ class RemoteTier(Tier):
             p.expire(qk, 2 * self.cfg.ttl_s)
             p.get(qprev)
             used, _, prev = await p.execute()
-            if used + int(prev or 0) > quota:
+            if quota is not None and used + int(prev or 0) > quota:
                 await c.decrby(qk, size)
                 return StoreOutcome.OVER_QUOTA, 0
             t0 = time.perf_counter()
@@ -329,7 +337,7 @@ class RemoteTier(Tier):
 
     def stats(self) -> TierStats:
         s = self.remote_stats()
-        return TierStats(Medium.REMOTE, "redis-ttl", self.cfg.tenant_quota_bytes, s.bytes_written, s.stored,
+        return TierStats(Medium.REMOTE, "redis-ttl", 0, s.bytes_written, s.stored,
                          s.hits, s.misses, 0, s.corrupt, 0)
 
     def remote_stats(self) -> RemoteStats:

@@ -18,7 +18,7 @@ from ..transcode import NamespaceResolver, Transcoder
 from .adaptive import AdaptiveController, FloorHook, ThroughputMeter
 from .link import RedisLink
 from .reader import RemoteReader
-from .tier import RemoteTier, TenantResolver
+from .tier import QuotaResolver, RemoteTier, TenantResolver
 from .uploader import RemoteUploader
 
 
@@ -36,10 +36,13 @@ class RemoteParts:
 
 def build_remote(cfg: RemoteConfig, resolve: NamespaceResolver | None = None,
                  tenant_of: TenantResolver | None = None, floor_for: FloorHook | None = None,
-                 clock: Callable[[], float] | None = None, link: RedisLink | None = None) -> RemoteParts:
-    """Without ``resolve`` (namespace id -> Namespace) chunks travel as given (no codec)."""
+                 clock: Callable[[], float] | None = None, link: RedisLink | None = None,
+                 quota_of: QuotaResolver | None = None) -> RemoteParts:
+    """Without ``resolve`` (namespace id -> Namespace) chunks travel as given (no codec).
+    ``quota_of``: a tenant's ``quotas.max_remote_bytes`` (the daemon's ledger)."""
     meter = ThroughputMeter(cfg.initial_throughput_bytes_per_s, cfg.throughput_ewma_alpha)
-    tier = RemoteTier(cfg, tenant_of=tenant_of, meter=meter, link=link, **({"clock": clock} if clock else {}))
+    tier = RemoteTier(cfg, tenant_of=tenant_of, meter=meter, link=link, quota_of=quota_of,
+                      **({"clock": clock} if clock else {}))
     controller = AdaptiveController(cfg, meter, floor_for)
     codec = Transcoder(resolve) if resolve is not None else None
     uploader = RemoteUploader(tier, controller, codec.encode if codec else None, cfg)
