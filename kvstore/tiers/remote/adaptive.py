@@ -14,12 +14,16 @@ Thread-safe (one lock; called from the uploader thread and request worker thread
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 from ...config import CODEC_QUALITY_ORDER, RemoteConfig, TierCodec
+from ...errors import KVStoreError
+
+log = logging.getLogger(__name__)
 
 #: Transfers smaller than this are latency-dominated and say little about bandwidth.
 MIN_SAMPLE_BYTES = 64 * 1024
@@ -35,6 +39,10 @@ _MODEL_ALPHA = 0.1
 
 #: Hook: namespace id -> the floor for it, or None to use ``remote.min_quality``.
 FloorHook = Callable[[bytes], "TierCodec | None"]
+#: ``(cid, RAW meta, RAW payload, level) -> (encoded bytes, seconds to decode them)``: one
+#: real chunk through the codec at ``level`` and back (``wiring.codec_trial``); raises
+#: ValueError/KVStoreError when the codec cannot take the chunk.
+Trial = Callable[[bytes, object, object, TierCodec], tuple[int, float]]
 
 
 class ThroughputMeter:
@@ -71,7 +79,8 @@ def allowed_levels(floor: TierCodec) -> tuple[TierCodec, ...]:
 
 
 class AdaptiveController:
-    def __init__(self, cfg: RemoteConfig, meter: ThroughputMeter, floor_for: FloorHook | None = None) -> None:
+    def __init__(self, cfg: RemoteConfig, meter: ThroughputMeter, floor_for: FloorHook | None = None,
+                 trial: Trial | None = None) -> None:
         self._budget_s = cfg.load_budget_us_per_token * 1e-6
         self._floor = cfg.min_quality
         self._fixed = cfg.fixed_level
@@ -79,6 +88,9 @@ class AdaptiveController:
         self.meter = meter
         self._ratio = dict(PRIOR_RATIO)
         self._decode = dict(PRIOR_DECODE_BYTES_PER_S)
+        self._trial = trial
+        #: None: not measured yet; False: being measured; True: measured (``calibrate_once``).
+        self._calibrated: bool | None = None if trial is not None else True
         self._lock = threading.Lock()
         #: Decisions made so far: ("upload" | "fetch", level) -> count (exported as metrics).
         self.decisions: Counter[tuple[str, TierCodec]] = Counter()
@@ -92,6 +104,11 @@ class AdaptiveController:
         with self._lock:
             size = wire_bytes if wire_bytes is not None else raw_bytes * self._ratio[level]
             return size / self.meter.bytes_per_s + raw_bytes / self._decode[level]
+
+    def raw_bytes(self, level: TierCodec, wire_bytes: int) -> int:
+        """RAW bytes that ``wire_bytes`` stored at ``level`` decode to (the learned ratio)."""
+        with self._lock:
+            return int(wire_bytes / self._ratio[level])
 
     def _levels(self, namespace_id: bytes) -> tuple[TierCodec, ...]:
         """The levels to choose from: ``fixed_level`` alone when set (if the floor allows it),
@@ -119,6 +136,39 @@ class AdaptiveController:
     def fits(self, level: TierCodec, num_tokens: int, raw_bytes: int, wire_bytes: int) -> bool:
         return self.expected_s(level, raw_bytes, wire_bytes) / max(1, num_tokens) <= self._budget_s
 
+    @property
+    def calibrated(self) -> bool:
+        return self._calibrated is True
+
+    def calibrate_once(self, cid: bytes, meta, payload) -> bool:
+        """Measures every level on one real RAW chunk (size ratio and single-thread decode
+        rate on this CPU, for this KV), replacing the priors, the first time it is called
+        (later calls, and calls while it runs, return at once). Seconds of codec work: call
+        it off the request path (the uploader's thread, a prefetch thread). False when
+        nothing was measured (no trial, or the codec refused the chunk: priors are kept)."""
+        with self._lock:
+            if self._calibrated is not None:
+                return False
+            self._calibrated = False
+        measured = {}
+        for level in CODEC_QUALITY_ORDER:
+            try:
+                size, seconds = self._trial(cid, meta, payload, level)
+            except (ValueError, KVStoreError) as e:
+                log.info("adaptive controller: cannot calibrate on chunk %s (%s); keeping the priors",
+                         bytes(cid).hex()[:16], e)
+                break
+            if seconds > 0:
+                measured[level] = (size / meta.payload_bytes, meta.payload_bytes / seconds)
+        with self._lock:
+            for level, (ratio, rate) in measured.items():
+                self._ratio[level], self._decode[level] = ratio, rate
+            self._calibrated = True
+        if measured:
+            log.info("adaptive controller calibrated: %s", ", ".join(
+                f"{lv.value} {r:.3f}x, decode {d / 1e6:.0f} MB/s" for lv, (r, d) in measured.items()))
+        return bool(measured)
+
     def observe_encode(self, level: TierCodec, raw_bytes: int, encoded_bytes: int) -> None:
         if raw_bytes <= 0:
             return
@@ -135,4 +185,6 @@ class AdaptiveController:
         with self._lock:
             return {"throughput_bytes_per_s": self.meter.bytes_per_s,
                     "ratio": {k.value: v for k, v in self._ratio.items()},
+                    "decode_bytes_per_s": {k.value: v for k, v in self._decode.items()},
+                    "calibrated": self._calibrated is True,
                     "decisions": {f"{p}:{lv.value}": c for (p, lv), c in self.decisions.items()}}
