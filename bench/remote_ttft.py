@@ -65,7 +65,8 @@ HIT_SPEEDUP_AT_10G = 5.0
 
 
 def _ns(lm, tag: str):
-    return namespace_for(lm.model, chunk_tokens=CHUNK_TOKENS, model_id=f"{lm.model_id}#ttft-{tag}-{uuid.uuid4().hex[:8]}")
+    return namespace_for(lm.model, chunk_tokens=CHUNK_TOKENS,
+                         model_id=f"{lm.model_id}#ttft-{tag}-{uuid.uuid4().hex[:8]}")
 
 
 def _settings(level: str, link) -> list[str]:
@@ -111,7 +112,8 @@ def _one(link, tmp: Path, lm, prompt, kv, tokens: int, level: str, gbit: int, re
             hits.append(ns)
             n += m
         wait_uploaded(a, n, before)
-        up = {k.split(":", 1)[1]: v for k, v in stats(a).remote.level_decisions.items() if k.startswith("upload:") and v}
+        up = {k.split(":", 1)[1]: v for k, v in stats(a).remote.level_decisions.items()
+              if k.startswith("upload:") and v}
         with replica(link.cluster, tmp / f"b-{tag}", "b", *_settings(level, link), timeout_ms=TIMEOUT_MS) as b:
             for k, wns in enumerate(warm, 1):  # B's meter learns the link
                 with KVStoreClient(b.addr, wns, token=TOK_X, local=False) as c:

@@ -2,9 +2,11 @@
 
 For a chunk of ``n`` tokens and ``raw`` RAW bytes, the expected load time at level ``l`` is
 ``size_l / throughput + raw / decode_rate_l`` (transfer, then decode), where ``size_l`` is
-``raw * ratio_l`` with ``ratio_l`` learned from recent encodes and ``throughput`` an EWMA of
-bytes/s over recent transfers. The controller picks the best-quality allowed level whose
-expected load time per token is within ``remote.load_budget_us_per_token``; when none fits
+``raw * ratio_l`` and ``throughput`` an EWMA of bytes/s over recent transfers. ``ratio_l``
+and ``decode_rate_l`` are measured once per process on the first real chunk
+(``calibrate_once``: every level encoded and decoded, replacing the fp16 priors), then
+refined by every encode and decode (EWMA). The controller picks the best-quality allowed
+level whose expected load time per token is within ``remote.load_budget_us_per_token``; when none fits
 it picks the allowed level with the smallest expected load time. Allowed levels are those
 no worse than the floor: ``remote.min_quality`` or a per-namespace override
 (``floor_for(namespace_id)``, e.g. a tenant that forbids lossy levels).

@@ -1,10 +1,10 @@
 """``RemoteReader``: the read path from the remote tier, for a local miss.
 
 ``fetch_prefix(cids)`` finds the longest present prefix in one pipelined round trip (GETRANGE
-of each value's header, which also gives the stored sizes and levels), chooses per batch between the primary copies
-and the small companions (the primaries when their expected load time at the measured
-throughput fits the budget, else whichever is expected to load faster: transfer + decode),
-fetches concurrently, verifies (the tier checks every CRC) and hands back ``FetchedChunk``s
+of each value's header, which also gives the stored sizes and levels), chooses per batch
+between the primary copies and the small companions (the primaries when their expected load
+time at the measured throughput fits the budget, else whichever is expected to load faster:
+transfer + decode), fetches concurrently, verifies (the tier checks every CRC) and hands back ``FetchedChunk``s
 in order for the caller to promote into DRAM (and disk by policy). With a ``decode``
 function the chunks come back RAW (what same-host clients load); otherwise as stored.
 
