@@ -7,7 +7,7 @@ import time
 
 import numpy as np
 
-from kvstore.config import TierCodec
+from kvstore.config import RemoteConfig, TierCodec
 from kvstore_testing.codec_data import synthetic_kv
 from kvstore.tiers.remote import AdaptiveController, ThroughputMeter, build_remote
 from kvstore.types import ChunkId, ChunkMeta, DType, Encoding
@@ -185,3 +185,19 @@ def test_controller_calibrates_every_level_on_the_first_real_chunk(redis_cluster
     finally:
         up.close()
         rd.close()
+
+
+def test_fp32_namespaces_start_from_fp32_priors():
+    """Before any measurement the model takes the priors of the namespace's element size:
+    at fp32 the lossy levels are half as large and decode faster than lossless."""
+    from kvstore.tiers.remote.adaptive import PRIOR_DECODE_BYTES_PER_S_FP32, PRIOR_RATIO, PRIOR_RATIO_FP32
+    cfg = RemoteConfig(load_budget_us_per_token=0.001)
+    fp32 = AdaptiveController(cfg, ThroughputMeter(GBIT, 0.2), element_bytes=lambda ns: 4)
+    fp16 = AdaptiveController(cfg, ThroughputMeter(GBIT, 0.2), element_bytes=lambda ns: 2)
+    raw = 256 * 23040 * 2
+    assert fp32.choose(b"\0" * 32, 256, raw).level != TierCodec.LOSSLESS   # lossless decodes slowly at fp32
+    assert fp32.snapshot()["ratio"] == {k.value: v for k, v in PRIOR_RATIO_FP32.items()}
+    assert fp32.snapshot()["decode_bytes_per_s"]["near-lossless"] == PRIOR_DECODE_BYTES_PER_S_FP32[
+        TierCodec.NEAR_LOSSLESS]
+    fp16.choose(b"\0" * 32, 256, raw)
+    assert fp16.snapshot()["ratio"] == {k.value: v for k, v in PRIOR_RATIO.items()}

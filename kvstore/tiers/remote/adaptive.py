@@ -36,6 +36,16 @@ PRIOR_RATIO = {TierCodec.LOSSLESS: 0.86, TierCodec.NEAR_LOSSLESS: 0.217,
 #: RAW bytes/s one core decodes per level before any decode was timed (same table, CPU speed).
 PRIOR_DECODE_BYTES_PER_S = {TierCodec.LOSSLESS: 202e6, TierCodec.NEAR_LOSSLESS: 141e6,
                             TierCodec.DEFAULT: 121e6, TierCodec.AGGRESSIVE: 108e6}
+#: The same priors for 4-byte (fp32) KV: lossless keeps every mantissa bit (about the fp16
+#: ratio, decoded slower) while lossy levels store about as many bits per element as for fp16
+#: (half the ratio, twice the RAW bytes/s). Measured by ``calibrate_once`` on SmolLM2 fp32 KV
+#: on the 2-core development VM (docs/remote.md, Adaptive codec).
+PRIOR_RATIO_FP32 = {TierCodec.LOSSLESS: 0.84, TierCodec.NEAR_LOSSLESS: 0.111,
+                    TierCodec.DEFAULT: 0.075, TierCodec.AGGRESSIVE: 0.059}
+PRIOR_DECODE_BYTES_PER_S_FP32 = {TierCodec.LOSSLESS: 110e6, TierCodec.NEAR_LOSSLESS: 518e6,
+                                 TierCodec.DEFAULT: 411e6, TierCodec.AGGRESSIVE: 416e6}
+#: Element size (bytes) -> (ratio priors, decode-rate priors); others use the fp16 table.
+_PRIORS = {4: (PRIOR_RATIO_FP32, PRIOR_DECODE_BYTES_PER_S_FP32)}
 #: Weight of a new size-ratio or decode-rate sample (slow: they depend on the data, not the link).
 _MODEL_ALPHA = 0.1
 
@@ -45,6 +55,8 @@ FloorHook = Callable[[bytes], "TierCodec | None"]
 #: real chunk through the codec at ``level`` and back (``wiring.codec_trial``); raises
 #: ValueError/KVStoreError when the codec cannot take the chunk.
 Trial = Callable[[bytes, object, object, TierCodec], tuple[int, float]]
+#: Hook: namespace id -> bytes per KV element of its dtype (None when unknown).
+ElementBytes = Callable[[bytes], "int | None"]
 
 
 class ThroughputMeter:
@@ -82,7 +94,7 @@ def allowed_levels(floor: TierCodec) -> tuple[TierCodec, ...]:
 
 class AdaptiveController:
     def __init__(self, cfg: RemoteConfig, meter: ThroughputMeter, floor_for: FloorHook | None = None,
-                 trial: Trial | None = None) -> None:
+                 trial: Trial | None = None, element_bytes: ElementBytes | None = None) -> None:
         self._budget_s = cfg.load_budget_us_per_token * 1e-6
         self._floor = cfg.min_quality
         self._fixed = cfg.fixed_level
@@ -91,6 +103,9 @@ class AdaptiveController:
         self._ratio = dict(PRIOR_RATIO)
         self._decode = dict(PRIOR_DECODE_BYTES_PER_S)
         self._trial = trial
+        self._element_bytes = element_bytes
+        self._priors_set = False
+        self._measured = False   # calibrate_once replaced the priors
         #: None: not measured yet; False: being measured; True: measured (``calibrate_once``).
         self._calibrated: bool | None = None if trial is not None else True
         self._lock = threading.Lock()
@@ -119,6 +134,7 @@ class AdaptiveController:
         return (self._fixed,) if self._fixed is not None and self._fixed in allowed else allowed
 
     def choose(self, namespace_id: bytes, num_tokens: int, raw_bytes: int, purpose: str = "upload") -> Decision:
+        self.priors_for(namespace_id)
         levels = self._levels(namespace_id)
         n = max(1, num_tokens)
         timed = [(lv, self.expected_s(lv, raw_bytes) / n) for lv in levels]
@@ -138,6 +154,24 @@ class AdaptiveController:
     def fits(self, level: TierCodec, num_tokens: int, raw_bytes: int, wire_bytes: int) -> bool:
         return self.expected_s(level, raw_bytes, wire_bytes) / max(1, num_tokens) <= self._budget_s
 
+    def priors_for(self, namespace_id: bytes) -> None:
+        """Before anything was measured, takes the priors of the namespace's element size
+        (fp32 KV differs from fp16 by 2x and in the order of the levels); the first namespace
+        seen decides (one dominant model per daemon). Measurements always win."""
+        if self._priors_set or self._element_bytes is None:
+            return
+        try:
+            size = self._element_bytes(namespace_id)
+        except KVStoreError:
+            return  # unknown namespace: stay on the default priors for now
+        with self._lock:
+            if self._priors_set or self._measured:
+                return
+            self._priors_set = True
+            if size in _PRIORS:
+                ratio, decode = _PRIORS[size]
+                self._ratio, self._decode = dict(ratio), dict(decode)
+
     @property
     def calibrated(self) -> bool:
         return self._calibrated is True
@@ -145,7 +179,9 @@ class AdaptiveController:
     def calibrate_once(self, cid: bytes, meta, payload) -> bool:
         """Measures every level on one real RAW chunk (size ratio and single-thread decode
         rate on this CPU, for this KV), replacing the priors, the first time it is called
-        (later calls, and calls while it runs, return at once). Seconds of codec work: call
+        (later calls, and calls while it runs, return at once). ``payload`` must be the
+        exact KV (a put, or a lossless fetch): KV that a lossy level already quantized
+        re-encodes at other sizes and speeds than real KV. Seconds of codec work: call
         it off the request path (the uploader's thread, a prefetch thread). False when
         nothing was measured (no trial, or the codec refused the chunk: priors are kept)."""
         with self._lock:
@@ -166,6 +202,7 @@ class AdaptiveController:
             for level, (ratio, rate) in measured.items():
                 self._ratio[level], self._decode[level] = ratio, rate
             self._calibrated = True
+            self._measured = self._measured or bool(measured)
         if measured:
             log.info("adaptive controller calibrated: %s", ", ".join(
                 f"{lv.value} {r:.3f}x, decode {d / 1e6:.0f} MB/s" for lv, (r, d) in measured.items()))

@@ -89,6 +89,7 @@ class RemoteReader:
         primaries do not fit the budget at the measured throughput and the companions are
         expected to load faster (a smaller level saves transfer but may cost more decode
         than it saves). The primaries' level and size come from their headers."""
+        self.controller.priors_for(namespace_id)
         wire = sum(size for size, _ in heads)
         primary = heads[0][1] or TierCodec.LOSSLESS
         small_level = self.controller.small_level(namespace_id)
@@ -124,7 +125,9 @@ class RemoteReader:
                 return None
             if v.level is not None:
                 self.controller.observe_decode(v.level, meta.payload_bytes, time.perf_counter() - t0)
-            if not self.controller.calibrated:  # the first RAW chunk: measure every level, off this path
+            if not self.controller.calibrated and v.level == TierCodec.LOSSLESS:
+                # The first exact chunk: measure every level, off this path (a lossy level's
+                # output is already quantized and would mislead the model).
                 _pool().submit(self.controller.calibrate_once, cid, meta, payload)
         return FetchedChunk(cid, meta, payload, v.level, v.small)
 

@@ -43,7 +43,8 @@ def build_remote(cfg: RemoteConfig, resolve: NamespaceResolver | None = None,
     meter = ThroughputMeter(cfg.initial_throughput_bytes_per_s, cfg.throughput_ewma_alpha)
     tier = RemoteTier(cfg, tenant_of=tenant_of, meter=meter, link=link, **({"clock": clock} if clock else {}))
     codec = Transcoder(resolve) if resolve is not None else None
-    controller = AdaptiveController(cfg, meter, floor_for, codec_trial(codec) if codec else None)
+    controller = AdaptiveController(cfg, meter, floor_for, codec_trial(codec) if codec else None,
+                                    (lambda ns: resolve(ns).dtype.itemsize) if resolve is not None else None)
     uploader = RemoteUploader(tier, controller, codec.encode if codec else None, cfg)
     reader = RemoteReader(tier, controller, codec.decode if codec else None)
     return RemoteParts(tier, controller, uploader, reader)
