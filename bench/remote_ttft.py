@@ -8,16 +8,17 @@ serve`` daemons in the root namespace (both reach Redis only through the link, a
 of one fleet would), the transformers adapter with SmolLM2-135M on the CPU.
 
 Per link rate: the achieved ceiling (a raw TCP transfer through the link, and raw redis-py
-GETs of 16 x 5 MB through it). Then per codec setting (adaptive, or one
-``remote.fixed_level``), with a fresh A and a fresh B (cold DRAM and disk, own data dirs):
+GETs of 16 x 5 MB through it). Then ``--reps`` rounds, each over every codec setting
+(adaptive, or one ``remote.fixed_level``) in turn, so a change of the shared box's load
+affects every setting alike; each cell has a fresh A and a fresh B (cold DRAM and disk, own
+data dirs):
 
 1. A stores ``WARM_FETCHES`` one-chunk prefixes (its uploads teach its throughput meter the
-   link), then ``--reps`` copies of the prompt's prefix (``--prefix-tokens``, whole chunks),
-   each in its own namespace, uploaded at the fixed level or the adaptive choice (plus the
-   small companion).
-2. B fetches the one-chunk prefixes (its meter learns the link), then per rep generates one
-   token on a prefix it has never seen: lookup -> remote fetch -> decode -> promote ->
-   retrieve -> prefill of the tail. TTFT is the adapter's ``ttft_s``; the median is reported.
+   link), then the prompt's prefix (``--prefix-tokens``, whole chunks) in its own namespace,
+   uploaded at the fixed level or the adaptive choice (plus the small companion).
+2. B fetches the one-chunk prefixes (its meter learns the link), then generates one token on
+   the prefix: lookup -> remote fetch -> decode -> promote -> retrieve -> prefill of the
+   tail. TTFT is the adapter's ``ttft_s``; medians over the rounds are reported.
 
 Recompute on B: the same prompt through the adapter against a B with nothing stored (a miss:
 the lookup asks the remote, then the full prefill), and the plain model alone.
@@ -85,8 +86,10 @@ def _store(a, lm, prompt, kv, tokens: int):
 
 
 def _wait_calibrated(daemon) -> None:
-    """B's controller measures every level once, in the background, after its first decoded
+    """B's controller measures every level once, in the background, after its first lossless
     fetch (a warm-up): wait for it so it does not share the CPU with a measured run."""
+    if not stats(daemon).remote.level_decisions.get("fetch:lossless"):
+        return  # only lossy fetches: B keeps its priors and learns from its decodes
     deadline = time.monotonic() + CALIBRATION_WAIT_S
     while time.monotonic() < deadline:
         if "adaptive controller calibrated" in daemon.log_tail(200_000):
@@ -95,9 +98,10 @@ def _wait_calibrated(daemon) -> None:
     print("  (B's controller did not log its calibration; measuring anyway)", flush=True)
 
 
-def _one(link, tmp: Path, lm, prompt, kv, tokens: int, level: str, gbit: int, reps: int) -> dict:
-    """A fresh A stores, a fresh B fetches; B's TTFT per rep and what it fetched."""
-    tag = f"{level}-{gbit}-{uuid.uuid4().hex[:4]}"
+def _cell(link, tmp: Path, lm, prompt, kv, tokens: int, level: str, gbit: int):
+    """One measurement: a fresh A stores the prefix, a fresh B (cold) fetches it. Returns B's
+    generation result, A's upload decisions and B's remote status."""
+    tag = f"{level}-{gbit}-{uuid.uuid4().hex[:6]}"
     with replica(link.cluster, tmp / f"a-{tag}", "a", *_settings(level, link), timeout_ms=TIMEOUT_MS) as a:
         before, n = uploads(a), 0
         warm = []
@@ -106,12 +110,8 @@ def _one(link, tmp: Path, lm, prompt, kv, tokens: int, level: str, gbit: int, re
             warm.append(ns)
             n += m
             wait_uploaded(a, n, before)   # one at a time: each upload is one meter sample
-        hits = []
-        for _ in range(reps):
-            ns, m = _store(a, lm, prompt, kv, tokens)
-            hits.append(ns)
-            n += m
-        wait_uploaded(a, n, before)
+        hit, m = _store(a, lm, prompt, kv, tokens)
+        wait_uploaded(a, n + m, before)
         up = {k.split(":", 1)[1]: v for k, v in stats(a).remote.level_decisions.items()
               if k.startswith("upload:") and v}
         with replica(link.cluster, tmp / f"b-{tag}", "b", *_settings(level, link), timeout_ms=TIMEOUT_MS) as b:
@@ -119,24 +119,37 @@ def _one(link, tmp: Path, lm, prompt, kv, tokens: int, level: str, gbit: int, re
                 with KVStoreClient(b.addr, wns, token=TOK_X, local=False) as c:
                     c.lookup(prompt[WARM_SHIFT * k:WARM_SHIFT * k + CHUNK_TOKENS])
             _wait_calibrated(b)
-            runs = []
-            for ns in hits:
-                with KVCacheAdapter(lm.model, KVStoreClient(b.addr, ns, token=TOK_X, local=False),
-                                    store_back=False) as ad:
-                    runs.append(ad.generate(prompt, max_new_tokens=1))
+            with KVCacheAdapter(lm.model, KVStoreClient(b.addr, hit, token=TOK_X, local=False),
+                                store_back=False) as ad:
+                got = ad.generate(prompt, max_new_tokens=1)
             r = stats(b).remote
-    fetched = {k.split(":", 1)[1]: v for k, v in r.level_decisions.items() if k.startswith("fetch:") and v}
+    print(f"  {level:>13} {gbit:>3} Gbit/s: ttft {got.ttft_s:.3f}s (lookup+fill {got.lookup_s:.3f}, retrieve "
+          f"{got.retrieve_s:.3f}, prefill {got.prefill_s:.3f}), {got.matched_tokens} tokens reused, A uploaded "
+          f"{up}, B fetched {_fetched(r)}, B's link estimate {r.throughput_bytes_per_s * 8 / 1e9:.2f} Gbit/s",
+          flush=True)
+    return got, up, r
+
+
+def _fetched(r) -> dict:
+    return {k.split(":", 1)[1]: v for k, v in r.level_decisions.items() if k.startswith("fetch:") and v}
+
+
+def _row(level: str, gbit: int, cells: list) -> dict:
+    """Medians over the reps of one (setting, rate)."""
+    runs = [g for g, _, _ in cells]
     med = sorted(runs, key=lambda g: g.ttft_s)[len(runs) // 2]
-    row = dict(level=level, gbit=gbit, ttft=statistics.median(g.ttft_s for g in runs),
-               load=statistics.median(g.lookup_s + g.retrieve_s for g in runs),
-               all=[g.ttft_s for g in runs], lookup=med.lookup_s, retrieve=med.retrieve_s, prefill=med.prefill_s,
-               matched=min(g.matched_tokens for g in runs), uploaded=up, fetched=fetched,
-               link=r.throughput_bytes_per_s * 8 / 1e9, mb=r.bytes_read / 1e6)
-    print(f"{level:>13} {gbit:>3} Gbit/s: ttft {row['ttft']:.3f}s ({', '.join(f'{t:.3f}' for t in row['all'])}; "
-          f"lookup+fill {row['lookup']:.3f}, retrieve {row['retrieve']:.3f}, prefill {row['prefill']:.3f}), "
-          f"{row['matched']} tokens reused, A uploaded {up}, B fetched {fetched}, "
-          f"B's link estimate {row['link']:.2f} Gbit/s, {row['mb']:.0f} MB read", flush=True)
-    return row
+    up, fetched = {}, {}
+    for _, u, r in cells:
+        for k, v in u.items():
+            up[k] = up.get(k, 0) + v
+        for k, v in _fetched(r).items():
+            fetched[k] = fetched.get(k, 0) + v
+    return dict(level=level, gbit=gbit, ttft=statistics.median(g.ttft_s for g in runs),
+                load=statistics.median(g.lookup_s + g.retrieve_s for g in runs),
+                lookup=med.lookup_s, retrieve=med.retrieve_s, prefill=med.prefill_s,
+                matched=min(g.matched_tokens for g in runs), uploaded=up, fetched=fetched,
+                link=statistics.median(r.throughput_bytes_per_s for _, _, r in cells) * 8 / 1e9,
+                mb=statistics.median(r.bytes_read for _, _, r in cells) / 1e6)
 
 
 def run(args) -> None:
@@ -166,8 +179,12 @@ def run(args) -> None:
             ceilings[gbit] = (raw_tcp, raw_get)
             print(f"link set to {gbit} Gbit/s: raw TCP {raw_tcp / 1e9:.2f} Gbit/s, raw redis-py GETs "
                   f"{raw_get / 1e9:.2f} Gbit/s", flush=True)
-            for level in args.levels:
-                rows.append(_one(link, tmp, lm, prompt, kv, tokens, level, gbit, args.reps))
+            cells: dict[str, list] = {lv: [] for lv in args.levels}
+            for rep in range(args.reps):   # levels interleaved: the box's load drifts over all alike
+                print(f" rep {rep + 1}/{args.reps}", flush=True)
+                for level in args.levels:
+                    cells[level].append(_cell(link, tmp, lm, prompt, kv, tokens, level, gbit))
+            rows += [_row(level, gbit, c) for level, c in cells.items()]
     _table(rows, ceilings, recompute, plain, len(prompt), tokens, link.kind, args.reps)
 
 
