@@ -161,17 +161,21 @@ def run(args) -> None:
     with torch.inference_mode():  # the prompt's KV, computed once (what A's engine would store)
         out = lm.model(input_ids=torch.tensor([prompt]), use_cache=True, logits_to_keep=1)
         kv = smollm2.cache_to_kv(out.past_key_values)
-    plain = statistics.median(plain_generate(lm.model, prompt, max_new_tokens=1).ttft_s for _ in range(args.reps))
+    plain = None if args.no_recompute else statistics.median(
+        plain_generate(lm.model, prompt, max_new_tokens=1).ttft_s for _ in range(args.reps))
     rows, ceilings = [], {}
     tmp = Path(tempfile.mkdtemp(prefix="kvs-ttft-"))
     with ExitStack() as st:
         link = open_link(st, tmp / "redis", force_proxy=args.proxy)
         link.set_rate(args.gbits[0] * 1e9)
-        with replica(link.cluster, tmp / "miss", "b", *_settings("adaptive", link), timeout_ms=TIMEOUT_MS) as b:
-            with KVCacheAdapter(lm.model, KVStoreClient(b.addr, _ns(lm, "miss"), token=TOK_X, local=False),
-                                store_back=False) as ad:
-                recompute = statistics.median(ad.generate(prompt, max_new_tokens=1).ttft_s for _ in range(args.reps))
-        print(f"recompute on B (adapter, miss): {recompute:.3f}s; plain model {plain:.3f}s", flush=True)
+        recompute = None
+        if not args.no_recompute:
+            with replica(link.cluster, tmp / "miss", "b", *_settings("adaptive", link), timeout_ms=TIMEOUT_MS) as b:
+                with KVCacheAdapter(lm.model, KVStoreClient(b.addr, _ns(lm, "miss"), token=TOK_X, local=False),
+                                    store_back=False) as ad:
+                    recompute = statistics.median(ad.generate(prompt, max_new_tokens=1).ttft_s
+                                                  for _ in range(args.reps))
+            print(f"recompute on B (adapter, miss): {recompute:.3f}s; plain model {plain:.3f}s", flush=True)
         for gbit in args.gbits:
             link.set_rate(gbit * 1e9)
             raw_tcp = link.ceiling_bits_per_s(gbit * 1e9)
@@ -192,7 +196,8 @@ def _table(rows, ceilings, recompute_s: float, plain_s: float, prompt_tokens: in
            reps: int) -> None:
     print(f"\n## TTFT on replica B, {prompt_tokens}-token prompt, {tokens}-token prefix from the cluster "
           f"(s, medians of {reps})\n")
-    print(f"Link: {kind}. Recompute on B (adapter, miss): {recompute_s:.3f} s; plain model: {plain_s:.3f} s.\n")
+    print(f"Link: {kind}. " + (f"Recompute on B (adapter, miss): {recompute_s:.3f} s; plain model: {plain_s:.3f} s.\n"
+                               if recompute_s else "Recompute not measured in this run (--no-recompute).\n"))
     verdicts = _grid(rows, ceilings, "ttft", recompute_s)
     print(f"\nLoad time on B (lookup with the remote fill, then retrieve; the part the level changes; "
           f"s, medians of {reps}):\n")
@@ -243,6 +248,8 @@ def main() -> None:
     ap.add_argument("--gbits", type=int, nargs="+", default=[1, 10, 25])
     ap.add_argument("--levels", nargs="+", default=list(LEVELS), choices=LEVELS)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-recompute", action="store_true",
+                    help="skip the recompute baseline (measured in another run)")
     ap.add_argument("--proxy", action="store_true", help="use the harness's proxy even where tc works")
     ap.add_argument("--torch-threads", type=int, default=1,
                     help="intra-op threads of the model (1: on a shared box two OpenMP threads stall on "
