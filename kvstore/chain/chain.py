@@ -386,15 +386,22 @@ class TierChain:
 
     def delete_prefix(self, prefix: bytes) -> int:
         """Removes every chunk whose id starts with ``prefix`` (a namespace id clears a
-        namespace); returns how many distinct chunks were removed."""
+        namespace) from every tier, the shared ones that ``serves_prefixes`` included (their
+        ``delete_prefix``); returns how many distinct chunks were removed."""
         self._cancel(lambda c: c.startswith(prefix))
         self.pins.unpin_prefix(prefix)
         gone: set[ChunkId] = set()
+        shared = 0
         for t in self._tiers():
+            if t.serves_prefixes:
+                # A shared store (the remote tier) is not scanned; it deletes by its own
+                # index. Its count joins the local ones as a lower bound of the distinct ids.
+                shared = max(shared, t.delete_prefix(prefix))
+                continue
             for e in list(t.scan(prefix)):
                 if t.delete(e.cid):
                     gone.add(e.cid)
-        return len(gone)
+        return max(len(gone), shared)
 
     def evict(self, cids: Sequence[ChunkId] | None = None, medium: Medium | None = None) -> int:
         """Explicit eviction from ``medium`` (or every medium) of ``cids`` (or, with None, of

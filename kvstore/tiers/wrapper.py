@@ -46,6 +46,11 @@ class TierWrapper(Tier):
     def evict(self, nbytes: int) -> list[ChunkId]:
         return self.inner.evict(nbytes)
 
+    def delete_prefix(self, prefix: bytes) -> int:
+        # A shared store (the remote tier) deletes by its own index, since it lists nothing;
+        # any other tier as the base does (scan, then this wrapper's delete).
+        return self.inner.delete_prefix(prefix) if self.serves_prefixes else super().delete_prefix(prefix)
+
     def scan(self, prefix: bytes = b"", after: bytes = b"", limit: int = 0) -> Iterator[EntryInfo]:
         return self.inner.scan(prefix, after, limit)
 

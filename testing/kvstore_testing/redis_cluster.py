@@ -6,6 +6,11 @@ waits until every node reports ``cluster_state:ok``. Fault helpers: ``kill`` (SI
 ``pause``/``resume`` (SIGSTOP/SIGCONT), ``restart`` (same port and nodes.conf, so it rejoins),
 ``masters()`` (ports of the current masters, from CLUSTER NODES). ``stop`` ends every process
 it started. Needs ``redis-server`` and ``redis-cli`` on PATH (``available()``).
+
+``host`` is the address the nodes bind to and announce (loopback by default); ``wrap`` turns
+a ``redis-server`` argv into the command that runs it elsewhere, e.g. inside a network
+namespace (``kvstore_testing.netns.ThrottledNetns.wrap``, with its ``inner_ip`` as ``host``).
+``redis-cli`` always runs here and dials ``host``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 #: Milliseconds before a silent master is failed over; short so fault tests finish quickly.
 NODE_TIMEOUT_MS = 1000
@@ -54,8 +60,11 @@ def free_ports(n: int, start: int = 21000) -> list[int]:
 
 
 class LocalRedisCluster:
-    def __init__(self, root: Path, masters: int = 3, replicas: int = 1, password: str | None = None) -> None:
+    def __init__(self, root: Path, masters: int = 3, replicas: int = 1, password: str | None = None,
+                 host: str = "127.0.0.1", wrap: Callable[[list[str]], list[str]] | None = None) -> None:
         self.root = Path(root)
+        self.host = host
+        self._wrap = wrap or (lambda argv: argv)
         self.n = masters * (1 + replicas)
         self.masters_n, self.replicas = masters, replicas
         self.password = password
@@ -64,7 +73,7 @@ class LocalRedisCluster:
 
     @property
     def nodes(self) -> list[str]:
-        return [f"127.0.0.1:{p}" for p in self.ports]
+        return [f"{self.host}:{p}" for p in self.ports]
 
     def start(self) -> "LocalRedisCluster":
         self.ports = free_ports(self.n)
@@ -84,16 +93,16 @@ class LocalRedisCluster:
     def _spawn(self, port: int) -> None:
         d = self.root / str(port)
         d.mkdir(parents=True, exist_ok=True)
-        args = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+        args = ["redis-server", "--port", str(port), "--bind", self.host, "--cluster-enabled", "yes",
                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
                 "--dir", str(d), "--save", "", "--appendonly", "no", "--daemonize", "no",
                 "--protected-mode", "no", "--cluster-replica-validity-factor", "0", "--logfile", str(d / "redis.log")]
         if self.password:
             args += ["--requirepass", self.password, "--masterauth", self.password]
-        self.procs[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs[port] = subprocess.Popen(self._wrap(args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def cli(self, port: int, *args: str, timeout: float = 5.0) -> str:
-        r = subprocess.run(["redis-cli", *self._auth(), "-p", str(port), *args], capture_output=True, text=True,
+        r = subprocess.run(["redis-cli", *self._auth(), "-h", self.host, "-p", str(port), *args], capture_output=True, text=True,
                            timeout=timeout)
         return r.stdout
 

@@ -3,9 +3,11 @@ fast link, the lossless floor, and a fetch that decodes back bit-exact."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from kvstore.config import TierCodec
+from kvstore.config import RemoteConfig, TierCodec
 from kvstore_testing.codec_data import synthetic_kv
 from kvstore.tiers.remote import AdaptiveController, ThroughputMeter, build_remote
 from kvstore.types import ChunkId, ChunkMeta, DType, Encoding
@@ -154,3 +156,48 @@ def test_metrics_and_status(redis_cluster, rng, ns):
         assert st["remote"]["hit_rate"] == 1.0 and st["upload"]["uploaded"] == 1
     finally:
         parts.close()
+
+
+def test_controller_calibrates_every_level_on_the_first_real_chunk(redis_cluster):
+    """The uploader measures each level's size ratio and decode rate on its first RAW chunk
+    (priors replaced); a reader that only fetches calibrates on its first decoded chunk, in
+    the background."""
+    cfg = remote_config(redis_cluster, load_budget_us_per_token=1000)
+    up = ready(build_remote(cfg, resolve=lambda ns: NS))
+    rd = ready(build_remote(cfg, resolve=lambda ns: NS))
+    try:
+        assert not up.controller.calibrated
+        cid, meta, arr = _kv_chunk(7)
+        up.uploader.submit(cid, meta, arr)
+        assert up.uploader.flush(60)
+        snap = up.controller.snapshot()
+        assert snap["calibrated"]
+        sizes = [snap["ratio"][lv.value] for lv in (TierCodec.LOSSLESS, TierCodec.NEAR_LOSSLESS,
+                                                     TierCodec.DEFAULT, TierCodec.AGGRESSIVE)]
+        assert 0 < sizes[-1] < sizes[1] < sizes[0] < 1.1, snap   # measured on this chunk
+        assert all(v > 0 for v in snap["decode_bytes_per_s"].values())
+        got = rd.reader.fetch_prefix([cid], 64)
+        assert len(got) == 1 and bytes(memoryview(got[0].payload).cast("B")) == arr.tobytes()
+        deadline = time.monotonic() + 30
+        while not rd.controller.calibrated and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rd.controller.calibrated
+    finally:
+        up.close()
+        rd.close()
+
+
+def test_fp32_namespaces_start_from_fp32_priors():
+    """Before any measurement the model takes the priors of the namespace's element size:
+    at fp32 the lossy levels are half as large and decode faster than lossless."""
+    from kvstore.tiers.remote.adaptive import PRIOR_DECODE_BYTES_PER_S_FP32, PRIOR_RATIO, PRIOR_RATIO_FP32
+    cfg = RemoteConfig(load_budget_us_per_token=0.001)
+    fp32 = AdaptiveController(cfg, ThroughputMeter(GBIT, 0.2), element_bytes=lambda ns: 4)
+    fp16 = AdaptiveController(cfg, ThroughputMeter(GBIT, 0.2), element_bytes=lambda ns: 2)
+    raw = 256 * 23040 * 2
+    assert fp32.choose(b"\0" * 32, 256, raw).level != TierCodec.LOSSLESS   # lossless decodes slowly at fp32
+    assert fp32.snapshot()["ratio"] == {k.value: v for k, v in PRIOR_RATIO_FP32.items()}
+    assert fp32.snapshot()["decode_bytes_per_s"]["near-lossless"] == PRIOR_DECODE_BYTES_PER_S_FP32[
+        TierCodec.NEAR_LOSSLESS]
+    fp16.choose(b"\0" * 32, 256, raw)
+    assert fp16.snapshot()["ratio"] == {k.value: v for k, v in PRIOR_RATIO.items()}

@@ -2,9 +2,11 @@
 
 For a chunk of ``n`` tokens and ``raw`` RAW bytes, the expected load time at level ``l`` is
 ``size_l / throughput + raw / decode_rate_l`` (transfer, then decode), where ``size_l`` is
-``raw * ratio_l`` with ``ratio_l`` learned from recent encodes and ``throughput`` an EWMA of
-bytes/s over recent transfers. The controller picks the best-quality allowed level whose
-expected load time per token is within ``remote.load_budget_us_per_token``; when none fits
+``raw * ratio_l`` and ``throughput`` an EWMA of bytes/s over recent transfers. ``ratio_l``
+and ``decode_rate_l`` are measured once per process on the first real chunk
+(``calibrate_once``: every level encoded and decoded, replacing the fp16 priors), then
+refined by every encode and decode (EWMA). The controller picks the best-quality allowed
+level whose expected load time per token is within ``remote.load_budget_us_per_token``; when none fits
 it picks the allowed level with the smallest expected load time. Allowed levels are those
 no worse than the floor: ``remote.min_quality`` or a per-namespace override
 (``floor_for(namespace_id)``, e.g. a tenant that forbids lossy levels).
@@ -14,12 +16,16 @@ Thread-safe (one lock; called from the uploader thread and request worker thread
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
 from ...config import CODEC_QUALITY_ORDER, RemoteConfig, TierCodec
+from ...errors import KVStoreError
+
+log = logging.getLogger(__name__)
 
 #: Transfers smaller than this are latency-dominated and say little about bandwidth.
 MIN_SAMPLE_BYTES = 64 * 1024
@@ -30,11 +36,27 @@ PRIOR_RATIO = {TierCodec.LOSSLESS: 0.86, TierCodec.NEAR_LOSSLESS: 0.217,
 #: RAW bytes/s one core decodes per level before any decode was timed (same table, CPU speed).
 PRIOR_DECODE_BYTES_PER_S = {TierCodec.LOSSLESS: 202e6, TierCodec.NEAR_LOSSLESS: 141e6,
                             TierCodec.DEFAULT: 121e6, TierCodec.AGGRESSIVE: 108e6}
+#: The same priors for 4-byte (fp32) KV: lossless keeps every mantissa bit (about the fp16
+#: ratio, decoded slower) while lossy levels store about as many bits per element as for fp16
+#: (half the ratio, twice the RAW bytes/s). Measured by ``calibrate_once`` on SmolLM2 fp32 KV
+#: on the 2-core development VM (docs/remote.md, Adaptive codec).
+PRIOR_RATIO_FP32 = {TierCodec.LOSSLESS: 0.84, TierCodec.NEAR_LOSSLESS: 0.111,
+                    TierCodec.DEFAULT: 0.075, TierCodec.AGGRESSIVE: 0.059}
+PRIOR_DECODE_BYTES_PER_S_FP32 = {TierCodec.LOSSLESS: 110e6, TierCodec.NEAR_LOSSLESS: 518e6,
+                                 TierCodec.DEFAULT: 411e6, TierCodec.AGGRESSIVE: 416e6}
+#: Element size (bytes) -> (ratio priors, decode-rate priors); others use the fp16 table.
+_PRIORS = {4: (PRIOR_RATIO_FP32, PRIOR_DECODE_BYTES_PER_S_FP32)}
 #: Weight of a new size-ratio or decode-rate sample (slow: they depend on the data, not the link).
 _MODEL_ALPHA = 0.1
 
 #: Hook: namespace id -> the floor for it, or None to use ``remote.min_quality``.
 FloorHook = Callable[[bytes], "TierCodec | None"]
+#: ``(cid, RAW meta, RAW payload, level) -> (encoded bytes, seconds to decode them)``: one
+#: real chunk through the codec at ``level`` and back (``wiring.codec_trial``); raises
+#: ValueError/KVStoreError when the codec cannot take the chunk.
+Trial = Callable[[bytes, object, object, TierCodec], tuple[int, float]]
+#: Hook: namespace id -> bytes per KV element of its dtype (None when unknown).
+ElementBytes = Callable[[bytes], "int | None"]
 
 
 class ThroughputMeter:
@@ -71,7 +93,8 @@ def allowed_levels(floor: TierCodec) -> tuple[TierCodec, ...]:
 
 
 class AdaptiveController:
-    def __init__(self, cfg: RemoteConfig, meter: ThroughputMeter, floor_for: FloorHook | None = None) -> None:
+    def __init__(self, cfg: RemoteConfig, meter: ThroughputMeter, floor_for: FloorHook | None = None,
+                 trial: Trial | None = None, element_bytes: ElementBytes | None = None) -> None:
         self._budget_s = cfg.load_budget_us_per_token * 1e-6
         self._floor = cfg.min_quality
         self._fixed = cfg.fixed_level
@@ -79,6 +102,12 @@ class AdaptiveController:
         self.meter = meter
         self._ratio = dict(PRIOR_RATIO)
         self._decode = dict(PRIOR_DECODE_BYTES_PER_S)
+        self._trial = trial
+        self._element_bytes = element_bytes
+        self._priors_set = False
+        self._measured = False   # calibrate_once replaced the priors
+        #: None: not measured yet; False: being measured; True: measured (``calibrate_once``).
+        self._calibrated: bool | None = None if trial is not None else True
         self._lock = threading.Lock()
         #: Decisions made so far: ("upload" | "fetch", level) -> count (exported as metrics).
         self.decisions: Counter[tuple[str, TierCodec]] = Counter()
@@ -93,6 +122,11 @@ class AdaptiveController:
             size = wire_bytes if wire_bytes is not None else raw_bytes * self._ratio[level]
             return size / self.meter.bytes_per_s + raw_bytes / self._decode[level]
 
+    def raw_bytes(self, level: TierCodec, wire_bytes: int) -> int:
+        """RAW bytes that ``wire_bytes`` stored at ``level`` decode to (the learned ratio)."""
+        with self._lock:
+            return int(wire_bytes / self._ratio[level])
+
     def _levels(self, namespace_id: bytes) -> tuple[TierCodec, ...]:
         """The levels to choose from: ``fixed_level`` alone when set (if the floor allows it),
         else every level no worse than the floor."""
@@ -100,6 +134,7 @@ class AdaptiveController:
         return (self._fixed,) if self._fixed is not None and self._fixed in allowed else allowed
 
     def choose(self, namespace_id: bytes, num_tokens: int, raw_bytes: int, purpose: str = "upload") -> Decision:
+        self.priors_for(namespace_id)
         levels = self._levels(namespace_id)
         n = max(1, num_tokens)
         timed = [(lv, self.expected_s(lv, raw_bytes) / n) for lv in levels]
@@ -119,6 +154,60 @@ class AdaptiveController:
     def fits(self, level: TierCodec, num_tokens: int, raw_bytes: int, wire_bytes: int) -> bool:
         return self.expected_s(level, raw_bytes, wire_bytes) / max(1, num_tokens) <= self._budget_s
 
+    def priors_for(self, namespace_id: bytes) -> None:
+        """Before anything was measured, takes the priors of the namespace's element size
+        (fp32 KV differs from fp16 by 2x and in the order of the levels); the first namespace
+        seen decides (one dominant model per daemon). Measurements always win."""
+        if self._priors_set or self._element_bytes is None:
+            return
+        try:
+            size = self._element_bytes(namespace_id)
+        except KVStoreError:
+            return  # unknown namespace: stay on the default priors for now
+        with self._lock:
+            if self._priors_set or self._measured:
+                return
+            self._priors_set = True
+            if size in _PRIORS:
+                ratio, decode = _PRIORS[size]
+                self._ratio, self._decode = dict(ratio), dict(decode)
+
+    @property
+    def calibrated(self) -> bool:
+        return self._calibrated is True
+
+    def calibrate_once(self, cid: bytes, meta, payload) -> bool:
+        """Measures every level on one real RAW chunk (size ratio and single-thread decode
+        rate on this CPU, for this KV), replacing the priors, the first time it is called
+        (later calls, and calls while it runs, return at once). ``payload`` must be the
+        exact KV (a put, or a lossless fetch): KV that a lossy level already quantized
+        re-encodes at other sizes and speeds than real KV. Seconds of codec work: call
+        it off the request path (the uploader's thread, a prefetch thread). False when
+        nothing was measured (no trial, or the codec refused the chunk: priors are kept)."""
+        with self._lock:
+            if self._calibrated is not None:
+                return False
+            self._calibrated = False
+        measured = {}
+        for level in CODEC_QUALITY_ORDER:
+            try:
+                size, seconds = self._trial(cid, meta, payload, level)
+            except (ValueError, KVStoreError) as e:
+                log.info("adaptive controller: cannot calibrate on chunk %s (%s); keeping the priors",
+                         bytes(cid).hex()[:16], e)
+                break
+            if seconds > 0:
+                measured[level] = (size / meta.payload_bytes, meta.payload_bytes / seconds)
+        with self._lock:
+            for level, (ratio, rate) in measured.items():
+                self._ratio[level], self._decode[level] = ratio, rate
+            self._calibrated = True
+            self._measured = self._measured or bool(measured)
+        if measured:
+            log.info("adaptive controller calibrated: %s", ", ".join(
+                f"{lv.value} {r:.3f}x, decode {d / 1e6:.0f} MB/s" for lv, (r, d) in measured.items()))
+        return bool(measured)
+
     def observe_encode(self, level: TierCodec, raw_bytes: int, encoded_bytes: int) -> None:
         if raw_bytes <= 0:
             return
@@ -135,4 +224,6 @@ class AdaptiveController:
         with self._lock:
             return {"throughput_bytes_per_s": self.meter.bytes_per_s,
                     "ratio": {k.value: v for k, v in self._ratio.items()},
+                    "decode_bytes_per_s": {k.value: v for k, v in self._decode.items()},
+                    "calibrated": self._calibrated is True,
                     "decisions": {f"{p}:{lv.value}": c for (p, lv), c in self.decisions.items()}}

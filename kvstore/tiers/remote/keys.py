@@ -27,6 +27,9 @@ _TENANT_SALT = b"kvstore.remote.tenant.v1\x00"
 #: Hex digits of the HMAC kept in a key: 128 bits, collision-free for any real fleet.
 TAG_HEX = 32
 SMALL_SUFFIX = b":s"
+#: Bytes of a namespace id (the head of every chunk id): the shortest prefix that selects
+#: one namespace's keys (``pattern``).
+NAMESPACE_ID_BYTES = 32
 
 
 class RemoteKeys:
@@ -52,7 +55,7 @@ class RemoteKeys:
 
     def pattern(self, prefix: bytes) -> bytes:
         """SCAN MATCH pattern covering every chunk whose id starts with ``prefix``."""
-        if len(prefix) >= 32:
+        if len(prefix) >= NAMESPACE_ID_BYTES:
             ns, key = split_chunk_id(prefix)
             return b"%s:c:%s:%s*" % (self._prefix, self.ns_tag(ns), key.hex().encode())
         return b"%s:c:*" % self._prefix

@@ -15,6 +15,13 @@ The chain sees a ``Tier`` with the ``fetch_prefix`` capability (``base.PrefixSou
   ``fetch_prefix``, from a worker thread.
 - ``scan``: nothing (the remote holds every replica's chunks; listing them at start-up or in
   ``kvctl ls`` would walk the whole cluster). ``delete`` reaches Redis.
+- ``delete_prefix``: a namespace clear (``kvctl clear``, Admin Clear, a tenant's deletion)
+  removes the namespace's values from Redis for every replica: a SCAN by the namespace's
+  salted key pattern on every master, then a pipelined delete (bounded by the admin
+  deadline, ``ADMIN_DEADLINE_FACTOR`` x ``remote.timeout_ms``). The chain calls it instead
+  of scanning this level. Only whole namespaces (a prefix of at least a namespace id) are
+  walked; a shorter prefix (the whole store) removes nothing here, since it would delete
+  every tenant's values of the deployment.
 
 Never raises for a remote failure: a slow, partitioned or down cluster is a miss (or a
 skipped upload) within ``remote.timeout_ms``, counted in the remote stats.
@@ -27,6 +34,7 @@ from collections import OrderedDict
 from typing import Callable, Iterator, Sequence
 
 from ...types import ChunkId, ChunkMeta, Medium, split_chunk_id
+from .keys import NAMESPACE_ID_BYTES
 from ..base import ChunkRef, EntryInfo, Fetched, Tier, TierStats
 from .wiring import RemoteParts
 
@@ -97,6 +105,16 @@ class RemoteLevel(Tier):
 
     def delete_many(self, cids) -> int:
         return self.parts.tier.delete_many(cids)
+
+    def delete_prefix(self, prefix: bytes) -> int:
+        """Removes the values of the namespace(s) under ``prefix`` from Redis; returns how
+        many chunks went. A prefix shorter than a namespace id removes nothing (0)."""
+        if len(prefix) < NAMESPACE_ID_BYTES:
+            return 0
+        with self._lock:
+            for cid in [c for c in self._recent if c.startswith(prefix)]:
+                del self._recent[cid]
+        return self.parts.tier.delete_prefix(prefix)
 
     def evict(self, nbytes: int) -> list[ChunkId]:
         return []

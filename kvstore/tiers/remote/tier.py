@@ -135,12 +135,15 @@ class RemoteTier(Tier):
         return [None if v is None else ChunkRef(v.cid, v.meta, v.payload, Medium.REMOTE)
                 for v in self.get_values(cids, small)]
 
-    def get_values(self, cids: list[ChunkId], small: bool = False) -> list[fmt.StoredValue | None]:
-        """``get_many`` with the stored level and companion flag (the reader needs them)."""
+    def get_values(self, cids: list[ChunkId], small: bool = False,
+                   timeout_s: float | None = None) -> list[fmt.StoredValue | None]:
+        """``get_many`` with the stored level and companion flag (the reader needs them);
+        ``timeout_s`` (default ``remote.timeout_ms``) bounds the whole call."""
         cids = list(cids)
         if not cids:
             return []
-        budget = self.link.timeout_s * _BATCH_WAIT_FRACTION
+        deadline_s = self.link.timeout_s if timeout_s is None else timeout_s
+        budget = deadline_s * _BATCH_WAIT_FRACTION
 
         async def one(c, cid):
             if small:
@@ -158,7 +161,7 @@ class RemoteTier(Tier):
             out = [t.result() if t in done and t.exception() is None else None for t in tasks]
             return out, time.perf_counter() - t0, len(pending) + sum(1 for t in done if t.exception())
 
-        got = self._try(fetch, "get", None)
+        got = self._try(fetch, "get", None, deadline_s)
         raws, seconds, failed = got if got is not None else ([None] * len(cids), 0.0, len(cids))
         if failed and got is not None:
             self.link.count_errors(failed)
@@ -206,6 +209,31 @@ class RemoteTier(Tier):
             return [int(x) for x in await p.execute()]
 
         return self._try(check, "exists", None)
+
+    def headers(self, cids: list[ChunkId]) -> list[tuple[int, TierCodec | None] | None] | None:
+        """Per chunk ``(stored value size, level)`` from its header, None when absent or the
+        header does not verify, in one pipelined round trip (GETRANGE of the header); None
+        when the cluster failed. What the reader plans a fetch with."""
+        if not cids:
+            return []
+
+        async def check(c):
+            p = c.pipeline(transaction=False)
+            for cid in cids:
+                p.getrange(self.keys.chunk(cid), 0, fmt.HEADER.size - 1)
+            return await p.execute()
+
+        raws = self._try(check, "exists", None)
+        if raws is None:
+            return None
+        out: list[tuple[int, TierCodec | None] | None] = []
+        for cid, raw in zip(cids, raws):
+            try:
+                got, meta, level, _ = fmt.decode_header(raw) if raw else (None, None, None, None)
+            except DataLoss:
+                got = None  # the full read drops it (and counts it)
+            out.append((fmt.HEADER.size + meta.payload_bytes, level) if got == cid else None)
+        return out
 
     def longest_prefix(self, cids: list[ChunkId]) -> int:
         """How many leading chunks of ``cids`` are present (one round trip); 0 on failure."""

@@ -143,6 +143,7 @@ class RemoteUploader:
         if meta.encoding != Encoding.RAW or self._encode is None:
             return self.tier.store(cid, meta, payload)  # a client's bitstream, or no codec: as given
         ns = split_chunk_id(cid)[0]
+        self.controller.calibrate_once(cid, meta, payload)  # the first RAW chunk only
         level = self.controller.choose(ns, meta.num_tokens, meta.payload_bytes, "upload").level
         primary = self._encoded(cid, meta, payload, level)
         if primary is None or primary[0].encoding == Encoding.RAW:  # no codec for it: store RAW

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable
 
-from ...config import RemoteConfig
+from ...config import RemoteConfig, TierCodec
+from ...types import Encoding
 from ..transcode import NamespaceResolver, Transcoder
-from .adaptive import AdaptiveController, FloorHook, ThroughputMeter
+from .adaptive import AdaptiveController, FloorHook, ThroughputMeter, Trial
 from .link import RedisLink
 from .reader import RemoteReader
 from .tier import QuotaResolver, RemoteTier, TenantResolver
@@ -43,8 +45,30 @@ def build_remote(cfg: RemoteConfig, resolve: NamespaceResolver | None = None,
     meter = ThroughputMeter(cfg.initial_throughput_bytes_per_s, cfg.throughput_ewma_alpha)
     tier = RemoteTier(cfg, tenant_of=tenant_of, meter=meter, link=link, quota_of=quota_of,
                       **({"clock": clock} if clock else {}))
-    controller = AdaptiveController(cfg, meter, floor_for)
     codec = Transcoder(resolve) if resolve is not None else None
+    controller = AdaptiveController(cfg, meter, floor_for, codec_trial(codec) if codec else None,
+                                    (lambda ns: resolve(ns).dtype.itemsize) if resolve is not None else None)
     uploader = RemoteUploader(tier, controller, codec.encode if codec else None, cfg)
     reader = RemoteReader(tier, controller, codec.decode if codec else None)
     return RemoteParts(tier, controller, uploader, reader)
+
+
+#: Decodes timed per level when calibrating; the fastest counts (a shared box's other work
+#: only ever makes one slower).
+CALIBRATION_DECODES = 3
+
+
+def codec_trial(codec: Transcoder) -> Trial:
+    """The controller's calibration trial: one RAW chunk encoded at a level and decoded back
+    (one thread, as the reader decodes), timing the fastest of ``CALIBRATION_DECODES``."""
+    def trial(cid, meta, payload, level: TierCodec) -> tuple[int, float]:
+        emeta, data = codec.encode(cid, meta, payload, level)
+        if emeta.encoding != Encoding.CODEC:
+            raise ValueError("the codec keeps this namespace's chunks RAW")
+        best = float("inf")
+        for _ in range(CALIBRATION_DECODES):
+            t0 = time.perf_counter()
+            codec.decode(emeta, data)
+            best = min(best, time.perf_counter() - t0)
+        return len(data), best
+    return trial
