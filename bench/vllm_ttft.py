@@ -34,7 +34,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "vllm"))
+sys.path.insert(0, str(REPO / "testing"))
 import vllm_harness as H  # noqa: E402
+from kvstore_testing.daemon import DaemonProcess  # noqa: E402
+from kvstore_testing.ports import free_port  # noqa: E402
 
 CHUNK = 256
 #: Longest prompt vLLM's ExampleConnector handles: it saves one scheduler step's tokens.
@@ -49,44 +52,62 @@ def _med(rs: list[dict]) -> float:
     return statistics.median(r["ttft_s"] for r in rs)
 
 
-def load_bandwidth(addr: str, tokens: list[int], reps: int = 5) -> tuple[float, float]:
-    """GB/s of (retrieve_into staging + scatter into paged blocks) and of a plain memcpy of
-    the same bytes, on a CPU-backend-shaped KV cache (SmolLM2: 30 layers, 3 heads, 64 dims)."""
+def load_bandwidth(addr: str, tokens: list[int], reps: int = 7) -> dict[str, float]:
+    """GB/s into paged blocks of a CPU-backend-shaped KV cache (SmolLM2: 30 layers, 3 heads,
+    64 dims), medians of ``reps``, interleaved:
+
+    - ``leased``: the connector's load (``LeasedLoader``: ``leased_views`` + one native
+      strided scatter per chunk straight from the arena, one copy), leases included;
+    - ``staged``: the previous load (``retrieve_into`` a staging buffer, then the scatter: two copies);
+    - ``memcpy``: a plain copy of the same bytes between two warm buffers (numpy, one thread).
+    """
+    import numpy as np
     import torch
 
     from kvstore_client import KVStoreClient, Namespace
     from kvstore_client.engines.vllm.layout import PagedLayout
+    from kvstore_client.engines.vllm.loader import LeasedLoader
 
     layers, heads, dim, bs = 30, 3, 64, 128
     n = len(tokens) // CHUNK * CHUNK
-    ns = Namespace(model="bench-load-bandwidth", dtype="float32", num_layers=layers, num_kv_heads=heads,
+    ns = Namespace(model=f"bench-load-bandwidth-{time.time_ns()}", dtype="float32", num_layers=layers, num_kv_heads=heads,
                    head_dim=dim, chunk_tokens=CHUNK)
     kv = torch.randn(ns.chunk_shape(n))
     blocks = n // bs + 8
     caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(blocks, heads, bs, 2 * dim) for i in range(layers)}
     layout = PagedLayout(caches, {k: "CPU_ATTN" for k in caches}, ns, bs)
     ids = list(range(3, 3 + n // bs))
+    src, dst = np.random.default_rng(0).random(kv.numel(), dtype=np.float32), np.empty(kv.numel(), np.float32)
+    times: dict[str, list[float]] = {"leased": [], "staged": [], "memcpy": []}
     with KVStoreClient(addr, ns) as c:
         c.store(tokens[:n], kv)
+        loader = LeasedLoader(layout, ns)
         staging = torch.empty_like(kv)
-        times = []
         for _ in range(reps):
+            t0 = time.perf_counter()
+            got = loader.load(c, tokens[:n], 0, ids)
+            times["leased"].append(time.perf_counter() - t0)
+            assert got == n
             t0 = time.perf_counter()
             got = c.retrieve_into(tokens[:n], staging)
             layout.scatter(staging, 0, ids)
-            times.append(time.perf_counter() - t0)
+            times["staged"].append(time.perf_counter() - t0)
             assert got == n
+            t0 = time.perf_counter()
+            np.copyto(dst, src)
+            times["memcpy"].append(time.perf_counter() - t0)
     out = torch.empty(ns.chunk_shape(n))
     layout.gather(ids, out)
     assert torch.equal(out, kv), "scatter/gather round trip changed the KV"
-    src, dst = torch.randn(kv.numel()), torch.empty(kv.numel())
-    mem = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        mem.append(time.perf_counter() - t0)
     nbytes = kv.numel() * 4
-    return nbytes / statistics.median(times) / 1e9, nbytes / statistics.median(mem) / 1e9
+    return {k: nbytes / statistics.median(v) / 1e9 for k, v in times.items()} | {"bytes": nbytes}
+
+
+def _print_bandwidth(bw: dict[str, float]) -> None:
+    print(f"load into paged blocks ({bw['bytes'] / 1e6:.0f} MB, medians): leased views + scatter "
+          f"{bw['leased']:.2f} GB/s = {bw['leased'] / bw['memcpy']:.0%} of memcpy; staged (retrieve_into + "
+          f"scatter) {bw['staged']:.2f} GB/s = {bw['staged'] / bw['memcpy']:.0%}; plain memcpy {bw['memcpy']:.2f} GB/s",
+          flush=True)
 
 
 def main() -> None:
@@ -115,9 +136,8 @@ def main() -> None:
     shared = [base + pool[off + i * 300: off + i * 300 + 300] for i in range(args.prompts + 1)]
 
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # run the finally: engines and daemon go too
-    root = H.suite_conftest()
     tmp = Path(tempfile.mkdtemp(prefix="kvstore-vllm-bench-"))
-    daemon = root.DaemonProcess(tmp / "data", f"127.0.0.1:{root.free_port()}", tmp / "daemon.log",
+    daemon = DaemonProcess(tmp / "data", f"127.0.0.1:{free_port()}", tmp / "daemon.log",
                                 ['metrics.listen=""', "dram.capacity_bytes=3GiB", "disk.capacity_bytes=8GiB",
                                  "server.shutdown_grace_s=1"]).start()
     res: dict[str, dict[int, float]] = {}
