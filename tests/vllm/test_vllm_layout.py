@@ -77,6 +77,13 @@ def test_config_rejects_unknown_keys_tls_and_misaligned_chunks():
     with pytest.raises(ValueError, match="multiple of vLLM's block size"):
         cfg.check_block_size(128)
     assert ConnectorConfig.from_extra_config({"kvstore.durability": "persisted"}).durability.name == "PERSISTED"
+    # Default chunk: one CPU block (128), whole GPU blocks of at least 128 tokens.
+    assert ConnectorConfig.from_extra_config({}).for_block_size(128).chunk_tokens == 128
+    assert ConnectorConfig.from_extra_config({}).for_block_size(16).chunk_tokens == 128
+    assert ConnectorConfig.from_extra_config({}).for_block_size(48).chunk_tokens == 144
+    assert ConnectorConfig.from_extra_config({"kvstore.chunk_tokens": 256}).for_block_size(128).chunk_tokens == 256
+    with pytest.raises(ValueError, match="multiple of vLLM's block size"):
+        cfg.for_block_size(128)
 
 
 @pytest.mark.parametrize("backend", ["CPU_ATTN", "FLASH_ATTN"])
