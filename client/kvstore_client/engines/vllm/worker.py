@@ -77,8 +77,11 @@ class WorkerSide:
                         "vLLM recomputes them", len(failed), len(spec.block_ids), spec.req_id, got, n)
             self._load_errors.update(failed)
             self.stats["failed_blocks"] += len(failed)
+        dt = time.perf_counter() - t0
         self.stats["loaded_tokens"] += good * self.block_size
-        self.stats["load_s"] += time.perf_counter() - t0
+        self.stats["load_s"] += dt
+        log.info("kvstore connector: request %s loaded %d tokens into %d blocks in %.1f ms", spec.req_id,
+                 good * self.block_size, good, dt * 1e3)
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
