@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import signal
@@ -281,7 +282,18 @@ def main() -> None:
             _ttfts(e, shared[:1])            # publishes the shared prefix
             close(e)
             e = engine(kv_cfg, "kv2.log")
-            run("kv dram", e)
+            got = run("kv dram", e)
+            # Where a hit's time goes: the connector's load (its log line) and lookup, per length.
+            loads = [float(m) for m in re.findall(r"loaded \d+ tokens into \d+ blocks in ([0-9.]+) ms",
+                                                  (tmp / "kv2.log").read_text(errors="replace"))]
+            pairs, prof = list(zip(got, loads)), {}
+            for j, L in enumerate(lengths):           # the first prompt of each length
+                if j * args.prompts < len(pairs):
+                    r, ld = pairs[j * args.prompts]
+                    lk = (r.get("kv_transfer_params") or {}).get("kvstore.lookup_ms", float("nan"))
+                    prof[L] = (f"ttft {r['ttft_s'] * 1e3:.0f} ms, load {ld:.1f} ms, lookup {lk:.2f} ms, "
+                               f"{r['num_cached_tokens']} of {len(prompts[L][0])} tokens loaded")
+            record("kv dram profile", prof)
             record("kv shared", {args.shared: _med(_ttfts(e, shared[1:]))})
             daemon.restart()
             time.sleep(1.5)
@@ -348,6 +360,8 @@ def _table(rows: list[dict]) -> None:
             cell = lambda c: f"{res[c][L]:.3f}" if L in res[c] else "n/a"  # noqa: E731
             rat = lambda a, b: f"{res[a][L] / res[b][L]:.2f}x" if L in res[a] and L in res[b] else "-"  # noqa: E731
             print(f"| {L} | " + " | ".join(cell(c) for c in cols) + "".join(f" | {rat(a, b)}" for a, b in ratios) + " |")
+    if "kv dram profile" in res:
+        print("kvstore DRAM hits: " + "; ".join(f"{k}: {v}" for k, v in res["kv dram profile"].items()))
     for name in ("cold shared", "kv shared", "lmcache shared"):
         if name in res:
             print(f"{name} ({', '.join(f'{k}-token prefix: {v:.3f} s' for k, v in res[name].items())})")

@@ -65,6 +65,9 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(self.cfg, link, self.namespace, self.block_size)
         log.info("kvstore connector (%s): sidecar %s, namespace %s, chunk %d tokens", role.name, self.cfg.addr,
                  self.namespace.model, self.cfg.chunk_tokens)
+        # Connect now (map the arena and the presence index), not in the first request's
+        # TTFT; a sidecar that is down is a miss now and is retried later, as always.
+        link.client()
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

@@ -210,17 +210,17 @@ STREAMING_LOAD_BYTES = 32 << 20
 
 
 def scatter_leased(layout: PagedLayout, lv, first_block: int, block_ids, chunk_base: int = 0,
-                   streaming: bool | None = None) -> None:
+                   streaming: bool | None = None, chunks=None) -> None:
     """Writes the chunks of ``lv`` (:class:`kvstore_client.LeasedViews`; its chunk ``i`` is
     the request's chunk ``chunk_base + i``, i.e. blocks ``[(chunk_base + i) * C/N, ...)``)
     into ``block_ids`` (the request's blocks from ``first_block`` on); blocks before
     ``first_block`` are left alone. ``streaming`` None: non-temporal stores when ``lv``
-    holds at least ``STREAMING_LOAD_BYTES``."""
+    holds at least ``STREAMING_LOAD_BYTES``. ``chunks``: only these of ``lv.chunks``."""
     per = lv.chunk_tokens // layout.block_size
     end = first_block + len(block_ids)
     if streaming is None:
         streaming = sum(ch.data.nbytes for ch in lv.chunks) >= STREAMING_LOAD_BYTES
-    for ch in lv.chunks:
+    for ch in lv.chunks if chunks is None else chunks:
         at = (chunk_base + ch.index) * per
         lo, hi = max(at, first_block), min(at + per, end)
         if hi > lo:

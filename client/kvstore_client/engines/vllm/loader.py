@@ -5,11 +5,11 @@ host, read-only views of the daemon's shared arena) and scatters them straight i
 blocks (``scatter_leased``: one native strided copy per chunk on the CPU), so the scatter is
 the load's only copy. No vLLM import: the benchmark measures this very code.
 
-Pipelining: the chunks are leased in groups of about ``LOAD_GROUP_BYTES``. The lease of
-group ``g + 1`` (the daemon checks each extent's CRC before granting it, on the daemon's
+Pipelining: the chunks are leased in ``LOAD_GROUPS`` groups (one for small loads). The
+lease of group ``g + 1`` (the daemon checks each extent's CRC before granting it, on the daemon's
 core) runs on the loader's prefetch thread while group ``g`` is scattered on the caller's
-thread; each group's lease ends as soon as it is scattered, and a prefetched group that is
-never scattered (an error) is released too.
+thread (with ``SCATTER_THREADS`` threads); each group's lease ends as soon as it is
+scattered, and a prefetched group that is never scattered (an error) is released too.
 
 Thread model: ``load`` is called from one thread at a time (vLLM's worker thread); the
 prefetch thread only enters leases.
@@ -27,9 +27,15 @@ from .layout import STREAMING_LOAD_BYTES, PagedLayout, scatter_leased
 
 log = logging.getLogger(__name__)
 
-#: Bytes leased per LeaseRead of a load: small enough that the next group's lease overlaps
-#: this group's scatter, large enough that the RPC's fixed cost (~1 ms) stays small.
-LOAD_GROUP_BYTES = 32 << 20
+#: A load is leased in at most this many LeaseReads: the second group's lease (mostly the
+#: daemon's CRC check) overlaps the first group's scatter; more groups cost more in fixed
+#: RPC time (1-6 ms each on a loaded machine) than they overlap.
+LOAD_GROUPS = 2
+#: Loads smaller than this take one LeaseRead (nothing worth overlapping).
+MIN_GROUP_BYTES = 16 << 20
+#: Threads scattering one group (the caller and the rest from the loader's pool): one thread
+#: does not reach the memory bandwidth with head-sized (256 B) pieces.
+SCATTER_THREADS = 2
 
 
 def _enter_lease(client, keys: list[bytes]):
@@ -46,8 +52,10 @@ class LeasedLoader:
         self.layout = layout
         self.ns = ns
         self.blocks_per_chunk = ns.chunk_tokens // layout.block_size
-        self.group_chunks = max(1, LOAD_GROUP_BYTES // ns.chunk_bytes())
+        self.group_chunks: int | None = None      #: chunks per LeaseRead; None: LOAD_GROUPS groups
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="kvstore-lease")
+        self._scatter = ThreadPoolExecutor(SCATTER_THREADS - 1, thread_name_prefix="kvstore-scatter") \
+            if SCATTER_THREADS > 1 else None
 
     def load(self, client, tokens: Sequence[int], first_block: int, block_ids: Sequence[int]) -> int:
         """Writes the stored prefix of ``tokens``' whole chunks into the request's blocks
@@ -57,7 +65,8 @@ class LeasedLoader:
         ``first_block`` are skipped). Client errors propagate (nothing stays leased)."""
         keys = client.keys(tokens)
         first = first_block // self.blocks_per_chunk
-        size = self.group_chunks
+        todo = max(0, len(keys) - first)
+        size = self.group_chunks or max(-(-todo // LOAD_GROUPS), MIN_GROUP_BYTES // self.ns.chunk_bytes(), 1)
         groups = [(s, keys[s:s + size]) for s in range(first, len(keys), size)]
         streaming = (len(keys) - first) * self.ns.chunk_bytes() >= STREAMING_LOAD_BYTES
         got = first * self.ns.chunk_tokens
@@ -70,7 +79,7 @@ class LeasedLoader:
                     full = lv.matched == len(group)
                     if full and g + 1 < len(groups):
                         pending = self._prefetch.submit(_enter_lease, client, groups[g + 1][1])
-                    scatter_leased(self.layout, lv, first_block, block_ids, chunk_base=start, streaming=streaming)
+                    self._scatter_group(lv, first_block, block_ids, start, streaming)
                     got = (start + lv.matched) * self.ns.chunk_tokens
                 finally:
                     cm.__exit__(None, None, None)
@@ -84,5 +93,19 @@ class LeasedLoader:
                     log.debug("kvstore connector: the prefetched lease failed too: %s", e)
         return got
 
+    def _scatter_group(self, lv, first_block: int, block_ids: Sequence[int], start: int, streaming: bool) -> None:
+        """One group's chunks, split over ``SCATTER_THREADS`` threads (each chunk owns its
+        own blocks; the native copy releases the GIL)."""
+        parts = [lv.chunks[k::SCATTER_THREADS] for k in range(SCATTER_THREADS)] if self._scatter else [lv.chunks]
+        futures = [self._scatter.submit(scatter_leased, self.layout, lv, first_block, block_ids, start, streaming,
+                                        part) for part in parts[1:] if part]
+        try:
+            scatter_leased(self.layout, lv, first_block, block_ids, start, streaming, parts[0])
+        finally:
+            for f in futures:
+                f.result()
+
     def close(self) -> None:
         self._prefetch.shutdown(wait=True)
+        if self._scatter is not None:
+            self._scatter.shutdown(wait=True)
