@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 import grpc
 
@@ -24,7 +25,7 @@ from kvstore_wire._proto.kvstore.v1 import local_pb2
 from kvstore_wire.keys import Namespace
 from kvstore_wire.types import Durability, Tier
 
-from . import _core
+from . import _core, _views
 from ._common import LookupResult
 from ._steps import Call, Stream, Upload, Work, bind_stubs, open_client_channel
 from kvstore_wire.channel import TlsOptions
@@ -166,6 +167,17 @@ class AsyncKVStoreClient:
 
     async def delete(self, keys: Sequence[bytes]) -> int:
         return await self._run(self._core.delete(keys))
+
+    @asynccontextmanager
+    async def leased_views(self, keys: Sequence[bytes],
+                           verify_crc: bool | None = None) -> AsyncIterator[_views.LeasedViews]:
+        """See ``KVStoreClient.leased_views``."""
+        lv = await self._run(_views.lease_views(self._core, list(keys), verify_crc))
+        try:
+            yield lv
+        finally:
+            lv.chunks = []
+            self._release_later(lv.lease_id)
 
     # ------------------------------------------------------------------ leases
     def _release_later(self, lease_id: int) -> None:

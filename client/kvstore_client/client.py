@@ -18,7 +18,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Any, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -26,7 +27,7 @@ from kvstore_wire._proto.kvstore.v1 import local_pb2
 from kvstore_wire.keys import Namespace
 from kvstore_wire.types import Durability, Tier
 
-from . import _core
+from . import _core, _views
 from ._common import LookupResult
 from ._steps import Call, Stream, Upload, Work, bind_stubs, open_client_channel
 from kvstore_wire.channel import TlsOptions
@@ -208,6 +209,18 @@ class KVStoreClient:
     def delete(self, keys: Sequence[bytes]) -> int:
         """Deletes ``keys`` from every tier; returns how many existed."""
         return self._run(self._core.delete(keys))
+
+    @contextmanager
+    def leased_views(self, keys: Sequence[bytes], verify_crc: bool | None = None) -> Iterator[_views.LeasedViews]:
+        """The longest stored prefix of ``keys`` as read-only chunk views (same host: the
+        leased arena extents themselves, no copy), released when the block exits; see
+        ``_views`` for the contract. The views must not be read after the block."""
+        lv = self._run(_views.lease_views(self._core, list(keys), verify_crc))
+        try:
+            yield lv
+        finally:
+            lv.chunks = []
+            self._release_later(lv.lease_id)
 
     # ------------------------------------------------------------------ leases
     def _release_later(self, lease_id: int) -> None:

@@ -89,6 +89,11 @@ KVS_API int kvs_gather(const uint64_t* plane_ptrs, int planes, const int64_t* sl
 KVS_API int kvs_scatter(const void* chunk, const uint64_t* plane_ptrs, int planes, const int64_t* slots, int tokens,
                         int heads, int64_t head_bytes, int64_t token_stride, int64_t head_stride, char* err,
                         size_t err_len);
+// kvs_scatter with non-temporal stores (for loads much larger than the caches: no
+// read-for-ownership of the destination); byte-identical result.
+KVS_API int kvs_scatter_stream(const void* chunk, const uint64_t* plane_ptrs, int planes, const int64_t* slots,
+                               int tokens, int heads, int64_t head_bytes, int64_t token_stride, int64_t head_stride,
+                               char* err, size_t err_len);
 
 // CUDA implementations (libkvstore_cuda.so): plane_ptrs and slots are HOST arrays (copied to
 // the device by the call); the engine memory is device memory; `chunk` is device memory or

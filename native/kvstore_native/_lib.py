@@ -65,6 +65,7 @@ _CORE = {
     "kvs_copy2d_crc32c": (_u32, [_vp, _sz, _vp, _sz, _sz, _sz, _u32]),
     "kvs_gather": (_ci, _PLANES + [_vp] + _ERR),
     "kvs_scatter": (_ci, [_vp] + _PLANES + _ERR),
+    "kvs_scatter_stream": (_ci, [_vp] + _PLANES + _ERR),
     "kvs_codec_encode_bound": (_u64, _SHAPE + [_ci]),
     "kvs_codec_encode": (_ci, [_vp, _u64] + _SHAPE + [_ci, _vp, _ci, _vp, _u64, _pu64] + _ERR),
     "kvs_codec_parse": (_ci, [_cp, _u64, ctypes.POINTER(CodecInfo)] + _ERR),

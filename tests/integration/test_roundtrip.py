@@ -105,8 +105,10 @@ def test_sync_and_async_clients_have_the_same_methods():
     sync, aio = public(KVStoreClient), public(AsyncKVStoreClient)
     assert set(sync) == set(aio)
     for name in sync:
-        assert inspect.iscoroutinefunction(getattr(AsyncKVStoreClient, name)) != (name in ("keys", "storable_tokens"))
         assert list(sync[name].parameters) == list(aio[name].parameters), name
+        if name == "leased_views":      # a context manager on both fronts: `with` / `async with`
+            continue
+        assert inspect.iscoroutinefunction(getattr(AsyncKVStoreClient, name)) != (name in ("keys", "storable_tokens"))
 
 
 def test_unix_socket(daemon_factory):

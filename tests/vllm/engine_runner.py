@@ -28,6 +28,11 @@ def main() -> None:
     replies = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    import logging
+
+    kv_log = logging.getLogger("kvstore_client")      # the connector's per-load lines, in the log file
+    kv_log.setLevel(logging.INFO)
+    kv_log.addHandler(logging.StreamHandler(sys.stderr))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 

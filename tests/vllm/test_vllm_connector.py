@@ -32,9 +32,9 @@ ROOT = H.suite_conftest()
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
-CHUNK = 256
-LONG_TOKENS = 1492                 #: the issue's prompt length: 5 whole chunks + 212 tokens
-SHARED_TOKENS = 1024               #: shared prefix of the second prompt (4 chunks)
+CHUNK = 128                        #: the connector's default on the CPU backend (one vLLM block)
+LONG_TOKENS = 1492                 #: the issue's prompt length: 11 whole chunks + 84 tokens
+SHARED_TOKENS = 1024               #: shared prefix of the second prompt (8 chunks)
 MAX_TOKENS = 16
 #: near-lossless codec on the disk tier: at least this share of greedy tokens equal to the
 #: lossless run (docs/vllm.md states the bound and the measured value).

@@ -77,3 +77,85 @@ def test_config_rejects_unknown_keys_tls_and_misaligned_chunks():
     with pytest.raises(ValueError, match="multiple of vLLM's block size"):
         cfg.check_block_size(128)
     assert ConnectorConfig.from_extra_config({"kvstore.durability": "persisted"}).durability.name == "PERSISTED"
+    # Default chunk: one CPU block (128), whole GPU blocks of at least 128 tokens.
+    assert ConnectorConfig.from_extra_config({}).for_block_size(128).chunk_tokens == 128
+    assert ConnectorConfig.from_extra_config({}).for_block_size(16).chunk_tokens == 128
+    assert ConnectorConfig.from_extra_config({}).for_block_size(48).chunk_tokens == 144
+    assert ConnectorConfig.from_extra_config({"kvstore.chunk_tokens": 256}).for_block_size(128).chunk_tokens == 256
+    with pytest.raises(ValueError, match="multiple of vLLM's block size"):
+        cfg.for_block_size(128)
+
+
+@pytest.mark.parametrize("backend", ["CPU_ATTN", "FLASH_ATTN"])
+@pytest.mark.parametrize("skip", [0, 1])
+def test_scatter_chunk_from_a_read_only_view_writes_only_the_blocks_asked(backend, skip):
+    """A leased chunk (read-only uint8 bytes in the namespace layout) goes straight into the
+    blocks: the native path (CPU_ATTN) and the torch path (FLASH_ATTN views) agree."""
+    caches = _caches()
+    layout = PagedLayout(caches, {k: backend for k in caches}, _ns(), N)
+    kv = torch.randn(_ns().chunk_shape(2 * N))
+    view = kv.numpy().view("uint8").reshape(-1)
+    view.flags.writeable = False
+    layout.scatter_chunk(view, 2 * N, skip, [4, 2][skip:])
+    out = torch.empty(_ns().chunk_shape(2 * N))
+    layout.gather([4, 2], out)
+    assert torch.equal(out[:, :, skip * N:], kv[:, :, skip * N:])
+    if skip:
+        assert out[:, :, :N].abs().sum() == 0     # block 4 untouched
+    with pytest.raises(LayoutError, match="do not fit"):
+        layout.scatter_chunk(view, 2 * N, 1, [0, 1])
+
+
+def test_scatter_leased_maps_chunks_onto_the_request_blocks_from_first_block():
+    from types import SimpleNamespace
+
+    from kvstore_client.engines.vllm.layout import scatter_leased
+
+    caches = _caches(blocks=8)
+    layout = PagedLayout(caches, {k: "CPU_ATTN" for k in caches}, _ns(), N)
+    kv = torch.randn(_ns().chunk_shape(6 * N))            # 3 chunks of 2 blocks
+    chunks = [SimpleNamespace(index=i, data=kv[:, :, i * 2 * N:(i + 1) * 2 * N].contiguous().numpy()
+                              .view("uint8").reshape(-1)) for i in range(3)]
+    lv = SimpleNamespace(chunks=chunks, chunk_tokens=2 * N)
+    table = [7, 6, 5, 4, 3, 2]                            # the request's blocks
+    scatter_leased(layout, lv, 1, table[1:])              # vLLM has block 0
+    out = torch.empty(_ns().chunk_shape(5 * N))
+    layout.gather(table[1:], out)
+    assert torch.equal(out, kv[:, :, N:])
+    assert caches["model.layers.0.self_attn.attn"][7].abs().sum() == 0
+
+
+@pytest.mark.parametrize("group_chunks", [1, 64])
+def test_leased_loader_scatters_from_the_arena_and_stops_at_the_first_missing_chunk(daemon, group_chunks):
+    """A real daemon: chunks stored through the client land in the blocks straight from the
+    leased arena views; pipelined groups (1 chunk each) and one group give the same."""
+    from kvstore_client import KVStoreClient
+
+    from kvstore_client.engines.vllm.loader import LeasedLoader
+
+    caches = _caches(blocks=10)
+    ns = _ns()
+    layout = PagedLayout(caches, {k: "CPU_ATTN" for k in caches}, ns, N)
+    toks = list(range(700 + group_chunks, 700 + group_chunks + 8 * N))  # 4 chunks of 2 blocks
+    kv = torch.randn(ns.chunk_shape(8 * N))
+    table = [9, 8, 7, 6, 5, 4, 3, 2]
+    with KVStoreClient(daemon.addr, ns) as c:
+        assert c.transport == "shm"
+        assert c.store(toks, kv) == 4
+        loader = LeasedLoader(layout, ns)
+        loader.group_chunks = group_chunks
+        try:
+            assert loader.load(c, toks, 0, table) == 8 * N
+            out = torch.empty(ns.chunk_shape(8 * N))
+            layout.gather(table, out)
+            assert torch.equal(out, kv)
+            for t in caches.values():
+                t.zero_()
+            assert loader.load(c, toks, 3, table[3:]) == 8 * N      # vLLM has blocks 0-2
+            layout.gather(table[3:], out[:, :, :5 * N])
+            assert torch.equal(out[:, :, :5 * N], kv[:, :, 3 * N:])
+            assert caches["model.layers.0.self_attn.attn"][[9, 8, 7]].abs().sum() == 0
+            assert c.delete([c.keys(toks)[2]]) == 1
+            assert loader.load(c, toks, 0, table) == 4 * N          # chunks 0 and 1 only
+        finally:
+            loader.close()

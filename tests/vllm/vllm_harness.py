@@ -78,14 +78,19 @@ def connector_config(addr: str, **extra: Any) -> dict:
 class Engine:
     """One vLLM engine process. ``kv_transfer_config=None`` runs vLLM without a connector."""
 
-    def __init__(self, model: Path, kv_transfer_config: dict | None, log_path: Path) -> None:
-        env = {**os.environ, **VLLM_ENV}
-        env.pop("PYTHONPATH", None)           # the vLLM venv has the client installed (editable)
-        env["PATH"] = f"{VENV / 'bin'}:{env.get('PATH', '')}"
+    def __init__(self, model: Path, kv_transfer_config: dict | None, log_path: Path,
+                 python: Path | None = None, extra_env: dict | None = None) -> None:
+        """``python``: another interpreter with vLLM (bench/vllm_ttft.py's LMCache venv)."""
+        env = {**os.environ, **VLLM_ENV, **(extra_env or {})}
+        # This checkout's thin client first (the vLLM venv's editable install may point at
+        # another checkout); nothing else of the project's environment.
+        env["PYTHONPATH"] = os.pathsep.join(str(REPO / d) for d in ("wire", "native", "client"))
+        py = python or vllm_python()
+        env["PATH"] = f"{py.parent}:{env.get('PATH', '')}"
         self.log_path = log_path
         self._log = open(log_path, "ab")
         cfg = json.dumps(kv_transfer_config) if kv_transfer_config else "none"
-        self.proc = subprocess.Popen([str(vllm_python()), str(RUNNER), str(model), cfg], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([str(py), str(RUNNER), str(model), cfg], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._log, env=env, text=True, bufsize=1)
         self._reply(ENGINE_START_TIMEOUT_S)
 

@@ -6,7 +6,8 @@ default). Keys, with their defaults::
     {"kvstore.addr": "127.0.0.1:50051",    sidecar address (host:port or unix:/path)
      "kvstore.token": null,                bearer token (or env KVSTORE_TOKEN)
      "kvstore.tls": false,                 TLS to the sidecar: not supported yet (refused)
-     "kvstore.chunk_tokens": 256,          chunk size; a multiple of vLLM's block size
+     "kvstore.chunk_tokens": null,         chunk size, a multiple of vLLM's block size (default:
+                                           the smallest multiple >= 128 tokens: 128 on the CPU backend)
      "kvstore.model_id": null,             model identity override (default: derived, see namespace.py)
      "kvstore.durability": "memory",       "memory" | "persisted" (acknowledged once on disk)
      "kvstore.codec": null,                the tier codec the sidecar applies; informational, must
@@ -20,15 +21,17 @@ default). Keys, with their defaults::
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from kvstore_wire.types import Durability
 
 PREFIX = "kvstore."
-#: Default chunk: two of the CPU backend's 128-token blocks; big enough that per-chunk
-#: overheads (one key, one extent) stay far below the copy, small enough to reuse short prefixes.
-DEFAULT_CHUNK_TOKENS = 256
+#: Default chunk: at least this many tokens, rounded up to whole vLLM blocks (one block of the
+#: CPU backend, 8 of a 16-token GPU block). vLLM loads whole blocks only, so a chunk of one
+#: block recomputes no more of a hit prompt than vLLM itself must; the per-chunk overheads
+#: (one key, one extent, one CRC) stay far below the copy of a chunk this size.
+DEFAULT_CHUNK_MIN_TOKENS = 128
 #: After a failed connect, how long requests are treated as misses before trying again.
 DEFAULT_RECONNECT_S = 5.0
 DEFAULT_TIMEOUT_S = 30.0
@@ -42,7 +45,7 @@ class ConnectorConfig:
     addr: str = "127.0.0.1:50051"
     token: str | None = None
     tls: bool = False
-    chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+    chunk_tokens: int | None = None     #: None: see ``DEFAULT_CHUNK_MIN_TOKENS`` (``for_block_size``)
     model_id: str | None = None
     durability: Durability = Durability.MEMORY
     codec: str | None = None
@@ -80,11 +83,18 @@ class ConnectorConfig:
     def _check(self) -> None:
         if self.tls:
             raise ValueError("kvstore.tls: TLS to the sidecar is not supported yet; use a unix socket or loopback")
-        if not isinstance(self.chunk_tokens, int) or self.chunk_tokens <= 0:
+        if self.chunk_tokens is not None and (not isinstance(self.chunk_tokens, int) or self.chunk_tokens <= 0):
             raise ValueError(f"kvstore.chunk_tokens must be a positive integer, got {self.chunk_tokens!r}")
         for name in ("reconnect_s", "timeout_s"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"kvstore.{name} must be > 0 seconds")
+
+    def for_block_size(self, block_size: int) -> "ConnectorConfig":
+        """This config with ``chunk_tokens`` resolved for vLLM's block size (checked: whole blocks)."""
+        if self.chunk_tokens is None:
+            return replace(self, chunk_tokens=-(-DEFAULT_CHUNK_MIN_TOKENS // block_size) * block_size)
+        self.check_block_size(block_size)
+        return self
 
     def check_block_size(self, block_size: int) -> None:
         if self.chunk_tokens % block_size:

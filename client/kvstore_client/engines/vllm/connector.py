@@ -49,7 +49,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self.cfg = ConnectorConfig.from_extra_config(self._kv_transfer_config.kv_connector_extra_config)
         self.block_size = vllm_config.cache_config.block_size
-        self.cfg.check_block_size(self.block_size)
+        self.cfg = self.cfg.for_block_size(self.block_size)
         if getattr(self._kv_transfer_config, "kv_load_failure_policy", "recompute") != "recompute":
             log.warning("kvstore connector: kv_load_failure_policy is %r: a chunk evicted between lookup and load "
                         "fails its request; set it to \"recompute\" (docs/vllm.md)",
@@ -65,6 +65,9 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._worker = WorkerSide(self.cfg, link, self.namespace, self.block_size)
         log.info("kvstore connector (%s): sidecar %s, namespace %s, chunk %d tokens", role.name, self.cfg.addr,
                  self.namespace.model, self.cfg.chunk_tokens)
+        # Connect now (map the arena and the presence index), not in the first request's
+        # TTFT; a sidecar that is down is a miss now and is retried later, as always.
+        link.client()
 
     # ---------------------------------------------------------------- worker side
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

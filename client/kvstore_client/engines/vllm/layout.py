@@ -143,6 +143,47 @@ class PagedLayout:
                 src = chunks[l, kv, lo:hi].view(len(block_ids), n, *dst.shape[2:])
                 dst[idx] = src.to(dst.device, non_blocking=True)
 
+    def scatter_chunk(self, chunk: Any, chunk_tokens: int, skip_blocks: int, block_ids: Sequence[int],
+                      streaming: bool = False) -> None:
+        """Writes one chunk (a contiguous uint8 numpy array in the namespace layout
+        ``[layers, 2, chunk_tokens, heads, dim]``, e.g. a leased read-only arena view) into
+        ``block_ids``, leaving out its first ``skip_blocks`` blocks (vLLM computed them).
+        ``chunk_tokens`` is a multiple of the block size, so only whole blocks move. CPU: one
+        native strided copy straight from ``chunk`` (the only copy of the load; ``streaming``:
+        non-temporal stores, for loads larger than the caches); else through a torch view of it."""
+        n = self.block_size
+        per = chunk_tokens // n
+        if not block_ids:
+            return
+        if skip_blocks + len(block_ids) > per:
+            raise LayoutError(f"{skip_blocks} + {len(block_ids)} blocks do not fit a {chunk_tokens}-token chunk")
+        native = self._plane_spec(block_ids) if self.device.type == "cpu" else None
+        if native is not None:
+            from dataclasses import replace
+
+            from kvstore_native import transfer
+
+            ptrs, spec = native
+            base = int(chunk.ctypes.data)
+            if skip_blocks == 0 and len(block_ids) == per:     # the whole chunk: one call
+                transfer.scatter(base, spec, device=False, streaming=streaming)
+                return
+            token_bytes = spec.heads * spec.head_bytes
+            for p, ptr in enumerate(ptrs):                     # part of each plane
+                src = base + (p * chunk_tokens + skip_blocks * n) * token_bytes
+                transfer.scatter(src, replace(spec, ptrs=[ptr]), device=False, streaming=streaming)
+            return
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)       # a read-only view: torch only reads it
+            t = torch.from_numpy(chunk)
+        k0 = self.layers[0].k
+        t = t.view(k0.dtype).view(len(self.layers), 2, chunk_tokens, *k0.shape[2:])
+        if skip_blocks:
+            t = t[:, :, skip_blocks * n:].contiguous()
+        self.scatter(t, 0, block_ids)
+
     def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
         """Copies ``block_ids`` into ``out`` (``[layers, 2, len(block_ids) * N, heads, dim]``)."""
         n = self.block_size
@@ -160,6 +201,31 @@ class PagedLayout:
                     torch.index_select(src, 0, idx, out=dst)
                 else:
                     dst.copy_(torch.index_select(src, 0, idx))
+
+
+#: Loads at least this large use non-temporal stores (they do not fit the caches anyway, and
+#: skipping the destination's read-for-ownership is worth ~1.5x); smaller ones stay cached
+#: for the forward that reads them next.
+STREAMING_LOAD_BYTES = 32 << 20
+
+
+def scatter_leased(layout: PagedLayout, lv, first_block: int, block_ids, chunk_base: int = 0,
+                   streaming: bool | None = None, chunks=None) -> None:
+    """Writes the chunks of ``lv`` (:class:`kvstore_client.LeasedViews`; its chunk ``i`` is
+    the request's chunk ``chunk_base + i``, i.e. blocks ``[(chunk_base + i) * C/N, ...)``)
+    into ``block_ids`` (the request's blocks from ``first_block`` on); blocks before
+    ``first_block`` are left alone. ``streaming`` None: non-temporal stores when ``lv``
+    holds at least ``STREAMING_LOAD_BYTES``. ``chunks``: only these of ``lv.chunks``."""
+    per = lv.chunk_tokens // layout.block_size
+    end = first_block + len(block_ids)
+    if streaming is None:
+        streaming = sum(ch.data.nbytes for ch in lv.chunks) >= STREAMING_LOAD_BYTES
+    for ch in lv.chunks if chunks is None else chunks:
+        at = (chunk_base + ch.index) * per
+        lo, hi = max(at, first_block), min(at + per, end)
+        if hi > lo:
+            layout.scatter_chunk(ch.data, lv.chunk_tokens, lo - at,
+                                 block_ids[lo - first_block:hi - first_block], streaming)
 
 
 def backend_names(vllm_config: Any, layer_names: Sequence[str]) -> dict[str, str]:

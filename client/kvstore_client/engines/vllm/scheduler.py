@@ -11,7 +11,8 @@ Runs on vLLM's scheduler thread only (no locks). Per request:
 3. ``build_connector_meta``: turns the recorded ranges into :class:`LoadSpec` (with the
    blocks vLLM allocated) and plans a :class:`SaveSpec` when a whole chunk of the prompt
    becomes materialised (computed by the end of this step) and is not known to be stored.
-4. ``request_finished``: forgets the request. Saves copy the KV out of the blocks during the
+4. ``request_finished``: forgets the request and reports ``kvstore.loaded_tokens`` and
+   ``kvstore.lookup_ms`` (the lookup's own time, the connector's cost on a miss). Saves copy the KV out of the blocks during the
    step that computed it (worker side), so the blocks can be freed at once (``False``).
 
 Preempted requests get their block table replaced when they resume (vLLM sends the whole
@@ -21,6 +22,7 @@ new table); nothing is kept across a preemption except what was already publishe
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +51,7 @@ class SchedulerSide:
         self._matched: dict[str, int] = {}                 # req -> stored prefix tokens (lookup memo)
         self._pending_loads: dict[str, tuple[int, int]] = {}   # req -> [start, end) tokens to load
         self._reqs: dict[str, _Request] = {}
+        self._lookup_s: dict[str, float] = {}              # req -> seconds its lookup took
         self.lookups = 0
         self.hit_tokens = 0
 
@@ -61,7 +64,9 @@ class SchedulerSide:
         matched = self._matched.get(request.request_id)
         if matched is None:
             self.lookups += 1
+            t0 = time.perf_counter()
             matched = self.link.call(lambda c: c.lookup(prompt[:reusable]).matched_tokens, 0)
+            self._lookup_s[request.request_id] = time.perf_counter() - t0
             self._matched[request.request_id] = matched
         return max(0, matched - num_computed_tokens), False
 
@@ -130,4 +135,5 @@ class SchedulerSide:
         self._matched.pop(rid, None)
         self._pending_loads.pop(rid, None)
         loaded = st.loaded_tokens if st else 0
-        return False, {"kvstore.loaded_tokens": loaded}
+        lookup_ms = 1e3 * self._lookup_s.pop(rid, 0.0)
+        return False, {"kvstore.loaded_tokens": loaded, "kvstore.lookup_ms": round(lookup_ms, 3)}

@@ -4,9 +4,9 @@ Thread model: ``start_load``, ``save`` and ``take_load_errors`` run on the worke
 thread; stores run on one background thread (:class:`~kvstore_client.engines.StoreQueue`),
 each on its own gathered buffer, so nothing the background thread reads is in vLLM's blocks.
 
-- Load (before the forward): ``retrieve_into`` a reused staging buffer in the namespace
-  layout (same host: one copy out of the shared arena), then one indexed copy per layer and
-  K/V into the blocks. Blocks of chunks that did not arrive (evicted, corrupt, sidecar gone)
+- Load (before the forward): the chunks are leased (``leased_views``: same host, read-only
+  views of the shared arena extents) and scattered straight into the blocks by one native
+  strided copy per chunk, the only copy; the lease ends right after. Blocks of chunks that did not arrive (evicted, corrupt, sidecar gone)
   are recorded and reported through ``get_block_ids_with_load_errors``, so vLLM recomputes
   them (``kv_load_failure_policy="recompute"``).
 - Save (``wait_for_save``, after the forward): the blocks of newly materialised chunks are
@@ -27,6 +27,7 @@ from kvstore_wire.keys import Namespace
 from .._base import StoreQueue
 from .config import ConnectorConfig
 from .layout import PagedLayout
+from .loader import LeasedLoader
 from .link import SidecarLink
 from .metadata import FAULT_EVICT_AFTER_LOOKUP, KVStoreConnectorMetadata, LoadSpec, SaveSpec
 
@@ -46,26 +47,19 @@ class WorkerSide:
         self.block_size = block_size
         self.dtype = _TORCH_DTYPES[ns.dtype.name]
         self.layout: PagedLayout | None = None
-        self._staging: torch.Tensor | None = None
         self._load_errors: set[int] = set()
         self._stores = StoreQueue(MAX_PENDING_STORES)
+        self._loader: LeasedLoader | None = None
         self.stats = {"loaded_tokens": 0, "failed_blocks": 0, "load_s": 0.0, "saved_chunks": 0, "gather_s": 0.0}
 
     def register(self, kv_caches: Mapping[str, torch.Tensor], backends: Mapping[str, str]) -> None:
         self.layout = PagedLayout(kv_caches, backends, self.ns, self.block_size)
+        self._loader = LeasedLoader(self.layout, self.ns)
         first = self.layout.layers[0].k
         if first.dtype != self.dtype:
             raise ValueError(f"vLLM's KV cache is {first.dtype}, the namespace says {self.ns.dtype.name}")
 
     # -- loads ----------------------------------------------------------------------------
-    def _staging_for(self, tokens: int) -> torch.Tensor:
-        """A reused host buffer ``[layers, 2, tokens, heads, dim]`` (grown, never shrunk:
-        fresh pages on every load would cost a page fault per 4 KiB)."""
-        shape = self.ns.chunk_shape(tokens)
-        if self._staging is None or self._staging.shape[2] < tokens:
-            self._staging = torch.empty(shape, dtype=self.dtype)
-        return self._staging[:, :, :tokens]
-
     def start_load(self, meta: KVStoreConnectorMetadata) -> None:
         for spec in meta.loads:
             self._load(spec)
@@ -73,23 +67,21 @@ class WorkerSide:
     def _load(self, spec: LoadSpec) -> None:
         t0 = time.perf_counter()
         n = len(spec.tokens)
-        buf = self._staging_for(n)
-        if not buf.is_contiguous():
-            buf = buf.contiguous()
         if spec.fault == FAULT_EVICT_AFTER_LOOKUP:
             self.link.call(lambda c: c.delete(c.keys(spec.tokens)[1:]), 0)
-        got = self.link.call(lambda c: c.retrieve_into(spec.tokens, buf), 0)
+        got = self.link.call(lambda c: self._loader.load(c, spec.tokens, spec.first_block, spec.block_ids), 0)
         good = max(0, min(len(spec.block_ids), got // self.block_size - spec.first_block))
-        if good:
-            self.layout.scatter(buf, spec.first_block, spec.block_ids[:good])
         failed = spec.block_ids[good:]
         if failed:
             log.warning("kvstore connector: %d of %d blocks of request %s did not load (%d of %d tokens arrived); "
                         "vLLM recomputes them", len(failed), len(spec.block_ids), spec.req_id, got, n)
             self._load_errors.update(failed)
             self.stats["failed_blocks"] += len(failed)
+        dt = time.perf_counter() - t0
         self.stats["loaded_tokens"] += good * self.block_size
-        self.stats["load_s"] += time.perf_counter() - t0
+        self.stats["load_s"] += dt
+        log.info("kvstore connector: request %s loaded %d tokens into %d blocks in %.1f ms", spec.req_id,
+                 good * self.block_size, good, dt * 1e3)
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -120,4 +112,8 @@ class WorkerSide:
         try:
             self._stores.close(timeout_s=self.cfg.timeout_s)
         finally:
+            if self._loader is not None:
+                self._loader.close()
             self.link.close()
+
+
