@@ -46,6 +46,7 @@ class GpuRoute:
 
     def store(self, tokens: Sequence[int], kv, durability: Durability, stream=None) -> int | None:
         """Chunks newly stored, or None (the core's other path serves the call)."""
+        from .errors import ResourceExhausted
         from .gpu_state import ArenaChanged, GpuPathUnusable
         from .gpu_store import store_cuda
 
@@ -54,6 +55,11 @@ class GpuRoute:
         try:
             return store_cuda(self._front, tokens, kv, durability, stream=stream)
         except (ArenaChanged, GpuPathUnusable):
+            return None
+        except ResourceExhausted:
+            # The daemon refused even one chunk's reservation, or the commit (the tenant's
+            # DRAM quota): the stream path queues on the in-flight budget and may land the
+            # chunks in a lower tier, as for CPU tensors.
             return None
 
     def retrieve_into(self, tokens: Sequence[int], out, stream=None) -> int | None:

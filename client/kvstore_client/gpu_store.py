@@ -3,9 +3,11 @@ copy-engine copies (or D2D gather kernel + copy) / GPU CRC32C / CommitWrite."""
 
 from __future__ import annotations
 
+from collections import deque
 from concurrent.futures import Future
 from typing import Sequence
 
+import grpc
 import numpy as np
 
 from kvstore_native import cuda_ipc, transfer
@@ -56,8 +58,12 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
 
     groups = _groups(n, group)
     # Every group's ReserveWrite in flight at once: copies of group g start as soon as its
-    # answer is back while the daemon serves the others.
-    reserves = [reserve(lo, hi) for lo, hi in groups]
+    # answer is back while the daemon serves the others. If the daemon refuses a reservation
+    # with RESOURCE_EXHAUSTED (the tenant's reserved-bytes quota, or no arena room) the rest
+    # goes one window at a time: reserve, copy, commit; refused again, first wait for our own
+    # commits (they end our reservations), then halve the window. One chunk refused with
+    # nothing of ours outstanding: ResourceExhausted (the routed client then streams).
+    todo_ranges = deque((lo, hi, reserve(lo, hi)) for lo, hi in groups)
     commits: list[Future] = []
     k_set = gp._next_set
     gp._next_set = (k_set + 1) % gp._sets
@@ -75,9 +81,38 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
     if contiguous is None:
         gp._ensure_staging(size)
     slot_i = 0
+    window = 0      # 0: pipelined; else chunks per reservation once the daemon refused one
     try:
-        for gi, (lo, hi) in enumerate(groups):
-            resp = reserves[gi].result()
+        while todo_ranges:
+            lo, hi, fut = todo_ranges.popleft()
+            try:
+                resp = fut.result()
+            except grpc.RpcError as e:
+                if not _exhausted(e):
+                    raise
+                mine = [f for f in commits if not f.done()]
+                for f in commits:
+                    f.result()              # our commits end our reservations (errors raise)
+                ahead = [lid for lid in (_answered_lease(f) for _, _, f in todo_ranges) if lid]
+                if ahead:   # reservations asked for ahead are given back before asking again
+                    c._release(local_pb2.ReleaseRequest(lease_ids=ahead), **gp._rpc_meta())
+                end = todo_ranges[-1][1] if todo_ranges else hi
+                if not mine:
+                    if hi - lo == 1:
+                        raise
+                    window = max(1, (hi - lo) // 2)
+                elif not window:
+                    window = hi - lo
+                todo_ranges = deque([(lo, min(lo + window, end), reserve(lo, min(lo + window, end)))])
+                rest = (min(lo + window, end), end)
+                if rest[0] < rest[1]:
+                    todo_ranges.append((rest[0], rest[1], None))
+                continue
+            if window and todo_ranges and todo_ranges[0][2] is None:   # the next window, asked for now
+                nlo, end = todo_ranges.popleft()[:2]
+                todo_ranges.appendleft((nlo, min(nlo + window, end), reserve(nlo, min(nlo + window, end))))
+                if nlo + window < end:
+                    todo_ranges.insert(1, (nlo + window, end, None))
             if resp.lease_id == 0:
                 continue
             if not c._same_arena(resp.arena_nonce):
@@ -135,14 +170,26 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
     except BaseException:
         for f in commits:
             f.cancel()
-        for f in reserves:  # reservations nobody will fill end now, not at their expiry
-            try:
-                r = f.result()
-                if r.lease_id:
-                    c._release_later(r.lease_id)
-            except Exception:  # noqa: BLE001 - an unanswered reservation expires by itself
-                pass
+        for _, _, f in todo_ranges:  # reservations nobody will fill end now, not at their expiry
+            lid = _answered_lease(f)
+            if lid:
+                c._release_later(lid)
         raise
+
+
+def _exhausted(e) -> bool:
+    code = getattr(e, "code", None)
+    return callable(code) and code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def _answered_lease(f: Future | None) -> int:
+    """The reservation lease of a ReserveWrite answer; 0 when none was granted (or asked for)."""
+    if f is None:
+        return 0
+    try:
+        return f.result().lease_id
+    except Exception:  # noqa: BLE001 - a refused or unanswered reservation holds nothing
+        return 0
 
 
 def _commit_when_done(gp: GpuPath, lease_id: int, idx: list[int], crc_host, row_crcs, crc_slots, k_ev, c_ev,

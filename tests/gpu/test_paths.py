@@ -184,3 +184,39 @@ def test_hbm_pool_mapped_by_second_process_and_killed_client_leaks_nothing():
         assert tier.put(_cid(2), _meta(len(b)), b)
     finally:
         tier.close()
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_store_larger_than_the_reservation_quota(tmp_path, routed):
+    """A GPU store bigger than the tenant's open-reservation quota lands whole: the client
+    reserves a window at a time after the daemon refuses the pipelined reservations. With a
+    quota smaller than one chunk the direct call says RESOURCE_EXHAUSTED and the routed client
+    streams the chunks instead."""
+    import torch
+
+    from kvstore_client.errors import ResourceExhausted
+    from kvstore_testing.daemon import spawn_daemon
+
+    ns = Namespace(model="test/gpu-quota", dtype="bfloat16", num_layers=8, num_kv_heads=8, head_dim=128)
+    size = ns.chunk_bytes()                        # 8 MiB
+    chunks = 10
+    kv = _kv(ns, chunks)
+    tokens = list(range(ns.chunk_tokens * chunks))
+    for quota, whole in ((3 * size, True), (size // 2, False)):
+        d = spawn_daemon(base_dir=tmp_path / f"q{quota}", settings=[
+            "dram.capacity_bytes=256MiB", "disk.enabled=false", f"quotas.max_reserved_bytes={quota}"])
+        try:
+            with KVStoreClient(d.addr, ns) as c:
+                if routed:
+                    assert c.store(tokens, kv) == chunks
+                elif whole:
+                    assert kgpu.store_cuda(c, tokens, kv) == chunks
+                else:
+                    with pytest.raises(ResourceExhausted, match="max_reserved_bytes"):
+                        kgpu.store_cuda(c, tokens, kv)
+                    continue
+                out = torch.full_like(kv, float("nan"))
+                assert kgpu.retrieve_into_cuda(c, tokens, out) == len(tokens)
+                assert torch.equal(out, kv)
+        finally:
+            d.close()
