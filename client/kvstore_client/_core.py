@@ -133,19 +133,22 @@ class ClientCore:
             stored = yield Work(self.gpu.store, (tokens, kv, durability, self.gpu.caller_stream(kv)))  # None: not served
             if stored is not None:
                 return stored
+        stored = 0
         if local:  # ReserveWrite reports chunks already stored: no Exists round trip
-            stored = yield from _shm.store_local(self, u8, keys[:n], list(range(n)), durability)
-            if stored is not None:
+            stored, done, unsure = yield from _shm.store_local(self, u8, keys[:n], list(range(n)), durability)
+            if done:
                 return stored
-            u8 = C.kv_bytes_array(kv, ns)   # the shared arena went away: stream it
+            u8 = C.kv_bytes_array(kv, ns)   # refused, or the shared arena went away: stream the rest
         present = yield from self.exists(keys[:n])
+        if local:   # a refused commit's chunks found now were published by it, before the refusal
+            stored += sum(1 for i in unsure if present[i] != Tier.NONE)
         todo = [i for i in range(n) if present[i] == Tier.NONE]
         if not todo:
-            return 0
+            return stored
         payloads = yield Work(C.put_payloads, (u8, ns, todo))
         msgs = C.put_messages(self.namespace_id, [keys[i] for i in todo], payloads, ns, durability, self.piece_bytes)
         resp = yield Upload("put", msgs)
-        return resp.stored
+        return stored + resp.stored
 
     def lookup_keys(self, keys: Sequence[bytes], pin_ttl_s: int = 0) -> Plan:
         """The longest stored prefix of ``keys``. On the same host this reads the daemon's

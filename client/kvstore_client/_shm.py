@@ -82,11 +82,15 @@ def same_arena(core, nonce: bytes):
 
 def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Durability):
     """Same-host store: reserve arena extents, copy each chunk straight into its extent
-    (the only copy), commit; the daemon's DRAM tier takes the extents over. Returns the
-    chunks newly stored, or None when the caller should stream them instead: the arena can no
-    longer be mapped, or the daemon refused the reservation or its commit with
+    (the only copy), commit; the daemon's DRAM tier takes the extents over. Returns
+    ``(stored, done, unsure)``: the chunks newly stored this way; False when the caller should
+    stream the rest instead (what is not stored yet: its Exists check); and the chunks of a
+    commit the daemon refused part way (it may have published some before the refusal: those
+    the Exists check then finds were stored by this call). Done is False when the arena can no
+    longer be mapped, or the daemon refused the reservation of a single chunk or a commit with
     RESOURCE_EXHAUSTED (the tenant's reserved-bytes or DRAM quota, or no arena room: the
-    stream path queues on the in-flight budget and may land the chunks in a lower tier)."""
+    stream path queues on the in-flight budget and may land the chunks in a lower tier). A
+    refused reservation of several chunks is asked for again in halves, one after the other."""
     ns = core.namespace
     size = ns.chunk_bytes()
     req = local_pb2.ReserveWriteRequest(namespace_id=core.namespace_id, chunks=[
@@ -95,14 +99,23 @@ def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Dura
     try:
         resp = yield Call("reserve", req)
     except grpc.RpcError as e:
-        if _exhausted(e):
-            return None
-        raise
+        if not _exhausted(e):
+            raise
+        if len(keys) == 1:
+            return 0, False, []
+        # More than the tenant may hold reserved at once: the halves one after the other (each
+        # committed, so its reservation ended, before the next is asked for).
+        half = len(keys) // 2
+        first, done, unsure = yield from store_local(core, u8, keys[:half], chunks[:half], durability)
+        if not done:
+            return first, False, unsure
+        rest, done, unsure = yield from store_local(core, u8, keys[half:], chunks[half:], durability)
+        return first + rest, done, unsure
     if resp.lease_id == 0:
-        return 0
+        return 0, True, []
     if not (yield from same_arena(core, resp.arena_nonce)):
         core.release_later(resp.lease_id)
-        return None
+        return 0, False, []
     targets = [(chunks[s.index], core.arena.view(s.offset, s.length)) for s in resp.slots if not s.exists]
     stream = None
     if C.is_cuda_tensor(u8):
@@ -121,9 +134,9 @@ def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Dura
                                                                  crc32c=crcs))
     except grpc.RpcError as e:
         if _exhausted(e):   # over the tenant's DRAM quota: nothing left reserved on the daemon
-            return None
+            return 0, False, [i for i, _ in targets]
         raise
-    return done.stored
+    return done.stored, True, []
 
 
 def _exhausted(e: grpc.RpcError) -> bool:

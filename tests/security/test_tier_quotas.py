@@ -39,9 +39,7 @@ SETTINGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def daemon(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tier-quotas")
+def _spawn(base):
     tokens = base / "tokens.toml"
     tokens.write_text(
         "[tokens]\n"
@@ -49,7 +47,20 @@ def daemon(tmp_path_factory):
         f'quotas = {{ max_dram_bytes = "64MiB", max_disk_bytes = "64MiB" }} }}\n'
         f'"{MALLORY}" = {{ tenant = "bob", local_path = true, '
         f'quotas = {{ max_reserved_bytes = {RESERVED_CHUNKS * CHUNK_BYTES} }} }}\n')
-    d = spawn_daemon(base_dir=base, settings=[*SETTINGS, f'auth.tokens_file="{tokens}"'])
+    return spawn_daemon(base_dir=base, settings=[*SETTINGS, f'auth.tokens_file="{tokens}"'])
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    d = _spawn(tmp_path_factory.mktemp("tier-quotas"))
+    yield d
+    d.stop()
+
+
+@pytest.fixture
+def fresh_daemon(tmp_path):
+    """The same daemon with nothing held by earlier tests (their leases and pins)."""
+    d = _spawn(tmp_path)
     yield d
     d.stop()
 
@@ -140,13 +151,56 @@ def test_one_tenant_exhausting_every_quota_never_fails_or_slows_another(daemon):
 
 
 
-def test_a_same_host_store_over_the_reserved_bytes_quota_is_streamed_instead(daemon):
-    """A store bigger than the tenant's reserved-bytes share is not an error for the engine:
-    the client streams it (the stream path queues on the in-flight budget)."""
-    with client(daemon, MALLORY, "big-store", local=True) as m:
+def _counting(c: KVStoreClient) -> dict[str, int]:
+    """Counts the client's calls of each RPC (wrapping its bound stubs)."""
+    calls: dict[str, int] = {}
+    for name, fn in list(c._rpc.items()):
+        def counted(*a, _fn=fn, _name=name, **kw):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*a, **kw)
+        c._rpc[name] = counted
+    return calls
+
+
+def test_a_same_host_store_over_the_reserved_bytes_quota_goes_in_windows(fresh_daemon):
+    """A store bigger than the tenant's reserved-bytes share is not an error for the engine
+    and keeps the same-host path: refused as one reservation, the client reserves and commits
+    halves, one after the other (no Put stream)."""
+    with client(fresh_daemon, MALLORY, "big-store", local=True) as m:
         n = RESERVED_CHUNKS * 2
         toks = list(range(64 * n))
         data = kv(len(toks), 21)
+        calls = _counting(m)
+        assert m.store(toks, data) == n
+        assert calls.get("put", 0) == 0, calls
+        assert calls["reserve"] >= 3 and calls["commit"] >= 2, calls
+        got, arr = m.retrieve(toks)
+        assert got == len(toks) and np.array_equal(np.asarray(arr), data)
+
+
+def test_a_chunk_bigger_than_the_reserved_bytes_quota_is_streamed_instead(daemon):
+    """One chunk over the tenant's whole reserved-bytes quota: the client streams it (the
+    stream path queues on the in-flight budget)."""
+    chunk_tokens = 64 * (RESERVED_CHUNKS + 1)      # 320 KiB: over the 256 KiB, within the DRAM quota
+    with KVStoreClient(daemon.addr, Namespace(**{**NS, "model": "big-chunk", "chunk_tokens": chunk_tokens}),
+                       token=MALLORY, local=True) as m:
+        toks = list(range(chunk_tokens))
+        data = kv(len(toks), 22)
+        calls = _counting(m)
+        assert m.store(toks, data) == 1
+        assert calls.get("put", 0) == 1, calls
+        got, arr = m.retrieve(toks)
+        assert got == len(toks) and np.array_equal(np.asarray(arr), data)
+
+
+def test_a_store_refused_part_way_counts_every_chunk_it_stored(daemon):
+    """After the hostile tests above the tenant's DRAM quota is held by its own leased and
+    pinned chunks, so some same-host commits are refused and the rest is streamed: the store
+    still reports every chunk it newly stored, whichever path took it, and all read back."""
+    with client(daemon, MALLORY, "big-store-after-flood", local=True) as m:
+        n = RESERVED_CHUNKS * 2
+        toks = list(range(64 * n))
+        data = kv(len(toks), 23)
         assert m.store(toks, data) == n
         got, arr = m.retrieve(toks)
         assert got == len(toks) and np.array_equal(np.asarray(arr), data)
