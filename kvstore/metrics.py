@@ -110,6 +110,17 @@ class KVStoreCollector:
         yield CounterMetricFamily("kvstore_puts_spilled", "MEMORY puts the first tier had no room for, stored in a "
                                   "lower tier instead", value=st.spilled)
         yield GaugeMetricFamily("kvstore_namespaces", "Registered namespaces", value=snap.namespaces)
+        used = GaugeMetricFamily("kvstore_tenant_used", "What a tenant holds against a quota (bytes for *_bytes "
+                                 "quotas, else a count)", labels=["tenant", "quota"])
+        limit = GaugeMetricFamily("kvstore_tenant_limit", "A tenant's quota (absent when unlimited)",
+                                  labels=["tenant", "quota"])
+        for tenant, rows in snap.tenants:
+            for resource, n, cap in rows:
+                used.add_metric([tenant, resource.value], n)
+                if cap is not None:
+                    limit.add_metric([tenant, resource.value], cap)
+        yield used
+        yield limit
 
         reqs, lat, b_in, b_out = self._requests.snapshot()
         c = CounterMetricFamily("kvstore_requests", "RPCs by method and status code", labels=["method", "code"])

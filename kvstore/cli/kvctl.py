@@ -208,6 +208,21 @@ class Ctl:
         human += _remote_lines(st, "\n")
         self.out(to_json(st), human)
 
+    def tenants(self) -> None:
+        st = self.call("GetStats", admin_pb2.GetStatsRequest())
+        rows = []
+        for t in st.tenants:
+            for q in t.quotas:
+                if not q.used and q.unlimited:
+                    continue
+                bytes_ = q.quota.endswith("_bytes")
+                used = size(q.used) if bytes_ else q.used
+                limit = "unlimited" if q.unlimited else (size(q.limit) if bytes_ else q.limit)
+                share = f"{100 * q.used / q.limit:.1f}%" if not q.unlimited and q.limit else "-"
+                rows.append([t.tenant, q.quota, used, limit, share])
+        self.out({"tenants": [to_json(t) for t in st.tenants]}, table(rows, ["tenant", "quota", "used", "limit",
+                                                                             "of limit"]), matched=bool(st.tenants))
+
     def namespaces(self) -> None:
         r = self.call("ListNamespaces", admin_pb2.ListNamespacesRequest())
         rows = [[n.namespace_id.hex(), n.tenant or "-", n.spec.model, enum_name(
@@ -338,6 +353,7 @@ def _parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     cmd("status", "is the daemon up (no token needed); version, uptime, chunk counts")
     cmd("stats", "per-tier bytes, chunks, hits, misses, evictions, corrupt")
+    cmd("tenants", "what each tenant holds against its quotas (DRAM, disk, remote bytes, pins, leases, ...)")
     cmd("namespaces", "registered namespaces")
     s = cmd("ls", "list stored keys")
     s.add_argument("--namespace", help="namespace id or unique prefix; default all")

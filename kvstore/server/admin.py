@@ -51,6 +51,7 @@ class AdminServicer:
             tiers=[convert.tier_stats(t) for t in chain.tiers], version=__version__,
             uptime_s=time.time() - self._started, namespaces=st.namespaces,
             write_queue_depth=chain.write_queue_depth, write_queue_dropped=chain.write_queue_dropped,
+            tenants=convert.tenant_usage(st.tenants),
             **convert.remote_status(self._store.remote_status.status()))
 
     async def ListNamespaces(self, request, context):

@@ -47,6 +47,13 @@ def tier_stats(t) -> admin_pb2.TierStats:
                                corrupt=t.corrupt, policy=str(t.policy), pinned_chunks=t.pinned_chunks)
 
 
+def tenant_usage(tenants) -> list:
+    """``StoreStats.tenants`` -> ``GetStatsResponse.tenants``."""
+    return [admin_pb2.TenantUsage(tenant=t, quotas=[
+        admin_pb2.QuotaUsage(quota=r.value, used=max(0, n), limit=cap or 0, unlimited=cap is None)
+        for r, n, cap in rows]) for t, rows in tenants]
+
+
 def remote_status(status: dict) -> dict:
     """``RemoteCollector.status()`` -> GetStatsResponse fields (``remote``, ``events``)."""
     out = {}

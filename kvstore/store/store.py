@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 class StoreStats:
     chain: ChainStats
     namespaces: int
+    #: ``(tenant, ((resource, used, limit or None), ...))`` for every tenant holding something.
+    tenants: tuple = ()
 
 
 class Store:
@@ -188,7 +190,16 @@ class Store:
         return self._chain.inspect(cid)
 
     def stats(self) -> StoreStats:
-        return StoreStats(self._chain.stats(), len(self.namespaces))
+        return StoreStats(self._chain.stats(), len(self.namespaces), self.tenant_usage())
+
+    def tenant_usage(self) -> tuple:
+        """What each tenant holding something holds against each of its quotas, from the
+        one ledger every limit is charged to."""
+        out = []
+        for tenant in self.limits.tenants():
+            limits, used = self.limits.limits(tenant), self.limits.usage(tenant)
+            out.append((tenant, tuple((r, used[r], limits.limit(r)) for r in used)))
+        return tuple(out)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def flush(self, timeout_s: float | None = None) -> None:

@@ -157,3 +157,45 @@ def test_kvctl_daemon_down():
     assert r.stderr.strip() == (f"kvctl: cannot reach kvstore at {addr}: is the daemon running? "
                                 "start it with `kvstore serve`")
     assert "Traceback" not in r.stderr
+
+
+def test_tenant_usage_in_kvctl_and_metrics(daemon_factory):
+    """What each tenant holds against its quotas: `kvctl tenants` and the kvstore_tenant_*
+    gauges agree with what the tenants stored, per tenant (another tenant's use never shows
+    under the first one's name)."""
+    import urllib.request
+
+    from .helpers import ADMIN_TOKEN, TOKENS, free_port
+    alice = next(t for t, e in TOKENS.items() if e["tenant"] == "alice")
+    bob = next(t for t, e in TOKENS.items() if e["tenant"] == "bob")
+    port = free_port()
+    d = daemon_factory(auth=True, settings=(f'metrics.listen="127.0.0.1:{port}"', "quotas.max_dram_bytes=32MiB",
+                                            "quotas.max_pinned_bytes=4MiB"))
+    ns = smol_ns("tenant-usage", num_layers=2)
+    toks = tokens_for(1024, seed=31)
+    with KVStoreClient(d.addr, ns, token=alice, local=False) as a, \
+            KVStoreClient(d.addr, ns, token=bob, local=False) as b:
+        assert a.store(toks, kv_for(ns, 1024)) == 4
+        assert b.store(toks[:256], kv_for(ns, 256)) == 1
+        a.lookup(toks, pin_ttl_s=30)
+    chunk = ns.chunk_bytes()
+    usage = {t["tenant"]: {q["quota"]: q for q in t["quotas"]}
+             for t in _ok(kvctl(d.addr, "tenants", token=ADMIN_TOKEN))["tenants"]}
+    assert set(usage) >= {"alice", "bob"}
+    assert usage["alice"]["max_dram_bytes"]["used"] >= 4 * chunk
+    assert usage["bob"]["max_dram_bytes"]["used"] < 2 * chunk
+    assert usage["alice"]["max_dram_bytes"]["limit"] == 32 << 20
+    assert usage["alice"]["max_disk_bytes"]["unlimited"] is True
+    assert usage["alice"]["max_namespaces"]["used"] == 1 and usage["bob"]["max_namespaces"]["used"] == 1
+    assert 4 * chunk <= usage["alice"]["max_pinned_bytes"]["used"] <= 4 << 20     # its lookup pinned 4 chunks
+    assert usage["bob"]["max_pinned_bytes"]["used"] == 0
+    human = kvctl(d.addr, "tenants", token=ADMIN_TOKEN, json_flag=False)
+    assert human.returncode == 0 and "alice" in human.stdout and "max_dram_bytes" in human.stdout
+    r = kvctl(d.addr, "tenants", token=alice)
+    assert r.returncode == 1 and "PERMISSION_DENIED" in r.stderr    # admin only
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    rows = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith("kvstore_tenant_")}
+    assert rows['kvstore_tenant_used{quota="max_dram_bytes",tenant="alice"}'] == usage["alice"]["max_dram_bytes"]["used"]
+    assert rows['kvstore_tenant_limit{quota="max_dram_bytes",tenant="bob"}'] == 32 << 20
+    assert 'kvstore_tenant_limit{quota="max_disk_bytes",tenant="alice"}' not in rows    # unlimited
