@@ -82,6 +82,7 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
         gp._ensure_staging(size)
     slot_i = 0
     window = 0      # 0: pipelined; else chunks per reservation once the daemon refused one
+    refused_at = -1  # the first chunk of the last refused reservation
     try:
         while todo_ranges:
             lo, hi, fut = todo_ranges.popleft()
@@ -97,12 +98,15 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
                 if ahead:   # reservations asked for ahead are given back before asking again
                     c._release(local_pb2.ReleaseRequest(lease_ids=ahead), **gp._rpc_meta())
                 end = todo_ranges[-1][1] if todo_ranges else hi
-                if not mine:
-                    if hi - lo == 1:
-                        raise
+                if mine or ahead:           # we held some of it ourselves: the same window again
+                    window = window or hi - lo
+                elif hi - lo > 1:
                     window = max(1, (hi - lo) // 2)
-                elif not window:
-                    window = hi - lo
+                elif refused_at == lo:      # one chunk, refused twice with nothing of ours held
+                    raise
+                else:                       # (a commit may have ended just after the refusal)
+                    window = 1
+                refused_at = lo
                 todo_ranges = deque([(lo, min(lo + window, end), reserve(lo, min(lo + window, end)))])
                 rest = (min(lo + window, end), end)
                 if rest[0] < rest[1]:
