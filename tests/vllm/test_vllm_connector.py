@@ -54,7 +54,9 @@ class Scenario:
         port = free_port()
         settings = [s for s in ROOT.SMALL if not s.startswith(("dram.capacity", "disk.capacity"))]
         self.daemon = DaemonProcess(tmp / "data", f"127.0.0.1:{port}", tmp / "daemon.log",
-                                    settings + ["dram.capacity_bytes=768MiB", "disk.capacity_bytes=2GiB"])
+                                    settings + ["dram.capacity_bytes=768MiB", "disk.capacity_bytes=2GiB"],
+                                    # restarts happen beside live vLLM engines on a 2-core box
+                                    start_timeout_s=90.0)
         self.engines: dict[str, H.Engine] = {}
         self.ref: dict[str, dict] = {}
 
