@@ -133,15 +133,15 @@ class ClientCore:
             stored = yield Work(self.gpu.store, (tokens, kv, durability, self.gpu.caller_stream(kv)))  # None: not served
             if stored is not None:
                 return stored
-        stored = 0
+        stored, unsure = 0, []
         if local:  # ReserveWrite reports chunks already stored: no Exists round trip
             stored, done, unsure = yield from _shm.store_local(self, u8, keys[:n], list(range(n)), durability)
             if done:
                 return stored
             u8 = C.kv_bytes_array(kv, ns)   # refused, or the shared arena went away: stream the rest
         present = yield from self.exists(keys[:n])
-        if local:   # a refused commit's chunks found now were published by it, before the refusal
-            stored += sum(1 for i in unsure if present[i] != Tier.NONE)
+        # A refused commit's chunks found now were published by it, before the refusal.
+        stored += sum(1 for i in unsure if present[i] != Tier.NONE)
         todo = [i for i in range(n) if present[i] == Tier.NONE]
         if not todo:
             return stored

@@ -22,6 +22,7 @@ from kvstore_wire.types import Durability, Encoding, KeyKind
 
 from . import _common as C
 from ._steps import Call, Work
+from .errors import is_exhausted
 from .local import SharedArena
 
 try:  # optional: CUDA gather/scatter kernels
@@ -99,7 +100,7 @@ def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Dura
     try:
         resp = yield Call("reserve", req)
     except grpc.RpcError as e:
-        if not _exhausted(e):
+        if not is_exhausted(e):
             raise
         if len(keys) == 1:
             return 0, False, []
@@ -133,15 +134,10 @@ def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Dura
         done = yield Call("commit", local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability),
                                                                  crc32c=crcs))
     except grpc.RpcError as e:
-        if _exhausted(e):   # over the tenant's DRAM quota: nothing left reserved on the daemon
+        if is_exhausted(e):   # over the tenant's DRAM quota: nothing left reserved on the daemon
             return 0, False, [i for i, _ in targets]
         raise
     return done.stored, True, []
-
-
-def _exhausted(e: grpc.RpcError) -> bool:
-    code = getattr(e, "code", None)
-    return callable(code) and code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _copy_into_arena(core, u8, targets: list[tuple[int, object]], stream) -> list[int]:

@@ -52,6 +52,12 @@ _BY_CODE = {c.code: c for c in (KVStoreUnavailable, InvalidArgument, NotFound, U
                                 DataLoss, ResourceExhausted)}
 
 
+def is_exhausted(e: grpc.RpcError) -> bool:
+    """Whether a failed call was answered RESOURCE_EXHAUSTED (a quota, or no arena room)."""
+    code = getattr(e, "code", None)
+    return callable(code) and code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 def from_rpc_error(e: grpc.RpcError, addr: str) -> KVStoreClientError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = e.details() if hasattr(e, "details") else str(e)

@@ -15,6 +15,7 @@ from kvstore_wire._proto.kvstore.v1 import local_pb2
 from kvstore_wire.crc import crc32c
 from kvstore_wire.types import Durability, Encoding, KeyKind
 
+from .errors import is_exhausted
 from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks
 from .gpu_session import GpuSession
 from .gpu_state import ArenaChanged, GpuPath, _all_of, _groups, _path, _rpc_errors
@@ -89,7 +90,7 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
             try:
                 resp = fut.result()
             except grpc.RpcError as e:
-                if not _exhausted(e):
+                if not is_exhausted(e):
                     raise
                 mine = [f for f in commits if not f.done()]
                 for f in commits:
@@ -179,11 +180,6 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
             if lid:
                 c._release_later(lid)
         raise
-
-
-def _exhausted(e) -> bool:
-    code = getattr(e, "code", None)
-    return callable(code) and code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def _answered_lease(f: Future | None) -> int:

@@ -59,15 +59,21 @@ def copy_into(dst, src, threads: int = 1) -> None:
         lib().kvs_copy(daddr, saddr, sn, threads)
 
 
+def _check_rows(name: str, dst: np.ndarray, src: np.ndarray) -> None:
+    """ValueError unless ``dst`` and ``src`` are 2-D uint8 arrays of one shape with contiguous
+    rows and ``dst`` is writable (the row copies' contract)."""
+    if dst.shape != src.shape or dst.ndim != 2 or dst.dtype != np.uint8 or src.dtype != np.uint8:
+        raise ValueError(f"{name} needs two 2-D uint8 arrays of one shape")
+    if dst.strides[1] != 1 or src.strides[1] != 1:
+        raise ValueError(f"{name} needs contiguous rows")
+    if not dst.flags.writeable:
+        raise ValueError("destination is read-only")
+
+
 def copy_rows(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[...] = src`` for 2-D uint8 arrays of the same shape whose rows are contiguous
     (any row pitch), one native memcpy per row with the GIL released."""
-    if dst.shape != src.shape or dst.ndim != 2 or dst.dtype != np.uint8 or src.dtype != np.uint8:
-        raise ValueError("copy_rows needs two 2-D uint8 arrays of one shape")
-    if dst.strides[1] != 1 or src.strides[1] != 1:
-        raise ValueError("copy_rows needs contiguous rows")
-    if not dst.flags.writeable:
-        raise ValueError("destination is read-only")
+    _check_rows("copy_rows", dst, src)
     lib().kvs_copy2d(dst.ctypes.data, dst.strides[0], src.ctypes.data, src.strides[0], dst.shape[0], dst.shape[1])
 
 
@@ -75,11 +81,6 @@ def copy_rows_crc32c(dst: np.ndarray, src: np.ndarray, crc: int = 0) -> int:
     """``copy_rows`` that also returns the CRC32C (continuing from ``crc``) of the bytes written
     to ``dst``, rows in order (for a contiguous ``dst``: the CRC of the whole buffer), in the
     same pass over memory (GIL released)."""
-    if dst.shape != src.shape or dst.ndim != 2 or dst.dtype != np.uint8 or src.dtype != np.uint8:
-        raise ValueError("copy_rows_crc32c needs two 2-D uint8 arrays of one shape")
-    if dst.strides[1] != 1 or src.strides[1] != 1:
-        raise ValueError("copy_rows_crc32c needs contiguous rows")
-    if not dst.flags.writeable:
-        raise ValueError("destination is read-only")
+    _check_rows("copy_rows_crc32c", dst, src)
     return lib().kvs_copy2d_crc32c(dst.ctypes.data, dst.strides[0], src.ctypes.data, src.strides[0],
                                    dst.shape[0], dst.shape[1], crc)

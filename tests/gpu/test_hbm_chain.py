@@ -13,9 +13,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import zlib
-
-import numpy as np
 import pytest
 
 from kvstore import config as cfg
@@ -24,22 +21,13 @@ from kvstore.tiers.base import PinTable
 from kvstore_testing.daemon import spawn_daemon
 from kvstore_wire.types import Tier
 
-from tiers.conftest import BUDGET_BYTES, ChainHarness, FakeClock, TierHarness, chain_config
+from tiers.conftest import BUDGET_BYTES, ChainHarness, TierHarness, chain_config
+from tiers.conftest import clock, rng  # noqa: F401 - the contract suite's fixtures
 from tiers.test_contract import *  # noqa: F401,F403 - the contract tests, run here with the HBM kinds
 
 HBM_KINDS = ["hbm", "chain-hbm-dram-disk"]
 SHAPES = {"smol": dict(dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64),
           "llama": dict(dtype="bfloat16", num_layers=32, num_kv_heads=8, head_dim=128)}
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def rng(request) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
 
 
 @pytest.fixture(params=HBM_KINDS)

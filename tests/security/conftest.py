@@ -37,6 +37,14 @@ def md(token: str | None):
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
+def kv(tokens: int, seed: int):
+    """Random fp16 KV of ``tokens`` tokens in the small namespace shape of the tenant tests
+    (4 layers, K and V, 2 KV heads, head_dim 32)."""
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal((4, 2, tokens, 2, 32)).astype(np.float16)
+
+
 def all_methods() -> list[tuple[str, bool, bool]]:
     """(full method name, client streaming, server streaming) of every kvstore RPC, from the protos."""
     out = []

@@ -24,6 +24,8 @@ from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, data_pb2, 
 from kvstore_wire.crc import crc32c
 from kvstore_wire.framing import encode_data
 
+from .conftest import kv, md
+
 #: Alice is the victim, Bob (MALLORY) the hostile tenant; both may use the same-host path.
 VICTIM, MALLORY = ALICE_TOKEN, BOB_TOKEN
 TOKENS = {
@@ -64,14 +66,6 @@ def daemon(tmp_path_factory):
     d = spawn_daemon(base_dir=base, settings=[*SETTINGS, f'auth.tokens_file="{_tokens_file(base / "tokens.toml")}"'])
     yield d
     d.stop()
-
-
-def md(token: str):
-    return (("authorization", f"Bearer {token}"),)
-
-
-def kv(tokens: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((4, 2, tokens, 2, 32)).astype(np.float16)
 
 
 def client(daemon, token: str, model: str, local: bool | None = None) -> KVStoreClient:

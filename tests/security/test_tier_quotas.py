@@ -23,6 +23,8 @@ from kvstore_testing.daemon import spawn_daemon
 from kvstore_wire._proto.kvstore.v1 import local_pb2, local_pb2_grpc
 from kvstore_wire.types import Tier
 
+from .conftest import kv, md
+
 VICTIM, MALLORY = ALICE_TOKEN, BOB_TOKEN
 #: 64 KiB chunks: 4 layers x (K, V) x 64 tokens x 2 heads x 32 dims x fp16.
 NS = dict(model="tier-quotas", dtype="float16", num_layers=4, num_kv_heads=2, head_dim=32, chunk_tokens=64)
@@ -63,14 +65,6 @@ def fresh_daemon(tmp_path):
     d = _spawn(tmp_path)
     yield d
     d.stop()
-
-
-def md(token: str):
-    return (("authorization", f"Bearer {token}"),)
-
-
-def kv(tokens: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((4, 2, tokens, 2, 32)).astype(np.float16)
 
 
 def client(daemon, token: str, model: str, local: bool) -> KVStoreClient:
