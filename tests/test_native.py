@@ -59,6 +59,16 @@ def test_copy_into_threads():
         native.copy_into(bytearray(3), b"four")
 
 
+@pytest.mark.parametrize("start,length", [(0, 0), (3, 100), (0, 256 << 10), (5, (1 << 20) + 77), (64, 3 << 20)])
+def test_zero_clears_exactly_the_range(start, length):
+    buf = np.full(start + length + 200, 0x5A, np.uint8)
+    native.zero(memoryview(buf)[start:start + length])
+    assert not buf[start:start + length].any()
+    assert (buf[:start] == 0x5A).all() and (buf[start + length:] == 0x5A).all()
+    with pytest.raises(ValueError, match="read-only"):
+        native.zero(bytes(8))
+
+
 def test_copy_rows_moves_a_block_into_columns_and_back():
     rng = np.random.default_rng(2)
     out = np.zeros((6, 4 * 1000), np.uint8)

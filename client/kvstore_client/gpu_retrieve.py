@@ -3,6 +3,7 @@ copies (or copy + D2D scatter kernel) / batched GPU decode of compressed chunks.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future
 from typing import Any, Sequence
 
@@ -15,6 +16,8 @@ from kvstore_wire.types import Encoding
 from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks
 from .gpu_state import GpuPath, _groups, _path, _rpc_errors
 
+log = logging.getLogger(__name__)
+
 
 @_rpc_errors
 def retrieve_into_cuda(client, tokens: Sequence[int], dst, group_chunks: int | None = None,
@@ -23,6 +26,9 @@ def retrieve_into_cuda(client, tokens: Sequence[int], dst, group_chunks: int | N
     ``dst`` (namespace-layout tensor or :class:`Paged`); returns the tokens placed. RAW chunks
     cross PCIe once by the copy engine; compressed ones cross as bitstreams and are decoded on
     the GPU in one batched launch per group (``verify``: check their layer CRCs on the host).
+    Every arena extent's CRC32C is checked on the GPU over the bytes that landed (so the
+    daemon skips its CPU check, ``client_verifies``); a chunk that fails ends the prefix
+    placed here and is read once more through the daemon's own check, which drops a bad copy.
     Chunks the daemon's HBM tier holds load device-to-device from its pool (mapped once).
     ``stream``: the engine's stream that reads ``dst`` afterwards (default: the current one)."""
     gp = _path(client)
@@ -47,7 +53,9 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
 
     def lease(lo: int, hi: int) -> Future:
         return c._lease_read.future(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys[lo:hi],
-                                                               device_pool=pool is not None), **gp._rpc_meta())
+                                                               device_pool=pool is not None,
+                                                               client_verifies=gp.client_verifies),
+                                    **gp._rpc_meta())
 
     groups = _groups(n, group)
     pendings = [lease(lo, hi) for lo, hi in groups]  # all in flight at once
@@ -60,6 +68,9 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
     slot_i = 0
     coded: list = []  # compressed chunks, decoded together at the end (their leases stay held)
     keep: list[Any] = []  # device bitstream buffers alive until the streams finish
+    # GPU CRC32Cs of what landed: per chunk (staging buffer, bitstream) or per plane row of a
+    # contiguous destination (folded on the host); each launched right after its chunk's copy.
+    chk = _Checks(gp, n, contiguous[0][3] if contiguous else 0) if gp.client_verifies else None
     try:
         for gi, (lo, hi) in enumerate(groups):
             resp = pendings[gi].result()
@@ -80,7 +91,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                         stop = True   # another pool (restart), or stored encoded: the arena path serves it next time
                         break
                     if coded:
-                        placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify)
+                        placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
                         coded = []
                     pool_rows.append((i, pool.base + ext.offset))
                     placed += 1
@@ -90,11 +101,13 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                     coded.append((i, ext))
                     continue
                 if coded:  # keep chunk order simple: decode what came before first
-                    placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify)
+                    placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
                     coded = []
                 if contiguous is not None:
                     base, pitch, row, planes = contiguous[i]
                     cuda_ipc.memcpy2d(base, pitch, src, row, row, planes, gp.copy_stream.cuda_stream)
+                    if chk is not None:
+                        chk.rows(i, ext.crc32c, [base + p * pitch for p in range(planes)], row)
                 else:
                     k = slot_i % gp.staging_chunks
                     slot_i += 1
@@ -105,6 +118,8 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                     ready = torch.cuda.Event()
                     ready.record(gp.copy_stream)
                     gp.kernel_stream.wait_event(ready)
+                    if chk is not None:
+                        chk.whole(i, ext.crc32c, int(buf.data_ptr()), size)
                     transfer.scatter(int(buf.data_ptr()), dst.specs[i], device=True,
                                      stream=gp.kernel_stream.cuda_stream)
                     done = torch.cuda.Event()
@@ -115,11 +130,16 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
             if stop or placed + len(coded) < hi:
                 break
         if coded:  # one batched decode launch for every compressed chunk of the call
-            placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify)
+            placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
         cur.wait_stream(gp.copy_stream)
         cur.wait_stream(gp.kernel_stream)
         gp.copy_stream.synchronize()  # the arena extents are read before their leases end
         gp.kernel_stream.synchronize()
+        if chk is not None:
+            bad = chk.first_bad(placed)
+            if bad is not None:
+                placed = bad
+                _recheck(gp, keys[bad])
     finally:
         for f in pendings[len(leases):]:  # look-ahead leases not used
             try:
@@ -149,7 +169,64 @@ def _load_from_pool(gp: GpuPath, rows: list[tuple[int, int]], dst, contiguous) -
             transfer.scatter(src, dst.specs[i], device=True, stream=stream)
 
 
-def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, size: int, keep: list, verify: bool) -> int:
+class _Checks:
+    """The GPU CRC32Cs of one retrieve's arena chunks, in pinned host buffers, against the
+    CRC32C each extent was stored with."""
+
+    def __init__(self, gp: GpuPath, n: int, planes: int) -> None:
+        self._gp = gp
+        self._whole = gp.pinned_u32("read-crc", n)
+        self._rows = gp.pinned_u32("read-row-crc", n * planes) if planes else None
+        self._want: dict[int, tuple[int, int, int]] = {}  # chunk -> (stored CRC, planes, row bytes)
+
+    def _after_copy(self) -> int:
+        """The kernel stream, ordered after everything issued on the copy stream so far."""
+        ev = _torch().cuda.Event()
+        ev.record(self._gp.copy_stream)
+        self._gp.kernel_stream.wait_event(ev)
+        return self._gp.kernel_stream.cuda_stream
+
+    def rows(self, i: int, want: int, ptrs: list[int], row: int) -> None:
+        """Chunk ``i`` landed as ``len(ptrs)`` rows of ``row`` bytes (copy stream)."""
+        out = int(self._rows.data_ptr()) + 4 * i * len(ptrs)
+        cuda_ipc.crc32c_batch(ptrs, [row] * len(ptrs), out, self._after_copy())
+        self._want[i] = (want, len(ptrs), row)
+
+    def whole(self, i: int, want: int, ptr: int, nbytes: int, ordered: bool = True) -> None:
+        """Chunk ``i`` is the ``nbytes`` at device ``ptr``; ``ordered``: the kernel stream
+        already waits for its copy."""
+        stream = self._gp.kernel_stream.cuda_stream if ordered else self._after_copy()
+        cuda_ipc.crc32c_batch([ptr], [nbytes], int(self._whole.data_ptr()) + 4 * i, stream)
+        self._want[i] = (want, 0, 0)
+
+    def first_bad(self, placed: int) -> int | None:
+        """The first chunk below ``placed`` whose bytes do not match (streams synchronized)."""
+        whole = self._whole.numpy().view(np.uint32)
+        rows = self._rows.numpy().view(np.uint32) if self._rows is not None else None
+        for i in sorted(k for k in self._want if k < placed):
+            want, planes, row = self._want[i]
+            got = (int(whole[i]) if not planes else
+                   int(cuda_ipc.crc32c_fold(rows[i * planes:(i + 1) * planes], planes, row)[0]))
+            if got != want:
+                log.warning("chunk %d of a GPU load failed its CRC32C check (%#010x, stored with %#010x); "
+                            "it and the chunks after it are not placed", i, got, want)
+                return i
+        return None
+
+
+def _recheck(gp: GpuPath, key: bytes) -> None:
+    """Reads ``key`` once through the daemon's own CRC32C check, which drops a bad arena copy
+    (the next lookup then misses it, or a lower tier serves a good one)."""
+    c = gp.client
+    try:
+        r = c._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=[key]), **gp._rpc_meta())
+        c._release_later(r.lease_id)
+    except Exception as e:  # noqa: BLE001 - the chunk was not placed either way
+        log.info("re-reading a chunk that failed its check on the GPU failed: %s", e)
+
+
+def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, size: int, keep: list, verify: bool,
+                  chk: "_Checks | None" = None) -> int:
     """Bitstreams of ``coded`` cross PCIe (copy engine) and are decoded in one batched launch into
     staging, then moved into the engine layout (2D copy D2D, or the scatter kernel)."""
     torch = _torch()
@@ -164,6 +241,9 @@ def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, size: in
     ready = torch.cuda.Event()
     ready.record(gp.copy_stream)
     gp.kernel_stream.wait_event(ready)
+    if chk is not None:   # the bitstreams as stored, before anything reads them
+        for (i, ext), o in zip(coded, offs):
+            chk.whole(i, ext.crc32c, int(devbuf.data_ptr()) + o, int(ext.length))
     outs = torch.empty((len(coded), size), dtype=torch.uint8, device=gp.device)
     keep.append(outs)
     # Headers and indexes are read in place in the arena (host memory): no host copy.

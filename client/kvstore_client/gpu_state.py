@@ -58,6 +58,11 @@ class GpuPath:
         self._set_busy: list[Future | None] = [None] * self._sets
         self._pool: HbmPoolMapping | None = None
         self._pool_nonce = b""
+        #: Loads check each arena chunk's CRC32C on the GPU (``LeaseReadRequest.client_verifies``:
+        #: the daemon skips its CPU pass); stores ask the daemon to take the GPU-computed CRC32Cs
+        #: unread (``CommitWriteRequest.skip_verify``). False: the daemon's CPU checks (benchmarks).
+        self.client_verifies = True
+        self.skip_commit_verify = True
 
     def pinned_u32(self, name: str, n: int):
         """A cached pinned int32 host buffer of at least ``n`` entries (pinned allocations are

@@ -193,7 +193,8 @@ class LocalDataServicer:
                 extents.append(local_pb2.Extent(index=i, found=True, offset=d.offset, length=m.payload_bytes,
                                                 num_tokens=m.num_tokens, encoding=int(m.encoding), crc32c=m.crc32c,
                                                 tier=int(Medium.HBM), key_kind=int(m.key_kind), in_device_pool=True))
-            got_all = await self._run(self._m.lease_run, cids[len(dev):]) if len(dev) < len(cids) else []
+            got_all = (await self._run(self._m.lease_run, cids[len(dev):], request.client_verifies)
+                       if len(dev) < len(cids) else [])
             for i, got in enumerate(got_all, start=len(dev)):
                 if got is None:
                     extents.append(local_pb2.Extent(index=i, found=False))
@@ -249,7 +250,8 @@ class LocalDataServicer:
             raise
         try:
             stored, existed = await self._run(self._m.commit_many, lease.reservations, list(request.crc32c),
-                                              durability, current_principal().trust_client_crc)
+                                              durability,
+                                              request.skip_verify or current_principal().trust_client_crc)
         finally:
             lease.release(self._m)
         return local_pb2.CommitWriteResponse(stored=stored, existed=existed)

@@ -76,6 +76,10 @@ class Reservation:
     nbytes: int
     view: memoryview
     _entry: _Entry
+    #: ``(start, length)`` byte ranges of ``view`` whose pages were handed out before (they
+    #: may hold an older chunk's bytes); the rest has never been written since the arena was
+    #: created (tmpfs pages start zeroed). Only these need clearing before a client sees them.
+    stale: tuple[tuple[int, int], ...] = ()
 
 
 class DramTier(Tier):
@@ -101,6 +105,10 @@ class DramTier(Tier):
         # compare to prove they mapped this daemon's memory (see LocalData.Attach).
         if self._alloc.alloc(1) != 0 or self._alloc.total_pages < 2:
             raise InvalidArgument("dram.capacity_bytes must hold at least two dram.page_bytes pages")
+        # 1 per page that was ever handed out (it may hold bytes of a chunk since freed); a
+        # fresh arena is all zeros, so its pages need no clearing before their first client.
+        self._used = bytearray(self._alloc.total_pages)
+        self._used[0] = 1
         self.nonce = secrets.token_bytes(NONCE_BYTES)
         hdr = self._arena.writable(0, NONCE_OFFSET + NONCE_BYTES)
         hdr[:NONCE_OFFSET] = ARENA_MAGIC
@@ -176,11 +184,17 @@ class DramTier(Tier):
                 self._unlink(e, evicted=False)
         return None
 
-    def _lease(self, cid: ChunkId, touch: bool) -> ChunkRef | None:
+    def get_unverified(self, cid: ChunkId) -> ChunkRef | None:
+        """``get`` without the CRC32C check, for a same-host reader that checks the bytes it
+        copies out itself (``LeaseReadRequest.client_verifies``); a hit is counted, a miss is
+        not (the caller then reads through the chain, which counts it)."""
+        return self._lease(cid, touch=True, count_miss=False)
+
+    def _lease(self, cid: ChunkId, touch: bool, count_miss: bool = True) -> ChunkRef | None:
         with self._lock:
             e = self._entries.get(cid)
             if e is None or e.meta is None:
-                if touch:
+                if touch and count_miss:
                     self._stats.misses += 1
                 return None
             e.leases += 1
@@ -255,8 +269,29 @@ class DramTier(Tier):
                        charged=charge if tenant is not None else None)
             self._entries[cid] = e
             self._stats.used_bytes += npages * self._page
+            stale = self._stale_locked(page, npages, nbytes)
         off = page * self._page
-        return Reservation(cid, off, nbytes, self._arena.writable(off, nbytes), e)
+        return Reservation(cid, off, nbytes, self._arena.writable(off, nbytes), e, stale)
+
+    def _stale_locked(self, page: int, npages: int, nbytes: int) -> tuple[tuple[int, int], ...]:
+        """Byte ranges (of an extent of ``nbytes`` at ``page``) on pages handed out before,
+        then marks all ``npages`` as handed out. Caller holds the lock."""
+        used = self._used
+        seg = bytes(used[page:page + npages])
+        used[page:page + npages] = b"\x01" * npages
+        if seg.count(1) == 0:
+            return ()
+        if seg.count(0) == 0:
+            return ((0, nbytes),)
+        out = []
+        i = seg.find(1)
+        while i != -1 and i * self._page < nbytes:
+            j = seg.find(0, i)
+            j = npages if j == -1 else j
+            start = i * self._page
+            out.append((start, min(j * self._page, nbytes) - start))
+            i = seg.find(1, j)
+        return tuple(out)
 
     def commit(self, res: Reservation, meta: ChunkMeta) -> None:
         """Publishes a reserved chunk; ``meta.payload_bytes`` must equal the reserved size.

@@ -24,6 +24,8 @@ class Reservation(Protocol):
     offset: int        #: byte offset in the arena
     nbytes: int
     view: memoryview   #: writable, exactly ``nbytes``
+    #: ``(start, length)`` ranges of ``view`` that may hold older bytes (clear them first).
+    stale: tuple[tuple[int, int], ...]
 
 
 class SharedMemoryTier(Protocol):
@@ -38,13 +40,17 @@ class SharedMemoryTier(Protocol):
     def lease(self, cid: ChunkId) -> ChunkRef | None:
         """A read lease (no hit counted); the bytes stay put until it is released."""
 
+    def get_unverified(self, cid: ChunkId) -> ChunkRef | None:
+        """A read lease counted as a hit, without the tier's CRC32C check (for a reader that
+        checks the bytes it copies itself); None when absent (no miss counted)."""
+
     def offset_of(self, ref: ChunkRef) -> int:
         """Arena offset of a lease's bytes (what a local client reads at)."""
 
     def reserve(self, cid: ChunkId, nbytes: int, same_host: bool = False) -> Reservation | None:
         """Pages for ``cid`` (evicting by policy); None if it is already stored or being
-        written (never waits). The pages hold whatever was there before: clear them before
-        anyone but the daemon may read them. ResourceExhausted when no room can be made or
+        written (never waits). The pages in ``Reservation.stale`` hold whatever was there
+        before: clear them before anyone but the daemon may read them. ResourceExhausted when no room can be made or
         the tenant is over its quota (``same_host``: charged as reserved bytes until commit)."""
 
     def commit(self, res: Reservation, meta: ChunkMeta) -> None:

@@ -15,7 +15,7 @@ from kvstore_native.errors import NativeLibraryMissing
 
 ABI_VERSION = _lib.ABI_VERSION
 
-__all__ = ["ABI_VERSION", "NativeLibraryMissing", "crc32c", "copy_into", "copy_rows", "copy_rows_crc32c", "lib", "have_hw_crc32c"]
+__all__ = ["ABI_VERSION", "NativeLibraryMissing", "crc32c", "copy_into", "zero", "copy_rows", "copy_rows_crc32c", "lib", "have_hw_crc32c"]
 
 
 def lib() -> ctypes.CDLL:
@@ -57,6 +57,16 @@ def copy_into(dst, src, threads: int = 1) -> None:
         raise ValueError(f"destination holds {dn} bytes, source has {sn}")
     if sn:
         lib().kvs_copy(daddr, saddr, sn, threads)
+
+
+def zero(dst) -> None:
+    """Sets every byte of writable ``dst`` to zero (non-temporal stores for large ranges; GIL
+    released)."""
+    if memoryview(dst).readonly:
+        raise ValueError("destination is read-only")
+    addr, n, _k = _address(dst)
+    if n:
+        lib().kvs_zero(addr, n)
 
 
 def _check_rows(name: str, dst: np.ndarray, src: np.ndarray) -> None:

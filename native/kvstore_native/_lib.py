@@ -21,7 +21,7 @@ from pathlib import Path
 
 from kvstore_native.errors import ChecksumError, NativeError, NativeLibraryMissing
 
-ABI_VERSION = 2  # KVS_ABI_VERSION of include/kvstore.h
+ABI_VERSION = 3  # KVS_ABI_VERSION of include/kvstore.h
 CORE_ENV = "KVSTORE_NATIVE_LIB"
 CUDA_ENV = "KVSTORE_CUDA_LIB"
 LIB_DIR = Path(__file__).resolve().parent / "_lib"
@@ -61,6 +61,7 @@ _CORE = {
     "kvs_features": (_ci, []),
     "kvs_crc32c": (_u32, [_u32, _vp, _sz]),
     "kvs_copy": (None, [_vp, _vp, _sz, _ci]),
+    "kvs_zero": (None, [_vp, _sz]),
     "kvs_copy2d": (None, [_vp, _sz, _vp, _sz, _sz, _sz]),
     "kvs_copy2d_crc32c": (_u32, [_vp, _sz, _vp, _sz, _sz, _sz, _u32]),
     "kvs_gather": (_ci, _PLANES + [_vp] + _ERR),
