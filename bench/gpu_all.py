@@ -108,7 +108,11 @@ def paged_specs(layers, ids, ns, chunks):
     return kgpu.Paged([transfer.paged_spec(layers, "fa_nhd", ids, tok, i * tok) for i in range(chunks)])
 
 
-def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old")) -> dict:
+def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), daemon_checks=False) -> dict:
+    """``daemon_checks``: the client asks for the daemon's CPU passes (verify at commit and
+    before each read lease) instead of its GPU checks, as before they existed."""
+    from kvstore_client.gpu_state import _path
+
     ns = Namespace(model=f"bench-gpu-{name}", **shape)
     tdt = TDT[shape["dtype"]]
     tokens = list(range(ns.chunk_tokens * chunks))
@@ -116,6 +120,9 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old")) -> 
     nbytes = kv.numel() * kv.element_size()
     row = {"shape": name, "MB": nbytes / 1e6}
     with KVStoreClient(addr, ns) as c:
+        if daemon_checks:
+            gp = _path(c)
+            gp.client_verifies = gp.skip_commit_verify = False
         keys = c.keys(tokens)
         out = torch.empty_like(kv)
 
@@ -312,6 +319,41 @@ def hbm_bench(chunks) -> dict:
         tier.close()
 
 
+def host_passes(total=512 << 20, threads=16) -> dict:
+    """The daemon's CPU passes over a same-host extent, at its thread count, in 4 MiB pieces:
+    a plain memset (how extents were cleared before), non-temporal ``kvs_zero`` (now), and the
+    parallel CRC32C of a commit or read check. GB/s, median of 5."""
+    import ctypes
+    from concurrent.futures import ThreadPoolExecutor
+
+    import kvstore_native as native
+    from kvstore.store.crc_parallel import PieceCrc
+
+    buf = np.ones(total, np.uint8)
+    piece = 4 << 20
+    views = [memoryview(buf)[i:i + piece] for i in range(0, total, piece)]
+    out = {}
+    with ThreadPoolExecutor(threads) as pool:
+        def run(fn):
+            ts = []
+            for _ in range(6):
+                t = time.perf_counter()
+                list(pool.map(fn, views))
+                ts.append(time.perf_counter() - t)
+            return total / statistics.median(ts[1:]) / 1e9
+        out["memset_GBps"] = run(lambda v: ctypes.memset(np.frombuffer(v, np.uint8).ctypes.data, 0, v.nbytes))
+        out["nt_zero_GBps"] = run(native.zero)
+        pc = PieceCrc(piece)
+        ts = []
+        for _ in range(6):
+            t = time.perf_counter()
+            pc.crc_many([memoryview(buf)], pool)
+            ts.append(time.perf_counter() - t)
+        out["crc_GBps"] = total / statistics.median(ts[1:]) / 1e9
+    out["threads"] = threads
+    return out
+
+
 def _guard(errors: list, what: str, fn, default):
     """Runs one section; a failure is recorded (and printed) instead of losing the others."""
     try:
@@ -343,12 +385,16 @@ def main(argv=None) -> int:
     settings = ("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8")
     runs: dict[str, list] = {}
     big, crow = None, []
-    for variant in ("stock", "serial", "trust"):
-        d = Daemon(*settings) if variant == "stock" else TrustDaemon(*settings, variant=variant)
+    passes = _guard(errors, "host passes", lambda: host_passes(threads=min(16, os.cpu_count() or 1)), None)
+    # stock: this code (GPU CRC checks, commits taken unread, stale pages cleared by streaming
+    # stores); checks: the same daemon, the client asking for the daemon's CPU checks instead;
+    # memset: stock with extents cleared by plain memset, as before (bench/gpu_trust_daemon.py).
+    for variant in ("stock", "checks", "memset"):
+        d = TrustDaemon(*settings, variant=variant) if variant == "memset" else Daemon(*settings)
         try:
             variants = ("ce", "paged", "old") if variant == "stock" else ("ce",)
-            runs[variant] = [_guard(errors, f"e2e {variant} {n}", lambda n=n, sh=sh: e2e(d.addr, n, sh, args.chunks,
-                                                                                       args.repeats, variants), None)
+            runs[variant] = [_guard(errors, f"e2e {variant} {n}", lambda n=n, sh=sh: e2e(
+                d.addr, n, sh, args.chunks, args.repeats, variants, daemon_checks=variant == "checks"), None)
                              for n, sh in SHAPES.items()]
             if variant == "stock":
                 smol = SHAPES["SmolLM2-135M fp16"]
@@ -362,7 +408,12 @@ def main(argv=None) -> int:
     hbm = _guard(errors, "hbm pool load", lambda: hbm_bench(8), None)
     h2d, d2h, d2d = ceil["h2d"], ceil["d2h"], ceil["d2d"]
     lines = [f"device: {torch.cuda.get_device_name()}; ceilings (same run): pinned H2D {h2d:.1f} GB/s, "
-             f"D2H {d2h:.1f} GB/s, D2D copy {d2d:.0f} GB/s; GPU CRC32C {crc['crc_GBps']:.0f} GB/s (bit-exact)",
+             f"D2H {d2h:.1f} GB/s, D2D copy {d2d:.0f} GB/s; GPU CRC32C {crc['crc_GBps']:.0f} GB/s (bit-exact)"]
+    if passes is not None:
+        lines.append(f"host passes over 512 MiB on {passes['threads']} threads (4 MiB pieces): memset "
+                     f"{passes['memset_GBps']:.1f} GB/s, non-temporal zero {passes['nt_zero_GBps']:.1f} GB/s, "
+                     f"CRC32C {passes['crc_GBps']:.1f} GB/s")
+    lines += [
              f"{'path [daemon]':52} {'store GB/s':>10} {'of D2H':>7} {'retrieve GB/s':>13} {'of H2D':>7}"]
     labels = (("ce", "gpu.store_cuda/retrieve_into_cuda, contiguous"), ("paged", "paged FA-NHD bs16, kernel+CE"),
               ("old", "KVStoreClient.store/retrieve_into (routed)"))
@@ -408,7 +459,7 @@ def main(argv=None) -> int:
         with open(os.path.join(args.out, "gpu_all.txt"), "w") as f:
             f.write(text + "\n")
         with open(os.path.join(args.out, "gpu_all.json"), "w") as f:
-            json.dump({"ceilings": ceil, "crc": crc, "e2e": runs, "e2e_x4": big, "codec": crow, "hbm_e2e": hbm_rows,
+            json.dump({"ceilings": ceil, "crc": crc, "host_passes": passes, "e2e": runs, "e2e_x4": big, "codec": crow, "hbm_e2e": hbm_rows,
                        "hbm": hbm, "errors": errors}, f, indent=1)
     return 1 if errors else 0
 

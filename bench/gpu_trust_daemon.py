@@ -5,6 +5,8 @@ in the same run as the shipped code. Benchmarks label these numbers with the var
 - ``trust`` (default): CommitWrite takes the client's CRC32Cs (computed on the GPU by
   kvstore_client.gpu) instead of reading every committed byte again on the CPU, for every
   caller (what a token with ``trust_client_crc = true`` gets; this runs with auth off).
+- ``memset``: reserved extents cleared by a plain memset, as before ``kvs_zero`` (non-temporal
+  stores).
 - ``serial``: the same-host path as before the parallel verification (issue 12): checksum and
   zero threads = server.worker_threads, one thread per extent.
 
@@ -41,13 +43,24 @@ def _init_serial(self, chain, index_path, crc_threads):
     self._piece_crc = PieceCrc(WHOLE_EXTENT_BYTES)
 
 
-if VARIANT == "trust":
+def _zero_by_memset(view) -> None:
+    """How extents were cleared before ``kvs_zero``: a plain memset (GIL released)."""
+    import ctypes
+
+    import numpy as np
+    if view.nbytes:
+        ctypes.memset(np.frombuffer(view, dtype=np.uint8).ctypes.data, 0, view.nbytes)
+
+
+if VARIANT == "memset":
+    local.native = type("_Native", (), {"zero": staticmethod(_zero_by_memset)})
+elif VARIANT == "trust":
     local.LocalAccess.commit_many = _commit_trusting
 elif VARIANT == "serial":
     local.LocalAccess.__init__ = _init_serial
     local.PIECE_BYTES = WHOLE_EXTENT_BYTES
 else:
-    raise SystemExit(f"KVSTORE_BENCH_VARIANT={VARIANT!r}: use trust or serial")
+    raise SystemExit(f"KVSTORE_BENCH_VARIANT={VARIANT!r}: use memset, trust or serial")
 
 if __name__ == "__main__":
     sys.exit(daemon.main())

@@ -11,6 +11,7 @@ import pytest
 
 from kvstore_client import KVStoreClient, Namespace
 from kvstore_client import gpu as kgpu
+import kvstore_native as native
 from kvstore_native import transfer
 
 SHAPES = {"smol": dict(dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64),
@@ -46,6 +47,55 @@ def test_contiguous_round_trip_bit_exact(daemon, shape):
         n, host = c.retrieve(tokens, verify_crc=True)
         assert n == len(tokens) and np.array_equal(host.view(np.uint16), kv.cpu().view(torch.int16).numpy().view(np.uint16))
         c.delete(c.keys(tokens))
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_a_chunk_corrupted_in_the_arena_is_caught_on_the_gpu_and_dropped(daemon, paged):
+    """Loads check each chunk's CRC32C on the GPU (the daemon skips its CPU check): a chunk
+    whose arena bytes went bad ends the placed prefix, and the daemon drops the bad copy."""
+    import torch
+
+    from kvstore_client.gpu_session import GpuSession
+    from kvstore_wire._proto.kvstore.v1 import local_pb2
+
+    ns = Namespace(model=f"test/gpu-corrupt-{paged}", dtype="float16", num_layers=4, num_kv_heads=2, head_dim=64)
+    chunks = 4
+    kv = _kv(ns, chunks)
+    tokens = list(range(ns.chunk_tokens * chunks))
+    with KVStoreClient(daemon.addr, ns) as c:
+        assert kgpu.store_cuda(c, tokens, kv) == chunks
+        keys = c.keys(tokens)
+        sess = GpuSession.of(c)
+        r = sess._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys[2:3]),
+                             metadata=sess._metadata)
+        off = r.extents[0].offset
+        sess._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), metadata=sess._metadata)
+        c.arena.view(off + 1000, 8)[:] = 0xEE            # chunk 2 goes bad in the arena
+        out = torch.zeros_like(kv)
+        if paged:
+            bs = 16
+            blocks = chunks * ns.chunk_tokens // bs
+            cache = [torch.zeros((2, blocks, bs, 2, 64), dtype=torch.float16, device="cuda") for _ in range(4)]
+            dst = kgpu.Paged([transfer.paged_spec(cache, "fa_nhd", list(range(blocks)), ns.chunk_tokens,
+                                                  i * ns.chunk_tokens) for i in range(chunks)])
+        else:
+            dst = out
+        assert kgpu.retrieve_into_cuda(c, tokens, dst) == 2 * ns.chunk_tokens
+        if not paged:   # the chunks before the bad one are placed intact
+            two = 2 * ns.chunk_tokens
+            assert torch.equal(out[:, :, :two], kv[:, :, :two])
+        # The bad copy is gone: an unchecked lease now finds a good copy (the disk tier's,
+        # written behind before the damage, promoted back) or nothing.
+        r = sess._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys[2:3],
+                                                        client_verifies=True), metadata=sess._metadata)
+        if r.extents[0].found:
+            e = r.extents[0]
+            assert native.crc32c(c.arena.view(e.offset, e.length)) == e.crc32c
+        sess._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), metadata=sess._metadata)
+        kgpu.store_cuda(c, tokens, kv)                   # stored again where missing, then whole again
+        out2 = torch.zeros_like(kv)
+        assert kgpu.retrieve_into_cuda(c, tokens, out2) == len(tokens) and torch.equal(out2, kv)
+        c.delete(keys)
 
 
 @pytest.mark.parametrize("layout", ["fa_nhd", "fi_hnd", "separate_nhd", "fa_hnd"])
