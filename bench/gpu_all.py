@@ -108,9 +108,11 @@ def paged_specs(layers, ids, ns, chunks):
     return kgpu.Paged([transfer.paged_spec(layers, "fa_nhd", ids, tok, i * tok) for i in range(chunks)])
 
 
-def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), daemon_checks=False) -> dict:
+def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), daemon_checks=False,
+        growth=None) -> dict:
     """``daemon_checks``: the client asks for the daemon's CPU passes (verify at commit and
-    before each read lease) instead of its GPU checks, as before they existed."""
+    before each read lease) instead of its GPU checks, as before they existed. ``growth``:
+    the request groups' growth factor (1: the first group, then the rest in one)."""
     from kvstore_client.gpu_state import _path
 
     ns = Namespace(model=f"bench-gpu-{name}", **shape)
@@ -120,9 +122,11 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
     nbytes = kv.numel() * kv.element_size()
     row = {"shape": name, "MB": nbytes / 1e6}
     with KVStoreClient(addr, ns) as c:
+        gp = _path(c)
         if daemon_checks:
-            gp = _path(c)
             gp.client_verifies = gp.skip_commit_verify = False
+        if growth is not None:
+            gp.group_growth = growth
         keys = c.keys(tokens)
         out = torch.empty_like(kv)
 
@@ -388,13 +392,15 @@ def main(argv=None) -> int:
     passes = _guard(errors, "host passes", lambda: host_passes(threads=min(16, os.cpu_count() or 1)), None)
     # stock: this code (GPU CRC checks, commits taken unread, stale pages cleared by streaming
     # stores); checks: the same daemon, the client asking for the daemon's CPU checks instead;
-    # memset: stock with extents cleared by plain memset, as before (bench/gpu_trust_daemon.py).
-    for variant in ("stock", "checks", "memset"):
+    # memset: stock with extents cleared by plain memset, as before (bench/gpu_trust_daemon.py);
+    # two-groups: stock with each call's requests in two groups (the first, then the rest).
+    for variant in os.environ.get("GPU_ALL_VARIANTS", "stock,checks,two-groups").split(","):
         d = TrustDaemon(*settings, variant=variant) if variant == "memset" else Daemon(*settings)
         try:
             variants = ("ce", "paged", "old") if variant == "stock" else ("ce",)
             runs[variant] = [_guard(errors, f"e2e {variant} {n}", lambda n=n, sh=sh: e2e(
-                d.addr, n, sh, args.chunks, args.repeats, variants, daemon_checks=variant == "checks"), None)
+                d.addr, n, sh, args.chunks, args.repeats, variants, daemon_checks=variant == "checks",
+                growth=1 if variant == "two-groups" else None), None)
                              for n, sh in SHAPES.items()]
             if variant == "stock":
                 smol = SHAPES["SmolLM2-135M fp16"]

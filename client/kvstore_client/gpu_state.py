@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 #: soonest, so copies start early; the rest of the call goes in ONE more request, in flight
 #: meanwhile (each RPC costs the daemon a fixed ~1 ms, serialised: fewer, larger ones win).
 DEFAULT_GROUP_CHUNKS = 2
+#: Request groups of a call grow geometrically (2, 4, 8, ... chunks).
+DEFAULT_GROUP_GROWTH = 2
 #: Device staging buffers for paged sources (gather of chunk i+1 overlaps the PCIe copy of i).
 DEFAULT_STAGING_CHUNKS = 3
 
@@ -63,6 +65,8 @@ class GpuPath:
         #: unread (``CommitWriteRequest.skip_verify``). False: the daemon's CPU checks (benchmarks).
         self.client_verifies = True
         self.skip_commit_verify = True
+        #: Each request group of a call is this many times the one before (1: two groups).
+        self.group_growth = DEFAULT_GROUP_GROWTH
 
     def pinned_u32(self, name: str, n: int):
         """A cached pinned int32 host buffer of at least ``n`` entries (pinned allocations are
@@ -136,10 +140,18 @@ def _path(client) -> GpuPath:
     return gp
 
 
-def _groups(n: int, first: int) -> list[tuple[int, int]]:
-    """``[0, first)`` then ``[first, n)``: the request split of one call."""
+def _groups(n: int, first: int, growth: int = 2) -> list[tuple[int, int]]:
+    """The request split of one call: ``[0, first)``, then groups ``growth`` times larger than
+    the one before (``growth`` 1: the rest in one group). The first answer comes back fast,
+    and while group g's bytes cross PCIe the daemon serves (clears, leases) the larger g + 1."""
     first = max(1, min(first, n))
-    return [(0, first)] + ([(first, n)] if first < n else [])
+    out = [(0, first)]
+    size = first
+    while out[-1][1] < n:
+        lo = out[-1][1]
+        size = size * growth if growth > 1 else n - lo
+        out.append((lo, min(n, lo + size)))
+    return out
 
 
 def _rpc_errors(fn):
