@@ -18,8 +18,10 @@ log = logging.getLogger(__name__)
 #: soonest, so copies start early; the rest of the call goes in ONE more request, in flight
 #: meanwhile (each RPC costs the daemon a fixed ~1 ms, serialised: fewer, larger ones win).
 DEFAULT_GROUP_CHUNKS = 2
-#: Request groups of a call grow geometrically (2, 4, 8, ... chunks).
-DEFAULT_GROUP_GROWTH = 2
+#: Growth of a call's request groups after the first (1: the rest in one group). Measured on
+#: an H200 (bench/results/gpu-all-groups-2026-12-02.txt): growing groups (2, 4, 8, ...) were
+#: no faster than two, each further RPC costing about what it overlapped.
+DEFAULT_GROUP_GROWTH = 1
 #: Device staging buffers for paged sources (gather of chunk i+1 overlaps the PCIe copy of i).
 DEFAULT_STAGING_CHUNKS = 3
 

@@ -40,6 +40,9 @@ class SharedMemoryTier(Protocol):
     def lease(self, cid: ChunkId) -> ChunkRef | None:
         """A read lease (no hit counted); the bytes stay put until it is released."""
 
+    def contains(self, cid: ChunkId) -> bool:
+        """Whether ``cid`` is committed here now (it may be gone by the next call)."""
+
     def get_unverified(self, cid: ChunkId) -> ChunkRef | None:
         """A read lease counted as a hit, without the tier's CRC32C check (for a reader that
         checks the bytes it copies itself); None when absent (no miss counted)."""
