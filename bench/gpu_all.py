@@ -126,7 +126,7 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
         if daemon_checks:
             gp.client_verifies = gp.skip_commit_verify = False
         if growth is not None:
-            gp.group_growth = growth
+            gp.group_growth = gp.store_group_growth = growth
         keys = c.keys(tokens)
         out = torch.empty_like(kv)
 

@@ -152,8 +152,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                     leases.append(r.lease_id)
             except Exception:  # noqa: BLE001 - an unanswered lease expires by itself
                 pass
-        for lid in leases:
-            c._release_later(lid)
+        c._release_later(*leases)   # one Release for the call's leases
     return placed
 
 

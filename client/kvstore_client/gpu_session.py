@@ -77,11 +77,13 @@ class GpuSession:
             self.arena_changed = True
         return same
 
-    def _release_later(self, lease_id: int) -> None:
-        """Ends a lease without waiting for the answer (it expires on the daemon otherwise)."""
-        if not lease_id:
+    def _release_later(self, *lease_ids: int) -> None:
+        """Ends leases (one Release RPC) without waiting for the answer (they expire on the
+        daemon otherwise)."""
+        ids = [lid for lid in lease_ids if lid]
+        if not ids:
             return
-        fut = self._release.future(local_pb2.ReleaseRequest(lease_ids=[lease_id]), metadata=self._metadata,
+        fut = self._release.future(local_pb2.ReleaseRequest(lease_ids=ids), metadata=self._metadata,
                                    timeout=self.timeout_s)
         with self._releasing_lock:
             self._releasing.add(fut)

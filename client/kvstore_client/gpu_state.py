@@ -22,6 +22,9 @@ DEFAULT_GROUP_CHUNKS = 2
 #: an H200 (bench/results/gpu-all-groups-2026-12-02.txt): growing groups (2, 4, 8, ...) were
 #: no faster than two, each further RPC costing about what it overlapped.
 DEFAULT_GROUP_GROWTH = 1
+#: Stores: groups of 2, 4, 8, ... chunks, so each reservation's clearing overlaps the copies of
+#: the group before.
+DEFAULT_STORE_GROUP_GROWTH = 2
 #: Device staging buffers for paged sources (gather of chunk i+1 overlaps the PCIe copy of i).
 DEFAULT_STAGING_CHUNKS = 3
 
@@ -67,8 +70,11 @@ class GpuPath:
         #: unread (``CommitWriteRequest.skip_verify``). False: the daemon's CPU checks (benchmarks).
         self.client_verifies = True
         self.skip_commit_verify = True
-        #: Each request group of a call is this many times the one before (1: two groups).
+        #: Each request group of a call is this many times the one before (1: two groups):
+        #: loads (leases are cheap) and stores (the daemon clears each reservation's stale pages,
+        #: one request at a time, while the client copies the previous group).
         self.group_growth = DEFAULT_GROUP_GROWTH
+        self.store_group_growth = DEFAULT_STORE_GROUP_GROWTH
 
     def pinned_u32(self, name: str, n: int):
         """A cached pinned int32 host buffer of at least ``n`` entries (pinned allocations are

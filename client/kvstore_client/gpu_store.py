@@ -57,7 +57,7 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
                                    encoding=Encoding.RAW, payload_bytes=size) for k in keys[lo:hi]])
         return c._reserve.future(req, **gp._rpc_meta())
 
-    groups = _groups(n, group, gp.group_growth)
+    groups = _groups(n, group, gp.store_group_growth)
     # Every group's ReserveWrite in flight at once: copies of group g start as soon as its
     # answer is back while the daemon serves the others. If the daemon refuses a reservation
     # with RESOURCE_EXHAUSTED (the tenant's reserved-bytes quota, or no arena room) the rest

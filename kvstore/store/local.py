@@ -21,6 +21,7 @@ for another writer).
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,10 @@ class LocalAccess:
         self._shared_tier: SharedMemoryTier | None = (
             None if self._level is None else chain.levels[self._level].tier.shared_memory())
         self._index_path = index_path
+        # One ReserveWrite's clearing at a time, on every memory thread: requests are served
+        # in arrival order, so a client's first (small) reservation is ready first and its
+        # copies overlap the clearing of the next, instead of every request finishing last.
+        self._zero_lock = threading.Lock()
         #: The HBM tier's pool (``tiers.hbm.HbmTier.device_pool()``), or None without one.
         self._device = next((lv.tier.device_pool() for lv in chain.levels if lv.tier.device_pool() is not None),
                             None)
@@ -224,10 +229,12 @@ class LocalAccess:
                     continue
                 out.append(self._chain.with_room(self._level, lambda: s.reserve(cid, nbytes, same_host=True)))
             # never hand out another chunk's old bytes (docs/security.md)
-            for f in [self._crc_pool.submit(native.zero, r.view[i:min(i + PIECE_BYTES, start + length)])
-                      for r in out if r is not None for start, length in r.stale
-                      for i in range(start, start + length, PIECE_BYTES)]:
-                f.result()
+            pieces = [r.view[i:min(i + PIECE_BYTES, start + length)] for r in out if r is not None
+                      for start, length in r.stale for i in range(start, start + length, PIECE_BYTES)]
+            if pieces:
+                with self._zero_lock:
+                    for f in [self._crc_pool.submit(native.zero, p) for p in pieces]:
+                        f.result()
         except BaseException:
             for r in out:
                 if r is not None:
