@@ -18,7 +18,7 @@ from kvstore_wire.types import Durability, Encoding, KeyKind
 from .errors import is_exhausted
 from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks
 from .gpu_session import GpuSession
-from .gpu_state import ArenaChanged, GpuPath, _all_of, _groups, _path, _rpc_errors
+from .gpu_state import GROW_STORE_GROUPS_FROM, ArenaChanged, GpuPath, _all_of, _groups, _path, _rpc_errors
 
 
 @_rpc_errors
@@ -57,7 +57,7 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
                                    encoding=Encoding.RAW, payload_bytes=size) for k in keys[lo:hi]])
         return c._reserve.future(req, **gp._rpc_meta())
 
-    groups = _groups(n, group, gp.store_group_growth)
+    groups = _groups(n, group, gp.store_group_growth if size >= GROW_STORE_GROUPS_FROM else 1)
     # Every group's ReserveWrite in flight at once: copies of group g start as soon as its
     # answer is back while the daemon serves the others. If the daemon refuses a reservation
     # with RESOURCE_EXHAUSTED (the tenant's reserved-bytes quota, or no arena room) the rest
