@@ -14,7 +14,7 @@ from kvstore_wire._proto.kvstore.v1 import local_pb2
 from kvstore_wire.types import Encoding
 
 from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks
-from .gpu_state import GpuPath, _groups, _path, _rpc_errors
+from .gpu_state import SPECULATE_BYTES, GpuPath, _groups, _path, _rpc_errors
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,9 @@ def retrieve_into_cuda(client, tokens: Sequence[int], dst, group_chunks: int | N
     Every arena extent's CRC32C is checked on the GPU over the bytes that landed (so the
     daemon skips its CPU check, ``client_verifies``); a chunk that fails ends the prefix
     placed here and is read once more through the daemon's own check, which drops a bad copy.
+    Chunks whose extents this client saw last (``GpuPath.speculate``) cross PCIe into device
+    staging while the LeaseRead is in flight and move into ``dst`` once it names the same
+    extent; ``dst`` past the placed prefix is never written by a guess.
     Chunks the daemon's HBM tier holds load device-to-device from its pool (mapped once).
     ``stream``: the engine's stream that reads ``dst`` afterwards (default: the current one)."""
     gp = _path(client)
@@ -57,8 +60,24 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                                                                client_verifies=gp.client_verifies),
                                     **gp._rpc_meta())
 
-    groups = _groups(n, group, gp.group_growth)
+    chk = _Checks(gp, n, contiguous[0][3] if contiguous else 0) if gp.client_verifies else None
+    # Chunks whose extents this client saw last are copied into device staging now, while the
+    # LeaseRead is in flight; each is used only if its lease names the same extent and CRC.
+    spec = (gp.recall(keys[:n], c._core.nonce, size, max(1, SPECULATE_BYTES // size))
+            if chk is not None and gp.speculate else [])
+    groups = [(0, len(spec))] + ([(len(spec), n)] if len(spec) < n else []) if spec else \
+        _groups(n, group, gp.group_growth)
     pendings = [lease(lo, hi) for lo, hi in groups]  # all in flight at once
+    spec_ptr = 0
+    if spec:
+        spec_ptr = int(gp.spec_staging(len(spec) * size).data_ptr())
+        cuda_ipc.memcpy_batch([spec_ptr + j * size for j in range(len(spec))],
+                              [arena_base + off for off, _, _ in spec], [size] * len(spec),
+                              gp.copy_stream.cuda_stream)
+        spec_ready = torch.cuda.Event()
+        spec_ready.record(gp.copy_stream)
+        gp.kernel_stream.wait_event(spec_ready)   # only staged copies are read after this
+    seen: list[tuple[bytes, int, int, int]] = []   # RAW arena extents leased: remembered at the end
     leases: list[int] = []
     placed = 0
     cur = stream if stream is not None else torch.cuda.current_stream(gp.device)
@@ -68,9 +87,8 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
     slot_i = 0
     coded: list = []  # compressed chunks, decoded together at the end (their leases stay held)
     keep: list[Any] = []  # device bitstream buffers alive until the streams finish
-    # GPU CRC32Cs of what landed: per chunk (staging buffer, bitstream) or per plane row of a
-    # contiguous destination (folded on the host); each launched right after its chunk's copy.
-    chk = _Checks(gp, n, contiguous[0][3] if contiguous else 0) if gp.client_verifies else None
+    # GPU CRC32Cs of what landed (``chk``): per chunk (staging buffer, bitstream) or per plane
+    # row of a contiguous destination (folded on the host), launched right after the copies.
     try:
         for gi, (lo, hi) in enumerate(groups):
             resp = pendings[gi].result()
@@ -99,6 +117,21 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                 src = arena_base + ext.offset
                 if ext.encoding != Encoding.RAW:
                     coded.append((i, ext))
+                    continue
+                seen.append((keys[i], ext.offset, ext.length, ext.crc32c))
+                if i < len(spec) and spec[i] == (ext.offset, ext.length, ext.crc32c):
+                    if coded:
+                        placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
+                        coded = []
+                    # Copied already, into staging: checked there, then moved D2D into place.
+                    staged = spec_ptr + i * size
+                    chk.whole(i, ext.crc32c, staged, size)
+                    if contiguous is not None:
+                        base, pitch, row, planes = contiguous[i]
+                        cuda_ipc.memcpy2d(base, pitch, staged, row, row, planes, gp.kernel_stream.cuda_stream)
+                    else:
+                        transfer.scatter(staged, dst.specs[i], device=True, stream=gp.kernel_stream.cuda_stream)
+                    placed += 1
                     continue
                 if coded:  # keep chunk order simple: decode what came before first
                     placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
@@ -153,6 +186,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
             except Exception:  # noqa: BLE001 - an unanswered lease expires by itself
                 pass
         c._release_later(*leases)   # one Release for the call's leases
+    gp.remember(seen, c._core.nonce)
     return placed
 
 

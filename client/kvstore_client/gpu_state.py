@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -28,6 +29,10 @@ DEFAULT_GROUP_GROWTH = 1
 #: extra RPCs cost more than the clearing they overlap (SmolLM2: 14% against 17%).
 DEFAULT_STORE_GROUP_GROWTH = 2
 GROW_STORE_GROUPS_FROM = 16 << 20
+#: Chunk extents a client remembers for speculative loads (about 100 bytes each).
+MAX_REMEMBERED_EXTENTS = 1 << 16
+#: A load copies at most this many bytes ahead of the daemon's LeaseRead answer.
+SPECULATE_BYTES = 64 << 20
 #: Device staging buffers for paged sources (gather of chunk i+1 overlaps the PCIe copy of i).
 DEFAULT_STAGING_CHUNKS = 3
 
@@ -78,6 +83,14 @@ class GpuPath:
         #: one request at a time, while the client copies the previous group).
         self.group_growth = DEFAULT_GROUP_GROWTH
         self.store_group_growth = DEFAULT_STORE_GROUP_GROWTH
+        #: Loads start copying the chunks whose arena extents this client saw last (its own
+        #: stores, earlier leases) before the daemon's LeaseRead answer, into device staging;
+        #: a chunk is moved into the destination only once the lease confirms the same extent
+        #: and its GPU CRC32C matches (``_retrieve``). False: every copy waits for its lease.
+        self.speculate = True
+        self._extents: OrderedDict[bytes, tuple[int, int, int, bytes]] = OrderedDict()
+        self._extents_lock = threading.Lock()
+        self._spec_buf: Any = None
 
     def pinned_u32(self, name: str, n: int):
         """A cached pinned int32 host buffer of at least ``n`` entries (pinned allocations are
@@ -88,6 +101,42 @@ class GpuPath:
             buf = torch.empty(max(n, 1024), dtype=torch.int32, pin_memory=True)
             self._pinned[name] = buf
         return buf
+
+    # ---- where chunks were last seen in the arena (speculative loads)
+    def remember(self, extents: list[tuple[bytes, int, int, int]], nonce: bytes) -> None:
+        """Records ``(key, offset, length, crc32c)`` of RAW arena extents in the arena with
+        ``nonce`` (bounded: the least recently seen go first)."""
+        if not extents or not nonce:
+            return
+        with self._extents_lock:
+            d = self._extents
+            for key, off, length, crc in extents:
+                d[key] = (off, length, crc, nonce)
+                d.move_to_end(key)
+            while len(d) > MAX_REMEMBERED_EXTENTS:
+                d.popitem(last=False)
+
+    def recall(self, keys, nonce: bytes, length: int, limit: int) -> list[tuple[int, int, int]]:
+        """``(offset, length, crc32c)`` of the leading run of ``keys`` (at most ``limit``) last
+        seen as RAW extents of ``length`` bytes inside the arena with ``nonce``."""
+        out: list[tuple[int, int, int]] = []
+        arena = self.client.arena
+        size = arena.size if arena is not None else 0
+        with self._extents_lock:
+            for key in keys[:limit]:
+                e = self._extents.get(key)
+                if e is None or e[3] != nonce or e[1] != length or e[0] + length > size:
+                    break
+                out.append(e[:3])
+        return out
+
+    def spec_staging(self, nbytes: int):
+        """Device staging for speculative loads (grown as needed, kept)."""
+        torch = _torch()
+        if self._spec_buf is None or self._spec_buf.numel() < nbytes:
+            self._spec_buf = None
+            self._spec_buf = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+        return self._spec_buf
 
     def pool(self) -> "HbmPoolMapping | None":
         """The daemon's HBM pool mapped into this process (once per pool: a new nonce, i.e. a

@@ -163,8 +163,9 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
             c_ev = torch.cuda.Event()
             c_ev.record(gp.copy_stream)
             idx = [lo + s.index for s in todo]
+            places = [(keys[lo + s.index], s.offset, s.length) for s in todo]
             commits.append(gp._commits.submit(_commit_when_done, gp, resp.lease_id, idx, crc_host, row_crcs,
-                                              crc_slots, k_ev, c_ev, durability))
+                                              crc_slots, k_ev, c_ev, durability, places, resp.arena_nonce))
         everything = _all_of(commits)
         gp._set_busy[k_set] = everything
         if wait:
@@ -193,8 +194,9 @@ def _answered_lease(f: Future | None) -> int:
 
 
 def _commit_when_done(gp: GpuPath, lease_id: int, idx: list[int], crc_host, row_crcs, crc_slots, k_ev, c_ev,
-                      durability: Durability) -> int:
-    """Helper thread: waits for a group's copies and checksums, then commits it."""
+                      durability: Durability, places=(), nonce: bytes = b"") -> int:
+    """Helper thread: waits for a group's copies and checksums, then commits it (and
+    remembers where the chunks are, for speculative loads)."""
     c = gp.client
     try:
         k_ev.synchronize()
@@ -213,6 +215,7 @@ def _commit_when_done(gp: GpuPath, lease_id: int, idx: list[int], crc_host, row_
     done = c._commit(local_pb2.CommitWriteRequest(lease_id=lease_id, durability=int(durability),
                                                   crc32c=[int(crcs[i]) for i in idx],
                                                   skip_verify=gp.skip_commit_verify), **gp._rpc_meta())
+    gp.remember([(k, off, length, int(crcs[i])) for (k, off, length), i in zip(places, idx)], nonce)
     return done.stored
 
 

@@ -50,6 +50,62 @@ def test_contiguous_round_trip_bit_exact(daemon, shape):
 
 
 @pytest.mark.parametrize("paged", [False, True])
+def test_speculative_loads_never_place_a_stale_guess(daemon, paged):
+    """Loads copy chunks from where this client last saw them before the lease answers; when
+    the chunks moved (deleted, their pages reused by others, stored again elsewhere) or are
+    gone, the guess is never placed: the result is bit-exact, and a miss leaves ``dst`` alone."""
+    import torch
+
+    ns = Namespace(model=f"test/gpu-spec-{paged}", dtype="float16", num_layers=4, num_kv_heads=2, head_dim=64)
+    chunks = 3
+    a, b = _kv(ns, chunks), _kv(ns, chunks)
+    ta = list(range(ns.chunk_tokens * chunks))
+    tb = list(range(10**6, 10**6 + ns.chunk_tokens * chunks))
+    bs, blocks = 16, chunks * ns.chunk_tokens // 16
+
+    def target():
+        if not paged:
+            out = torch.full_like(a, 7.0)
+            return out, out, lambda: out
+        cache = [torch.full((2, blocks, bs, 2, 64), 7.0, dtype=torch.float16, device="cuda") for _ in range(4)]
+        specs = kgpu.Paged([transfer.paged_spec(cache, "fa_nhd", list(range(blocks)), ns.chunk_tokens,
+                                                i * ns.chunk_tokens) for i in range(chunks)])
+
+        def gathered():
+            flat = torch.empty(chunks * ns.chunk_bytes(), dtype=torch.uint8, device="cuda")
+            for i, sp in enumerate(specs.specs):
+                transfer.gather(sp, int(flat.data_ptr()) + i * ns.chunk_bytes(), device=True)
+            torch.cuda.synchronize()
+            return flat
+        return specs, cache, gathered
+
+    def as_bytes(kv):
+        return torch.cat([kv[:, :, i * ns.chunk_tokens:(i + 1) * ns.chunk_tokens].contiguous().view(torch.uint8).reshape(-1)
+                          for i in range(chunks)])
+
+    with KVStoreClient(daemon.addr, ns) as c:
+        assert kgpu.store_cuda(c, ta, a) == chunks               # the client remembers where A went
+        dst, _, got = target()
+        assert kgpu.retrieve_into_cuda(c, ta, dst) == len(ta)    # speculated, confirmed
+        assert torch.equal(got(), as_bytes(a) if paged else a)
+        c.delete(c.keys(ta))
+        assert kgpu.store_cuda(c, tb, b) == chunks               # B takes A's old pages
+        dst, raw, got = target()
+        before = [t.clone() for t in raw] if paged else raw.clone()
+        assert kgpu.retrieve_into_cuda(c, ta, dst) == 0          # A is gone: the guesses read B's bytes
+        torch.cuda.synchronize()
+        if paged:
+            assert all(torch.equal(x, y) for x, y in zip(raw, before))
+        else:
+            assert torch.equal(raw, before)
+        assert kgpu.store_cuda(c, ta, a) == chunks               # A again, elsewhere
+        dst, _, got = target()
+        assert kgpu.retrieve_into_cuda(c, ta, dst) == len(ta)
+        assert torch.equal(got(), as_bytes(a) if paged else a)
+        c.delete(c.keys(ta) + c.keys(tb))
+
+
+@pytest.mark.parametrize("paged", [False, True])
 def test_a_chunk_corrupted_in_the_arena_is_caught_on_the_gpu_and_dropped(daemon, paged):
     """Loads check each chunk's CRC32C on the GPU (the daemon skips its CPU check): a chunk
     whose arena bytes went bad ends the placed prefix, and the daemon drops the bad copy."""
