@@ -65,6 +65,34 @@ def med(fn, n=7) -> float:
     return statistics.median(ts)
 
 
+def lease_ms(c: GpuSession, keys, client_verifies: bool = False) -> float:
+    """Median ms of a LeaseRead of ``keys`` plus its Release (blocking stubs of session ``c``)."""
+    meta = dict(metadata=c._metadata, timeout=c.timeout_s)
+
+    def lease():
+        r = c._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys,
+                                                     client_verifies=client_verifies), **meta)
+        c._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), **meta)
+    return med(lease) * 1e3
+
+
+def copy_engine(c: GpuSession, leased, out, ns, chunks):
+    """``(h2d, d2h)``: the copy engine alone between the ``leased`` arena extents (a
+    LeaseRead answer) and the rows of the contiguous tensor ``out``, 2D copies per chunk."""
+    base = int(c.arena.view(0, 0).ctypes.data)
+    rows = kgpu._contiguous_rows(out, ns, chunks)
+    s = torch.cuda.current_stream().cuda_stream
+
+    def h2d():
+        for e, (b, pitch, row, planes) in zip(leased.extents, rows):
+            cuda_ipc.memcpy2d(b, pitch, base + e.offset, row, row, planes, s)
+
+    def d2h():
+        for e, (b, pitch, row, planes) in zip(leased.extents, rows):
+            cuda_ipc.memcpy2d(base + e.offset, row, b, pitch, row, planes, s)
+    return h2d, d2h
+
+
 def probe(addr, name, shape, chunks, trust) -> list[str]:
     ns = Namespace(model=f"probe-{name}", **shape)
     tokens = list(range(ns.chunk_tokens * chunks))
@@ -78,22 +106,9 @@ def probe(addr, name, shape, chunks, trust) -> list[str]:
         meta = dict(metadata=c._metadata, timeout=c.timeout_s)
         kgpu.store_cuda(client, tokens, kv)
         for k in (1, 4, chunks):
-            def lease():
-                r = c._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys[:k]), **meta)
-                c._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), **meta)
-            lines.append(f"  LeaseRead+Release of {k:2} chunks: {med(lease) * 1e3:7.3f} ms")
+            lines.append(f"  LeaseRead+Release of {k:2} chunks: {lease_ms(c, keys[:k]):7.3f} ms")
         r = c._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys), **meta)
-        base = int(c.arena.view(0, 0).ctypes.data)
-        rows = kgpu._contiguous_rows(out, ns, chunks)
-        s = torch.cuda.current_stream().cuda_stream
-
-        def h2d():
-            for e, (b, pitch, row, planes) in zip(r.extents, rows):
-                cuda_ipc.memcpy2d(b, pitch, base + e.offset, row, row, planes, s)
-
-        def d2h():
-            for e, (b, pitch, row, planes) in zip(r.extents, rows):
-                cuda_ipc.memcpy2d(base + e.offset, row, b, pitch, row, planes, s)
+        h2d, d2h = copy_engine(c, r, out, ns, chunks)
         t_h2d, t_d2h = med(h2d), med(d2h)
         lines.append(f"  copy engine only, arena<->GPU 2D: H2D {nb / t_h2d / 1e9:5.1f} GB/s, D2H {nb / t_d2h / 1e9:5.1f} GB/s")
         c._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), **meta)

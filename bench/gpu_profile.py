@@ -20,12 +20,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _daemon import Daemon  # noqa: E402
-from gpu_probe import SHAPES, TDT, med  # noqa: E402
+from gpu_probe import SHAPES, TDT, copy_engine, lease_ms, med  # noqa: E402
 
 from kvstore_client import KVStoreClient, Namespace  # noqa: E402
 from kvstore_client import gpu as kgpu  # noqa: E402
 from kvstore_client.gpu_session import GpuSession  # noqa: E402
-from kvstore_native import cuda_ipc  # noqa: E402
 from kvstore_wire._proto.kvstore.v1 import local_pb2  # noqa: E402
 
 
@@ -42,20 +41,11 @@ def profile(addr, name, shape, chunks, calls) -> list[str]:
         meta = dict(metadata=c._metadata, timeout=c.timeout_s)
         kgpu.store_cuda(client, tokens, kv)
         for k in (1, 2, chunks):
-            def lease():
-                r = c._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys[:k],
-                                                             client_verifies=True), **meta)
-                c._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), **meta)
-            lines.append(f"  LeaseRead(client_verifies)+Release of {k:2} chunks: {med(lease) * 1e3:7.3f} ms")
+            lines.append(f"  LeaseRead(client_verifies)+Release of {k:2} chunks: "
+                         f"{lease_ms(c, keys[:k], client_verifies=True):7.3f} ms")
         r = c._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys, client_verifies=True),
                           **meta)
-        base = int(c.arena.view(0, 0).ctypes.data)
-        rows = kgpu._contiguous_rows(out, ns, chunks)
-        s = torch.cuda.current_stream().cuda_stream
-
-        def h2d():
-            for e, (b, pitch, row, planes) in zip(r.extents, rows):
-                cuda_ipc.memcpy2d(b, pitch, base + e.offset, row, row, planes, s)
+        h2d, _ = copy_engine(c, r, out, ns, chunks)
         lines.append(f"  copy engine only, arena->GPU 2D: {med(h2d) * 1e3:7.3f} ms")
         c._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), **meta)
         rt = med(lambda: kgpu.retrieve_into_cuda(client, tokens, out), 9)

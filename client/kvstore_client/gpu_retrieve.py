@@ -119,10 +119,10 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                     coded.append((i, ext))
                     continue
                 seen.append((keys[i], ext.offset, ext.length, ext.crc32c))
+                if coded:  # keep chunk order simple: decode what came before first
+                    placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
+                    coded = []
                 if i < len(spec) and spec[i] == (ext.offset, ext.length, ext.crc32c):
-                    if coded:
-                        placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
-                        coded = []
                     # Copied already, into staging: checked there, then moved D2D into place.
                     staged = spec_ptr + i * size
                     chk.whole(i, ext.crc32c, staged, size)
@@ -133,9 +133,6 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                         transfer.scatter(staged, dst.specs[i], device=True, stream=gp.kernel_stream.cuda_stream)
                     placed += 1
                     continue
-                if coded:  # keep chunk order simple: decode what came before first
-                    placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
-                    coded = []
                 if contiguous is not None:
                     base, pitch, row, planes = contiguous[i]
                     cuda_ipc.memcpy2d(base, pitch, src, row, row, planes, gp.copy_stream.cuda_stream)
@@ -252,11 +249,10 @@ class _Checks:
         cuda_ipc.crc32c_batch(ptrs, lens, int(self._rows.data_ptr()) + 4 * first * planes, self._after_copy())
         self._run, self._run_bytes = [], 0
 
-    def whole(self, i: int, want: int, ptr: int, nbytes: int, ordered: bool = True) -> None:
-        """Chunk ``i`` is the ``nbytes`` at device ``ptr``; ``ordered``: the kernel stream
-        already waits for its copy."""
-        stream = self._gp.kernel_stream.cuda_stream if ordered else self._after_copy()
-        cuda_ipc.crc32c_batch([ptr], [nbytes], int(self._whole.data_ptr()) + 4 * i, stream)
+    def whole(self, i: int, want: int, ptr: int, nbytes: int) -> None:
+        """Chunk ``i`` is the ``nbytes`` at device ``ptr`` (the kernel stream already waits
+        for its copy)."""
+        cuda_ipc.crc32c_batch([ptr], [nbytes], int(self._whole.data_ptr()) + 4 * i, self._gp.kernel_stream.cuda_stream)
         self._want[i] = (want, 0, 0)
 
     def first_bad(self, placed: int) -> int | None:

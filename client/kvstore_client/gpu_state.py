@@ -200,7 +200,7 @@ def _path(client) -> GpuPath:
     return gp
 
 
-def _groups(n: int, first: int, growth: int = 2) -> list[tuple[int, int]]:
+def _groups(n: int, first: int, growth: int = 1) -> list[tuple[int, int]]:
     """The request split of one call: ``[0, first)``, then groups ``growth`` times larger than
     the one before (``growth`` 1: the rest in one group). The first answer comes back fast,
     and while group g's bytes cross PCIe the daemon serves (clears, leases) the larger g + 1."""

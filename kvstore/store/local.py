@@ -20,6 +20,7 @@ for another writer).
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -117,22 +118,17 @@ class LocalAccess:
         if self._chain.serves_prefixes:
             self._chain.fill_prefix(cids)   # the part missed locally, from the remote tier in one batch
         run = self._chain.lookup(cids)      # in-memory presence: only the leading run is leased
+        leading = cids[:len(run)]
+        if client_verifies and all(s.contains(c) for c in leading):
+            # Nothing to check and nothing to promote: leased here, without a hop per chunk.
+            results = [functools.partial(self._lease, s, c, True) for c in leading]
+        else:
+            results = [self._crc_pool.submit(self._lease, s, c, client_verifies).result for c in leading]
         got: list[LocalRead | None] = []
         failure: BaseException | None = None
-        if client_verifies and all(s.contains(c) for c in cids[:len(run)]):
-            # Nothing to check and nothing to promote: leased here, without a hop per chunk.
-            for c in cids[:len(run)]:
-                try:
-                    got.append(self._lease(s, c, True))
-                except BaseException as err:  # noqa: BLE001 - re-raised below once every lease is released
-                    failure = failure or err
-                    got.append(None)
-            futures = []
-        else:
-            futures = [self._crc_pool.submit(self._lease, s, c, client_verifies) for c in cids[:len(run)]]
-        for f in futures:
+        for result in results:
             try:
-                got.append(f.result())
+                got.append(result())
             except BaseException as err:  # noqa: BLE001 - re-raised below once every lease is released
                 failure = failure or err
                 got.append(None)
