@@ -4,6 +4,7 @@ copies (or copy + D2D scatter kernel) / batched GPU decode of compressed chunks.
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future
 from typing import Any, Sequence
 
@@ -11,7 +12,8 @@ import numpy as np
 
 from kvstore_native import cuda_ipc, transfer
 from kvstore_wire._proto.kvstore.v1 import local_pb2
-from kvstore_wire.types import Encoding
+from kvstore_wire.presence import fastest
+from kvstore_wire.types import Encoding, Tier
 
 from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks
 from .gpu_state import SPECULATE_BYTES, GpuPath, _groups, _path, _rpc_errors
@@ -53,6 +55,12 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
         dst = Paged([_spec_of_tensor(dst, ns, i) for i in range(n)])
     arena_base = gp._arena_ptr()
     pool = gp.pool()   # the daemon's HBM tier, mapped: its hits load device-to-device
+    cur = stream if stream is not None else torch.cuda.current_stream(gp.device)
+    # The leading chunks this client saw in the arena and the presence index lists there load
+    # without any RPC; the rest (misses, other tiers, a chunk that moved) through leases.
+    start = _unleased(gp, keys, n, dst, contiguous, size, arena_base, cur) if gp.lease_free else 0
+    if start == n:
+        return n
 
     def lease(lo: int, hi: int) -> Future:
         return c._lease_read.future(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys[lo:hi],
@@ -64,9 +72,9 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
     # Chunks whose extents this client saw last are copied into device staging now, while the
     # LeaseRead is in flight; each is used only if its lease names the same extent and CRC.
     spec = (gp.recall(keys[:n], c._core.nonce, size, max(1, SPECULATE_BYTES // size))
-            if chk is not None and gp.speculate else [])
+            if chk is not None and gp.speculate and start == 0 else [])
     groups = [(0, len(spec))] + ([(len(spec), n)] if len(spec) < n else []) if spec else \
-        _groups(n, group, gp.group_growth)
+        [(start + lo, start + hi) for lo, hi in _groups(n - start, group, gp.group_growth)]
     pendings = [lease(lo, hi) for lo, hi in groups]  # all in flight at once
     spec_ptr = 0
     if spec:
@@ -79,8 +87,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
         gp.kernel_stream.wait_event(spec_ready)   # only staged copies are read after this
     seen: list[tuple[bytes, int, int, int]] = []   # RAW arena extents leased: remembered at the end
     leases: list[int] = []
-    placed = 0
-    cur = stream if stream is not None else torch.cuda.current_stream(gp.device)
+    placed = start
     gp.copy_stream.wait_stream(cur)
     gp.kernel_stream.wait_stream(cur)
     gp._ensure_staging(size)
@@ -184,6 +191,104 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                 pass
         c._release_later(*leases)   # one Release for the call's leases
     gp.remember(seen, c._core.nonce)
+    return placed
+
+
+#: Lease-free loads check chunks in batches of about this many bytes: one GPU CRC32C launch
+#: and one host wait per batch, while the next batch crosses PCIe into the other staging half.
+UNLEASED_BATCH_BYTES = 16 << 20
+
+
+def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base: int, cur) -> int:
+    """Loads without any RPC the leading chunks of ``keys[:n]`` that this client saw last as
+    RAW extents of this arena and that the presence index lists with the arena (DRAM) as
+    their fastest copy; returns how many were placed (the caller leases the rest).
+
+    Without a lease the daemon may evict, move or overwrite a chunk while it crosses PCIe,
+    so nothing unproven reaches ``dst``: each batch lands in device staging, its CRC32Cs are
+    computed on the GPU and compared on the host with the ones the chunks were stored with,
+    and only the matching leading run is moved into place (while the next batch crosses
+    into the other half of the staging). The first chunk that does not match ends the run
+    and is forgotten; the caller reads it and what follows through leases. A chunk deleted
+    before the load is absent from the index and never read this way. The reads are reported
+    to the daemon as hits afterwards (``GpuPath.touched``), batched across loads."""
+    c = gp.client
+    presence = c.presence
+    if not gp.client_verifies or presence is None or presence.stale():
+        return 0
+    ext = gp.recall(keys[:n], c._core.nonce, size, n)
+    m = 0
+    for key in keys[:len(ext)]:
+        mask = presence.probe(c.namespace_id, key)
+        if not mask or fastest(mask) != Tier.DRAM:   # absent, overflowed, or served faster from HBM
+            break
+        m += 1
+    if m == 0:
+        return 0
+    torch = _torch()
+    per = max(1, min(UNLEASED_BATCH_BYTES // size, SPECULATE_BYTES // size // 2))
+    batches = [(lo, min(m, lo + per)) for lo in range(0, m, per)]
+    staging = int(gp.spec_staging(2 * per * size).data_ptr())
+    crc = gp.pinned_u32("unleased-crc", m)
+    crc_host = crc.numpy().view(np.uint32)
+    mv = gp.move_stream
+    mv.wait_stream(cur)   # dst belongs to the engine's stream: moves come after what it queued
+    checked: list[Any] = [None] * len(batches)
+    moved: list[Any] = [None] * len(batches)
+
+    def half(k: int) -> int:
+        return staging + (k % 2) * per * size
+
+    def issue(k: int) -> None:
+        lo, hi = batches[k]
+        base = half(k)
+        if k >= 2:   # the half is free once batch k - 2 moved out of it
+            gp.copy_stream.wait_event(moved[k - 2])
+        staged = [base + j * size for j in range(hi - lo)]
+        cuda_ipc.memcpy_batch(staged, [arena_base + ext[i][0] for i in range(lo, hi)], [size] * (hi - lo),
+                              gp.copy_stream.cuda_stream)
+        landed = torch.cuda.Event()
+        landed.record(gp.copy_stream)
+        gp.kernel_stream.wait_event(landed)
+        cuda_ipc.crc32c_batch(staged, [size] * (hi - lo), int(crc.data_ptr()) + 4 * lo,
+                              gp.kernel_stream.cuda_stream)
+        checked[k] = torch.cuda.Event()
+        checked[k].record(gp.kernel_stream)
+
+    placed = 0
+    try:
+        for k in range(min(2, len(batches))):
+            issue(k)
+        for k, (lo, hi) in enumerate(batches):
+            checked[k].synchronize()
+            good = lo
+            while good < hi and int(crc_host[good]) == ext[good][2]:
+                good += 1
+            base = half(k)
+            if good > lo:
+                if contiguous is not None:   # one SM launch moves the batch into place (D2D)
+                    _, pitch, row, planes = contiguous[lo]
+                    cuda_ipc.copy_rows([contiguous[i][0] for i in range(lo, good)],
+                                       [base + (i - lo) * size for i in range(lo, good)], pitch, row, row, planes,
+                                       mv.cuda_stream)
+                else:
+                    for i in range(lo, good):
+                        transfer.scatter(base + (i - lo) * size, dst.specs[i], device=True, stream=mv.cuda_stream)
+            moved[k] = torch.cuda.Event()
+            moved[k].record(mv)
+            placed = good
+            if good < hi:   # moved, overwritten or evicted since this client saw it
+                gp.forget(keys[good])
+                break
+            if k + 2 < len(batches):
+                issue(k + 2)
+    finally:
+        gp.copy_stream.synchronize()   # nothing of this call still reads the arena or writes staging
+        gp.kernel_stream.synchronize()
+        mv.synchronize()
+        cur.wait_stream(mv)
+    if placed:
+        gp.touched(keys[:placed], time.monotonic())
     return placed
 
 

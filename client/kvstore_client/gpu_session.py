@@ -22,6 +22,9 @@ from kvstore_wire._proto.kvstore.v1 import local_pb2
 
 log = logging.getLogger(__name__)
 
+#: Keys per touch-only LeaseRead (below the daemon's default ``server.max_keys_per_request``).
+TOUCH_BATCH = 1024
+
 
 class GpuSession:
     def __init__(self, core, stubs: dict, metadata, timeout_s: float | None) -> None:
@@ -67,6 +70,11 @@ class GpuSession:
         """``AttachResponse.hbm`` (the daemon's HBM pool export), or None without one."""
         return getattr(self._core, "hbm", None)
 
+    @property
+    def presence(self) -> Any:
+        """The daemon's presence index, mapped (``PresenceReader``), or None without one."""
+        return getattr(self._core, "presence", None)
+
     def keys(self, tokens: Sequence[int]) -> list[bytes]:
         return self._core.keys(tokens)
 
@@ -89,15 +97,28 @@ class GpuSession:
             self._releasing.add(fut)
         fut.add_done_callback(self._released)
 
+    def _touch_later(self, keys: Sequence[bytes]) -> None:
+        """Reports chunks read without a lease (``LeaseReadRequest.touch_only``: counted as
+        hits, their recency refreshed) without waiting for the answer; one RPC per
+        ``TOUCH_BATCH`` keys."""
+        for lo in range(0, len(keys), TOUCH_BATCH):
+            fut = self._lease_read.future(
+                local_pb2.LeaseReadRequest(namespace_id=self.namespace_id, keys=list(keys[lo:lo + TOUCH_BATCH]),
+                                           touch_only=True),
+                metadata=self._metadata, timeout=self.timeout_s)
+            with self._releasing_lock:
+                self._releasing.add(fut)
+            fut.add_done_callback(self._released)
+
     def _released(self, fut) -> None:
         with self._releasing_lock:
             self._releasing.discard(fut)
         if fut.cancelled() or fut.exception() is not None:
-            log.info("releasing a lease failed (%s); it expires on the daemon by itself",
-                     "cancelled" if fut.cancelled() else fut.exception())
+            log.info("releasing a lease or reporting lease-free reads failed (%s); a lease expires on the "
+                     "daemon by itself", "cancelled" if fut.cancelled() else fut.exception())
 
     def drain(self, timeout_s: float | None = None) -> None:
-        """Waits for the release calls in flight (before the channel closes)."""
+        """Waits for the release and touch calls in flight (before the channel closes)."""
         with self._releasing_lock:
             pending = list(self._releasing)
         for f in pending:

@@ -33,6 +33,10 @@ GROW_STORE_GROUPS_FROM = 16 << 20
 MAX_REMEMBERED_EXTENTS = 1 << 16
 #: A load copies at most this many bytes ahead of the daemon's LeaseRead answer.
 SPECULATE_BYTES = 64 << 20
+#: Lease-free loads report what they read (as hits, for the daemon's recency) at most this
+#: often, or once this many keys are waiting: one touch-only RPC per interval, off the load's path.
+TOUCH_INTERVAL_S = 0.05
+TOUCH_PENDING_MAX = 1024
 #: Device staging buffers for paged sources (gather of chunk i+1 overlaps the PCIe copy of i).
 DEFAULT_STAGING_CHUNKS = 3
 
@@ -88,6 +92,14 @@ class GpuPath:
         #: a chunk is moved into the destination only once the lease confirms the same extent
         #: and its GPU CRC32C matches (``_retrieve``). False: every copy waits for its lease.
         self.speculate = True
+        #: Loads read the leading chunks whose arena extents this client saw last and that the
+        #: presence index lists in DRAM without any LeaseRead: into device staging, checked by
+        #: their CRC32C on the GPU, moved into the destination only once it matches
+        #: (``gpu_retrieve._unleased``). False: such chunks are leased first (speculatively copied).
+        self.lease_free = True
+        self._touch_keys: list[bytes] = []
+        self._touch_at = 0.0
+        self._move_stream: Any = None
         self._extents: OrderedDict[bytes, tuple[int, int, int, bytes]] = OrderedDict()
         self._extents_lock = threading.Lock()
         self._spec_buf: Any = None
@@ -130,6 +142,34 @@ class GpuPath:
                 out.append(e[:3])
         return out
 
+    def forget(self, key: bytes) -> None:
+        """Drops ``key``'s remembered extent (it no longer holds the chunk)."""
+        with self._extents_lock:
+            self._extents.pop(key, None)
+
+    def touched(self, keys, now: float) -> None:
+        """Chunks read without a lease: reported to the daemon in one touch-only RPC per
+        ``TOUCH_INTERVAL_S`` (or ``TOUCH_PENDING_MAX`` keys), without waiting for it."""
+        self._touch_keys.extend(keys)
+        if len(self._touch_keys) >= TOUCH_PENDING_MAX or now - self._touch_at >= TOUCH_INTERVAL_S:
+            self.flush_touches(now)
+
+    def flush_touches(self, now: float = 0.0) -> None:
+        keys, self._touch_keys = self._touch_keys, []
+        self._touch_at = now
+        if keys:
+            try:
+                self.client._touch_later(keys)
+            except Exception as e:  # noqa: BLE001 - recency only: the chunks were read
+                log.info("reporting lease-free reads failed: %s", e)
+
+    @property
+    def move_stream(self):
+        """The stream that moves checked staging into destinations (lease-free loads)."""
+        if self._move_stream is None:
+            self._move_stream = _torch().cuda.Stream(self.device)
+        return self._move_stream
+
     def spec_staging(self, nbytes: int):
         """Device staging for speculative loads (grown as needed, kept)."""
         torch = _torch()
@@ -169,6 +209,8 @@ class GpuPath:
             self._pool = None
 
     def close(self) -> None:
+        with self._lock:
+            self.flush_touches()
         self._commits.shutdown(wait=True)
         self.client.drain(self.client.timeout_s)
         self._close_pool()

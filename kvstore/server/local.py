@@ -180,6 +180,10 @@ class LocalDataServicer:
     async def LeaseRead(self, request, context):
         info = self._namespace(request.namespace_id)
         cids = chunk_ids(info, request.keys, self._cfg.max_keys_per_request)
+        if request.touch_only:   # read already, without a lease: hits and recency only
+            found = await self._run(self._m.touch, cids)   # a worker: the tier lock may be busy evicting
+            return local_pb2.LeaseReadResponse(extents=[local_pb2.Extent(index=i, found=f) for i, f in enumerate(found)],
+                                               arena_nonce=self._m.nonce)
         lease = self._leases.new()
         extents = []
         lease.hold(Resource.OPEN_LEASES)   # before anything is leased: over the limit, nothing is

@@ -11,7 +11,8 @@ out since the arena was created are zeros already), and ``commit_many`` publishe
 only when the client's CRC32C of what it wrote matches the extent, unless the client asks
 for its checksums to be taken unread (``skip_verify``: readers verify; docs/security.md,
 "Stale bytes"). A reader that checks what it copies itself (``client_verifies``) gets leases
-on arena chunks without the daemon's CPU check.
+on arena chunks without the daemon's CPU check; one that read chunks without any lease
+reports them with ``touch`` so they count as hits and stay recent.
 
 Threading: ``attach`` and ``nonce`` are non-blocking; the rest runs on worker threads (a
 chain read may hit the disk, ``reserve`` may evict and zeroes the extent; nothing here waits
@@ -146,6 +147,19 @@ class LocalAccess:
                 break
             out.append(lr)
         return out + [None] * (len(cids) - len(out))
+
+    def touch(self, cids: Sequence[ChunkId]) -> list[bool]:
+        """Counts the chunks a same-host reader copied without a lease (``touch_only``) as
+        hits and refreshes their recency, as a lease would; which of them the arena holds.
+        Nothing is leased, read or promoted, so this never blocks on a lower tier."""
+        s = self._shared()
+        found = []
+        for cid in cids:
+            ref = s.get_unverified(cid)   # a hit, recency touched; the lease ends at once
+            if ref is not None:
+                ref.release()
+            found.append(ref is not None)
+        return found
 
     def _lease(self, s: SharedMemoryTier, cid: ChunkId, client_verifies: bool = False) -> LocalRead | None:
         if client_verifies:   # in the arena already: the reader checks the bytes it copies
