@@ -109,7 +109,7 @@ def paged_specs(layers, ids, ns, chunks):
 
 
 def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), daemon_checks=False,
-        growth=None, speculate=True) -> dict:
+        growth=None, speculate=True, lease_free=True) -> dict:
     """``daemon_checks``: the client asks for the daemon's CPU passes (verify at commit and
     before each read lease) instead of its GPU checks, as before they existed. ``growth``:
     the request groups' growth factor (1: the first group, then the rest in one)."""
@@ -128,6 +128,7 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
         if growth is not None:
             gp.group_growth = gp.store_group_growth = growth
         gp.speculate = speculate
+        gp.lease_free = lease_free
         keys = c.keys(tokens)
         out = torch.empty_like(kv)
 
@@ -395,14 +396,16 @@ def main(argv=None) -> int:
     # stores); checks: the same daemon, the client asking for the daemon's CPU checks instead;
     # memset: stock with extents cleared by plain memset, as before (bench/gpu_trust_daemon.py);
     # two-groups: stock with each call's requests in two groups (the first, then the rest);
-    # no-spec: stock with loads waiting for their LeaseRead answer before any copy.
+    # leased: stock with every load asking LeaseRead first (speculative copies meanwhile), as
+    # before lease-free loads; no-spec: leased with copies waiting for the LeaseRead answer.
     for variant in os.environ.get("GPU_ALL_VARIANTS", "stock,checks,two-groups").split(","):
         d = TrustDaemon(*settings, variant=variant) if variant == "memset" else Daemon(*settings)
         try:
             variants = ("ce", "paged", "old") if variant == "stock" else ("ce",)
             runs[variant] = [_guard(errors, f"e2e {variant} {n}", lambda n=n, sh=sh: e2e(
                 d.addr, n, sh, args.chunks, args.repeats, variants, daemon_checks=variant == "checks",
-                growth=1 if variant == "two-groups" else None, speculate=variant != "no-spec"), None)
+                growth=1 if variant == "two-groups" else None, speculate=variant != "no-spec",
+                lease_free=variant not in ("leased", "no-spec")), None)
                              for n, sh in SHAPES.items()]
             if variant == "stock":
                 smol = SHAPES["SmolLM2-135M fp16"]

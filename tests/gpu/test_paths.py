@@ -105,6 +105,115 @@ def test_speculative_loads_never_place_a_stale_guess(daemon, paged):
         c.delete(c.keys(ta) + c.keys(tb))
 
 
+class _CountingLeases:
+    """Wraps a session's LeaseRead stub: counts the leasing calls (touch-only ones apart)."""
+
+    def __init__(self, stub):
+        self._stub, self.leases, self.touches = stub, 0, 0
+
+    def _count(self, req):
+        if req.touch_only:
+            self.touches += 1
+        else:
+            self.leases += 1
+
+    def __call__(self, req, **kw):
+        self._count(req)
+        return self._stub(req, **kw)
+
+    def future(self, req, **kw):
+        self._count(req)
+        return self._stub.future(req, **kw)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_lease_free_loads_take_no_rpc_and_never_place_an_unproven_chunk(daemon, paged):
+    """A load of chunks this client saw in the arena, which the presence index lists there,
+    makes no LeaseRead: bit-exact, and the reads are reported afterwards as hits. When another
+    client moved the chunks (deleted, their pages reused, stored again elsewhere), the copy
+    from the remembered place fails its GPU check in staging, nothing of it reaches ``dst``,
+    and the load goes through leases (still bit-exact)."""
+    import grpc
+    import torch
+
+    from kvstore_client import gpu_retrieve
+    from kvstore_client.gpu_state import _path
+    from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc
+
+    ns = Namespace(model=f"test/gpu-lease-free-{paged}", dtype="float16", num_layers=4, num_kv_heads=2, head_dim=64)
+    chunks = 5
+    a, b = _kv(ns, chunks), _kv(ns, chunks)
+    ta = list(range(ns.chunk_tokens * chunks))
+    tb = list(range(10**6, 10**6 + ns.chunk_tokens * chunks))
+    bs, blocks = 16, chunks * ns.chunk_tokens // 16
+
+    def target():
+        if not paged:
+            out = torch.full_like(a, 7.0)
+            return out, [out], lambda: out
+        cache = [torch.full((2, blocks, bs, 2, 64), 7.0, dtype=torch.float16, device="cuda") for _ in range(4)]
+        specs = kgpu.Paged([transfer.paged_spec(cache, "fa_nhd", list(range(blocks)), ns.chunk_tokens,
+                                                i * ns.chunk_tokens) for i in range(chunks)])
+
+        def gathered():
+            flat = torch.empty(chunks * ns.chunk_bytes(), dtype=torch.uint8, device="cuda")
+            for i, sp in enumerate(specs.specs):
+                transfer.gather(sp, int(flat.data_ptr()) + i * ns.chunk_bytes(), device=True)
+            torch.cuda.synchronize()
+            return flat
+        return specs, cache, gathered
+
+    def as_bytes(kv):
+        if not paged:
+            return kv
+        return torch.cat([kv[:, :, i * ns.chunk_tokens:(i + 1) * ns.chunk_tokens].contiguous().view(torch.uint8).reshape(-1)
+                          for i in range(chunks)])
+
+    with KVStoreClient(daemon.addr, ns) as c, KVStoreClient(daemon.addr, ns) as other, \
+            grpc.insecure_channel(daemon.addr) as ch:
+        admin = admin_pb2_grpc.AdminStub(ch)
+        assert kgpu.store_cuda(c, ta, a) == chunks               # c remembers where A went
+        gp = _path(c)
+        spy = _CountingLeases(gp.client._lease_read)
+        gp.client._lease_read = spy
+        keys = c.keys(ta)
+        hits0 = [admin.Inspect(admin_pb2.InspectRequest(namespace_id=c.namespace_id, key=k)).entry.hits for k in keys]
+        dst, _, got = target()
+        assert kgpu.retrieve_into_cuda(c, ta, dst) == len(ta)
+        assert torch.equal(got(), as_bytes(a)) and spy.leases == 0
+        gp.flush_touches()
+        gp.client.drain(30)
+        assert spy.touches == 1
+        hits1 = [admin.Inspect(admin_pb2.InspectRequest(namespace_id=c.namespace_id, key=k)).entry.hits for k in keys]
+        assert [h1 - h0 for h0, h1 in zip(hits0, hits1)] == [1] * chunks
+
+        # Another client moves A: B takes its old pages, A is stored again elsewhere. c's memory
+        # of A is stale, while the presence index still lists A.
+        other.delete(keys)
+        assert kgpu.store_cuda(other, tb, b) == chunks
+        assert kgpu.store_cuda(other, ta, a) == chunks
+        dst, raw, got = target()
+        before = [t.clone() for t in raw]
+        size = ns.chunk_bytes()
+        contiguous = None if paged else gpu_retrieve._contiguous_rows(dst, ns, chunks)
+        cur = torch.cuda.current_stream()
+        assert gpu_retrieve._unleased(gp, keys, chunks, dst, contiguous, size, gp._arena_ptr(), cur) == 0
+        torch.cuda.synchronize()
+        assert all(torch.equal(x, y) for x, y in zip(raw, before))   # the guess never reached dst
+        assert kgpu.retrieve_into_cuda(c, ta, dst) == len(ta)        # through leases
+        assert torch.equal(got(), as_bytes(a)) and spy.leases >= 1
+        leased = spy.leases
+        dst, _, got = target()                                       # remembered anew: lease-free again
+        assert kgpu.retrieve_into_cuda(c, ta, dst) == len(ta)
+        assert torch.equal(got(), as_bytes(a)) and spy.leases == leased
+        c.delete(keys + c.keys(tb))
+        dst, raw, _ = target()
+        before = [t.clone() for t in raw]
+        assert kgpu.retrieve_into_cuda(c, ta, dst) == 0              # deleted: absent from the index
+        torch.cuda.synchronize()
+        assert all(torch.equal(x, y) for x, y in zip(raw, before))
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_a_chunk_corrupted_in_the_arena_is_caught_on_the_gpu_and_dropped(daemon, paged):
     """Loads check each chunk's CRC32C on the GPU (the daemon skips its CPU check): a chunk
