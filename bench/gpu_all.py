@@ -109,7 +109,7 @@ def paged_specs(layers, ids, ns, chunks):
 
 
 def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), daemon_checks=False,
-        growth=None, speculate=True, lease_free=True) -> dict:
+        growth=None, speculate=True, lease_free=True, batch_mib=0) -> dict:
     """``daemon_checks``: the client asks for the daemon's CPU passes (verify at commit and
     before each read lease) instead of its GPU checks, as before they existed. ``growth``:
     the request groups' growth factor (1: the first group, then the rest in one)."""
@@ -129,6 +129,8 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
             gp.group_growth = gp.store_group_growth = growth
         gp.speculate = speculate
         gp.lease_free = lease_free
+        if batch_mib:
+            gp.unleased_batch_bytes = batch_mib << 20
         keys = c.keys(tokens)
         out = torch.empty_like(kv)
 
@@ -397,7 +399,8 @@ def main(argv=None) -> int:
     # memset: stock with extents cleared by plain memset, as before (bench/gpu_trust_daemon.py);
     # two-groups: stock with each call's requests in two groups (the first, then the rest);
     # leased: stock with every load asking LeaseRead first (speculative copies meanwhile), as
-    # before lease-free loads; no-spec: leased with copies waiting for the LeaseRead answer.
+    # before lease-free loads; no-spec: leased with copies waiting for the LeaseRead answer;
+    # batchN: stock with lease-free loads checked in batches of N MiB (default 16).
     for variant in os.environ.get("GPU_ALL_VARIANTS", "stock,checks,two-groups").split(","):
         d = TrustDaemon(*settings, variant=variant) if variant == "memset" else Daemon(*settings)
         try:
@@ -405,7 +408,8 @@ def main(argv=None) -> int:
             runs[variant] = [_guard(errors, f"e2e {variant} {n}", lambda n=n, sh=sh: e2e(
                 d.addr, n, sh, args.chunks, args.repeats, variants, daemon_checks=variant == "checks",
                 growth=1 if variant == "two-groups" else None, speculate=variant != "no-spec",
-                lease_free=variant not in ("leased", "no-spec")), None)
+                lease_free=variant not in ("leased", "no-spec"),
+                batch_mib=int(variant[5:]) if variant.startswith("batch") else 0), None)
                              for n, sh in SHAPES.items()]
             if variant == "stock":
                 smol = SHAPES["SmolLM2-135M fp16"]

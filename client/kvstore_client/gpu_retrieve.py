@@ -57,8 +57,11 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
     pool = gp.pool()   # the daemon's HBM tier, mapped: its hits load device-to-device
     cur = stream if stream is not None else torch.cuda.current_stream(gp.device)
     # The leading chunks this client saw in the arena and the presence index lists there load
-    # without any RPC; the rest (misses, other tiers, a chunk that moved) through leases.
-    start = _unleased(gp, keys, n, dst, contiguous, size, arena_base, cur) if gp.lease_free else 0
+    # without any RPC; the rest (misses, other tiers, a chunk that moved) through leases. Not
+    # with the daemon's HBM pool mapped: a leased read promotes arena hits into it, and later
+    # loads then come device-to-device, far faster than PCIe.
+    start = (_unleased(gp, keys, n, dst, contiguous, size, arena_base, cur)
+             if gp.lease_free and pool is None else 0)
     if start == n:
         return n
 
@@ -194,11 +197,6 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
     return placed
 
 
-#: Lease-free loads check chunks in batches of about this many bytes: one GPU CRC32C launch
-#: and one host wait per batch, while the next batch crosses PCIe into the other staging half.
-UNLEASED_BATCH_BYTES = 16 << 20
-
-
 def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base: int, cur) -> int:
     """Loads without any RPC the leading chunks of ``keys[:n]`` that this client saw last as
     RAW extents of this arena and that the presence index lists with the arena (DRAM) as
@@ -226,7 +224,7 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
     if m == 0:
         return 0
     torch = _torch()
-    per = max(1, min(UNLEASED_BATCH_BYTES // size, SPECULATE_BYTES // size // 2))
+    per = max(1, min(gp.unleased_batch_bytes // size, SPECULATE_BYTES // size // 2))
     batches = [(lo, min(m, lo + per)) for lo in range(0, m, per)]
     staging = int(gp.spec_staging(2 * per * size).data_ptr())
     crc = gp.pinned_u32("unleased-crc", m)

@@ -37,6 +37,9 @@ SPECULATE_BYTES = 64 << 20
 #: often, or once this many keys are waiting: one touch-only RPC per interval, off the load's path.
 TOUCH_INTERVAL_S = 0.05
 TOUCH_PENDING_MAX = 1024
+#: Lease-free loads check chunks in batches of about this many bytes: one GPU CRC32C launch
+#: and one host wait per batch, while the next batch crosses PCIe into the other staging half.
+UNLEASED_BATCH_BYTES = 16 << 20
 #: Device staging buffers for paged sources (gather of chunk i+1 overlaps the PCIe copy of i).
 DEFAULT_STAGING_CHUNKS = 3
 
@@ -97,6 +100,7 @@ class GpuPath:
         #: their CRC32C on the GPU, moved into the destination only once it matches
         #: (``gpu_retrieve._unleased``). False: such chunks are leased first (speculatively copied).
         self.lease_free = True
+        self.unleased_batch_bytes = UNLEASED_BATCH_BYTES
         self._touch_keys: list[bytes] = []
         self._touch_at = 0.0
         self._move_stream: Any = None
