@@ -131,6 +131,7 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
         gp.lease_free = lease_free
         if batch_mib:
             gp.unleased_batch_bytes = batch_mib << 20
+            gp.staging_bytes = max(gp.staging_bytes, 2 * gp.unleased_batch_bytes)
         keys = c.keys(tokens)
         out = torch.empty_like(kv)
 
@@ -400,7 +401,8 @@ def main(argv=None) -> int:
     # two-groups: stock with each call's requests in two groups (the first, then the rest);
     # leased: stock with every load asking LeaseRead first (speculative copies meanwhile), as
     # before lease-free loads; no-spec: leased with copies waiting for the LeaseRead answer;
-    # batchN: stock with lease-free loads checked in batches of N MiB (default 16).
+    # batchN: stock with lease-free loads checked in batches of N MiB (default 32; staging
+    # grown to two batches).
     for variant in os.environ.get("GPU_ALL_VARIANTS", "stock,checks,two-groups").split(","):
         d = TrustDaemon(*settings, variant=variant) if variant == "memset" else Daemon(*settings)
         try:

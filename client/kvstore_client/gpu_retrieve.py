@@ -16,7 +16,7 @@ from kvstore_wire.presence import fastest
 from kvstore_wire.types import Encoding, Tier
 
 from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks
-from .gpu_state import SPECULATE_BYTES, GpuPath, _groups, _path, _rpc_errors
+from .gpu_state import GpuPath, _groups, _path, _rpc_errors
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
     chk = _Checks(gp, n, contiguous[0][3] if contiguous else 0) if gp.client_verifies else None
     # Chunks whose extents this client saw last are copied into device staging now, while the
     # LeaseRead is in flight; each is used only if its lease names the same extent and CRC.
-    spec = (gp.recall(keys[:n], c._core.nonce, size, max(1, SPECULATE_BYTES // size))
+    spec = (gp.recall(keys[:n], c._core.nonce, size, max(1, gp.staging_bytes // size))
             if chk is not None and gp.speculate and start == 0 else [])
     groups = [(0, len(spec))] + ([(len(spec), n)] if len(spec) < n else []) if spec else \
         [(start + lo, start + hi) for lo, hi in _groups(n - start, group, gp.group_growth)]
@@ -224,7 +224,7 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
     if m == 0:
         return 0
     torch = _torch()
-    per = max(1, min(gp.unleased_batch_bytes // size, SPECULATE_BYTES // size // 2))
+    per = max(1, min(gp.unleased_batch_bytes // size, gp.staging_bytes // size // 2))
     batches = [(lo, min(m, lo + per)) for lo in range(0, m, per)]
     staging = int(gp.spec_staging(2 * per * size).data_ptr())
     crc = gp.pinned_u32("unleased-crc", m)

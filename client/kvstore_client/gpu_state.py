@@ -37,9 +37,11 @@ SPECULATE_BYTES = 64 << 20
 #: often, or once this many keys are waiting: one touch-only RPC per interval, off the load's path.
 TOUCH_INTERVAL_S = 0.05
 TOUCH_PENDING_MAX = 1024
-#: Lease-free loads check chunks in batches of about this many bytes: one GPU CRC32C launch
-#: and one host wait per batch, while the next batch crosses PCIe into the other staging half.
-UNLEASED_BATCH_BYTES = 16 << 20
+#: Lease-free loads check chunks in batches of about this many bytes (at most half the
+#: staging): one GPU CRC32C launch and one host wait per batch, while the next batch crosses
+#: PCIe into the other staging half. Measured on an H200 (bench/results/gpu-all-lease-free-
+#: batches-2026-12-02.txt): 16 SmolLM2 chunks 50% / 61% / 70% of H2D with 8 / 16 / 32 MiB.
+UNLEASED_BATCH_BYTES = 32 << 20
 #: Device staging buffers for paged sources (gather of chunk i+1 overlaps the PCIe copy of i).
 DEFAULT_STAGING_CHUNKS = 3
 
@@ -101,6 +103,8 @@ class GpuPath:
         #: (``gpu_retrieve._unleased``). False: such chunks are leased first (speculatively copied).
         self.lease_free = True
         self.unleased_batch_bytes = UNLEASED_BATCH_BYTES
+        #: Device staging of lease-free and speculative loads (allocated once, on first use).
+        self.staging_bytes = SPECULATE_BYTES
         self._touch_keys: list[bytes] = []
         self._touch_at = 0.0
         self._move_stream: Any = None
