@@ -33,7 +33,9 @@ def retrieve_into_cuda(client, tokens: Sequence[int], dst, group_chunks: int | N
     placed here and is read once more through the daemon's own check, which drops a bad copy.
     Chunks whose extents this client saw last (``GpuPath.speculate``) cross PCIe into device
     staging while the LeaseRead is in flight and move into ``dst`` once it names the same
-    extent; ``dst`` past the placed prefix is never written by a guess.
+    extent; ``dst`` past the placed prefix is never written by a guess. Without an HBM pool
+    mapped, the leading chunks whose extents this client saw and which the presence index
+    still lists in DRAM load without any RPC (``_unleased``: proved in staging first).
     Chunks the daemon's HBM tier holds load device-to-device from its pool (mapped once).
     ``stream``: the engine's stream that reads ``dst`` afterwards (default: the current one)."""
     gp = _path(client)

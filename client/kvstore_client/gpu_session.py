@@ -22,8 +22,9 @@ from kvstore_wire._proto.kvstore.v1 import local_pb2
 
 log = logging.getLogger(__name__)
 
-#: Keys per touch-only LeaseRead (below the daemon's default ``server.max_keys_per_request``).
-TOUCH_BATCH = 1024
+#: Keys per touch-only LeaseRead (well below the daemon's ``server.max_keys_per_request``,
+#: 4096 by default).
+TOUCH_BATCH = 256
 
 
 class GpuSession:
