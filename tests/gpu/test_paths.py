@@ -49,6 +49,50 @@ def test_contiguous_round_trip_bit_exact(daemon, shape):
         c.delete(c.keys(tokens))
 
 
+def _sentinel_target(ns, chunks: int, paged: bool, like):
+    """A destination filled with 7.0: ``(dst, tensors behind it, gathered())``, where
+    ``gathered()`` is what landed, comparable with ``_as_placed(ns, chunks, kv, paged)``.
+    ``paged``: a vLLM FA-NHD cache of 16-token blocks, else a tensor like ``like``."""
+    import torch
+
+    if not paged:
+        out = torch.full_like(like, 7.0)
+        return out, [out], lambda: out
+    blocks = chunks * ns.chunk_tokens // 16
+    cache = [torch.full((2, blocks, 16, 2, 64), 7.0, dtype=torch.float16, device="cuda") for _ in range(4)]
+    specs = kgpu.Paged([transfer.paged_spec(cache, "fa_nhd", list(range(blocks)), ns.chunk_tokens,
+                                            i * ns.chunk_tokens) for i in range(chunks)])
+
+    def gathered():
+        flat = torch.empty(chunks * ns.chunk_bytes(), dtype=torch.uint8, device="cuda")
+        for i, sp in enumerate(specs.specs):
+            transfer.gather(sp, int(flat.data_ptr()) + i * ns.chunk_bytes(), device=True)
+        torch.cuda.synchronize()
+        return flat
+    return specs, cache, gathered
+
+
+def _as_placed(ns, chunks: int, kv, paged: bool):
+    """``kv`` as ``_sentinel_target``'s ``gathered()`` returns it."""
+    import torch
+
+    if not paged:
+        return kv
+    return torch.cat([kv[:, :, i * ns.chunk_tokens:(i + 1) * ns.chunk_tokens].contiguous().view(torch.uint8).reshape(-1)
+                      for i in range(chunks)])
+
+
+def _two_runs(model: str, chunks: int, paged: bool):
+    """A small fp16 namespace, two runs of ``chunks`` chunks (KV A at tokens ``ta``, B at
+    ``tb``) and the destination helpers: ``(ns, chunks, a, b, ta, tb, target, as_bytes)``."""
+    ns = Namespace(model=model, dtype="float16", num_layers=4, num_kv_heads=2, head_dim=64)
+    a, b = _kv(ns, chunks), _kv(ns, chunks)
+    ta = list(range(ns.chunk_tokens * chunks))
+    tb = list(range(10**6, 10**6 + ns.chunk_tokens * chunks))
+    return (ns, chunks, a, b, ta, tb, lambda: _sentinel_target(ns, chunks, paged, a),
+            lambda kv: _as_placed(ns, chunks, kv, paged))
+
+
 @pytest.mark.parametrize("paged", [False, True])
 def test_speculative_loads_never_place_a_stale_guess(daemon, paged):
     """Loads copy chunks from where this client last saw them before the lease answers; when
@@ -56,52 +100,27 @@ def test_speculative_loads_never_place_a_stale_guess(daemon, paged):
     gone, the guess is never placed: the result is bit-exact, and a miss leaves ``dst`` alone."""
     import torch
 
-    ns = Namespace(model=f"test/gpu-spec-{paged}", dtype="float16", num_layers=4, num_kv_heads=2, head_dim=64)
-    chunks = 3
-    a, b = _kv(ns, chunks), _kv(ns, chunks)
-    ta = list(range(ns.chunk_tokens * chunks))
-    tb = list(range(10**6, 10**6 + ns.chunk_tokens * chunks))
-    bs, blocks = 16, chunks * ns.chunk_tokens // 16
+    ns, chunks, a, b, ta, tb, target, as_bytes = _two_runs(f"test/gpu-spec-{paged}", 3, paged)
 
-    def target():
-        if not paged:
-            out = torch.full_like(a, 7.0)
-            return out, out, lambda: out
-        cache = [torch.full((2, blocks, bs, 2, 64), 7.0, dtype=torch.float16, device="cuda") for _ in range(4)]
-        specs = kgpu.Paged([transfer.paged_spec(cache, "fa_nhd", list(range(blocks)), ns.chunk_tokens,
-                                                i * ns.chunk_tokens) for i in range(chunks)])
-
-        def gathered():
-            flat = torch.empty(chunks * ns.chunk_bytes(), dtype=torch.uint8, device="cuda")
-            for i, sp in enumerate(specs.specs):
-                transfer.gather(sp, int(flat.data_ptr()) + i * ns.chunk_bytes(), device=True)
-            torch.cuda.synchronize()
-            return flat
-        return specs, cache, gathered
-
-    def as_bytes(kv):
-        return torch.cat([kv[:, :, i * ns.chunk_tokens:(i + 1) * ns.chunk_tokens].contiguous().view(torch.uint8).reshape(-1)
-                          for i in range(chunks)])
+    from kvstore_client.gpu_state import _path
 
     with KVStoreClient(daemon.addr, ns) as c:
+        _path(c).lease_free = False   # every load leases (lease-free loads: the test below)
         assert kgpu.store_cuda(c, ta, a) == chunks               # the client remembers where A went
         dst, _, got = target()
         assert kgpu.retrieve_into_cuda(c, ta, dst) == len(ta)    # speculated, confirmed
-        assert torch.equal(got(), as_bytes(a) if paged else a)
+        assert torch.equal(got(), as_bytes(a))
         c.delete(c.keys(ta))
         assert kgpu.store_cuda(c, tb, b) == chunks               # B takes A's old pages
         dst, raw, got = target()
-        before = [t.clone() for t in raw] if paged else raw.clone()
+        before = [t.clone() for t in raw]
         assert kgpu.retrieve_into_cuda(c, ta, dst) == 0          # A is gone: the guesses read B's bytes
         torch.cuda.synchronize()
-        if paged:
-            assert all(torch.equal(x, y) for x, y in zip(raw, before))
-        else:
-            assert torch.equal(raw, before)
+        assert all(torch.equal(x, y) for x, y in zip(raw, before))
         assert kgpu.store_cuda(c, ta, a) == chunks               # A again, elsewhere
         dst, _, got = target()
         assert kgpu.retrieve_into_cuda(c, ta, dst) == len(ta)
-        assert torch.equal(got(), as_bytes(a) if paged else a)
+        assert torch.equal(got(), as_bytes(a))
         c.delete(c.keys(ta) + c.keys(tb))
 
 
@@ -140,34 +159,7 @@ def test_lease_free_loads_take_no_rpc_and_never_place_an_unproven_chunk(daemon, 
     from kvstore_client.gpu_state import _path
     from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc
 
-    ns = Namespace(model=f"test/gpu-lease-free-{paged}", dtype="float16", num_layers=4, num_kv_heads=2, head_dim=64)
-    chunks = 5
-    a, b = _kv(ns, chunks), _kv(ns, chunks)
-    ta = list(range(ns.chunk_tokens * chunks))
-    tb = list(range(10**6, 10**6 + ns.chunk_tokens * chunks))
-    bs, blocks = 16, chunks * ns.chunk_tokens // 16
-
-    def target():
-        if not paged:
-            out = torch.full_like(a, 7.0)
-            return out, [out], lambda: out
-        cache = [torch.full((2, blocks, bs, 2, 64), 7.0, dtype=torch.float16, device="cuda") for _ in range(4)]
-        specs = kgpu.Paged([transfer.paged_spec(cache, "fa_nhd", list(range(blocks)), ns.chunk_tokens,
-                                                i * ns.chunk_tokens) for i in range(chunks)])
-
-        def gathered():
-            flat = torch.empty(chunks * ns.chunk_bytes(), dtype=torch.uint8, device="cuda")
-            for i, sp in enumerate(specs.specs):
-                transfer.gather(sp, int(flat.data_ptr()) + i * ns.chunk_bytes(), device=True)
-            torch.cuda.synchronize()
-            return flat
-        return specs, cache, gathered
-
-    def as_bytes(kv):
-        if not paged:
-            return kv
-        return torch.cat([kv[:, :, i * ns.chunk_tokens:(i + 1) * ns.chunk_tokens].contiguous().view(torch.uint8).reshape(-1)
-                          for i in range(chunks)])
+    ns, chunks, a, b, ta, tb, target, as_bytes = _two_runs(f"test/gpu-lease-free-{paged}", 5, paged)
 
     with KVStoreClient(daemon.addr, ns) as c, KVStoreClient(daemon.addr, ns) as other, \
             grpc.insecure_channel(daemon.addr) as ch:
