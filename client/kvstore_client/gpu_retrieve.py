@@ -170,7 +170,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                 placed += 1
             if chk is not None:
                 chk.flush()
-            _load_from_pool(gp, pool_rows, dst, contiguous)
+            _move_into(pool_rows, dst, contiguous, gp.kernel_stream.cuda_stream)
             if stop or placed + len(coded) < hi:
                 break
         if coded:  # one batched decode launch for every compressed chunk of the call
@@ -265,15 +265,7 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
             while good < hi and int(crc_host[good]) == ext[good][2]:
                 good += 1
             base = half(k)
-            if good > lo:
-                if contiguous is not None:   # one SM launch moves the batch into place (D2D)
-                    _, pitch, row, planes = contiguous[lo]
-                    cuda_ipc.copy_rows([contiguous[i][0] for i in range(lo, good)],
-                                       [base + (i - lo) * size for i in range(lo, good)], pitch, row, row, planes,
-                                       mv.cuda_stream)
-                else:
-                    for i in range(lo, good):
-                        transfer.scatter(base + (i - lo) * size, dst.specs[i], device=True, stream=mv.cuda_stream)
+            _move_into([(i, base + (i - lo) * size) for i in range(lo, good)], dst, contiguous, mv.cuda_stream)
             moved[k] = torch.cuda.Event()
             moved[k].record(mv)
             placed = good
@@ -292,13 +284,13 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
     return placed
 
 
-def _load_from_pool(gp: GpuPath, rows: list[tuple[int, int]], dst, contiguous) -> None:
-    """Device-to-device loads of HBM-pool extents into the engine layout on the kernel stream:
-    one ``copy_rows`` launch for a contiguous tensor (the fastest D2D form, 81% of a D2D copy
-    on an H200), one scatter kernel per chunk for a paged destination."""
+def _move_into(rows: list[tuple[int, int]], dst, contiguous, stream: int) -> None:
+    """Device-to-device moves of whole chunks ``(chunk, device pointer)`` (HBM-pool extents,
+    checked staging, decoded chunks) into the engine layout on ``stream``: one ``copy_rows``
+    launch for a contiguous tensor (the fastest D2D form, 81% of a D2D copy on an H200), one
+    scatter kernel per chunk for a paged destination."""
     if not rows:
         return
-    stream = gp.kernel_stream.cuda_stream
     if contiguous is not None:
         _, pitch, row, planes = contiguous[rows[0][0]]
         cuda_ipc.copy_rows([contiguous[i][0] for i, _ in rows], [src for _, src in rows], pitch, row, row, planes,
@@ -412,11 +404,6 @@ def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, size: in
                              lens,
                             [int(outs[j].data_ptr()) for j in range(len(coded))], size,
                             gp.kernel_stream.cuda_stream, verify)
-    if contiguous is not None:  # one SM launch moves every decoded chunk into place (D2D)
-        _, pitch, row, planes = contiguous[coded[0][0]]
-        cuda_ipc.copy_rows([contiguous[i][0] for i, _ in coded], [int(outs[j].data_ptr()) for j in range(len(coded))],
-                           pitch, row, row, planes, gp.kernel_stream.cuda_stream)
-    else:
-        for j, (i, _) in enumerate(coded):
-            transfer.scatter(int(outs[j].data_ptr()), dst.specs[i], device=True, stream=gp.kernel_stream.cuda_stream)
+    _move_into([(i, int(outs[j].data_ptr())) for j, (i, _) in enumerate(coded)], dst, contiguous,
+               gp.kernel_stream.cuda_stream)
     return len(coded)

@@ -92,24 +92,24 @@ class GpuSession:
         ids = [lid for lid in lease_ids if lid]
         if not ids:
             return
-        fut = self._release.future(local_pb2.ReleaseRequest(lease_ids=ids), metadata=self._metadata,
-                                   timeout=self.timeout_s)
-        with self._releasing_lock:
-            self._releasing.add(fut)
-        fut.add_done_callback(self._released)
+        self._keep(self._release.future(local_pb2.ReleaseRequest(lease_ids=ids), metadata=self._metadata,
+                                        timeout=self.timeout_s))
 
     def _touch_later(self, keys: Sequence[bytes]) -> None:
         """Reports chunks read without a lease (``LeaseReadRequest.touch_only``: counted as
         hits, their recency refreshed) without waiting for the answer; one RPC per
         ``TOUCH_BATCH`` keys."""
         for lo in range(0, len(keys), TOUCH_BATCH):
-            fut = self._lease_read.future(
+            self._keep(self._lease_read.future(
                 local_pb2.LeaseReadRequest(namespace_id=self.namespace_id, keys=list(keys[lo:lo + TOUCH_BATCH]),
                                            touch_only=True),
-                metadata=self._metadata, timeout=self.timeout_s)
-            with self._releasing_lock:
-                self._releasing.add(fut)
-            fut.add_done_callback(self._released)
+                metadata=self._metadata, timeout=self.timeout_s))
+
+    def _keep(self, fut) -> None:
+        """Holds a call that is not waited for until it completes (``drain`` waits for it)."""
+        with self._releasing_lock:
+            self._releasing.add(fut)
+        fut.add_done_callback(self._released)
 
     def _released(self, fut) -> None:
         with self._releasing_lock:
