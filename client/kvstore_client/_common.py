@@ -166,9 +166,16 @@ def token_count(kv, ns: Namespace) -> int:
     return int(kv.shape[token_axis(ns)])
 
 
+def token_range(kv, ns: Namespace, lo: int, hi: int):
+    """Tokens ``[lo, hi)`` of ``kv`` (numpy array or torch tensor in the namespace layout) as a
+    contiguous array or tensor of the same kind, dtype and device (a copy)."""
+    part = kv[token_slice_of(kv.ndim, ns, lo, hi)]
+    return part.contiguous() if _is_torch(part) else np.ascontiguousarray(part)
+
+
 def put_payloads(u8: np.ndarray, ns: Namespace, indices: Sequence[int]) -> list[tuple[np.ndarray, int]]:
-    """(contiguous bytes, CRC32C) of each full chunk in ``indices`` (memory work: the async
-    client runs it on a worker thread)."""
+    """(contiguous bytes, CRC32C) of each chunk in ``indices`` (a trailing partial chunk is
+    cut at the end of ``u8``; memory work: the async client runs it on a worker thread)."""
     out = []
     for i in indices:
         payload = np.ascontiguousarray(u8[token_slice(u8.ndim, ns, i)]).reshape(-1)
@@ -177,8 +184,13 @@ def put_payloads(u8: np.ndarray, ns: Namespace, indices: Sequence[int]) -> list[
 
 
 def token_slice(ndim: int, ns: Namespace, index: int) -> tuple:
+    """Chunk ``index``'s tokens (clamped by indexing at the end of the array)."""
+    return token_slice_of(ndim, ns, index * ns.chunk_tokens, (index + 1) * ns.chunk_tokens)
+
+
+def token_slice_of(ndim: int, ns: Namespace, lo: int, hi: int) -> tuple:
     sl = [slice(None)] * ndim
-    sl[token_axis(ns)] = slice(index * ns.chunk_tokens, (index + 1) * ns.chunk_tokens)
+    sl[token_axis(ns)] = slice(lo, hi)
     return tuple(sl)
 
 
@@ -203,13 +215,13 @@ def copy_chunk_out(src, ns: Namespace, index: int, dst: np.ndarray, stream=None)
 
 
 def put_messages(namespace_id: bytes, keys: Sequence[bytes], payloads: Sequence[tuple[np.ndarray, int]],
-                 ns: Namespace, durability: Durability, piece_bytes: int):
+                 ns: Namespace, durability: Durability, piece_bytes: int, num_tokens: int | None = None):
     """Serialised Put stream: for each ``(payload, crc)`` of ``put_payloads`` a header then
-    data pieces (generated lazily)."""
+    data pieces (generated lazily). ``num_tokens``: of every chunk (default a full chunk)."""
     for key, (payload, crc) in zip(keys, payloads):
         view = memoryview(payload).cast("B")
         header = data_pb2.PutChunkHeader(
-            namespace_id=namespace_id, key=key, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens,
+            namespace_id=namespace_id, key=key, key_kind=KeyKind.PREFIX, num_tokens=num_tokens or ns.chunk_tokens,
             encoding=Encoding.RAW, payload_bytes=view.nbytes, crc32c=crc, durability=int(durability))
         yield data_pb2.PutRequest(header=header).SerializeToString()
         for off in range(0, view.nbytes, piece_bytes):
@@ -244,36 +256,60 @@ class ChunkAssembler:
     """Receives a Get stream straight into the final ``[.., tokens, ..]`` array (no
     reassembly copy); stops at the first missing chunk.
 
-    A chunk's bytes are ``rows`` runs of ``run`` bytes (rows = the axes before the token
-    axis, run = its tokens x the axes after); chunk ``i`` owns columns
-    ``[i*run, (i+1)*run)`` of the output viewed as ``[rows, n_keys*run]``.
+    A chunk's bytes are ``rows`` runs of ``tokens * token_run`` bytes (rows = the axes before
+    the token axis, token_run = one token's bytes of the axes after); chunk ``i`` owns columns
+    ``[i*run, i*run + its tokens * token_run)`` of the output viewed as ``[rows, columns]``
+    (``run`` = a full chunk's). Every chunk is full except, with ``last_tokens``, the last
+    key's: a trailing partial chunk of that many tokens.
     """
 
-    def __init__(self, ns: Namespace, n_keys: int, verify_crc: bool | None, out=None) -> None:
+    def __init__(self, ns: Namespace, n_keys: int, verify_crc: bool | None, out=None, last_tokens: int = 0) -> None:
         self.ns = ns
         self.chunk_bytes = ns.chunk_bytes()
         self.n_keys = n_keys
+        self.last_tokens = last_tokens or ns.chunk_tokens
+        if not 0 < self.last_tokens <= ns.chunk_tokens:
+            raise InvalidArgument(f"last_tokens={last_tokens}: a trailing chunk holds 1..{ns.chunk_tokens} tokens")
         shape = list(ns.chunk_shape())
         ax = token_axis(ns)
         self.rows = int(np.prod(shape[:ax]))
         self.run = self.chunk_bytes // self.rows
+        self.token_run = self.run // ns.chunk_tokens
+        self.total_tokens = max(0, n_keys - 1) * ns.chunk_tokens + (self.last_tokens if n_keys else 0)
         if out is None:
-            self.out = np.empty((self.rows, n_keys * self.run), np.uint8)
+            self.out = np.empty((self.rows, self.total_tokens * self.token_run), np.uint8)
         else:
-            # The caller's buffer (namespace layout, n_keys chunks of tokens), written in place.
+            # The caller's buffer (namespace layout, the keys' tokens), written in place.
             u8 = kv_bytes_array(out, ns)
-            if u8.shape[ax] != n_keys * ns.chunk_tokens or not u8.flags.c_contiguous:
-                raise InvalidArgument(f"out must be a contiguous array of {n_keys * ns.chunk_tokens} tokens in "
+            if u8.shape[ax] != self.total_tokens or not u8.flags.c_contiguous:
+                raise InvalidArgument(f"out must be a contiguous array of {self.total_tokens} tokens in "
                                       "the namespace layout")
-            self.out = u8.reshape(self.rows, n_keys * self.run)
+            self.out = u8.reshape(self.rows, self.total_tokens * self.token_run)
         self.matched = 0
         self.verify = True if verify_crc is None else verify_crc
         self._off = 0          # bytes of the current chunk received
         self._expect = 0       # bytes of the current chunk announced (0 = between chunks)
+        self._cur_run = self.run   # row length of the current chunk's bytes
         self._want_crc = 0
         self._crc = 0
         self._bits: np.ndarray | None = None   # the current chunk's bitstream, if CODEC
         self.done = False
+
+    def tokens_of(self, index: int) -> int:
+        """Tokens chunk ``index`` must hold."""
+        return self.last_tokens if index == self.n_keys - 1 else self.ns.chunk_tokens
+
+    @property
+    def matched_tokens(self) -> int:
+        return sum(self.tokens_of(i) for i in range(self.matched))
+
+    def _check(self, index: int, num_tokens: int, encoding: Encoding, nbytes: int, what: str) -> None:
+        """DataLoss unless chunk ``index`` came with the tokens and size it must have."""
+        want = self.tokens_of(index)
+        if num_tokens != want or encoding not in (Encoding.RAW, Encoding.CODEC) or \
+                (encoding == Encoding.RAW and nbytes != self.ns.chunk_bytes(want)):
+            raise DataLoss(f"chunk {index}: the daemon {what} {nbytes} bytes of {Encoding(encoding).name} with "
+                           f"{num_tokens} tokens, expected {want} tokens ({self.ns.chunk_bytes(want)} bytes RAW)")
 
     def feed(self, msg, index_base: int = 0) -> bool:
         """Takes one response; returns False once the prefix has ended (the caller may cancel).
@@ -287,17 +323,9 @@ class ChunkAssembler:
         if not h.found or h.index + index_base != self.matched:
             self.done = True
             return False
-        if h.num_tokens != self.ns.chunk_tokens:
-            raise DataLoss(f"chunk {h.index}: the daemon returned {h.num_tokens} tokens, expected a full chunk "
-                           f"of {self.ns.chunk_tokens}")
-        if h.encoding == Encoding.CODEC:
-            # A bitstream: collected whole, then decoded into place.
-            self._bits = np.empty(h.payload_bytes, np.uint8)
-        elif h.encoding != Encoding.RAW or h.payload_bytes != self.chunk_bytes:
-            raise DataLoss(f"chunk {h.index}: the daemon returned {h.payload_bytes} bytes of "
-                           f"{Encoding(h.encoding).name}, expected a full RAW chunk of {self.chunk_bytes} bytes")
-        else:
-            self._bits = None
+        self._check(self.matched, h.num_tokens, h.encoding, h.payload_bytes, "returned")
+        self._bits = np.empty(h.payload_bytes, np.uint8) if h.encoding == Encoding.CODEC else None  # collected whole
+        self._cur_run = h.num_tokens * self.token_run
         self._off, self._expect, self._want_crc, self._crc = 0, h.payload_bytes, h.crc32c, 0
         return True
 
@@ -320,11 +348,7 @@ class ChunkAssembler:
         self.matched += len(items)
 
     def _place_at(self, index: int, payload: np.ndarray, num_tokens: int, encoding: Encoding, crc: int) -> None:
-        if num_tokens != self.ns.chunk_tokens or encoding not in (Encoding.RAW, Encoding.CODEC) or \
-                (encoding == Encoding.RAW and payload.nbytes != self.chunk_bytes):
-            raise DataLoss(f"chunk {index}: the daemon leased {payload.nbytes} bytes of {Encoding(encoding).name} "
-                           f"with {num_tokens} tokens, expected a full chunk of {self.ns.chunk_tokens} tokens "
-                           f"({self.chunk_bytes} bytes RAW)")
+        self._check(index, num_tokens, encoding, payload.nbytes, "leased")
         if self.verify and crc and _crc.crc32c(payload) != crc:
             raise DataLoss(f"chunk {index}: CRC32C mismatch in the shared arena")
         if encoding == Encoding.CODEC:
@@ -338,16 +362,16 @@ class ChunkAssembler:
 
     def _write_decoded(self, index: int, bits) -> None:
         raw = decode_chunk(bits)
-        if raw.nbytes != self.chunk_bytes:
-            raise DataLoss(f"chunk {index}: the bitstream decodes to {raw.nbytes} bytes, the namespace's "
-                           f"chunks are {self.chunk_bytes}")
+        want = self.ns.chunk_bytes(self.tokens_of(index))
+        if raw.nbytes != want:
+            raise DataLoss(f"chunk {index}: the bitstream decodes to {raw.nbytes} bytes, expected {want}")
         self._write(index, raw)
 
     def _write(self, index: int, raw: np.ndarray) -> None:
         """Chunk ``index``'s bytes into its columns of the output: one memcpy per row (native,
         GIL released) where the native library is installed."""
-        base = index * self.run
-        dst, src = self.out[:, base:base + self.run], raw.reshape(self.rows, self.run)
+        base, run = index * self.run, self.tokens_of(index) * self.token_run
+        dst, src = self.out[:, base:base + run], raw.reshape(self.rows, run)
         if native_copy_rows is not None:
             native_copy_rows(dst, src)
         else:
@@ -370,7 +394,7 @@ class ChunkAssembler:
         if self.verify and self._want_crc:
             self._crc = _crc.crc32c(piece, self._crc)
         src = np.frombuffer(piece, np.uint8)
-        run, base = self.run, self.matched * self.run
+        run, base = self._cur_run, self.matched * self.run
         out, pos, off = self.out, 0, self._off
         while pos < m:
             r, c = divmod(off + pos, run)
@@ -391,10 +415,10 @@ class ChunkAssembler:
             self._off = self._expect = 0
 
     def result(self, as_torch: bool):
-        """``[layers, 2, matched*chunk_tokens, kv_heads, head_dim]`` (MLA: ``[layers, tokens, dim]``)."""
-        ns, n = self.ns, self.matched
-        u8 = self.out if n == self.n_keys else np.ascontiguousarray(self.out[:, :n * self.run])
-        shape = list(ns.chunk_shape(n * ns.chunk_tokens))
+        """``[layers, 2, matched tokens, kv_heads, head_dim]`` (MLA: ``[layers, tokens, dim]``)."""
+        ns, t = self.ns, self.matched_tokens
+        u8 = self.out if t == self.total_tokens else np.ascontiguousarray(self.out[:, :t * self.token_run])
+        shape = list(ns.chunk_shape(t))
         shape[-1] *= ns.dtype.itemsize
         u8 = u8.reshape(shape)
         if as_torch:

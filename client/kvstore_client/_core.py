@@ -105,9 +105,14 @@ class ClientCore:
         _shm.detach(self)
 
     # ------------------------------------------------------------------ keys
-    def keys(self, tokens: Sequence[int]) -> list[bytes]:
-        """Prefix keys of the leading full chunks of ``tokens``."""
-        return prefix_keys(self.namespace_id, tokens, self.namespace.chunk_tokens)
+    def keys(self, tokens: Sequence[int], include_partial: bool = False) -> list[bytes]:
+        """Prefix keys of the leading full chunks of ``tokens`` (and of the trailing partial
+        chunk, when there is one and ``include_partial`` asks for it)."""
+        return prefix_keys(self.namespace_id, tokens, self.namespace.chunk_tokens, include_partial=include_partial)
+
+    def tail_tokens(self, tokens: Sequence[int]) -> int:
+        """Tokens of ``tokens``' trailing partial chunk (0 when it ends on a chunk boundary)."""
+        return len(tokens) % self.namespace.chunk_tokens
 
     def storable_tokens(self, tokens: Sequence[int], kv) -> int:
         """How many leading tokens a ``store(tokens, kv)`` covers: whole chunks only, bounded by
@@ -120,35 +125,62 @@ class ClientCore:
         resp = yield Call("exists", data_pb2.ExistsRequest(namespace_id=self.namespace_id, keys=list(keys)))
         return [Tier(t) for t in resp.tiers]
 
-    def store(self, tokens: Sequence[int], kv, durability: Durability) -> Plan:
+    def store(self, tokens: Sequence[int], kv, durability: Durability, include_partial: bool = False) -> Plan:
         ns = self.namespace
         durability = Durability(durability)
         local = self.arena is not None
         u8 = C.kv_bytes_array(kv, ns, keep_device=local)
         keys = self.keys(tokens)
-        n = min(len(keys), u8.shape[C.token_axis(ns)] // ns.chunk_tokens)
-        if n == 0:
-            return 0
-        if local and self.gpu is not None and C.is_cuda_tensor(kv):
+        have = C.token_count(u8, ns)
+        n = min(len(keys), have // ns.chunk_tokens)
+        stored = None
+        if n and local and self.gpu is not None and C.is_cuda_tensor(kv):
             stored = yield Work(self.gpu.store, (tokens, kv, durability, self.gpu.caller_stream(kv)))  # None: not served
-            if stored is not None:
-                return stored
+        if stored is None:
+            stored = (yield from self._store_chunks(kv, u8, keys[:n], durability, ns.chunk_tokens)) if n else 0
+        tail = self.tail_tokens(tokens)
+        if include_partial and tail and n == len(keys) and have >= len(tokens):
+            # The trailing partial chunk: one chunk of its own key (docs/keys.md), stored once
+            # every full chunk before it is.
+            key = prefix_keys(self.namespace_id, tokens, ns.chunk_tokens, include_partial=True)[-1]
+            part = C.token_range(kv, ns, n * ns.chunk_tokens, len(tokens))
+            stored += yield from self._store_chunks(part, C.kv_bytes_array(part, ns, keep_device=local), [key],
+                                                    durability, tail)
+        return stored
+
+    def _store_chunks(self, kv, u8, keys: list[bytes], durability: Durability, num_tokens: int) -> Plan:
+        """Chunks ``0..len(keys)`` of ``u8`` (``num_tokens`` tokens each: a full chunk, or one
+        trailing partial chunk) under ``keys``: through the shared arena where it is mapped,
+        else (or for what the arena refused) over the Put stream. Returns the chunks newly stored."""
+        ns = self.namespace
+        n = len(keys)
         stored, unsure = 0, []
-        if local:  # ReserveWrite reports chunks already stored: no Exists round trip
-            stored, done, unsure = yield from _shm.store_local(self, u8, keys[:n], list(range(n)), durability)
+        if self.arena is not None:  # ReserveWrite reports chunks already stored: no Exists round trip
+            stored, done, unsure = yield from _shm.store_local(self, u8, keys, list(range(n)), durability, num_tokens)
             if done:
                 return stored
             u8 = C.kv_bytes_array(kv, ns)   # refused, or the shared arena went away: stream the rest
-        present = yield from self.exists(keys[:n])
+        present = yield from self.exists(keys)
         # A refused commit's chunks found now were published by it, before the refusal.
         stored += sum(1 for i in unsure if present[i] != Tier.NONE)
         todo = [i for i in range(n) if present[i] == Tier.NONE]
         if not todo:
             return stored
         payloads = yield Work(C.put_payloads, (u8, ns, todo))
-        msgs = C.put_messages(self.namespace_id, [keys[i] for i in todo], payloads, ns, durability, self.piece_bytes)
+        msgs = C.put_messages(self.namespace_id, [keys[i] for i in todo], payloads, ns, durability, self.piece_bytes,
+                              num_tokens)
         resp = yield Upload("put", msgs)
         return stored + resp.stored
+
+    def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0, include_partial: bool = False) -> Plan:
+        """``lookup_keys`` of ``tokens``' prefix keys; with ``include_partial`` the trailing
+        partial chunk counts too (its tokens are matched only when every chunk before it is)."""
+        keys = self.keys(tokens, include_partial)
+        hit = yield from self.lookup_keys(keys, pin_ttl_s)
+        tail = self.tail_tokens(tokens) if include_partial else 0
+        if tail and hit.matched_chunks == len(keys):
+            hit = C.LookupResult(len(tokens), hit.matched_chunks, hit.tiers)
+        return hit
 
     def lookup_keys(self, keys: Sequence[bytes], pin_ttl_s: int = 0) -> Plan:
         """The longest stored prefix of ``keys``. On the same host this reads the daemon's
@@ -164,9 +196,11 @@ class ClientCore:
         n = resp.matched_chunks
         return C.LookupResult(n * self.namespace.chunk_tokens, n, tuple(Tier(t) for t in resp.tiers))
 
-    def retrieve(self, tokens: Sequence[int], as_torch: bool, verify_crc: bool | None) -> Plan:
-        asm = yield from self.fetch(self.keys(tokens), verify_crc, None)
-        return asm.matched * self.namespace.chunk_tokens, asm.result(as_torch)
+    def retrieve(self, tokens: Sequence[int], as_torch: bool, verify_crc: bool | None,
+                 include_partial: bool = False) -> Plan:
+        last = self.tail_tokens(tokens) if include_partial else 0
+        asm = yield from self.fetch(self.keys(tokens, include_partial), verify_crc, None, last)
+        return asm.matched_tokens, asm.result(as_torch)
 
     def retrieve_into(self, tokens: Sequence[int], out, verify_crc: bool | None) -> Plan:
         keys = self.keys(tokens)
@@ -186,14 +220,16 @@ class ClientCore:
         return resp.deleted
 
     # ------------------------------------------------------------------ retrieve paths
-    def fetch(self, keys: list[bytes], verify_crc: bool | None, out) -> Plan:
+    def fetch(self, keys: list[bytes], verify_crc: bool | None, out, last_tokens: int = 0) -> Plan:
         """The longest present prefix of ``keys`` assembled into ``out`` (or a new array):
         from the shared arena where it is mapped, the rest (or all) over the Get stream.
+        ``last_tokens``: the last key is a trailing partial chunk of that many tokens.
 
         ``verify_crc`` None: verify what crossed a socket, not what the shared arena holds
         (those bytes crossed no network, and the daemon checksummed them on the way in)."""
         shm = self.arena is not None
-        asm = C.ChunkAssembler(self.namespace, len(keys), False if verify_crc is None and shm else verify_crc, out)
+        asm = C.ChunkAssembler(self.namespace, len(keys), False if verify_crc is None and shm else verify_crc, out,
+                               last_tokens)
         if keys and shm:
             yield from _shm.retrieve_local(self, keys, asm)
         if asm.matched < len(keys):

@@ -81,7 +81,7 @@ def same_arena(core, nonce: bytes):
     return core.arena is not None and nonce == core.nonce
 
 
-def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Durability):
+def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Durability, num_tokens: int | None = None):
     """Same-host store: reserve arena extents, copy each chunk straight into its extent
     (the only copy), commit; the daemon's DRAM tier takes the extents over. Returns
     ``(stored, done, unsure)``: the chunks newly stored this way; False when the caller should
@@ -91,11 +91,14 @@ def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Dura
     longer be mapped, or the daemon refused the reservation of a single chunk or a commit with
     RESOURCE_EXHAUSTED (the tenant's reserved-bytes or DRAM quota, or no arena room: the
     stream path queues on the in-flight budget and may land the chunks in a lower tier). A
-    refused reservation of several chunks is asked for again in halves, one after the other."""
+    refused reservation of several chunks is asked for again in halves, one after the other.
+    ``num_tokens``: of every chunk (default a full chunk; a trailing partial chunk is stored
+    alone, as chunk 0 of a ``u8`` holding just its tokens)."""
     ns = core.namespace
-    size = ns.chunk_bytes()
+    num_tokens = num_tokens or ns.chunk_tokens
+    size = ns.chunk_bytes(num_tokens)
     req = local_pb2.ReserveWriteRequest(namespace_id=core.namespace_id, chunks=[
-        local_pb2.ChunkToWrite(key=k, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens, encoding=Encoding.RAW,
+        local_pb2.ChunkToWrite(key=k, key_kind=KeyKind.PREFIX, num_tokens=num_tokens, encoding=Encoding.RAW,
                                payload_bytes=size) for k in keys])
     try:
         resp = yield Call("reserve", req)
@@ -107,10 +110,10 @@ def store_local(core, u8, keys: list[bytes], chunks: list[int], durability: Dura
         # More than the tenant may hold reserved at once: the halves one after the other (each
         # committed, so its reservation ended, before the next is asked for).
         half = len(keys) // 2
-        first, done, unsure = yield from store_local(core, u8, keys[:half], chunks[:half], durability)
+        first, done, unsure = yield from store_local(core, u8, keys[:half], chunks[:half], durability, num_tokens)
         if not done:
             return first, False, unsure
-        rest, done, unsure = yield from store_local(core, u8, keys[half:], chunks[half:], durability)
+        rest, done, unsure = yield from store_local(core, u8, keys[half:], chunks[half:], durability, num_tokens)
         return first + rest, done, unsure
     if resp.lease_id == 0:
         return 0, True, []
@@ -157,7 +160,8 @@ def _copy_into_arena(core, u8, targets: list[tuple[int, object]], stream) -> lis
     for index, dst in targets:
         if kernel:
             start = index * ns.chunk_tokens
-            spec = transfer.PlaneSpec(planes, list(range(start, start + ns.chunk_tokens)), heads,
+            end = min(start + ns.chunk_tokens, C.token_count(u8, ns))    # a trailing partial chunk ends early
+            spec = transfer.PlaneSpec(planes, list(range(start, end)), heads,
                                       ns.head_dim * elt, heads * ns.head_dim * elt, ns.head_dim * elt)
             transfer.gather(spec, int(dst.ctypes.data), device=True, stream=stream.cuda_stream)
         else:

@@ -12,8 +12,10 @@ own scatter is the only copy:
 
 Contract:
 - ``chunks`` is the longest stored prefix of ``keys`` (``matched`` of them); each
-  ``data`` is the chunk's RAW bytes in the namespace layout ``[layers, 2, chunk_tokens,
-  heads, dim]`` (contiguous, ``chunk_bytes`` long).
+  ``data`` is the chunk's RAW bytes in the namespace layout ``[layers, 2, num_tokens,
+  heads, dim]`` (contiguous, ``chunk_bytes(num_tokens)`` long). Every chunk is full
+  (``num_tokens == chunk_tokens``) but, when the caller says so (``last_tokens``), the last
+  key's: a trailing partial chunk (``keys(tokens, include_partial=True)``).
 - Same host: a RAW chunk's ``data`` is a read-only view of the arena extent, valid while the
   lease lasts (until the context exits, at most ``server.lease_ttl_s``). A codec chunk is
   decoded into memory the views own. Chunks the arena could not lease (another host, the
@@ -44,6 +46,7 @@ class LeasedChunk:
     index: int              #: position in the requested keys
     data: np.ndarray        #: uint8, read-only, the whole RAW chunk in the namespace layout
     leased: bool            #: True: a view of the shared arena (valid only inside the lease)
+    num_tokens: int = 0     #: tokens of ``data`` (0: a full chunk; see ``LeasedViews.tokens_of``)
 
 
 @dataclass
@@ -59,9 +62,13 @@ class LeasedViews:
         """Chunks of the stored prefix (``len(chunks)``)."""
         return len(self.chunks)
 
+    def tokens_of(self, chunk: LeasedChunk) -> int:
+        """Tokens ``chunk`` holds (a trailing partial chunk holds fewer than ``chunk_tokens``)."""
+        return chunk.num_tokens or self.chunk_tokens
+
     @property
     def matched_tokens(self) -> int:
-        return len(self.chunks) * self.chunk_tokens
+        return sum(self.tokens_of(ch) for ch in self.chunks)
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -70,17 +77,19 @@ def _read_only(a: np.ndarray) -> np.ndarray:
     return v
 
 
-def _prepare(ns, items: list[tuple], verify: bool, pool) -> list[np.ndarray]:
+def _prepare(ns, items: list[tuple], verify: bool, pool, last_tokens: int = 0) -> list[np.ndarray]:
     """Each leased ``(view, num_tokens, encoding, crc)`` as a read-only RAW chunk: checked
-    for shape, CRC-verified when asked, codec chunks decoded (in parallel on ``pool``)."""
-    size = ns.chunk_bytes()
+    for shape (full chunks, the last one ``last_tokens`` when given: the end of the keys),
+    CRC-verified when asked, codec chunks decoded (in parallel on ``pool``)."""
 
     def one(k: int, item: tuple) -> np.ndarray:
         view, num_tokens, encoding, crc = item
-        if num_tokens != ns.chunk_tokens or encoding not in (Encoding.RAW, Encoding.CODEC) or \
+        want = last_tokens if last_tokens and k == len(items) - 1 else ns.chunk_tokens
+        size = ns.chunk_bytes(want)
+        if num_tokens != want or encoding not in (Encoding.RAW, Encoding.CODEC) or \
                 (encoding == Encoding.RAW and view.nbytes != size):
             raise C.DataLoss(f"chunk {k}: the daemon leased {view.nbytes} bytes of {Encoding(encoding).name} with "
-                             f"{num_tokens} tokens, expected a full chunk of {ns.chunk_tokens} tokens ({size} bytes RAW)")
+                             f"{num_tokens} tokens, expected {want} tokens ({size} bytes RAW)")
         if verify and crc and _crc.crc32c(view) != crc:
             raise C.DataLoss(f"chunk {k}: CRC32C mismatch in the shared arena")
         if encoding == Encoding.RAW:
@@ -97,15 +106,19 @@ def _prepare(ns, items: list[tuple], verify: bool, pool) -> list[np.ndarray]:
 
 
 def _split(asm: "C.ChunkAssembler", base: int) -> list[LeasedChunk]:
-    """The chunks a Get stream assembled (``[rows, n * run]``) as contiguous owned chunks."""
-    run = asm.run
-    return [LeasedChunk(base + i, _read_only(np.ascontiguousarray(asm.out[:, i * run:(i + 1) * run]).reshape(-1)),
-                        False) for i in range(asm.matched)]
+    """The chunks a Get stream assembled (``[rows, columns]``) as contiguous owned chunks."""
+    out = []
+    for i in range(asm.matched):
+        t = asm.tokens_of(i)
+        cols = asm.out[:, i * asm.run:i * asm.run + t * asm.token_run]
+        out.append(LeasedChunk(base + i, _read_only(np.ascontiguousarray(cols).reshape(-1)), False, t))
+    return out
 
 
-def lease_views(core, keys: list[bytes], verify_crc: bool | None):
+def lease_views(core, keys: list[bytes], verify_crc: bool | None, last_tokens: int = 0):
     """Plan: the longest stored prefix of ``keys`` as :class:`LeasedViews` (see the module
-    docstring). On an error nothing stays leased."""
+    docstring; ``last_tokens``: the last key is a trailing partial chunk of that many
+    tokens). On an error nothing stays leased."""
     ns = core.namespace
     out = LeasedViews(chunk_tokens=ns.chunk_tokens)
     if not keys:
@@ -121,8 +134,9 @@ def lease_views(core, keys: list[bytes], verify_crc: bool | None):
                     break
                 items.append((core.arena.view(ext.offset, ext.length), ext.num_tokens, Encoding(ext.encoding),
                               ext.crc32c))
-            datas = yield Work(_prepare, (ns, items, bool(verify_crc), core.copy_pool()))
-            out.chunks = [LeasedChunk(i, d, items[i][2] == Encoding.RAW) for i, d in enumerate(datas)]
+            last = last_tokens if len(items) == len(keys) else 0
+            datas = yield Work(_prepare, (ns, items, bool(verify_crc), core.copy_pool(), last))
+            out.chunks = [LeasedChunk(i, d, items[i][2] == Encoding.RAW, items[i][1]) for i, d in enumerate(datas)]
         except BaseException:
             core.release_later(out.lease_id)
             raise
@@ -131,7 +145,8 @@ def lease_views(core, keys: list[bytes], verify_crc: bool | None):
         # the prefix over the Get stream, verified unless the caller said no.
         base = out.matched
         try:
-            asm = C.ChunkAssembler(ns, len(keys) - base, True if verify_crc is None else verify_crc, None)
+            asm = C.ChunkAssembler(ns, len(keys) - base, True if verify_crc is None else verify_crc, None,
+                                   last_tokens)
             yield from core.stream_get(keys[base:], asm)
         except BaseException:
             core.release_later(out.lease_id)

@@ -135,9 +135,13 @@ class AsyncKVStoreClient:
     def crc_backend(self) -> str:
         return _core.crc_backend()
 
-    def keys(self, tokens: Sequence[int]) -> list[bytes]:
-        """Prefix keys of the leading full chunks of ``tokens``."""
-        return self._core.keys(tokens)
+    def keys(self, tokens: Sequence[int], include_partial: bool = False) -> list[bytes]:
+        """See ``KVStoreClient.keys``."""
+        return self._core.keys(tokens, include_partial)
+
+    def tail_tokens(self, tokens: Sequence[int]) -> int:
+        """See ``KVStoreClient.tail_tokens``."""
+        return self._core.tail_tokens(tokens)
 
     def storable_tokens(self, tokens: Sequence[int], kv=None) -> int:
         """See ``KVStoreClient.storable_tokens``."""
@@ -147,19 +151,22 @@ class AsyncKVStoreClient:
     async def exists(self, keys: Sequence[bytes]) -> list[Tier]:
         return await self._run(self._core.exists(keys))
 
-    async def store(self, tokens: Sequence[int], kv, durability: Durability = Durability.MEMORY) -> int:
+    async def store(self, tokens: Sequence[int], kv, durability: Durability = Durability.MEMORY,
+                    include_partial: bool = False) -> int:
         """See ``KVStoreClient.store``: returns the number of chunks newly stored."""
-        return await self._run(self._core.store(tokens, kv, durability))
+        return await self._run(self._core.store(tokens, kv, durability, include_partial))
 
-    async def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0) -> LookupResult:
-        return await self._run(self._core.lookup_keys(self.keys(tokens), pin_ttl_s))
+    async def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0, include_partial: bool = False) -> LookupResult:
+        """See ``KVStoreClient.lookup``."""
+        return await self._run(self._core.lookup(tokens, pin_ttl_s, include_partial))
 
     async def lookup_keys(self, keys: Sequence[bytes], pin_ttl_s: int = 0) -> LookupResult:
         return await self._run(self._core.lookup_keys(keys, pin_ttl_s))
 
-    async def retrieve(self, tokens: Sequence[int], as_torch: bool = False, verify_crc: bool | None = None):
+    async def retrieve(self, tokens: Sequence[int], as_torch: bool = False, verify_crc: bool | None = None,
+                       include_partial: bool = False):
         """See ``KVStoreClient.retrieve``."""
-        return await self._run(self._core.retrieve(tokens, as_torch, verify_crc))
+        return await self._run(self._core.retrieve(tokens, as_torch, verify_crc, include_partial))
 
     async def retrieve_into(self, tokens: Sequence[int], out, verify_crc: bool | None = None) -> int:
         """See ``KVStoreClient.retrieve_into``."""
@@ -169,10 +176,10 @@ class AsyncKVStoreClient:
         return await self._run(self._core.delete(keys))
 
     @asynccontextmanager
-    async def leased_views(self, keys: Sequence[bytes],
-                           verify_crc: bool | None = None) -> AsyncIterator[_views.LeasedViews]:
+    async def leased_views(self, keys: Sequence[bytes], verify_crc: bool | None = None,
+                           last_tokens: int = 0) -> AsyncIterator[_views.LeasedViews]:
         """See ``KVStoreClient.leased_views``."""
-        lv = await self._run(_views.lease_views(self._core, list(keys), verify_crc))
+        lv = await self._run(_views.lease_views(self._core, list(keys), verify_crc, last_tokens))
         try:
             yield lv
         finally:

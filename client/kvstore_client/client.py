@@ -164,9 +164,15 @@ class KVStoreClient:
         return self._rpc["reserve"]
 
     # ------------------------------------------------------------------ keys
-    def keys(self, tokens: Sequence[int]) -> list[bytes]:
-        """Prefix keys of the leading full chunks of ``tokens``."""
-        return self._core.keys(tokens)
+    def keys(self, tokens: Sequence[int], include_partial: bool = False) -> list[bytes]:
+        """Prefix keys of the leading full chunks of ``tokens``; with ``include_partial``
+        also the key of the trailing partial chunk, when ``tokens`` does not end on a chunk
+        boundary (docs/keys.md: its key hashes its own token count, so it never matches a full chunk)."""
+        return self._core.keys(tokens, include_partial)
+
+    def tail_tokens(self, tokens: Sequence[int]) -> int:
+        """Tokens of ``tokens``' trailing partial chunk (0 when it ends on a chunk boundary)."""
+        return self._core.tail_tokens(tokens)
 
     def storable_tokens(self, tokens: Sequence[int], kv=None) -> int:
         """Leading tokens ``store(tokens, kv)`` covers: whole chunks only (a trailing partial
@@ -178,26 +184,33 @@ class KVStoreClient:
         """The fastest tier holding each key (``Tier.NONE`` where absent)."""
         return self._run(self._core.exists(keys))
 
-    def store(self, tokens: Sequence[int], kv, durability: Durability = Durability.MEMORY) -> int:
+    def store(self, tokens: Sequence[int], kv, durability: Durability = Durability.MEMORY,
+              include_partial: bool = False) -> int:
         """Stores the leading full chunks of ``tokens`` from ``kv`` (namespace layout, covering
         at least those chunks' tokens), skipping chunks already stored. Returns the number of
         chunks newly stored. Tokens past the last full chunk are not stored (see
-        ``storable_tokens``; docs/client.md)."""
-        return self._run(self._core.store(tokens, kv, durability))
+        ``storable_tokens``; docs/client.md) unless ``include_partial``: then they are one more
+        chunk of their own key (``keys(tokens, include_partial=True)``), stored after the full
+        ones, which only a lookup of the very same tokens matches."""
+        return self._run(self._core.store(tokens, kv, durability, include_partial))
 
-    def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0) -> LookupResult:
-        """The longest stored prefix of ``tokens``' full chunks. On the same host this reads
-        the daemon's presence index (no RPC) unless ``pin_ttl_s`` asks for a pin."""
-        return self._run(self._core.lookup_keys(self.keys(tokens), pin_ttl_s))
+    def lookup(self, tokens: Sequence[int], pin_ttl_s: int = 0, include_partial: bool = False) -> LookupResult:
+        """The longest stored prefix of ``tokens``' full chunks (``include_partial``: and of
+        the trailing partial chunk, matched only with every chunk before it; ``matched_tokens``
+        then counts its tokens). On the same host this reads the daemon's presence index (no
+        RPC) unless ``pin_ttl_s`` asks for a pin."""
+        return self._run(self._core.lookup(tokens, pin_ttl_s, include_partial))
 
     def lookup_keys(self, keys: Sequence[bytes], pin_ttl_s: int = 0) -> LookupResult:
         """``lookup`` for precomputed prefix keys."""
         return self._run(self._core.lookup_keys(keys, pin_ttl_s))
 
-    def retrieve(self, tokens: Sequence[int], as_torch: bool = False, verify_crc: bool | None = None):
-        """``(matched_tokens, kv)`` for the longest stored prefix of ``tokens``' full chunks.
+    def retrieve(self, tokens: Sequence[int], as_torch: bool = False, verify_crc: bool | None = None,
+                 include_partial: bool = False):
+        """``(matched_tokens, kv)`` for the longest stored prefix of ``tokens``' full chunks
+        (``include_partial``: and the trailing partial chunk, as ``lookup`` matches it).
         ``verify_crc`` None: chunks that crossed a socket are verified, arena reads are not."""
-        return self._run(self._core.retrieve(tokens, as_torch, verify_crc))
+        return self._run(self._core.retrieve(tokens, as_torch, verify_crc, include_partial))
 
     def retrieve_into(self, tokens: Sequence[int], out, verify_crc: bool | None = None) -> int:
         """Writes the longest stored prefix of ``tokens``' full chunks into ``out`` (a
@@ -211,11 +224,14 @@ class KVStoreClient:
         return self._run(self._core.delete(keys))
 
     @contextmanager
-    def leased_views(self, keys: Sequence[bytes], verify_crc: bool | None = None) -> Iterator[_views.LeasedViews]:
+    def leased_views(self, keys: Sequence[bytes], verify_crc: bool | None = None,
+                     last_tokens: int = 0) -> Iterator[_views.LeasedViews]:
         """The longest stored prefix of ``keys`` as read-only chunk views (same host: the
         leased arena extents themselves, no copy), released when the block exits; see
-        ``_views`` for the contract. The views must not be read after the block."""
-        lv = self._run(_views.lease_views(self._core, list(keys), verify_crc))
+        ``_views`` for the contract. The views must not be read after the block.
+        ``last_tokens``: the last key is a trailing partial chunk of this many tokens
+        (``keys(tokens, include_partial=True)``, ``tail_tokens(tokens)``); 0: all are full."""
+        lv = self._run(_views.lease_views(self._core, list(keys), verify_crc, last_tokens))
         try:
             yield lv
         finally:

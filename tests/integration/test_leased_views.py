@@ -103,12 +103,12 @@ def test_a_corrupt_arena_chunk_fails_verification_and_nothing_stays_leased(daemo
         c.store(toks, kv_for(64, 5))
         real = _views._prepare
 
-        def flip(ns, items, verify, pool):
+        def flip(ns, items, verify, pool, last_tokens=0):
             view = items[0][0]
             saved = int(view[10])
             view[10] = saved ^ 0xFF
             try:
-                return real(ns, items, verify, pool)
+                return real(ns, items, verify, pool, last_tokens)
             finally:
                 view[10] = saved
 

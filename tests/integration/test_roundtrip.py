@@ -108,7 +108,7 @@ def test_sync_and_async_clients_have_the_same_methods():
         assert list(sync[name].parameters) == list(aio[name].parameters), name
         if name == "leased_views":      # a context manager on both fronts: `with` / `async with`
             continue
-        assert inspect.iscoroutinefunction(getattr(AsyncKVStoreClient, name)) != (name in ("keys", "storable_tokens"))
+        assert inspect.iscoroutinefunction(getattr(AsyncKVStoreClient, name)) != (name in ("keys", "tail_tokens", "storable_tokens"))
 
 
 def test_unix_socket(daemon_factory):
