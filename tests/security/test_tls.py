@@ -238,3 +238,38 @@ def test_client_library_over_mtls(mtls_daemon, pki):
             await c.close()
 
     assert asyncio.run(aio_lookup()) == 32
+
+
+def test_vllm_connector_link_over_mutual_tls(mtls_daemon, pki):
+    """The vLLM connector's sidecar link with ``kvstore.tls`` (no vLLM needed): a client
+    certificate identifies the engine's tenant; chunks stored through the link come back; a
+    link whose CA does not sign the daemon's certificate is a miss, never an engine error."""
+    import numpy as np
+
+    from kvstore_client.engines.vllm.config import ConnectorConfig
+    from kvstore_client.engines.vllm.link import SidecarLink
+    from kvstore_wire.keys import Namespace
+
+    cert, key = pki.clients["engine"]
+    ns = Namespace(model="tls/vllm", dtype="float16", num_layers=2, num_kv_heads=1, head_dim=8, chunk_tokens=16)
+    cfg = ConnectorConfig.from_extra_config({"kvstore.addr": mtls_daemon.addr, "kvstore.tls": {
+        "ca_file": str(pki.ca), "cert_file": str(cert), "key_file": str(key)}})
+    link = SidecarLink(cfg, ns)
+    toks = list(range(40))
+    kv = np.random.default_rng(0).standard_normal((2, 2, 40, 1, 8)).astype(np.float16)
+    try:
+        assert link.call(lambda c: c.namespace.tenant, "") == "engine-a"
+        assert link.call(lambda c: c.store(toks, kv, include_partial=True), 0) == 3
+        assert link.call(lambda c: c.lookup(toks, include_partial=True).matched_tokens, 0) == 40
+    finally:
+        link.close()
+    rogue_cert, rogue_key = pki.clients["rogue"]
+    bad = SidecarLink(ConnectorConfig.from_extra_config({"kvstore.addr": mtls_daemon.addr, "kvstore.timeout_s": 5,
+                                                         "kvstore.tls": {"ca_file": str(pki.ca),
+                                                                         "cert_file": str(rogue_cert),
+                                                                         "key_file": str(rogue_key)}}), ns)
+    try:
+        assert bad.call(lambda c: c.lookup(toks).matched_tokens, -1) == -1
+        assert bad.failures >= 1
+    finally:
+        bad.close()

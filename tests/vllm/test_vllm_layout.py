@@ -68,11 +68,23 @@ def test_namespaces_differ_by_tp_rank_size_and_identity():
     assert len(ids) == 4
 
 
-def test_config_rejects_unknown_keys_tls_and_misaligned_chunks():
+def test_config_rejects_unknown_keys_bad_tls_and_misaligned_chunks(tmp_path):
     with pytest.raises(ValueError, match="unknown keys"):
         ConnectorConfig.from_extra_config({"kvstore.adr": "x"})
-    with pytest.raises(ValueError, match="TLS"):
-        ConnectorConfig.from_extra_config({"kvstore.tls": True})
+    assert ConnectorConfig.from_extra_config({"kvstore.tls": True}).tls is not None
+    assert ConnectorConfig.from_extra_config({"kvstore.tls": False}).tls is None
+    with pytest.raises(ValueError, match="unknown keys"):
+        ConnectorConfig.from_extra_config({"kvstore.tls": {"ca": "x"}})
+    with pytest.raises(ValueError, match="not a readable file"):
+        ConnectorConfig.from_extra_config({"kvstore.tls": {"ca_file": str(tmp_path / "missing.pem")}})
+    (tmp_path / "c.pem").write_text("x")
+    with pytest.raises(ValueError, match="cert_file and key_file"):
+        ConnectorConfig.from_extra_config({"kvstore.tls": {"cert_file": str(tmp_path / "c.pem")}})
+    with pytest.raises(ValueError, match="plaintext"):
+        ConnectorConfig.from_extra_config({"kvstore.addr": "10.0.0.5:50051", "kvstore.token": "t"})
+    assert ConnectorConfig.from_extra_config({"kvstore.addr": "10.0.0.5:50051", "kvstore.token": "t",
+                                              "kvstore.tls": True}).token == "t"
+    assert ConnectorConfig.from_extra_config({}).partial_chunks is True
     cfg = ConnectorConfig.from_extra_config({"kvstore.chunk_tokens": 192})
     with pytest.raises(ValueError, match="multiple of vLLM's block size"):
         cfg.check_block_size(128)
@@ -107,22 +119,83 @@ def test_scatter_chunk_from_a_read_only_view_writes_only_the_blocks_asked(backen
 
 
 def test_scatter_leased_maps_chunks_onto_the_request_blocks_from_first_block():
-    from types import SimpleNamespace
-
+    from kvstore_client._views import LeasedChunk, LeasedViews
     from kvstore_client.engines.vllm.layout import scatter_leased
 
     caches = _caches(blocks=8)
     layout = PagedLayout(caches, {k: "CPU_ATTN" for k in caches}, _ns(), N)
     kv = torch.randn(_ns().chunk_shape(6 * N))            # 3 chunks of 2 blocks
-    chunks = [SimpleNamespace(index=i, data=kv[:, :, i * 2 * N:(i + 1) * 2 * N].contiguous().numpy()
-                              .view("uint8").reshape(-1)) for i in range(3)]
-    lv = SimpleNamespace(chunks=chunks, chunk_tokens=2 * N)
+    chunks = [LeasedChunk(i, kv[:, :, i * 2 * N:(i + 1) * 2 * N].contiguous().numpy().view("uint8").reshape(-1),
+                          False) for i in range(3)]
+    lv = LeasedViews(chunks, 2 * N)
     table = [7, 6, 5, 4, 3, 2]                            # the request's blocks
     scatter_leased(layout, lv, 1, table[1:])              # vLLM has block 0
     out = torch.empty(_ns().chunk_shape(5 * N))
     layout.gather(table[1:], out)
     assert torch.equal(out, kv[:, :, N:])
     assert caches["model.layers.0.self_attn.attn"][7].abs().sum() == 0
+
+
+@pytest.mark.parametrize("backend", ["CPU_ATTN", "FLASH_ATTN"])
+@pytest.mark.parametrize("skip", [0, 1])
+def test_a_trailing_partial_chunk_fills_only_its_rows_of_the_last_block(backend, skip):
+    """A partial chunk of 1.5 blocks: the first block whole, then the first N/2 rows of the
+    second; the rows after them (where vLLM computes the next tokens) are left alone."""
+    caches = _caches()
+    for t in caches.values():
+        t.fill_(7.0)
+    layout = PagedLayout(caches, {k: backend for k in caches}, _ns(), N)
+    tokens = N + N // 2
+    kv = torch.randn(_ns().chunk_shape(tokens))
+    view = kv.numpy().view("uint8").reshape(-1)
+    view.flags.writeable = False
+    layout.scatter_chunk(view, tokens, skip, [4, 2][skip:])
+    out = torch.empty(_ns().chunk_shape(2 * N))
+    layout.gather([4, 2], out)
+    assert torch.equal(out[:, :, skip * N:tokens], kv[:, :, skip * N:])
+    assert (out[:, :, tokens:] == 7.0).all()              # the last block's other rows
+    if skip:
+        assert (out[:, :, :N] == 7.0).all()
+    with pytest.raises(LayoutError, match="do not fit"):
+        layout.scatter_chunk(view, tokens, 1, [0, 1])
+    # The same through a torch tensor ending inside its last block.
+    for t in caches.values():
+        t.fill_(7.0)
+    layout.scatter(kv, 0, [4, 2])
+    layout.gather([4, 2], out)
+    assert torch.equal(out[:, :, :tokens], kv) and (out[:, :, tokens:] == 7.0).all()
+
+
+def test_leased_loader_loads_a_trailing_partial_chunk(daemon):
+    """Whole chunks and the trailing partial one, stored by the client and leased back into
+    the blocks: the tokens arrive exactly, the partial block's other rows stay; without the
+    tail stored the load stops at the last whole chunk."""
+    from kvstore_client import KVStoreClient
+
+    from kvstore_client.engines.vllm.loader import LeasedLoader
+
+    caches = _caches(blocks=10)
+    ns = _ns()
+    layout = PagedLayout(caches, {k: "CPU_ATTN" for k in caches}, ns, N)
+    total = 2 * 2 * N + N + 5                              # 2 chunks, then a 21-token tail: 6 blocks
+    toks = list(range(9100, 9100 + total))
+    kv = torch.randn(ns.chunk_shape(total))
+    table = [9, 8, 7, 6, 5, 4]
+    with KVStoreClient(daemon.addr, ns) as c:
+        assert c.store(toks, kv) == 2
+        loader = LeasedLoader(layout, ns)
+        try:
+            assert loader.load(c, toks, 0, table) == 4 * N       # no tail stored yet
+            assert c.store(toks, kv, include_partial=True) == 1
+            for t in caches.values():
+                t.fill_(7.0)
+            assert loader.load(c, toks, 1, table[1:]) == total  # vLLM has block 0
+            out = torch.empty(ns.chunk_shape(6 * N))
+            layout.gather(table, out)
+            assert torch.equal(out[:, :, N:total], kv[:, :, N:])
+            assert (out[:, :, :N] == 7.0).all() and (out[:, :, total:] == 7.0).all()
+        finally:
+            loader.close()
 
 
 @pytest.mark.parametrize("group_chunks", [1, 64])

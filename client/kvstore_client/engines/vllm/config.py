@@ -5,7 +5,10 @@ default). Keys, with their defaults::
 
     {"kvstore.addr": "127.0.0.1:50051",    sidecar address (host:port or unix:/path)
      "kvstore.token": null,                bearer token (or env KVSTORE_TOKEN)
-     "kvstore.tls": false,                 TLS to the sidecar: not supported yet (refused)
+     "kvstore.tls": false,                 TLS to the sidecar: false; true (system roots); or
+                                           {"ca_file": PEM roots, "cert_file" + "key_file": this
+                                           engine's certificate for mutual TLS, "server_name": the
+                                           name on the daemon's certificate when it differs}
      "kvstore.chunk_tokens": null,         chunk size, a multiple of vLLM's block size (default:
                                            the smallest multiple >= 128 tokens: 128 on the CPU backend)
      "kvstore.model_id": null,             model identity override (default: derived, see namespace.py)
@@ -15,6 +18,9 @@ default). Keys, with their defaults::
      "kvstore.reconnect_s": 5.0,           a sidecar that could not be reached is retried after this
      "kvstore.timeout_s": 30.0,            per-RPC deadline
      "kvstore.save": true,                 store new chunks (false: load only)
+     "kvstore.partial_chunks": true,       also store and load a prompt's trailing partial chunk, so
+                                           a prompt seen before (up to its last token) loads all
+                                           but its last token instead of recomputing up to a chunk
      "kvstore.fault_injection": false}     honour per-request fault requests (tests only)
 """
 
@@ -24,6 +30,7 @@ import os
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
+from kvstore_wire.channel import TlsOptions, is_local_address
 from kvstore_wire.types import Durability
 
 PREFIX = "kvstore."
@@ -36,6 +43,28 @@ DEFAULT_CHUNK_MIN_TOKENS = 128
 DEFAULT_RECONNECT_S = 5.0
 DEFAULT_TIMEOUT_S = 30.0
 _DURABILITY = {"memory": Durability.MEMORY, "persisted": Durability.PERSISTED}
+_TLS_KEYS = ("ca_file", "cert_file", "key_file", "server_name")
+
+
+def _tls(value: Any) -> TlsOptions | None:
+    """``kvstore.tls`` as ``TlsOptions`` (None: plaintext); ValueError says what to fix."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return TlsOptions()
+    if not isinstance(value, Mapping):
+        raise ValueError(f"kvstore.tls must be false, true or an object with {list(_TLS_KEYS)}, got {value!r}")
+    unknown = sorted(set(value) - set(_TLS_KEYS))
+    if unknown:
+        raise ValueError(f"kvstore.tls: unknown keys {unknown}; accepted: {list(_TLS_KEYS)}")
+    for name in ("ca_file", "cert_file", "key_file"):
+        path = value.get(name)
+        if path is not None and not os.path.isfile(str(path)):
+            raise ValueError(f"kvstore.tls.{name}: {path!r} is not a readable file")
+    try:
+        return TlsOptions(**{k: value.get(k) for k in _TLS_KEYS})
+    except ValueError as e:
+        raise ValueError(f"kvstore.tls: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -44,7 +73,7 @@ class ConnectorConfig:
 
     addr: str = "127.0.0.1:50051"
     token: str | None = None
-    tls: bool = False
+    tls: TlsOptions | None = None       #: None: plaintext (a unix socket or loopback)
     chunk_tokens: int | None = None     #: None: see ``DEFAULT_CHUNK_MIN_TOKENS`` (``for_block_size``)
     model_id: str | None = None
     durability: Durability = Durability.MEMORY
@@ -52,6 +81,7 @@ class ConnectorConfig:
     reconnect_s: float = DEFAULT_RECONNECT_S
     timeout_s: float = DEFAULT_TIMEOUT_S
     save: bool = True
+    partial_chunks: bool = True
     fault_injection: bool = False
 
     @classmethod
@@ -74,6 +104,8 @@ class ConnectorConfig:
             if d not in _DURABILITY:
                 raise ValueError(f"kvstore.durability must be one of {sorted(_DURABILITY)}, got {values['durability']!r}")
             values["durability"] = _DURABILITY[d]
+        if "tls" in values:
+            values["tls"] = _tls(values["tls"])
         if values.get("token") is None and os.environ.get("KVSTORE_TOKEN"):
             values["token"] = os.environ["KVSTORE_TOKEN"]
         cfg = cls(**values)
@@ -81,10 +113,11 @@ class ConnectorConfig:
         return cfg
 
     def _check(self) -> None:
-        if self.tls:
-            raise ValueError("kvstore.tls: TLS to the sidecar is not supported yet; use a unix socket or loopback")
         if self.chunk_tokens is not None and (not isinstance(self.chunk_tokens, int) or self.chunk_tokens <= 0):
             raise ValueError(f"kvstore.chunk_tokens must be a positive integer, got {self.chunk_tokens!r}")
+        if self.token and self.tls is None and not is_local_address(self.addr):
+            raise ValueError(f"kvstore.token would travel to {self.addr} in plaintext: set kvstore.tls (e.g. "
+                             '{"ca_file": "/path/ca.pem"}) or use a unix socket or loopback address')
         for name in ("reconnect_s", "timeout_s"):
             if not float(getattr(self, name)) > 0:
                 raise ValueError(f"kvstore.{name} must be > 0 seconds")

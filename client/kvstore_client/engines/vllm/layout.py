@@ -96,10 +96,11 @@ class PagedLayout:
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
 
-    def _plane_spec(self, block_ids: Sequence[int]) -> "tuple[list[int], Any] | None":
+    def _plane_spec(self, block_ids: Sequence[int], tokens: int | None = None) -> "tuple[list[int], Any] | None":
         """Every layer's K and V as planes of one native gather/scatter (CPU only): token t
-        of the range goes to block ``block_ids[t // N]``, row ``t % N``. None when the views
-        cannot be addressed as ``ptr + slot * token_stride`` (then torch indexing is used)."""
+        of the range goes to block ``block_ids[t // N]``, row ``t % N``; ``tokens``: only the
+        first so many (a range ending inside its last block). None when the views cannot be
+        addressed as ``ptr + slot * token_stride`` (then torch indexing is used)."""
         if self.device.type != "cpu":
             return None
         k0 = self.layers[0].k
@@ -112,17 +113,22 @@ class PagedLayout:
 
         n = self.block_size
         slots = (np.repeat(np.asarray(block_ids, dtype=np.int64) * (sb // sn), n) +
-                 np.tile(np.arange(n, dtype=np.int64), len(block_ids)))
+                 np.tile(np.arange(n, dtype=np.int64), len(block_ids)))[:tokens]
         elt = k0.element_size()
         ptrs = [t.data_ptr() for views in self.layers for t in (views.k, views.v)]
         return ptrs, transfer.PlaneSpec(ptrs, slots, k0.shape[2], k0.shape[3] * elt, sn * elt, sh * elt)
 
     def scatter(self, chunks: torch.Tensor, first_block: int, block_ids: Sequence[int]) -> None:
         """Writes tokens ``[first_block * N, (first_block + len(block_ids)) * N)`` of
-        ``chunks`` (``[layers, 2, tokens, heads, dim]``, contiguous) into ``block_ids``."""
+        ``chunks`` (``[layers, 2, tokens, heads, dim]``, contiguous) into ``block_ids``; when
+        ``chunks`` ends inside the last block, that block gets only the tokens it has (its
+        other rows are left alone)."""
         n = self.block_size
-        lo, hi = first_block * n, (first_block + len(block_ids)) * n
-        native = self._plane_spec(block_ids) if chunks.device.type == "cpu" else None
+        lo = first_block * n
+        hi = min((first_block + len(block_ids)) * n, chunks.shape[2])
+        if hi <= lo:
+            return
+        native = self._plane_spec(block_ids, hi - lo) if chunks.device.type == "cpu" else None
         if native is not None:
             from dataclasses import replace
 
@@ -137,27 +143,33 @@ class PagedLayout:
                     plane = chunks[p // 2, p % 2, lo:hi]
                     transfer.scatter(plane.data_ptr(), replace(spec, ptrs=[ptr]), device=False)
             return
-        idx = self._index(block_ids)
+        whole, rest = divmod(hi - lo, n)
+        idx = self._index(block_ids[:whole])
         for l, views in enumerate(self.layers):
             for kv, dst in ((0, views.k), (1, views.v)):
-                src = chunks[l, kv, lo:hi].view(len(block_ids), n, *dst.shape[2:])
-                dst[idx] = src.to(dst.device, non_blocking=True)
+                src = chunks[l, kv, lo:hi]
+                if whole:
+                    dst[idx] = src[:whole * n].view(whole, n, *dst.shape[2:]).to(dst.device, non_blocking=True)
+                if rest:                     # the rows of the last, partly filled block
+                    dst[block_ids[whole], :rest] = src[whole * n:].to(dst.device, non_blocking=True)
 
     def scatter_chunk(self, chunk: Any, chunk_tokens: int, skip_blocks: int, block_ids: Sequence[int],
                       streaming: bool = False) -> None:
         """Writes one chunk (a contiguous uint8 numpy array in the namespace layout
         ``[layers, 2, chunk_tokens, heads, dim]``, e.g. a leased read-only arena view) into
         ``block_ids``, leaving out its first ``skip_blocks`` blocks (vLLM computed them).
-        ``chunk_tokens`` is a multiple of the block size, so only whole blocks move. CPU: one
-        native strided copy straight from ``chunk`` (the only copy of the load; ``streaming``:
-        non-temporal stores, for loads larger than the caches); else through a torch view of it."""
+        ``chunk_tokens``: the tokens the chunk holds, whole blocks but for a trailing partial
+        chunk, whose last block gets only its rows. CPU: one native strided copy straight
+        from ``chunk`` (the only copy of the load; ``streaming``: non-temporal stores, for
+        loads larger than the caches); else through a torch view of it."""
         n = self.block_size
-        per = chunk_tokens // n
+        per = -(-chunk_tokens // n)
         if not block_ids:
             return
         if skip_blocks + len(block_ids) > per:
             raise LayoutError(f"{skip_blocks} + {len(block_ids)} blocks do not fit a {chunk_tokens}-token chunk")
-        native = self._plane_spec(block_ids) if self.device.type == "cpu" else None
+        tokens = min(len(block_ids) * n, chunk_tokens - skip_blocks * n)
+        native = self._plane_spec(block_ids, tokens) if self.device.type == "cpu" else None
         if native is not None:
             from dataclasses import replace
 
@@ -165,7 +177,7 @@ class PagedLayout:
 
             ptrs, spec = native
             base = int(chunk.ctypes.data)
-            if skip_blocks == 0 and len(block_ids) == per:     # the whole chunk: one call
+            if skip_blocks == 0 and tokens == chunk_tokens:     # the whole chunk: one call
                 transfer.scatter(base, spec, device=False, streaming=streaming)
                 return
             token_bytes = spec.heads * spec.head_bytes
@@ -222,10 +234,10 @@ def scatter_leased(layout: PagedLayout, lv, first_block: int, block_ids, chunk_b
         streaming = sum(ch.data.nbytes for ch in lv.chunks) >= STREAMING_LOAD_BYTES
     for ch in lv.chunks if chunks is None else chunks:
         at = (chunk_base + ch.index) * per
-        lo, hi = max(at, first_block), min(at + per, end)
+        tokens = lv.tokens_of(ch)            # a trailing partial chunk ends inside its last block
+        lo, hi = max(at, first_block), min(at + -(-tokens // layout.block_size), end)
         if hi > lo:
-            layout.scatter_chunk(ch.data, lv.chunk_tokens, lo - at,
-                                 block_ids[lo - first_block:hi - first_block], streaming)
+            layout.scatter_chunk(ch.data, tokens, lo - at, block_ids[lo - first_block:hi - first_block], streaming)
 
 
 def backend_names(vllm_config: Any, layer_names: Sequence[str]) -> dict[str, str]:

@@ -45,7 +45,7 @@ class SidecarLink:
                 return None
             try:
                 self._client = KVStoreClient(self.cfg.addr, self.namespace, token=self.cfg.token,
-                                             timeout_s=self.cfg.timeout_s)
+                                             timeout_s=self.cfg.timeout_s, tls=self.cfg.tls)
                 log.log(logging.WARNING if self.failures else logging.INFO, "kvstore connector: connected to %s (%s)",
                         self.cfg.addr, self._client.transport)
                 self._down_since = None

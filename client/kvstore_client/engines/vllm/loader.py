@@ -38,9 +38,10 @@ MIN_GROUP_BYTES = 16 << 20
 SCATTER_THREADS = 2
 
 
-def _enter_lease(client, keys: list[bytes]):
-    """``client.leased_views(keys)`` entered (on the prefetch thread); the caller exits it."""
-    cm = client.leased_views(keys)
+def _enter_lease(client, keys: list[bytes], last_tokens: int = 0):
+    """``client.leased_views(keys, last_tokens=...)`` entered (on the prefetch thread); the
+    caller exits it."""
+    cm = client.leased_views(keys, last_tokens=last_tokens)
     return cm, cm.__enter__()
 
 
@@ -58,29 +59,32 @@ class LeasedLoader:
             if SCATTER_THREADS > 1 else None
 
     def load(self, client, tokens: Sequence[int], first_block: int, block_ids: Sequence[int]) -> int:
-        """Writes the stored prefix of ``tokens``' whole chunks into the request's blocks
+        """Writes the stored prefix of ``tokens``' chunks into the request's blocks
         ``block_ids`` (its blocks from ``first_block`` on; blocks before are vLLM's and left
-        alone). Returns the tokens that arrived, counted from token 0 (at least the leading
-        ``first_block`` blocks' tokens are not leased at all: chunks wholly before
-        ``first_block`` are skipped). Client errors propagate (nothing stays leased)."""
-        keys = client.keys(tokens)
+        alone). ``tokens`` that do not end on a chunk boundary end with a trailing partial
+        chunk, loaded like the others (its last block gets only its rows). Returns the tokens
+        that arrived, counted from token 0 (at least the leading ``first_block`` blocks'
+        tokens are not leased at all: chunks wholly before ``first_block`` are skipped).
+        Client errors propagate (nothing stays leased)."""
+        keys = client.keys(tokens, include_partial=True)
+        tail = client.tail_tokens(tokens)
         first = first_block // self.blocks_per_chunk
         todo = max(0, len(keys) - first)
         size = self.group_chunks or max(-(-todo // LOAD_GROUPS), MIN_GROUP_BYTES // self.ns.chunk_bytes(), 1)
-        groups = [(s, keys[s:s + size]) for s in range(first, len(keys), size)]
+        groups = [(s, keys[s:s + size], tail if s + size >= len(keys) else 0) for s in range(first, len(keys), size)]
         streaming = (len(keys) - first) * self.ns.chunk_bytes() >= STREAMING_LOAD_BYTES
         got = first * self.ns.chunk_tokens
-        pending = self._prefetch.submit(_enter_lease, client, groups[0][1]) if groups else None
+        pending = self._prefetch.submit(_enter_lease, client, *groups[0][1:]) if groups else None
         try:
-            for g, (start, group) in enumerate(groups):
+            for g, (start, group, _) in enumerate(groups):
                 cm, lv = pending.result()
                 pending = None
                 try:
                     full = lv.matched == len(group)
                     if full and g + 1 < len(groups):
-                        pending = self._prefetch.submit(_enter_lease, client, groups[g + 1][1])
+                        pending = self._prefetch.submit(_enter_lease, client, *groups[g + 1][1:])
                     self._scatter_group(lv, first_block, block_ids, start, streaming)
-                    got = (start + lv.matched) * self.ns.chunk_tokens
+                    got = start * self.ns.chunk_tokens + lv.matched_tokens
                 finally:
                     cm.__exit__(None, None, None)
                 if not full:

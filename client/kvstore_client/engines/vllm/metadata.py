@@ -1,8 +1,10 @@
 """What the scheduler side tells the worker side each step (pickled to the workers).
 
-Token ranges are whole chunks from the request's first token, because prefix keys are
-chained from there; ``block_ids`` are the request's blocks that the range touches, starting
-at ``first_block`` (an index into the request's block table, i.e. token ``first_block * N``).
+Token ranges start at the request's first token, because prefix keys are chained from
+there, and are whole chunks, or whole chunks and a trailing partial chunk (``tokens`` not a
+multiple of the chunk: ``kvstore.partial_chunks``); ``block_ids`` are the request's blocks
+that the range touches, starting at ``first_block`` (an index into the request's block
+table, i.e. token ``first_block * N``), the last one partly when the range ends inside it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ class LoadSpec:
 @dataclass(frozen=True)
 class SaveSpec:
     req_id: str
-    tokens: tuple[int, ...]        #: the chunks to publish: all materialised, whole chunks
+    tokens: tuple[int, ...]        #: the chunks to publish, all materialised (whole, then maybe a partial one)
     block_ids: tuple[int, ...]     #: the blocks holding them, from the request's first block
 
 

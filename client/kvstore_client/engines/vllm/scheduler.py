@@ -2,15 +2,19 @@
 
 Runs on vLLM's scheduler thread only (no locks). Per request:
 
-1. ``get_num_new_matched_tokens``: one lookup of the prompt's whole chunks (same host: the
+1. ``get_num_new_matched_tokens``: one lookup of the prompt's chunks (same host: the
    daemon's shared presence index, no RPC; otherwise one Lookup RPC), at most
-   ``len(prompt) - 1`` tokens so vLLM still computes the last token's logits. The answer is
+   ``len(prompt) - 1`` tokens so vLLM still computes the last token's logits. With
+   ``kvstore.partial_chunks`` (the default) those tokens end with a trailing partial chunk
+   of their own key, so a prompt seen before loads all but its last token; without it the
+   match ends at a chunk boundary. The answer is
    memoised per request (vLLM may ask again). Loads are synchronous (done in
    ``start_load_kv`` before the forward), so the async flag is always ``False``.
 2. ``update_state_after_alloc``: records the range to load, ``[vLLM's computed, matched)``.
 3. ``build_connector_meta``: turns the recorded ranges into :class:`LoadSpec` (with the
    blocks vLLM allocated) and plans a :class:`SaveSpec` when a whole chunk of the prompt
-   becomes materialised (computed by the end of this step) and is not known to be stored.
+   becomes materialised (computed by the end of this step) and is not known to be stored,
+   and for the trailing partial chunk once the reusable prompt (all but its last token) is.
 4. ``request_finished``: forgets the request and reports ``kvstore.loaded_tokens`` and
    ``kvstore.lookup_ms`` (the lookup's own time, the connector's cost on a miss). Saves copy the KV out of the blocks during the
    step that computed it (worker side), so the blocks can be freed at once (``False``).
@@ -38,6 +42,7 @@ class _Request:
     prompt: list[int]
     block_ids: list[int] = field(default_factory=list)
     published_chunks: int = 0          #: chunks [0, n) are stored (found by lookup, or saved by us)
+    tail_published: bool = False       #: so is the trailing partial chunk of the reusable prompt
     loaded_tokens: int = 0
     fault: str | None = None
 
@@ -56,16 +61,22 @@ class SchedulerSide:
         self.hit_tokens = 0
 
     # -- 1 ------------------------------------------------------------------------------
+    def reusable(self, prompt) -> int:
+        """Prompt tokens a hit may cover: all but the last (vLLM computes its logits), cut at
+        a chunk boundary unless trailing partial chunks are on."""
+        n = max(0, len(prompt) - 1)
+        return n if self.cfg.partial_chunks else n // self.chunk * self.chunk
+
     def num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         prompt = request.prompt_token_ids or []
-        reusable = (len(prompt) - 1) // self.chunk * self.chunk
+        reusable = self.reusable(prompt)
         if reusable <= num_computed_tokens:
             return 0, False
         matched = self._matched.get(request.request_id)
         if matched is None:
             self.lookups += 1
             t0 = time.perf_counter()
-            matched = self.link.call(lambda c: c.lookup(prompt[:reusable]).matched_tokens, 0)
+            matched = self.link.call(lambda c: c.lookup(prompt[:reusable], include_partial=True).matched_tokens, 0)
             self._lookup_s[request.request_id] = time.perf_counter() - t0
             self._matched[request.request_id] = matched
         return max(0, matched - num_computed_tokens), False
@@ -75,6 +86,7 @@ class SchedulerSide:
         st = self._request(request)
         matched = self._matched.pop(request.request_id, 0)
         st.published_chunks = max(st.published_chunks, matched // self.chunk)
+        st.tail_published = st.tail_published or (matched > 0 and matched == self.reusable(st.prompt))
         if num_external_tokens > 0:
             end = matched
             self._pending_loads[request.request_id] = (end - num_external_tokens, end)
@@ -119,14 +131,22 @@ class SchedulerSide:
         if load is not None:
             start, end = load
             meta.loads.append(LoadSpec(req_id, tuple(st.prompt[:end]), start // bs,
-                                       tuple(st.block_ids[start // bs:end // bs]), st.fault))
+                                       tuple(st.block_ids[start // bs:-(-end // bs)]), st.fault))
         if not self.cfg.save:
             return
-        publishable = min(computed_after_step, len(st.prompt)) // self.chunk
-        if publishable > st.published_chunks and len(st.block_ids) * bs >= publishable * self.chunk:
-            end = publishable * self.chunk
-            meta.saves.append(SaveSpec(req_id, tuple(st.prompt[:end]), tuple(st.block_ids[:end // bs])))
-            st.published_chunks = publishable
+        materialised = min(computed_after_step, len(st.prompt))
+        publishable = materialised // self.chunk
+        end = publishable * self.chunk if publishable > st.published_chunks else 0
+        reusable = self.reusable(st.prompt)
+        # The trailing partial chunk once the whole reusable prompt is computed (and so every
+        # full chunk before it): one save publishes both.
+        tail = reusable % self.chunk and not st.tail_published and materialised >= reusable
+        if tail:
+            end = reusable
+        if end and len(st.block_ids) * bs >= end:
+            meta.saves.append(SaveSpec(req_id, tuple(st.prompt[:end]), tuple(st.block_ids[:-(-end // bs)])))
+            st.published_chunks = max(st.published_chunks, end // self.chunk)
+            st.tail_published = st.tail_published or bool(tail)
 
     # -- 4 ------------------------------------------------------------------------------
     def finished(self, request: Any) -> tuple[bool, dict[str, Any] | None]:

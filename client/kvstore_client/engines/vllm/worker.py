@@ -68,9 +68,12 @@ class WorkerSide:
         t0 = time.perf_counter()
         n = len(spec.tokens)
         if spec.fault == FAULT_EVICT_AFTER_LOOKUP:
-            self.link.call(lambda c: c.delete(c.keys(spec.tokens)[1:]), 0)
+            self.link.call(lambda c: c.delete(c.keys(spec.tokens, include_partial=True)[1:]), 0)
         got = self.link.call(lambda c: self._loader.load(c, spec.tokens, spec.first_block, spec.block_ids), 0)
-        good = max(0, min(len(spec.block_ids), got // self.block_size - spec.first_block))
+        # Blocks wholly arrived; the last one also when the load ends inside it (the tokens
+        # vLLM computes next go into its other rows).
+        arrived = -(-got // self.block_size) if got >= n else got // self.block_size
+        good = max(0, min(len(spec.block_ids), arrived - spec.first_block))
         failed = spec.block_ids[good:]
         if failed:
             log.warning("kvstore connector: %d of %d blocks of request %s did not load (%d of %d tokens arrived); "
@@ -78,10 +81,11 @@ class WorkerSide:
             self._load_errors.update(failed)
             self.stats["failed_blocks"] += len(failed)
         dt = time.perf_counter() - t0
-        self.stats["loaded_tokens"] += good * self.block_size
+        loaded = min(n, (spec.first_block + good) * self.block_size) - spec.first_block * self.block_size
+        self.stats["loaded_tokens"] += loaded
         self.stats["load_s"] += dt
         log.info("kvstore connector: request %s loaded %d tokens into %d blocks in %.1f ms", spec.req_id,
-                 good * self.block_size, good, dt * 1e3)
+                 loaded, good, dt * 1e3)
 
     def take_load_errors(self) -> set[int]:
         errors, self._load_errors = self._load_errors, set()
@@ -100,7 +104,7 @@ class WorkerSide:
         tokens, durability = spec.tokens, self.cfg.durability
 
         def store() -> int:
-            return self.link.call(lambda c: c.store(tokens, out, durability=durability), 0)
+            return self.link.call(lambda c: c.store(tokens, out, durability=durability, include_partial=True), 0)
 
         self._stores.submit(store)
 
