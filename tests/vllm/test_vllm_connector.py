@@ -34,6 +34,9 @@ pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
 CHUNK = 128                        #: the connector's default on the CPU backend (one vLLM block)
 LONG_TOKENS = 1492                 #: the issue's prompt length: 11 whole chunks + 84 tokens
+#: What a hit of a prompt seen before loads: all but its last token (11 whole chunks and the
+#: trailing partial chunk of 83 tokens; vLLM computes the last token's logits).
+LONG_REUSABLE = LONG_TOKENS - 1
 SHARED_TOKENS = 1024               #: shared prefix of the second prompt (8 chunks)
 MAX_TOKENS = 16
 #: near-lossless codec on the disk tier: at least this share of greedy tokens equal to the
@@ -81,7 +84,8 @@ def sc(tmp_path_factory, hf_model, texts):
 
 
 def _wait_stored(sc, tokens, model_id: str | None = None, timeout_s: float = 60.0) -> None:
-    """Until the daemon has every whole chunk of ``tokens`` in the engines' namespace (the
+    """Until the daemon has every chunk a hit of the prompt ``tokens`` loads (its whole chunks
+    and the trailing partial one of all but its last token) in the engines' namespace (the
     connector stores on a background thread, after the request has returned)."""
     from kvstore_client import KVStoreClient, Namespace, Tier
     from kvstore_client.engines.vllm.namespace import checkpoint_digest
@@ -90,7 +94,7 @@ def _wait_stored(sc, tokens, model_id: str | None = None, timeout_s: float = 60.
                    dtype="float32", num_layers=30, num_kv_heads=3, head_dim=64, chunk_tokens=CHUNK)
     deadline = time.monotonic() + timeout_s
     with KVStoreClient(sc.daemon.addr, ns, local=False) as c:
-        keys = c.keys(tokens)
+        keys = c.keys(tokens[:-1], include_partial=True)
         while Tier.NONE in c.exists(keys):
             assert time.monotonic() < deadline, "the connector did not store the prompt's chunks"
             time.sleep(0.1)
@@ -118,8 +122,8 @@ def test_sidecar_down_at_start_gives_correct_output_then_reconnects(sc):
     assert _loaded(first) == 0
     _wait_stored(sc, sc.long, OTHER_ID)
     again = _one(c, sc.long)                         # its own chunks, from the daemon
-    assert _loaded(again) == (LONG_TOKENS // CHUNK) * CHUNK
-    assert again["num_cached_tokens"] == (LONG_TOKENS // CHUNK) * CHUNK
+    assert _loaded(again) == LONG_REUSABLE
+    assert again["num_cached_tokens"] == LONG_REUSABLE
     assert again["tokens"] == sc.ref["long"]["tokens"]
 
 
@@ -129,7 +133,7 @@ def test_other_namespace_never_shares_then_shared_prefix_hits(sc):
     assert _loaded(r) == 0 and r["num_cached_tokens"] == 0
     assert r["tokens"] == sc.ref["long"]["tokens"]
     _wait_stored(sc, sc.long)
-    s = _one(a, sc.shared)              # same first 1024 tokens, another suffix
+    s = _one(a, sc.shared)              # same first 1024 tokens, another suffix: not the long tail
     assert _loaded(s) == SHARED_TOKENS
     assert s["tokens"] == sc.ref["shared"]["tokens"]
     _wait_stored(sc, sc.shared)
@@ -137,13 +141,12 @@ def test_other_namespace_never_shares_then_shared_prefix_hits(sc):
 
 def test_second_engine_hits_from_dram_lossless_and_faster(sc):
     b = sc.engine("B", fault_injection=True)
-    whole = (LONG_TOKENS // CHUNK) * CHUNK
     r = _one(b, sc.long)
-    assert r["num_cached_tokens"] == whole and _loaded(r) == whole
+    assert r["num_cached_tokens"] == LONG_REUSABLE and _loaded(r) == LONG_REUSABLE
     assert r["tokens"] == sc.ref["long"]["tokens"]
     assert r["ttft_s"] < sc.ref["long"]["ttft_s"], (r["ttft_s"], sc.ref["long"]["ttft_s"])
-    s = _one(b, sc.shared)              # A stored its fifth chunk: all 5 whole chunks hit
-    assert _loaded(s) == (len(sc.shared) // CHUNK) * CHUNK
+    s = _one(b, sc.shared)              # A stored the rest of it: all but its last token hit
+    assert _loaded(s) == len(sc.shared) - 1
     assert s["tokens"] == sc.ref["shared"]["tokens"]
 
 
@@ -154,14 +157,14 @@ def test_daemon_restart_hits_from_disk(sc):
     r = _one(b, sc.long)
     if _loaded(r) == 0:                 # the first call after a restart may find the link down
         r = _one(b, sc.long)
-    assert _loaded(r) == (LONG_TOKENS // CHUNK) * CHUNK
+    assert _loaded(r) == LONG_REUSABLE
     assert r["tokens"] == sc.ref["long"]["tokens"]
 
 
 def test_chunk_evicted_between_lookup_and_load_is_recomputed(sc):
     b = sc.engine("B", fault_injection=True)
     r = _one(b, sc.long, kv_params={"kvstore.fault": "evict_after_lookup"})
-    assert _loaded(r) == (LONG_TOKENS // CHUNK) * CHUNK     # planned; only chunk 0 arrived
+    assert _loaded(r) == LONG_REUSABLE      # planned; only chunk 0 arrived
     assert r["tokens"] == sc.ref["long"]["tokens"]
     assert "did not load" in b.log_tail(200_000)
 
@@ -191,7 +194,7 @@ def test_lossy_disk_tier_within_documented_bound(sc):
     r = _one(b, sc.other)
     if _loaded(r) == 0:
         r = _one(b, sc.other)
-    assert _loaded(r) == (len(sc.other) // CHUNK) * CHUNK
+    assert _loaded(r) == len(sc.other) - 1
     ref = sc.ref["other"]["tokens"]
     equal = sum(x == y for x, y in zip(r["tokens"], ref)) / len(ref)
     print(f"lossy disk tier: {equal:.2%} of greedy tokens equal to the lossless run")
