@@ -13,6 +13,9 @@ request at a time, TTFT = vLLM's own first-token latency (arrival -> first token
 - ``kv miss``:   vLLM + kvstore on an empty daemon (lookup misses, the prompt's chunks are saved);
 - ``kv dram``:   a second vLLM process + kvstore: the prefix comes from the daemon's DRAM;
 - ``kv disk``:   the daemon restarted (DRAM empty), same process: the prefix comes from disk;
+- ``kv whole``:  (``--modes kvwhole``, after ``kv``) a third process with
+                 ``kvstore.partial_chunks=false``: a hit loads whole chunks only and vLLM
+                 recomputes the rest of the prompt (how the connector worked before);
 - ``file``:      vLLM's built-in ExampleConnector (safetensors per layer), a fresh process
                  loading what a first process saved (it only matches a whole identical prompt);
 - ``kv shared``: prompts sharing a ``--shared`` token prefix with different suffixes (kvstore
@@ -123,7 +126,7 @@ def _print_bandwidth(bw: dict[str, float]) -> None:
           flush=True)
 
 
-MODES = ("cold", "kv", "file", "lmcache", "miss", "bandwidth")
+MODES = ("cold", "kv", "kvwhole", "file", "lmcache", "miss", "bandwidth")
 LMCACHE_ENV = {"DO_NOT_TRACK": "1", "LMCACHE_TRACK_USAGE": "false"}
 #: Seconds the LMCache server gets to start (imports torch and its CUDA-less fallbacks).
 LMCACHE_START_TIMEOUT_S = 120.0
@@ -300,6 +303,10 @@ def main() -> None:
             _ttfts(e, [_take(pool, 17, 600)])  # reconnects after the restart (a miss)
             run("kv disk", e)
             close(e)
+            if "kvwhole" in modes:           # the same stored chunks, whole ones only
+                e = engine(H.connector_config(daemon.addr, durability="persisted", partial_chunks=False), "kv3.log")
+                run("kv whole", e)
+                close(e)
         if "file" in modes:
             store = tmp / "file-connector"
             store.mkdir()
@@ -348,12 +355,14 @@ def _table(rows: list[dict]) -> None:
     """The TTFT table of whatever ``rows`` hold (later rows of one name win)."""
     res = {r["name"]: {int(k) if k.isdigit() else k: v for k, v in r["values"].items()} for r in rows}
     loads = sorted({r["load1"] for r in rows})
-    cols = [c for c in ("cold", "kv miss", "kv dram", "kv disk", "file", "lmcache mem", "lmcache restart") if c in res]
+    cols = [c for c in ("cold", "kv miss", "kv dram", "kv disk", "kv whole", "file", "lmcache mem", "lmcache restart")
+            if c in res]
     lengths = sorted({L for c in cols for L in res[c] if isinstance(L, int)})
     if cols:
         print(f"\nTTFT medians, seconds (1-min load average at the starts: {loads})")
-        ratios = [(a, b) for a, b in (("cold", "kv dram"), ("file", "kv dram"), ("lmcache mem", "kv dram"),
-                                      ("lmcache restart", "kv disk")) if a in res and b in res]
+        ratios = [(a, b) for a, b in (("cold", "kv dram"), ("kv whole", "kv dram"), ("file", "kv dram"),
+                                      ("lmcache mem", "kv dram"), ("lmcache restart", "kv disk"))
+                  if a in res and b in res]
         print("| cached prefix | " + " | ".join(cols) + "".join(f" | {a} / {b}" for a, b in ratios) + " |")
         print("|---" * (len(cols) + len(ratios) + 1) + "|")
         for L in lengths:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import vllm_harness as harness
+
 from kvstore_client.engines.vllm.config import ConnectorConfig
 from kvstore_client.engines.vllm.layout import LayoutError, PagedLayout
 from kvstore_wire.keys import Namespace
@@ -33,12 +35,30 @@ def test_scatter_then_gather_round_trips_and_lands_where_the_backend_reads(backe
     assert torch.equal(out, kv)
     layer0 = caches["model.layers.0.self_attn.attn"]
     # Token 1 of the chunk (block 5, offset 1), head 2: where the backend's kernel reads K and V.
-    if backend == "CPU_ATTN":      # [B, H, 2N, D]: K rows then V rows
-        tile = layer0.view(6, H, 2 * N, D)
-        k, v = tile[5, 2, 1], tile[5, 2, N + 1]
+    if backend == "CPU_ATTN":      # a (block, head) tile: K dim-major [D, N], then V token-major [N, D]
+        tile = layer0.view(6, H, 2 * N * D)
+        k, v = tile[5, 2, torch.arange(D) * N + 1], tile[5, 2, N * D + D:N * D + 2 * D]
     else:                          # [B, H, N, 2D]: [K | V] on the last axis
         k, v = layer0[5, 2, 1, :D], layer0[5, 2, 1, D:]
     assert torch.equal(k, kv[0, 0, 1, 2]) and torch.equal(v, kv[0, 1, 1, 2])
+
+
+def test_cpu_tile_probe_finds_the_layout_of_vllms_own_cache_kernel(vllm_env):
+    """vLLM's CPU cache kernel (``cpu_attn_reshape_and_cache``, the ISA vLLM picks here) writes
+    tokens where ``CPU_TILE`` views read them, for each dtype the connector stores (an AMX
+    kernel's bf16 tiles are another order: opaque, copied as whole blocks); run in the vLLM
+    venv (the test process has no vLLM)."""
+    import subprocess
+
+    code = ("import torch, json; from kvstore_client.engines.vllm.layout import probe_cpu_tile; "
+            "print(json.dumps([probe_cpu_tile(d, 128, 3, 64) for d in (torch.float32, torch.float16, torch.bfloat16)]))")
+    r = subprocess.run([str(vllm_env), "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**harness.VLLM_ENV, "PATH": "/usr/bin:/bin", "PYTHONPATH": harness.client_pythonpath()})
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = __import__("json").loads(r.stdout.strip().splitlines()[-1])
+    assert got[0][0] == "cpu_tile", got                  # fp32, the tests' and benchmark's dtype
+    for split, isa in got:                                # vec/vec16 are known; others (AMX for
+        assert split == "cpu_tile" if isa in ("vec", "vec16") else split in ("cpu_tile", "opaque"), got  # bf16)
 
 
 def test_partial_scatter_skips_blocks_vllm_already_has():

@@ -36,6 +36,11 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": f"0-{THR
             "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
 
 
+def client_pythonpath() -> str:
+    """This checkout's thin client (wire, native, client) as a PYTHONPATH for vLLM processes."""
+    return os.pathsep.join(str(REPO / d) for d in ("wire", "native", "client"))
+
+
 def suite_conftest():
     """The suite's top-level tests/conftest.py (``DaemonProcess``, ``SMALL``, ``free_port``),
     loaded by path: two ``conftest`` modules cannot both be imported by name."""
@@ -84,7 +89,7 @@ class Engine:
         env = {**os.environ, **VLLM_ENV, **(extra_env or {})}
         # This checkout's thin client first (the vLLM venv's editable install may point at
         # another checkout); nothing else of the project's environment.
-        env["PYTHONPATH"] = os.pathsep.join(str(REPO / d) for d in ("wire", "native", "client"))
+        env["PYTHONPATH"] = client_pythonpath()
         py = python or vllm_python()
         env["PATH"] = f"{py.parent}:{env.get('PATH', '')}"
         self.log_path = log_path

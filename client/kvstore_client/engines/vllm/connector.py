@@ -16,6 +16,7 @@ contract is the docstrings of ``vllm/distributed/kv_transfer/kv_connector/v1/bas
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,12 +24,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from .config import ConnectorConfig
-from .layout import backend_names
+from .layout import OPAQUE, TOKEN_EXACT, backend_names, probe_cpu_tile
 from .link import SidecarLink
 from .metadata import KVStoreConnectorMetadata
 from .namespace import namespace_for
 from .scheduler import SchedulerSide
-from .worker import WorkerSide
+from .worker import _TORCH_DTYPES, WorkerSide
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +57,28 @@ class KVStoreConnector(KVConnectorBase_V1):
                         self._kv_transfer_config.kv_load_failure_policy)
         rank = 0 if role == KVConnectorRole.SCHEDULER else _tp_rank()
         self.namespace = namespace_for(vllm_config, self.cfg.chunk_tokens, self.cfg.model_id, tp_rank=rank)
+        self.cpu_split = None
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # Both roles probe the same kernel, so they agree on the namespace and on whether
+            # chunks may end inside a block.
+            ns = self.namespace
+            self.cpu_split, isa = probe_cpu_tile(_TORCH_DTYPES[ns.dtype.name], self.block_size, ns.num_kv_heads,
+                                                 ns.head_dim)
+            if self.cpu_split == OPAQUE:
+                # Blocks in a tile order this connector does not know: never shared with
+                # engines that store the namespace layout.
+                self.namespace = replace(ns, model=f"{ns.model}#vllm-cpu-{isa}-blocks")
+            if self.cpu_split not in TOKEN_EXACT:
+                self.cfg = replace(self.cfg, partial_chunks=False)
         link = SidecarLink(self.cfg, self.namespace)
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._sched = SchedulerSide(self.cfg, link, self.block_size)
         else:
-            self._worker = WorkerSide(self.cfg, link, self.namespace, self.block_size)
+            self._worker = WorkerSide(self.cfg, link, self.namespace, self.block_size, self.cpu_split)
         log.info("kvstore connector (%s): sidecar %s, namespace %s, chunk %d tokens", role.name, self.cfg.addr,
                  self.namespace.model, self.cfg.chunk_tokens)
         # Connect now (map the arena and the presence index), not in the first request's

@@ -4,8 +4,15 @@ vLLM hands a connector one tensor per attention layer, logically ``[blocks, kv_h
 block_size, content]`` (RFC 42082), where ``content`` holds K and V of a token and head.
 Where K and V sit inside it is the attention backend's choice:
 
-- ``CPU_ATTN`` (vLLM-CPU): each (block, head) tile is ``[2 * block_size, head_dim]``, the
-  block's K rows then its V rows (the backend views ``[B, H, N, 2D]`` as ``[B, H, 2N, D]``);
+- ``CPU_ATTN`` (vLLM-CPU): each (block, head) tile is ``2 * block_size * head_dim`` elements
+  (the backend views ``[B, H, N, 2D]`` as ``[B, H, 2N, D]``): the first half holds K, the
+  second V, in the order the backend's ``cpu_attn_reshape_and_cache`` kernel writes them,
+  which depends on the kernel's ISA. vLLM 0.32's ``vec``/``vec16`` kernels keep K
+  dim-major (``[D, N]``: all tokens of dimension 0, then of dimension 1, ...) and V
+  token-major (``[N, D]``): ``CPU_TILE``. ``probe_cpu_tile`` (connector side, with vLLM)
+  finds out which layout this machine's kernel uses by running it once; a kernel whose
+  layout it does not know keeps blocks opaque (``OPAQUE``: whole blocks copied verbatim,
+  never split, and a namespace of their own);
 - ``FLASH_ATTN``: ``content`` is ``[K | V]`` along the last axis of each token.
 
 :class:`PagedLayout` reads the shapes and strides of the tensors it is given (never
@@ -26,9 +33,14 @@ import torch
 from kvstore_wire.keys import Namespace
 
 #: Backends whose placement of K and V inside a block this module knows.
-ROWS_SPLIT = "rows"        # [B, H, 2N, D] tiles: K rows, then V rows
+CPU_TILE = "cpu_tile"      # [B, H, 2N, D] tiles: K as [D, N] (dim-major), then V as [N, D]
+ROWS_SPLIT = "rows"        # [B, H, 2N, D] tiles: K rows [N, D], then V rows [N, D]
+OPAQUE = "opaque"          # a CPU tile whose inner order is unknown: whole blocks, verbatim
 LAST_DIM_SPLIT = "last"    # [B, H, N, 2D] with K = [..., :D], V = [..., D:]
-BACKEND_SPLITS = {"CPU_ATTN": ROWS_SPLIT, "FLASH_ATTN": LAST_DIM_SPLIT}
+BACKEND_SPLITS = {"CPU_ATTN": CPU_TILE, "FLASH_ATTN": LAST_DIM_SPLIT}
+#: Splits that place each token's K and V exactly (the chunk bytes are the namespace layout,
+#: so a chunk may end inside a block and engines of other kinds can share it).
+TOKEN_EXACT = (CPU_TILE, ROWS_SPLIT, LAST_DIM_SPLIT)
 
 
 class LayoutError(ValueError):
@@ -55,14 +67,14 @@ def _views(name: str, kv: torch.Tensor, split: str, block_size: int, heads: int,
         raise LayoutError(f"{name}: KV tensor {tuple(kv.shape)} does not match [blocks, {heads}, {block_size}, "
                           f"{2 * dim}] (kv_heads, block size, 2 * head_dim from the model config)")
     s0, s1, s2, s3 = kv.stride()
-    if split == ROWS_SPLIT:
+    if split in (CPU_TILE, ROWS_SPLIT, OPAQUE):
         if s3 != 1 or s2 != c:
             raise LayoutError(f"{name}: the CPU backend's [2N, D] tiles need dense block interiors, got strides "
                               f"{kv.stride()}")
         off = kv.storage_offset()
-        size, stride = (b, n, h, dim), (s0, dim, s1, 1)
-        k = torch.as_strided(kv, size, stride, off)
-        v = torch.as_strided(kv, size, stride, off + n * dim)
+        size, rows, dim_major = (b, n, h, dim), (s0, dim, s1, 1), (s0, 1, s1, n)
+        k = torch.as_strided(kv, size, dim_major if split == CPU_TILE else rows, off)
+        v = torch.as_strided(kv, size, rows, off + n * dim)
     elif split == LAST_DIM_SPLIT:
         t = kv.permute(0, 2, 1, 3)
         k, v = t[..., :dim], t[..., dim:]
@@ -74,24 +86,30 @@ def _views(name: str, kv: torch.Tensor, split: str, block_size: int, heads: int,
 class PagedLayout:
     """Every attention layer's K and V views, in model layer order.
 
-    ``backends`` maps a layer name to its attention backend's name (``get_name()``).
+    ``backends`` maps a layer name to its attention backend's name (``get_name()``);
+    ``cpu_split``: how ``CPU_ATTN`` tiles hold K and V on this machine (``probe_cpu_tile``).
     """
 
     def __init__(self, kv_caches: Mapping[str, torch.Tensor], backends: Mapping[str, str], ns: Namespace,
-                 block_size: int) -> None:
+                 block_size: int, cpu_split: str = CPU_TILE) -> None:
         names = sorted(kv_caches, key=_layer_index)
         if len(names) != ns.num_layers:
             raise LayoutError(f"vLLM registered {len(names)} KV layers, the namespace has {ns.num_layers}")
         self.block_size = block_size
         self.layers: list[LayerViews] = []
+        splits = set()
         for name in names:
             backend = backends.get(name, "")
-            split = BACKEND_SPLITS.get(backend)
+            split = cpu_split if backend == "CPU_ATTN" else BACKEND_SPLITS.get(backend)
+            splits.add(split)
             if split is None:
                 raise LayoutError(f"{name}: attention backend {backend or '(unknown)'} keeps K and V in a layout the "
                                   f"kvstore connector does not know; supported: {sorted(BACKEND_SPLITS)}")
             self.layers.append(_views(name, kv_caches[name], split, block_size, ns.num_kv_heads, ns.head_dim))
         self.device = self.layers[0].k.device
+        #: Each token's K and V are placed exactly (chunks are the namespace layout and may end
+        #: inside a block); False: blocks are copied whole and verbatim only.
+        self.token_exact = splits <= set(TOKEN_EXACT)
 
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
@@ -209,7 +227,10 @@ class PagedLayout:
         for l, views in enumerate(self.layers):
             for kv, src in ((0, views.k), (1, views.v)):
                 dst = out[l, kv].view(len(block_ids), n, *src.shape[2:])
-                if dst.device == src.device:
+                if dst.device == src.device == torch.device("cpu"):
+                    for j, b in enumerate(block_ids):   # one strided copy per block (a dim-major K
+                        dst[j].copy_(src[b])            # tile is transposed on the way)
+                elif dst.device == src.device:
                     torch.index_select(src, 0, idx, out=dst)
                 else:
                     dst.copy_(torch.index_select(src, 0, idx))
@@ -238,6 +259,35 @@ def scatter_leased(layout: PagedLayout, lv, first_block: int, block_ids, chunk_b
         lo, hi = max(at, first_block), min(at + -(-tokens // layout.block_size), end)
         if hi > lo:
             layout.scatter_chunk(ch.data, tokens, lo - at, block_ids[lo - first_block:hi - first_block], streaming)
+
+
+def probe_cpu_tile(dtype: torch.dtype, block_size: int, heads: int, head_dim: int) -> tuple[str, str]:
+    """``(split, isa)``: how the CPU backend's cache kernel on this machine lays K and V out in
+    a tile. Runs vLLM's own ``cpu_attn_reshape_and_cache`` (with the ISA vLLM picks for this
+    dtype and shape) once on a scratch block of random tokens and checks which known layout
+    holds them; ``OPAQUE`` when none does (or vLLM's kernel is unavailable)."""
+    try:
+        from vllm import _custom_ops as ops
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+        isa = _get_attn_isa(dtype, block_size, head_dim)
+        cache = torch.zeros(1, heads, block_size, 2 * head_dim, dtype=dtype)
+        k_cache, v_cache = cache.view(1, heads, 2 * block_size, head_dim).chunk(2, dim=2)
+        g = torch.Generator().manual_seed(0)
+        key = torch.randn(block_size, heads, head_dim, generator=g).to(dtype)
+        value = torch.randn(block_size, heads, head_dim, generator=g).to(dtype)
+        ops.cpu_attn_reshape_and_cache(key, value, k_cache, v_cache, torch.arange(block_size), isa)
+    except Exception as e:  # noqa: BLE001 - any failure: keep blocks opaque (still correct)
+        import logging
+
+        logging.getLogger(__name__).warning("kvstore connector: cannot probe the CPU attention cache layout (%s); "
+                                            "blocks are copied whole", e)
+        return OPAQUE, "unknown"
+    for split in (CPU_TILE, ROWS_SPLIT):
+        v = _views("probe", cache, split, block_size, heads, head_dim)
+        if torch.equal(v.k[0], key) and torch.equal(v.v[0], value):
+            return split, isa
+    return OPAQUE, isa
 
 
 def backend_names(vllm_config: Any, layer_names: Sequence[str]) -> dict[str, str]:

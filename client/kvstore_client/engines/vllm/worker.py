@@ -40,20 +40,23 @@ _TORCH_DTYPES = {"FLOAT16": torch.float16, "BFLOAT16": torch.bfloat16, "FLOAT32"
 
 
 class WorkerSide:
-    def __init__(self, cfg: ConnectorConfig, link: SidecarLink, ns: Namespace, block_size: int) -> None:
+    def __init__(self, cfg: ConnectorConfig, link: SidecarLink, ns: Namespace, block_size: int,
+                 cpu_split: str | None = None) -> None:
         self.cfg = cfg
         self.link = link
         self.ns = ns
         self.block_size = block_size
         self.dtype = _TORCH_DTYPES[ns.dtype.name]
         self.layout: PagedLayout | None = None
+        self.cpu_split = cpu_split      #: how CPU_ATTN tiles hold K and V (layout.probe_cpu_tile)
         self._load_errors: set[int] = set()
         self._stores = StoreQueue(MAX_PENDING_STORES)
         self._loader: LeasedLoader | None = None
         self.stats = {"loaded_tokens": 0, "failed_blocks": 0, "load_s": 0.0, "saved_chunks": 0, "gather_s": 0.0}
 
     def register(self, kv_caches: Mapping[str, torch.Tensor], backends: Mapping[str, str]) -> None:
-        self.layout = PagedLayout(kv_caches, backends, self.ns, self.block_size)
+        self.layout = PagedLayout(kv_caches, backends, self.ns, self.block_size,
+                                  **({"cpu_split": self.cpu_split} if self.cpu_split else {}))
         self._loader = LeasedLoader(self.layout, self.ns)
         first = self.layout.layers[0].k
         if first.dtype != self.dtype:
