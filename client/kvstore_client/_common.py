@@ -239,6 +239,15 @@ def codec_available() -> bool:
     return True
 
 
+#: Offset of the level byte in a codec bitstream's header (docs/bitstream.md); 0 is lossless.
+CODEC_LEVEL_OFFSET = 9
+
+
+def is_lossy(bits) -> bool:
+    """Whether a codec bitstream was coded with a lossy level (its KV is not the exact bytes)."""
+    return len(bits) > CODEC_LEVEL_OFFSET and int(bits[CODEC_LEVEL_OFFSET]) != 0
+
+
 def decode_chunk(bits) -> np.ndarray:
     """A codec bitstream as the uint8 bytes of the RAW chunk."""
     try:
@@ -294,6 +303,8 @@ class ChunkAssembler:
         self._crc = 0
         self._bits: np.ndarray | None = None   # the current chunk's bitstream, if CODEC
         self.done = False
+        #: Chunks that came as lossy bitstreams (decoded KV, not the exact bytes).
+        self.lossy: set[int] = set()
 
     def tokens_of(self, index: int) -> int:
         """Tokens chunk ``index`` must hold."""
@@ -361,6 +372,8 @@ class ChunkAssembler:
         self.matched += 1
 
     def _write_decoded(self, index: int, bits) -> None:
+        if is_lossy(bits):
+            self.lossy.add(index)
         raw = decode_chunk(bits)
         want = self.ns.chunk_bytes(self.tokens_of(index))
         if raw.nbytes != want:

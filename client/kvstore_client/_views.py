@@ -47,6 +47,7 @@ class LeasedChunk:
     data: np.ndarray        #: uint8, read-only, the whole RAW chunk in the namespace layout
     leased: bool            #: True: a view of the shared arena (valid only inside the lease)
     num_tokens: int = 0     #: tokens of ``data`` (0: a full chunk; see ``LeasedViews.tokens_of``)
+    lossy: bool = False     #: decoded from a lossy bitstream (a lossy tier): not the exact KV
 
 
 @dataclass
@@ -111,7 +112,8 @@ def _split(asm: "C.ChunkAssembler", base: int) -> list[LeasedChunk]:
     for i in range(asm.matched):
         t = asm.tokens_of(i)
         cols = asm.out[:, i * asm.run:i * asm.run + t * asm.token_run]
-        out.append(LeasedChunk(base + i, _read_only(np.ascontiguousarray(cols).reshape(-1)), False, t))
+        out.append(LeasedChunk(base + i, _read_only(np.ascontiguousarray(cols).reshape(-1)), False, t,
+                               i in asm.lossy))
     return out
 
 
@@ -136,7 +138,9 @@ def lease_views(core, keys: list[bytes], verify_crc: bool | None, last_tokens: i
                               ext.crc32c))
             last = last_tokens if len(items) == len(keys) else 0
             datas = yield Work(_prepare, (ns, items, bool(verify_crc), core.copy_pool(), last))
-            out.chunks = [LeasedChunk(i, d, items[i][2] == Encoding.RAW, items[i][1]) for i, d in enumerate(datas)]
+            out.chunks = [LeasedChunk(i, d, items[i][2] == Encoding.RAW, items[i][1],
+                                      items[i][2] == Encoding.CODEC and C.is_lossy(items[i][0]))
+                          for i, d in enumerate(datas)]
         except BaseException:
             core.release_later(out.lease_id)
             raise

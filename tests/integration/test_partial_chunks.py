@@ -127,3 +127,21 @@ def test_async_client_stores_and_reads_the_tail(daemon):
                 assert lv.matched_tokens == len(toks)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("codec,lossy", [("near-lossless", True), ("lossless", False)])
+def test_views_say_which_chunks_came_lossy(daemon_factory, codec, lossy):
+    """A DRAM tier with a codec stores bitstreams; the views of a lossy level's chunks (the
+    partial one too) are marked ``lossy``, on the arena and the stream path alike."""
+    d = daemon_factory(settings=(f'dram.codec="{codec}"',))
+    toks = list(range(90_000, 90_000 + C + 11))
+    kv = kv_for(len(toks), 7)
+    for local in (None, False):
+        with KVStoreClient(d.addr, Namespace(**NS), local=local) as c:
+            c.store(toks, kv, include_partial=True)
+            with c.leased_views(c.keys(toks, include_partial=True), last_tokens=11) as lv:
+                assert lv.matched_tokens == len(toks)
+                assert [ch.lossy for ch in lv.chunks] == [lossy, lossy]
+                got = np.concatenate([np.frombuffer(ch.data, np.float16).reshape(3, 2, -1, 2, 32)
+                                      for ch in lv.chunks], axis=2)
+                assert np.array_equal(got, kv) != lossy

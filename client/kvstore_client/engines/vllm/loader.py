@@ -54,6 +54,7 @@ class LeasedLoader:
         self.ns = ns
         self.blocks_per_chunk = ns.chunk_tokens // layout.block_size
         self.group_chunks: int | None = None      #: chunks per LeaseRead; None: LOAD_GROUPS groups
+        self.lossy_tails = 0                      #: partial chunks left to vLLM: they came lossy
         self._prefetch = ThreadPoolExecutor(1, thread_name_prefix="kvstore-lease")
         self._scatter = ThreadPoolExecutor(SCATTER_THREADS - 1, thread_name_prefix="kvstore-scatter") \
             if SCATTER_THREADS > 1 else None
@@ -83,6 +84,13 @@ class LeasedLoader:
                     full = lv.matched == len(group)
                     if full and g + 1 < len(groups):
                         pending = self._prefetch.submit(_enter_lease, client, *groups[g + 1][1:])
+                    if full and tail and g + 1 == len(groups) and lv.chunks[-1].lossy:
+                        # A lossy tier's partial chunk is the query's nearest context, where
+                        # approximate KV costs the most quality for the least compute saved:
+                        # vLLM recomputes it (fewer than a chunk of tokens) exactly.
+                        lv.chunks = lv.chunks[:-1]
+                        full = False
+                        self.lossy_tails += 1
                     self._scatter_group(lv, first_block, block_ids, start, streaming)
                     got = start * self.ns.chunk_tokens + lv.matched_tokens
                 finally:

@@ -72,13 +72,19 @@ class WorkerSide:
         n = len(spec.tokens)
         if spec.fault == FAULT_EVICT_AFTER_LOOKUP:
             self.link.call(lambda c: c.delete(c.keys(spec.tokens, include_partial=True)[1:]), 0)
+        lossy_before = self._loader.lossy_tails
         got = self.link.call(lambda c: self._loader.load(c, spec.tokens, spec.first_block, spec.block_ids), 0)
+        lossy_tail = self._loader.lossy_tails > lossy_before and got == n - n % self.ns.chunk_tokens
         # Blocks wholly arrived; the last one also when the load ends inside it (the tokens
         # vLLM computes next go into its other rows).
         arrived = -(-got // self.block_size) if got >= n else got // self.block_size
         good = max(0, min(len(spec.block_ids), arrived - spec.first_block))
         failed = spec.block_ids[good:]
-        if failed:
+        if failed and lossy_tail:
+            log.info("kvstore connector: request %s: the trailing partial chunk came from a lossy tier; vLLM "
+                     "recomputes its %d tokens exactly", spec.req_id, n - got)
+            self._load_errors.update(failed)
+        elif failed:
             log.warning("kvstore connector: %d of %d blocks of request %s did not load (%d of %d tokens arrived); "
                         "vLLM recomputes them", len(failed), len(spec.block_ids), spec.req_id, got, n)
             self._load_errors.update(failed)
