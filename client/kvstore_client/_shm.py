@@ -45,12 +45,14 @@ def attach(core):
                         grpc.StatusCode.PERMISSION_DENIED):  # no local_path right: the stream path
             return
         raise
-    core.arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
-    core.nonce = a.nonce if core.arena is not None else b""
+    arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
+    core.arena = arena
+    core.nonce = a.nonce if arena is not None else b""
+    core.presence = None if arena is None or not a.index_path else core.presence
     core.hbm = a.hbm if core.arena is not None and a.HasField("hbm") else None   # the daemon's HBM pool
     if core.gpu is not None:
         core.gpu.reattached()
-    if core.arena is not None and a.index_path:
+    if arena is not None and a.index_path:
         core.presence = PresenceReader.open(a.index_path, a.nonce)
 
 
@@ -66,10 +68,17 @@ def detach(core) -> None:
 
 
 def reattach(core):
-    """The daemon restarted (new arena): drop the old mappings and map the new ones; the
-    stream path is used if that is no longer possible."""
-    detach(core)
+    """The daemon restarted (new arena): map the new arena and index, then drop the old
+    mappings; the stream path is used if mapping is no longer possible. Another thread of a
+    shared client never sees the mappings missing in between: it reads either the old ones
+    (whose offsets its nonce check then rejects) or the new ones. The old mappings are not
+    closed here, since another thread may be reading through them right now: they are
+    unmapped when the last reference goes. An arena pinned for CUDA is the exception (the
+    GPU path, serialised by its own lock, unregisters it first)."""
+    old_arena = core.arena
     yield from attach(core)
+    if old_arena is not None and old_arena is not core.arena and old_arena.cuda_registered:
+        old_arena.close()
 
 
 def same_arena(core, nonce: bytes):

@@ -130,11 +130,12 @@ def lease_views(core, keys: list[bytes], verify_crc: bool | None, last_tokens: i
         out.lease_id = resp.lease_id
         try:
             usable = yield from _shm.same_arena(core, resp.arena_nonce)
+            arena = core.arena       # one mapping for the whole lease (another thread may re-attach)
             items = []
-            for ext in resp.extents if usable else ():
+            for ext in resp.extents if usable and arena is not None else ():
                 if not ext.found or ext.index != len(items):
                     break
-                items.append((core.arena.view(ext.offset, ext.length), ext.num_tokens, Encoding(ext.encoding),
+                items.append((arena.view(ext.offset, ext.length), ext.num_tokens, Encoding(ext.encoding),
                               ext.crc32c))
             last = last_tokens if len(items) == len(keys) else 0
             datas = yield Work(_prepare, (ns, items, bool(verify_crc), core.copy_pool(), last))

@@ -64,7 +64,10 @@ class SharedArena:
         """uint8 array over ``[offset, offset+length)`` of the arena (no copy)."""
         if offset < 0 or length < 0 or offset + length > self.size:
             raise ValueError(f"extent [{offset}, {offset + length}) lies outside the {self.size}-byte arena")
-        return self._array[offset:offset + length]
+        array = self._array          # close() swaps it for an empty one; read it once
+        if array.size < self.size:
+            raise ValueError(f"shared arena {self.path} was unmapped (the daemon restarted); lease again")
+        return array[offset:offset + length]
 
     def register_cuda(self) -> bool:
         """Page-locks the mapping for CUDA (best effort); True when registered."""

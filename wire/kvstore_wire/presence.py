@@ -31,6 +31,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import weakref
 
 import numpy as np
 
@@ -80,6 +81,9 @@ class PresenceReader:
     def __init__(self, mm: mmap.mmap, nbuckets: int, fd: int = -1) -> None:
         self._mm = mm
         self._fd = fd     # kept open to notice when the daemon removed the file (it stopped)
+        # A reader dropped without close() (a client re-attached while another thread still
+        # probed it) gives its descriptor back when it is collected; the mapping goes with it.
+        self._fd_closer = weakref.finalize(self, os.close, fd) if fd >= 0 else None
         self.nbuckets = nbuckets
         ovf, b, _ = layout(nbuckets)
         self._overflow = memoryview(mm)[ovf:ovf + nbuckets]
@@ -133,8 +137,8 @@ class PresenceReader:
         self._overflow.release()
         self._slots.release()
         self._mm.close()
-        if self._fd >= 0:
-            os.close(self._fd)
+        if self._fd_closer is not None:
+            self._fd_closer()      # closes the descriptor once
             self._fd = -1
 
 
