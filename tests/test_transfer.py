@@ -94,3 +94,53 @@ def test_cuda_paged_and_arbitrary_slots_match_cpu(pattern):
     assert torch.equal(out.cpu(), ref)
     for b, p in zip(back, gpu):
         assert torch.equal(b.view(-1, heads, dim)[slots], p.view(-1, heads, dim)[slots])
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["cached", "streaming"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint8, np.float64])
+@pytest.mark.parametrize("tokens", [1, 15, 16, 17, 37])
+def test_tile_scatter_and_gather_match_numpy_for_dim_major_and_token_major_planes(dtype, tokens, streaming):
+    """vLLM-CPU tiles [blocks, heads, 2N, D]: K dim-major ([D, N]), V token-major ([N, D]);
+    token t goes to block ``ids[t // N]``, row ``t % N``, and nothing else is written."""
+    from kvstore_native.transfer import TileSpec, gather_tiles, scatter_tiles
+
+    rng = np.random.default_rng(tokens)
+    B, H, N, D, layers = 5, 3, 32, 8, 2
+    ids = [3, 0, 4, 1, 2][: -(-tokens // N)]
+    caches = [np.full((B, H, 2 * N, D), 99, dtype) for _ in range(layers)]
+    chunk = (rng.standard_normal((layers * 2, tokens, H, D)) * 50).astype(dtype)
+    e = np.dtype(dtype).itemsize
+    s0, s1 = H * 2 * N * D * e, 2 * N * D * e
+    ptrs, rs, es = [], [], []
+    for c in caches:
+        ptrs += [c.ctypes.data, c.ctypes.data + N * D * e]
+        rs += [e, D * e]
+        es += [N * e, e]
+    spec = TileSpec(ptrs, rs, es, [ids[t // N] * s0 for t in range(tokens)], [t % N for t in range(tokens)],
+                    H, D, e, s1)
+    scatter_tiles(chunk.ctypes.data, spec, streaming=streaming)
+    expect = [np.full((B, H, 2 * N, D), 99, dtype) for _ in range(layers)]
+    for layer in range(layers):
+        for t in range(tokens):
+            b, r = ids[t // N], t % N
+            k_tile = expect[layer][b, :, :N].reshape(H, D, N)     # [D, N] per head
+            k_tile[:, :, r] = chunk[2 * layer, t]
+            expect[layer][b, :, N + r] = chunk[2 * layer + 1, t]
+    for got, want in zip(caches, expect):
+        assert np.array_equal(got, want)
+    back = np.zeros_like(chunk)
+    gather_tiles(spec, back.ctypes.data)
+    assert np.array_equal(back, chunk)
+
+
+def test_tile_spec_bad_arguments_raise_clear_errors():
+    from kvstore_native.transfer import TileSpec, scatter_tiles
+
+    buf = np.zeros(64, np.float32)
+    good = dict(ptrs=[buf.ctypes.data], row_strides=[4], elem_strides=[4], block_offs=[0], rows=[0], heads=1,
+                head_elems=4, elem_bytes=4, head_stride=16)
+    for bad, msg in ((dict(elem_bytes=3), "elem_bytes"), (dict(rows=[-1]), "non-negative"),
+                     (dict(elem_strides=[0]), "strides must be positive"), (dict(heads=0), "positive"),
+                     (dict(row_strides=[4, 4]), "one row and element stride per plane")):
+        with pytest.raises(TransferError, match=msg):
+            scatter_tiles(buf.ctypes.data, TileSpec(**{**good, **bad}))

@@ -101,6 +101,21 @@ KVS_API int kvs_scatter_stream(const void* chunk, const uint64_t* plane_ptrs, in
                                int tokens, int heads, int64_t head_bytes, int64_t token_stride, int64_t head_stride,
                                char* err, size_t err_len);
 
+// Tile gather/scatter (CPU): planes with their own row and element strides, e.g. vLLM-CPU's
+// CPU_ATTN tiles, whose K is dim-major ([D, N] per block and head) and V token-major. Element
+// (p, t, h, e) of the engine side is at plane_ptrs[p] + block_offs[t] + rows[t] * row_strides[p]
+// + h * head_stride + e * elem_strides[p] (bytes); the chunk side is contiguous as above, with
+// head_bytes = head_elems * elem_bytes (elem_bytes 1, 2, 4 or 8). streaming (scatter): non-temporal
+// stores where aligned, for loads larger than the caches; the bytes written are the same.
+KVS_API int kvs_scatter_tiles(const void* chunk, const uint64_t* plane_ptrs, const int64_t* row_strides,
+                              const int64_t* elem_strides, int planes, const int64_t* block_offs, const int64_t* rows,
+                              int tokens, int heads, int head_elems, int elem_bytes, int64_t head_stride,
+                              int streaming, char* err, size_t err_len);
+KVS_API int kvs_gather_tiles(const uint64_t* plane_ptrs, const int64_t* row_strides, const int64_t* elem_strides,
+                             int planes, const int64_t* block_offs, const int64_t* rows, int tokens, int heads,
+                             int head_elems, int elem_bytes, int64_t head_stride, void* chunk, char* err,
+                             size_t err_len);
+
 // CUDA implementations (libkvstore_cuda.so): plane_ptrs and slots are HOST arrays (copied to
 // the device by the call); the engine memory is device memory; `chunk` is device memory or
 // host memory the device can address (cudaHostRegister'ed / pinned). `stream` is a

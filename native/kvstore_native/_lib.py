@@ -54,6 +54,7 @@ _vp, _cp, _pu64 = ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint
 _ERR = [_cp, _sz]  # (err, err_len), last in every fallible call
 _SHAPE = [_ci, _ci, _u32, _u32, _u32, _u32]  # dtype, layout, layers, tokens, heads, head_dim
 _PLANES = [_vp, _ci, _vp, _ci, _ci, _i64, _i64, _i64]  # plane_ptrs .. head_stride
+_TILES = [_vp, _vp, _vp, _ci, _vp, _vp, _ci, _ci, _ci, _ci, _i64]  # plane_ptrs .. head_stride (kvs_*_tiles)
 
 # name: (restype, argtypes)
 _CORE = {
@@ -67,6 +68,8 @@ _CORE = {
     "kvs_gather": (_ci, _PLANES + [_vp] + _ERR),
     "kvs_scatter": (_ci, [_vp] + _PLANES + _ERR),
     "kvs_scatter_stream": (_ci, [_vp] + _PLANES + _ERR),
+    "kvs_scatter_tiles": (_ci, [_vp] + _TILES + [_ci] + _ERR),
+    "kvs_gather_tiles": (_ci, _TILES + [_vp] + _ERR),
     "kvs_codec_encode_bound": (_u64, _SHAPE + [_ci]),
     "kvs_codec_encode": (_ci, [_vp, _u64] + _SHAPE + [_ci, _vp, _ci, _vp, _u64, _pu64] + _ERR),
     "kvs_codec_parse": (_ci, [_cp, _u64, ctypes.POINTER(CodecInfo)] + _ERR),

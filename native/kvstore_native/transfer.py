@@ -16,7 +16,8 @@ import numpy as np
 from kvstore_native import _lib
 from kvstore_native.errors import NativeLibraryMissing, TransferError
 
-__all__ = ["PlaneSpec", "TransferError", "cuda_available", "gather", "scatter", "paged_views", "paged_spec"]
+__all__ = ["PlaneSpec", "TileSpec", "TransferError", "cuda_available", "gather", "scatter", "gather_tiles",
+           "scatter_tiles", "paged_views", "paged_spec"]
 
 
 def cuda_available() -> bool:
@@ -116,6 +117,55 @@ def paged_spec(layers: Sequence[Any], layout: str, block_ids: Sequence[int], tok
         raise TransferError(f"{tokens} tokens from position {first_token} need {need} blocks, got {len(block_ids)}")
     slots = [int(block_ids[(first_token + i) // bs]) * per_block + (first_token + i) % bs for i in range(tokens)]
     return PlaneSpec([int(v.data_ptr()) for v in views], slots, int(heads), int(dim) * elt, tstride, hstride)
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """Host KV whose planes each have their own row and element strides (vLLM-CPU's
+    ``CPU_ATTN`` tiles: K dim-major, V token-major). Element (plane p, token t, head h,
+    element e) is at ``ptrs[p] + block_offs[t] + rows[t] * row_strides[p] + h * head_stride +
+    e * elem_strides[p]`` (bytes), ``elem_bytes`` long; the chunk side is contiguous
+    ``[planes, tokens, heads, head_elems]``."""
+
+    ptrs: Sequence[int]
+    row_strides: Sequence[int]
+    elem_strides: Sequence[int]
+    block_offs: Sequence[int]
+    rows: Sequence[int]
+    heads: int
+    head_elems: int
+    elem_bytes: int
+    head_stride: int
+
+    @property
+    def chunk_bytes(self) -> int:
+        return len(self.ptrs) * len(self.rows) * self.heads * self.head_elems * self.elem_bytes
+
+    def _args(self) -> tuple:
+        arrays = (np.asarray(self.ptrs, dtype=np.uint64), np.asarray(self.row_strides, dtype=np.int64),
+                  np.asarray(self.elem_strides, dtype=np.int64), np.asarray(self.block_offs, dtype=np.int64),
+                  np.asarray(self.rows, dtype=np.int64))
+        n = len(arrays[0])
+        if not (len(arrays[1]) == len(arrays[2]) == n) or len(arrays[3]) != len(arrays[4]):
+            raise TransferError("TileSpec: one row and element stride per plane, one block offset per row")
+        a = [np.ascontiguousarray(x) for x in arrays]
+        return a, (a[0].ctypes.data, a[1].ctypes.data, a[2].ctypes.data, n, a[3].ctypes.data, a[4].ctypes.data,
+                   len(a[4]), self.heads, self.head_elems, self.elem_bytes, self.head_stride)
+
+
+def scatter_tiles(chunk_ptr: int, spec: TileSpec, *, streaming: bool = False) -> None:
+    """Writes the contiguous chunk at ``chunk_ptr`` into the host KV ``spec`` describes.
+    ``streaming``: non-temporal stores (loads much larger than the caches); same bytes."""
+    keep, args = spec._args()
+    _call("kvs_scatter_tiles", chunk_ptr, *args, int(streaming))
+    del keep
+
+
+def gather_tiles(spec: TileSpec, chunk_ptr: int) -> None:
+    """The inverse of ``scatter_tiles``: copies the host KV into the contiguous chunk."""
+    keep, args = spec._args()
+    _call("kvs_gather_tiles", *args, chunk_ptr)
+    del keep
 
 
 def _call(name: str, *args) -> None:

@@ -14,20 +14,22 @@ from kvstore_wire.keys import Namespace
 L, H, D, N = 4, 3, 8, 16
 
 
-def _ns(**kw) -> Namespace:
-    return Namespace(model="m@sha256:x", dtype="float32", num_layers=L, num_kv_heads=H, head_dim=D,
+def _ns(dtype="float32", **kw) -> Namespace:
+    return Namespace(model="m@sha256:x", dtype=dtype, num_layers=L, num_kv_heads=H, head_dim=D,
                      chunk_tokens=2 * N, **kw)
 
 
-def _caches(blocks=6, flash=False):
-    return {f"model.layers.{i}.self_attn.attn": torch.zeros(blocks, H, N, 2 * D) for i in range(L)}
+def _caches(blocks=6, flash=False, dtype=torch.float32):
+    return {f"model.layers.{i}.self_attn.attn": torch.zeros(blocks, H, N, 2 * D, dtype=dtype) for i in range(L)}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backend", ["CPU_ATTN", "FLASH_ATTN"])
-def test_scatter_then_gather_round_trips_and_lands_where_the_backend_reads(backend):
-    caches = _caches()
-    layout = PagedLayout(caches, {k: backend for k in caches}, _ns(), N)
-    kv = torch.randn(_ns().chunk_shape(4 * N))
+def test_scatter_then_gather_round_trips_and_lands_where_the_backend_reads(backend, dtype):
+    caches = _caches(dtype=dtype)
+    ns = _ns("float32" if dtype == torch.float32 else "bfloat16")
+    layout = PagedLayout(caches, {k: backend for k in caches}, ns, N)
+    kv = torch.randn(ns.chunk_shape(4 * N)).to(dtype)
     blocks = [5, 1, 3, 0]
     layout.scatter(kv, 0, blocks)
     out = torch.empty_like(kv)

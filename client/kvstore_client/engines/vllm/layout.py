@@ -136,6 +136,28 @@ class PagedLayout:
         ptrs = [t.data_ptr() for views in self.layers for t in (views.k, views.v)]
         return ptrs, transfer.PlaneSpec(ptrs, slots, k0.shape[2], k0.shape[3] * elt, sn * elt, sh * elt)
 
+    def _tile_spec(self, block_ids: Sequence[int], tokens: int | None = None) -> "Any | None":
+        """Every layer's K and V as planes of one native tile scatter/gather (CPU only), for
+        views whose planes differ in row and element strides (``CPU_TILE``: K dim-major, V
+        token-major). None when the views share no block and head stride."""
+        if self.device.type != "cpu":
+            return None
+        k0 = self.layers[0].k
+        sb, _, sh, _ = k0.stride()
+        views = [t for lv in self.layers for t in (lv.k, lv.v)]
+        if any(t.stride()[0] != sb or t.stride()[2] != sh for t in views):
+            return None
+        import numpy as np
+
+        from kvstore_native import transfer
+
+        n, elt = self.block_size, k0.element_size()
+        offs = (np.repeat(np.asarray(block_ids, dtype=np.int64) * (sb * elt), n))[:tokens]
+        rows = np.tile(np.arange(n, dtype=np.int64), len(block_ids))[:tokens]
+        return transfer.TileSpec([t.data_ptr() for t in views], [t.stride()[1] * elt for t in views],
+                                 [t.stride()[3] * elt for t in views], offs, rows, k0.shape[2], k0.shape[3], elt,
+                                 sh * elt)
+
     def scatter(self, chunks: torch.Tensor, first_block: int, block_ids: Sequence[int]) -> None:
         """Writes tokens ``[first_block * N, (first_block + len(block_ids)) * N)`` of
         ``chunks`` (``[layers, 2, tokens, heads, dim]``, contiguous) into ``block_ids``; when
@@ -160,6 +182,13 @@ class PagedLayout:
                 for p, ptr in enumerate(ptrs):
                     plane = chunks[p // 2, p % 2, lo:hi]
                     transfer.scatter(plane.data_ptr(), replace(spec, ptrs=[ptr]), device=False)
+            return
+        tiles = self._tile_spec(block_ids, hi - lo) if chunks.device.type == "cpu" else None
+        if tiles is not None:
+            from kvstore_native import transfer
+
+            src = chunks[:, :, lo:hi].contiguous()   # one call moves every layer's K and V
+            transfer.scatter_tiles(src.data_ptr(), tiles)
             return
         whole, rest = divmod(hi - lo, n)
         idx = self._index(block_ids[:whole])
@@ -203,6 +232,22 @@ class PagedLayout:
                 src = base + (p * chunk_tokens + skip_blocks * n) * token_bytes
                 transfer.scatter(src, replace(spec, ptrs=[ptr]), device=False, streaming=streaming)
             return
+        tiles = self._tile_spec(block_ids, tokens) if self.device.type == "cpu" else None
+        if tiles is not None:
+            from dataclasses import replace
+
+            from kvstore_native import transfer
+
+            base = int(chunk.ctypes.data)
+            if skip_blocks == 0 and tokens == chunk_tokens:     # the whole chunk: one call
+                transfer.scatter_tiles(base, tiles, streaming=streaming)
+                return
+            token_bytes = tiles.heads * tiles.head_elems * tiles.elem_bytes
+            for p in range(len(tiles.ptrs)):                   # part of each plane
+                src = base + (p * chunk_tokens + skip_blocks * n) * token_bytes
+                transfer.scatter_tiles(src, replace(tiles, ptrs=[tiles.ptrs[p]], row_strides=[tiles.row_strides[p]],
+                                                    elem_strides=[tiles.elem_strides[p]]), streaming=streaming)
+            return
         import warnings
 
         with warnings.catch_warnings():
@@ -222,6 +267,12 @@ class PagedLayout:
             from kvstore_native import transfer
 
             transfer.gather(native[1], out.data_ptr(), device=False)
+            return
+        tiles = self._tile_spec(block_ids) if out.device.type == "cpu" and out.is_contiguous() else None
+        if tiles is not None:
+            from kvstore_native import transfer
+
+            transfer.gather_tiles(tiles, out.data_ptr())
             return
         idx = self._index(block_ids)
         for l, views in enumerate(self.layers):
