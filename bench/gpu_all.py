@@ -109,10 +109,12 @@ def paged_specs(layers, ids, ns, chunks):
 
 
 def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), daemon_checks=False,
-        growth=None, speculate=True, lease_free=True, batch_mib=0) -> dict:
+        growth=None, speculate=True, lease_free=True, batch_mib=0, prefill_bytes=0) -> dict:
     """``daemon_checks``: the client asks for the daemon's CPU passes (verify at commit and
     before each read lease) instead of its GPU checks, as before they existed. ``growth``:
-    the request groups' growth factor (1: the first group, then the rest in one)."""
+    the request groups' growth factor (1: the first group, then the rest in one).
+    ``prefill_bytes``: first store that many bytes of other chunks (another namespace), so
+    the arena is full and every store evicts, as in a fleet's steady state."""
     from kvstore_client.gpu_state import _path
 
     ns = Namespace(model=f"bench-gpu-{name}", **shape)
@@ -121,6 +123,10 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
     kv = torch.randn(ns.chunk_shape(len(tokens)), device="cuda").to(tdt)
     nbytes = kv.numel() * kv.element_size()
     row = {"shape": name, "MB": nbytes / 1e6}
+    if prefill_bytes:
+        with KVStoreClient(addr, Namespace(model=f"bench-gpu-fill-{name}", **shape)) as f:
+            for j in range(-(-prefill_bytes // nbytes)):
+                kgpu.store_cuda(f, [t + (j + 1) * 10**7 for t in tokens], kv)
     with KVStoreClient(addr, ns) as c:
         gp = _path(c)
         if daemon_checks:
@@ -402,16 +408,23 @@ def main(argv=None) -> int:
     # leased: stock with every load asking LeaseRead first (speculative copies meanwhile), as
     # before lease-free loads; no-spec: leased with copies waiting for the LeaseRead answer;
     # batchN: stock with lease-free loads checked in batches of N MiB (default 32; staging
-    # grown to two batches).
+    # grown to two batches); noclear: stock with the daemon's background clearing of freed
+    # pages off (each ReserveWrite zeroes what it takes, as before); full: stock with the
+    # arena filled with other chunks first (every store evicts); full-target: full with
+    # dram.free_target_bytes=1GiB (the clearer evicts ahead and clears the room); full-noclear.
+    extra = {"noclear": ("dram.clear_freed=false",), "full-noclear": ("dram.clear_freed=false",),
+             "full-target": ("dram.free_target_bytes=1GiB",)}
     for variant in os.environ.get("GPU_ALL_VARIANTS", "stock,checks,two-groups").split(","):
-        d = TrustDaemon(*settings, variant=variant) if variant == "memset" else Daemon(*settings)
+        vs = (*settings, *extra.get(variant, ()))
+        d = TrustDaemon(*vs, variant=variant) if variant == "memset" else Daemon(*vs)
         try:
             variants = ("ce", "paged", "old") if variant == "stock" else ("ce",)
             runs[variant] = [_guard(errors, f"e2e {variant} {n}", lambda n=n, sh=sh: e2e(
                 d.addr, n, sh, args.chunks, args.repeats, variants, daemon_checks=variant == "checks",
                 growth=1 if variant == "two-groups" else None, speculate=variant != "no-spec",
                 lease_free=variant not in ("leased", "no-spec"),
-                batch_mib=int(variant[5:]) if variant.startswith("batch") else 0), None)
+                batch_mib=int(variant[5:]) if variant.startswith("batch") else 0,
+                prefill_bytes=(8 << 30) if variant.startswith("full") else 0), None)
                              for n, sh in SHAPES.items()]
             if variant == "stock":
                 smol = SHAPES["SmolLM2-135M fp16"]

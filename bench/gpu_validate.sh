@@ -19,11 +19,15 @@ PY
 nvidia-smi -L
 python3 -c "import torch, kvstore, kvstore_client; from kvstore_native import cuda_ipc; print(torch.__version__, cuda_ipc.available())" || exit 1
 START=$(date +%s)
-timeout 230 python3 -m pytest -q -p no:cacheprovider -o addopts= -rfE tests/gpu tests/codec/test_gpu.py \
+timeout ${TESTS_S:-230} python3 -m pytest -q -p no:cacheprovider -o addopts= -rfE tests/gpu tests/codec/test_gpu.py \
   tests/codec/test_gpu_args.py tests/integration/test_gpu_local.py tests/integration/test_local_path.py > "$OUT/tests.log" 2>&1
 echo "pytest rc=$? $(( $(date +%s)-START )) s"; tail -25 "$OUT/tests.log"
 timeout ${GPU_ALL_S:-240} python3 bench/gpu_all.py --repeats 3 --out "$OUT" > "$OUT/gpu_all.log" 2>&1
 echo "gpu_all rc=$? $(( $(date +%s)-START )) s"; tail -60 "$OUT/gpu_all.log"
+if [ -n "${GPU_PROFILE:-}" ]; then   # where one store / retrieve call's time goes
+  timeout ${GPU_PROFILE_S:-100} python3 bench/gpu_profile.py > "$OUT/profile.txt" 2>&1
+  echo "gpu_profile rc=$? $(( $(date +%s)-START )) s"; grep -v "^ *[0-9]" "$OUT/profile.txt" | head -30
+fi
 [ -n "${SKIP_CODEC_BENCH:-}" ] && exit 0
 timeout 80 python3 bench/gpu_codec_bench.py --reps 5 --json "$OUT/codec.json" > "$OUT/codec.log" 2>&1
 echo "codec rc=$? $(( $(date +%s)-START )) s"; tail -30 "$OUT/codec.log"

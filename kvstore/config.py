@@ -329,6 +329,14 @@ class DramConfig(_Section):
     codec: TierCodec = TierCodec.RAW
     #: Allocation granule of the arena; chunks occupy whole pages.
     page_bytes: Bytes = 64 * 1024
+    #: Zero freed pages in a background thread and hand same-host writers cleared pages first,
+    #: so a ReserveWrite skips its zeroing pass (a page another chunk held is never handed to
+    #: a client uncleared either way). False: each ReserveWrite zeroes what it takes.
+    clear_freed: bool = True
+    #: Keep this many bytes of the arena free (the clearer evicts by policy ahead of need and
+    #: clears them), so same-host writes into a full arena find cleared room at once. 0: only
+    #: pages freed by deletes and evictions are cleared. Needs ``clear_freed``.
+    free_target_bytes: Bytes = 0
     #: Back the arena with a shared-memory file ``/dev/shm/<shm_name>`` that local clients map
     #: (the zero-copy same-host path). ``auto``: ``kvstore-<pid>.arena``, falling back to a
     #: private arena when /dev/shm has no room. Empty: a private (anonymous) arena, so local

@@ -94,6 +94,42 @@ class PageAllocator:
         self.free_pages -= npages
         return start
 
+    def candidates(self, npages: int, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` free runs that fit ``npages``, as (length, start) in best-fit order,
+        plus the largest run (so a caller preferring some pages also sees the big one)."""
+        i = bisect.bisect_left(self._by_size, (npages, -1))
+        out = self._by_size[i:i + limit]
+        if len(self._by_size) > i + limit:
+            out.append(self._by_size[-1])
+        return out
+
+    def alloc_within(self, run_start: int, page: int, npages: int) -> int:
+        """Takes ``[page, page + npages)`` from inside the free run that starts at
+        ``run_start`` (from ``candidates``), leaving the pages on either side free."""
+        length = self._len_at.get(run_start)
+        assert length is not None and run_start <= page and page + npages <= run_start + length, \
+            "pages outside the free run"
+        self._drop(run_start)
+        if page > run_start:
+            self._add(run_start, page - run_start)
+        end = run_start + length
+        if page + npages < end:
+            self._add(page + npages, end - page - npages)
+        self.free_pages -= npages
+        return page
+
+    def free_runs_in(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        """The free pages of ``[lo, hi)`` as ``(start, end)`` runs, by address."""
+        i = max(0, bisect.bisect_right(self._starts, lo) - 1)
+        out = []
+        while i < len(self._starts) and self._starts[i] < hi:
+            s = self._starts[i]
+            e = s + self._len_at[s]
+            if e > lo:
+                out.append((max(s, lo), min(e, hi)))
+            i += 1
+        return out
+
     def free(self, start: int, npages: int) -> None:
         """Returns a run obtained from ``alloc``; merges it with free neighbours."""
         assert 0 <= start and start + npages <= self.total_pages, "extent outside the arena"

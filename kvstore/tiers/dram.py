@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -43,6 +44,14 @@ from .policies import make_policy
 
 log = logging.getLogger(__name__)
 
+
+#: Pages the background clearer zeroes at a time (it holds them out of reach of writers only
+#: while it zeroes them: a writer given one of them waits for that piece, not for the queue).
+CLEAR_PIECE_BYTES = 4 * 1024 * 1024
+#: Free runs a reservation looks at for a cleared window before it takes the best fit.
+CLEAR_CANDIDATES = 8
+#: How far into one free run a reservation looks for a cleared window (pages).
+CLEAR_SCAN_PAGES = 1 << 16
 
 #: Start of the arena's header page.
 ARENA_MAGIC = b"kvstore-arena-1\0"
@@ -125,6 +134,23 @@ class DramTier(Tier):
         self._entries: dict[ChunkId, _Entry] = {}          # committed and reserved, not dead
         self._stats = TierStats(Medium.DRAM, self._policy.name, self._arena.capacity_bytes - self._page)
         self._closed = False
+        # Background clearing (``dram.clear_freed``): freed runs wait in ``_dirty`` until the
+        # clearer thread zeroes them and marks their pages unused again, so a same-host writer
+        # is handed cleared pages and its ReserveWrite skips the zeroing pass. ``_clearing`` is
+        # the piece being zeroed right now (without the lock); a reservation that takes any of
+        # its pages waits on ``_cleared`` for that piece to finish.
+        self._dirty: deque[tuple[int, int]] = deque()
+        self._clearing: tuple[int, int] | None = None
+        self._cleared = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._free_target_pages = -(-conf.free_target_bytes // self._page) if conf.clear_freed else 0
+        #: Bytes the clearer zeroed, and chunks it evicted to keep ``dram.free_target_bytes`` free.
+        self.cleared_bytes = 0
+        self.cleared_evictions = 0
+        self._clearer: threading.Thread | None = None
+        if conf.clear_freed:
+            self._clearer = threading.Thread(target=self._clear_loop, name="kvstore-dram-clear", daemon=True)
+            self._clearer.start()
 
     # -- shared-memory view ------------------------------------------------------------------
     @property
@@ -216,6 +242,9 @@ class DramTier(Tier):
     def _free(self, e: _Entry) -> None:
         self._alloc.free(e.page, e.npages)
         self._stats.used_bytes -= e.npages * self._page
+        if self._clearer is not None:
+            self._dirty.append((e.page, e.npages))
+            self._wake.set()
         if e.charged is not None:
             self._account.release(e.tenant, e.npages * self._page, e.charged)
             e.charged = None
@@ -258,7 +287,7 @@ class DramTier(Tier):
             if tenant is not None:
                 self._charge_locked(tenant, npages * self._page, charge)
             try:
-                page = self._alloc.alloc(npages)
+                page = self._alloc_locked(npages)
                 if page is None:
                     page = self._make_room(npages)
             except BaseException:
@@ -269,9 +298,86 @@ class DramTier(Tier):
                        charged=charge if tenant is not None else None)
             self._entries[cid] = e
             self._stats.used_bytes += npages * self._page
+            while self._clearing is not None and self._overlaps_clearing(page, npages):
+                self._cleared.wait()          # that piece's pages are being zeroed right now
             stale = self._stale_locked(page, npages, nbytes)
+            if self._free_target_pages and self._alloc.free_pages < self._free_target_pages:
+                self._wake.set()
         off = page * self._page
         return Reservation(cid, off, nbytes, self._arena.writable(off, nbytes), e, stale)
+
+    def _alloc_locked(self, npages: int) -> int | None:
+        """A free run of ``npages``: the first cleared window (pages unused since they were
+        last zeroed) among the best-fitting free runs and the largest, else the best fit.
+        Caller holds the lock."""
+        if self._clearer is not None:
+            want = bytes(npages)
+            used = self._used
+            for length, start in self._alloc.candidates(npages, CLEAR_CANDIDATES):
+                i = used.find(want, start, start + min(length, npages + CLEAR_SCAN_PAGES))
+                if i != -1:
+                    return self._alloc.alloc_within(start, i, npages)
+        return self._alloc.alloc(npages)
+
+    def _overlaps_clearing(self, page: int, npages: int) -> bool:
+        lo, hi = self._clearing
+        return page < hi and lo < page + npages
+
+    def _next_dirty_locked(self) -> tuple[int, int] | None:
+        """The next piece ``(lo, hi)`` of free pages that may hold old bytes, or None. Runs
+        taken by a writer since they were freed are skipped (their writer clears its own)."""
+        piece = max(1, CLEAR_PIECE_BYTES // self._page)
+        used = self._used
+        while self._dirty:
+            page, npages = self._dirty.popleft()
+            for lo, hi in self._alloc.free_runs_in(page, page + npages):
+                first = used.find(1, lo, hi)
+                if first == -1:
+                    continue
+                end = min(hi, first + piece)
+                if end < page + npages:
+                    self._dirty.appendleft((end, page + npages - end))
+                return first, end
+        return None
+
+    def _clear_loop(self) -> None:
+        """The clearer thread: evicts ahead to keep ``dram.free_target_bytes`` free, then
+        zeroes freed pages piece by piece (non-temporal stores, the lock not held) and marks
+        them unused again."""
+        while True:
+            self._wake.wait()
+            with self._lock:
+                if self._closed:
+                    return
+                if self._free_target_pages and self._alloc.free_pages < self._free_target_pages:
+                    for cid in self._policy.victims():
+                        if self._alloc.free_pages >= self._free_target_pages:
+                            break
+                        e = self._entries[cid]
+                        if e.leases or self._pins.is_pinned(cid):
+                            continue
+                        self._unlink(e, evicted=True)
+                        self.cleared_evictions += 1
+                got = self._next_dirty_locked()
+                if got is None:
+                    self._wake.clear()      # under the lock: a later free sets it again
+                    continue
+                self._clearing = got
+            lo, hi = got
+            try:
+                view = self._arena.writable(lo * self._page, (hi - lo) * self._page)
+                native.zero(view)
+                view.release()
+                zeroed = True
+            except BaseException:  # noqa: BLE001 - the pages stay marked as used: writers zero them
+                log.exception("clearing freed DRAM pages failed")
+                zeroed = False
+            with self._lock:
+                if zeroed:
+                    self._used[lo:hi] = bytes(hi - lo)
+                    self.cleared_bytes += (hi - lo) * self._page
+                self._clearing = None
+                self._cleared.notify_all()
 
     def _stale_locked(self, page: int, npages: int, nbytes: int) -> tuple[tuple[int, int], ...]:
         """Byte ranges (of an extent of ``nbytes`` at ``page``) on pages handed out before,
@@ -435,4 +541,9 @@ class DramTier(Tier):
                 return
             self._closed = True
             self._entries.clear()
+            while self._clearing is not None:   # the clearer's piece is written before the unmap
+                self._cleared.wait()
+        self._wake.set()
+        if self._clearer is not None:
+            self._clearer.join()
         self._arena.close()
