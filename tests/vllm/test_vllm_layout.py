@@ -76,8 +76,8 @@ def test_partial_scatter_skips_blocks_vllm_already_has():
 
 def test_unknown_backend_and_wrong_shapes_are_refused():
     caches = _caches()
-    with pytest.raises(LayoutError, match="FLASHINFER"):
-        PagedLayout(caches, {k: "FLASHINFER" for k in caches}, _ns(), N)
+    with pytest.raises(LayoutError, match="FLEX_ATTENTION"):
+        PagedLayout(caches, {k: "FLEX_ATTENTION" for k in caches}, _ns(), N)
     bad = {k: torch.zeros(6, H, N, D) for k in caches}
     with pytest.raises(LayoutError, match="does not match"):
         PagedLayout(bad, {k: "CPU_ATTN" for k in bad}, _ns(), N)
@@ -254,3 +254,31 @@ def test_leased_loader_scatters_from_the_arena_and_stops_at_the_first_missing_ch
             assert loader.load(c, toks, 0, table) == 4 * N          # chunks 0 and 1 only
         finally:
             loader.close()
+
+
+@pytest.mark.parametrize("backend", ["FLASH_ATTN", "FLASHINFER", "TRITON_ATTN"])
+@pytest.mark.parametrize("physical", ["NHD", "HND", "layers-in-one-buffer"])
+def test_gpu_backend_layouts_are_read_from_strides(backend, physical):
+    """The logical [B, H, N, 2D] views vLLM hands a connector over NHD and HND memory, and
+    per-layer views into one buffer with blocks outermost: a chunk lands where
+    ``view[..., :D]`` / ``view[..., D:]`` (the backends' own K/V split) reads it."""
+    B = 6
+    if physical == "NHD":          # memory [B, N, H, 2D]
+        caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(B, N, H, 2 * D).permute(0, 2, 1, 3)
+                  for i in range(L)}
+    elif physical == "HND":        # memory [B, H, N, 2D]
+        caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(B, H, N, 2 * D) for i in range(L)}
+    else:                          # memory [B, L, N, H, 2D]: one buffer, each layer a strided view
+        buf = torch.zeros(B, L, N, H, 2 * D)
+        caches = {f"model.layers.{i}.self_attn.attn": buf[:, i].permute(0, 2, 1, 3) for i in range(L)}
+    layout = PagedLayout(caches, {k: backend for k in caches}, _ns(), N)
+    kv = torch.randn(_ns().chunk_shape(2 * N + 3))
+    blocks = [4, 1, 5]
+    layout.scatter(kv, 0, blocks)
+    for i, t in enumerate(caches.values()):
+        for tok in (0, N - 1, N, 2 * N + 2):
+            b, r = blocks[tok // N], tok % N
+            assert torch.equal(t[b, :, r, :D], kv[i, 0, tok]) and torch.equal(t[b, :, r, D:], kv[i, 1, tok])
+    out = torch.zeros(_ns().chunk_shape(3 * N))
+    layout.gather(blocks, out)
+    assert torch.equal(out[:, :, :2 * N + 3], kv)

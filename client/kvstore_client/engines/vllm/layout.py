@@ -13,7 +13,9 @@ Where K and V sit inside it is the attention backend's choice:
   finds out which layout this machine's kernel uses by running it once; a kernel whose
   layout it does not know keeps blocks opaque (``OPAQUE``: whole blocks copied verbatim,
   never split, and a namespace of their own);
-- ``FLASH_ATTN``: ``content`` is ``[K | V]`` along the last axis of each token.
+- ``FLASH_ATTN``, ``FLASHINFER``, ``TRITON_ATTN``: ``content`` is ``[K | V]`` along the last
+  axis of each token; the physical order of blocks, heads and tokens (NHD or HND, per-layer
+  views into one buffer) is whatever the view's strides say.
 
 :class:`PagedLayout` reads the shapes and strides of the tensors it is given (never
 assumes contiguity beyond what the backend guarantees) and builds, per layer, two strided
@@ -37,7 +39,11 @@ CPU_TILE = "cpu_tile"      # [B, H, 2N, D] tiles: K as [D, N] (dim-major), then 
 ROWS_SPLIT = "rows"        # [B, H, 2N, D] tiles: K rows [N, D], then V rows [N, D]
 OPAQUE = "opaque"          # a CPU tile whose inner order is unknown: whole blocks, verbatim
 LAST_DIM_SPLIT = "last"    # [B, H, N, 2D] with K = [..., :D], V = [..., D:]
-BACKEND_SPLITS = {"CPU_ATTN": CPU_TILE, "FLASH_ATTN": LAST_DIM_SPLIT}
+#: vLLM 0.32 hands every layer as the logical view ``[B, H, N, C]`` (RFC 42082) whatever the
+#: physical order (NHD, HND, blocks or layers outermost: the strides say); FlashAttention,
+#: FlashInfer and Triton attention all pack ``C = [K | V]`` per token and head.
+BACKEND_SPLITS = {"CPU_ATTN": CPU_TILE, "FLASH_ATTN": LAST_DIM_SPLIT, "FLASHINFER": LAST_DIM_SPLIT,
+                  "TRITON_ATTN": LAST_DIM_SPLIT}
 #: Splits that place each token's K and V exactly (the chunk bytes are the namespace layout,
 #: so a chunk may end inside a block and engines of other kinds can share it).
 TOKEN_EXACT = (CPU_TILE, ROWS_SPLIT, LAST_DIM_SPLIT)
