@@ -141,6 +141,13 @@ class TileSpec:
     def chunk_bytes(self) -> int:
         return len(self.ptrs) * len(self.rows) * self.heads * self.head_elems * self.elem_bytes
 
+    def plane(self, p: int) -> "TileSpec":
+        """The same spec for plane ``p`` alone."""
+        from dataclasses import replace
+
+        return replace(self, ptrs=[self.ptrs[p]], row_strides=[self.row_strides[p]],
+                       elem_strides=[self.elem_strides[p]])
+
     def _args(self) -> tuple:
         arrays = (np.asarray(self.ptrs, dtype=np.uint64), np.asarray(self.row_strides, dtype=np.int64),
                   np.asarray(self.elem_strides, dtype=np.int64), np.asarray(self.block_offs, dtype=np.int64),

@@ -120,32 +120,13 @@ class PagedLayout:
     def _index(self, block_ids: Sequence[int]) -> torch.Tensor:
         return torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
 
-    def _plane_spec(self, block_ids: Sequence[int], tokens: int | None = None) -> "tuple[list[int], Any] | None":
-        """Every layer's K and V as planes of one native gather/scatter (CPU only): token t
-        of the range goes to block ``block_ids[t // N]``, row ``t % N``; ``tokens``: only the
-        first so many (a range ending inside its last block). None when the views cannot be
-        addressed as ``ptr + slot * token_stride`` (then torch indexing is used)."""
-        if self.device.type != "cpu":
-            return None
-        k0 = self.layers[0].k
-        sb, sn, sh, sd = k0.stride()
-        if sd != 1 or sb % sn or any(v.k.stride() != k0.stride() or v.v.stride() != k0.stride() for v in self.layers):
-            return None
-        import numpy as np
-
-        from kvstore_native import transfer
-
-        n = self.block_size
-        slots = (np.repeat(np.asarray(block_ids, dtype=np.int64) * (sb // sn), n) +
-                 np.tile(np.arange(n, dtype=np.int64), len(block_ids)))[:tokens]
-        elt = k0.element_size()
-        ptrs = [t.data_ptr() for views in self.layers for t in (views.k, views.v)]
-        return ptrs, transfer.PlaneSpec(ptrs, slots, k0.shape[2], k0.shape[3] * elt, sn * elt, sh * elt)
-
     def _tile_spec(self, block_ids: Sequence[int], tokens: int | None = None) -> "Any | None":
-        """Every layer's K and V as planes of one native tile scatter/gather (CPU only), for
-        views whose planes differ in row and element strides (``CPU_TILE``: K dim-major, V
-        token-major). None when the views share no block and head stride."""
+        """Every layer's K and V as planes of one native tile scatter/gather (CPU only): token
+        t of the range goes to block ``block_ids[t // N]``, row ``t % N``; ``tokens``: only the
+        first so many (a range ending inside its last block). Each plane keeps its own row and
+        element strides (``CPU_TILE``: K dim-major, V token-major; token-major planes move a
+        head vector per memcpy). None when the views share no block and head stride (then
+        torch indexing is used)."""
         if self.device.type != "cpu":
             return None
         k0 = self.layers[0].k
@@ -174,27 +155,16 @@ class PagedLayout:
         hi = min((first_block + len(block_ids)) * n, chunks.shape[2])
         if hi <= lo:
             return
-        native = self._plane_spec(block_ids, hi - lo) if chunks.device.type == "cpu" else None
-        if native is not None:
-            from dataclasses import replace
-
-            from kvstore_native import transfer
-
-            ptrs, spec = native
-            src = chunks[:, :, lo:hi]
-            if src.is_contiguous():          # one call moves every layer's K and V
-                transfer.scatter(src.data_ptr(), spec, device=False)
-            else:                            # one call per plane
-                for p, ptr in enumerate(ptrs):
-                    plane = chunks[p // 2, p % 2, lo:hi]
-                    transfer.scatter(plane.data_ptr(), replace(spec, ptrs=[ptr]), device=False)
-            return
         tiles = self._tile_spec(block_ids, hi - lo) if chunks.device.type == "cpu" else None
         if tiles is not None:
             from kvstore_native import transfer
 
-            src = chunks[:, :, lo:hi].contiguous()   # one call moves every layer's K and V
-            transfer.scatter_tiles(src.data_ptr(), tiles)
+            src = chunks[:, :, lo:hi]
+            if src.is_contiguous():          # one call moves every layer's K and V
+                transfer.scatter_tiles(src.data_ptr(), tiles)
+            else:                            # one call per plane
+                for p in range(len(tiles.ptrs)):
+                    transfer.scatter_tiles(chunks[p // 2, p % 2, lo:hi].data_ptr(), tiles.plane(p))
             return
         whole, rest = divmod(hi - lo, n)
         idx = self._index(block_ids[:whole])
@@ -222,26 +192,8 @@ class PagedLayout:
         if skip_blocks + len(block_ids) > per:
             raise LayoutError(f"{skip_blocks} + {len(block_ids)} blocks do not fit a {chunk_tokens}-token chunk")
         tokens = min(len(block_ids) * n, chunk_tokens - skip_blocks * n)
-        native = self._plane_spec(block_ids, tokens) if self.device.type == "cpu" else None
-        if native is not None:
-            from dataclasses import replace
-
-            from kvstore_native import transfer
-
-            ptrs, spec = native
-            base = int(chunk.ctypes.data)
-            if skip_blocks == 0 and tokens == chunk_tokens:     # the whole chunk: one call
-                transfer.scatter(base, spec, device=False, streaming=streaming)
-                return
-            token_bytes = spec.heads * spec.head_bytes
-            for p, ptr in enumerate(ptrs):                     # part of each plane
-                src = base + (p * chunk_tokens + skip_blocks * n) * token_bytes
-                transfer.scatter(src, replace(spec, ptrs=[ptr]), device=False, streaming=streaming)
-            return
         tiles = self._tile_spec(block_ids, tokens) if self.device.type == "cpu" else None
         if tiles is not None:
-            from dataclasses import replace
-
             from kvstore_native import transfer
 
             base = int(chunk.ctypes.data)
@@ -251,8 +203,7 @@ class PagedLayout:
             token_bytes = tiles.heads * tiles.head_elems * tiles.elem_bytes
             for p in range(len(tiles.ptrs)):                   # part of each plane
                 src = base + (p * chunk_tokens + skip_blocks * n) * token_bytes
-                transfer.scatter_tiles(src, replace(tiles, ptrs=[tiles.ptrs[p]], row_strides=[tiles.row_strides[p]],
-                                                    elem_strides=[tiles.elem_strides[p]]), streaming=streaming)
+                transfer.scatter_tiles(src, tiles.plane(p), streaming=streaming)
             return
         import warnings
 
@@ -268,12 +219,6 @@ class PagedLayout:
     def gather(self, block_ids: Sequence[int], out: torch.Tensor) -> None:
         """Copies ``block_ids`` into ``out`` (``[layers, 2, len(block_ids) * N, heads, dim]``)."""
         n = self.block_size
-        native = self._plane_spec(block_ids) if out.device.type == "cpu" and out.is_contiguous() else None
-        if native is not None:
-            from kvstore_native import transfer
-
-            transfer.gather(native[1], out.data_ptr(), device=False)
-            return
         tiles = self._tile_spec(block_ids) if out.device.type == "cpu" and out.is_contiguous() else None
         if tiles is not None:
             from kvstore_native import transfer
