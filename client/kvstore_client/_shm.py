@@ -43,17 +43,17 @@ def attach(core):
     except grpc.RpcError as e:
         if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED,
                         grpc.StatusCode.PERMISSION_DENIED):  # no local_path right: the stream path
+            # An earlier daemon's mappings go with their last reader (they hold its tmpfs pages).
+            core.arena, core.nonce, core.presence, core.hbm = None, b"", None, None
             return
         raise
     arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
     core.arena = arena
     core.nonce = a.nonce if arena is not None else b""
-    core.presence = None if arena is None or not a.index_path else core.presence
-    core.hbm = a.hbm if core.arena is not None and a.HasField("hbm") else None   # the daemon's HBM pool
+    core.hbm = a.hbm if arena is not None and a.HasField("hbm") else None   # the daemon's HBM pool
     if core.gpu is not None:
         core.gpu.reattached()
-    if arena is not None and a.index_path:
-        core.presence = PresenceReader.open(a.index_path, a.nonce)
+    core.presence = PresenceReader.open(a.index_path, a.nonce) if arena is not None and a.index_path else None
 
 
 def detach(core) -> None:
