@@ -298,7 +298,7 @@ class DramTier(Tier):
                        charged=charge if tenant is not None else None)
             self._entries[cid] = e
             self._stats.used_bytes += npages * self._page
-            while self._clearing is not None and self._overlaps_clearing(page, npages):
+            while self._being_cleared(page, npages):
                 self._cleared.wait()          # that piece's pages are being zeroed right now
             stale = self._stale_locked(page, npages, nbytes)
             if self._free_target_pages and self._alloc.free_pages < self._free_target_pages:
@@ -319,9 +319,10 @@ class DramTier(Tier):
                     return self._alloc.alloc_within(start, i, npages)
         return self._alloc.alloc(npages)
 
-    def _overlaps_clearing(self, page: int, npages: int) -> bool:
-        lo, hi = self._clearing
-        return page < hi and lo < page + npages
+    def _being_cleared(self, page: int, npages: int) -> bool:
+        """Whether the clearer is zeroing any of ``npages`` pages from ``page`` right now."""
+        c = self._clearing
+        return c is not None and page < c[1] and c[0] < page + npages
 
     def _next_dirty_locked(self) -> tuple[int, int] | None:
         """The next piece ``(lo, hi)`` of free pages that may hold old bytes, or None. Runs
@@ -350,14 +351,7 @@ class DramTier(Tier):
                 if self._closed:
                     return
                 if self._free_target_pages and self._alloc.free_pages < self._free_target_pages:
-                    for cid in self._policy.victims():
-                        if self._alloc.free_pages >= self._free_target_pages:
-                            break
-                        e = self._entries[cid]
-                        if e.leases or self._pins.is_pinned(cid):
-                            continue
-                        self._unlink(e, evicted=True)
-                        self.cleared_evictions += 1
+                    self.cleared_evictions += len(self._evict_locked(self._free_target_pages * self._page))
                 got = self._next_dirty_locked()
                 if got is None:
                     self._wake.clear()      # under the lock: a later free sets it again
@@ -509,16 +503,21 @@ class DramTier(Tier):
             return True
 
     def evict(self, nbytes: int) -> list[ChunkId]:
-        out: list[ChunkId] = []
         with self._lock:
-            for cid in self._policy.victims():
-                if self._alloc.free_pages * self._page >= nbytes:
-                    break
-                e = self._entries[cid]
-                if e.leases or self._pins.is_pinned(cid):
-                    continue
-                self._unlink(e, evicted=True)
-                out.append(cid)
+            return self._evict_locked(nbytes)
+
+    def _evict_locked(self, nbytes: int) -> list[ChunkId]:
+        """Evicts by policy (never a leased or pinned chunk) until ``nbytes`` are free;
+        returns the evicted ids. Caller holds the lock."""
+        out: list[ChunkId] = []
+        for cid in self._policy.victims():
+            if self._alloc.free_pages * self._page >= nbytes:
+                break
+            e = self._entries[cid]
+            if e.leases or self._pins.is_pinned(cid):
+                continue
+            self._unlink(e, evicted=True)
+            out.append(cid)
         return out
 
     def scan(self, prefix: bytes = b"", after: bytes = b"", limit: int = 0) -> Iterator[EntryInfo]:
