@@ -33,7 +33,7 @@ def generate_protos() -> None:
             f"--python_out={PROTO_OUT}", f"--pyi_out={PROTO_OUT}", f"--grpc_python_out={PROTO_OUT}"]
     if protoc.main(args + [str(p) for p in protos]) != 0:
         raise RuntimeError("protoc failed on " + " ".join(map(str, protos)))
-    for py in PROTO_OUT.rglob("*.py*"):
+    for py in [*PROTO_OUT.rglob("*.py"), *PROTO_OUT.rglob("*.pyi")]:
         text = py.read_text()
         fixed = re.sub(r"^from kvstore\.v1 import", f"from {PKG_PREFIX}kvstore.v1 import", text, flags=re.M)
         fixed = re.sub(r"^import kvstore\.v1\.", f"import {PKG_PREFIX}kvstore.v1.", fixed, flags=re.M)

@@ -36,6 +36,8 @@ from .auth import current_principal
 
 log = logging.getLogger(__name__)
 
+#: Stands in for an unbound chunk's key while its header is checked.
+_UNBOUND_KEY = bytes(32)
 #: How often expired leases are swept (seconds).
 SWEEP_INTERVAL_S = 1.0
 
@@ -53,6 +55,8 @@ class _Lease:
     reservations: list = field(default_factory=list)    # (slot index, Reservation, ChunkMeta)
     held_leases: int = 0
     held_reservations: int = 0
+    #: Reservations of unbound chunks (keys named at CommitWrite), in this namespace.
+    unbound_in: object = None
 
     def hold(self, resource: Resource, n: int = 1) -> None:
         """Counts ``n`` open leases/reservations against the tenant (ResourceExhausted naming
@@ -121,6 +125,12 @@ class LeaseTable:
                            "ask for a new one")
         return self._open.pop(lease_id)
 
+    def reopen(self, lease_id: int, lease: _Lease) -> None:
+        """Puts a lease taken by ``take`` back under its id, its expiry renewed (an unbound
+        reservation kept for a later CommitWrite)."""
+        lease.expires_s = self._clock() + self._ttl
+        self._open[lease_id] = lease
+
     def release(self, lease_id: int) -> bool:
         try:
             lease = self.take(lease_id)
@@ -175,7 +185,7 @@ class LocalDataServicer:
         return local_pb2.AttachResponse(arena_path=str(a.path), arena_bytes=a.nbytes, nonce=a.nonce,
                                         nonce_offset=a.nonce_offset, lease_ttl_s=int(self._cfg.lease_ttl_s),
                                         index_path=str(a.index_path) if a.index_path is not None else "",
-                                        hbm=hbm)
+                                        hbm=hbm, unbound_reservations=True)
 
     async def LeaseRead(self, request, context):
         info = self._namespace(request.namespace_id)
@@ -222,11 +232,20 @@ class LocalDataServicer:
         if len(request.chunks) > self._cfg.max_keys_per_request:
             raise InvalidArgument(f"{len(request.chunks)} chunks in one request; the limit is "
                                   f"server.max_keys_per_request={self._cfg.max_keys_per_request}")
+        unbound = [not c.key for c in request.chunks]
+        if any(unbound) and not all(unbound):
+            raise InvalidArgument("a ReserveWrite's chunks are all keyed or all unbound (empty keys, bound at "
+                                  "CommitWrite); split the request")
+        unbound = bool(request.chunks) and unbound[0]
         lease = self._leases.new()
         slots = []
         try:
-            checked = [validate_header(info, ChunkHeader(c.key, c.num_tokens, c.payload_bytes, c.encoding, c.key_kind),
+            checked = [validate_header(info, ChunkHeader(c.key or _UNBOUND_KEY, c.num_tokens, c.payload_bytes,
+                                                         c.encoding, c.key_kind),
                                        self._cfg.max_chunk_bytes, f"chunks[{i}]") for i, c in enumerate(request.chunks)]
+            if unbound:
+                lease.unbound_in = info
+                checked = [(self._m.unbound_id(info.namespace_id), meta) for _, meta in checked]
             lease.hold(Resource.OPEN_RESERVATIONS, len(checked))   # before the pages are taken
             # One worker hop for the whole request; the extents are zeroed in parallel there.
             got = await self._run(self._m.reserve_many, [(cid, c.payload_bytes)
@@ -249,16 +268,64 @@ class LocalDataServicer:
         lease = self._leases.take(request.lease_id)
         try:
             durability = parse_durability(request.durability)
-        except InvalidArgument:
+            trust = request.skip_verify or current_principal().trust_client_crc
+            if lease.unbound_in is None:
+                if request.bindings or request.keep_lease:
+                    raise InvalidArgument(f"lease {request.lease_id} reserved keyed chunks: commit it with crc32c "
+                                          "(bindings and keep_lease are for unbound reservations)")
+            else:
+                bound = self._bindings(lease, request)
+        except BaseException:
             lease.release(self._m)
             raise
+        if lease.unbound_in is None:
+            try:
+                stored, existed = await self._run(self._m.commit_many, lease.reservations, list(request.crc32c),
+                                                  durability, trust)
+            finally:
+                lease.release(self._m)
+            return local_pb2.CommitWriteResponse(stored=stored, existed=existed)
         try:
-            stored, existed = await self._run(self._m.commit_many, lease.reservations, list(request.crc32c),
-                                              durability,
-                                              request.skip_verify or current_principal().trust_client_crc)
-        finally:
+            stored, existed, existed_slots = await self._run(self._m.commit_bound, bound, durability, trust)
+        except BaseException:
             lease.release(self._m)
-        return local_pb2.CommitWriteResponse(stored=stored, existed=existed)
+            raise
+        finally:
+            if bound:   # not reached (an error inside): given back
+                for _, res, *_ in bound:
+                    self._m.abort(res)
+            n = lease.held_reservations - len(lease.reservations)
+            if n:
+                lease.unhold(Resource.OPEN_RESERVATIONS, n)
+        if request.keep_lease and lease.reservations:
+            self._leases.reopen(request.lease_id, lease)
+        else:
+            lease.release(self._m)
+        return local_pb2.CommitWriteResponse(stored=stored, existed=existed, existed_slots=existed_slots)
+
+    def _bindings(self, lease: _Lease, request) -> list:
+        """The unbound reservations a CommitWrite binds, taken out of ``lease``: ``(slot index,
+        reservation, meta, chunk id, crc32c)`` in the request's order. InvalidArgument (nothing
+        bound; the caller ends the lease) for checksums sent the keyed way, an unknown or
+        repeated slot, or a malformed key."""
+        if request.crc32c:
+            raise InvalidArgument("an unbound reservation is committed with bindings (slot, key, crc32c), not "
+                                  "crc32c")
+        info = lease.unbound_in
+        by_slot = {i: n for n, (i, _, _) in enumerate(lease.reservations)}
+        picked: list[int] = []
+        seen: set[int] = set()
+        for j, b in enumerate(request.bindings):
+            if b.slot not in by_slot or b.slot in seen:
+                raise InvalidArgument(f"bindings[{j}]: slot {b.slot} is not an open slot of lease "
+                                      f"{request.lease_id} (unknown, given back, or bound twice)")
+            seen.add(b.slot)
+            picked.append(by_slot[b.slot])
+        cids = chunk_ids(info, [b.key for b in request.bindings], self._cfg.max_keys_per_request)
+        out = [(*lease.reservations[n], cid, b.crc32c) for n, cid, b in zip(picked, cids, request.bindings)]
+        taken = set(picked)
+        lease.reservations[:] = [r for n, r in enumerate(lease.reservations) if n not in taken]
+        return out
 
     async def Release(self, request, context):
         released = sum(1 for lid in request.lease_ids if self._leases.release(lid))

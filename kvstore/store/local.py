@@ -22,6 +22,7 @@ for another writer).
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +83,7 @@ class LocalAccess:
         # copies overlap the clearing of the next, instead of every request finishing last.
         self._zero_lock = threading.Lock()
         #: The HBM tier's pool (``tiers.hbm.HbmTier.device_pool()``), or None without one.
+        self._unbound = itertools.count(1)
         self._device = next((lv.tier.device_pool() for lv in chain.levels if lv.tier.device_pool() is not None),
                             None)
 
@@ -305,6 +307,42 @@ class LocalAccess:
             raise DataLoss("; ".join(bad) + ". Those chunks were not stored (the others were): the client wrote "
                            "different bytes than it checksummed, or wrote outside its extent")
         return stored, existed
+
+    def unbound_id(self, namespace_id: bytes) -> ChunkId:
+        """A placeholder id for an unbound reservation in ``namespace_id`` (the tenant it is
+        charged to): unique, and never a real chunk's (it is not ``namespace_id || key``)."""
+        return ChunkId(bytes(namespace_id) + b"\xffunbound" + next(self._unbound).to_bytes(8, "little"))
+
+    def commit_bound(self, bound: list[tuple[int, Reservation, ChunkMeta, ChunkId, int]], durability: Durability,
+                     trust_crcs: bool = False) -> tuple[int, int, list[int]]:
+        """Commits unbound reservations under the keys a writer named for them: each
+        ``(slot index, reservation, meta, chunk id, crc32c)`` is moved to its chunk id
+        (``SharedMemoryTier.rebind``), verified against its CRC32C (unless ``trust_crcs``, as
+        in ``commit_many``), then committed. One whose id any tier holds already, or that is
+        being written, is given back and counted as existing. Entries are popped from
+        ``bound`` as they are handled (the caller aborts the rest). Returns ``(stored,
+        existed, existed slot indices)``; DataLoss after the others when an extent does not
+        match its CRC32C."""
+        s = self._shared()
+        self._chain.check_put(durability)
+        fresh: list[tuple[int, Reservation, ChunkMeta]] = []
+        crcs: list[int] = []
+        existed_slots: list[int] = []
+        try:
+            while bound:
+                i, res, meta, cid, crc = bound[0]
+                if self._chain.medium_of(cid) is not None or not s.rebind(res, cid):
+                    bound.pop(0)
+                    s.abort(res)
+                    existed_slots.append(i)
+                    continue
+                fresh.append(bound.pop(0)[:3])
+                crcs.append(crc)
+            stored, existed = self.commit_many(fresh, crcs, durability, trust_crcs)
+        finally:
+            for _, res, _ in fresh:     # what commit_many did not get to (it pops what it handles)
+                s.abort(res)
+        return stored, existed + len(existed_slots), existed_slots
 
     def abort(self, res: Reservation) -> None:
         self._shared().abort(res)

@@ -414,6 +414,21 @@ class DramTier(Tier):
             self._stats.chunks += 1
             self._notify(e.cid, True)
 
+    def rebind(self, res: Reservation, cid: ChunkId) -> bool:
+        """Moves an uncommitted reservation (taken under a placeholder id: an unbound
+        same-host extent) to ``cid``, in place; False, leaving it as it was, when ``cid`` is
+        present or being written already (the caller aborts it). Both ids must belong to one
+        namespace (the tenant charged for the pages stays the same)."""
+        with self._lock:
+            e = res._entry
+            if cid in self._entries or self._entries.get(e.cid) is not e or e.meta is not None:
+                return False
+            del self._entries[e.cid]
+            e.cid = cid
+            self._entries[cid] = e
+        res.cid = cid
+        return True
+
     def abort(self, res: Reservation) -> None:
         """Gives back the pages of a reservation that will not be committed."""
         res.view.release()

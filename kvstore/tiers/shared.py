@@ -60,5 +60,9 @@ class SharedMemoryTier(Protocol):
         """Publishes a filled reservation; ResourceExhausted (still reserved: abort it) when
         the tenant's DRAM quota cannot take it."""
 
+    def rebind(self, res: Reservation, cid: ChunkId) -> bool:
+        """Gives an uncommitted reservation the id ``cid`` (same namespace); False when
+        ``cid`` is stored or being written already."""
+
     def abort(self, res: Reservation) -> None:
         """Gives back a reservation's pages."""
