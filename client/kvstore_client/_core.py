@@ -68,6 +68,9 @@ class ClientCore:
         self.nonce = b""
         #: ``AttachResponse.hbm``: the daemon's HBM pool export, or None.
         self.hbm = None
+        #: ``AttachResponse.lease_ttl_s`` and ``unbound_reservations`` (GPU write-ahead).
+        self.lease_ttl_s = 30.0
+        self.unbound_reservations = False
         #: The front end's ``gpu_route.GpuRoute`` (CUDA tensors go to the GPU data path), or None.
         self.gpu = None
         self._copies: ThreadPoolExecutor | None = None

@@ -45,12 +45,15 @@ def attach(core):
                         grpc.StatusCode.PERMISSION_DENIED):  # no local_path right: the stream path
             # An earlier daemon's mappings go with their last reader (they hold its tmpfs pages).
             core.arena, core.nonce, core.presence, core.hbm = None, b"", None, None
+            core.unbound_reservations = False
             return
         raise
     arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
     core.arena = arena
     core.nonce = a.nonce if arena is not None else b""
     core.hbm = a.hbm if arena is not None and a.HasField("hbm") else None   # the daemon's HBM pool
+    core.lease_ttl_s = float(a.lease_ttl_s or core.lease_ttl_s)
+    core.unbound_reservations = arena is not None and a.unbound_reservations   # write-ahead for GPU stores
     if core.gpu is not None:
         core.gpu.reattached()
     core.presence = PresenceReader.open(a.index_path, a.nonce) if arena is not None and a.index_path else None
@@ -65,6 +68,7 @@ def detach(core) -> None:
         core.presence = None
     core.nonce = b""
     core.hbm = None
+    core.unbound_reservations = False
 
 
 def reattach(core):

@@ -76,6 +76,19 @@ class GpuSession:
         """The daemon's presence index, mapped (``PresenceReader``), or None without one."""
         return getattr(self._core, "presence", None)
 
+    @property
+    def arena_nonce(self) -> bytes:
+        return self._core.nonce
+
+    @property
+    def lease_ttl_s(self) -> float:
+        return getattr(self._core, "lease_ttl_s", 30.0)
+
+    @property
+    def unbound_reservations(self) -> bool:
+        """The daemon takes unbound reservations (write-ahead stores, ``gpu_pool``)."""
+        return bool(getattr(self._core, "unbound_reservations", False))
+
     def keys(self, tokens: Sequence[int]) -> list[bytes]:
         return self._core.keys(tokens)
 

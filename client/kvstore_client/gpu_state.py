@@ -11,6 +11,7 @@ from typing import Any
 from .errors import KVStoreClientError
 from .gpu_hbm import HbmPoolMapping
 from .gpu_layout import _torch
+from .gpu_pool import WritePool
 from .gpu_session import GpuSession
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ TOUCH_PENDING_MAX = 1024
 #: PCIe into the other staging half. Measured on an H200 (bench/results/gpu-all-lease-free-
 #: batches-2026-12-02.txt): 16 SmolLM2 chunks 50% / 61% / 70% of H2D with 8 / 16 / 32 MiB.
 UNLEASED_BATCH_BYTES = 32 << 20
+#: Bytes of arena extents a GPU client keeps reserved ahead of its stores (``gpu_pool``; at
+#: most a sixteenth of the arena). 0: every store reserves its own (keyed ReserveWrite).
+DEFAULT_WRITE_AHEAD_BYTES = 256 << 20
 #: Device staging buffers for paged sources (gather of chunk i+1 overlaps the PCIe copy of i).
 DEFAULT_STAGING_CHUNKS = 3
 
@@ -72,7 +76,8 @@ class GpuPath:
         self._staging: list[Any] = []
         self._staging_free: list[Any] = []  # event per slot: recorded when its last reader finished
         self._lock = threading.Lock()
-        self._commits = ThreadPoolExecutor(1, thread_name_prefix="kvstore-gpu-commit")
+        # Two: a store's commits of two leases (pool and the rest) overlap their round trips.
+        self._commits = ThreadPoolExecutor(2, thread_name_prefix="kvstore-gpu-commit")
         self._pinned: dict[str, Any] = {}
         # Checksum buffer sets rotate over calls: a set is reused only once the commits of the
         # call that used it last are done (stores with wait=False overlap their commits with
@@ -105,6 +110,9 @@ class GpuPath:
         self.unleased_batch_bytes = UNLEASED_BATCH_BYTES
         #: Device staging of lease-free and speculative loads (allocated once, on first use).
         self.staging_bytes = SPECULATE_BYTES
+        #: Arena bytes kept reserved ahead of stores (``gpu_pool.WritePool``); 0: none.
+        self.write_ahead_bytes = DEFAULT_WRITE_AHEAD_BYTES
+        self._write_pool: WritePool | None = None
         self._touch_keys: list[bytes] = []
         self._touch_at = 0.0
         self._move_stream: Any = None
@@ -121,6 +129,24 @@ class GpuPath:
             buf = torch.empty(max(n, 1024), dtype=torch.int32, pin_memory=True)
             self._pinned[name] = buf
         return buf
+
+    def write_pool(self, size: int) -> "WritePool | None":
+        """The write-ahead pool for chunks of ``size`` bytes, or None (the daemon takes no
+        unbound reservations, ``write_ahead_bytes`` is 0, or the arena is too small for it).
+        A new arena (daemon restart) or chunk size starts a new pool."""
+        c = self.client
+        arena = c.arena
+        target = min(self.write_ahead_bytes, (arena.size if arena is not None else 0) // 16)
+        if not c.unbound_reservations or target < size:
+            return None
+        wp = self._write_pool
+        pres = c.presence
+        if wp is not None and (wp.size != size or wp.nonce != c.arena_nonce or (pres is not None and pres.stale())):
+            wp.close()
+            wp = None
+        if wp is None:
+            wp = self._write_pool = WritePool(c, size, target)
+        return wp
 
     # ---- where chunks were last seen in the arena (speculative loads)
     def remember(self, extents: list[tuple[bytes, int, int, int]], nonce: bytes) -> None:
@@ -220,6 +246,8 @@ class GpuPath:
         with self._lock:
             self.flush_touches()
         self._commits.shutdown(wait=True)
+        if self._write_pool is not None:
+            self._write_pool.close()
         self.client.drain(self.client.timeout_s)
         self._close_pool()
 

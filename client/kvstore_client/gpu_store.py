@@ -1,8 +1,10 @@
-"""GPU -> arena stores of the GPU data path (kvstore_client.gpu): pipelined ReserveWrite /
-copy-engine copies (or D2D gather kernel + copy) / GPU CRC32C / CommitWrite."""
+"""GPU -> arena stores of the GPU data path (kvstore_client.gpu): copy-engine copies (or D2D
+gather kernel + copy) into write-ahead reservations (``gpu_pool``) or pipelined keyed
+ReserveWrites, GPU CRC32C, CommitWrite."""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from concurrent.futures import Future
 from typing import Sequence
@@ -16,6 +18,7 @@ from kvstore_wire.crc import crc32c
 from kvstore_wire.types import Durability, Encoding, KeyKind
 
 from .errors import is_exhausted
+from .gpu_pool import WritePool
 from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks
 from .gpu_session import GpuSession
 from .gpu_state import GROW_STORE_GROUPS_FROM, ArenaChanged, GpuPath, _all_of, _groups, _path, _rpc_errors
@@ -25,8 +28,10 @@ from .gpu_state import GROW_STORE_GROUPS_FROM, ArenaChanged, GpuPath, _all_of, _
 def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Durability.MEMORY,
                group_chunks: int | None = None, wait: bool = True, stream=None):
     """Stores the leading full chunks of ``tokens`` from engine CUDA memory ``src`` (namespace
-    layout tensor or :class:`Paged`) straight into reserved arena extents; returns the chunks
-    newly stored. RPCs are pipelined with the copies; checksums are computed on the GPU.
+    layout tensor or :class:`Paged`) straight into arena extents; returns the chunks newly
+    stored. The extents come from reservations taken ahead of need (``gpu_pool``) when the
+    daemon takes unbound ones, else from ReserveWrites pipelined with the copies; checksums
+    are computed on the GPU.
 
     ``wait=False``: returns as soon as every byte is in the arena (``src`` may be reused) with
     a ``Future`` of the stored count; the CommitWrites finish in the background (chunks become
@@ -46,15 +51,224 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
     if n == 0:
         return 0 if wait else _all_of([])
     size = ns.chunk_bytes()
-    arena_base = gp._arena_ptr()
     contiguous = None if isinstance(src, Paged) else _contiguous_rows(src, ns, n)
     if contiguous is None and not isinstance(src, Paged):
         src = Paged([_spec_of_tensor(src, ns, i) for i in range(n)])
+    k_set = gp._next_set
+    gp._next_set = (k_set + 1) % gp._sets
+    if gp._set_busy[k_set] is not None:
+        try:
+            gp._set_busy[k_set].result()  # that call's commits no longer read these buffers
+        except BaseException:  # noqa: BLE001 - reported to that call's caller
+            pass
+    cp = _Copier(gp, src, contiguous, size, n, k_set)
+    cur = stream if stream is not None else torch.cuda.current_stream(gp.device)
+    gp.kernel_stream.wait_stream(cur)  # the engine's writes to src are ordered before our reads
+    gp.copy_stream.wait_stream(cur)
+    pool = gp.write_pool(size)
+    if pool is not None:
+        commits = _pooled(gp, pool, cp, keys, n, durability, group)
+    else:
+        commits = _keyed(gp, cp, keys, list(range(n)), durability, group)
+    everything = _all_of(commits)
+    gp._set_busy[k_set] = everything
+    if wait:
+        return everything.result()
+    gp.copy_stream.synchronize()  # every byte is in the arena: the engine may reuse src
+    gp.kernel_stream.synchronize()
+    return everything
+
+
+class _Copier:
+    """One store call's copies into arena extents and their CRC32Cs on the GPU, group by
+    group (a group is what one CommitWrite publishes). Contiguous sources: copy-engine 2D
+    copies, one CRC launch per group over every plane row (folded on the host at commit);
+    paged ones: gather kernel into a staging ring, CRC of the staged chunk, copy engine."""
+
+    def __init__(self, gp: GpuPath, src, contiguous, size: int, n: int, k_set: int) -> None:
+        self.gp, self.src, self.contiguous, self.size = gp, src, contiguous, size
+        self.crc_host = gp.pinned_u32(f"crc{k_set}", n)
+        self.row_host = gp.pinned_u32(f"rows{k_set}", n * contiguous[0][3]) if contiguous else None
+        self._row_at = 0
+        self._rows: list = []
+        self._slot_i = 0
+        if contiguous is None:
+            gp._ensure_staging(size)
+
+    def copy(self, i: int, dst: int) -> None:
+        """Chunk ``i`` of the source into the arena at address ``dst``."""
+        gp = self.gp
+        if self.contiguous is not None:
+            base, pitch, row, planes = self.contiguous[i]
+            cuda_ipc.memcpy2d(dst, row, base, pitch, row, planes, gp.copy_stream.cuda_stream)
+            self._rows.append((i, [base + p * pitch for p in range(planes)], row))
+            return
+        torch = _torch()
+        k = self._slot_i % gp.staging_chunks
+        self._slot_i += 1
+        buf = gp._staging[k]
+        if gp._staging_free[k] is not None:
+            gp.kernel_stream.wait_event(gp._staging_free[k])
+        transfer.gather(self.src.specs[i], int(buf.data_ptr()), device=True, stream=gp.kernel_stream.cuda_stream)
+        cuda_ipc.crc32c_batch([int(buf.data_ptr())], [self.size], int(self.crc_host.data_ptr()) + 4 * i,
+                              gp.kernel_stream.cuda_stream)
+        ready = torch.cuda.Event()
+        ready.record(gp.kernel_stream)
+        gp.copy_stream.wait_event(ready)
+        cuda_ipc.memcpy_batch([dst], [int(buf.data_ptr())], [self.size], gp.copy_stream.cuda_stream)
+        done = torch.cuda.Event()
+        done.record(gp.copy_stream)
+        gp._staging_free[k] = done
+
+    def end_group(self) -> "_Group":
+        """Closes the group copied since the last call: launches its row CRCs and records the
+        events its commit waits for."""
+        torch = _torch()
+        gp = self.gp
+        rows, self._rows = self._rows, []
+        row_crcs = None
+        if rows:
+            ptrs = [p for _, r, _ in rows for p in r]
+            row_crcs = self.row_host[self._row_at:]
+            self._row_at += len(ptrs)
+            cuda_ipc.crc32c_batch(ptrs, [rows[0][2]] * len(ptrs), int(row_crcs.data_ptr()),
+                                  gp.kernel_stream.cuda_stream)
+        k_ev = torch.cuda.Event()
+        k_ev.record(gp.kernel_stream)
+        c_ev = torch.cuda.Event()
+        c_ev.record(gp.copy_stream)
+        return _Group(self.crc_host, row_crcs, rows, k_ev, c_ev)
+
+
+class _Group:
+    def __init__(self, crc_host, row_crcs, rows, k_ev, c_ev) -> None:
+        self.crc_host, self.row_crcs, self.rows, self.k_ev, self.c_ev = crc_host, row_crcs, rows, k_ev, c_ev
+
+    def crcs(self):
+        """Waits for the group's copies and checksums; the CRC32C of every chunk (by index)."""
+        self.k_ev.synchronize()
+        self.c_ev.synchronize()
+        crcs = self.crc_host.numpy().view(np.uint32)
+        if self.rows:
+            planes, row = len(self.rows[0][1]), self.rows[0][2]
+            folded = cuda_ipc.crc32c_fold(self.row_crcs.numpy().view(np.uint32)[: planes * len(self.rows)], planes, row)
+            for (i, _, _), v in zip(self.rows, folded):
+                crcs[i] = v
+        return crcs
+
+
+def _pooled(gp: GpuPath, pool: WritePool, cp: _Copier, keys, n: int, durability: Durability, group: int) -> list:
+    """Copies into write-ahead slots, then one CommitWrite per lease binding the keys. Chunks
+    the presence index lists are skipped (as ReserveWrite reports them). The part the pool
+    does not cover is reserved unbound at once, while the pooled part is copied; if the
+    daemon refuses that, the pool's own room goes back and the rest is reserved keyed."""
+    c = gp.client
+    pres = c.presence
+    nid = c.namespace_id
+    todo = [i for i in range(n) if not (pres is not None and pres.probe(nid, keys[i]))]
+    pool.note_call(len(todo))
+    taken = pool.take(len(todo))
+    have = sum(len(slots) for _, slots in taken)
+    extra = pool.reserve(len(todo) - have) if have < len(todo) else None
+    pool.refill()
+    commits: list[Future] = []
+    unsent = [le for le, _ in taken]
+    try:
+        pos = 0
+        for le, slots in taken:
+            commits.append(_copy_bound(gp, pool, cp, le, slots, keys, todo[pos:pos + len(slots)], durability))
+            unsent.remove(le)
+            pos += len(slots)
+        if extra is None:
+            return commits
+        try:
+            resp = extra.result()
+        except grpc.RpcError as e:
+            if not is_exhausted(e):
+                raise
+            resp = None
+        if resp is not None and resp.lease_id:
+            if not c._same_arena(resp.arena_nonce):
+                c._release_later(resp.lease_id)
+                raise ArenaChanged("the daemon restarted during a GPU store; retry")
+            le = pool.lease_of(resp)
+            slots, le.free = le.free, []
+            unsent.append(le)
+            commits.append(_copy_bound(gp, pool, cp, le, slots, keys, todo[pos:], durability))
+            unsent.remove(le)
+            return commits
+        # No room for the rest that way: our commits end our reservations, the pool's room is
+        # given back, and the rest goes through keyed reservations (windowed when refused).
+        pool.drain()
+        for f in commits:
+            f.result()
+        return commits + _keyed(gp, cp, keys, todo[pos:], durability, group)
+    except BaseException:
+        c._release_later(*(le.lease_id for le in unsent))   # unbound: nothing of them is visible
+        for le in unsent:
+            pool.lost(le)
+        raise
+
+
+def _copy_bound(gp: GpuPath, pool: WritePool, cp: _Copier, le, slots, keys, idx: list[int],
+                durability: Durability) -> Future:
+    base = gp._arena_ptr()
+    for s, i in zip(slots, idx):
+        cp.copy(i, base + s.offset)
+    g = cp.end_group()
+    return gp._commits.submit(_commit_bound_when_done, gp, pool, le, list(zip(slots, idx)), keys, g, durability)
+
+
+def _commit_bound_when_done(gp: GpuPath, pool: WritePool, le, placed, keys, g: "_Group",
+                            durability: Durability) -> int:
+    """Helper thread: waits for one lease's copies and checksums, then binds the keys to its
+    slots (``keep_lease`` while slots are left: the lease goes back to the pool)."""
+    c = gp.client
+    try:
+        crcs = g.crcs()
+    except BaseException:
+        c._release(local_pb2.ReleaseRequest(lease_ids=[le.lease_id]), **gp._rpc_meta())
+        pool.lost(le)
+        raise
+    keep = bool(le.free)
+    sent = time.time()
+    try:
+        done = c._commit(local_pb2.CommitWriteRequest(
+            lease_id=le.lease_id, durability=int(durability), skip_verify=gp.skip_commit_verify, keep_lease=keep,
+            bindings=[local_pb2.Binding(slot=s.index, key=keys[i], crc32c=int(crcs[i])) for s, i in placed]),
+            **gp._rpc_meta())
+    except grpc.RpcError as e:
+        pool.lost(le)     # a failed CommitWrite ends the lease on the daemon
+        pres = c.presence
+        if e.code() == grpc.StatusCode.NOT_FOUND and (pres is None or pres.stale()):
+            c.arena_changed = True
+            raise ArenaChanged("the daemon restarted during a GPU store; retry") from None
+        raise
+    except BaseException:
+        pool.lost(le)
+        raise
+    if keep:
+        pool.give_back(le, sent + c.lease_ttl_s)
+    existed = set(done.existed_slots)
+    gp.remember([(keys[i], s.offset, s.length, int(crcs[i])) for s, i in placed if s.index not in existed],
+                le.nonce)
+    return done.stored
+
+
+def _keyed(gp: GpuPath, cp: _Copier, keys, order: list[int], durability: Durability, group: int) -> list:
+    """Keyed reservations for chunks ``order`` (indices into ``keys``), pipelined with the
+    copies; the commits' futures."""
+    c = gp.client
+    ns = c.namespace
+    size = cp.size
+    n = len(order)
+    if n == 0:
+        return []
 
     def reserve(lo: int, hi: int) -> Future:
         req = local_pb2.ReserveWriteRequest(namespace_id=c.namespace_id, chunks=[
-            local_pb2.ChunkToWrite(key=k, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens,
-                                   encoding=Encoding.RAW, payload_bytes=size) for k in keys[lo:hi]])
+            local_pb2.ChunkToWrite(key=keys[j], key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens,
+                                   encoding=Encoding.RAW, payload_bytes=size) for j in order[lo:hi]])
         return c._reserve.future(req, **gp._rpc_meta())
 
     groups = _groups(n, group, gp.store_group_growth if size >= GROW_STORE_GROUPS_FROM else 1)
@@ -66,22 +280,6 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
     # nothing of ours outstanding: ResourceExhausted (the routed client then streams).
     todo_ranges = deque((lo, hi, reserve(lo, hi)) for lo, hi in groups)
     commits: list[Future] = []
-    k_set = gp._next_set
-    gp._next_set = (k_set + 1) % gp._sets
-    if gp._set_busy[k_set] is not None:
-        try:
-            gp._set_busy[k_set].result()  # that call's commits no longer read these buffers
-        except BaseException:  # noqa: BLE001 - reported to that call's caller
-            pass
-    crc_host = gp.pinned_u32(f"crc{k_set}", n)
-    rows_total = n * (contiguous[0][3] if contiguous else 0)
-    row_host = gp.pinned_u32(f"rows{k_set}", rows_total) if contiguous else None
-    cur = stream if stream is not None else torch.cuda.current_stream(gp.device)
-    gp.kernel_stream.wait_stream(cur)  # the engine's writes to src are ordered before our reads
-    gp.copy_stream.wait_stream(cur)
-    if contiguous is None:
-        gp._ensure_staging(size)
-    slot_i = 0
     window = 0      # 0: pipelined; else chunks per reservation once the daemon refused one
     refused_at = -1  # the first chunk of the last refused reservation
     try:
@@ -124,55 +322,15 @@ def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: b
                 c._release_later(resp.lease_id)
                 raise ArenaChanged("the daemon restarted during a GPU store; retry")
             arena_base = gp._arena_ptr()
-            todo = [s for s in resp.slots if not s.exists]
-            crc_slots = []
-            for s in todo:
-                i = lo + s.index
-                dst = arena_base + s.offset
-                if contiguous is not None:
-                    base, pitch, row, planes = contiguous[i]
-                    cuda_ipc.memcpy2d(dst, row, base, pitch, row, planes, gp.copy_stream.cuda_stream)
-                    crc_slots.append((i, [base + p * pitch for p in range(planes)], row))
-                else:
-                    k = slot_i % gp.staging_chunks
-                    slot_i += 1
-                    buf = gp._staging[k]
-                    if gp._staging_free[k] is not None:
-                        gp.kernel_stream.wait_event(gp._staging_free[k])
-                    transfer.gather(src.specs[i], int(buf.data_ptr()), device=True,
-                                    stream=gp.kernel_stream.cuda_stream)
-                    cuda_ipc.crc32c_batch([int(buf.data_ptr())], [size], int(crc_host.data_ptr()) + 4 * i,
-                                          gp.kernel_stream.cuda_stream)
-                    ready = torch.cuda.Event()
-                    ready.record(gp.kernel_stream)
-                    gp.copy_stream.wait_event(ready)
-                    cuda_ipc.memcpy_batch([dst], [int(buf.data_ptr())], [size], gp.copy_stream.cuda_stream)
-                    done = torch.cuda.Event()
-                    done.record(gp.copy_stream)
-                    gp._staging_free[k] = done
-            # Contiguous rows: one CRC launch per group over every plane row, folded on the host.
-            row_crcs = None
-            if crc_slots:
-                ptrs = [p for _, rows, _ in crc_slots for p in rows]
-                row = crc_slots[0][2]
-                row_crcs = row_host[lo * contiguous[0][3]:]
-                cuda_ipc.crc32c_batch(ptrs, [row] * len(ptrs), int(row_crcs.data_ptr()),
-                                      gp.kernel_stream.cuda_stream)
-            k_ev = torch.cuda.Event()
-            k_ev.record(gp.kernel_stream)
-            c_ev = torch.cuda.Event()
-            c_ev.record(gp.copy_stream)
-            idx = [lo + s.index for s in todo]
-            places = [(keys[lo + s.index], s.offset, s.length) for s in todo]
-            commits.append(gp._commits.submit(_commit_when_done, gp, resp.lease_id, idx, crc_host, row_crcs,
-                                              crc_slots, k_ev, c_ev, durability, places, resp.arena_nonce))
-        everything = _all_of(commits)
-        gp._set_busy[k_set] = everything
-        if wait:
-            return everything.result()
-        gp.copy_stream.synchronize()  # every byte is in the arena: the engine may reuse src
-        gp.kernel_stream.synchronize()
-        return everything
+            filled = [s for s in resp.slots if not s.exists]
+            for s in filled:
+                cp.copy(order[lo + s.index], arena_base + s.offset)
+            g = cp.end_group()
+            idx = [order[lo + s.index] for s in filled]
+            places = [(keys[i], s.offset, s.length) for i, s in zip(idx, filled)]
+            commits.append(gp._commits.submit(_commit_when_done, gp, resp.lease_id, idx, g, durability, places,
+                                              resp.arena_nonce))
+        return commits
     except BaseException:
         for f in commits:
             f.cancel()
@@ -193,23 +351,16 @@ def _answered_lease(f: Future | None) -> int:
         return 0
 
 
-def _commit_when_done(gp: GpuPath, lease_id: int, idx: list[int], crc_host, row_crcs, crc_slots, k_ev, c_ev,
-                      durability: Durability, places=(), nonce: bytes = b"") -> int:
+def _commit_when_done(gp: GpuPath, lease_id: int, idx: list[int], g: "_Group", durability: Durability,
+                      places=(), nonce: bytes = b"") -> int:
     """Helper thread: waits for a group's copies and checksums, then commits it (and
     remembers where the chunks are, for speculative loads)."""
     c = gp.client
     try:
-        k_ev.synchronize()
-        c_ev.synchronize()
+        crcs = g.crcs()
     except BaseException:
         c._release(local_pb2.ReleaseRequest(lease_ids=[lease_id]), **gp._rpc_meta())
         raise
-    crcs = crc_host.numpy().view(np.uint32)
-    if row_crcs is not None:
-        planes, row = len(crc_slots[0][1]), crc_slots[0][2]
-        folded = cuda_ipc.crc32c_fold(row_crcs.numpy().view(np.uint32)[: planes * len(crc_slots)], planes, row)
-        for (i, _, _), v in zip(crc_slots, folded):
-            crcs[i] = v
     # The CRCs were computed on the GPU over the source of the copies: the daemon takes them
     # unread (the extents were zeroed where stale; reads verify), sparing a CPU pass per byte.
     done = c._commit(local_pb2.CommitWriteRequest(lease_id=lease_id, durability=int(durability),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 
@@ -98,7 +99,9 @@ class LeaseTable:
         self._ttl = ttl_s
         self._max = max_open
         self._clock = clock
-        self._ids = itertools.count(1)
+        # Ids start at a random point: a client holding a lease of an earlier daemon (one that
+        # restarted) cannot name a lease of this one by accident.
+        self._ids = itertools.count(secrets.randbits(48) + 1)
         self._open: dict[int, _Lease] = {}
 
     def __len__(self) -> int:

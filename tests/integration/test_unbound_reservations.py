@@ -238,3 +238,51 @@ def test_a_kept_lease_is_renewed():
     now[0] = 109.5
     assert table.sweep() == 1
     assert isinstance(lease, _Lease) and Resource.OPEN_RESERVATIONS
+
+
+def test_the_gpu_clients_write_pool_refills_takes_and_gives_back(daemon_factory):
+    """``gpu_pool.WritePool`` (what GPU stores take their extents from) on a real daemon,
+    without a GPU: refills to its target in leases sized like the stores, hands out slots
+    fullest lease first, takes back a lease kept by a CommitWrite, backs off when refused,
+    and releases everything at close."""
+    from kvstore_client.gpu_pool import WritePool
+    from kvstore_client.gpu_session import GpuSession
+
+    d = daemon_factory(settings=("quotas.max_open_reservations=12",))
+    with KVStoreClient(d.addr, Namespace(**{**NS, "model": "unbound-pool"})) as c:
+        s = GpuSession.of(c)
+        assert s.unbound_reservations and s.lease_ttl_s == 30
+        before = dram_used(d.addr)
+        pool = WritePool(s, CHUNK, 16 * CHUNK)
+        pool.note_call(4)
+        assert pool.lease_chunks == 16      # at least MIN_LEASE_BYTES a lease, at most the target
+        pool.lease_chunks = 4               # (chunks this small: four per lease, for the test)
+        pool.refill()
+        deadline = time.monotonic() + 10
+        while pool.refused == 0 and time.monotonic() < deadline:   # 12 granted, then refused
+            pool.refill()
+            time.sleep(0.05)
+        assert pool.ready_slots() == 12 and pool.refused >= 1
+        assert dram_used(d.addr) == before + 12 * CHUNK
+        got = pool.take(6)
+        assert [len(slots) for _, slots in got] == [4, 2] and pool.ready_slots() == 4
+        le, slots = got[1]
+        keys = c.keys(list(range(64 * 2)))
+        data = [chunk_bytes(40), chunk_bytes(41)]
+        with grpc.insecure_channel(d.addr) as ch:
+            stub = local_pb2_grpc.LocalDataStub(ch)
+            b = [local_pb2.Binding(slot=sl.index, key=k, crc32c=fill(c, sl, x)) for sl, k, x in zip(slots, keys, data)]
+            got_c = stub.CommitWrite(local_pb2.CommitWriteRequest(lease_id=le.lease_id, bindings=b, keep_lease=True))
+        assert got_c.stored == 2
+        pool.give_back(le, time.time() + 30)
+        assert pool.ready_slots() == 4 + 2        # the third lease, and the kept one's two slots
+        assert same(c.retrieve(list(range(128)))[1], kv_of(data))
+        for lease, _ in got[:1]:                  # what a store would do on an error
+            s._release_later(lease.lease_id)
+            pool.lost(lease)
+        pool.close()
+        s.drain(5)
+        deadline = time.monotonic() + 5
+        while dram_used(d.addr) > before + 2 * CHUNK and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert dram_used(d.addr) == before + 2 * CHUNK   # only the two stored chunks hold pages

@@ -1,0 +1,202 @@
+"""Arena extents reserved ahead of the GPU path's stores (write-ahead reservations).
+
+A store through keyed reservations costs two round trips around its copies: ReserveWrite
+(the daemon picks and clears extents for the keys) and CommitWrite. With unbound reservations
+(``AttachResponse.unbound_reservations``) the client keeps a few leases of extents for chunks
+of its namespace's size reserved before it needs them, without keys; a store copies into them
+at once and names the keys in its CommitWrite (``Binding``), which it can also leave to a
+helper thread (``store_cuda(wait=False)``). The pool is refilled in the background, off the
+store's path.
+
+Bounds: the pool holds at most ``target_bytes`` (``GpuPath.write_ahead_bytes``, at most a
+sixteenth of the arena), counted by the daemon as this tenant's reserved bytes and open
+reservations like any reservation; a refill the daemon refuses (quota, no room) is retried no
+sooner than ``REFUSED_BACKOFF_S`` later, and stores then reserve keyed, as without a pool.
+A lease is used only while it has ``EXPIRY_MARGIN_S`` left (CommitWrite with ``keep_lease``
+renews it); one near its expiry, or of an earlier daemon (another arena nonce), is released.
+
+Threading: every method may be called from any thread (the store's, a commit helper's, a gRPC
+callback's); ``_lock`` guards the ready leases and the refills in flight (a leaf lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from kvstore_wire._proto.kvstore.v1 import local_pb2
+from kvstore_wire.types import Encoding, KeyKind
+
+from .errors import is_exhausted
+
+log = logging.getLogger(__name__)
+
+#: A refill refused by the daemon (RESOURCE_EXHAUSTED or another error) is not retried sooner.
+REFUSED_BACKOFF_S = 1.0
+#: A lease is taken for a store only while it has at least this long (or a quarter of the
+#: lease TTL, if less) before it expires.
+EXPIRY_MARGIN_S = 5.0
+#: A refill reservation holds at least this many bytes (one CommitWrite per lease: leases
+#: large enough that their copies outlast a round trip).
+MIN_LEASE_BYTES = 64 << 20
+
+
+@dataclass(eq=False)
+class PoolLease:
+    """One unbound reservation: its lease id, the arena it is in, and its slots not yet used."""
+
+    lease_id: int
+    nonce: bytes
+    expires_s: float
+    free: list = field(default_factory=list)   # local_pb2.Slot
+
+
+class WritePool:
+    """Unbound reservations for chunks of ``size`` bytes, ready for stores of one session."""
+
+    def __init__(self, session, size: int, target_bytes: int) -> None:
+        self._s = session
+        self.size = size
+        #: The arena this pool's leases are in (a new one, after a daemon restart, gets a new pool).
+        self.nonce = session.arena_nonce
+        self.target_chunks = max(0, target_bytes // size)
+        self.lease_chunks = max(1, min(self.target_chunks, -(-MIN_LEASE_BYTES // size)))
+        self._ready: list[PoolLease] = []
+        self._inflight: dict[Any, int] = {}     # refill future -> chunks asked for
+        self._quiet_until = 0.0
+        self._closed = False
+        self._lock = threading.Lock()
+        #: Counters (benchmarks, tests): slots taken from the pool / reserved during a store.
+        self.taken_slots = 0
+        self.refills = 0
+        self.refused = 0
+
+    # ---- what a store takes
+    def take(self, n: int) -> list[tuple[PoolLease, list]]:
+        """Up to ``n`` slots from ready leases, fullest lease first: ``[(lease, slots)]``. The
+        leases are the caller's until it gives them back (``give_back``) or they end (``lost``):
+        a lease is committed by one request at a time."""
+        now = time.time()
+        margin = min(EXPIRY_MARGIN_S, self._s.lease_ttl_s / 4)
+        nonce = self._s.arena_nonce
+        out: list[tuple[PoolLease, list]] = []
+        with self._lock:
+            stale = [le for le in self._ready if le.nonce != nonce or le.expires_s - now < margin]
+            self._ready = [le for le in self._ready if le not in stale]
+            self._ready.sort(key=lambda le: -len(le.free))
+            while n > 0 and self._ready:
+                le = self._ready.pop(0)
+                k = min(n, len(le.free))
+                out.append((le, le.free[:k]))
+                le.free = le.free[k:]
+                n -= k
+                self.taken_slots += k
+        self._s._release_later(*(le.lease_id for le in stale))
+        return out
+
+    def note_call(self, chunks: int) -> None:
+        """Sizes the next refills' leases like this store (one lease per store, when it fits)."""
+        if chunks > 0 and self.target_chunks:
+            self.lease_chunks = max(-(-MIN_LEASE_BYTES // self.size), min(chunks, self.target_chunks))
+            self.lease_chunks = max(1, min(self.lease_chunks, self.target_chunks))
+
+    def reserve(self, n: int):
+        """An unbound ReserveWrite of ``n`` chunks (a future of its answer), for the part of a
+        store the pool did not cover."""
+        return self._s._reserve.future(self._request(n), metadata=self._s._metadata, timeout=self._s.timeout_s)
+
+    def lease_of(self, resp) -> PoolLease:
+        return PoolLease(resp.lease_id, resp.arena_nonce, resp.expires_unix_s, list(resp.slots))
+
+    def give_back(self, lease: PoolLease, expires_s: float) -> None:
+        """A lease whose CommitWrite kept its unused slots (``keep_lease``), renewed until
+        ``expires_s``, is ready again."""
+        lease.expires_s = expires_s
+        with self._lock:
+            if not self._closed and lease.free:
+                self._ready.append(lease)
+                return
+        self._s._release_later(lease.lease_id)
+
+    def lost(self, lease: PoolLease) -> None:
+        """A lease the daemon ended (its CommitWrite failed): nothing to give back."""
+        lease.free = []
+
+    # ---- background
+    def refill(self) -> None:
+        """Asks for leases until the ready and in-flight slots reach ``target_chunks`` (each
+        answer is added when it comes; nothing here waits)."""
+        if not self.target_chunks:
+            return
+        while True:
+            with self._lock:
+                if self._closed or time.monotonic() < self._quiet_until:
+                    return
+                have = sum(len(le.free) for le in self._ready) + sum(self._inflight.values())
+                want = min(self.lease_chunks, self.target_chunks - have)
+                if want < self.lease_chunks and have:
+                    return
+                if want <= 0:
+                    return
+                fut = self._s._reserve.future(self._request(want), metadata=self._s._metadata,
+                                              timeout=self._s.timeout_s)
+                self._inflight[fut] = want
+                self.refills += 1
+            fut.add_done_callback(self._refilled)
+
+    def _refilled(self, fut) -> None:
+        with self._lock:
+            self._inflight.pop(fut, None)
+            closed = self._closed
+        try:
+            resp = fut.result()
+        except grpc.RpcError as e:
+            with self._lock:
+                self._quiet_until = time.monotonic() + REFUSED_BACKOFF_S
+                self.refused += 1
+            if not is_exhausted(e):
+                log.info("reserving arena extents ahead of stores failed (%s); stores reserve as they go", e)
+            return
+        except Exception as e:  # noqa: BLE001 - cancelled at close; nothing was granted
+            log.debug("write-ahead reservation ended: %s", e)
+            return
+        if not resp.lease_id:
+            return
+        if closed or resp.arena_nonce != self._s.arena_nonce:
+            self._s._release_later(resp.lease_id)
+            return
+        with self._lock:
+            if not self._closed:
+                self._ready.append(self.lease_of(resp))
+                return
+        self._s._release_later(resp.lease_id)
+
+    def drain(self, quiet_s: float = REFUSED_BACKOFF_S) -> None:
+        """Releases every ready lease (the daemon refused a store's reservation: the room the
+        pool holds goes back first) and pauses refills for ``quiet_s``."""
+        with self._lock:
+            ready, self._ready = self._ready, []
+            self._quiet_until = time.monotonic() + quiet_s
+        self._s._release_later(*(le.lease_id for le in ready))
+
+    def ready_slots(self) -> int:
+        with self._lock:
+            return sum(len(le.free) for le in self._ready)
+
+    def close(self) -> None:
+        """Releases the ready leases; answers still in flight are released as they come."""
+        with self._lock:
+            self._closed = True
+            ready, self._ready = self._ready, []
+        self._s._release_later(*(le.lease_id for le in ready))
+
+    def _request(self, n: int):
+        s = self._s
+        return local_pb2.ReserveWriteRequest(namespace_id=s.namespace_id, chunks=[
+            local_pb2.ChunkToWrite(key_kind=KeyKind.PREFIX, num_tokens=s.namespace.chunk_tokens, encoding=Encoding.RAW,
+                                   payload_bytes=self.size) for _ in range(n)])
