@@ -109,12 +109,15 @@ def paged_specs(layers, ids, ns, chunks):
 
 
 def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), daemon_checks=False,
-        growth=None, speculate=True, lease_free=True, batch_mib=0, prefill_bytes=0) -> dict:
+        growth=None, speculate=True, lease_free=True, batch_mib=0, prefill_bytes=0, write_ahead=True,
+        streamed_calls=8) -> dict:
     """``daemon_checks``: the client asks for the daemon's CPU passes (verify at commit and
     before each read lease) instead of its GPU checks, as before they existed. ``growth``:
     the request groups' growth factor (1: the first group, then the rest in one).
     ``prefill_bytes``: first store that many bytes of other chunks (another namespace), so
-    the arena is full and every store evicts, as in a fleet's steady state."""
+    the arena is full and every store evicts, as in a fleet's steady state. ``write_ahead``
+    False: stores reserve keyed extents per call (``GpuPath.write_ahead_bytes = 0``), as
+    before write-ahead reservations."""
     from kvstore_client.gpu_state import _path
 
     ns = Namespace(model=f"bench-gpu-{name}", **shape)
@@ -135,6 +138,8 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
             gp.group_growth = gp.store_group_growth = growth
         gp.speculate = speculate
         gp.lease_free = lease_free
+        if not write_ahead:
+            gp.write_ahead_bytes = 0
         if batch_mib:
             gp.unleased_batch_bytes = batch_mib << 20
             gp.staging_bytes = max(gp.staging_bytes, 2 * gp.unleased_batch_bytes)
@@ -164,9 +169,11 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
 
         cycle(lambda: kgpu.store_cuda(c, tokens, kv),
               lambda: fresh() and kgpu.retrieve_into_cuda(c, tokens, out), lambda: torch.equal(out, kv), "ce")
-        # Stores that return once the bytes are in the arena (wait=False): 4 calls back to back,
-        # each call's CommitWrite overlapping the next call; all commits awaited inside the timing.
-        sets = [list(range(10_000_000 * (k + 1), 10_000_000 * (k + 1) + len(tokens))) for k in range(4)]
+        # Stores that return once the bytes are in the arena (wait=False): `streamed_calls`
+        # calls back to back, as an engine saves layer after layer or request after request,
+        # each call's CommitWrite overlapping the next call's copies; all commits awaited
+        # inside the timing (the sustained store bandwidth).
+        sets = [list(range(10_000_000 * (k + 1), 10_000_000 * (k + 1) + len(tokens))) for k in range(streamed_calls)]
         ts = []
         for r in range(max(2, repeats // 2) + 1):
             for t4 in sets:
@@ -174,11 +181,15 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
             torch.cuda.synchronize()
             t = time.perf_counter()
             futs = [kgpu.store_cuda(c, t4, kv, wait=False) for t4 in sets]
-            assert sum(f.result() for f in futs) == 4 * chunks
+            assert sum(f.result() for f in futs) == len(sets) * chunks
             ts.append(time.perf_counter() - t)
         for t4 in sets:
             c.delete(c.keys(t4))
-        row["ce_store_streamed"] = 4 * nbytes / statistics.median(ts[1:]) / 1e9
+        row["ce_store_streamed"] = len(sets) * nbytes / statistics.median(ts[1:]) / 1e9
+        row["streamed_calls"] = len(sets)
+        pool = gp._write_pool
+        row["pool"] = None if pool is None else dict(target_chunks=pool.target_chunks, taken=pool.taken_slots,
+                                                      refills=pool.refills, refused=pool.refused)
         if variants == ("ce",):
             c.delete(keys)
             return row
@@ -411,9 +422,11 @@ def main(argv=None) -> int:
     # grown to two batches); noclear: stock with the daemon's background clearing of freed
     # pages off (each ReserveWrite zeroes what it takes, as before); full: stock with the
     # arena filled with other chunks first (every store evicts); full-target: full with
-    # dram.free_target_bytes=1GiB (the clearer evicts ahead and clears the room); full-noclear.
+    # dram.free_target_bytes=1GiB (the clearer evicts ahead and clears the room); full-noclear;
+    # keyed: stock with stores reserving keyed extents per call (no write-ahead pool), as
+    # before; full-target-keyed.
     extra = {"noclear": ("dram.clear_freed=false",), "full-noclear": ("dram.clear_freed=false",),
-             "full-target": ("dram.free_target_bytes=1GiB",)}
+             "full-target": ("dram.free_target_bytes=1GiB",), "full-target-keyed": ("dram.free_target_bytes=1GiB",)}
     for variant in os.environ.get("GPU_ALL_VARIANTS", "stock,checks,two-groups").split(","):
         vs = (*settings, *extra.get(variant, ()))
         d = TrustDaemon(*vs, variant=variant) if variant == "memset" else Daemon(*vs)
@@ -424,7 +437,8 @@ def main(argv=None) -> int:
                 growth=1 if variant == "two-groups" else None, speculate=variant != "no-spec",
                 lease_free=variant not in ("leased", "no-spec"),
                 batch_mib=int(variant[5:]) if variant.startswith("batch") else 0,
-                prefill_bytes=(8 << 30) if variant.startswith("full") else 0), None)
+                prefill_bytes=(8 << 30) if variant.startswith("full") else 0,
+                write_ahead="keyed" not in variant), None)
                              for n, sh in SHAPES.items()]
             if variant == "stock":
                 smol = SHAPES["SmolLM2-135M fp16"]
@@ -455,8 +469,8 @@ def main(argv=None) -> int:
                 if f"{tag}_store" in r:
                     lines.append(f"{r['shape'] + ' ' + what + ' [' + variant + ']':52} {_pct(r[tag + '_store'], d2h)} "
                                  f"{r[tag + '_retrieve']:13.1f} {r[tag + '_retrieve'] / h2d:7.0%}")
-            lines.append(f"{r['shape'] + ' store wait=False, 4 calls [' + variant + ']':52} "
-                         f"{_pct(r['ce_store_streamed'], d2h)}")
+            lines.append(f"{r['shape'] + ' store wait=False, ' + str(r['streamed_calls']) + ' calls [' + variant + ']':52} "
+                         f"{_pct(r['ce_store_streamed'], d2h)}  pool {r['pool']}")
     if big is not None:
         lines.append(f"{big['shape'] + ' x' + str(4 * args.chunks) + ' chunks, contiguous [stock]':52} "
                      f"{_pct(big['ce_store'], d2h)} {big['ce_retrieve']:13.1f} {big['ce_retrieve'] / h2d:7.0%}")
