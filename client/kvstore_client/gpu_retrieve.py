@@ -207,8 +207,10 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
     Without a lease the daemon may evict, move or overwrite a chunk while it crosses PCIe,
     so nothing unproven reaches ``dst``: each batch lands in device staging, its CRC32Cs are
     computed on the GPU and compared on the host with the ones the chunks were stored with,
-    and only the matching leading run is moved into place (while the next batch crosses
-    into the other half of the staging). The first chunk that does not match ends the run
+    and only the matching leading run is moved into place. The staging is a ring of as many
+    batch regions as fit (at least two): while the host checks batch k, the batches after it
+    up to the ring's size are already queued on the copy engine, so PCIe never waits for
+    the host. The first chunk that does not match ends the run
     and is forgotten; the caller reads it and what follows through leases. A chunk deleted
     before the load is absent from the index and never read this way. The reads are reported
     to the daemon as hits afterwards (``GpuPath.touched``), batched across loads."""
@@ -228,7 +230,8 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
     torch = _torch()
     per = max(1, min(gp.unleased_batch_bytes // size, gp.staging_bytes // size // 2))
     batches = [(lo, min(m, lo + per)) for lo in range(0, m, per)]
-    staging = int(gp.spec_staging(2 * per * size).data_ptr())
+    ways = max(2, min(len(batches), gp.staging_bytes // (per * size)))
+    staging = int(gp.spec_staging(ways * per * size).data_ptr())
     crc = gp.pinned_u32("unleased-crc", m)
     crc_host = crc.numpy().view(np.uint32)
     mv = gp.move_stream
@@ -236,14 +239,14 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
     checked: list[Any] = [None] * len(batches)
     moved: list[Any] = [None] * len(batches)
 
-    def half(k: int) -> int:
-        return staging + (k % 2) * per * size
+    def region(k: int) -> int:
+        return staging + (k % ways) * per * size
 
     def issue(k: int) -> None:
         lo, hi = batches[k]
-        base = half(k)
-        if k >= 2:   # the half is free once batch k - 2 moved out of it
-            gp.copy_stream.wait_event(moved[k - 2])
+        base = region(k)
+        if k >= ways:   # the region is free once batch k - ways moved out of it
+            gp.copy_stream.wait_event(moved[k - ways])
         staged = [base + j * size for j in range(hi - lo)]
         cuda_ipc.memcpy_batch(staged, [arena_base + ext[i][0] for i in range(lo, hi)], [size] * (hi - lo),
                               gp.copy_stream.cuda_stream)
@@ -257,14 +260,14 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
 
     placed = 0
     try:
-        for k in range(min(2, len(batches))):
+        for k in range(min(ways, len(batches))):
             issue(k)
         for k, (lo, hi) in enumerate(batches):
             checked[k].synchronize()
             good = lo
             while good < hi and int(crc_host[good]) == ext[good][2]:
                 good += 1
-            base = half(k)
+            base = region(k)
             _move_into([(i, base + (i - lo) * size) for i in range(lo, good)], dst, contiguous, mv.cuda_stream)
             moved[k] = torch.cuda.Event()
             moved[k].record(mv)
@@ -272,8 +275,8 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
             if good < hi:   # moved, overwritten or evicted since this client saw it
                 gp.forget(keys[good])
                 break
-            if k + 2 < len(batches):
-                issue(k + 2)
+            if k + ways < len(batches):
+                issue(k + ways)
     finally:
         gp.copy_stream.synchronize()   # nothing of this call still reads the arena or writes staging
         gp.kernel_stream.synchronize()

@@ -39,10 +39,12 @@ SPECULATE_BYTES = 64 << 20
 TOUCH_INTERVAL_S = 0.05
 TOUCH_PENDING_MAX = 1024
 #: Lease-free loads check chunks in batches of about this many bytes (at most half the
-#: staging): one GPU CRC32C launch and one host wait per batch, while the next batch crosses
-#: PCIe into the other staging half. Measured on an H200 (bench/results/gpu-all-lease-free-
-#: batches-2026-12-02.txt): 16 SmolLM2 chunks 50% / 61% / 70% of H2D with 8 / 16 / 32 MiB.
-UNLEASED_BATCH_BYTES = 32 << 20
+#: staging): one GPU CRC32C launch and one host wait per batch, while the batches after it
+#: cross PCIe into the other regions of the staging ring. With two regions (an H200,
+#: bench/results/gpu-all-lease-free-batches-2026-12-02.txt): 16 SmolLM2 chunks 50% / 61% / 70%
+#: of H2D with 8 / 16 / 32 MiB batches; a ring of as many regions as fit the staging keeps
+#: smaller batches queued on the copy engine (docs/benchmarks.md, 2026-12-03 evening).
+UNLEASED_BATCH_BYTES = 16 << 20
 #: Bytes of arena extents a GPU client keeps reserved ahead of its stores (``gpu_pool``; at
 #: most a sixteenth of the arena). 0: every store reserves its own (keyed ReserveWrite).
 DEFAULT_WRITE_AHEAD_BYTES = 256 << 20
