@@ -4,9 +4,11 @@ A store through keyed reservations costs two round trips around its copies: Rese
 (the daemon picks and clears extents for the keys) and CommitWrite. With unbound reservations
 (``AttachResponse.unbound_reservations``) the client keeps a few leases of extents for chunks
 of its namespace's size reserved before it needs them, without keys; a store copies into them
-at once and names the keys in its CommitWrite (``Binding``), which it can also leave to a
-helper thread (``store_cuda(wait=False)``). The pool is refilled in the background, off the
-store's path.
+at once and names the keys in its CommitWrite (``Binding``, always with ``keep_lease``: the
+daemon takes the bound slots out of the lease at once, so commits of one lease from several
+stores run concurrently, and it ends the lease when its last slot is bound), which it can
+also leave to a helper thread (``store_cuda(wait=False)``). The pool is refilled in the
+background, off the store's path.
 
 Bounds: the pool holds at most ``target_bytes`` (``GpuPath.write_ahead_bytes``, at most a
 sixteenth of the arena), counted by the daemon as this tenant's reserved bytes and open
@@ -54,6 +56,10 @@ class PoolLease:
     nonce: bytes
     expires_s: float
     free: list = field(default_factory=list)   # local_pb2.Slot
+    #: CommitWrites of its slots submitted and not yet answered.
+    inflight: int = 0
+    #: No more of its slots are used: released once ``inflight`` drops to 0.
+    retired: bool = False
 
 
 class WritePool:
@@ -78,9 +84,9 @@ class WritePool:
 
     # ---- what a store takes
     def take(self, n: int) -> list[tuple[PoolLease, list]]:
-        """Up to ``n`` slots from ready leases, fullest lease first: ``[(lease, slots)]``. The
-        leases are the caller's until it gives them back (``give_back``) or they end (``lost``):
-        a lease is committed by one request at a time."""
+        """Up to ``n`` slots from ready leases, oldest lease first: ``[(lease, slots)]``. A
+        lease stays ready while it has slots left (its slots may be bound by concurrent
+        commits)."""
         now = time.time()
         margin = min(EXPIRY_MARGIN_S, self._s.lease_ttl_s / 4)
         nonce = self._s.arena_nonce
@@ -88,22 +94,24 @@ class WritePool:
         with self._lock:
             stale = [le for le in self._ready if le.nonce != nonce or le.expires_s - now < margin]
             self._ready = [le for le in self._ready if le not in stale]
-            self._ready.sort(key=lambda le: -len(le.free))
             while n > 0 and self._ready:
-                le = self._ready.pop(0)
+                le = self._ready[0]
                 k = min(n, len(le.free))
                 out.append((le, le.free[:k]))
                 le.free = le.free[k:]
+                if not le.free:
+                    self._ready.pop(0)
                 n -= k
                 self.taken_slots += k
-        self._s._release_later(*(le.lease_id for le in stale))
+        for le in stale:
+            self.retire(le)
         return out
 
     def note_call(self, chunks: int) -> None:
-        """Sizes the next refills' leases like this store (one lease per store, when it fits)."""
+        """Sizes the next refills' leases like this store (at least ``MIN_LEASE_BYTES``, at
+        most the target)."""
         if chunks > 0 and self.target_chunks:
-            self.lease_chunks = max(-(-MIN_LEASE_BYTES // self.size), min(chunks, self.target_chunks))
-            self.lease_chunks = max(1, min(self.lease_chunks, self.target_chunks))
+            self.lease_chunks = max(1, min(max(chunks, -(-MIN_LEASE_BYTES // self.size)), self.target_chunks))
 
     def reserve(self, n: int):
         """An unbound ReserveWrite of ``n`` chunks (a future of its answer), for the part of a
@@ -113,19 +121,37 @@ class WritePool:
     def lease_of(self, resp) -> PoolLease:
         return PoolLease(resp.lease_id, resp.arena_nonce, resp.expires_unix_s, list(resp.slots))
 
-    def give_back(self, lease: PoolLease, expires_s: float) -> None:
-        """A lease whose CommitWrite kept its unused slots (``keep_lease``), renewed until
-        ``expires_s``, is ready again."""
-        lease.expires_s = expires_s
+    def begin(self, lease: PoolLease) -> None:
+        """A CommitWrite of some of ``lease``'s slots is on its way."""
         with self._lock:
-            if not self._closed and lease.free:
-                self._ready.append(lease)
-                return
-        self._s._release_later(lease.lease_id)
+            lease.inflight += 1
 
-    def lost(self, lease: PoolLease) -> None:
-        """A lease the daemon ended (its CommitWrite failed): nothing to give back."""
-        lease.free = []
+    def end(self, lease: PoolLease, renewed_until: float | None) -> None:
+        """That CommitWrite was answered: the lease renewed until ``renewed_until`` (None: it
+        failed, and the daemon ended the lease)."""
+        with self._lock:
+            lease.inflight -= 1
+            if renewed_until is None:
+                lease.free = []
+                if lease in self._ready:
+                    self._ready.remove(lease)
+            else:
+                lease.expires_s = max(lease.expires_s, renewed_until)
+            release = lease.retired and lease.inflight == 0 and renewed_until is not None
+        if release:
+            self._s._release_later(lease.lease_id)
+
+    def retire(self, lease: PoolLease) -> None:
+        """No more of ``lease``'s slots are used (a store failed while holding some, or it is
+        near its expiry): released once its commits in flight are answered."""
+        with self._lock:
+            if lease in self._ready:
+                self._ready.remove(lease)
+            lease.free = []
+            lease.retired = True
+            now = lease.inflight == 0
+        if now:
+            self._s._release_later(lease.lease_id)
 
     # ---- background
     def refill(self) -> None:
@@ -177,23 +203,25 @@ class WritePool:
         self._s._release_later(resp.lease_id)
 
     def drain(self, quiet_s: float = REFUSED_BACKOFF_S) -> None:
-        """Releases every ready lease (the daemon refused a store's reservation: the room the
-        pool holds goes back first) and pauses refills for ``quiet_s``."""
+        """Gives back every ready lease (the daemon refused a store's reservation: the room
+        the pool holds goes back first) and pauses refills for ``quiet_s``."""
         with self._lock:
-            ready, self._ready = self._ready, []
+            ready = list(self._ready)
             self._quiet_until = time.monotonic() + quiet_s
-        self._s._release_later(*(le.lease_id for le in ready))
+        for le in ready:
+            self.retire(le)
 
     def ready_slots(self) -> int:
         with self._lock:
             return sum(len(le.free) for le in self._ready)
 
     def close(self) -> None:
-        """Releases the ready leases; answers still in flight are released as they come."""
+        """Gives back the ready leases; answers still in flight are released as they come."""
         with self._lock:
             self._closed = True
-            ready, self._ready = self._ready, []
-        self._s._release_later(*(le.lease_id for le in ready))
+            ready = list(self._ready)
+        for le in ready:
+            self.retire(le)
 
     def _request(self, n: int):
         s = self._s

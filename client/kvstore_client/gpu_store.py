@@ -204,9 +204,8 @@ def _pooled(gp: GpuPath, pool: WritePool, cp: _Copier, keys, n: int, durability:
             f.result()
         return commits + _keyed(gp, cp, keys, todo[pos:], durability, group)
     except BaseException:
-        c._release_later(*(le.lease_id for le in unsent))   # unbound: nothing of them is visible
-        for le in unsent:
-            pool.lost(le)
+        for le in unsent:   # unbound: nothing of what we copied into them is visible
+            pool.retire(le)
         raise
 
 
@@ -216,39 +215,41 @@ def _copy_bound(gp: GpuPath, pool: WritePool, cp: _Copier, le, slots, keys, idx:
     for s, i in zip(slots, idx):
         cp.copy(i, base + s.offset)
     g = cp.end_group()
-    return gp._commits.submit(_commit_bound_when_done, gp, pool, le, list(zip(slots, idx)), keys, g, durability)
+    pool.begin(le)
+    try:
+        return gp._commits.submit(_commit_bound_when_done, gp, pool, le, list(zip(slots, idx)), keys, g, durability)
+    except BaseException:
+        pool.end(le, None)
+        raise
 
 
 def _commit_bound_when_done(gp: GpuPath, pool: WritePool, le, placed, keys, g: "_Group",
                             durability: Durability) -> int:
     """Helper thread: waits for one lease's copies and checksums, then binds the keys to its
-    slots (``keep_lease`` while slots are left: the lease goes back to the pool)."""
+    slots (``keep_lease``: the daemon keeps the lease's other slots for later stores and
+    ends it once every slot is bound)."""
     c = gp.client
+    renewed = None
     try:
         crcs = g.crcs()
+        sent = time.time()
+        try:
+            done = c._commit(local_pb2.CommitWriteRequest(
+                lease_id=le.lease_id, durability=int(durability), skip_verify=gp.skip_commit_verify, keep_lease=True,
+                bindings=[local_pb2.Binding(slot=s.index, key=keys[i], crc32c=int(crcs[i])) for s, i in placed]),
+                **gp._rpc_meta())
+        except grpc.RpcError as e:   # a failed CommitWrite ends the lease on the daemon
+            pres = c.presence
+            if e.code() == grpc.StatusCode.NOT_FOUND and (pres is None or pres.stale()):
+                c.arena_changed = True
+                raise ArenaChanged("the daemon restarted during a GPU store; retry") from None
+            raise
+        renewed = sent + c.lease_ttl_s
     except BaseException:
-        c._release(local_pb2.ReleaseRequest(lease_ids=[le.lease_id]), **gp._rpc_meta())
-        pool.lost(le)
+        c._release_later(le.lease_id)   # (a copy failed: the slots written are never bound)
         raise
-    keep = bool(le.free)
-    sent = time.time()
-    try:
-        done = c._commit(local_pb2.CommitWriteRequest(
-            lease_id=le.lease_id, durability=int(durability), skip_verify=gp.skip_commit_verify, keep_lease=keep,
-            bindings=[local_pb2.Binding(slot=s.index, key=keys[i], crc32c=int(crcs[i])) for s, i in placed]),
-            **gp._rpc_meta())
-    except grpc.RpcError as e:
-        pool.lost(le)     # a failed CommitWrite ends the lease on the daemon
-        pres = c.presence
-        if e.code() == grpc.StatusCode.NOT_FOUND and (pres is None or pres.stale()):
-            c.arena_changed = True
-            raise ArenaChanged("the daemon restarted during a GPU store; retry") from None
-        raise
-    except BaseException:
-        pool.lost(le)
-        raise
-    if keep:
-        pool.give_back(le, sent + c.lease_ttl_s)
+    finally:
+        pool.end(le, renewed)
     existed = set(done.existed_slots)
     gp.remember([(keys[i], s.offset, s.length, int(crcs[i])) for s, i in placed if s.index not in existed],
                 le.nonce)

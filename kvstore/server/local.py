@@ -120,19 +120,23 @@ class LeaseTable:
         p = current_principal()
         return _Lease(p.tenant_scope, p.tenant, self._clock() + self._ttl, self._limits)
 
-    def take(self, lease_id: int) -> _Lease:
-        """Removes and returns the caller's lease; NOT_FOUND when unknown, expired or another tenant's."""
+    def peek(self, lease_id: int) -> _Lease:
+        """The caller's lease, left open; NOT_FOUND when unknown, expired or another tenant's."""
         lease = self._open.get(lease_id)
         if lease is None or (lease.tenant_scope is not None and lease.tenant_scope != current_principal().tenant_scope):
             raise NotFound(f"lease {lease_id} is unknown or expired (leases live server.lease_ttl_s={self._ttl:g} s); "
                            "ask for a new one")
+        return lease
+
+    def take(self, lease_id: int) -> _Lease:
+        """Removes and returns the caller's lease; NOT_FOUND when unknown, expired or another tenant's."""
+        self.peek(lease_id)
         return self._open.pop(lease_id)
 
-    def reopen(self, lease_id: int, lease: _Lease) -> None:
-        """Puts a lease taken by ``take`` back under its id, its expiry renewed (an unbound
-        reservation kept for a later CommitWrite)."""
+    def renew(self, lease: _Lease) -> None:
+        """Moves an open lease's expiry to ``server.lease_ttl_s`` from now (an unbound
+        reservation kept for later CommitWrites)."""
         lease.expires_s = self._clock() + self._ttl
-        self._open[lease_id] = lease
 
     def release(self, lease_id: int) -> bool:
         try:
@@ -268,6 +272,8 @@ class LocalDataServicer:
                                               arena_nonce=self._m.nonce)
 
     async def CommitWrite(self, request, context):
+        if request.keep_lease and self._leases.peek(request.lease_id).unbound_in is not None:
+            return await self._commit_kept(request)
         lease = self._leases.take(request.lease_id)
         try:
             durability = parse_durability(request.durability)
@@ -288,22 +294,41 @@ class LocalDataServicer:
             finally:
                 lease.release(self._m)
             return local_pb2.CommitWriteResponse(stored=stored, existed=existed)
+        lease.unhold(Resource.OPEN_RESERVATIONS, len(bound))
+        lease.release(self._m)     # the slots not bound are given back now
+        return await self._commit_bound(bound, durability, trust)
+
+    async def _commit_kept(self, request):
+        """A CommitWrite with ``keep_lease`` on an unbound reservation: the bound slots are
+        taken out of the lease at once (on the event loop, so commits of other slots of the
+        same lease may run concurrently), the lease stays open with the rest, renewed, and
+        ends when no slot is left. An invalid request ends the lease."""
+        lid = request.lease_id
+        lease = self._leases.peek(lid)
+        try:
+            durability = parse_durability(request.durability)
+            trust = request.skip_verify or current_principal().trust_client_crc
+            bound = self._bindings(lease, request)
+        except BaseException:
+            self._leases.release(lid)
+            raise
+        lease.unhold(Resource.OPEN_RESERVATIONS, len(bound))   # theirs now: committed or given back below
+        if lease.reservations:
+            self._leases.renew(lease)
+        else:
+            self._leases.release(lid)
+        try:
+            return await self._commit_bound(bound, durability, trust)
+        except BaseException:
+            self._leases.release(lid)   # (if still open) the writer learns of the failure; the rest goes back
+            raise
+
+    async def _commit_bound(self, bound: list, durability, trust: bool):
         try:
             stored, existed, existed_slots = await self._run(self._m.commit_bound, bound, durability, trust)
-        except BaseException:
-            lease.release(self._m)
-            raise
         finally:
-            if bound:   # not reached (an error inside): given back
-                for _, res, *_ in bound:
-                    self._m.abort(res)
-            n = lease.held_reservations - len(lease.reservations)
-            if n:
-                lease.unhold(Resource.OPEN_RESERVATIONS, n)
-        if request.keep_lease and lease.reservations:
-            self._leases.reopen(request.lease_id, lease)
-        else:
-            lease.release(self._m)
+            for _, res, *_ in bound:   # not reached (an error inside): given back
+                self._m.abort(res)
         return local_pb2.CommitWriteResponse(stored=stored, existed=existed, existed_slots=existed_slots)
 
     def _bindings(self, lease: _Lease, request) -> list:

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 import kvstore_native as native
-from kvstore.server.local import LeaseTable, _Lease
-from kvstore.store.limits import Resource
+from kvstore.server.local import LeaseTable
 from kvstore_client import KVStoreClient, Namespace
 from kvstore_testing.daemon import spawn_daemon
 from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc, local_pb2, local_pb2_grpc
@@ -96,6 +95,26 @@ def test_bound_in_two_commits_keeping_the_rest_reads_back_bit_exact(daemon):
         # Without keep_lease the lease ended: nothing is left to commit.
         code, _ = code_of(lambda: stub.CommitWrite(local_pb2.CommitWriteRequest(lease_id=r.lease_id)))
         assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_kept_commits_of_one_lease_run_concurrently_and_the_last_slot_ends_it(daemon):
+    ns = Namespace(**{**NS, "model": "unbound-concurrent"})
+    n = 8
+    toks = list(range(64 * n))
+    data = [chunk_bytes(20 + i) for i in range(n)]
+    with KVStoreClient(daemon.addr, ns) as c, grpc.insecure_channel(daemon.addr) as ch:
+        stub = local_pb2_grpc.LocalDataStub(ch)
+        keys = c.keys(toks)
+        r = reserve_unbound(stub, c, n)
+        crcs = [fill(c, r.slots[i], data[i]) for i in range(n)]
+        futs = [stub.CommitWrite.future(local_pb2.CommitWriteRequest(
+            lease_id=r.lease_id, keep_lease=True,
+            bindings=[local_pb2.Binding(slot=i, key=keys[i], crc32c=crcs[i])])) for i in range(n)]
+        assert sum(f.result(timeout=30).stored for f in futs) == n
+        assert same(c.retrieve(toks)[1], kv_of(data))
+        code, _ = code_of(lambda: stub.CommitWrite(local_pb2.CommitWriteRequest(lease_id=r.lease_id,
+                                                                                keep_lease=True)))
+        assert code == grpc.StatusCode.NOT_FOUND     # every slot bound: the lease ended by itself
 
 
 def test_a_key_already_stored_keeps_its_bytes_and_the_extent_is_given_back(daemon):
@@ -232,19 +251,19 @@ def test_a_kept_lease_is_renewed():
     lease = table.new()
     lid = table.open(lease)
     now[0] = 104.0
-    table.reopen(lid, table.take(lid))       # a CommitWrite with keep_lease
+    table.renew(table.peek(lid))             # a CommitWrite with keep_lease
     now[0] = 106.0
     assert table.sweep() == 0                # would have expired at 105
+    assert table.peek(lid) is lease
     now[0] = 109.5
     assert table.sweep() == 1
-    assert isinstance(lease, _Lease) and Resource.OPEN_RESERVATIONS
 
 
-def test_the_gpu_clients_write_pool_refills_takes_and_gives_back(daemon_factory):
+def test_the_gpu_clients_write_pool_refills_hands_out_and_gives_back(daemon_factory):
     """``gpu_pool.WritePool`` (what GPU stores take their extents from) on a real daemon,
-    without a GPU: refills to its target in leases sized like the stores, hands out slots
-    fullest lease first, takes back a lease kept by a CommitWrite, backs off when refused,
-    and releases everything at close."""
+    without a GPU: refills to its target in leases of the configured size, hands out slots
+    oldest lease first (a lease stays ready while it has slots), backs off when refused, and
+    gives everything back at close, once the commits in flight are answered."""
     from kvstore_client.gpu_pool import WritePool
     from kvstore_client.gpu_session import GpuSession
 
@@ -265,24 +284,26 @@ def test_the_gpu_clients_write_pool_refills_takes_and_gives_back(daemon_factory)
         assert pool.ready_slots() == 12 and pool.refused >= 1
         assert dram_used(d.addr) == before + 12 * CHUNK
         got = pool.take(6)
-        assert [len(slots) for _, slots in got] == [4, 2] and pool.ready_slots() == 4
+        assert [len(slots) for _, slots in got] == [4, 2] and pool.ready_slots() == 6
         le, slots = got[1]
         keys = c.keys(list(range(64 * 2)))
         data = [chunk_bytes(40), chunk_bytes(41)]
         with grpc.insecure_channel(d.addr) as ch:
             stub = local_pb2_grpc.LocalDataStub(ch)
             b = [local_pb2.Binding(slot=sl.index, key=k, crc32c=fill(c, sl, x)) for sl, k, x in zip(slots, keys, data)]
+            pool.begin(le)
             got_c = stub.CommitWrite(local_pb2.CommitWriteRequest(lease_id=le.lease_id, bindings=b, keep_lease=True))
+            pool.end(le, time.time() + 30)
         assert got_c.stored == 2
-        pool.give_back(le, time.time() + 30)
-        assert pool.ready_slots() == 4 + 2        # the third lease, and the kept one's two slots
         assert same(c.retrieve(list(range(128)))[1], kv_of(data))
-        for lease, _ in got[:1]:                  # what a store would do on an error
-            s._release_later(lease.lease_id)
-            pool.lost(lease)
+        assert pool.take(3)[0][0] is le     # its other two slots first (oldest lease), then the next
+        pool.retire(got[0][0])              # what a failed store does with a lease it held
         pool.close()
         s.drain(5)
         deadline = time.monotonic() + 5
-        while dram_used(d.addr) > before + 2 * CHUNK and time.monotonic() < deadline:
+        while dram_used(d.addr) > before + 4 * CHUNK and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert dram_used(d.addr) == before + 2 * CHUNK   # only the two stored chunks hold pages
+        # The two stored chunks and the lease whose last two slots are handed out (a store
+        # binds or retires them) hold pages; the leases given back (the third one with its
+        # slot handed out) hold none.
+        assert dram_used(d.addr) == before + 4 * CHUNK
