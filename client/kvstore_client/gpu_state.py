@@ -42,9 +42,9 @@ TOUCH_PENDING_MAX = 1024
 #: staging): one GPU CRC32C launch and one host wait per batch, while the batches after it
 #: cross PCIe into the other regions of the staging ring. With two regions (an H200,
 #: bench/results/gpu-all-lease-free-batches-2026-12-02.txt): 16 SmolLM2 chunks 50% / 61% / 70%
-#: of H2D with 8 / 16 / 32 MiB batches; a ring of as many regions as fit the staging keeps
-#: smaller batches queued on the copy engine (docs/benchmarks.md, 2026-12-03 evening).
-UNLEASED_BATCH_BYTES = 16 << 20
+#: of H2D with 8 / 16 / 32 MiB batches. A ring of five 16 MiB regions was no faster than two of
+#: 32 MiB (63% against 66%, bench/results/gpu-all-write-ahead-2026-12-03.txt).
+UNLEASED_BATCH_BYTES = 32 << 20
 #: Bytes of arena extents a GPU client keeps reserved ahead of its stores (``gpu_pool``; at
 #: most a sixteenth of the arena). 0: every store reserves its own (keyed ReserveWrite).
 DEFAULT_WRITE_AHEAD_BYTES = 256 << 20
