@@ -117,7 +117,7 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
     ``prefill_bytes``: first store that many bytes of other chunks (another namespace), so
     the arena is full and every store evicts, as in a fleet's steady state. ``write_ahead``
     False: stores reserve keyed extents per call (``GpuPath.write_ahead_bytes = 0``), as
-    before write-ahead reservations."""
+    before write-ahead reservations; a number: the write-ahead pool's bytes."""
     from kvstore_client.gpu_state import _path
 
     ns = Namespace(model=f"bench-gpu-{name}", **shape)
@@ -138,8 +138,8 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
             gp.group_growth = gp.store_group_growth = growth
         gp.speculate = speculate
         gp.lease_free = lease_free
-        if not write_ahead:
-            gp.write_ahead_bytes = 0
+        if write_ahead is not True:
+            gp.write_ahead_bytes = int(write_ahead)   # False: 0, no pool; else the pool's bytes
         if batch_mib:
             gp.unleased_batch_bytes = batch_mib << 20
             gp.staging_bytes = max(gp.staging_bytes, 2 * gp.unleased_batch_bytes)
@@ -424,7 +424,7 @@ def main(argv=None) -> int:
     # arena filled with other chunks first (every store evicts); full-target: full with
     # dram.free_target_bytes=1GiB (the clearer evicts ahead and clears the room); full-noclear;
     # keyed: stock with stores reserving keyed extents per call (no write-ahead pool), as
-    # before; full-target-keyed.
+    # before; full-target-keyed; poolN: stock with a write-ahead pool of N MiB (default 256).
     extra = {"noclear": ("dram.clear_freed=false",), "full-noclear": ("dram.clear_freed=false",),
              "full-target": ("dram.free_target_bytes=1GiB",), "full-target-keyed": ("dram.free_target_bytes=1GiB",)}
     for variant in os.environ.get("GPU_ALL_VARIANTS", "stock,checks,two-groups").split(","):
@@ -438,7 +438,8 @@ def main(argv=None) -> int:
                 lease_free=variant not in ("leased", "no-spec"),
                 batch_mib=int(variant[5:]) if variant.startswith("batch") else 0,
                 prefill_bytes=(8 << 30) if variant.startswith("full") else 0,
-                write_ahead="keyed" not in variant), None)
+                write_ahead=(int(variant[4:]) << 20 if variant.startswith("pool") else "keyed" not in variant)),
+                None)
                              for n, sh in SHAPES.items()]
             if variant == "stock":
                 smol = SHAPES["SmolLM2-135M fp16"]
