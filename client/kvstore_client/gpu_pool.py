@@ -71,13 +71,13 @@ class WritePool:
         #: The arena this pool's leases are in (a new one, after a daemon restart, gets a new pool).
         self.nonce = session.arena_nonce
         self.target_chunks = max(0, target_bytes // size)
-        self.lease_chunks = max(1, min(self.target_chunks, -(-MIN_LEASE_BYTES // size)))
+        self.lease_chunks = self._lease_chunks(0)
         self._ready: list[PoolLease] = []
         self._inflight: dict[Any, int] = {}     # refill future -> chunks asked for
         self._quiet_until = 0.0
         self._closed = False
         self._lock = threading.Lock()
-        #: Counters (benchmarks, tests): slots taken from the pool / reserved during a store.
+        #: Counters (benchmarks, tests): slots handed out, refills asked for, refills refused.
         self.taken_slots = 0
         self.refills = 0
         self.refused = 0
@@ -111,11 +111,14 @@ class WritePool:
         """Sizes the next refills' leases like this store (at least ``MIN_LEASE_BYTES``, at
         most the target)."""
         if chunks > 0 and self.target_chunks:
-            self.lease_chunks = max(1, min(max(chunks, -(-MIN_LEASE_BYTES // self.size)), self.target_chunks))
+            self.lease_chunks = self._lease_chunks(chunks)
+
+    def _lease_chunks(self, chunks: int) -> int:
+        return max(1, min(max(chunks, -(-MIN_LEASE_BYTES // self.size)), self.target_chunks))
 
     def reserve(self, n: int):
-        """An unbound ReserveWrite of ``n`` chunks (a future of its answer), for the part of a
-        store the pool did not cover."""
+        """An unbound ReserveWrite of ``n`` chunks (a future of its answer): a refill, or the
+        part of a store the pool did not cover."""
         return self._s._reserve.future(self._request(n), metadata=self._s._metadata, timeout=self._s.timeout_s)
 
     def lease_of(self, resp) -> PoolLease:
@@ -169,8 +172,7 @@ class WritePool:
                     return
                 if want <= 0:
                     return
-                fut = self._s._reserve.future(self._request(want), metadata=self._s._metadata,
-                                              timeout=self._s.timeout_s)
+                fut = self.reserve(want)
                 self._inflight[fut] = want
                 self.refills += 1
             fut.add_done_callback(self._refilled)

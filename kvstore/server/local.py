@@ -166,6 +166,12 @@ class LeaseTable:
             self.sweep()
 
 
+def _commit_options(request) -> tuple:
+    """``(durability, take the CRC32Cs unread)`` of a CommitWrite; InvalidArgument for an
+    unknown durability."""
+    return parse_durability(request.durability), request.skip_verify or current_principal().trust_client_crc
+
+
 class LocalDataServicer:
     def __init__(self, store: Store, config, pool, leases: LeaseTable) -> None:
         self._store = store
@@ -239,11 +245,11 @@ class LocalDataServicer:
         if len(request.chunks) > self._cfg.max_keys_per_request:
             raise InvalidArgument(f"{len(request.chunks)} chunks in one request; the limit is "
                                   f"server.max_keys_per_request={self._cfg.max_keys_per_request}")
-        unbound = [not c.key for c in request.chunks]
-        if any(unbound) and not all(unbound):
+        keyless = [not c.key for c in request.chunks]
+        if any(keyless) and not all(keyless):
             raise InvalidArgument("a ReserveWrite's chunks are all keyed or all unbound (empty keys, bound at "
                                   "CommitWrite); split the request")
-        unbound = bool(request.chunks) and unbound[0]
+        unbound = bool(keyless) and keyless[0]
         lease = self._leases.new()
         slots = []
         try:
@@ -272,12 +278,13 @@ class LocalDataServicer:
                                               arena_nonce=self._m.nonce)
 
     async def CommitWrite(self, request, context):
-        if request.keep_lease and self._leases.peek(request.lease_id).unbound_in is not None:
-            return await self._commit_kept(request)
+        if request.keep_lease:
+            lease = self._leases.peek(request.lease_id)
+            if lease.unbound_in is not None:
+                return await self._commit_kept(request, lease)
         lease = self._leases.take(request.lease_id)
         try:
-            durability = parse_durability(request.durability)
-            trust = request.skip_verify or current_principal().trust_client_crc
+            durability, trust = _commit_options(request)
             if lease.unbound_in is None:
                 if request.bindings or request.keep_lease:
                     raise InvalidArgument(f"lease {request.lease_id} reserved keyed chunks: commit it with crc32c "
@@ -298,16 +305,14 @@ class LocalDataServicer:
         lease.release(self._m)     # the slots not bound are given back now
         return await self._commit_bound(bound, durability, trust)
 
-    async def _commit_kept(self, request):
-        """A CommitWrite with ``keep_lease`` on an unbound reservation: the bound slots are
-        taken out of the lease at once (on the event loop, so commits of other slots of the
-        same lease may run concurrently), the lease stays open with the rest, renewed, and
-        ends when no slot is left. An invalid request ends the lease."""
+    async def _commit_kept(self, request, lease: _Lease):
+        """A CommitWrite with ``keep_lease`` on an unbound reservation (``lease``, still open):
+        the bound slots are taken out of the lease at once (on the event loop, so commits of
+        other slots of the same lease may run concurrently), the lease stays open with the
+        rest, renewed, and ends when no slot is left. An invalid request ends the lease."""
         lid = request.lease_id
-        lease = self._leases.peek(lid)
         try:
-            durability = parse_durability(request.durability)
-            trust = request.skip_verify or current_principal().trust_client_crc
+            durability, trust = _commit_options(request)
             bound = self._bindings(lease, request)
         except BaseException:
             self._leases.release(lid)

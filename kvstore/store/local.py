@@ -82,8 +82,8 @@ class LocalAccess:
         # in arrival order, so a client's first (small) reservation is ready first and its
         # copies overlap the clearing of the next, instead of every request finishing last.
         self._zero_lock = threading.Lock()
+        self._unbound = itertools.count(1)   # placeholder ids of unbound reservations
         #: The HBM tier's pool (``tiers.hbm.HbmTier.device_pool()``), or None without one.
-        self._unbound = itertools.count(1)
         self._device = next((lv.tier.device_pool() for lv in chain.levels if lv.tier.device_pool() is not None),
                             None)
 
