@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 from kvstore_wire._proto.kvstore.v1 import data_pb2, local_pb2
-from kvstore_wire.channel import TlsOptions, auth_metadata, open_channel
+from kvstore_wire.channel import TlsOptions, auth_metadata, is_local_address, open_channel
 from kvstore_wire.framing import data_or_message, serializer
 
 #: Largest message the client accepts (Get pieces are ``server.stream_piece_bytes``).
@@ -54,9 +54,21 @@ RPCS: dict[str, tuple[str, str, Callable, Callable]] = {
 }
 
 
-def channel_options() -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", CLIENT_MAX_MESSAGE_BYTES),
+#: Longest wait between attempts to reach a same-host daemon (loopback or unix socket) again
+#: after it went away. gRPC's default backoff grows to 120 s, so an engine whose sidecar
+#: restarted could fail fast on every call for minutes; on the same host an attempt costs a
+#: refused connect, so a restarted daemon is reached within this long.
+LOCAL_RECONNECT_BACKOFF_MS = 250
+
+
+def channel_options(addr: str = "") -> list[tuple[str, int]]:
+    opts = [("grpc.max_receive_message_length", CLIENT_MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", CLIENT_MAX_MESSAGE_BYTES)]
+    if addr and is_local_address(addr):
+        opts += [("grpc.initial_reconnect_backoff_ms", LOCAL_RECONNECT_BACKOFF_MS),
+                 ("grpc.min_reconnect_backoff_ms", LOCAL_RECONNECT_BACKOFF_MS),
+                 ("grpc.max_reconnect_backoff_ms", LOCAL_RECONNECT_BACKOFF_MS)]
+    return opts
 
 
 def open_client_channel(addr: str, token: str | None, tls: TlsOptions | None, aio: bool = False):
@@ -65,7 +77,7 @@ def open_client_channel(addr: str, token: str | None, tls: TlsOptions | None, ai
     from .errors import InvalidArgument
 
     try:
-        return auth_metadata(token, addr, tls), open_channel(addr, tls=tls, options=channel_options(), aio=aio)
+        return auth_metadata(token, addr, tls), open_channel(addr, tls=tls, options=channel_options(addr), aio=aio)
     except ValueError as e:  # InsecureTransportError, unreadable PEM files
         raise InvalidArgument(str(e)) from None
 

@@ -119,3 +119,39 @@ def test_sidecar_link_turns_any_exception_of_a_call_into_a_miss_and_reconnects(d
         assert link.client() is not first
     finally:
         link.close()
+
+
+def test_a_client_reaches_its_restarted_local_daemon_within_the_reconnect_backoff(daemon_factory):
+    """A daemon down for several seconds (the client's calls failing fast meanwhile) is reached
+    again soon after it serves: the client's channel to a same-host daemon retries every
+    ``LOCAL_RECONNECT_BACKOFF_MS``, not on gRPC's default backoff (up to 120 s)."""
+    from kvstore_client._steps import LOCAL_RECONNECT_BACKOFF_MS
+
+    d = daemon_factory()
+    toks, kv = list(range(96)), _kv(96, 7)
+    with KVStoreClient(d.addr, NS, timeout_s=5) as c:
+        c.store(toks, kv)
+        d.kill()
+        out = np.zeros_like(kv)
+        down_until = time.monotonic() + 6   # default backoff: attempts at about 0, 1, 2.6, 5.2, 9.3 s
+        failures = 0
+        while time.monotonic() < down_until:
+            try:
+                c.retrieve_into(toks, out)      # an RPC (a lookup may answer from the index)
+            except KVStoreClientError:
+                failures += 1
+            time.sleep(0.1)
+        assert failures > 0
+        d.start()
+        served = time.monotonic()
+        while True:
+            try:
+                c.retrieve_into(toks, out)
+                break
+            except KVStoreClientError:
+                assert time.monotonic() - served < 1.0, "the client did not reach the restarted daemon"
+                time.sleep(0.02)
+        assert time.monotonic() - served < 1.0   # gRPC's default backoff: 1.6 s in one measured run
+        assert LOCAL_RECONNECT_BACKOFF_MS <= 1000
+        c.store(toks, kv)                   # the new daemon started empty
+        assert c.retrieve_into(toks, out) == 96 and np.array_equal(out, kv)
