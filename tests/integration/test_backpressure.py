@@ -25,6 +25,8 @@ from .helpers import free_port, kv_for, smol_ns, tokens_for
 CLIENTS = 64
 STORES_PER_CLIENT = 2
 DRAM = "dram.capacity_bytes=256MiB"
+#: Longest wait of a client for the others to finish storing (a hung client fails the test).
+BARRIER_S = 180
 
 
 def admin_stats(addr: str):
@@ -60,6 +62,17 @@ def soak(addr: str, ns, clients: int, stores: int, local: bool = True, interleav
                 wrong.append(where)
 
     def work(i: int) -> None:
+        try:
+            stores_then_reads(i)
+        except threading.BrokenBarrierError:
+            with lock:
+                failures.append(f"client {i}: another client failed or hung before all had stored")
+        except BaseException as e:  # noqa: BLE001 - any failure of a client is the test's failure
+            with lock:
+                failures.append(f"client {i}: {type(e).__name__}: {e}")
+            stored_all.abort()      # the others stop waiting for this one
+
+    def stores_then_reads(i: int) -> None:
         kv = kv_for(ns, ns.chunk_tokens, seed=i)
         with KVStoreClient(addr, ns, local=local) as c:
             done = []
@@ -75,7 +88,7 @@ def soak(addr: str, ns, clients: int, stores: int, local: bool = True, interleav
                     check(c, toks, kv, (i, j))
                 else:
                     done.append((j, toks))
-            stored_all.wait()
+            stored_all.wait(timeout=BARRIER_S)
             for j, toks in done:
                 check(c, toks, kv, (i, j))
 
