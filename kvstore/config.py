@@ -113,6 +113,14 @@ class ServerConfig(_Section):
     #: Most Put and Get streams open at once, daemon-wide (all tenants; per tenant:
     #: ``quotas.max_concurrent_streams``); more are refused at once.
     max_concurrent_streams: int = Field(64, ge=1)
+    #: The same-host control socket: a unix socket beside the shared arena on which same-host
+    #: clients send the LocalData calls of their hot path (ReserveWrite, CommitWrite,
+    #: LeaseRead, Release) as length-prefixed protobuf frames, without gRPC's per-call cost
+    #: (docs/local-path.md). A client reaches it only with the ticket its Attach returned.
+    local_control: bool = True
+    #: Control-socket connections open at once, daemon-wide (per tenant:
+    #: ``quotas.max_control_connections``); more are refused at once.
+    max_control_connections: int = Field(1024, ge=1)
 
     @field_validator("listen")
     @classmethod
@@ -180,6 +188,7 @@ class TenantQuotas(_Section):
     max_open_reservations: int | None = Field(None, ge=0)
     max_reserved_bytes: Bytes | None = None
     max_concurrent_streams: int | None = Field(None, ge=0)
+    max_control_connections: int | None = Field(None, ge=0)
     max_namespaces: int | None = Field(None, ge=0)
     max_inflight_request_bytes: Bytes | None = None
     max_stream_idle_s: float | None = Field(None, gt=0)
@@ -220,6 +229,9 @@ class QuotaConfig(_Section):
     max_reserved_bytes: Bytes | None = None
     #: Streaming RPCs (Put, Get) a tenant may have in flight at once.
     max_concurrent_streams: int = Field(256, ge=0)
+    #: Same-host control-socket connections a tenant may hold open at once
+    #: (``server.local_control``; each client keeps one).
+    max_control_connections: int = Field(64, ge=0)
     #: Namespaces a tenant may register.
     max_namespaces: int = Field(1024, ge=0)
     #: Request bytes of one tenant buffered in the daemon at once (Put payloads received, not

@@ -43,6 +43,7 @@ class Resource(str, enum.Enum):
     OPEN_RESERVATIONS = "max_open_reservations"
     RESERVED_BYTES = "max_reserved_bytes"
     CONCURRENT_STREAMS = "max_concurrent_streams"
+    CONTROL_CONNECTIONS = "max_control_connections"
     NAMESPACES = "max_namespaces"
     INFLIGHT_REQUEST_BYTES = "max_inflight_request_bytes"
 
@@ -57,7 +58,8 @@ class Resource(str, enum.Enum):
                  Resource.RESERVED_BYTES: "of open write reservations",
                  Resource.INFLIGHT_REQUEST_BYTES: "of request data in flight",
                  Resource.OPEN_LEASES: "open leases", Resource.OPEN_RESERVATIONS: "open write reservations",
-                 Resource.CONCURRENT_STREAMS: "streams in flight", Resource.NAMESPACES: "registered namespaces"}
+                 Resource.CONCURRENT_STREAMS: "streams in flight",
+                 Resource.CONTROL_CONNECTIONS: "control-socket connections", Resource.NAMESPACES: "registered namespaces"}
         return f"{_size(n)} {words[self]}" if self.is_bytes else f"{n} {words[self]}"
 
 

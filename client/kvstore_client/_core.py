@@ -71,6 +71,9 @@ class ClientCore:
         #: ``AttachResponse.lease_ttl_s`` and ``unbound_reservations`` (GPU write-ahead).
         self.lease_ttl_s = 30.0
         self.unbound_reservations = False
+        #: ``_control.ControlChannel`` to the daemon's control socket (same-host hot calls
+        #: without gRPC), or None: those calls go over gRPC.
+        self.control = None
         #: The front end's ``gpu_route.GpuRoute`` (CUDA tensors go to the GPU data path), or None.
         self.gpu = None
         self._copies: ThreadPoolExecutor | None = None

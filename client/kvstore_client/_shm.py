@@ -21,6 +21,7 @@ from kvstore_wire.presence import PresenceReader
 from kvstore_wire.types import Durability, Encoding, KeyKind
 
 from . import _common as C
+from ._control import close_control, open_control
 from ._steps import Call, Work
 from .errors import is_exhausted
 from .local import SharedArena
@@ -46,6 +47,7 @@ def attach(core):
             # An earlier daemon's mappings go with their last reader (they hold its tmpfs pages).
             core.arena, core.nonce, core.presence, core.hbm = None, b"", None, None
             core.unbound_reservations = False
+            yield Work(close_control, (core,))
             return
         raise
     arena = SharedArena.open(a.arena_path, a.arena_bytes, a.nonce, a.nonce_offset)
@@ -57,9 +59,11 @@ def attach(core):
     if core.gpu is not None:
         core.gpu.reattached()
     core.presence = PresenceReader.open(a.index_path, a.nonce) if arena is not None and a.index_path else None
+    yield Work(open_control, (core, a))    # the hot calls without gRPC (or None: all over gRPC)
 
 
 def detach(core) -> None:
+    close_control(core)
     if core.arena is not None:
         core.arena.close()
         core.arena = None

@@ -29,6 +29,7 @@ from kvstore_wire.types import Durability, Tier
 
 from . import _core, _views
 from ._common import LookupResult
+from ._control import with_control
 from ._steps import Call, Stream, Upload, Work, bind_stubs, open_client_channel
 from kvstore_wire.channel import TlsOptions
 from .errors import from_rpc_error
@@ -58,7 +59,7 @@ class KVStoreClient:
         self._releaser: threading.Thread | None = None
         self._core = _core.ClientCore(addr, local=local, copy_threads=copy_threads, release_later=self._release_later)
         self._core.gpu = GpuRoute(self)   # CUDA tensors: the GPU data path (kvstore_client.gpu)
-        self._rpc = bind_stubs(self._channel)
+        self._rpc = with_control(self._core, bind_stubs(self._channel))   # same-host hot calls: control socket
         try:
             self._run(self._core.connect(namespace))
         except BaseException:

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 from kvstore_wire._proto.kvstore.v1 import local_pb2
 
+from ._control import with_control
+
 log = logging.getLogger(__name__)
 
 #: Keys per touch-only LeaseRead (well below the daemon's ``server.max_keys_per_request``,
@@ -30,6 +32,7 @@ TOUCH_BATCH = 256
 class GpuSession:
     def __init__(self, core, stubs: dict, metadata, timeout_s: float | None) -> None:
         self._core = core
+        stubs = with_control(core, stubs)    # over the daemon's control socket while it is open
         self._metadata = metadata
         self.timeout_s = timeout_s
         self._reserve = stubs["reserve"]

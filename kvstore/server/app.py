@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -25,6 +26,7 @@ from ..store import Store
 from . import wire
 from .admin import AdminServicer
 from .auth import Authenticator
+from .control import ControlServer
 from .data import DataServicer
 from .local import LeaseTable, LocalDataServicer
 from .status import RequestInterceptor
@@ -91,6 +93,9 @@ class Daemon:
                                  limits=store.limits)
         self._sweeper: asyncio.Task | None = None
         self.local = LocalDataServicer(store, config, self.pool, self.leases)
+        self.control = ControlServer(self.local, self.stats, store.namespaces.quotas, config.server.max_message_bytes,
+                                     config.server.max_control_connections)
+        self.local.control = self.control
         local_pb2_grpc.add_LocalDataServicer_to_server(self.local, self.server)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(store, config, self.pool),
                                                    self.server)
@@ -112,6 +117,14 @@ class Daemon:
 
     async def start(self) -> None:
         await self.server.start()
+        arena = self.store.local.arena_path
+        if self.config.server.local_control and arena is not None:
+            path = Path(f"{arena}.ctl")
+            try:
+                await self.control.start(path)
+            except OSError as e:   # e.g. a path over the 107 bytes a unix socket name may have
+                log.warning("no same-host control socket at %s (%s): same-host clients use gRPC for every call",
+                            path, e)
         self._sweeper = asyncio.get_running_loop().create_task(self.leases.run_sweeper(), name="lease-sweeper")
         for name in ("", DATA_SERVICE, ADMIN_SERVICE, LOCAL_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -120,6 +133,7 @@ class Daemon:
 
     async def stop(self) -> None:
         await self.health.enter_graceful_shutdown()
+        await self.control.stop()
         await self.server.stop(self.config.server.shutdown_grace_s)
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -179,6 +179,9 @@ class LocalDataServicer:
         self._cfg = config.server
         self._pool = pool
         self._leases = leases
+        #: The daemon's ``control.ControlServer`` (set by ``app.Daemon``): Attach hands out its
+        #: socket and a ticket when it runs.
+        self.control = None
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -195,10 +198,15 @@ class LocalDataServicer:
         pool = self._m.device_export()   # the HBM tier's pool, when the chain has one
         hbm = None if pool is None else local_pb2.HbmPool(ipc_handle=pool.ipc_handle, pool_bytes=pool.pool_bytes,
                                                           device=pool.device, nonce=pool.nonce)
+        control = self.control
+        ctl_path, ticket = ("", b"")
+        if control is not None and control.running:
+            ctl_path, ticket = str(control.path), control.ticket(current_principal())
         return local_pb2.AttachResponse(arena_path=str(a.path), arena_bytes=a.nbytes, nonce=a.nonce,
                                         nonce_offset=a.nonce_offset, lease_ttl_s=int(self._cfg.lease_ttl_s),
                                         index_path=str(a.index_path) if a.index_path is not None else "",
-                                        hbm=hbm, unbound_reservations=True)
+                                        hbm=hbm, unbound_reservations=True, control_socket=ctl_path,
+                                        control_ticket=ticket)
 
     async def LeaseRead(self, request, context):
         info = self._namespace(request.namespace_id)
