@@ -424,9 +424,13 @@ def main(argv=None) -> int:
     # arena filled with other chunks first (every store evicts); full-target: full with
     # dram.free_target_bytes=1GiB (the clearer evicts ahead and clears the room); full-noclear;
     # keyed: stock with stores reserving keyed extents per call (no write-ahead pool), as
-    # before; full-target-keyed; poolN: stock with a write-ahead pool of N MiB (default 256).
+    # before; full-target-keyed; poolN: stock with a write-ahead pool of N MiB (default 256);
+    # grpc, full-target-grpc: with the daemon's control socket off (server.local_control=false:
+    # every LocalData call over gRPC, as before).
     extra = {"noclear": ("dram.clear_freed=false",), "full-noclear": ("dram.clear_freed=false",),
-             "full-target": ("dram.free_target_bytes=1GiB",), "full-target-keyed": ("dram.free_target_bytes=1GiB",)}
+             "full-target": ("dram.free_target_bytes=1GiB",), "full-target-keyed": ("dram.free_target_bytes=1GiB",),
+             "grpc": ("server.local_control=false",),
+             "full-target-grpc": ("dram.free_target_bytes=1GiB", "server.local_control=false")}
     for variant in os.environ.get("GPU_ALL_VARIANTS", "stock,checks,two-groups").split(","):
         vs = (*settings, *extra.get(variant, ()))
         d = TrustDaemon(*vs, variant=variant) if variant == "memset" else Daemon(*vs)

@@ -40,6 +40,21 @@ def profile(addr, name, shape, chunks, calls) -> list[str]:
         keys = c.keys(tokens)
         meta = dict(metadata=c._metadata, timeout=c.timeout_s)
         kgpu.store_cuda(client, tokens, kv)
+        # One trivial call's round trip over the control socket and over gRPC (the daemon's
+        # fixed cost per LocalData call).
+        rel = local_pb2.ReleaseRequest(lease_ids=[1])
+        ctl = client._core.control
+        for how in ("control socket", "gRPC"):
+            client._core.control = ctl if how == "control socket" else None
+            if how == "control socket" and ctl is None:
+                continue
+            ts = []
+            for _ in range(300):
+                t = time.perf_counter()
+                c._release(rel, **meta)
+                ts.append(time.perf_counter() - t)
+            lines.append(f"  Release (unknown lease) round trip over {how}: {statistics.median(ts) * 1e6:7.0f} us")
+        client._core.control = ctl
         for k in (1, 2, chunks):
             lines.append(f"  LeaseRead(client_verifies)+Release of {k:2} chunks: "
                          f"{lease_ms(c, keys[:k], client_verifies=True):7.3f} ms")
