@@ -117,6 +117,101 @@ def profile(addr, name, shape, chunks, calls) -> list[str]:
     return lines
 
 
+def kv_like(ns, chunks, seed=1):
+    """KV-like data on the GPU (kvstore_testing.codec_data.synthetic_kv; real SmolLM2 KV from
+    ``KVSTORE_BENCH_KV_NPY`` when set: fp16/fp32 ``[30, 2, T, 3, 64]``, windows repeated)."""
+    import numpy as np
+
+    from kvstore_testing.codec_data import synthetic_kv
+
+    tokens = ns.chunk_tokens * chunks
+    path = os.environ.get("KVSTORE_BENCH_KV_NPY")
+    if path and ns.num_layers == 30 and ns.num_kv_heads == 3:
+        kv = np.load(path).astype(np.float16)
+        reps = -(-tokens // kv.shape[2])
+        forms = [kv, -kv, kv[:, :, ::-1], -kv[:, :, ::-1]]
+        kv = np.concatenate([forms[i % 4] * np.float16(0.5 ** (i // 4)) for i in range(reps)], axis=2)[:, :, :tokens]
+    else:
+        kv = synthetic_kv(ns.num_layers, tokens, ns.num_kv_heads, ns.head_dim, seed=seed, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(kv)).to(TDT[str(ns.dtype.name).lower()]).cuda()
+
+
+def compressed(addr, name, shape, chunks, calls, level=2) -> list[str]:
+    """Where a compressed load's and a GPU-encoded store's time goes: each stage alone beside
+    the whole call."""
+    import numpy as np
+
+    from kvstore_native import cuda_ipc
+    from kvstore_native.codec import gpu as gcodec
+
+    ns = Namespace(model=f"profile-codec-{name}", **shape)
+    tokens = list(range(ns.chunk_tokens * chunks))
+    kv = kv_like(ns, chunks)
+    nb = kv.numel() * kv.element_size()
+    out = torch.empty_like(kv)
+    lines = [f"{name}, {chunks} chunks, {nb / 1e6:.0f} MB, level {level} (KV-like data):"]
+    with KVStoreClient(addr, ns) as client:
+        c = GpuSession.of(client)
+        keys = c.keys(tokens)
+        meta = dict(metadata=c._metadata, timeout=c.timeout_s)
+        st = []
+        for _ in range(5):
+            client.delete(keys)
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            assert kgpu.store_cuda(client, tokens, kv, level=level) == chunks
+            st.append(time.perf_counter() - t)
+        s_med = statistics.median(st[1:])
+        srcs = [kv[:, :, i * ns.chunk_tokens:(i + 1) * ns.chunk_tokens].contiguous() for i in range(chunks)]
+        host = torch.empty(gcodec.encode_bound_batch(srcs[0], chunks, level), dtype=torch.uint8).pin_memory()
+        enc = med(lambda: gcodec.encode_batch_into(srcs, level, host), 5)
+        r = c._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys, client_verifies=True),
+                          **meta)
+        base = int(c.arena.view(0, 0).ctypes.data)
+        exts = list(r.extents)
+        lens = [int(e.length) for e in exts]
+        coded = sum(lens)
+        lines.append(f"  stored {coded / 1e6:.1f} MB of bitstreams (ratio {nb / coded:.2f}x)")
+        lines.append(f"  store_cuda(level={level}): {s_med * 1e3:7.3f} ms ({nb / s_med / 1e9:.1f} GB/s of KV); "
+                     f"encode_batch_into a pinned buffer alone: {enc * 1e3:7.3f} ms ({nb / enc / 1e9:.1f} GB/s)")
+        dev = torch.empty(coded, dtype=torch.uint8, device="cuda")
+        offs = np.cumsum([0] + lens[:-1]).tolist()
+        s = torch.cuda.current_stream().cuda_stream
+        h2d = med(lambda: cuda_ipc.memcpy_batch([int(dev.data_ptr()) + o for o in offs],
+                                                [base + e.offset for e in exts], lens, s))
+        crc_out = torch.empty(chunks, dtype=torch.int32, device="cuda")
+        crc1 = med(lambda: [cuda_ipc.crc32c_batch([int(dev.data_ptr()) + o], [ln], int(crc_out.data_ptr()), s)
+                            for o, ln in zip(offs, lens)])
+        crcb = med(lambda: cuda_ipc.crc32c_batch([int(dev.data_ptr()) + o for o in offs], lens,
+                                                 int(crc_out.data_ptr()), s))
+        outs = torch.empty((chunks, ns.chunk_bytes()), dtype=torch.uint8, device="cuda")
+        dec = med(lambda: gcodec.decode_batch_ptrs([base + e.offset for e in exts], [int(dev.data_ptr()) + o for o in offs],
+                                                   lens, [int(outs[j].data_ptr()) for j in range(chunks)],
+                                                   ns.chunk_bytes(), s))
+        rows = kgpu._contiguous_rows(out, ns, chunks)
+        mv = med(lambda: [cuda_ipc.memcpy2d(b, pitch, int(outs[j].data_ptr()), row, row, planes, s)
+                          for j, (b, pitch, row, planes) in enumerate(rows)])
+        c._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), **meta)
+        lease = lease_ms(c, keys, client_verifies=True)
+        rt = med(lambda: kgpu.retrieve_into_cuda(client, tokens, out), 9)
+        lines.append(f"  retrieve_into_cuda (compressed): {rt * 1e3:7.3f} ms ({nb / rt / 1e9:.1f} GB/s of KV)")
+        lines.append(f"    LeaseRead+Release {lease:7.3f} ms | bitstreams H2D {h2d * 1e3:7.3f} ms | GPU CRC per chunk "
+                     f"{crc1 * 1e3:7.3f} / batched {crcb * 1e3:7.3f} ms | decode_batch_ptrs {dec * 1e3:7.3f} ms | "
+                     f"move into the tensor {mv * 1e3:7.3f} ms | sum {lease + (h2d + crcb + dec + mv) * 1e3:7.3f} ms")
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            kgpu.retrieve_into_cuda(client, tokens, out)
+        torch.cuda.synchronize()
+        prof.disable()
+        buf = io.StringIO()
+        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(10)
+        lines.append(f"  cProfile of {calls} compressed retrieve calls (by own time):")
+        lines += ["    " + x for x in buf.getvalue().splitlines() if x.strip()][3:16]
+        client.delete(keys)
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunks", type=int, default=16)
@@ -124,6 +219,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     d = Daemon("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8")
     try:
+        for name, shape in SHAPES.items():
+            print("\n".join(compressed(d.addr, name, shape, args.chunks if "Smol" in name else 4, args.calls)),
+                  flush=True)
         for name, shape in SHAPES.items():
             print("\n".join(profile(d.addr, name, shape, args.chunks, args.calls)), flush=True)
     finally:

@@ -18,6 +18,9 @@ generate_protos()
 PY
 nvidia-smi -L
 python3 -c "import torch, kvstore, kvstore_client; from kvstore_native import cuda_ipc; print(torch.__version__, cuda_ipc.available())" || exit 1
+# Real SmolLM2 KV for the codec rows (saved on a CPU machine with kvstore_testing.smollm2.compute_kv,
+# carried as .carry/smol_kv_1024.npy); without it KV-like synthetic data.
+[ -f .carry/smol_kv_1024.npy ] && export KVSTORE_BENCH_KV_NPY=$PWD/.carry/smol_kv_1024.npy
 START=$(date +%s)
 timeout ${TESTS_S:-230} python3 -m pytest -q -p no:cacheprovider -o addopts= -rfE tests/gpu tests/codec/test_gpu.py \
   tests/codec/test_gpu_args.py tests/integration/test_gpu_local.py tests/integration/test_local_path.py > "$OUT/tests.log" 2>&1
@@ -29,5 +32,5 @@ if [ -n "${GPU_PROFILE:-}" ]; then   # where one store / retrieve call's time go
   echo "gpu_profile rc=$? $(( $(date +%s)-START )) s"; grep -v "^ *[0-9]" "$OUT/profile.txt" | head -30
 fi
 [ -n "${SKIP_CODEC_BENCH:-}" ] && exit 0
-timeout 80 python3 bench/gpu_codec_bench.py --reps 5 --json "$OUT/codec.json" > "$OUT/codec.log" 2>&1
+timeout 80 python3 bench/gpu_codec_bench.py --reps 5 ${KVSTORE_BENCH_KV_NPY:+--kv-npy $KVSTORE_BENCH_KV_NPY} --json "$OUT/codec.json" > "$OUT/codec.log" 2>&1
 echo "codec rc=$? $(( $(date +%s)-START )) s"; tail -30 "$OUT/codec.log"

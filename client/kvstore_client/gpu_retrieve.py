@@ -355,6 +355,15 @@ class _Checks:
         cuda_ipc.crc32c_batch([ptr], [nbytes], int(self._whole.data_ptr()) + 4 * i, self._gp.kernel_stream.cuda_stream)
         self._want[i] = (want, 0, 0)
 
+    def wholes(self, items: list[tuple[int, int, int, int]]) -> None:
+        """``whole`` for consecutive chunks ``(i, want, ptr, nbytes)``, in one launch."""
+        first = items[0][0]
+        assert [i for i, _, _, _ in items] == list(range(first, first + len(items)))
+        cuda_ipc.crc32c_batch([p for _, _, p, _ in items], [nb for _, _, _, nb in items],
+                              int(self._whole.data_ptr()) + 4 * first, self._gp.kernel_stream.cuda_stream)
+        for i, want, _, _ in items:
+            self._want[i] = (want, 0, 0)
+
     def first_bad(self, placed: int) -> int | None:
         """The first chunk below ``placed`` whose bytes do not match (streams synchronized)."""
         whole = self._whole.numpy().view(np.uint32)
@@ -397,9 +406,8 @@ def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, size: in
     ready = torch.cuda.Event()
     ready.record(gp.copy_stream)
     gp.kernel_stream.wait_event(ready)
-    if chk is not None:   # the bitstreams as stored, before anything reads them
-        for (i, ext), o in zip(coded, offs):
-            chk.whole(i, ext.crc32c, int(devbuf.data_ptr()) + o, int(ext.length))
+    if chk is not None:   # the bitstreams as stored, before anything reads them: one launch
+        chk.wholes([(i, ext.crc32c, int(devbuf.data_ptr()) + o, int(ext.length)) for (i, ext), o in zip(coded, offs)])
     outs = torch.empty((len(coded), size), dtype=torch.uint8, device=gp.device)
     keep.append(outs)
     # Headers and indexes are read in place in the arena (host memory): no host copy.

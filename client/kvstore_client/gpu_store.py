@@ -15,7 +15,7 @@ import numpy as np
 from kvstore_native import cuda_ipc, transfer
 from kvstore_wire._proto.kvstore.v1 import local_pb2
 from kvstore_wire.crc import crc32c
-from kvstore_wire.types import Durability, Encoding, KeyKind
+from kvstore_wire.types import DType, Durability, Encoding, KeyKind
 
 from .errors import is_exhausted
 from .gpu_pool import WritePool
@@ -26,7 +26,7 @@ from .gpu_state import GROW_STORE_GROUPS_FROM, ArenaChanged, GpuPath, _all_of, _
 
 @_rpc_errors
 def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Durability.MEMORY,
-               group_chunks: int | None = None, wait: bool = True, stream=None):
+               group_chunks: int | None = None, wait: bool = True, stream=None, level: int | None = None):
     """Stores the leading full chunks of ``tokens`` from engine CUDA memory ``src`` (namespace
     layout tensor or :class:`Paged`) straight into arena extents; returns the chunks newly
     stored. The extents come from reservations taken ahead of need (``gpu_pool``) when the
@@ -36,10 +36,110 @@ def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Dura
     ``wait=False``: returns as soon as every byte is in the arena (``src`` may be reused) with
     a ``Future`` of the stored count; the CommitWrites finish in the background (chunks become
     visible to lookups when it resolves). A failed commit raises from ``Future.result()``.
-    ``stream``: the engine's stream whose writes to ``src`` come first (default: the current one)."""
+    ``stream``: the engine's stream whose writes to ``src`` come first (default: the current one).
+
+    ``level`` (a lossy codec level, 1-3): the chunks are encoded on the GPU in one batched pass
+    and only their bitstreams cross PCIe, straight into arena extents reserved for exactly their
+    sizes (no host copy, no CPU pass over the bytes); the chunks are stored ``Encoding.CODEC``
+    and bit-exact with the CPU encoder. Synchronous (``wait=False`` returns a resolved Future)."""
     gp = _path(client)
     with gp._lock:
+        if level is not None:
+            stored = _store_coded(gp, tokens, src, int(level), Durability(durability), stream)
+            return stored if wait else _resolved(stored)
         return _store(gp, tokens, src, Durability(durability), group_chunks or gp.group_chunks, wait, stream)
+
+
+def _resolved(value) -> Future:
+    f: Future = Future()
+    f.set_result(value)
+    return f
+
+
+def _store_coded(gp: GpuPath, tokens, src, level: int, durability: Durability, stream=None) -> int:
+    """GPU encode of the leading full chunks of ``tokens`` from ``src``, each bitstream copied
+    by the encoder into the arena extent reserved for it once its size is known."""
+    from kvstore_native.codec import CodecError
+    from kvstore_native.codec import gpu as gcodec
+    from kvstore_native.codec.format import CodecLevel
+
+    from .errors import InvalidArgument
+
+    torch = _torch()
+    c = gp.client
+    ns = c.namespace
+    if level not in (int(CodecLevel.NEAR_LOSSLESS), int(CodecLevel.DEFAULT), int(CodecLevel.AGGRESSIVE)):
+        raise InvalidArgument(f"GPU encode takes a lossy codec level 1-3, got {level} (lossless encodes on the CPU)")
+    keys = c.keys(tokens)
+    n = _whole_chunks(keys, src, ns.chunk_tokens)
+    if n == 0:
+        return 0
+    size = ns.chunk_bytes()
+    contiguous = None if isinstance(src, Paged) else _contiguous_rows(src, ns, n)
+    if contiguous is None and not isinstance(src, Paged):
+        src = Paged([_spec_of_tensor(src, ns, i) for i in range(n)])
+    ks = gp.kernel_stream
+    cur = stream if stream is not None else torch.cuda.current_stream(gp.device)
+    ks.wait_stream(cur)  # the engine's writes to src come first
+    with torch.cuda.stream(ks):
+        stage = torch.empty((n, size), dtype=torch.uint8, device=gp.device)
+    base = int(stage.data_ptr())
+    # Each chunk contiguous on the device (the encoder's input): copy-engine 2D copies from a
+    # contiguous tensor, the gather kernel from paged memory.
+    for i in range(n):
+        if contiguous is not None:
+            b, pitch, row, planes = contiguous[i]
+            cuda_ipc.memcpy2d(base + i * size, row, b, pitch, row, planes, ks.cuda_stream)
+        else:
+            transfer.gather(src.specs[i], base + i * size, device=True, stream=ks.cuda_stream)
+    tdt = {DType.FLOAT16: torch.float16, DType.BFLOAT16: torch.bfloat16, DType.FLOAT32: torch.float32}.get(ns.dtype)
+    if tdt is None:
+        raise InvalidArgument(f"the codec does not encode {ns.dtype.name} KV (float16, bfloat16 or float32)")
+    shape = ns.chunk_shape()
+    chunks = [stage[i].view(tdt).view(shape) for i in range(n)]
+    reserved: list = []
+
+    def place(sizes: list[int]) -> list[int]:
+        req = local_pb2.ReserveWriteRequest(namespace_id=c.namespace_id, chunks=[
+            local_pb2.ChunkToWrite(key=k, key_kind=KeyKind.PREFIX, num_tokens=ns.chunk_tokens,
+                                   encoding=Encoding.CODEC, payload_bytes=sz) for k, sz in zip(keys[:n], sizes)])
+        resp = c._reserve(req, **gp._rpc_meta())
+        if resp.lease_id == 0:
+            return [0] * n
+        if not c._same_arena(resp.arena_nonce):
+            c._release_later(resp.lease_id)
+            raise ArenaChanged("the daemon restarted during a GPU store; retry")
+        reserved.append(resp)
+        arena = gp._arena_ptr()
+        ptrs = [0] * n
+        for sl in resp.slots:
+            if not sl.exists:
+                if sl.length != sizes[sl.index]:
+                    raise CodecError(f"the daemon reserved {sl.length} bytes for a {sizes[sl.index]}-byte bitstream")
+                ptrs[sl.index] = arena + sl.offset
+        return ptrs
+
+    try:
+        spans = gcodec.encode_batch_placed(chunks, level, place, layout=int(ns.layout), stream=ks)
+    except BaseException:
+        if reserved:   # the extents go back before this returns: a retry reserves them afresh
+            try:
+                c._release(local_pb2.ReleaseRequest(lease_ids=[reserved[0].lease_id]), **gp._rpc_meta())
+            except grpc.RpcError:
+                pass   # an unreleased write lease expires by itself; nothing was published
+        raise
+    finally:
+        stage.record_stream(ks)
+    cur.wait_stream(ks)
+    if not reserved:
+        return 0
+    resp = reserved[0]
+    # The CRC32Cs were computed on the GPU over the payloads the copies read (and on the host
+    # over the headers written in place): the daemon takes them unread, as for RAW stores.
+    done = c._commit(local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability),
+                                                  crc32c=[spans[sl.index][1] for sl in resp.slots if not sl.exists],
+                                                  skip_verify=gp.skip_commit_verify), **gp._rpc_meta())
+    return done.stored
 
 
 def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: bool, stream=None):

@@ -388,10 +388,14 @@ bool init_encoder(Error& e) {
 
 }  // namespace
 
-KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs, int dtype, int layout, uint32_t L,
-                                        uint32_t T, uint32_t H, uint32_t D, int level, void* stream, uint8_t* dst,
-                                        uint64_t dst_cap, uint64_t* out_offsets, uint64_t* out_sizes, char* err,
-                                        size_t err_len) {
+// The batch encoder behind both entry points. `place` null: the bitstreams go to `dst` (capacity
+// dst_cap) at out_offsets. `place` set: once the sizes are known (the payload gather and its
+// checksums already launched), place(ctx, count, out_sizes, dsts) names each chunk's host
+// destination (0: skip the chunk); blob_crcs[i] then receives the CRC32C of bitstream i.
+static int encode_batch_impl(uint32_t count, const uint64_t* dev_srcs, int dtype, int layout, uint32_t L, uint32_t T,
+                             uint32_t H, uint32_t D, int level, void* stream, uint8_t* dst, uint64_t dst_cap,
+                             uint64_t* out_offsets, uint64_t* out_sizes, kvs_place_fn place, void* ctx,
+                             uint32_t* blob_crcs, char* err, size_t err_len) {
   Error e;
   Header h;
   if (count == 0) return KVS_OK;
@@ -491,7 +495,7 @@ KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs
     out_sizes[c] = po + (off - pay_off[c]);
     dst_total += (out_sizes[c] + 15) / 16 * 16;
   }
-  if (dst == nullptr || dst_cap < dst_total) {
+  if (!place && (dst == nullptr || dst_cap < dst_total)) {
     e.fail("output buffer of %llu bytes too small, need %llu", (unsigned long long)dst_cap,
            (unsigned long long)dst_total);
     return report(KVS_ENOSPC, e, err, err_len);
@@ -522,18 +526,70 @@ KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs
       return report(rc, e, err, err_len);
     }
   }
+  // Placed: each chunk's whole payload is checksummed on the GPU too (its bitstream's CRC32C is
+  // that combined with the host's CRC of its header and index), while the caller places it.
+  std::vector<uint64_t> dsts(count, 0), pptr(count), plen(count);
+  std::vector<uint32_t> pcrc(count, 0);
+  uint32_t* d_pcrc = nullptr;
+  if (place) {
+    for (uint32_t c = 0; c < count; c++) {
+      pptr[c] = (uint64_t)(uintptr_t)(out + pay_off[c]);
+      plen[c] = out_sizes[c] - po;
+    }
+    if (!mem.alloc(&d_pcrc, 4ull * count, e)) return report(KVS_EINTERNAL, e, err, err_len);
+    const int rc = kvs_cuda_crc32c_batch(count, pptr.data(), plen.data(), d_pcrc, st, cerr, sizeof cerr);
+    if (rc != KVS_OK) {
+      e.fail("payload checksums on the GPU: %s", cerr);
+      return report(rc, e, err, err_len);
+    }
+    const int prc = place(ctx, count, out_sizes, dsts.data());
+    if (prc != 0) {
+      cudaStreamSynchronize(st);  // nothing of ours is left in flight on the caller's stream
+      e.fail("the caller's placement callback refused the bitstreams (%d)", prc);
+      return report(KVS_EINVAL, e, err, err_len);
+    }
+  } else {
+    for (uint32_t c = 0; c < count; c++) dsts[c] = (uint64_t)(uintptr_t)(dst + out_offsets[c]);
+  }
   std::vector<uint32_t> crcs((size_t)count * L);
   for (uint32_t c = 0; c < count; c++)
-    if (!cuda_ok(cudaMemcpyAsync(dst + out_offsets[c] + po, out + pay_off[c], out_sizes[c] - po, cudaMemcpyDeviceToHost,
-                                 st), e, "copy payload"))
+    if (dsts[c] && !cuda_ok(cudaMemcpyAsync(reinterpret_cast<uint8_t*>(dsts[c]) + po, out + pay_off[c],
+                                            out_sizes[c] - po, cudaMemcpyDeviceToHost, st), e, "copy payload"))
       return report(KVS_EINTERNAL, e, err, err_len);
   if (!cuda_ok(cudaMemcpyAsync(crcs.data(), d_crc, 4ull * count * L, cudaMemcpyDeviceToHost, st), e, "copy checksums") ||
+      (d_pcrc && !cuda_ok(cudaMemcpyAsync(pcrc.data(), d_pcrc, 4ull * count, cudaMemcpyDeviceToHost, st), e,
+                          "copy checksums")) ||
       !cuda_ok(cudaStreamSynchronize(st), e, "gather"))
     return report(KVS_EINTERNAL, e, err, err_len);
   for (uint32_t c = 0; c < count; c++) {
+    if (!dsts[c]) continue;
     Header hc = h;
     hc.payload_size = out_sizes[c] - po;
-    kvc::write_header_index(hc, layer_size.data() + (size_t)c * L, crcs.data() + (size_t)c * L, dst + out_offsets[c]);
+    uint8_t* b = reinterpret_cast<uint8_t*>(dsts[c]);
+    kvc::write_header_index(hc, layer_size.data() + (size_t)c * L, crcs.data() + (size_t)c * L, b);
+    if (place && blob_crcs) blob_crcs[c] = kvs_cuda_crc32c_combine(kvs_crc32c(0, b, po), pcrc[c], out_sizes[c] - po);
   }
   return KVS_OK;
+}
+
+KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs, int dtype, int layout, uint32_t L,
+                                        uint32_t T, uint32_t H, uint32_t D, int level, void* stream, uint8_t* dst,
+                                        uint64_t dst_cap, uint64_t* out_offsets, uint64_t* out_sizes, char* err,
+                                        size_t err_len) {
+  return encode_batch_impl(count, dev_srcs, dtype, layout, L, T, H, D, level, stream, dst, dst_cap, out_offsets,
+                           out_sizes, nullptr, nullptr, nullptr, err, err_len);
+}
+
+KVS_API int kvs_cuda_codec_encode_batch_placed(uint32_t count, const uint64_t* dev_srcs, int dtype, int layout,
+                                               uint32_t L, uint32_t T, uint32_t H, uint32_t D, int level, void* stream,
+                                               kvs_place_fn place, void* ctx, uint64_t* out_sizes, uint32_t* blob_crcs,
+                                               char* err, size_t err_len) {
+  if (!place || !blob_crcs) {
+    Error e;
+    e.fail("encode_batch_placed needs a placement callback and a checksum array");
+    return report(KVS_EINVAL, e, err, err_len);
+  }
+  std::vector<uint64_t> offs(count ? count : 1);
+  return encode_batch_impl(count, dev_srcs, dtype, layout, L, T, H, D, level, stream, nullptr, 0, offs.data(),
+                           out_sizes, place, ctx, blob_crcs, err, err_len);
 }

@@ -201,6 +201,17 @@ KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs
                                         uint32_t tokens, uint32_t heads, uint32_t head_dim, int level, void* stream,
                                         uint8_t* dst, uint64_t dst_cap, uint64_t* out_offsets, uint64_t* out_sizes,
                                         char* err, size_t err_len);
+// The encoder of kvs_cuda_codec_encode_batch writing each bitstream where the caller names it
+// once the sizes are known (e.g. extents reserved in a shared arena for exactly those sizes):
+// with the payloads assembled and checksummed on the GPU in flight, place(ctx, count, sizes,
+// dsts) is called on this thread; it fills dsts[i] with a host pointer of sizes[i] writable
+// bytes (pinned or registered for speed; 0 skips chunk i) and returns 0, or nonzero to abandon
+// the encode (KVS_EINVAL). On success blob_crcs[i] is the CRC32C of bitstream i as written.
+typedef int (*kvs_place_fn)(void* ctx, uint32_t count, const uint64_t* sizes, uint64_t* dsts);
+KVS_API int kvs_cuda_codec_encode_batch_placed(uint32_t count, const uint64_t* dev_srcs, int dtype, int layout,
+                                               uint32_t layers, uint32_t tokens, uint32_t heads, uint32_t head_dim,
+                                               int level, void* stream, kvs_place_fn place, void* ctx,
+                                               uint64_t* out_sizes, uint32_t* blob_crcs, char* err, size_t err_len);
 // Decoder choice of kvs_cuda_codec_decode(_batch) and load_batch (tests and benchmarks): 0 = the
 // first decoder (one thread per lane, grid row per chunk; load_batch then uses 2), 1 = one warp
 // per segment with the models in shared memory, 2 = same with the hardware fp16/bf16 conversion

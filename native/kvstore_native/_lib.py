@@ -52,6 +52,8 @@ class CodecInfo(ctypes.Structure):
 _ci, _u32, _u64, _i64, _sz = ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64, ctypes.c_size_t
 _vp, _cp, _pu64 = ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_uint64)
 _ERR = [_cp, _sz]  # (err, err_len), last in every fallible call
+#: ``kvs_place_fn``: (ctx, count, sizes, dsts) -> 0 or a refusal (kvs_cuda_codec_encode_batch_placed).
+PLACE_FN = ctypes.CFUNCTYPE(ctypes.c_int, _vp, _u32, _pu64, _pu64)
 _SHAPE = [_ci, _ci, _u32, _u32, _u32, _u32]  # dtype, layout, layers, tokens, heads, head_dim
 _PLANES = [_vp, _ci, _vp, _ci, _ci, _i64, _i64, _i64]  # plane_ptrs .. head_stride
 _TILES = [_vp, _vp, _vp, _ci, _vp, _vp, _ci, _ci, _ci, _ci, _i64]  # plane_ptrs .. head_stride (kvs_*_tiles)
@@ -86,6 +88,7 @@ _CUDA = {
     "kvs_cuda_codec_decode_batch": (_ci, [_u32, _vp, _vp, _vp, _vp, _vp, _u64, _vp, _ci] + _ERR),
     "kvs_cuda_codec_load_batch": (_ci, [_u32, _vp, _vp, _vp, _u64, _u32, _vp, _ci] + _ERR),
     "kvs_cuda_codec_encode_batch": (_ci, [_u32, _vp] + _SHAPE + [_ci, _vp, _vp, _u64, _vp, _vp] + _ERR),
+    "kvs_cuda_codec_encode_batch_placed": (_ci, [_u32, _vp] + _SHAPE + [_ci, _vp, _vp, _vp, _vp, _vp] + _ERR),
     "kvs_cuda_codec_set_decoder": (_ci, [_ci, _ci] + _ERR),
     "kvs_cuda_codec_selftest": (_ci, [_pu64, _pu64] + _ERR),
     "kvs_cuda_crc32c_batch": (_ci, [_u32, _vp, _vp, _vp, _vp] + _ERR),

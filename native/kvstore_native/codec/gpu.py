@@ -244,6 +244,51 @@ def encode_batch_into(srcs: list, level: CodecLevel, out, *, layout: Layout = La
     return [(int(offs[i]), int(sizes[i])) for i in range(n)]
 
 
+def encode_batch_placed(srcs: list, level: CodecLevel, place, *, layout: Layout = Layout.KV,
+                        stream=None) -> list[tuple[int, int]]:
+    """Encode device chunks of one shape in one batched pass, each bitstream written where
+    ``place`` says once the sizes are known: ``place(sizes)`` (a list of ints, called while the
+    payloads are assembled and checksummed on the GPU) returns one host pointer per chunk with
+    that many writable bytes (pinned or CUDA-registered memory for an asynchronous copy; 0
+    skips the chunk). Returns ``(size, crc32c)`` per chunk, the CRC32C of the whole bitstream as
+    written (computed on the GPU and combined with the header's). An exception raised by
+    ``place`` abandons the encode and propagates; nothing is then written anywhere."""
+    from kvstore_native.codec import _shape_args
+
+    level, layout = CodecLevel(level), Layout(layout)
+    if not srcs:
+        raise CodecError("srcs must be non-empty")
+    shape, dt = tuple(srcs[0].shape), _dtype(srcs[0])
+    if any(tuple(s.shape) != shape or _dtype(s) != dt or not _contiguous(s) for s in srcs):
+        raise CodecError("sources must be contiguous and of one shape and dtype")
+    L, T, H, D = _shape_args(shape, layout)
+    n = len(srcs)
+    sizes, crcs = (ctypes.c_uint64 * n)(), (ctypes.c_uint32 * n)()
+    failure: list[BaseException] = []
+
+    def cb(_ctx, count, sz, dsts) -> int:
+        try:
+            ptrs = list(place([int(sz[i]) for i in range(count)]))
+            if len(ptrs) != count:
+                raise CodecError(f"place returned {len(ptrs)} destinations for {count} chunks")
+            for i, q in enumerate(ptrs):
+                dsts[i] = int(q or 0)
+            return 0
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the native call unwinds
+            failure.append(e)
+            return 1
+
+    fn = _lib.PLACE_FN(cb)
+    err = native.err_buf()
+    rc = lib().kvs_cuda_codec_encode_batch_placed(n, (ctypes.c_uint64 * n)(*[_ptr(s) for s in srcs]), dt, layout,
+                                                  L, T, H, D, level, _stream(srcs[0], stream), fn, None, sizes, crcs,
+                                                  err, native.ERR_CAP)
+    if failure:
+        raise failure[0]
+    native.check(rc, err)
+    return [(int(sizes[i]), int(crcs[i])) for i in range(n)]
+
+
 def encode_bound_batch(src, count: int, level: CodecLevel, layout: Layout = Layout.KV) -> int:
     """Host bytes :func:`encode_batch_into` may need for ``count`` chunks shaped like ``src``."""
     from kvstore_native.codec import _shape_args
