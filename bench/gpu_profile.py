@@ -193,8 +193,15 @@ def compressed(addr, name, shape, chunks, calls, level=2) -> list[str]:
                           for j, (b, pitch, row, planes) in enumerate(rows)])
         c._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), **meta)
         lease = lease_ms(c, keys, client_verifies=True)
+        from kvstore_client.gpu_state import _path
+
+        gp = _path(client)
+        gp.lease_free = False
+        rl = med(lambda: kgpu.retrieve_into_cuda(client, tokens, out), 9)
+        gp.lease_free = True
         rt = med(lambda: kgpu.retrieve_into_cuda(client, tokens, out), 9)
-        lines.append(f"  retrieve_into_cuda (compressed): {rt * 1e3:7.3f} ms ({nb / rt / 1e9:.1f} GB/s of KV)")
+        lines.append(f"  retrieve_into_cuda (compressed): leased {rl * 1e3:7.3f} ms ({nb / rl / 1e9:.1f} GB/s of KV); "
+                     f"lease-free {rt * 1e3:7.3f} ms ({nb / rt / 1e9:.1f} GB/s of KV)")
         lines.append(f"    LeaseRead+Release {lease:7.3f} ms | bitstreams H2D {h2d * 1e3:7.3f} ms | GPU CRC per chunk "
                      f"{crc1 * 1e3:7.3f} / batched {crcb * 1e3:7.3f} ms | decode_batch_ptrs {dec * 1e3:7.3f} ms | "
                      f"move into the tensor {mv * 1e3:7.3f} ms | sum {lease + (h2d + crcb + dec + mv) * 1e3:7.3f} ms")

@@ -64,6 +64,8 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
     # loads then come device-to-device, far faster than PCIe.
     start = (_unleased(gp, keys, n, dst, contiguous, size, arena_base, cur)
              if gp.lease_free and pool is None else 0)
+    if start < n and gp.lease_free and pool is None:   # then the compressed ones, likewise
+        start += _unleased_coded(gp, keys, start, n, dst, contiguous, size, arena_base, cur)
     if start == n:
         return n
 
@@ -91,6 +93,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
         spec_ready.record(gp.copy_stream)
         gp.kernel_stream.wait_event(spec_ready)   # only staged copies are read after this
     seen: list[tuple[bytes, int, int, int]] = []   # RAW arena extents leased: remembered at the end
+    seen_coded: list[tuple[bytes, int, int, int]] = []   # CODEC ones, likewise
     leases: list[int] = []
     placed = start
     gp.copy_stream.wait_stream(cur)
@@ -98,6 +101,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
     gp._ensure_staging(size)
     slot_i = 0
     coded: list = []  # compressed chunks, decoded together at the end (their leases stay held)
+    bad: list[int] = []   # the compressed chunk whose bitstream failed its GPU check (never decoded)
     keep: list[Any] = []  # device bitstream buffers alive until the streams finish
     # GPU CRC32Cs of what landed (``chk``): per chunk (staging buffer, bitstream) or per plane
     # row of a contiguous destination (folded on the host), launched right after the copies.
@@ -121,19 +125,25 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                         stop = True   # another pool (restart), or stored encoded: the arena path serves it next time
                         break
                     if coded:
-                        placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
-                        coded = []
+                        placed, coded, stop = _decoded(gp, coded, placed, dst, contiguous, arena_base, size, keep,
+                                                       verify, chk, bad)
+                        if stop:
+                            break
                     pool_rows.append((i, pool.base + ext.offset))
                     placed += 1
                     continue
                 src = arena_base + ext.offset
                 if ext.encoding != Encoding.RAW:
+                    if ext.encoding == Encoding.CODEC:
+                        seen_coded.append((keys[i], ext.offset, ext.length, ext.crc32c))
                     coded.append((i, ext))
                     continue
                 seen.append((keys[i], ext.offset, ext.length, ext.crc32c))
                 if coded:  # keep chunk order simple: decode what came before first
-                    placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
-                    coded = []
+                    placed, coded, stop = _decoded(gp, coded, placed, dst, contiguous, arena_base, size, keep,
+                                                   verify, chk, bad)
+                    if stop:
+                        break
                 if i < len(spec) and spec[i] == (ext.offset, ext.length, ext.crc32c):
                     # Copied already, into staging: checked there, then moved D2D into place.
                     staged = spec_ptr + i * size
@@ -171,10 +181,10 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
             if chk is not None:
                 chk.flush()
             _move_into(pool_rows, dst, contiguous, gp.kernel_stream.cuda_stream)
-            if stop or placed + len(coded) < hi:
+            if stop or bad or placed + len(coded) < hi:
                 break
-        if coded:  # one batched decode launch for every compressed chunk of the call
-            placed += _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
+        if coded:  # one batched decode launch for the call's (remaining) compressed chunks
+            placed, coded, _ = _decoded(gp, coded, placed, dst, contiguous, arena_base, size, keep, verify, chk, bad)
         if chk is not None:
             chk.flush()
         cur.wait_stream(gp.copy_stream)
@@ -182,10 +192,12 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
         gp.copy_stream.synchronize()  # the arena extents are read before their leases end
         gp.kernel_stream.synchronize()
         if chk is not None:
-            bad = chk.first_bad(placed)
-            if bad is not None:
-                placed = bad
-                _recheck(gp, keys[bad])
+            first = chk.first_bad(placed)
+            if first is not None:
+                placed = first
+                _recheck(gp, keys[first])
+        if bad and bad[0] == placed:   # a bitstream that failed its check before any decode
+            _recheck(gp, keys[bad[0]])
     finally:
         for f in pendings[len(leases):]:  # look-ahead leases not used
             try:
@@ -196,6 +208,85 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                 pass
         c._release_later(*leases)   # one Release for the call's leases
     gp.remember(seen, c._core.nonce)
+    gp.remember(seen_coded, c._core.nonce, coded=True)
+    return placed
+
+
+def _unleased_coded(gp: GpuPath, keys, lo: int, n: int, dst, contiguous, size: int, arena_base: int, cur) -> int:
+    """Compressed loads without any RPC: the chunks from ``lo`` on that this client saw last as
+    CODEC bitstreams of this arena and that the presence index lists in DRAM. As for RAW
+    chunks (``_unleased``) nothing unproven is decoded: the bitstreams cross PCIe into device
+    memory, their CRC32Cs are computed on the GPU and compared with the ones they were stored
+    with, and only the matching leading run is decoded, from those device bytes and from a
+    copy of their headers taken back from the device (the arena may change under a reader
+    without a lease: its own headers are never read). Returns how many chunks were placed."""
+    from kvstore_native.codec import CodecError
+    from kvstore_native.codec import gpu as gcodec
+    from kvstore_native.codec.format import HEADER_SIZE, INDEX_ENTRY_SIZE
+
+    c = gp.client
+    presence = c.presence
+    if not gp.client_verifies or presence is None or presence.stale():
+        return 0
+    ext = gp.recall_coded(keys[lo:n], c._core.nonce, n - lo)
+    m = 0
+    for key in keys[lo:lo + len(ext)]:
+        mask = presence.probe(c.namespace_id, key)
+        if not mask or fastest(mask) != Tier.DRAM:
+            break
+        m += 1
+    if m == 0:
+        return 0
+    torch = _torch()
+    lens = [e[1] for e in ext[:m]]
+    offs = np.cumsum([0] + lens[:-1]).tolist()
+    ks = gp.kernel_stream
+    ks.wait_stream(cur)   # dst belongs to the engine's stream: what it queued comes first
+    gp.copy_stream.wait_stream(cur)
+    with torch.cuda.stream(ks):
+        dev = torch.empty(sum(lens), dtype=torch.uint8, device=gp.device)
+        outs = torch.empty((m, size), dtype=torch.uint8, device=gp.device)
+    dptr = int(dev.data_ptr())
+    crc = gp.pinned_u32("unleased-coded-crc", m)
+    placed = 0
+    try:
+        cuda_ipc.memcpy_batch([dptr + o for o in offs], [arena_base + e[0] for e in ext[:m]], lens,
+                              gp.copy_stream.cuda_stream)
+        landed = torch.cuda.Event()
+        landed.record(gp.copy_stream)
+        ks.wait_event(landed)
+        cuda_ipc.crc32c_batch([dptr + o for o in offs], lens, int(crc.data_ptr()), ks.cuda_stream)
+        ks.synchronize()
+        crc_host = crc.numpy().view(np.uint32)
+        good = 0
+        while good < m and int(crc_host[good]) == ext[good][2]:
+            good += 1
+        if good < m:   # moved, overwritten or evicted since this client saw it
+            gp.forget(keys[lo + good])
+        if good == 0:
+            return 0
+        hdr = HEADER_SIZE + INDEX_ENTRY_SIZE * c.namespace.num_layers
+        heads = [min(hdr, ln) for ln in lens[:good]]
+        hbuf = gp.pinned_u32("unleased-coded-heads", (good * hdr + 3) // 4)
+        hptr = int(hbuf.data_ptr())
+        cuda_ipc.memcpy_batch([hptr + j * hdr for j in range(good)], [dptr + o for o in offs[:good]], heads,
+                              ks.cuda_stream)
+        ks.synchronize()
+        try:
+            gcodec.decode_batch_ptrs([hptr + j * hdr for j in range(good)], [dptr + o for o in offs[:good]],
+                                     lens[:good], [int(outs[j].data_ptr()) for j in range(good)], size,
+                                     ks.cuda_stream, host_lens=heads)
+        except CodecError as e:   # proven bytes that do not decode: read through the daemon instead
+            log.warning("a compressed chunk loaded without a lease did not decode (%s); reading it leased", e)
+            gp.forget(keys[lo])
+            return 0
+        _move_into([(lo + j, int(outs[j].data_ptr())) for j in range(good)], dst, contiguous, ks.cuda_stream)
+        placed = good
+    finally:
+        gp.copy_stream.synchronize()   # nothing of this call still reads the arena
+        ks.synchronize()
+        cur.wait_stream(ks)
+    gp.touched(keys[lo:lo + placed], time.monotonic())
     return placed
 
 
@@ -364,6 +455,14 @@ class _Checks:
         for i, want, _, _ in items:
             self._want[i] = (want, 0, 0)
 
+    def leading_good(self, idx: list[int]) -> int:
+        """How many of chunks ``idx`` (checked by ``wholes``, streams synchronized) match, in order."""
+        whole = self._whole.numpy().view(np.uint32)
+        n = 0
+        while n < len(idx) and int(whole[idx[n]]) == self._want[idx[n]][0]:
+            n += 1
+        return n
+
     def first_bad(self, placed: int) -> int | None:
         """The first chunk below ``placed`` whose bytes do not match (streams synchronized)."""
         whole = self._whole.numpy().view(np.uint32)
@@ -390,6 +489,17 @@ def _recheck(gp: GpuPath, key: bytes) -> None:
         log.info("re-reading a chunk that failed its check on the GPU failed: %s", e)
 
 
+def _decoded(gp: GpuPath, coded, placed: int, dst, contiguous, arena_base: int, size: int, keep: list, verify: bool,
+             chk: "_Checks | None", bad: list[int]):
+    """Decodes the pending compressed chunks ``coded``: ``(placed, [], stop)``, ``stop`` when
+    one failed its check (recorded in ``bad``; the chunks before it are placed)."""
+    done = _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
+    if done < len(coded):
+        bad.append(coded[done][0])
+        return placed + done, [], True
+    return placed + done, [], False
+
+
 def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, size: int, keep: list, verify: bool,
                   chk: "_Checks | None" = None) -> int:
     """Bitstreams of ``coded`` cross PCIe (copy engine) and are decoded in one batched launch into
@@ -406,8 +516,16 @@ def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, size: in
     ready = torch.cuda.Event()
     ready.record(gp.copy_stream)
     gp.kernel_stream.wait_event(ready)
-    if chk is not None:   # the bitstreams as stored, before anything reads them: one launch
+    if chk is not None:   # the bitstreams as stored, checked before anything decodes them: one launch
         chk.wholes([(i, ext.crc32c, int(devbuf.data_ptr()) + o, int(ext.length)) for (i, ext), o in zip(coded, offs)])
+        gp.kernel_stream.synchronize()
+        good = chk.leading_good([i for i, _ in coded])
+        if good < len(coded):
+            log.warning("chunk %d of a GPU load failed its CRC32C check (a compressed bitstream); it and the "
+                        "chunks after it are not placed", coded[good][0])
+            coded, offs, lens = coded[:good], offs[:good], lens[:good]
+        if not coded:
+            return 0
     outs = torch.empty((len(coded), size), dtype=torch.uint8, device=gp.device)
     keep.append(outs)
     # Headers and indexes are read in place in the arena (host memory): no host copy.

@@ -118,7 +118,7 @@ class GpuPath:
         self._touch_keys: list[bytes] = []
         self._touch_at = 0.0
         self._move_stream: Any = None
-        self._extents: OrderedDict[bytes, tuple[int, int, int, bytes]] = OrderedDict()
+        self._extents: OrderedDict[bytes, tuple[int, int, int, bytes, bool]] = OrderedDict()  # + coded
         self._extents_lock = threading.Lock()
         self._spec_buf: Any = None
 
@@ -151,15 +151,15 @@ class GpuPath:
         return wp
 
     # ---- where chunks were last seen in the arena (speculative loads)
-    def remember(self, extents: list[tuple[bytes, int, int, int]], nonce: bytes) -> None:
-        """Records ``(key, offset, length, crc32c)`` of RAW arena extents in the arena with
-        ``nonce`` (bounded: the least recently seen go first)."""
+    def remember(self, extents: list[tuple[bytes, int, int, int]], nonce: bytes, coded: bool = False) -> None:
+        """Records ``(key, offset, length, crc32c)`` of RAW (``coded``: CODEC bitstream) arena
+        extents in the arena with ``nonce`` (bounded: the least recently seen go first)."""
         if not extents or not nonce:
             return
         with self._extents_lock:
             d = self._extents
             for key, off, length, crc in extents:
-                d[key] = (off, length, crc, nonce)
+                d[key] = (off, length, crc, nonce, coded)
                 d.move_to_end(key)
             while len(d) > MAX_REMEMBERED_EXTENTS:
                 d.popitem(last=False)
@@ -173,7 +173,21 @@ class GpuPath:
         with self._extents_lock:
             for key in keys[:limit]:
                 e = self._extents.get(key)
-                if e is None or e[3] != nonce or e[1] != length or e[0] + length > size:
+                if e is None or e[3] != nonce or e[4] or e[1] != length or e[0] + length > size:
+                    break
+                out.append(e[:3])
+        return out
+
+    def recall_coded(self, keys, nonce: bytes, limit: int) -> list[tuple[int, int, int]]:
+        """``(offset, length, crc32c)`` of the leading run of ``keys`` (at most ``limit``) last
+        seen as CODEC bitstreams inside the arena with ``nonce``."""
+        out: list[tuple[int, int, int]] = []
+        arena = self.client.arena
+        size = arena.size if arena is not None else 0
+        with self._extents_lock:
+            for key in keys[:limit]:
+                e = self._extents.get(key)
+                if e is None or e[3] != nonce or not e[4] or e[1] <= 0 or e[0] + e[1] > size:
                     break
                 out.append(e[:3])
         return out

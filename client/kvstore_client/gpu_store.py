@@ -139,6 +139,8 @@ def _store_coded(gp: GpuPath, tokens, src, level: int, durability: Durability, s
     done = c._commit(local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability),
                                                   crc32c=[spans[sl.index][1] for sl in resp.slots if not sl.exists],
                                                   skip_verify=gp.skip_commit_verify), **gp._rpc_meta())
+    gp.remember([(keys[sl.index], sl.offset, sl.length, spans[sl.index][1]) for sl in resp.slots if not sl.exists],
+                c._core.nonce, coded=True)   # later loads of these chunks may go without a lease
     return done.stored
 
 

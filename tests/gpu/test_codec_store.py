@@ -154,3 +154,93 @@ def test_gpu_encode_refuses_bad_levels_and_a_failed_placement_leaves_nothing(dae
         assert kgpu.retrieve_into_cuda(c, tokens, out) == len(tokens)
         assert not torch.isnan(out).any()
         c.delete(c.keys(tokens))
+
+
+class _CountingLeases:
+    """Wraps a session's LeaseRead stub: counts the leasing calls (touch-only ones apart)."""
+
+    def __init__(self, stub):
+        self._stub, self.leases = stub, 0
+
+    def __call__(self, req, **kw):
+        self.leases += 0 if req.touch_only else 1
+        return self._stub(req, **kw)
+
+    def future(self, req, **kw):
+        self.leases += 0 if req.touch_only else 1
+        return self._stub.future(req, **kw)
+
+
+def test_compressed_loads_without_a_lease_never_decode_unproven_bytes(daemon):
+    """Chunks this client stored compressed (or loaded compressed once) load with no LeaseRead
+    while the presence index lists them in DRAM; when another client moved them, or their bytes
+    in the arena changed, the GPU check refuses the guess, nothing reaches ``dst``, and the
+    load goes through leases (bit-exact either way)."""
+    import torch
+
+    from kvstore_client import gpu_retrieve
+    from kvstore_client.gpu_state import _path
+    from kvstore_native import codec
+
+    ns = _ns("lease-free", "smol")
+    chunks = 3
+    a, b = _kv(ns, chunks, seed=11), _kv(ns, chunks, seed=12)
+    tok = ns.chunk_tokens
+    ta, tb = list(range(tok * chunks)), list(range(10_000, 10_000 + tok * chunks))
+    want = np.concatenate([codec.decode(_cpu_blob(codec, _host_chunk(a, ns, i), ns, 2)).view(np.uint16)
+                           for i in range(chunks)], axis=2)
+
+    def as_u16(t):
+        return t.cpu().view(torch.int16).numpy().view(np.uint16)
+
+    with KVStoreClient(daemon.addr, ns) as c, KVStoreClient(daemon.addr, ns) as other:
+        assert kgpu.store_cuda(c, ta, a, level=2) == chunks   # c remembers where the bitstreams went
+        gp = _path(c)
+        spy = _CountingLeases(gp.client._lease_read)
+        gp.client._lease_read = spy
+        out = torch.full_like(a, float("nan"))
+        assert kgpu.retrieve_into_cuda(c, ta, out) == len(ta)
+        assert np.array_equal(as_u16(out), want) and spy.leases == 0
+
+        # another client moves A: B's bitstreams take its old pages, A is stored again elsewhere
+        keys = c.keys(ta)
+        other.delete(keys)
+        assert kgpu.store_cuda(other, tb, b, level=2) == chunks
+        assert kgpu.store_cuda(other, ta, a, level=2) == chunks
+        out = torch.full_like(a, 7.0)
+        before = out.clone()
+        contiguous = gpu_retrieve._contiguous_rows(out, ns, chunks)
+        n0 = gpu_retrieve._unleased_coded(gp, keys, 0, chunks, out, contiguous, ns.chunk_bytes(), gp._arena_ptr(),
+                                          torch.cuda.current_stream())
+        torch.cuda.synchronize()
+        # (B's bitstreams took A's old pages: the first guess fails; a chunk whose place holds
+        # the very same bitstream again would be proven and placed, correctly)
+        assert n0 < chunks
+        assert np.array_equal(as_u16(out)[:, :, :n0 * tok], want[:, :, :n0 * tok])
+        assert torch.equal(out[:, :, n0 * tok:], before[:, :, n0 * tok:])   # the failed guess never reached dst
+        assert kgpu.retrieve_into_cuda(c, ta, out) == len(ta)   # through leases, remembered anew
+        assert np.array_equal(as_u16(out), want) and spy.leases >= 1
+        leased = spy.leases
+        out = torch.full_like(a, float("nan"))
+        assert kgpu.retrieve_into_cuda(c, ta, out) == len(ta)   # lease-free again
+        assert np.array_equal(as_u16(out), want) and spy.leases == leased
+
+        # the second bitstream's bytes change in the arena (a stray writer): the first chunk
+        # still loads without a lease, the rest through the daemon's own check
+        s = GpuSession.of(c)
+        meta = dict(metadata=s._metadata, timeout=s.timeout_s)
+        r = s._lease_read(local_pb2.LeaseReadRequest(namespace_id=s.namespace_id, keys=keys[1:2]), **meta)
+        view = s.arena.view(r.extents[0].offset, r.extents[0].length)
+        view[200] ^= 0xFF
+        s._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), **meta)
+        out = torch.full_like(a, 7.0)
+        placed = kgpu.retrieve_into_cuda(c, ta, out)
+        assert placed == tok   # chunk 1 fails every check: only chunk 0 is placed
+        got = as_u16(out)
+        assert np.array_equal(got[:, :, :tok], want[:, :, :tok])
+        assert np.all(got[:, :, tok:] == np.float16(7.0).view(np.uint16))   # nothing unproven placed
+        c.delete(keys + c.keys(tb))
+        out = torch.full_like(a, 7.0)
+        assert kgpu.retrieve_into_cuda(c, ta, out) == 0   # deleted: absent from the index
+        torch.cuda.synchronize()
+        assert torch.all(out == 7.0)

@@ -133,18 +133,23 @@ def decode_batch(datas: list[bytes], outs: list, *, device_datas: list | None = 
 
 
 def decode_batch_ptrs(host_ptrs: list[int], dev_ptrs: list[int], lens: list[int], dst_ptrs: list[int],
-                      dst_bytes_each: int, stream: int, verify: bool = False) -> None:
+                      dst_bytes_each: int, stream: int, verify: bool = False,
+                      host_lens: list[int] | None = None) -> None:
     """Pointer form of :func:`decode_batch` for the data path: ``host_ptrs[i]`` is the bitstream in
     host memory (e.g. the shared arena; only its header and index are read unless ``verify``),
     ``dev_ptrs[i]`` the same bytes on the device, ``dst_ptrs[i]`` its decoded chunk's device
     buffer of ``dst_bytes_each`` bytes. One kernel launch on ``stream``; returns after the stream
-    synchronized (the kernel's error word is read back)."""
+    synchronized (the kernel's error word is read back). ``host_lens``: bytes at each host
+    pointer when it holds only a copy of the bitstream's header and index (at least
+    ``64 + 16 * layers`` bytes; ``verify`` then checks nothing on the host)."""
     n = len(host_ptrs)
     if not n or not (n == len(dev_ptrs) == len(lens) == len(dst_ptrs)):
         raise CodecError("host_ptrs, dev_ptrs, lens and dst_ptrs must be non-empty and of one length")
     # The host pointers hold the whole bitstreams: without ``verify`` only their headers and
     # indexes are read (validated on the host); with it the layer CRCs are checked on the CPU.
-    host_lens = list(lens)
+    host_lens = list(lens) if host_lens is None else list(host_lens)
+    if len(host_lens) != n:
+        raise CodecError("host_lens must have one entry per bitstream")
     arr = lambda t, v: (t * n)(*v)  # noqa: E731
     err = native.err_buf()
     native.check(lib().kvs_cuda_codec_decode_batch(n, arr(ctypes.c_void_p, host_ptrs), arr(ctypes.c_uint64, host_lens),
