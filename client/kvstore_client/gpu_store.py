@@ -41,12 +41,12 @@ def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Dura
     ``level`` (a lossy codec level, 1-3): the chunks are encoded on the GPU in one batched pass
     and only their bitstreams cross PCIe, straight into arena extents reserved for exactly their
     sizes (no host copy, no CPU pass over the bytes); the chunks are stored ``Encoding.CODEC``
-    and bit-exact with the CPU encoder. Synchronous (``wait=False`` returns a resolved Future)."""
+    and bit-exact with the CPU encoder. ``wait=False``: returns once the bitstreams are in the
+    arena, with a ``Future`` of the CommitWrite."""
     gp = _path(client)
     with gp._lock:
         if level is not None:
-            stored = _store_coded(gp, tokens, src, int(level), Durability(durability), stream)
-            return stored if wait else _resolved(stored)
+            return _store_coded(gp, tokens, src, int(level), Durability(durability), wait, stream)
         return _store(gp, tokens, src, Durability(durability), group_chunks or gp.group_chunks, wait, stream)
 
 
@@ -56,7 +56,7 @@ def _resolved(value) -> Future:
     return f
 
 
-def _store_coded(gp: GpuPath, tokens, src, level: int, durability: Durability, stream=None) -> int:
+def _store_coded(gp: GpuPath, tokens, src, level: int, durability: Durability, wait: bool = True, stream=None):
     """GPU encode of the leading full chunks of ``tokens`` from ``src``, each bitstream copied
     by the encoder into the arena extent reserved for it once its size is known."""
     from kvstore_native.codec import CodecError
@@ -73,7 +73,7 @@ def _store_coded(gp: GpuPath, tokens, src, level: int, durability: Durability, s
     keys = c.keys(tokens)
     n = _whole_chunks(keys, src, ns.chunk_tokens)
     if n == 0:
-        return 0
+        return 0 if wait else _resolved(0)
     size = ns.chunk_bytes()
     contiguous = None if isinstance(src, Paged) else _contiguous_rows(src, ns, n)
     if contiguous is None and not isinstance(src, Paged):
@@ -132,16 +132,20 @@ def _store_coded(gp: GpuPath, tokens, src, level: int, durability: Durability, s
         stage.record_stream(ks)
     cur.wait_stream(ks)
     if not reserved:
-        return 0
+        return 0 if wait else _resolved(0)
     resp = reserved[0]
-    # The CRC32Cs were computed on the GPU over the payloads the copies read (and on the host
-    # over the headers written in place): the daemon takes them unread, as for RAW stores.
-    done = c._commit(local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability),
-                                                  crc32c=[spans[sl.index][1] for sl in resp.slots if not sl.exists],
-                                                  skip_verify=gp.skip_commit_verify), **gp._rpc_meta())
-    gp.remember([(keys[sl.index], sl.offset, sl.length, spans[sl.index][1]) for sl in resp.slots if not sl.exists],
-                c._core.nonce, coded=True)   # later loads of these chunks may go without a lease
-    return done.stored
+    nonce = c._core.nonce
+
+    def commit() -> int:
+        # The CRC32Cs were computed on the GPU over the payloads the copies read (and on the host
+        # over the headers written in place): the daemon takes them unread, as for RAW stores.
+        done = c._commit(local_pb2.CommitWriteRequest(lease_id=resp.lease_id, durability=int(durability),
+                                                      crc32c=[spans[sl.index][1] for sl in resp.slots if not sl.exists],
+                                                      skip_verify=gp.skip_commit_verify), **gp._rpc_meta())
+        gp.remember([(keys[sl.index], sl.offset, sl.length, spans[sl.index][1]) for sl in resp.slots
+                     if not sl.exists], nonce, coded=True)   # later loads of these chunks may go without a lease
+        return done.stored
+    return commit() if wait else gp._commits.submit(commit)
 
 
 def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: bool, stream=None):

@@ -98,6 +98,10 @@ def test_gpu_encoded_store_is_the_cpu_encoders_bytes(daemon, shape, level):
         n, host = c.retrieve(tokens, verify_crc=True)  # the daemon's CPU path, CRCs checked
         assert n == len(tokens) and np.array_equal(np.asarray(host).view(np.uint16), ref)
         c.delete(keys)
+        if shape == "smol":   # the commit in the background: bytes in the arena when it returns
+            fut = kgpu.store_cuda(c, tokens, kv, level=level, wait=False)
+            assert fut.result(timeout=60) == chunks and _stored_blobs(c, keys) == want
+            c.delete(keys)
 
 
 def test_gpu_encoded_store_from_paged_vllm_cache(daemon):
