@@ -215,11 +215,12 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
 def _unleased_coded(gp: GpuPath, keys, lo: int, n: int, dst, contiguous, size: int, arena_base: int, cur) -> int:
     """Compressed loads without any RPC: the chunks from ``lo`` on that this client saw last as
     CODEC bitstreams of this arena and that the presence index lists in DRAM. As for RAW
-    chunks (``_unleased``) nothing unproven is decoded: the bitstreams cross PCIe into device
-    memory, their CRC32Cs are computed on the GPU and compared with the ones they were stored
-    with, and only the matching leading run is decoded, from those device bytes and from a
-    copy of their headers taken back from the device (the arena may change under a reader
-    without a lease: its own headers are never read). Returns how many chunks were placed."""
+    chunks (``_unleased``) nothing unproven is placed: the bitstreams cross PCIe into device
+    memory, their CRC32Cs are computed on the GPU (beside the decode, which reads those device
+    bytes and a copy of their headers taken back from the device: the arena may change under a
+    reader without a lease, so its own headers are never read) and compared with the ones they
+    were stored with, and only the matching leading run moves into ``dst``. Returns how many
+    chunks were placed."""
     from kvstore_native.codec import CodecError
     from kvstore_native.codec import gpu as gcodec
     from kvstore_native.codec.format import HEADER_SIZE, INDEX_ENTRY_SIZE
@@ -255,35 +256,45 @@ def _unleased_coded(gp: GpuPath, keys, lo: int, n: int, dst, contiguous, size: i
         landed = torch.cuda.Event()
         landed.record(gp.copy_stream)
         ks.wait_event(landed)
-        cuda_ipc.crc32c_batch([dptr + o for o in offs], lens, int(crc.data_ptr()), ks.cuda_stream)
+        side = gp.move_stream   # the proof runs beside the decode; nothing unproven is moved
+        side.wait_event(landed)
+        cuda_ipc.crc32c_batch([dptr + o for o in offs], lens, int(crc.data_ptr()), side.cuda_stream)
+        hdr = HEADER_SIZE + INDEX_ENTRY_SIZE * c.namespace.num_layers
+        heads = [min(hdr, ln) for ln in lens]
+        hbuf = gp.pinned_u32("unleased-coded-heads", (m * hdr + 3) // 4)
+        hptr = int(hbuf.data_ptr())
+        cuda_ipc.memcpy_batch([hptr + j * hdr for j in range(m)], [dptr + o for o in offs], heads, ks.cuda_stream)
         ks.synchronize()
+
+        def decode(k: int) -> None:
+            gcodec.decode_batch_ptrs([hptr + j * hdr for j in range(k)], [dptr + o for o in offs[:k]], lens[:k],
+                                     [int(outs[j].data_ptr()) for j in range(k)], size, ks.cuda_stream,
+                                     host_lens=heads[:k])
+        try:
+            decode(m)
+            failed = None
+        except CodecError as e:   # a stream changed under the copy, or stored so
+            failed = e
+        side.synchronize()
         crc_host = crc.numpy().view(np.uint32)
         good = 0
         while good < m and int(crc_host[good]) == ext[good][2]:
             good += 1
         if good < m:   # moved, overwritten or evicted since this client saw it
             gp.forget(keys[lo + good])
+        if failed is not None and good:
+            if good == m:   # proven bytes that do not decode: read through the daemon instead
+                log.warning("a compressed chunk loaded without a lease did not decode (%s); reading it leased", failed)
+                gp.forget(keys[lo])
+                return 0
+            decode(good)   # a changed stream failed the launch: decode the proven ones again
         if good == 0:
-            return 0
-        hdr = HEADER_SIZE + INDEX_ENTRY_SIZE * c.namespace.num_layers
-        heads = [min(hdr, ln) for ln in lens[:good]]
-        hbuf = gp.pinned_u32("unleased-coded-heads", (good * hdr + 3) // 4)
-        hptr = int(hbuf.data_ptr())
-        cuda_ipc.memcpy_batch([hptr + j * hdr for j in range(good)], [dptr + o for o in offs[:good]], heads,
-                              ks.cuda_stream)
-        ks.synchronize()
-        try:
-            gcodec.decode_batch_ptrs([hptr + j * hdr for j in range(good)], [dptr + o for o in offs[:good]],
-                                     lens[:good], [int(outs[j].data_ptr()) for j in range(good)], size,
-                                     ks.cuda_stream, host_lens=heads)
-        except CodecError as e:   # proven bytes that do not decode: read through the daemon instead
-            log.warning("a compressed chunk loaded without a lease did not decode (%s); reading it leased", e)
-            gp.forget(keys[lo])
             return 0
         _move_into([(lo + j, int(outs[j].data_ptr())) for j in range(good)], dst, contiguous, ks.cuda_stream)
         placed = good
     finally:
         gp.copy_stream.synchronize()   # nothing of this call still reads the arena
+        gp.move_stream.synchronize()
         ks.synchronize()
         cur.wait_stream(ks)
     gp.touched(keys[lo:lo + placed], time.monotonic())
@@ -446,12 +457,14 @@ class _Checks:
         cuda_ipc.crc32c_batch([ptr], [nbytes], int(self._whole.data_ptr()) + 4 * i, self._gp.kernel_stream.cuda_stream)
         self._want[i] = (want, 0, 0)
 
-    def wholes(self, items: list[tuple[int, int, int, int]]) -> None:
-        """``whole`` for consecutive chunks ``(i, want, ptr, nbytes)``, in one launch."""
+    def wholes(self, items: list[tuple[int, int, int, int]], stream: int | None = None) -> None:
+        """``whole`` for consecutive chunks ``(i, want, ptr, nbytes)``, in one launch (on the
+        kernel stream, or ``stream``)."""
         first = items[0][0]
         assert [i for i, _, _, _ in items] == list(range(first, first + len(items)))
         cuda_ipc.crc32c_batch([p for _, _, p, _ in items], [nb for _, _, _, nb in items],
-                              int(self._whole.data_ptr()) + 4 * first, self._gp.kernel_stream.cuda_stream)
+                              int(self._whole.data_ptr()) + 4 * first,
+                              self._gp.kernel_stream.cuda_stream if stream is None else stream)
         for i, want, _, _ in items:
             self._want[i] = (want, 0, 0)
 
@@ -503,8 +516,10 @@ def _decoded(gp: GpuPath, coded, placed: int, dst, contiguous, arena_base: int, 
 def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, size: int, keep: list, verify: bool,
                   chk: "_Checks | None" = None) -> int:
     """Bitstreams of ``coded`` cross PCIe (copy engine) and are decoded in one batched launch into
-    staging, then moved into the engine layout (2D copy D2D, or the scatter kernel)."""
+    staging, then the leading run whose bitstreams match their CRC32C (``chk``) is moved into
+    the engine layout (2D copy D2D, or the scatter kernel); returns how many were placed."""
     torch = _torch()
+    from kvstore_native.codec import CodecError
     from kvstore_native.codec import gpu as gcodec
 
     lens = [int(ext.length) for _, ext in coded]
@@ -516,23 +531,39 @@ def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, size: in
     ready = torch.cuda.Event()
     ready.record(gp.copy_stream)
     gp.kernel_stream.wait_event(ready)
-    if chk is not None:   # the bitstreams as stored, checked before anything decodes them: one launch
-        chk.wholes([(i, ext.crc32c, int(devbuf.data_ptr()) + o, int(ext.length)) for (i, ext), o in zip(coded, offs)])
-        gp.kernel_stream.synchronize()
+    outs = torch.empty((len(coded), size), dtype=torch.uint8, device=gp.device)
+    keep.append(outs)
+    # The bitstreams as stored are checked on a side stream while the decode runs (the
+    # decoder rejects malformed input without harm); only the proven prefix is moved into
+    # place. Headers and indexes are read in place in the arena (leased): no host copy.
+    side = gp.move_stream
+    if chk is not None:
+        side.wait_event(ready)
+        chk.wholes([(i, ext.crc32c, int(devbuf.data_ptr()) + o, int(ext.length)) for (i, ext), o in zip(coded, offs)],
+                   stream=side.cuda_stream)
+    good = len(coded)
+    try:
+        gcodec.decode_batch_ptrs([arena_base + ext.offset for _, ext in coded],
+                                 [int(devbuf.data_ptr()) + o for o in offs], lens,
+                                 [int(outs[j].data_ptr()) for j in range(len(coded))], size,
+                                 gp.kernel_stream.cuda_stream, verify)
+        failed = None
+    except CodecError as e:
+        failed = e
+    if chk is not None:
+        side.synchronize()
         good = chk.leading_good([i for i, _ in coded])
         if good < len(coded):
             log.warning("chunk %d of a GPU load failed its CRC32C check (a compressed bitstream); it and the "
                         "chunks after it are not placed", coded[good][0])
-            coded, offs, lens = coded[:good], offs[:good], lens[:good]
-        if not coded:
-            return 0
-    outs = torch.empty((len(coded), size), dtype=torch.uint8, device=gp.device)
-    keep.append(outs)
-    # Headers and indexes are read in place in the arena (host memory): no host copy.
-    gcodec.decode_batch_ptrs([arena_base + ext.offset for _, ext in coded], [int(devbuf.data_ptr()) + o for o in offs],
-                             lens,
-                            [int(outs[j].data_ptr()) for j in range(len(coded))], size,
-                            gp.kernel_stream.cuda_stream, verify)
-    _move_into([(i, int(outs[j].data_ptr())) for j, (i, _) in enumerate(coded)], dst, contiguous,
+    if failed is not None:
+        if good == len(coded):
+            raise failed   # bitstreams as stored that do not decode: the writer stored garbage
+        if good:   # a bad stream failed the whole launch: decode the proven ones again
+            gcodec.decode_batch_ptrs([arena_base + ext.offset for _, ext in coded[:good]],
+                                     [int(devbuf.data_ptr()) + o for o in offs[:good]], lens[:good],
+                                     [int(outs[j].data_ptr()) for j in range(good)], size,
+                                     gp.kernel_stream.cuda_stream, verify)
+    _move_into([(i, int(outs[j].data_ptr())) for j, (i, _) in enumerate(coded[:good])], dst, contiguous,
                gp.kernel_stream.cuda_stream)
-    return len(coded)
+    return good
