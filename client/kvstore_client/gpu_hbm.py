@@ -3,14 +3,21 @@ CUDA IPC handle, device-to-device loads of leased extents into the engine's memo
 
 from __future__ import annotations
 
+import logging
+import mmap
+import os
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any, Sequence
+
+import numpy as np
 
 from kvstore_native import cuda_ipc, transfer
 from kvstore_native.transfer import PlaneSpec
 
 from .errors import InvalidArgument
 from .gpu_layout import _contiguous_rows
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -20,11 +27,21 @@ class HbmPoolMapping:
 
     base: int
     size: int
+    #: The pool's generation counters (``HbmPool.generations_path``), mapped read-only, and
+    #: the pool bytes each one covers; None / 0 without them.
+    gens: Any = None
+    block_bytes: int = 0
     _closed: bool = field(default=False, repr=False)
 
     @classmethod
-    def open(cls, handle: bytes, size: int) -> "HbmPoolMapping":
-        return cls(cuda_ipc.ipc_open(handle), size)
+    def open(cls, handle: bytes, size: int, generations_path: str = "", block_bytes: int = 0) -> "HbmPoolMapping":
+        gens = _map_generations(generations_path, size, block_bytes)
+        return cls(cuda_ipc.ipc_open(handle), size, gens, block_bytes if gens is not None else 0)
+
+    def blocks(self, offset: int, length: int) -> tuple[int, int]:
+        """The generation blocks ``[lo, hi)`` that pool bytes ``[offset, offset + length)`` lie in."""
+        b = self.block_bytes
+        return offset // b, (offset + max(length, 1) - 1) // b + 1
 
     def load(self, offset: int, length: int, dst, ns=None, chunk: int = 0, stream: int = 0) -> None:
         """Device-to-device: the pool extent into ``dst`` (a ``PlaneSpec`` -> scatter kernel; a
@@ -53,4 +70,25 @@ class HbmPoolMapping:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self.gens = None
             cuda_ipc.ipc_close(self.base)
+
+
+def _map_generations(path: str, pool_bytes: int, block_bytes: int):
+    """The daemon's generation counters as a read-only u64 array, or None (no file, or one
+    that does not cover the pool: loads from the pool then all take a lease)."""
+    if not path or block_bytes <= 0:
+        return None
+    need = 8 * -(-pool_bytes // block_bytes)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size < need:
+                raise OSError(f"{path} holds fewer counters than the pool needs")
+            mm = mmap.mmap(fd, need, prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        log.info("the HBM pool's generation counters are not usable (%s); loads from it take leases", e)
+        return None
+    return np.frombuffer(mm, dtype=np.uint64)

@@ -62,8 +62,11 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
     # without any RPC; the rest (misses, other tiers, a chunk that moved) through leases. Not
     # with the daemon's HBM pool mapped: a leased read promotes arena hits into it, and later
     # loads then come device-to-device, far faster than PCIe.
-    start = (_unleased(gp, keys, n, dst, contiguous, size, arena_base, cur)
-             if gp.lease_free and pool is None else 0)
+    start = 0
+    if gp.lease_free and pool is not None:   # the pool's chunks proven by its generation counters
+        start = _unleased_hbm(gp, keys, n, dst, contiguous, pool, cur)
+    elif gp.lease_free:
+        start = _unleased(gp, keys, n, dst, contiguous, size, arena_base, cur)
     if start < n and gp.lease_free and pool is None:   # then the compressed ones, likewise
         start += _unleased_coded(gp, keys, start, n, dst, contiguous, size, arena_base, cur)
     if start == n:
@@ -114,6 +117,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
             arena_base = gp._arena_ptr()
             stop = False
             pool_rows: list[tuple[int, int]] = []   # (chunk, pool pointer): one D2D launch per group
+            pool_seen: list[tuple[bytes, int, int]] = []   # their extents, remembered while leased
             for ext in resp.extents:
                 i = lo + ext.index
                 if not ext.found or i != placed + len(coded):
@@ -130,6 +134,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                         if stop:
                             break
                     pool_rows.append((i, pool.base + ext.offset))
+                    pool_seen.append((keys[i], ext.offset, ext.length))
                     placed += 1
                     continue
                 src = arena_base + ext.offset
@@ -181,6 +186,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
             if chk is not None:
                 chk.flush()
             _move_into(pool_rows, dst, contiguous, gp.kernel_stream.cuda_stream)
+            gp.remember_pool(pool_seen, pool)
             if stop or bad or placed + len(coded) < hi:
                 break
         if coded:  # one batched decode launch for the call's (remaining) compressed chunks
@@ -210,6 +216,48 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
     gp.remember(seen, c._core.nonce)
     gp.remember(seen_coded, c._core.nonce, coded=True)
     return placed
+
+
+def _unleased_hbm(gp: GpuPath, keys, n: int, dst, contiguous, pool, cur) -> int:
+    """Loads from the daemon's HBM pool without any RPC: the leading chunks whose pool extent
+    this client saw through a lease (with the generation counters of its blocks then) and that
+    the presence index lists with HBM as their fastest copy. The daemon increments a block's
+    counter whenever it allocates pages in it, before writing them, and a chunk's pages are
+    never written while it is stored; so a chunk whose counters equal the remembered ones both
+    before and after its device-to-device copy is the chunk that was leased, copied intact.
+    Chunks are copied straight into ``dst`` (no staging: a staged copy would halve the D2D
+    rate); the ones whose counters changed end the run, are forgotten and are read through a
+    lease by the caller, which overwrites what the copy left in their place. Reads are
+    reported to the daemon as hits afterwards. Returns how many chunks were placed."""
+    c = gp.client
+    presence = c.presence
+    if pool.gens is None or presence is None or presence.stale():
+        return 0
+    ext = gp.recall_pool(keys[:n], n)
+    m = 0
+    for key, (off, length, lo, snap) in zip(keys, ext):
+        mask = presence.probe(c.namespace_id, key)
+        if (not mask or fastest(mask) != Tier.HBM or off + length > pool.size
+                or not np.array_equal(pool.gens[lo:lo + len(snap)], snap)):
+            break
+        m += 1
+    if m == 0:
+        return 0
+    ks = gp.kernel_stream
+    ks.wait_stream(cur)   # dst belongs to the engine's stream: what it queued comes first
+    try:
+        _move_into([(i, pool.base + ext[i][0]) for i in range(m)], dst, contiguous, ks.cuda_stream)
+        ks.synchronize()
+    finally:
+        cur.wait_stream(ks)
+    good = 0
+    while good < m and np.array_equal(pool.gens[ext[good][2]:ext[good][2] + len(ext[good][3])], ext[good][3]):
+        good += 1
+    if good < m:   # reused while it was copied: leased again by the caller
+        gp.forget(keys[good])
+    if good:
+        gp.touched(keys[:good], time.monotonic())
+    return good
 
 
 def _unleased_coded(gp: GpuPath, keys, lo: int, n: int, dst, contiguous, size: int, arena_base: int, cur) -> int:

@@ -120,6 +120,9 @@ class GpuPath:
         self._move_stream: Any = None
         self._extents: OrderedDict[bytes, tuple[int, int, int, bytes, bool]] = OrderedDict()  # + coded
         self._extents_lock = threading.Lock()
+        # HBM pool extents seen through leases: key -> (offset, length, pool nonce, first
+        # generation block, the blocks' counters then), for loads without a lease.
+        self._pool_extents: OrderedDict[bytes, tuple[int, int, bytes, int, Any]] = OrderedDict()
         self._spec_buf: Any = None
 
     def pinned_u32(self, name: str, n: int):
@@ -196,6 +199,34 @@ class GpuPath:
         """Drops ``key``'s remembered extent (it no longer holds the chunk)."""
         with self._extents_lock:
             self._extents.pop(key, None)
+            self._pool_extents.pop(key, None)
+
+    def remember_pool(self, extents: list[tuple[bytes, int, int]], pool: "HbmPoolMapping") -> None:
+        """Records ``(key, offset, length)`` of HBM pool extents this client holds leases on,
+        with the generation counters of their blocks now (while leased, their bytes are the
+        chunk's). Nothing without the pool's counters."""
+        if not extents or pool is None or pool.gens is None:
+            return
+        with self._extents_lock:
+            d = self._pool_extents
+            for key, off, length in extents:
+                lo, hi = pool.blocks(off, length)
+                d[key] = (off, length, self._pool_nonce, lo, pool.gens[lo:hi].copy())
+                d.move_to_end(key)
+            while len(d) > MAX_REMEMBERED_EXTENTS:
+                d.popitem(last=False)
+
+    def recall_pool(self, keys, limit: int) -> list[tuple[int, int, int, Any]]:
+        """``(offset, length, first block, counters)`` of the leading run of ``keys`` (at most
+        ``limit``) seen as extents of the pool mapped now."""
+        out = []
+        with self._extents_lock:
+            for key in keys[:limit]:
+                e = self._pool_extents.get(key)
+                if e is None or e[2] != self._pool_nonce:
+                    break
+                out.append((e[0], e[1], e[3], e[4]))
+        return out
 
     def touched(self, keys, now: float) -> None:
         """Chunks read without a lease: reported to the daemon in one touch-only RPC per
@@ -242,7 +273,9 @@ class GpuPath:
 
         try:
             with _torch().cuda.device(self.device):
-                self._pool = HbmPoolMapping.open(exp.ipc_handle, exp.pool_bytes)
+                self._pool = HbmPoolMapping.open(exp.ipc_handle, exp.pool_bytes,
+                                                 getattr(exp, "generations_path", ""),
+                                                 int(getattr(exp, "generation_block_bytes", 0)))
         except cuda_ipc.CudaError as e:
             log.info("the daemon's HBM pool (GPU %d) cannot be mapped on %s (%s); loads use the arena",
                      exp.device, self.device, e)

@@ -197,7 +197,9 @@ class LocalDataServicer:
         a = self._m.attach()
         pool = self._m.device_export()   # the HBM tier's pool, when the chain has one
         hbm = None if pool is None else local_pb2.HbmPool(ipc_handle=pool.ipc_handle, pool_bytes=pool.pool_bytes,
-                                                          device=pool.device, nonce=pool.nonce)
+                                                          device=pool.device, nonce=pool.nonce,
+                                                          generations_path=pool.generations_path,
+                                                          generation_block_bytes=pool.generation_block_bytes)
         control = self.control
         ctl_path, ticket = ("", b"")
         if control is not None and control.running:

@@ -157,6 +157,9 @@ class LocalAccess:
         s = self._shared()
         found = []
         for cid in cids:
+            if self._device is not None and self._device.touch(cid):   # read from the HBM pool
+                found.append(True)
+                continue
             ref = s.get_unverified(cid)   # a hit, recency touched; the lease ends at once
             if ref is not None:
                 ref.release()

@@ -46,6 +46,11 @@ log = logging.getLogger(__name__)
 #: Pool page: extents start on this boundary (the widest vector the copy kernels use is 16 B;
 #: 4 KiB keeps the allocator small for multi-MB chunks).
 HBM_PAGE_BYTES = 4096
+#: Pool bytes per generation counter. The daemon increments the counters of every block a
+#: page run touches when it allocates the run, before anything writes into it; a reader that
+#: copied pool bytes without a lease proves they did not change under the copy by reading the
+#: counters before and after it (docs/local-path.md, "HBM loads without a lease").
+GEN_BLOCK_BYTES = 1 << 20
 
 Demote = Callable[[ChunkId, ChunkMeta, memoryview], None]
 
@@ -80,12 +85,57 @@ class DeviceLease:
 @dataclass(frozen=True)
 class PoolExport:
     """What a co-located process needs to map the pool: the IPC handle of its one allocation,
-    its size, the device ordinal and a nonce that changes with every pool (restart check)."""
+    its size, the device ordinal, a nonce that changes with every pool (restart check), and
+    the shared file of its generation counters (empty where none could be made)."""
 
     ipc_handle: bytes
     pool_bytes: int
     device: int
     nonce: bytes
+    generations_path: str = ""
+    generation_block_bytes: int = 0
+
+
+class _Generations:
+    """The pool's generation counters: ``u64`` per ``GEN_BLOCK_BYTES`` of pool, in a
+    shared-memory file (mode 0600, like the arena) that same-host clients map read-only.
+    Written only under the tier's lock; an aligned 8-byte store is atomic for readers."""
+
+    def __init__(self, blocks: int) -> None:
+        import mmap
+        import os
+
+        from .arena import AUTO_PREFIX, SHM_DIR
+
+        self.path = str(SHM_DIR / f"{AUTO_PREFIX}{os.getpid()}-{secrets.token_hex(4)}.hbmgen")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, 8 * blocks)
+            self._mm = mmap.mmap(fd, 8 * blocks)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.path)
+            raise
+        os.close(fd)
+        self.counters = np.frombuffer(self._mm, dtype=np.uint64)
+
+    def bump(self, offset: int, nbytes: int) -> None:
+        lo = offset // GEN_BLOCK_BYTES
+        hi = (offset + max(nbytes, 1) - 1) // GEN_BLOCK_BYTES
+        self.counters[lo:hi + 1] += np.uint64(1)
+
+    def close(self) -> None:
+        import os
+
+        self.counters = None
+        try:
+            self._mm.close()
+        except BufferError:   # a view still exists (a test): the file goes anyway
+            pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
 
 
 class HbmTier(Tier):
@@ -112,10 +162,18 @@ class HbmTier(Tier):
         self._clock = clock
         self._stats = TierStats(Medium.HBM, "lru", self.capacity_bytes)
         self._closed = False
+        try:
+            self._gens: _Generations | None = _Generations(-(-self.capacity_bytes // GEN_BLOCK_BYTES))
+        except OSError as e:   # no /dev/shm: readers then lease every load
+            log.warning("the HBM pool's generation counters could not be shared (%s); same-host loads "
+                        "from the pool all take a lease", e)
+            self._gens = None
 
     # ---- sharing
     def export(self) -> PoolExport:
-        return PoolExport(self._cuda.ipc_handle(self.base), self.capacity_bytes, self._device, self.nonce)
+        g = self._gens
+        return PoolExport(self._cuda.ipc_handle(self.base), self.capacity_bytes, self._device, self.nonce,
+                          g.path if g is not None else "", GEN_BLOCK_BYTES if g is not None else 0)
 
     def device_pool(self) -> "HbmTier":
         """This tier's ``DevicePool`` face (``export`` + ``lease``), for the same-host path."""
@@ -188,6 +246,8 @@ class HbmTier(Tier):
                     return None
                 page = self._alloc.alloc(npages)
                 if page is not None:
+                    if self._gens is not None:   # before any byte of the run changes
+                        self._gens.bump(page * HBM_PAGE_BYTES, npages * HBM_PAGE_BYTES)
                     return page
                 v = self._pick_victim()
                 if v is None:
@@ -261,6 +321,18 @@ class HbmTier(Tier):
         with self._lock:
             return cid in self._index
 
+    def touch(self, cid: ChunkId) -> bool:
+        """A read of the chunk made without a lease (a same-host reader's proven copy): counted
+        as a hit and made recent, as a lease would; whether the pool holds it."""
+        with self._lock:
+            e = self._index.get(cid)
+            if e is None or e.deleted:
+                return False
+            e.hits += 1
+            e.last_access_s = self._clock()
+            self._stats.hits += 1
+            return True
+
     def delete(self, cid: ChunkId) -> bool:
         with self._lock:
             e = self._index.get(cid)
@@ -304,6 +376,8 @@ class HbmTier(Tier):
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._gens is not None:
+                self._gens.close()
             self._cuda.free(self.base)
 
 
