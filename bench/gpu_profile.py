@@ -229,11 +229,72 @@ def compressed(addr, name, shape, chunks, calls, level=2) -> list[str]:
     return lines
 
 
+def hbm(name, shape, chunks, calls) -> list[str]:
+    """Where a load from the daemon's HBM tier goes (lease-free, the pool's generations):
+    the routed call, the GPU path's call, its lease-free step alone, the pool copy alone."""
+    from kvstore_client import gpu_retrieve
+    from kvstore_client.gpu_state import _path
+    from kvstore_native import cuda_ipc
+
+    d = Daemon("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8",
+               "hbm.capacity_bytes=8GiB", 'chain.tiers=["hbm","dram"]')
+    lines = []
+    try:
+        ns = Namespace(model=f"profile-hbm-{name}", **shape)
+        tokens = list(range(ns.chunk_tokens * chunks))
+        kv = torch.randn(ns.chunk_shape(len(tokens)), device="cuda").to(TDT[shape["dtype"]])
+        nb = kv.numel() * kv.element_size()
+        out = torch.empty_like(kv)
+        with KVStoreClient(d.addr, ns) as client:
+            client.store(tokens, kv)
+            for _ in range(2):
+                client.retrieve_into(tokens, out)
+            gp = _path(client)
+            pool = gp.pool()
+            keys = client.keys(tokens)
+            rows = kgpu._contiguous_rows(out, ns, chunks)
+            ext = gp.recall_pool(keys, chunks)
+            cur = torch.cuda.current_stream()
+            routed = med(lambda: client.retrieve_into(tokens, out), 15)
+            direct = med(lambda: kgpu.retrieve_into_cuda(client, tokens, out), 15)
+            step = med(lambda: gpu_retrieve._unleased_hbm(gp, keys, chunks, out, rows, pool, cur), 15)
+            s_ = cur.cuda_stream
+            _, pitch, row, planes = rows[0]
+            copy = med(lambda: cuda_ipc.copy_rows([r[0] for r in rows], [pool.base + e[0] for e in ext], pitch, row,
+                                                  row, planes, s_), 15)
+            keyt = med(lambda: client.keys(tokens), 15)
+            lines.append(f"HBM tier, {name}, {chunks} chunks, {nb / 1e6:.0f} MB ({len(ext)} remembered): routed "
+                         f"retrieve_into {routed * 1e3:.3f} ms ({nb / routed / 1e9:.0f} GB/s) | retrieve_into_cuda "
+                         f"{direct * 1e3:.3f} ms | _unleased_hbm {step * 1e3:.3f} ms | copy_rows alone {copy * 1e3:.3f} ms "
+                         f"({nb / copy / 1e9:.0f} GB/s) | keys() {keyt * 1e3:.3f} ms")
+            for what, fn in (("routed", lambda: client.retrieve_into(tokens, out)),
+                             ("direct", lambda: kgpu.retrieve_into_cuda(client, tokens, out))):
+                prof = cProfile.Profile()
+                prof.enable()
+                for _ in range(calls):
+                    fn()
+                torch.cuda.synchronize()
+                prof.disable()
+                buf = io.StringIO()
+                pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(16)
+                lines.append(f"  cProfile of {calls} {what} HBM loads (by own time):")
+                lines += ["    " + x for x in buf.getvalue().splitlines() if x.strip()][3:22]
+            client.delete(keys)
+    finally:
+        d.close()
+    return lines
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--hbm-only", action="store_true")
     args = ap.parse_args(argv)
+    if args.hbm_only:
+        for name, shape in SHAPES.items():
+            print("\n".join(hbm(name, shape, args.chunks, args.calls)), flush=True)
+        return 0
     d = Daemon("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8")
     try:
         for name, shape in SHAPES.items():

@@ -238,7 +238,7 @@ def _unleased_hbm(gp: GpuPath, keys, n: int, dst, contiguous, pool, cur) -> int:
     for key, (off, length, lo, snap) in zip(keys, ext):
         mask = presence.probe(c.namespace_id, key)
         if (not mask or fastest(mask) != Tier.HBM or off + length > pool.size
-                or not np.array_equal(pool.gens[lo:lo + len(snap)], snap)):
+                or pool.gens[lo:lo + len(snap) // 8].tobytes() != snap):
             break
         m += 1
     if m == 0:
@@ -251,7 +251,7 @@ def _unleased_hbm(gp: GpuPath, keys, n: int, dst, contiguous, pool, cur) -> int:
     finally:
         cur.wait_stream(ks)
     good = 0
-    while good < m and np.array_equal(pool.gens[ext[good][2]:ext[good][2] + len(ext[good][3])], ext[good][3]):
+    while good < m and pool.gens[ext[good][2]:ext[good][2] + len(ext[good][3]) // 8].tobytes() == ext[good][3]:
         good += 1
     if good < m:   # reused while it was copied: leased again by the caller
         gp.forget(keys[good])

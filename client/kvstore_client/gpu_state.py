@@ -121,7 +121,7 @@ class GpuPath:
         self._extents: OrderedDict[bytes, tuple[int, int, int, bytes, bool]] = OrderedDict()  # + coded
         self._extents_lock = threading.Lock()
         # HBM pool extents seen through leases: key -> (offset, length, pool nonce, first
-        # generation block, the blocks' counters then), for loads without a lease.
+        # generation block, the blocks' counters then as bytes), for loads without a lease.
         self._pool_extents: OrderedDict[bytes, tuple[int, int, bytes, int, Any]] = OrderedDict()
         self._spec_buf: Any = None
 
@@ -211,7 +211,7 @@ class GpuPath:
             d = self._pool_extents
             for key, off, length in extents:
                 lo, hi = pool.blocks(off, length)
-                d[key] = (off, length, self._pool_nonce, lo, pool.gens[lo:hi].copy())
+                d[key] = (off, length, self._pool_nonce, lo, pool.gens[lo:hi].tobytes())
                 d.move_to_end(key)
             while len(d) > MAX_REMEMBERED_EXTENTS:
                 d.popitem(last=False)
