@@ -28,6 +28,20 @@ from kvstore_client.gpu_session import GpuSession  # noqa: E402
 from kvstore_wire._proto.kvstore.v1 import local_pb2  # noqa: E402
 
 
+def cprofiled(fn, calls: int, what: str, top: int = 14) -> list[str]:
+    """A cProfile of ``calls`` calls of ``fn`` (host time, by own time), as indented lines."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(top)
+    return [f"  cProfile of {calls} {what} (by own time):"] + \
+        ["    " + x for x in buf.getvalue().splitlines() if x.strip()][3:22]
+
+
 def profile(addr, name, shape, chunks, calls) -> list[str]:
     ns = Namespace(model=f"profile-{name}", **shape)
     tokens = list(range(ns.chunk_tokens * chunks))
@@ -103,16 +117,7 @@ def profile(addr, name, shape, chunks, calls) -> list[str]:
         kgpu.store_cuda(client, tokens, kv)
         for what, fn in (("retrieve", lambda: kgpu.retrieve_into_cuda(client, tokens, out)),
                          ("store", lambda: (client.delete(keys), kgpu.store_cuda(client, tokens, kv)))):
-            prof = cProfile.Profile()
-            prof.enable()
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-            prof.disable()
-            buf = io.StringIO()
-            pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(14)
-            lines.append(f"  cProfile of {calls} {what} calls (by own time):")
-            lines += ["    " + x for x in buf.getvalue().splitlines() if x.strip()][3:22]
+            lines += cprofiled(fn, calls, f"{what} calls", 14)
         client.delete(keys)
     return lines
 
@@ -215,16 +220,7 @@ def compressed(addr, name, shape, chunks, calls, level=2) -> list[str]:
         lines.append(f"    LeaseRead+Release {lease:7.3f} ms | bitstreams H2D {h2d * 1e3:7.3f} ms | GPU CRC per chunk "
                      f"{crc1 * 1e3:7.3f} / batched {crcb * 1e3:7.3f} ms | decode_batch_ptrs {dec * 1e3:7.3f} ms | "
                      f"move into the tensor {mv * 1e3:7.3f} ms | sum {lease + (h2d + crcb + dec + mv) * 1e3:7.3f} ms")
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(calls):
-            kgpu.retrieve_into_cuda(client, tokens, out)
-        torch.cuda.synchronize()
-        prof.disable()
-        buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(10)
-        lines.append(f"  cProfile of {calls} compressed retrieve calls (by own time):")
-        lines += ["    " + x for x in buf.getvalue().splitlines() if x.strip()][3:16]
+        lines += cprofiled(lambda: kgpu.retrieve_into_cuda(client, tokens, out), calls, "compressed retrieve calls", 10)
         client.delete(keys)
     return lines
 
@@ -269,16 +265,7 @@ def hbm(name, shape, chunks, calls) -> list[str]:
                          f"({nb / copy / 1e9:.0f} GB/s) | keys() {keyt * 1e3:.3f} ms")
             for what, fn in (("routed", lambda: client.retrieve_into(tokens, out)),
                              ("direct", lambda: kgpu.retrieve_into_cuda(client, tokens, out))):
-                prof = cProfile.Profile()
-                prof.enable()
-                for _ in range(calls):
-                    fn()
-                torch.cuda.synchronize()
-                prof.disable()
-                buf = io.StringIO()
-                pstats.Stats(prof, stream=buf).sort_stats("tottime").print_stats(16)
-                lines.append(f"  cProfile of {calls} {what} HBM loads (by own time):")
-                lines += ["    " + x for x in buf.getvalue().splitlines() if x.strip()][3:22]
+                lines += cprofiled(fn, calls, f"{what} HBM loads", 16)
             client.delete(keys)
     finally:
         d.close()

@@ -14,6 +14,8 @@ from kvstore_native import transfer
 from kvstore_wire._proto.kvstore.v1 import local_pb2
 from kvstore_wire.types import Encoding
 
+from .leases import count_leases
+
 SHAPES = {"smol": dict(dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64),
           "llama": dict(dtype="bfloat16", num_layers=32, num_kv_heads=8, head_dim=128),
           "mla": dict(dtype="bfloat16", num_layers=4, num_kv_heads=1, head_dim=576, layout="MLA_LATENT")}
@@ -160,21 +162,6 @@ def test_gpu_encode_refuses_bad_levels_and_a_failed_placement_leaves_nothing(dae
         c.delete(c.keys(tokens))
 
 
-class _CountingLeases:
-    """Wraps a session's LeaseRead stub: counts the leasing calls (touch-only ones apart)."""
-
-    def __init__(self, stub):
-        self._stub, self.leases = stub, 0
-
-    def __call__(self, req, **kw):
-        self.leases += 0 if req.touch_only else 1
-        return self._stub(req, **kw)
-
-    def future(self, req, **kw):
-        self.leases += 0 if req.touch_only else 1
-        return self._stub.future(req, **kw)
-
-
 def test_compressed_loads_without_a_lease_never_decode_unproven_bytes(daemon):
     """Chunks this client stored compressed (or loaded compressed once) load with no LeaseRead
     while the presence index lists them in DRAM; when another client moved them, or their bytes
@@ -200,8 +187,7 @@ def test_compressed_loads_without_a_lease_never_decode_unproven_bytes(daemon):
     with KVStoreClient(daemon.addr, ns) as c, KVStoreClient(daemon.addr, ns) as other:
         assert kgpu.store_cuda(c, ta, a, level=2) == chunks   # c remembers where the bitstreams went
         gp = _path(c)
-        spy = _CountingLeases(gp.client._lease_read)
-        gp.client._lease_read = spy
+        spy = count_leases(gp)
         out = torch.full_like(a, float("nan"))
         assert kgpu.retrieve_into_cuda(c, ta, out) == len(ta)
         assert np.array_equal(as_u16(out), want) and spy.leases == 0

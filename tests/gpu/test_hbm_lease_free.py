@@ -10,6 +10,8 @@ import pytest
 
 from kvstore_client import KVStoreClient, Namespace
 
+from .leases import count_leases
+
 HBM = ["hbm.capacity_bytes=64MiB", 'chain.tiers=["hbm","dram"]', "disk.enabled=false"]
 
 
@@ -46,23 +48,6 @@ def test_generations_are_bumped_before_a_page_run_is_written_and_the_file_goes_w
     finally:
         tier.close()
     assert not os.path.exists(ex.generations_path)
-
-
-def _spy(gp):
-    class Counting:
-        def __init__(self, stub):
-            self._stub, self.leases = stub, 0
-
-        def __call__(self, req, **kw):
-            self.leases += 0 if req.touch_only else 1
-            return self._stub(req, **kw)
-
-        def future(self, req, **kw):
-            self.leases += 0 if req.touch_only else 1
-            return self._stub.future(req, **kw)
-    spy = Counting(gp.client._lease_read)
-    gp.client._lease_read = spy
-    return spy
 
 
 @pytest.mark.parametrize("paged", [False, True])
@@ -114,7 +99,7 @@ def test_hbm_loads_without_a_lease_are_proven_by_the_generations(daemon_factory,
             dst, got = target()
             assert kgpu.retrieve_into_cuda(c, ta, dst) == len(ta) and torch.equal(got(), as_placed(a))
         assert {t.name for t in c.exists(c.keys(ta))} == {"HBM"}
-        spy = _spy(gp)
+        spy = count_leases(gp)
         dst, got = target()
         assert kgpu.retrieve_into_cuda(c, ta, dst) == len(ta)   # no LeaseRead at all
         assert torch.equal(got(), as_placed(a)) and spy.leases == 0

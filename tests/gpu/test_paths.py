@@ -14,6 +14,8 @@ from kvstore_client import gpu as kgpu
 import kvstore_native as native
 from kvstore_native import transfer
 
+from .leases import count_leases
+
 SHAPES = {"smol": dict(dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64),
           "llama": dict(dtype="bfloat16", num_layers=32, num_kv_heads=8, head_dim=128)}
 
@@ -124,27 +126,6 @@ def test_speculative_loads_never_place_a_stale_guess(daemon, paged):
         c.delete(c.keys(ta) + c.keys(tb))
 
 
-class _CountingLeases:
-    """Wraps a session's LeaseRead stub: counts the leasing calls (touch-only ones apart)."""
-
-    def __init__(self, stub):
-        self._stub, self.leases, self.touches = stub, 0, 0
-
-    def _count(self, req):
-        if req.touch_only:
-            self.touches += 1
-        else:
-            self.leases += 1
-
-    def __call__(self, req, **kw):
-        self._count(req)
-        return self._stub(req, **kw)
-
-    def future(self, req, **kw):
-        self._count(req)
-        return self._stub.future(req, **kw)
-
-
 @pytest.mark.parametrize("paged", [False, True])
 def test_lease_free_loads_take_no_rpc_and_never_place_an_unproven_chunk(daemon, paged):
     """A load of chunks this client saw in the arena, which the presence index lists there,
@@ -166,8 +147,7 @@ def test_lease_free_loads_take_no_rpc_and_never_place_an_unproven_chunk(daemon, 
         admin = admin_pb2_grpc.AdminStub(ch)
         assert kgpu.store_cuda(c, ta, a) == chunks               # c remembers where A went
         gp = _path(c)
-        spy = _CountingLeases(gp.client._lease_read)
-        gp.client._lease_read = spy
+        spy = count_leases(gp)
         keys = c.keys(ta)
         hits0 = [admin.Inspect(admin_pb2.InspectRequest(namespace_id=c.namespace_id, key=k)).entry.hits for k in keys]
         dst, _, got = target()

@@ -223,21 +223,27 @@ def load_batch(host_bufs: list, outs: list, *, groups: int = 0, verify: bool = F
     return outs
 
 
+def _batch_shape(srcs: list, layout: Layout):
+    """``(dtype, (layers, tokens, heads, head_dim))`` of a batch of contiguous device chunks of
+    one shape and dtype (CodecError otherwise)."""
+    from kvstore_native.codec import _shape_args
+
+    if not srcs:
+        raise CodecError("srcs must be non-empty")
+    shape, dt = tuple(srcs[0].shape), _dtype(srcs[0])
+    if any(tuple(s.shape) != shape or _dtype(s) != dt or not _contiguous(s) for s in srcs):
+        raise CodecError("sources must be contiguous and of one shape and dtype")
+    return dt, _shape_args(shape, layout)
+
+
 def encode_batch_into(srcs: list, level: CodecLevel, out, *, layout: Layout = Layout.KV,
                       stream=None) -> list[tuple[int, int]]:
     """Encode device chunks of one shape in one batched pass; bitstream i is written to the host
     buffer ``out`` (pinned uint8 tensor or numpy array; :func:`encode_bound_batch` bytes) at the
     returned (offset, size). Bit-exact with the CPU encoder. Raises CodecError when ``out`` is
     too small."""
-    from kvstore_native.codec import _shape_args
-
     level, layout = CodecLevel(level), Layout(layout)
-    if not srcs:
-        raise CodecError("srcs must be non-empty")
-    shape, dt = tuple(srcs[0].shape), _dtype(srcs[0])
-    if any(tuple(s.shape) != shape or _dtype(s) != dt or not _contiguous(s) for s in srcs):
-        raise CodecError("sources must be contiguous and of one shape and dtype")
-    L, T, H, D = _shape_args(shape, layout)
+    dt, (L, T, H, D) = _batch_shape(srcs, layout)
     n = len(srcs)
     offs, sizes = (ctypes.c_uint64 * n)(), (ctypes.c_uint64 * n)()
     optr = int(out.data_ptr()) if hasattr(out, "data_ptr") else int(out.ctypes.data)
@@ -258,15 +264,8 @@ def encode_batch_placed(srcs: list, level: CodecLevel, place, *, layout: Layout 
     skips the chunk). Returns ``(size, crc32c)`` per chunk, the CRC32C of the whole bitstream as
     written (computed on the GPU and combined with the header's). An exception raised by
     ``place`` abandons the encode and propagates; nothing is then written anywhere."""
-    from kvstore_native.codec import _shape_args
-
     level, layout = CodecLevel(level), Layout(layout)
-    if not srcs:
-        raise CodecError("srcs must be non-empty")
-    shape, dt = tuple(srcs[0].shape), _dtype(srcs[0])
-    if any(tuple(s.shape) != shape or _dtype(s) != dt or not _contiguous(s) for s in srcs):
-        raise CodecError("sources must be contiguous and of one shape and dtype")
-    L, T, H, D = _shape_args(shape, layout)
+    dt, (L, T, H, D) = _batch_shape(srcs, layout)
     n = len(srcs)
     sizes, crcs = (ctypes.c_uint64 * n)(), (ctypes.c_uint32 * n)()
     failure: list[BaseException] = []
