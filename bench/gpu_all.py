@@ -234,7 +234,7 @@ def codec_bench(addr, chunks, repeats) -> list[dict]:
     ns = Namespace(model="bench-gpu-codec", **SHAPES["SmolLM2-135M fp16"])
     tok = ns.chunk_tokens
     tokens = list(range(tok * chunks))
-    from gpu_profile import kv_like
+    from gpu_profile import kv_like, timed_stores
 
     kv = kv_like(ns, chunks)   # KV-like data (random normals compress like no real KV does)
     host = kv.cpu().numpy()
@@ -271,13 +271,10 @@ def codec_bench(addr, chunks, repeats) -> list[dict]:
                              repeats=5, warm=1)
             # The whole store from GPU memory: batched GPU encode, bitstreams D2H straight into
             # the arena extents reserved for their sizes, CommitWrite.
-            sts = []
-            for r in range(4):
-                c.delete(keys)
-                torch.cuda.synchronize()
-                t = time.perf_counter()
-                assert kgpu.store_cuda(c, tokens, kv, level=level) == chunks
-                sts.append(time.perf_counter() - t)
+            def stored_all(got) -> None:
+                assert got == chunks
+
+            st = timed_stores(c, keys, lambda: kgpu.store_cuda(c, tokens, kv, level=level), 4, stored_all)
             out.fill_(float("nan"))
             assert kgpu.retrieve_into_cuda(c, tokens, out) == len(tokens)
             assert torch.equal(out, want), "a GPU-encoded store does not decode to the CPU codec's values"
@@ -285,7 +282,7 @@ def codec_bench(addr, chunks, repeats) -> list[dict]:
             rows.append({"level": level, "ratio": ratio, "load_GBps": nbytes / statistics.median(ts[1:]) / 1e9,
                          "decode_kernel_GBps": nbytes / dec_ms / 1e6,
                          "encode_GBps": nbytes / enc_s / 1e9,
-                         "store_encoded_GBps": nbytes / statistics.median(sts[1:]) / 1e9})
+                         "store_encoded_GBps": nbytes / st / 1e9})
         c.delete(keys)
     return rows
 

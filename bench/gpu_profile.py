@@ -28,6 +28,21 @@ from kvstore_client.gpu_session import GpuSession  # noqa: E402
 from kvstore_wire._proto.kvstore.v1 import local_pb2  # noqa: E402
 
 
+def timed_stores(client, keys, store, runs: int, then=None) -> float:
+    """Median seconds of ``store()`` right after ``keys`` were deleted (the first run not
+    counted); ``then(result)`` runs after each timing (e.g. waits for a ``wait=False`` commit)."""
+    ts = []
+    for _ in range(runs):
+        client.delete(keys)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        got = store()
+        ts.append(time.perf_counter() - t)
+        if then is not None:
+            then(got)
+    return statistics.median(ts[1:])
+
+
 def cprofiled(fn, calls: int, what: str, top: int = 14) -> list[str]:
     """A cProfile of ``calls`` calls of ``fn`` (host time, by own time), as indented lines."""
     prof = cProfile.Profile()
@@ -79,14 +94,8 @@ def profile(addr, name, shape, chunks, calls) -> list[str]:
         c._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), **meta)
         rt = med(lambda: kgpu.retrieve_into_cuda(client, tokens, out), 9)
         lines.append(f"  retrieve_into_cuda: {rt * 1e3:7.3f} ms ({nb / rt / 1e9:.1f} GB/s)")
-        st = []
-        for _ in range(7):
-            client.delete(keys)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            kgpu.store_cuda(client, tokens, kv)
-            st.append(time.perf_counter() - t)
-        lines.append(f"  store_cuda: {statistics.median(st[1:]) * 1e3:7.3f} ms ({nb / statistics.median(st[1:]) / 1e9:.1f} GB/s)")
+        st = timed_stores(client, keys, lambda: kgpu.store_cuda(client, tokens, kv), 7)
+        lines.append(f"  store_cuda: {st * 1e3:7.3f} ms ({nb / st / 1e9:.1f} GB/s)")
         # The daemon's share of a store: ReserveWrite and CommitWrite of every chunk with no
         # copy in between (the extents hold zeros, so their CRC is the CRC of zeros), right
         # after the chunks were deleted (their pages may still be uncleared) and after a pause
@@ -159,23 +168,12 @@ def compressed(addr, name, shape, chunks, calls, level=2) -> list[str]:
         c = GpuSession.of(client)
         keys = c.keys(tokens)
         meta = dict(metadata=c._metadata, timeout=c.timeout_s)
-        st = []
-        for _ in range(5):
-            client.delete(keys)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            assert kgpu.store_cuda(client, tokens, kv, level=level) == chunks
-            st.append(time.perf_counter() - t)
-        s_med = statistics.median(st[1:])
-        sa = []
-        for _ in range(5):
-            client.delete(keys)
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            fut = kgpu.store_cuda(client, tokens, kv, level=level, wait=False)
-            sa.append(time.perf_counter() - t)
-            assert fut.result() == chunks
-        sa_med = statistics.median(sa[1:])
+        def stored_all(got) -> None:
+            assert got == chunks
+
+        s_med = timed_stores(client, keys, lambda: kgpu.store_cuda(client, tokens, kv, level=level), 5, stored_all)
+        sa_med = timed_stores(client, keys, lambda: kgpu.store_cuda(client, tokens, kv, level=level, wait=False), 5,
+                              lambda fut: stored_all(fut.result()))
         srcs = [kv[:, :, i * ns.chunk_tokens:(i + 1) * ns.chunk_tokens].contiguous() for i in range(chunks)]
         host = torch.empty(gcodec.encode_bound_batch(srcs[0], chunks, level), dtype=torch.uint8).pin_memory()
         enc = med(lambda: gcodec.encode_batch_into(srcs, level, host), 5)

@@ -67,8 +67,8 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
         start = _unleased_hbm(gp, keys, n, dst, contiguous, pool, cur)
     elif gp.lease_free:
         start = _unleased(gp, keys, n, dst, contiguous, size, arena_base, cur)
-    if start < n and gp.lease_free and pool is None:   # then the compressed ones, likewise
-        start += _unleased_coded(gp, keys, start, n, dst, contiguous, size, arena_base, cur)
+        if start < n:   # then the compressed ones, likewise
+            start += _unleased_coded(gp, keys, start, n, dst, contiguous, size, arena_base, cur)
     if start == n:
         return n
 
@@ -234,11 +234,15 @@ def _unleased_hbm(gp: GpuPath, keys, n: int, dst, contiguous, pool, cur) -> int:
     if pool.gens is None or presence is None or presence.stale():
         return 0
     ext = gp.recall_pool(keys[:n], n)
+
+    def unchanged(e) -> bool:   # the extent's blocks' counters as remembered (bytes)
+        _, _, lo, snap = e
+        return pool.gens[lo:lo + len(snap) // 8].tobytes() == snap
+
     m = 0
-    for key, (off, length, lo, snap) in zip(keys, ext):
+    for key, e in zip(keys, ext):
         mask = presence.probe(c.namespace_id, key)
-        if (not mask or fastest(mask) != Tier.HBM or off + length > pool.size
-                or pool.gens[lo:lo + len(snap) // 8].tobytes() != snap):
+        if not mask or fastest(mask) != Tier.HBM or e[0] + e[1] > pool.size or not unchanged(e):
             break
         m += 1
     if m == 0:
@@ -251,7 +255,7 @@ def _unleased_hbm(gp: GpuPath, keys, n: int, dst, contiguous, pool, cur) -> int:
     finally:
         cur.wait_stream(ks)
     good = 0
-    while good < m and pool.gens[ext[good][2]:ext[good][2] + len(ext[good][3]) // 8].tobytes() == ext[good][3]:
+    while good < m and unchanged(ext[good]):
         good += 1
     if good < m:   # reused while it was copied: leased again by the caller
         gp.forget(keys[good])
@@ -502,8 +506,7 @@ class _Checks:
     def whole(self, i: int, want: int, ptr: int, nbytes: int) -> None:
         """Chunk ``i`` is the ``nbytes`` at device ``ptr`` (the kernel stream already waits
         for its copy)."""
-        cuda_ipc.crc32c_batch([ptr], [nbytes], int(self._whole.data_ptr()) + 4 * i, self._gp.kernel_stream.cuda_stream)
-        self._want[i] = (want, 0, 0)
+        self.wholes([(i, want, ptr, nbytes)])
 
     def wholes(self, items: list[tuple[int, int, int, int]], stream: int | None = None) -> None:
         """``whole`` for consecutive chunks ``(i, want, ptr, nbytes)``, in one launch (on the

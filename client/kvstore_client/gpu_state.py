@@ -170,27 +170,21 @@ class GpuPath:
     def recall(self, keys, nonce: bytes, length: int, limit: int) -> list[tuple[int, int, int]]:
         """``(offset, length, crc32c)`` of the leading run of ``keys`` (at most ``limit``) last
         seen as RAW extents of ``length`` bytes inside the arena with ``nonce``."""
-        out: list[tuple[int, int, int]] = []
-        arena = self.client.arena
-        size = arena.size if arena is not None else 0
-        with self._extents_lock:
-            for key in keys[:limit]:
-                e = self._extents.get(key)
-                if e is None or e[3] != nonce or e[4] or e[1] != length or e[0] + length > size:
-                    break
-                out.append(e[:3])
-        return out
+        return self._recall(keys, nonce, limit, False, lambda n: n == length)
 
     def recall_coded(self, keys, nonce: bytes, limit: int) -> list[tuple[int, int, int]]:
         """``(offset, length, crc32c)`` of the leading run of ``keys`` (at most ``limit``) last
         seen as CODEC bitstreams inside the arena with ``nonce``."""
+        return self._recall(keys, nonce, limit, True, lambda n: n > 0)
+
+    def _recall(self, keys, nonce: bytes, limit: int, coded: bool, length_ok) -> list[tuple[int, int, int]]:
         out: list[tuple[int, int, int]] = []
         arena = self.client.arena
         size = arena.size if arena is not None else 0
         with self._extents_lock:
             for key in keys[:limit]:
                 e = self._extents.get(key)
-                if e is None or e[3] != nonce or not e[4] or e[1] <= 0 or e[0] + e[1] > size:
+                if e is None or e[3] != nonce or e[4] != coded or not length_ok(e[1]) or e[0] + e[1] > size:
                     break
                 out.append(e[:3])
         return out
