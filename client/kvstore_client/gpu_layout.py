@@ -70,3 +70,35 @@ def _spec_of_tensor(t, ns, i: int) -> PlaneSpec:
     start = i * ns.chunk_tokens
     return PlaneSpec([int(p.data_ptr()) for p in planes], list(range(start, start + ns.chunk_tokens)),
                      int(p0.shape[1]), int(p0.shape[2]) * elt, p0.stride(0) * elt, p0.stride(1) * elt)
+
+
+def decode_map(dst, contiguous, ns, idx: Sequence[int]):
+    """Where chunks ``idx`` of a load's destination (a contiguous namespace-layout tensor's
+    ``contiguous`` rows, else ``dst``, a :class:`Paged`) receive their decoded elements: a
+    ``kvstore_native.codec.gpu.DecodeMap`` for ``load_mapped``, which decodes straight into
+    the engine's memory (no staging, no move). A paged destination's chunks share one head size
+    and head stride (one engine cache)."""
+    import numpy as np
+
+    from kvstore_native.codec.gpu import DecodeMap
+
+    elt, T = ns.dtype.itemsize, ns.chunk_tokens
+    if contiguous is not None:   # (chunk base, plane pitch, chunk row bytes, planes)
+        _, pitch, row, planes = contiguous[idx[0]]
+        bases = np.array([contiguous[i][0] for i in idx], dtype=np.uint64)
+        plane_ptrs = bases[:, None] + np.arange(planes, dtype=np.uint64)[None, :] * np.uint64(pitch)
+        toks = np.broadcast_to(np.arange(T, dtype=np.uint64) * np.uint64(row // T), (len(idx), T))
+        return DecodeMap(plane_ptrs, toks, ns.num_kv_heads * ns.head_dim, 0)
+    specs = [dst.specs[i] for i in idx]
+    s0 = specs[0]
+    channels = ns.num_kv_heads * ns.head_dim
+    for sp in specs:
+        if (sp.head_bytes, sp.head_stride, sp.heads) != (s0.head_bytes, s0.head_stride, s0.heads):
+            raise InvalidArgument("the paged chunks of one load must share their head size and head stride")
+        if len(sp.slots) != T or sp.heads * sp.head_bytes != channels * elt or sp.head_bytes % elt:
+            raise InvalidArgument(f"a paged chunk of {len(sp.slots)} tokens x {sp.heads} heads x {sp.head_bytes} "
+                                  f"bytes does not hold the namespace's chunk ({T} tokens x {channels * elt} bytes)")
+    plane_ptrs = np.array([list(sp.ptrs) for sp in specs], dtype=np.uint64)
+    toks = np.array([list(sp.slots) for sp in specs], dtype=np.uint64) * \
+        np.array([sp.token_stride for sp in specs], dtype=np.uint64)[:, None]
+    return DecodeMap(plane_ptrs, toks, s0.head_bytes // elt, s0.head_stride)

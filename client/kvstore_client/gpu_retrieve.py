@@ -14,8 +14,9 @@ from kvstore_native import cuda_ipc, transfer
 from kvstore_wire._proto.kvstore.v1 import local_pb2
 from kvstore_wire.presence import fastest
 from kvstore_wire.types import Encoding, Tier
+from kvstore_wire.types import Layout as WireLayout
 
-from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks
+from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks, decode_map
 from .gpu_state import GpuPath, _groups, _path, _rpc_errors
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,6 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
     slot_i = 0
     coded: list = []  # compressed chunks, decoded together at the end (their leases stay held)
     bad: list[int] = []   # the compressed chunk whose bitstream failed its GPU check (never decoded)
-    keep: list[Any] = []  # device bitstream buffers alive until the streams finish
     # GPU CRC32Cs of what landed (``chk``): per chunk (staging buffer, bitstream) or per plane
     # row of a contiguous destination (folded on the host), launched right after the copies.
     try:
@@ -129,8 +129,8 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                         stop = True   # another pool (restart), or stored encoded: the arena path serves it next time
                         break
                     if coded:
-                        placed, coded, stop = _decoded(gp, coded, placed, dst, contiguous, arena_base, size, keep,
-                                                       verify, chk, bad)
+                        placed, coded, stop = _decoded(gp, coded, placed, dst, contiguous, arena_base, verify,
+                                                       chk, bad)
                         if stop:
                             break
                     pool_rows.append((i, pool.base + ext.offset))
@@ -145,8 +145,8 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
                     continue
                 seen.append((keys[i], ext.offset, ext.length, ext.crc32c))
                 if coded:  # keep chunk order simple: decode what came before first
-                    placed, coded, stop = _decoded(gp, coded, placed, dst, contiguous, arena_base, size, keep,
-                                                   verify, chk, bad)
+                    placed, coded, stop = _decoded(gp, coded, placed, dst, contiguous, arena_base, verify,
+                                                   chk, bad)
                     if stop:
                         break
                 if i < len(spec) and spec[i] == (ext.offset, ext.length, ext.crc32c):
@@ -190,7 +190,7 @@ def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -
             if stop or bad or placed + len(coded) < hi:
                 break
         if coded:  # one batched decode launch for the call's (remaining) compressed chunks
-            placed, coded, _ = _decoded(gp, coded, placed, dst, contiguous, arena_base, size, keep, verify, chk, bad)
+            placed, coded, _ = _decoded(gp, coded, placed, dst, contiguous, arena_base, verify, chk, bad)
         if chk is not None:
             chk.flush()
         cur.wait_stream(gp.copy_stream)
@@ -268,15 +268,11 @@ def _unleased_coded(gp: GpuPath, keys, lo: int, n: int, dst, contiguous, size: i
     """Compressed loads without any RPC: the chunks from ``lo`` on that this client saw last as
     CODEC bitstreams of this arena and that the presence index lists in DRAM. As for RAW
     chunks (``_unleased``) nothing unproven is placed: the bitstreams cross PCIe into device
-    memory, their CRC32Cs are computed on the GPU (beside the decode, which reads those device
-    bytes and a copy of their headers taken back from the device: the arena may change under a
-    reader without a lease, so its own headers are never read) and compared with the ones they
-    were stored with, and only the matching leading run moves into ``dst``. Returns how many
-    chunks were placed."""
-    from kvstore_native.codec import CodecError
-    from kvstore_native.codec import gpu as gcodec
-    from kvstore_native.codec.format import HEADER_SIZE, INDEX_ENTRY_SIZE
-
+    memory and their CRC32Cs are computed on the GPU over the bytes that landed; the decoder
+    (which reads only those device bytes, never the arena, and checks each header on the
+    device) writes a chunk into ``dst`` only when its CRC32C and every earlier one's equal the
+    ones they were stored with (``_load_coded``). The first chunk that fails is forgotten and
+    read through a lease by the caller. Returns how many chunks were placed."""
     c = gp.client
     presence = c.presence
     if not gp.client_verifies or presence is None or presence.stale():
@@ -290,67 +286,39 @@ def _unleased_coded(gp: GpuPath, keys, lo: int, n: int, dst, contiguous, size: i
         m += 1
     if m == 0:
         return 0
-    torch = _torch()
-    lens = [e[1] for e in ext[:m]]
-    offs = np.cumsum([0] + lens[:-1]).tolist()
     ks = gp.kernel_stream
     ks.wait_stream(cur)   # dst belongs to the engine's stream: what it queued comes first
-    gp.copy_stream.wait_stream(cur)
-    with torch.cuda.stream(ks):
-        dev = torch.empty(sum(lens), dtype=torch.uint8, device=gp.device)
-        outs = torch.empty((m, size), dtype=torch.uint8, device=gp.device)
-    dptr = int(dev.data_ptr())
-    crc = gp.pinned_u32("unleased-coded-crc", m)
-    placed = 0
     try:
-        cuda_ipc.memcpy_batch([dptr + o for o in offs], [arena_base + e[0] for e in ext[:m]], lens,
-                              gp.copy_stream.cuda_stream)
-        landed = torch.cuda.Event()
-        landed.record(gp.copy_stream)
-        ks.wait_event(landed)
-        side = gp.move_stream   # the proof runs beside the decode; nothing unproven is moved
-        side.wait_event(landed)
-        cuda_ipc.crc32c_batch([dptr + o for o in offs], lens, int(crc.data_ptr()), side.cuda_stream)
-        hdr = HEADER_SIZE + INDEX_ENTRY_SIZE * c.namespace.num_layers
-        heads = [min(hdr, ln) for ln in lens]
-        hbuf = gp.pinned_u32("unleased-coded-heads", (m * hdr + 3) // 4)
-        hptr = int(hbuf.data_ptr())
-        cuda_ipc.memcpy_batch([hptr + j * hdr for j in range(m)], [dptr + o for o in offs], heads, ks.cuda_stream)
-        ks.synchronize()
-
-        def decode(k: int) -> None:
-            gcodec.decode_batch_ptrs([hptr + j * hdr for j in range(k)], [dptr + o for o in offs[:k]], lens[:k],
-                                     [int(outs[j].data_ptr()) for j in range(k)], size, ks.cuda_stream,
-                                     host_lens=heads[:k])
-        try:
-            decode(m)
-            failed = None
-        except CodecError as e:   # a stream changed under the copy, or stored so
-            failed = e
-        side.synchronize()
-        crc_host = crc.numpy().view(np.uint32)
-        good = 0
-        while good < m and int(crc_host[good]) == ext[good][2]:
-            good += 1
-        if good < m:   # moved, overwritten or evicted since this client saw it
-            gp.forget(keys[lo + good])
-        if failed is not None and good:
-            if good == m:   # proven bytes that do not decode: read through the daemon instead
-                log.warning("a compressed chunk loaded without a lease did not decode (%s); reading it leased", failed)
-                gp.forget(keys[lo])
-                return 0
-            decode(good)   # a changed stream failed the launch: decode the proven ones again
-        if good == 0:
-            return 0
-        _move_into([(lo + j, int(outs[j].data_ptr())) for j in range(good)], dst, contiguous, ks.cuda_stream)
-        placed = good
+        r = _load_coded(gp, [arena_base + e[0] for e in ext[:m]], [e[1] for e in ext[:m]], [e[2] for e in ext[:m]],
+                        list(range(lo, lo + m)), dst, contiguous, ks)
     finally:
-        gp.copy_stream.synchronize()   # nothing of this call still reads the arena
-        gp.move_stream.synchronize()
-        ks.synchronize()
         cur.wait_stream(ks)
-    gp.touched(keys[lo:lo + placed], time.monotonic())
-    return placed
+    if r.proven < m:   # moved, overwritten or evicted since this client saw it
+        gp.forget(keys[lo + r.proven])
+    if r.failed is not None and r.failed < r.proven:   # proven bytes that do not decode: read leased
+        log.warning("a compressed chunk loaded without a lease did not decode (%s); reading it leased", r.error)
+        gp.forget(keys[lo + r.failed])
+    if r.placed:
+        gp.touched(keys[lo:lo + r.placed], time.monotonic())
+    return r.placed
+
+
+def _load_coded(gp: GpuPath, srcs: list[int], lens: list[int], want: list[int] | None, idx: list[int], dst,
+                contiguous, stream, verify_host: bool = False):
+    """Bitstreams at host addresses ``srcs`` (arena extents) of the chunks ``idx`` of ``dst``,
+    loaded straight into the engine layout (``kvs_cuda_codec_load_mapped``: copies, GPU CRC32Cs
+    and the decode pipelined in groups; a chunk decodes only inside the prefix proven against
+    ``want``). Returns the ``MappedLoad``; ``stream`` has synchronized."""
+    from kvstore_native.codec import gpu as gcodec
+    from kvstore_native.codec.format import DType, Layout
+
+    ns = gp.client.namespace
+    layout = Layout.MLA if ns.layout == WireLayout.MLA_LATENT else Layout.KV
+    heads = 1 if layout == Layout.MLA else ns.num_kv_heads
+    return gcodec.load_mapped(srcs, lens, DType(int(ns.dtype)), layout,
+                              (ns.num_layers, ns.chunk_tokens, heads, ns.head_dim),
+                              decode_map(dst, contiguous, ns, idx), stream.cuda_stream, want_crcs=want,
+                              verify_host=verify_host)
 
 
 def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base: int, cur) -> int:
@@ -553,68 +521,34 @@ def _recheck(gp: GpuPath, key: bytes) -> None:
         log.info("re-reading a chunk that failed its check on the GPU failed: %s", e)
 
 
-def _decoded(gp: GpuPath, coded, placed: int, dst, contiguous, arena_base: int, size: int, keep: list, verify: bool,
+def _decoded(gp: GpuPath, coded, placed: int, dst, contiguous, arena_base: int, verify: bool,
              chk: "_Checks | None", bad: list[int]):
     """Decodes the pending compressed chunks ``coded``: ``(placed, [], stop)``, ``stop`` when
     one failed its check (recorded in ``bad``; the chunks before it are placed)."""
-    done = _decode_group(gp, coded, dst, contiguous, arena_base, size, keep, verify, chk)
+    done = _decode_group(gp, coded, dst, contiguous, arena_base, verify, chk)
     if done < len(coded):
         bad.append(coded[done][0])
         return placed + done, [], True
     return placed + done, [], False
 
 
-def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, size: int, keep: list, verify: bool,
+def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, verify: bool,
                   chk: "_Checks | None" = None) -> int:
-    """Bitstreams of ``coded`` cross PCIe (copy engine) and are decoded in one batched launch into
-    staging, then the leading run whose bitstreams match their CRC32C (``chk``) is moved into
-    the engine layout (2D copy D2D, or the scatter kernel); returns how many were placed."""
-    torch = _torch()
+    """Leased compressed chunks ``coded`` (``(chunk, extent)``) decoded straight into the engine
+    layout (``_load_coded``): with ``chk`` (the client checks what it reads) only the leading
+    run whose bitstreams landed with their stored CRC32C; ``verify``: headers and layer CRCs
+    checked on the host first. Returns how many were placed; raises CodecError when the first
+    of them, proven, does not decode (the writer stored garbage)."""
     from kvstore_native.codec import CodecError
-    from kvstore_native.codec import gpu as gcodec
 
-    lens = [int(ext.length) for _, ext in coded]
-    devbuf = torch.empty(sum(lens), dtype=torch.uint8, device=gp.device)
-    keep.append(devbuf)
-    offs = np.cumsum([0] + lens[:-1]).tolist()
-    cuda_ipc.memcpy_batch([int(devbuf.data_ptr()) + o for o in offs], [arena_base + ext.offset for _, ext in coded],
-                          lens, gp.copy_stream.cuda_stream)
-    ready = torch.cuda.Event()
-    ready.record(gp.copy_stream)
-    gp.kernel_stream.wait_event(ready)
-    outs = torch.empty((len(coded), size), dtype=torch.uint8, device=gp.device)
-    keep.append(outs)
-    # The bitstreams as stored are checked on a side stream while the decode runs (the
-    # decoder rejects malformed input without harm); only the proven prefix is moved into
-    # place. Headers and indexes are read in place in the arena (leased): no host copy.
-    side = gp.move_stream
-    if chk is not None:
-        side.wait_event(ready)
-        chk.wholes([(i, ext.crc32c, int(devbuf.data_ptr()) + o, int(ext.length)) for (i, ext), o in zip(coded, offs)],
-                   stream=side.cuda_stream)
-    good = len(coded)
-    try:
-        gcodec.decode_batch_ptrs([arena_base + ext.offset for _, ext in coded],
-                                 [int(devbuf.data_ptr()) + o for o in offs], lens,
-                                 [int(outs[j].data_ptr()) for j in range(len(coded))], size,
-                                 gp.kernel_stream.cuda_stream, verify)
-        failed = None
-    except CodecError as e:
-        failed = e
-    if chk is not None:
-        side.synchronize()
-        good = chk.leading_good([i for i, _ in coded])
-        if good < len(coded):
-            log.warning("chunk %d of a GPU load failed its CRC32C check (a compressed bitstream); it and the "
-                        "chunks after it are not placed", coded[good][0])
-    if failed is not None:
-        if good == len(coded):
-            raise failed   # bitstreams as stored that do not decode: the writer stored garbage
-        if good:   # a bad stream failed the whole launch: decode the proven ones again
-            gcodec.decode_batch_ptrs([arena_base + ext.offset for _, ext in coded[:good]],
-                                     [int(devbuf.data_ptr()) + o for o in offs[:good]], lens[:good],
-                                     [int(outs[j].data_ptr()) for j in range(good)], size,
-                                     gp.kernel_stream.cuda_stream, verify)
-    _move_into([(i, int(outs[j].data_ptr())) for j, (i, _) in enumerate(coded[:good])], dst, contiguous,
-               gp.kernel_stream.cuda_stream)
-    return good
+    r = _load_coded(gp, [arena_base + ext.offset for _, ext in coded], [int(ext.length) for _, ext in coded],
+                    [int(ext.crc32c) for _, ext in coded] if chk is not None else None, [i for i, _ in coded], dst,
+                    contiguous, gp.kernel_stream, verify_host=verify)
+    if r.proven < len(coded):
+        log.warning("chunk %d of a GPU load failed its CRC32C check (a compressed bitstream); it and the "
+                    "chunks after it are not placed", coded[r.proven][0])
+    if r.failed is not None and r.failed < r.proven:
+        if r.failed == 0:
+            raise CodecError(r.error)
+        return r.failed
+    return r.placed

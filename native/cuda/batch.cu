@@ -12,6 +12,7 @@
 #include <mutex>
 #include <vector>
 
+#include "crc_batch.h"
 #include "error.h"
 #include "kvstore.h"
 
@@ -165,6 +166,22 @@ int cuda_fail(char* err, size_t err_len, const char* what, cudaError_t e) {
 }
 
 }  // namespace
+
+namespace kvs_cuda {
+
+uint64_t crc32c_scratch_words(uint64_t max_len) { return max_len ? (max_len + kSegBytes - 1) / kSegBytes : 1; }
+
+cudaError_t crc32c_batch_device(uint32_t count, const uint64_t* d_ptrs, const uint64_t* d_lens, uint64_t max_len,
+                                uint32_t* d_scratch, uint32_t* d_out, cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  CrcArgs a{d_ptrs, d_lens, d_scratch, static_cast<uint32_t>(crc32c_scratch_words(max_len))};
+  const CrcTables& tab = tables();
+  if (max_len) crc_segments<<<dim3(a.max_segs, count), kSegThreads, 0, stream>>>(tab, a);
+  crc_fold<<<count, kFoldThreads, 0, stream>>>(tab, a, d_out);
+  return cudaGetLastError();
+}
+
+}  // namespace kvs_cuda
 
 KVS_API int kvs_cuda_crc32c_batch(uint32_t count, const uint64_t* ptrs, const uint64_t* lens, uint32_t* out,
                                   void* stream_ptr, char* err, size_t err_len) {

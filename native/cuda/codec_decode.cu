@@ -45,14 +45,41 @@ struct DecArgs {
   uint32_t segs_total;  // chunks * L * S
   uint32_t chunk_base;  // index of chunk 0 of this launch in the caller's batch (error reports)
   int* err;
+  // Mapped launches only (kvc_cuda::DecodeMap): see enqueue_decode_mapped.
+  const uint64_t* planes;  // [chunk * L * S + segment]: device address of the segment's plane
+  const uint64_t* toks;    // [chunk * T + token]: byte offset of the token in every plane
+  uint64_t run_stride;     // bytes between runs of run_elems consecutive channels
+  uint32_t run_elems;
+  uint32_t layout, heads, head_dim;  // the header every bitstream must carry
+  const uint32_t* got;     // CRC32C of each bitstream as it landed (null: no gate)
+  const uint32_t* want;    // the CRC32C it was stored with
 };
 
 __device__ __forceinline__ uint32_t ld32(const uint8_t* p) {
   return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
 }
 
+// err[0..2]: the first failure's code, segment and chunk; err[3]: the lowest failing chunk
+// (mapped loads start it at 0x7F7F7F7F; others ignore it).
 __device__ void fail(int* err, int code, uint32_t seg, uint32_t chunk) {
   if (atomicCAS(err, 0, code) == 0) { err[1] = (int)seg; err[2] = (int)chunk; }
+  atomicMin(err + 3, (int)chunk);
+}
+
+__device__ __forceinline__ uint64_t ld64(const uint8_t* p) { return (uint64_t)ld32(p) | ((uint64_t)ld32(p + 4) << 32); }
+
+// The 64-byte header of a mapped load's bitstream, checked on the device against the shape the
+// caller expects (nothing of the stream is parsed on the host). Every lane of the warp reads the
+// same bytes: a warp-uniform answer. The header and index CRCs are not recomputed here: the
+// caller proves the whole bitstream by its CRC32C, and every offset read later is bounded anyway.
+template <int DT>
+__device__ bool header_ok(const uint8_t* b, uint64_t n, const DecArgs& a) {
+  if (n < a.payload_off) return false;
+  return ld32(b) == ((uint32_t)'K' | ((uint32_t)'V' << 8) | ((uint32_t)'C' << 16) | ((uint32_t)'Z' << 24)) &&
+         ld32(b + 4) == ((uint32_t)KVC_VERSION | ((uint32_t)KVC_HEADER_SIZE << 16)) && b[8] == KVC_CODEC_RANS_V1 &&
+         b[9] != KVC_LEVEL_LOSSLESS && b[9] < KVC_NUM_LEVELS && b[10] == DT && b[11] == a.layout && ld32(b + 12) == a.L && ld32(b + 16) == a.T &&
+         ld32(b + 20) == a.heads && ld32(b + 24) == a.head_dim && ld32(b + 28) == 0 && b[32] == KVC_PROB_BITS &&
+         b[33] == KVC_MAX_LANES && b[34] == 0 && b[35] == 0 && ld64(b + 36) == n - a.payload_off;
 }
 
 __device__ __forceinline__ uint64_t warp_sum64(uint64_t v) {
@@ -130,7 +157,10 @@ __device__ __forceinline__ void put(Elem<DT>* dst, uint64_t o, float f) {
 }
 
 // blockDim.x = 32 * warps; warp w of block b decodes flattened segment b * warps + w.
-template <int DT, bool SMEM, bool HWCVT>
+// MAPPED: the output goes where DecArgs' plane / token map says (engine memory), the header is
+// checked on the device, and with a gate a chunk decodes only when its bitstream and every
+// earlier one landed with the CRC32C they were stored with.
+template <int DT, bool SMEM, bool HWCVT, bool MAPPED>
 __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
   using ElemT = Elem<DT>;
   __shared__ CompactModels sm[SMEM ? 1 : 1];
@@ -149,10 +179,19 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
   const uint32_t chunk = g / per_chunk, seg = g % per_chunk, l = seg / a.S, s = seg % a.S;
   const uint32_t T = a.T, C = a.C, n = C < KVC_MAX_LANES ? C : KVC_MAX_LANES;
   const uint32_t ec = a.chunk_base + chunk;
+  if (MAPPED && a.want != nullptr) {  // the proven prefix only: chunks 0..ec all landed intact
+    bool ok = true;
+    for (uint32_t k = j; k <= ec; k += 32) ok &= a.got[k] == a.want[k];
+    if (!__all_sync(0xFFFFFFFFu, ok)) return;
+  }
   const uint8_t* __restrict__ buf = a.bufs[chunk];
   const uint64_t n_buf = a.lens[chunk];
-  void* __restrict__ dst = a.dsts[chunk];
+  void* __restrict__ dst = MAPPED ? nullptr : a.dsts[chunk];
   const uint64_t po = a.payload_off;
+  if (MAPPED && !header_ok<DT>(buf, n_buf, a)) { fail(a.err, kErrHeader, seg, ec); return; }
+  // Mapped output: channel c of token t of this segment at plane + toks[t] + chan(c).
+  uint8_t* const plane = MAPPED ? reinterpret_cast<uint8_t*>((uintptr_t)a.planes[(uint64_t)chunk * per_chunk + seg]) : nullptr;
+  const uint64_t* const toks = MAPPED ? a.toks + (uint64_t)chunk * a.T : nullptr;
   const uint8_t* ie = buf + KVC_HEADER_SIZE + 16ull * l;
   const uint64_t loff = (uint64_t)ld32(ie) | ((uint64_t)ld32(ie + 4) << 32);
   const uint32_t lsize = ld32(ie + 8);
@@ -186,9 +225,11 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
       const uint32_t t = ld32(ridx + 4 * r);
       if (t >= T || t < next) { fail(a.err, kErrMeta, seg, ec); return; }
       next = t + 1;
-      for (uint32_t c = j; c < C; c += n)
-        for (uint32_t b = 0; b < B; b++)
-          ((uint8_t*)dst)[(base + (uint64_t)t * C + c) * B + b] = rows[((uint64_t)r * C + c) * B + b];
+      for (uint32_t c = j; c < C; c += n) {
+        uint8_t* o = MAPPED ? plane + toks[t] + (uint64_t)(c / a.run_elems) * a.run_stride + (uint64_t)(c % a.run_elems) * B
+                            : (uint8_t*)dst + (base + (uint64_t)t * C + c) * B;
+        for (uint32_t b = 0; b < B; b++) o[b] = rows[((uint64_t)r * C + c) * B + b];
+      }
     }
   }
   const uint8_t* meta = p;
@@ -219,8 +260,10 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
     const bool delta = mb & KVC_MODEL_DELTA_BIT;
     int32_t pred = ctr;
     uint32_t ri = 0, next_raw = first_raw, bad = 0;
-    ElemT* out = static_cast<ElemT*>(dst) + base + c;
-    for (uint32_t t = 0; t < T; t++, out += C) {
+    ElemT* out = MAPPED ? nullptr : static_cast<ElemT*>(dst) + base + c;
+    uint8_t* const cplane =
+        MAPPED ? plane + (uint64_t)(c / a.run_elems) * a.run_stride + (uint64_t)(c % a.run_elems) * B : nullptr;
+    for (uint32_t t = 0; t < T; t++, out += MAPPED ? 0 : C) {
       if (t == next_raw) {  // the same tokens in every lane: no divergence
         ri++;
         next_raw = ri < R ? ld32(ridx + 4 * ri) : T;
@@ -249,6 +292,7 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
       const int32_t v = pred + kvc_unzigzag(z);
       bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
       if (delta) pred = v;
+      if (MAPPED) out = reinterpret_cast<ElemT*>(cplane + toks[t]);
       put<DT, HWCVT>(out, 0, kvc_dequantize(v, step_f));
     }
     if (bad) { fail(a.err, kErrValue, seg, ec); return; }
@@ -257,22 +301,31 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
   if (!(x == KVC_RANS_L && rd.rem == 0)) fail(a.err, kErrEnd, seg, ec);
 }
 
-template <bool SMEM, bool HWCVT>
+template <bool SMEM, bool HWCVT, bool MAPPED>
 void launch_t(int dtype, uint32_t blocks, uint32_t threads, cudaStream_t st, const DecArgs& a) {
-  if (dtype == KVC_DTYPE_F16) k_decode_warp<KVC_DTYPE_F16, SMEM, HWCVT><<<blocks, threads, 0, st>>>(a);
-  else if (dtype == KVC_DTYPE_BF16) k_decode_warp<KVC_DTYPE_BF16, SMEM, HWCVT><<<blocks, threads, 0, st>>>(a);
-  else k_decode_warp<KVC_DTYPE_F32, SMEM, HWCVT><<<blocks, threads, 0, st>>>(a);
+  if (dtype == KVC_DTYPE_F16) k_decode_warp<KVC_DTYPE_F16, SMEM, HWCVT, MAPPED><<<blocks, threads, 0, st>>>(a);
+  else if (dtype == KVC_DTYPE_BF16) k_decode_warp<KVC_DTYPE_BF16, SMEM, HWCVT, MAPPED><<<blocks, threads, 0, st>>>(a);
+  else k_decode_warp<KVC_DTYPE_F32, SMEM, HWCVT, MAPPED><<<blocks, threads, 0, st>>>(a);
 }
 
 void launch(int variant, int dtype, const DecArgs& a, cudaStream_t st) {
   const uint32_t warps = (uint32_t)g_warps.load();
   const uint32_t blocks = (a.segs_total + warps - 1) / warps;
   switch (variant) {
-    case kDecoderWarpSmemHw: launch_t<true, true>(dtype, blocks, 32 * warps, st, a); break;
-    case kDecoderWarpGlobal: launch_t<false, false>(dtype, blocks, 32 * warps, st, a); break;
-    case kDecoderWarpGlobalHw: launch_t<false, true>(dtype, blocks, 32 * warps, st, a); break;
-    default: launch_t<true, false>(dtype, blocks, 32 * warps, st, a); break;
+    case kDecoderWarpSmemHw: launch_t<true, true, false>(dtype, blocks, 32 * warps, st, a); break;
+    case kDecoderWarpGlobal: launch_t<false, false, false>(dtype, blocks, 32 * warps, st, a); break;
+    case kDecoderWarpGlobalHw: launch_t<false, true, false>(dtype, blocks, 32 * warps, st, a); break;
+    default: launch_t<true, false, false>(dtype, blocks, 32 * warps, st, a); break;
   }
+}
+
+// Mapped launches: the models in shared memory, with the variant's conversion (the global-model
+// variants map to the shared-model kernel of the same conversion).
+void launch_mapped(int variant, int dtype, const DecArgs& a, cudaStream_t st) {
+  const uint32_t warps = (uint32_t)g_warps.load();
+  const uint32_t blocks = (a.segs_total + warps - 1) / warps;
+  if (variant == kDecoderWarpSmemHw || variant == kDecoderWarpGlobalHw) launch_t<true, true, true>(dtype, blocks, 32 * warps, st, a);
+  else launch_t<true, false, true>(dtype, blocks, 32 * warps, st, a);
 }
 
 // Self-test of the hardware conversions against the format's portable ones over every finite
@@ -300,6 +353,18 @@ bool enqueue_decode(int variant, const Header& h, uint32_t count, uint32_t chunk
             count * h.layers * h.segments(), chunk_base, derr};
   launch(variant, h.dtype, a, st);
   return cuda_ok(cudaGetLastError(), e, "decode launch");
+}
+
+bool enqueue_decode_mapped(int variant, const Header& h, uint32_t count, uint32_t chunk_base,
+                           const uint8_t* const* d_bufs, const uint64_t* d_lens, const DecodeMap& m, int* derr,
+                           cudaStream_t st, Error& e) {
+  const uint32_t P = h.layers * h.segments();
+  DecArgs a{d_bufs, d_lens, nullptr, h.payload_offset(), h.layers, h.segments(), h.tokens, (uint32_t)h.channels(),
+            count * P, chunk_base, derr,
+            m.planes + (uint64_t)chunk_base * P, m.toks + (uint64_t)chunk_base * h.tokens, m.run_stride, m.run_elems,
+            h.layout, h.heads, h.head_dim, m.got, m.want};
+  launch_mapped(variant, h.dtype, a, st);
+  return cuda_ok(cudaGetLastError(), e, "mapped decode launch");
 }
 
 }  // namespace kvc_cuda

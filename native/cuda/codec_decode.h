@@ -32,4 +32,25 @@ bool ensure_decode_models(kvc::Error& e);
 bool enqueue_decode(int variant, const kvc::Header& h, uint32_t count, uint32_t chunk_base, const uint8_t* const* d_bufs,
                     const uint64_t* d_lens, void* const* d_dsts, int* derr, cudaStream_t st, kvc::Error& e);
 
+// Where a mapped decode writes (device arrays, indexed by the chunk's place in the whole call):
+// element (segment p = layer * S + k, token t, channel c) of chunk i goes to
+//   planes[i * L * S + p] + toks[i * T + t] + (c / run_elems) * run_stride + (c % run_elems) * B.
+// With `want` (and `got`, both of the call's length), chunk i decodes only when got[k] ==
+// want[k] for every k <= i; a chunk gated out writes nothing and reports nothing.
+struct DecodeMap {
+  const uint64_t* planes;
+  const uint64_t* toks;
+  uint64_t run_stride;
+  uint32_t run_elems;
+  const uint32_t* got;
+  const uint32_t* want;
+};
+
+// Enqueues the mapped decode of chunks chunk_base .. chunk_base + count of a call (d_bufs,
+// d_lens: those chunks' entries). Each bitstream's header is checked on the device against `h`
+// (kErrHeader otherwise); derr[3] receives the lowest failing chunk (the caller presets it high).
+bool enqueue_decode_mapped(int variant, const kvc::Header& h, uint32_t count, uint32_t chunk_base,
+                           const uint8_t* const* d_bufs, const uint64_t* d_lens, const DecodeMap& m, int* derr,
+                           cudaStream_t st, kvc::Error& e);
+
 }  // namespace kvc_cuda

@@ -15,7 +15,9 @@
 namespace kvc_cuda {
 
 // Error codes a kernel leaves in its error word (err[0]); err[1] = segment, err[2] = chunk.
-enum DevError : int { kErrNone = 0, kErrStream = 1, kErrValue = 2, kErrLayout = 3, kErrMeta = 4, kErrEnd = 5 };
+enum DevError : int {
+  kErrNone = 0, kErrStream = 1, kErrValue = 2, kErrLayout = 3, kErrMeta = 4, kErrEnd = 5, kErrHeader = 6
+};
 
 inline const char* dev_error_text(int code) {
   switch (code) {
@@ -24,6 +26,7 @@ inline const char* dev_error_text(int code) {
     case kErrLayout: return "segment layout out of bounds or rANS state out of range";
     case kErrMeta: return "malformed channel table";
     case kErrEnd: return "lane does not end cleanly / trailing bytes";
+    case kErrHeader: return "header is not a lossy bitstream of the expected shape, dtype and size";
     default: return "unknown";
   }
 }

@@ -193,6 +193,30 @@ KVS_API int kvs_cuda_codec_decode_batch(uint32_t count, const uint8_t* const* ho
 KVS_API int kvs_cuda_codec_load_batch(uint32_t count, const uint8_t* const* host_bufs, const uint64_t* lens,
                                       void* const* dev_dsts, uint64_t dst_bytes_each, uint32_t groups, void* stream,
                                       int verify_crc, char* err, size_t err_len);
+// Compressed load straight into engine memory, proven before it is placed. `count` bitstreams
+// in HOST memory (host_bufs[i], lens[i] bytes; pinned or registered for asynchronous copies)
+// cross PCIe in `groups` groups (0: two per decoder wave) on the library's copy stream. On the
+// GPU each group's bitstreams get their CRC32C over the bytes that landed and are decoded,
+// consecutive groups on two streams side by side, chunk i only when the CRC32Cs of chunks 0..i
+// all equal want_crcs (null: no check); a chunk gated out writes nothing. Nothing of host_bufs
+// is read on the host (it may change under the call) unless verify_host: then headers, indexes
+// and layer CRCs are validated there first, and the first chunk refused ends the load. Each
+// header is checked on the device against the expected chunk (dtype, layout, layers, tokens,
+// heads, head_dim; lossy levels). Element (segment p = layer * S + k, token t, channel c) of
+// chunk i goes to the device address
+//   plane_ptrs[i * layers * S + p] + token_offs[i * tokens + t]
+//     + (c / run_elems) * run_stride + (c % run_elems) * element_size
+// (S = 2 for KV, 1 for MLA; e.g. a vLLM paged cache: token_offs = slot * token stride, runs of
+// head_dim channels every head stride). Returns after `stream` synchronized; *proven = the
+// leading chunks whose CRC32C matched (count without want_crcs), *failed = the first chunk
+// that did not decode or that the host check refused (count if none): chunks below
+// min(*proven, *failed) are placed. KVS_ECORRUPT (with the message) when *failed < *proven.
+KVS_API int kvs_cuda_codec_load_mapped(uint32_t count, const uint8_t* const* host_bufs, const uint64_t* lens,
+                                       const uint32_t* want_crcs, int dtype, int layout, uint32_t layers,
+                                       uint32_t tokens, uint32_t heads, uint32_t head_dim, const uint64_t* plane_ptrs,
+                                       const uint64_t* token_offs, uint32_t run_elems, uint64_t run_stride,
+                                       uint32_t groups, void* stream, int verify_host, uint32_t* proven,
+                                       uint32_t* failed, char* err, size_t err_len);
 // Encodes `count` device-resident chunks of one shape (dev_srcs[i]) in one pass of batched
 // kernels; the bitstreams go to host memory `dst` (pinned for speed), chunk i at out_offsets[i]
 // with out_sizes[i] bytes (16-byte aligned, in order). KVS_ENOSPC when dst_cap is too small:

@@ -87,6 +87,8 @@ _CUDA = {
     "kvs_cuda_codec_decode": (_ci, [_cp, _u64, _vp, _u64, _vp, _u64, _vp, _ci] + _ERR),
     "kvs_cuda_codec_decode_batch": (_ci, [_u32, _vp, _vp, _vp, _vp, _vp, _u64, _vp, _ci] + _ERR),
     "kvs_cuda_codec_load_batch": (_ci, [_u32, _vp, _vp, _vp, _u64, _u32, _vp, _ci] + _ERR),
+    "kvs_cuda_codec_load_mapped": (_ci, [_u32, _vp, _vp, _vp] + _SHAPE + [_vp, _vp, _u32, _u64, _u32, _vp, _ci,
+                                                                          _vp, _vp] + _ERR),
     "kvs_cuda_codec_encode_batch": (_ci, [_u32, _vp] + _SHAPE + [_ci, _vp, _vp, _u64, _vp, _vp] + _ERR),
     "kvs_cuda_codec_encode_batch_placed": (_ci, [_u32, _vp] + _SHAPE + [_ci, _vp, _vp, _vp, _vp, _vp] + _ERR),
     "kvs_cuda_codec_set_decoder": (_ci, [_ci, _ci] + _ERR),

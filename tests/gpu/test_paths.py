@@ -285,6 +285,63 @@ def test_compressed_load_decoded_on_gpu(daemon, level):
         c.delete(c.keys(tokens))
 
 
+@pytest.mark.parametrize("layout", transfer.PAGED_LAYOUTS)
+def test_compressed_loads_decode_straight_into_every_paged_layout(daemon, layout):
+    """Chunks stored compressed from a paged cache load into another paged cache of the same
+    layout, decoded on the GPU where the engine keeps them (no staging): through leases by a
+    client that never saw them, then without a lease by the one that stored them; bit-exact
+    with the CPU decoder, and no block outside the chunks' is written."""
+    import torch
+
+    from kvstore_native import codec
+    from kvstore_wire.types import Layout as WireLayout
+
+    mla = layout == "mla"
+    ns = Namespace(model=f"test/gpu-coded-paged-{layout}", dtype="float16", num_layers=4,
+                   num_kv_heads=1 if mla else 2, head_dim=64,
+                   layout=WireLayout.MLA_LATENT if mla else WireLayout.LAYER_KV_TOKEN_HEAD_DIM)
+    chunks, bs, blocks, H, D = 3, 16, 60, ns.num_kv_heads, ns.head_dim
+    shape = {"fa_nhd": (2, blocks, bs, H, D), "fa_hnd": (2, blocks, H, bs, D), "fi_nhd": (blocks, 2, bs, H, D),
+             "fi_hnd": (blocks, 2, H, bs, D), "separate_nhd": (2, blocks, bs, H, D),
+             "separate_hnd": (2, blocks, H, bs, D), "mla": (blocks, bs, D)}[layout]
+    src = [torch.randn(shape, device="cuda").to(torch.float16) for _ in range(ns.num_layers)]
+    tok = ns.chunk_tokens
+    ids = torch.randperm(blocks)[: chunks * tok // bs].tolist()
+    specs = lambda layers: kgpu.Paged([transfer.paged_spec(layers, layout, ids, tok, i * tok) for i in range(chunks)])  # noqa: E731
+    n = specs(src).specs[0].chunk_bytes
+    staged = torch.empty(n, dtype=torch.uint8, device="cuda")
+    want = []
+    for i in range(chunks):   # what the CPU codec makes of each chunk (the GPU encoder's bytes are the CPU's)
+        transfer.gather(specs(src).specs[i], int(staged.data_ptr()), device=True)
+        torch.cuda.synchronize()
+        host = staged.cpu().numpy().view(np.float16).reshape(ns.chunk_shape())
+        blob = codec.encode(np.ascontiguousarray(host), 2, codec.Layout.MLA if mla else codec.Layout.KV)
+        want.append(np.ascontiguousarray(codec.decode(blob)).view(np.uint8).tobytes())
+
+    def placed_ok(dst) -> bool:
+        got = torch.empty(n, dtype=torch.uint8, device="cuda")
+        for i in range(chunks):
+            transfer.gather(specs(dst).specs[i], int(got.data_ptr()), device=True)
+            torch.cuda.synchronize()
+            if got.cpu().numpy().tobytes() != want[i]:
+                return False
+        free = sorted(set(range(blocks)) - set(ids))
+        return all(torch.all(v[free] == 7.0) for t in dst for v in transfer.paged_views(t, layout))
+
+    tokens = list(range(tok * chunks))
+    with KVStoreClient(daemon.addr, ns) as c, KVStoreClient(daemon.addr, ns) as other:
+        assert kgpu.store_cuda(c, tokens, specs(src), level=2) == chunks
+        for client, leased in ((other, True), (c, False)):
+            from kvstore_client.gpu_state import _path
+
+            spy = count_leases(_path(client))
+            dst = [torch.full_like(t, 7.0) for t in src]
+            assert kgpu.retrieve_into_cuda(client, tokens, specs(dst)) == len(tokens)
+            assert (spy.leases > 0) == leased
+            assert placed_ok(dst), (layout, leased)
+        c.delete(c.keys(tokens))
+
+
 # ----------------------------------------------------------------------------- HBM tier
 def _meta(n):
     from kvstore.types import ChunkMeta, Encoding

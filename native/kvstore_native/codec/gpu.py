@@ -8,6 +8,8 @@ the bytes are identical to the CPU encoder's, and each side decodes the other's 
 from __future__ import annotations
 
 import ctypes
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 from kvstore_native import _lib
 from kvstore_native.codec import native
@@ -196,6 +198,75 @@ def load_batch_ptrs(host_ptrs: list[int], lens: list[int], dst_ptrs: list[int], 
     native.check(lib().kvs_cuda_codec_load_batch(n, arr(ctypes.c_void_p, host_ptrs), arr(ctypes.c_uint64, lens),
                                                  arr(ctypes.c_void_p, dst_ptrs), dst_bytes_each, groups, stream,
                                                  int(verify), err, native.ERR_CAP), err)
+
+
+@dataclass
+class DecodeMap:
+    """Where a mapped load (:func:`load_mapped`) writes each decoded element, in device memory:
+    element (segment p = layer * S + k, token t, channel c) of chunk i goes to
+    ``planes[i, p] + toks[i, t] + (c // run_elems) * run_stride + (c % run_elems) * itemsize``
+    (S = 2 for KV, 1 for MLA). ``planes``: uint64 ``[chunks, layers * S]`` device addresses;
+    ``toks``: uint64 ``[chunks, tokens]`` byte offsets (e.g. a paged cache's slot times its token
+    stride); runs of ``run_elems`` channels (a head) every ``run_stride`` bytes."""
+
+    planes: Any
+    toks: Any
+    run_elems: int
+    run_stride: int
+
+
+@dataclass
+class MappedLoad:
+    """What :func:`load_mapped` placed: chunks ``[0, placed)``. ``proven``: the leading chunks
+    whose bitstream landed with its stored CRC32C; ``failed``: the first chunk that did not
+    decode (or that the host check refused), None if none; ``error``: its message."""
+
+    proven: int
+    failed: int | None
+    error: str
+
+    @property
+    def placed(self) -> int:
+        return self.proven if self.failed is None else min(self.proven, self.failed)
+
+
+def load_mapped(host_ptrs: Sequence[int], lens: Sequence[int], dtype: DType, layout: Layout,
+                shape: tuple[int, int, int, int], dst: DecodeMap, stream: int, *,
+                want_crcs: Sequence[int] | None = None, groups: int = 0, verify_host: bool = False) -> MappedLoad:
+    """Compressed load straight into engine memory (``kvs_cuda_codec_load_mapped``): bitstreams
+    in host memory (registered or pinned) cross PCIe in groups, get their CRC32C on the GPU and
+    are decoded where ``dst`` says, consecutive groups side by side; chunk i is decoded only if
+    the CRC32Cs of chunks 0..i all equal ``want_crcs`` (nothing unproven is written), and each
+    header is checked on the device against ``shape`` = ``(layers, tokens, heads, head_dim)``.
+    The host reads nothing of the bitstreams unless ``verify_host`` (memory that cannot change
+    under the call: headers, indexes and layer CRCs checked there first). Returns after
+    ``stream`` synchronized. Raises CodecError for bad arguments; a corrupt chunk is reported in
+    the result (``failed``), the chunks before it placed."""
+    import numpy as np
+
+    n = len(host_ptrs)
+    L, T, H, D = (int(v) for v in shape)
+    P = L * (2 if Layout(layout) == Layout.KV else 1)
+    planes = np.ascontiguousarray(dst.planes, dtype=np.uint64)
+    toks = np.ascontiguousarray(dst.toks, dtype=np.uint64)
+    if n == 0 or len(lens) != n or planes.shape != (n, P) or toks.shape != (n, T):
+        raise CodecError(f"{n} bitstreams need {n} lengths, planes [{n}, {P}] and token offsets [{n}, {T}] "
+                         f"(got {len(lens)}, {list(planes.shape)}, {list(toks.shape)})")
+    if want_crcs is not None and len(want_crcs) != n:
+        raise CodecError("want_crcs must have one CRC32C per bitstream")
+    arr = lambda t, v: (t * n)(*v)  # noqa: E731
+    want = arr(ctypes.c_uint32, want_crcs) if want_crcs is not None else None
+    proven, failed = ctypes.c_uint32(0), ctypes.c_uint32(0)
+    err = native.err_buf()
+    rc = lib().kvs_cuda_codec_load_mapped(n, arr(ctypes.c_void_p, host_ptrs), arr(ctypes.c_uint64, lens), want,
+                                          int(dtype), int(layout), L, T, H, D, planes.ctypes.data, toks.ctypes.data,
+                                          int(dst.run_elems), int(dst.run_stride), groups, stream, int(verify_host),
+                                          ctypes.byref(proven), ctypes.byref(failed), err, native.ERR_CAP)
+    if rc == _lib.ECORRUPT:
+        return MappedLoad(proven.value, failed.value if failed.value < n else None,
+                          err.value.decode(errors="replace"))
+    native.check(rc, err)
+    return MappedLoad(proven.value, None, "")
 
 
 def load_batch(host_bufs: list, outs: list, *, groups: int = 0, verify: bool = False, stream=None) -> list:
