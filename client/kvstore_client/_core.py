@@ -141,7 +141,7 @@ class ClientCore:
         n = min(len(keys), have // ns.chunk_tokens)
         stored = None
         if n and local and self.gpu is not None and C.is_cuda_tensor(kv):
-            stored = yield Work(self.gpu.store, (tokens, kv, durability, self.gpu.caller_stream(kv)))  # None: not served
+            stored = yield Work(self.gpu.store, (tokens, kv, durability, self.gpu.caller_stream(kv), keys[:n]))  # None: not served
         if stored is None:
             stored = (yield from self._store_chunks(kv, u8, keys[:n], durability, ns.chunk_tokens)) if n else 0
         tail = self.tail_tokens(tokens)
@@ -213,7 +213,7 @@ class ClientCore:
         if C.is_cuda_tensor(out):
             if self.arena is not None and self.gpu is not None:
                 _shm.check_cuda_out(self, keys, out)
-                placed = yield Work(self.gpu.retrieve_into, (tokens, out, self.gpu.caller_stream(out)))
+                placed = yield Work(self.gpu.retrieve_into, (tokens, out, self.gpu.caller_stream(out), keys))
                 if placed is not None:   # tokens; None: the GPU path cannot serve it
                     return placed
             n = yield from _shm.retrieve_cuda(self, keys, out)

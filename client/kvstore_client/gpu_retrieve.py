@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 @_rpc_errors
 def retrieve_into_cuda(client, tokens: Sequence[int], dst, group_chunks: int | None = None,
-                       verify: bool = False, stream=None) -> int:
+                       verify: bool = False, stream=None, keys: Sequence[bytes] | None = None) -> int:
     """Places the longest stored prefix of ``tokens``' full chunks into engine CUDA memory
     ``dst`` (namespace-layout tensor or :class:`Paged`); returns the tokens placed. RAW chunks
     cross PCIe once by the copy engine; compressed ones cross as bitstreams and are decoded on
@@ -38,17 +38,19 @@ def retrieve_into_cuda(client, tokens: Sequence[int], dst, group_chunks: int | N
     mapped, the leading chunks whose extents this client saw and which the presence index
     still lists in DRAM load without any RPC (``_unleased``: proved in staging first).
     Chunks the daemon's HBM tier holds load device-to-device from its pool (mapped once).
-    ``stream``: the engine's stream that reads ``dst`` afterwards (default: the current one)."""
+    ``stream``: the engine's stream that reads ``dst`` afterwards (default: the current one).
+    ``keys``: the prefix keys of ``tokens`` when the caller computed them already (the client's
+    routed calls), else computed here."""
     gp = _path(client)
     with gp._lock:
-        return _retrieve(gp, tokens, dst, group_chunks or gp.group_chunks, verify, stream) * gp.client.namespace.chunk_tokens
+        keys = gp.client.keys(tokens) if keys is None else list(keys)
+        return _retrieve(gp, keys, dst, group_chunks or gp.group_chunks, verify, stream) * gp.client.namespace.chunk_tokens
 
 
-def _retrieve(gp: GpuPath, tokens, dst, group: int, verify: bool, stream=None) -> int:
+def _retrieve(gp: GpuPath, keys, dst, group: int, verify: bool, stream=None) -> int:
     torch = _torch()
     c = gp.client
     ns = c.namespace
-    keys = c.keys(tokens)
     n = _whole_chunks(keys, dst, ns.chunk_tokens)
     if n == 0:
         return 0

@@ -44,7 +44,7 @@ class GpuRoute:
         import torch
         return torch.cuda.current_stream(t.device)
 
-    def store(self, tokens: Sequence[int], kv, durability: Durability, stream=None) -> int | None:
+    def store(self, tokens: Sequence[int], kv, durability: Durability, stream=None, keys=None) -> int | None:
         """Chunks newly stored, or None (the core's other path serves the call)."""
         from .errors import ResourceExhausted
         from .gpu_state import ArenaChanged, GpuPathUnusable
@@ -53,7 +53,7 @@ class GpuRoute:
         if not self.usable() or self._gp() is None:
             return None
         try:
-            return store_cuda(self._front, tokens, kv, durability, stream=stream)
+            return store_cuda(self._front, tokens, kv, durability, stream=stream, keys=keys)
         except (ArenaChanged, GpuPathUnusable):
             return None
         except ResourceExhausted:
@@ -62,8 +62,9 @@ class GpuRoute:
             # chunks in a lower tier, as for CPU tensors.
             return None
 
-    def retrieve_into(self, tokens: Sequence[int], out, stream=None) -> int | None:
-        """Tokens placed into ``out``, or None (the core's other path serves the call)."""
+    def retrieve_into(self, tokens: Sequence[int], out, stream=None, keys=None) -> int | None:
+        """Tokens placed into ``out``, or None (the core's other path serves the call). ``keys``:
+        the prefix keys of ``tokens``, computed by the core already (once per call)."""
         from .gpu_retrieve import retrieve_into_cuda
         from .gpu_state import GpuPathUnusable
 
@@ -71,7 +72,7 @@ class GpuRoute:
         if gp is None:
             return None
         try:
-            n = retrieve_into_cuda(self._front, tokens, out, stream=stream)
+            n = retrieve_into_cuda(self._front, tokens, out, stream=stream, keys=keys)
         except GpuPathUnusable:
             return None
         return None if gp.client.arena_changed else n

@@ -26,7 +26,8 @@ from .gpu_state import GROW_STORE_GROUPS_FROM, ArenaChanged, GpuPath, _all_of, _
 
 @_rpc_errors
 def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Durability.MEMORY,
-               group_chunks: int | None = None, wait: bool = True, stream=None, level: int | None = None):
+               group_chunks: int | None = None, wait: bool = True, stream=None, level: int | None = None,
+               keys: Sequence[bytes] | None = None):
     """Stores the leading full chunks of ``tokens`` from engine CUDA memory ``src`` (namespace
     layout tensor or :class:`Paged`) straight into arena extents; returns the chunks newly
     stored. The extents come from reservations taken ahead of need (``gpu_pool``) when the
@@ -42,12 +43,14 @@ def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Dura
     and only their bitstreams cross PCIe, straight into arena extents reserved for exactly their
     sizes (no host copy, no CPU pass over the bytes); the chunks are stored ``Encoding.CODEC``
     and bit-exact with the CPU encoder. ``wait=False``: returns once the bitstreams are in the
-    arena, with a ``Future`` of the CommitWrite."""
+    arena, with a ``Future`` of the CommitWrite. ``keys``: the prefix keys of ``tokens`` when the
+    caller computed them already (the client's routed calls), else computed here."""
     gp = _path(client)
     with gp._lock:
+        keys = gp.client.keys(tokens) if keys is None else list(keys)
         if level is not None:
-            return _store_coded(gp, tokens, src, int(level), Durability(durability), wait, stream)
-        return _store(gp, tokens, src, Durability(durability), group_chunks or gp.group_chunks, wait, stream)
+            return _store_coded(gp, keys, src, int(level), Durability(durability), wait, stream)
+        return _store(gp, keys, src, Durability(durability), group_chunks or gp.group_chunks, wait, stream)
 
 
 def _resolved(value) -> Future:
@@ -56,8 +59,8 @@ def _resolved(value) -> Future:
     return f
 
 
-def _store_coded(gp: GpuPath, tokens, src, level: int, durability: Durability, wait: bool = True, stream=None):
-    """GPU encode of the leading full chunks of ``tokens`` from ``src``, each bitstream copied
+def _store_coded(gp: GpuPath, keys, src, level: int, durability: Durability, wait: bool = True, stream=None):
+    """GPU encode of the leading full chunks (``keys``) from ``src``, each bitstream copied
     by the encoder into the arena extent reserved for it once its size is known."""
     from kvstore_native.codec import CodecError
     from kvstore_native.codec import gpu as gcodec
@@ -70,7 +73,6 @@ def _store_coded(gp: GpuPath, tokens, src, level: int, durability: Durability, w
     ns = c.namespace
     if level not in (int(CodecLevel.NEAR_LOSSLESS), int(CodecLevel.DEFAULT), int(CodecLevel.AGGRESSIVE)):
         raise InvalidArgument(f"GPU encode takes a lossy codec level 1-3, got {level} (lossless encodes on the CPU)")
-    keys = c.keys(tokens)
     n = _whole_chunks(keys, src, ns.chunk_tokens)
     if n == 0:
         return 0 if wait else _resolved(0)
@@ -148,11 +150,10 @@ def _store_coded(gp: GpuPath, tokens, src, level: int, durability: Durability, w
     return commit() if wait else gp._commits.submit(commit)
 
 
-def _store(gp: GpuPath, tokens, src, durability: Durability, group: int, wait: bool, stream=None):
+def _store(gp: GpuPath, keys, src, durability: Durability, group: int, wait: bool, stream=None):
     torch = _torch()
     c = gp.client
     ns = c.namespace
-    keys = c.keys(tokens)
     n = _whole_chunks(keys, src, ns.chunk_tokens)
     if n == 0:
         return 0 if wait else _all_of([])

@@ -128,8 +128,15 @@ def prefix_keys(namespace_id: bytes, tokens: Sequence[int], chunk_tokens: int,
     keys: list[Key] = []
     prev: bytes = root_key(namespace_id)
     end = len(tokens) if include_partial else len(tokens) - len(tokens) % chunk_tokens
+    packed = _tokens(tokens[:end])   # every chunk's token bytes, packed once (the same bytes per chunk)
+    full = struct.pack("<I", chunk_tokens)
     for start in range(0, end, chunk_tokens):
-        prev = next_prefix_key(prev, tokens[start:min(start + chunk_tokens, end)])
+        stop = min(start + chunk_tokens, end)
+        h = hashlib.blake2b(digest_size=KEY_BYTES)
+        h.update(prev)
+        h.update(full if stop - start == chunk_tokens else struct.pack("<I", stop - start))
+        h.update(packed[4 * start:4 * stop])
+        prev = h.digest()
         keys.append(Key(prev))
     return keys
 
