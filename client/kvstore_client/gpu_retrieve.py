@@ -1,5 +1,6 @@
 """Arena -> GPU loads of the GPU data path (kvstore_client.gpu): pipelined LeaseRead / copy-engine
-copies (or copy + D2D scatter kernel) / batched GPU decode of compressed chunks."""
+copies (or copy + D2D scatter kernel) / batched GPU decode of compressed chunks straight into
+the engine's layout."""
 
 from __future__ import annotations
 
@@ -28,7 +29,9 @@ def retrieve_into_cuda(client, tokens: Sequence[int], dst, group_chunks: int | N
     """Places the longest stored prefix of ``tokens``' full chunks into engine CUDA memory
     ``dst`` (namespace-layout tensor or :class:`Paged`); returns the tokens placed. RAW chunks
     cross PCIe once by the copy engine; compressed ones cross as bitstreams and are decoded on
-    the GPU in one batched launch per group (``verify``: check their layer CRCs on the host).
+    the GPU straight into ``dst``'s layout, batched, only inside the prefix whose bitstreams
+    landed with their stored CRC32C (``_load_coded``; ``verify``: layer CRCs checked on the
+    host first).
     Every arena extent's CRC32C is checked on the GPU over the bytes that landed (so the
     daemon skips its CPU check, ``client_verifies``); a chunk that fails ends the prefix
     placed here and is read once more through the daemon's own check, which drops a bad copy.
@@ -476,26 +479,8 @@ class _Checks:
     def whole(self, i: int, want: int, ptr: int, nbytes: int) -> None:
         """Chunk ``i`` is the ``nbytes`` at device ``ptr`` (the kernel stream already waits
         for its copy)."""
-        self.wholes([(i, want, ptr, nbytes)])
-
-    def wholes(self, items: list[tuple[int, int, int, int]], stream: int | None = None) -> None:
-        """``whole`` for consecutive chunks ``(i, want, ptr, nbytes)``, in one launch (on the
-        kernel stream, or ``stream``)."""
-        first = items[0][0]
-        assert [i for i, _, _, _ in items] == list(range(first, first + len(items)))
-        cuda_ipc.crc32c_batch([p for _, _, p, _ in items], [nb for _, _, _, nb in items],
-                              int(self._whole.data_ptr()) + 4 * first,
-                              self._gp.kernel_stream.cuda_stream if stream is None else stream)
-        for i, want, _, _ in items:
-            self._want[i] = (want, 0, 0)
-
-    def leading_good(self, idx: list[int]) -> int:
-        """How many of chunks ``idx`` (checked by ``wholes``, streams synchronized) match, in order."""
-        whole = self._whole.numpy().view(np.uint32)
-        n = 0
-        while n < len(idx) and int(whole[idx[n]]) == self._want[idx[n]][0]:
-            n += 1
-        return n
+        cuda_ipc.crc32c_batch([ptr], [nbytes], int(self._whole.data_ptr()) + 4 * i, self._gp.kernel_stream.cuda_stream)
+        self._want[i] = (want, 0, 0)
 
     def first_bad(self, placed: int) -> int | None:
         """The first chunk below ``placed`` whose bytes do not match (streams synchronized)."""
