@@ -82,16 +82,15 @@ def decode_map(dst, contiguous, ns, idx: Sequence[int]):
 
     from kvstore_native.codec.gpu import DecodeMap
 
-    elt, T = ns.dtype.itemsize, ns.chunk_tokens
+    elt, T, channels = ns.dtype.itemsize, ns.chunk_tokens, ns.num_kv_heads * ns.head_dim
     if contiguous is not None:   # (chunk base, plane pitch, chunk row bytes, planes)
         _, pitch, row, planes = contiguous[idx[0]]
         bases = np.array([contiguous[i][0] for i in idx], dtype=np.uint64)
         plane_ptrs = bases[:, None] + np.arange(planes, dtype=np.uint64)[None, :] * np.uint64(pitch)
         toks = np.broadcast_to(np.arange(T, dtype=np.uint64) * np.uint64(row // T), (len(idx), T))
-        return DecodeMap(plane_ptrs, toks, ns.num_kv_heads * ns.head_dim, 0)
+        return DecodeMap(plane_ptrs, toks, channels, 0)
     specs = [dst.specs[i] for i in idx]
     s0 = specs[0]
-    channels = ns.num_kv_heads * ns.head_dim
     for sp in specs:
         if (sp.head_bytes, sp.head_stride, sp.heads) != (s0.head_bytes, s0.head_stride, s0.heads):
             raise InvalidArgument("the paged chunks of one load must share their head size and head stride")

@@ -15,7 +15,6 @@ from kvstore_native import cuda_ipc, transfer
 from kvstore_wire._proto.kvstore.v1 import local_pb2
 from kvstore_wire.presence import fastest
 from kvstore_wire.types import Encoding, Tier
-from kvstore_wire.types import Layout as WireLayout
 
 from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks, decode_map
 from .gpu_state import GpuPath, _groups, _path, _rpc_errors
@@ -74,7 +73,7 @@ def _retrieve(gp: GpuPath, keys, dst, group: int, verify: bool, stream=None) -> 
     elif gp.lease_free:
         start = _unleased(gp, keys, n, dst, contiguous, size, arena_base, cur)
         if start < n:   # then the compressed ones, likewise
-            start += _unleased_coded(gp, keys, start, n, dst, contiguous, size, arena_base, cur)
+            start += _unleased_coded(gp, keys, start, n, dst, contiguous, arena_base, cur)
     if start == n:
         return n
 
@@ -269,7 +268,7 @@ def _unleased_hbm(gp: GpuPath, keys, n: int, dst, contiguous, pool, cur) -> int:
     return good
 
 
-def _unleased_coded(gp: GpuPath, keys, lo: int, n: int, dst, contiguous, size: int, arena_base: int, cur) -> int:
+def _unleased_coded(gp: GpuPath, keys, lo: int, n: int, dst, contiguous, arena_base: int, cur) -> int:
     """Compressed loads without any RPC: the chunks from ``lo`` on that this client saw last as
     CODEC bitstreams of this arena and that the presence index lists in DRAM. As for RAW
     chunks (``_unleased``) nothing unproven is placed: the bitstreams cross PCIe into device
@@ -314,14 +313,13 @@ def _load_coded(gp: GpuPath, srcs: list[int], lens: list[int], want: list[int] |
     loaded straight into the engine layout (``kvs_cuda_codec_load_mapped``: copies, GPU CRC32Cs
     and the decode pipelined in groups; a chunk decodes only inside the prefix proven against
     ``want``). Returns the ``MappedLoad``; ``stream`` has synchronized."""
+    from kvstore_native.codec import _shape_args
     from kvstore_native.codec import gpu as gcodec
     from kvstore_native.codec.format import DType, Layout
 
     ns = gp.client.namespace
-    layout = Layout.MLA if ns.layout == WireLayout.MLA_LATENT else Layout.KV
-    heads = 1 if layout == Layout.MLA else ns.num_kv_heads
-    return gcodec.load_mapped(srcs, lens, DType(int(ns.dtype)), layout,
-                              (ns.num_layers, ns.chunk_tokens, heads, ns.head_dim),
+    layout = Layout(int(ns.layout))   # the wire's layout ids are the codec's (as the GPU encoder uses them)
+    return gcodec.load_mapped(srcs, lens, DType(int(ns.dtype)), layout, _shape_args(ns.chunk_shape(), layout),
                               decode_map(dst, contiguous, ns, idx), stream.cuda_stream, want_crcs=want,
                               verify_host=verify_host)
 
@@ -510,22 +508,12 @@ def _recheck(gp: GpuPath, key: bytes) -> None:
 
 def _decoded(gp: GpuPath, coded, placed: int, dst, contiguous, arena_base: int, verify: bool,
              chk: "_Checks | None", bad: list[int]):
-    """Decodes the pending compressed chunks ``coded``: ``(placed, [], stop)``, ``stop`` when
-    one failed its check (recorded in ``bad``; the chunks before it are placed)."""
-    done = _decode_group(gp, coded, dst, contiguous, arena_base, verify, chk)
-    if done < len(coded):
-        bad.append(coded[done][0])
-        return placed + done, [], True
-    return placed + done, [], False
-
-
-def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, verify: bool,
-                  chk: "_Checks | None" = None) -> int:
-    """Leased compressed chunks ``coded`` (``(chunk, extent)``) decoded straight into the engine
-    layout (``_load_coded``): with ``chk`` (the client checks what it reads) only the leading
-    run whose bitstreams landed with their stored CRC32C; ``verify``: headers and layer CRCs
-    checked on the host first. Returns how many were placed; raises CodecError when the first
-    of them, proven, does not decode (the writer stored garbage)."""
+    """Decodes the leased compressed chunks ``coded`` (``(chunk, extent)``) straight into the
+    engine layout (``_load_coded``): with ``chk`` (the client checks what it reads) only the
+    leading run whose bitstreams landed with their stored CRC32C; ``verify``: headers and layer
+    CRCs checked on the host first. Returns ``(placed, [], stop)``, ``stop`` when one failed its
+    check (recorded in ``bad``; the chunks before it are placed); raises CodecError when the
+    first of them, proven, does not decode (the writer stored garbage)."""
     from kvstore_native.codec import CodecError
 
     r = _load_coded(gp, [arena_base + ext.offset for _, ext in coded], [int(ext.length) for _, ext in coded],
@@ -534,8 +522,10 @@ def _decode_group(gp: GpuPath, coded, dst, contiguous, arena_base: int, verify: 
     if r.proven < len(coded):
         log.warning("chunk %d of a GPU load failed its CRC32C check (a compressed bitstream); it and the "
                     "chunks after it are not placed", coded[r.proven][0])
-    if r.failed is not None and r.failed < r.proven:
-        if r.failed == 0:
-            raise CodecError(r.error)
-        return r.failed
-    return r.placed
+    if r.failed is not None and r.failed < r.proven and r.failed == 0:
+        raise CodecError(r.error)
+    done = r.placed
+    if done < len(coded):
+        bad.append(coded[done][0])
+        return placed + done, [], True
+    return placed + done, [], False

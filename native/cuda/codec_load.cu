@@ -64,6 +64,29 @@ struct Events {
 uint32_t get32(const uint8_t* p) { uint32_t v; memcpy(&v, p, 4); return v; }
 uint64_t get64(const uint8_t* p) { uint64_t v; memcpy(&v, p, 8); return v; }
 
+// Decoder waves that `warps` warps fill on this device: ceil(warps / (SMs * kWarpsPerSmWave)).
+bool decoder_waves(uint64_t warps, uint64_t* waves, Error& e) {
+  int dev = 0, sms = 0;
+  if (!cuda_ok(cudaGetDevice(&dev), e, "cudaGetDevice") ||
+      !cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), e, "device attribute"))
+    return false;
+  const uint64_t wave = (uint64_t)(sms > 0 ? sms : 1) * kWarpsPerSmWave;
+  *waves = (warps + wave - 1) / wave;
+  return true;
+}
+
+// Device offsets of `n` bitstreams of lens[i] bytes packed kDevAlign-aligned into one buffer;
+// returns the buffer's size.
+uint64_t device_offsets(const uint64_t* lens, uint32_t n, std::vector<uint64_t>& off) {
+  off.resize(n);
+  uint64_t total = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    off[i] = total;
+    total += (lens[i] + kDevAlign - 1) / kDevAlign * kDevAlign;
+  }
+  return total;
+}
+
 }  // namespace
 
 KVS_API int kvs_cuda_codec_load_batch(uint32_t count, const uint8_t* const* host_bufs, const uint64_t* lens,
@@ -89,13 +112,9 @@ KVS_API int kvs_cuda_codec_load_batch(uint32_t count, const uint8_t* const* host
     return report(KVS_EINVAL, e, err, err_len);
   }
   if (groups == 0) {
-    int dev = 0, sms = 0;
-    if (!cuda_ok(cudaGetDevice(&dev), e, "cudaGetDevice") ||
-        !cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), e, "device attribute"))
-      return report(KVS_EINTERNAL, e, err, err_len);
-    const uint64_t wave = (uint64_t)(sms > 0 ? sms : 1) * kWarpsPerSmWave;
-    const uint64_t warps = (uint64_t)count * h.layers * h.segments();
-    groups = (uint32_t)((warps + wave - 1) / wave);
+    uint64_t waves = 0;
+    if (!decoder_waves((uint64_t)count * h.layers * h.segments(), &waves, e)) return report(KVS_EINTERNAL, e, err, err_len);
+    groups = (uint32_t)waves;
   }
   if (groups > count) groups = count;
   if (!ensure_decode_models(e)) return report(KVS_EINTERNAL, e, err, err_len);
@@ -103,12 +122,8 @@ KVS_API int kvs_cuda_codec_load_batch(uint32_t count, const uint8_t* const* host
   if (variant == kDecoderFirst) variant = kDecoderDefault;  // the first decoder has no chunk offset
   cudaStream_t st = static_cast<cudaStream_t>(stream), cs = nullptr;
   if (!copy_stream(&cs, e)) return report(KVS_EINTERNAL, e, err, err_len);
-  std::vector<uint64_t> off(count);
-  uint64_t total = 0;
-  for (uint32_t i = 0; i < count; i++) {
-    off[i] = total;
-    total += (lens[i] + kDevAlign - 1) / kDevAlign * kDevAlign;
-  }
+  std::vector<uint64_t> off;
+  const uint64_t total = device_offsets(lens, count, off);
   const uint32_t L = h.layers;
   DevBuffers mem(st);
   uint8_t* dbuf;
@@ -261,22 +276,15 @@ KVS_API int kvs_cuda_codec_load_mapped(uint32_t count, const uint8_t* const* hos
   int variant = decode_variant();
   if (variant == kDecoderFirst) variant = kDecoderDefault;
   if (groups == 0) {  // two groups per decoder wave: the second group's copies run under the first's decode
-    int dev = 0, sms = 0;
-    if (!cuda_ok(cudaGetDevice(&dev), e, "cudaGetDevice") ||
-        !cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), e, "device attribute"))
-      return report(KVS_EINTERNAL, e, err, err_len);
-    const uint64_t wave = (uint64_t)(sms > 0 ? sms : 1) * kWarpsPerSmWave;
-    groups = (uint32_t)(2 * (((uint64_t)n * P + wave - 1) / wave));
+    uint64_t waves = 0;
+    if (!decoder_waves((uint64_t)n * P, &waves, e)) return report(KVS_EINTERNAL, e, err, err_len);
+    groups = (uint32_t)(2 * waves);
   }
   if (groups > n) groups = n;
   cudaStream_t st = static_cast<cudaStream_t>(stream), cs = nullptr, d1 = nullptr;
   if (!lib_stream(0, &cs, e) || !lib_stream(1, &d1, e)) return report(KVS_EINTERNAL, e, err, err_len);
-  std::vector<uint64_t> off(n);
-  uint64_t total = 0;
-  for (uint32_t i = 0; i < n; i++) {
-    off[i] = total;
-    total += (lens[i] + kDevAlign - 1) / kDevAlign * kDevAlign;
-  }
+  std::vector<uint64_t> off;
+  const uint64_t total = device_offsets(lens, n, off);
   // One argument block: bufs[n] | lens[n] | planes[n*P] | toks[n*T] | want[n] got[n] (u32) | err[4] (i32).
   const uint64_t words = 2ull * n + (uint64_t)n * P + (uint64_t)n * tokens;
   const uint64_t arg_bytes = 8 * words + 8ull * n + 16;

@@ -69,15 +69,22 @@ class Case:
         if blobs is not None:
             self.pinned = [torch.frombuffer(bytearray(b), dtype=torch.uint8).pin_memory() for b in blobs]
         crcs = [native.crc32c(b) for b in (self.blobs if blobs is None else blobs)] if want_crcs == "stored" else want_crcs
-        s0 = self.specs[0]
-        planes = np.array([list(sp.ptrs) for sp in self.specs], dtype=np.uint64)
-        toks = np.array([list(sp.slots) for sp in self.specs], dtype=np.uint64) * np.uint64(s0.token_stride)
-        dmap = gpu.DecodeMap(planes, toks, s0.head_bytes // 2, s0.head_stride)
         dt = kc.DType.BFLOAT16 if self.bf16 else kc.DType.FLOAT16
         st = torch.cuda.current_stream()
         return gpu.load_mapped([int(p.data_ptr()) for p in self.pinned], [int(p.numel()) for p in self.pinned],
-                               dt, self.klayout, (self.L, self.T, self.H, self.D), dmap, st.cuda_stream,
+                               dt, self.klayout, (self.L, self.T, self.H, self.D), self.dmap(), st.cuda_stream,
                                want_crcs=crcs, groups=groups, verify_host=verify_host)
+
+    def dmap(self, planes_of=lambda planes: planes, run_elems: int | None = None):
+        """The caches' ``DecodeMap``, built here from the plane specs (not by the client's
+        ``decode_map``); ``planes_of`` / ``run_elems`` bend it for the argument checks."""
+        from kvstore_native.codec import gpu
+
+        s0 = self.specs[0]
+        planes = np.array([list(sp.ptrs) for sp in self.specs], dtype=np.uint64)
+        toks = np.array([list(sp.slots) for sp in self.specs], dtype=np.uint64) * np.uint64(s0.token_stride)
+        return gpu.DecodeMap(planes_of(planes), toks, s0.head_bytes // 2 if run_elems is None else run_elems,
+                             s0.head_stride)
 
     def chunk_bytes(self, i: int) -> bytes:
         """Chunk i as it sits in the caches now, gathered back into the chunk layout."""
@@ -189,18 +196,16 @@ def test_bad_arguments_are_refused():
     from kvstore_native.codec import gpu
 
     c = Case("fa_nhd", "f16", 2)
-    s0 = c.specs[0]
-    planes = np.array([list(sp.ptrs) for sp in c.specs], dtype=np.uint64)
-    toks = np.array([list(sp.slots) for sp in c.specs], dtype=np.uint64) * np.uint64(s0.token_stride)
     ptrs, lens = [int(p.data_ptr()) for p in c.pinned], [int(p.numel()) for p in c.pinned]
     args = (kc.DType.FLOAT16, kc.Layout.KV, (c.L, c.T, c.H, c.D))
     with pytest.raises(kc.CodecError):   # runs that do not tile the channels
-        gpu.load_mapped(ptrs, lens, *args, gpu.DecodeMap(planes, toks, 7, s0.head_stride), 0)
+        gpu.load_mapped(ptrs, lens, *args, c.dmap(run_elems=7), 0)
     with pytest.raises(kc.CodecError):   # a null plane
-        gpu.load_mapped(ptrs, lens, *args, gpu.DecodeMap(planes * 0, toks, s0.head_bytes // 2, s0.head_stride), 0)
+        gpu.load_mapped(ptrs, lens, *args, c.dmap(lambda planes: planes * 0), 0)
     with pytest.raises(kc.CodecError):   # a map of the wrong size
-        gpu.load_mapped(ptrs, lens, *args, gpu.DecodeMap(planes[:, :3], toks, s0.head_bytes // 2, s0.head_stride), 0)
+        gpu.load_mapped(ptrs, lens, *args, c.dmap(lambda planes: planes[:, :3]), 0)
+    m = c.dmap()
     with pytest.raises(kc.CodecError):   # a shape the codec does not take
         gpu.load_mapped(ptrs, lens, kc.DType.FLOAT16, kc.Layout.KV, (c.L, 0, c.H, c.D),
-                        gpu.DecodeMap(planes, toks[:, :0], s0.head_bytes // 2, s0.head_stride), 0)
+                        gpu.DecodeMap(m.planes, m.toks[:, :0], m.run_elems, m.run_stride), 0)
     assert c.untouched(0) and c.untouched(1)

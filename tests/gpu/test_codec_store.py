@@ -200,7 +200,7 @@ def test_compressed_loads_without_a_lease_never_decode_unproven_bytes(daemon):
         out = torch.full_like(a, 7.0)
         before = out.clone()
         contiguous = gpu_retrieve._contiguous_rows(out, ns, chunks)
-        n0 = gpu_retrieve._unleased_coded(gp, keys, 0, chunks, out, contiguous, ns.chunk_bytes(), gp._arena_ptr(),
+        n0 = gpu_retrieve._unleased_coded(gp, keys, 0, chunks, out, contiguous, gp._arena_ptr(),
                                           torch.cuda.current_stream())
         torch.cuda.synchronize()
         # (B's bitstreams took A's old pages: the first guess fails; a chunk whose place holds

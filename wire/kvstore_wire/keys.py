@@ -128,15 +128,10 @@ def prefix_keys(namespace_id: bytes, tokens: Sequence[int], chunk_tokens: int,
     keys: list[Key] = []
     prev: bytes = root_key(namespace_id)
     end = len(tokens) if include_partial else len(tokens) - len(tokens) % chunk_tokens
-    packed = _tokens(tokens[:end])   # every chunk's token bytes, packed once (the same bytes per chunk)
-    full = struct.pack("<I", chunk_tokens)
+    packed = _tokens(tokens[:end])   # every chunk's token bytes, packed once (next_prefix_key's bytes)
     for start in range(0, end, chunk_tokens):
         stop = min(start + chunk_tokens, end)
-        h = hashlib.blake2b(digest_size=KEY_BYTES)
-        h.update(prev)
-        h.update(full if stop - start == chunk_tokens else struct.pack("<I", stop - start))
-        h.update(packed[4 * start:4 * stop])
-        prev = h.digest()
+        prev = _h(prev, struct.pack("<I", stop - start), packed[4 * start:4 * stop])
         keys.append(Key(prev))
     return keys
 
