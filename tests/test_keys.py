@@ -105,3 +105,29 @@ def test_bad_namespace_rejected():
         Namespace(model="m", dtype="int3", num_layers=1, num_kv_heads=1, head_dim=8)
     with pytest.raises(ValueError, match="tp_rank"):
         Namespace(model="m", dtype="fp16", num_layers=1, num_kv_heads=1, head_dim=8, tp_rank=2, tp_size=2)
+
+
+@pytest.mark.parametrize("n,chunk,partial", [(0, 4, False), (7, 4, False), (7, 4, True), (1024, 256, False), (1000, 16, True)])
+def test_prefix_keys_same_for_every_token_container(n, chunk, partial):
+    """A list, a tuple, an iterator and integer numpy arrays of the same ids give the same keys
+    (the numpy form is packed whole, the others element by element)."""
+    import numpy as np
+
+    ns = Namespace(model="m", dtype="float16", num_layers=2, num_kv_heads=2, head_dim=8).namespace_id
+    ids = [(i * 2654435761) % (1 << 32) for i in range(n)]
+    want = prefix_keys(ns, ids, chunk, include_partial=partial)
+    assert len(want) == (-(-n // chunk) if partial else n // chunk)
+    for form in (tuple(ids), iter(ids), np.array(ids, dtype=np.uint32), np.array(ids, dtype=np.int64),
+                 np.array(ids, dtype=np.uint64)):
+        assert prefix_keys(ns, form, chunk, include_partial=partial) == want
+
+
+@pytest.mark.parametrize("bad", [[-1], [1 << 32], "np-negative", "np-large", "np-2d"])
+def test_bad_token_arrays_rejected(bad):
+    import numpy as np
+
+    arr = {"np-negative": np.array([3, -1]), "np-large": np.array([1 << 32], dtype=np.int64),
+           "np-2d": np.zeros((2, 2), dtype=np.int32)}.get(bad, bad) if isinstance(bad, str) else bad
+    ns = Namespace(model="m", dtype="float16", num_layers=2, num_kv_heads=2, head_dim=8).namespace_id
+    with pytest.raises(ValueError, match="token ids must"):
+        prefix_keys(ns, arr, 1)

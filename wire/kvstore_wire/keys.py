@@ -12,6 +12,8 @@ import struct
 from dataclasses import dataclass
 from typing import NewType, Sequence
 
+import numpy as np
+
 from .types import DType, Layout
 
 #: 32-byte BLAKE2b-256 digest.
@@ -100,6 +102,13 @@ class Namespace:
 
 
 def _tokens(tokens: Sequence[int]) -> bytes:
+    """``u32le`` of each token id, concatenated (an integer numpy array: converted whole)."""
+    if isinstance(tokens, np.ndarray) and tokens.dtype.kind in "iu":
+        if tokens.ndim != 1:
+            raise ValueError("token ids must be a flat sequence of integers")
+        if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) > _MAX_U32):
+            raise ValueError("token ids must be integers in 0..2^32-1")
+        return tokens.astype("<u4", copy=False).tobytes()
     try:
         return struct.pack(f"<{len(tokens)}I", *tokens)
     except struct.error:
@@ -124,14 +133,18 @@ def prefix_keys(namespace_id: bytes, tokens: Sequence[int], chunk_tokens: int,
     """Chained keys of the leading full chunks of ``tokens`` (and the trailing partial one if asked)."""
     if chunk_tokens <= 0:
         raise ValueError("chunk_tokens must be positive")
-    tokens = list(tokens)
+    if not hasattr(tokens, "__len__") or not hasattr(tokens, "__getitem__"):
+        tokens = list(tokens)
     keys: list[Key] = []
     prev: bytes = root_key(namespace_id)
     end = len(tokens) if include_partial else len(tokens) - len(tokens) % chunk_tokens
-    packed = _tokens(tokens[:end])   # every chunk's token bytes, packed once (next_prefix_key's bytes)
+    # Every chunk's token bytes, packed once (next_prefix_key's bytes), hashed in place.
+    packed = memoryview(_tokens(tokens[:end] if end < len(tokens) else tokens))
+    full = struct.pack("<I", chunk_tokens)
     for start in range(0, end, chunk_tokens):
         stop = min(start + chunk_tokens, end)
-        prev = _h(prev, struct.pack("<I", stop - start), packed[4 * start:4 * stop])
+        prev = _h(prev, full if stop - start == chunk_tokens else struct.pack("<I", stop - start),
+                  packed[4 * start:4 * stop])
         keys.append(Key(prev))
     return keys
 
