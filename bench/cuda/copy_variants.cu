@@ -1,6 +1,7 @@
 // Device-to-device copy variants for HBM-tier loads (pool chunk [planes, row] -> its place in an
 // engine tensor, rows `pitch` apart), timed beside the D2D ceiling of the same run. Standalone:
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -o copy_variants bench/cuda/copy_variants.cu
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90,code=sm_90 -Inative/include -Inative/cuda \
+//     -Inative/src -o copy_variants bench/cuda/copy_variants.cu native/src/error.cpp
 //   ./copy_variants            (prints one line per shape and variant: median ms, GB/s, % of D2D, bit-exact)
 // Variants: the landed copy_rows kernel (rows.cu), the same with streaming cache hints, a tiled
 // persistent grid, a bulk-copy (TMA, cp.async.bulk through shared memory) kernel, one
@@ -23,41 +24,18 @@
     }                                                                                                 \
   } while (0)
 
+// The landed kernel's row loop (rows.cu, anonymous namespace: its Job, kParamJobs, copy_rows<>).
+#include "../../native/cuda/rows.cu"
+
 namespace {
 
-constexpr int kMaxJobs = 128;
-struct Job {
-  uint64_t dst, src;
-};
-struct Jobs {
-  Job job[kMaxJobs];
-};
+using Jobs = ParamJobs;
 
-// ---- A: the landed kernel (rows.cu) ----------------------------------------------------------
-template <int kThreads, int kUnroll, bool kStream>
+// ---- A/B: the landed row loop at other block shapes, with or without streaming cache hints --
+template <int kT, int kU, bool kStream>
 __global__ void rows_kernel(const __grid_constant__ Jobs jobs, uint64_t dst_pitch, uint64_t src_pitch, uint64_t vecs,
                             uint64_t height, uint64_t rows) {
-  for (uint64_t r = blockIdx.y; r < rows; r += gridDim.y) {
-    const Job j = jobs.job[r / height];
-    const uint64_t row = r % height;
-    const uint4* s = reinterpret_cast<const uint4*>(j.src + row * src_pitch);
-    uint4* d = reinterpret_cast<uint4*>(j.dst + row * dst_pitch);
-    const uint64_t step = static_cast<uint64_t>(gridDim.x) * kThreads * kUnroll;
-    for (uint64_t i = blockIdx.x * static_cast<uint64_t>(kThreads) * kUnroll + threadIdx.x; i < vecs; i += step) {
-      uint4 v[kUnroll];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (i + u * kThreads < vecs) v[u] = kStream ? __ldcs(s + i + u * kThreads) : s[i + u * kThreads];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (i + u * kThreads < vecs) {
-          if (kStream)
-            __stcs(d + i + u * kThreads, v[u]);
-          else
-            d[i + u * kThreads] = v[u];
-        }
-    }
-  }
+  copy_rows<kT, kU, kStream>(jobs.job, dst_pitch, src_pitch, vecs, height, rows);
 }
 
 // ---- C: tiles of a flat index, persistent grid ----------------------------------------------
@@ -246,7 +224,16 @@ int main(int argc, char** argv) {
       kernel<<<dim3(bx, by), threads, 0, s>>>(jobs, pitch, sh.row, vecs, sh.planes, rows);
       CK(cudaGetLastError());
     };
-    report("A rows 256x8 (landed)", [&] { rows_launch(rows_kernel<256, 8, false>, 256, 8); });
+    std::vector<uint64_t> dsts, srcs;
+    for (int c = 0; c < sh.chunks; ++c) {
+      dsts.push_back(jobs.job[c].dst);
+      srcs.push_back(jobs.job[c].src);
+    }
+    report("A rows 256x8 (landed)", [&] {
+      char err[256];
+      if (kvs_cuda_copy_rows(sh.chunks, dsts.data(), srcs.data(), pitch, sh.row, sh.row, sh.planes, s, err, sizeof err))
+        std::fprintf(stderr, "kvs_cuda_copy_rows: %s\n", err), std::exit(1);
+    });
     report("B rows 256x8 streaming hints", [&] { rows_launch(rows_kernel<256, 8, true>, 256, 8); });
     report("A2 rows 512x4", [&] { rows_launch(rows_kernel<512, 4, false>, 512, 4); });
     report("A3 rows 128x16", [&] { rows_launch(rows_kernel<128, 16, false>, 128, 16); });

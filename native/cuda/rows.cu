@@ -24,7 +24,9 @@ struct ParamJobs {
 };
 
 // grid (x: vector blocks of a row, y: row of all jobs' rows). Row r belongs to job r / height.
-template <typename Jobs>
+// kThreads / kUnroll / kStream (streaming cache hints) are parameters for
+// bench/cuda/copy_variants.cu, which times other choices against the landed <256, 8, false>.
+template <int Threads = kThreads, int Unroll = kUnroll, bool Stream = false, typename Jobs>
 __device__ void copy_rows(const Jobs& jobs, uint64_t dst_pitch, uint64_t src_pitch, uint64_t vecs, uint64_t height,
                           uint64_t rows) {
   for (uint64_t r = blockIdx.y; r < rows; r += gridDim.y) {
@@ -32,15 +34,20 @@ __device__ void copy_rows(const Jobs& jobs, uint64_t dst_pitch, uint64_t src_pit
     const uint64_t row = r % height;
     const uint4* s = reinterpret_cast<const uint4*>(j.src + row * src_pitch);
     uint4* d = reinterpret_cast<uint4*>(j.dst + row * dst_pitch);
-    const uint64_t step = static_cast<uint64_t>(gridDim.x) * kThreads * kUnroll;
-    for (uint64_t i = blockIdx.x * static_cast<uint64_t>(kThreads) * kUnroll + threadIdx.x; i < vecs; i += step) {
-      uint4 v[kUnroll];
+    const uint64_t step = static_cast<uint64_t>(gridDim.x) * Threads * Unroll;
+    for (uint64_t i = blockIdx.x * static_cast<uint64_t>(Threads) * Unroll + threadIdx.x; i < vecs; i += step) {
+      uint4 v[Unroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (i + u * kThreads < vecs) v[u] = s[i + u * kThreads];
+      for (int u = 0; u < Unroll; ++u)
+        if (i + u * Threads < vecs) v[u] = Stream ? __ldcs(s + i + u * Threads) : s[i + u * Threads];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (i + u * kThreads < vecs) d[i + u * kThreads] = v[u];
+      for (int u = 0; u < Unroll; ++u)
+        if (i + u * Threads < vecs) {
+          if (Stream)
+            __stcs(d + i + u * Threads, v[u]);
+          else
+            d[i + u * Threads] = v[u];
+        }
     }
   }
 }
