@@ -14,6 +14,10 @@ upper tier cannot make room for a foreground write, the chain calls ``shed``: ev
 copy not yet started gives its lease back (skipped and counted the same way), so queued
 copies never make a put fail.
 
+A delete cancels the queued copies of its chunks and waits (``CANCEL_WAIT_S`` at most) for a
+copy of one of them that the writer is in the middle of: otherwise that copy could land in the
+lower tier after the delete removed the chunk there, and a deleted chunk would be read again.
+
 Lock order: ``WriteBehind._lock`` -> tier locks (``peek`` is called outside it). ``_lock``
 guards the counters and ``_queued``; it is never held during I/O or while waiting.
 """
@@ -36,6 +40,8 @@ log = logging.getLogger(__name__)
 #: leases may hold. Half leaves the other half to foreground writes and readers even when the
 #: lower tier stalls completely (and ``shed`` gives it back under pressure).
 WRITE_BEHIND_SOURCE_FRACTION = 0.5
+#: How long a delete waits for an in-progress lower-tier copy of its chunk (seconds).
+CANCEL_WAIT_S = 30.0
 #: How long the writer thread gets to exit after the queue is settled (seconds).
 WRITER_JOIN_TIMEOUT_S = 10.0
 
@@ -66,6 +72,8 @@ class WriteBehind:
         self._write = write
         self._max_bytes = max_bytes
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)   # notified when the writer finishes a copy
+        self._writing: _Write | None = None   # the copy the writer is in the middle of
         self._queue: queue.Queue[_Write | None] = queue.Queue(maxsize=max_chunks)
         self._queued: dict[ChunkId, list[_Write]] = {}
         self._queued_bytes = 0
@@ -127,13 +135,26 @@ class WriteBehind:
                      "their lower-tier copies are skipped", len(shed), freed)
         return freed
 
-    def cancel(self, match: Callable[[ChunkId], bool]) -> None:
-        """Queued copies of matching ids are skipped when the writer reaches them."""
+    def cancel(self, match: Callable[[ChunkId], bool], wait: bool = True) -> None:
+        """Queued copies of matching ids are skipped when the writer reaches them; with
+        ``wait``, a matching copy in progress is waited for (``CANCEL_WAIT_S`` at most), so
+        that the caller's delete of the lower tier comes after it."""
         with self._lock:
             for cid, ws in self._queued.items():
                 if match(cid):
                     for w in ws:
                         w.cancelled = True
+            if not wait or threading.current_thread() is self._thread:
+                return
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while self._writing is not None and match(self._writing.cid):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("a delete of %s did not wait for its write-behind copy in progress (over %s s): "
+                              "the copy may outlive the delete in the lower tier", self._writing.cid.hex(),
+                              CANCEL_WAIT_S)
+                    return
+                self._idle.wait(left)
 
     def _loop(self) -> None:
         while True:
@@ -149,6 +170,8 @@ class WriteBehind:
                         self._queued.pop(w.cid, None)
                     cancelled = w.cancelled
                     w.started = True
+                    if not cancelled:
+                        self._writing = w
                 if not cancelled:
                     try:
                         self._write(w.cid, w.ref)
@@ -157,6 +180,9 @@ class WriteBehind:
             finally:
                 if w is not None:
                     with self._lock:
+                        if self._writing is w:
+                            self._writing = None
+                            self._idle.notify_all()
                         mine = not w.shed       # a shed write's lease is released by ``shed``
                         if mine:
                             self._queued_bytes -= w.nbytes
@@ -186,7 +212,7 @@ class WriteBehind:
             self.flush(drain_timeout_s)
         except DeadlineExceeded as err:
             log.error("closing with unwritten chunks: %s", err)
-            self.cancel(lambda c: True)
+            self.cancel(lambda c: True, wait=False)
         self._queue.put(None)
         self._thread.join(WRITER_JOIN_TIMEOUT_S)
         if self._thread.is_alive():

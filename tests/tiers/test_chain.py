@@ -177,6 +177,27 @@ def test_delete_cancels_a_queued_write(make_manager, tmp_path, rng):
     assert _disk(m).contains(first[0])
 
 
+def test_a_delete_during_the_copy_in_progress_does_not_leave_the_chunk_below(make_manager, tmp_path, rng):
+    """A delete that arrives while the writer is copying that very chunk down waits for the
+    copy, then removes it: the chunk is not found again (neither right after the delete nor
+    once the queue is drained), so a deleted chunk is never read back from the lower tier."""
+    import time
+
+    class SlowPuts(FaultyTier):   # only the copy down is slow; deletes and reads are not
+        def put(self, cid, meta, payload):
+            time.sleep(0.4)
+            return self.inner.put(cid, meta, payload)
+
+    m = make_manager(chain_config(tmp_path / "disk"), disk_wrapper=SlowPuts)
+    victim = make_chunk(rng)
+    m.put(*victim, MEM)          # the writer takes it at once and spends 0.4 s before writing
+    time.sleep(0.1)
+    assert m.delete(victim[0])
+    assert m.locate([victim[0]]) == [None]
+    m.flush(timeout_s=10)
+    assert m.locate([victim[0]]) == [None] and not _disk(m).contains(victim[0])
+
+
 def test_entries_pages_in_id_order(make_manager, rng):
     m = make_manager()
     ids = sorted(make_chunk(rng)[0] for _ in range(5))
