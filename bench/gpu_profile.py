@@ -27,6 +27,11 @@ from kvstore_client import gpu as kgpu  # noqa: E402
 from kvstore_client.gpu_session import GpuSession  # noqa: E402
 from kvstore_wire._proto.kvstore.v1 import local_pb2  # noqa: E402
 
+try:   # absent in checkouts before keys hashed as read (bench/compare_checkouts.sh runs old ones)
+    from kvstore_wire.keys import PrefixKeys  # noqa: E402
+except ImportError:
+    PrefixKeys = None
+
 
 def timed_stores(client, keys, store, runs: int, then=None) -> float:
     """Median seconds of ``store()`` right after ``keys`` were deleted (the first run not
@@ -269,10 +274,21 @@ def hbm(name, shape, chunks, calls) -> list[str]:
             copy = med(lambda: cuda_ipc.copy_rows([r[0] for r in rows], [pool.base + e[0] for e in ext], pitch, row,
                                                   row, planes, s_), 15)
             keyt = med(lambda: client.keys(tokens), 15)
+            lazy = None
+            if PrefixKeys is not None:   # the step hashing its keys as it reads them (overlapped with copies)
+                lazy = med(lambda: gpu_retrieve._unleased_hbm(gp, PrefixKeys(client.namespace_id, tokens,
+                                                                             ns.chunk_tokens),
+                                                              chunks, out, rows, pool, cur), 15)
+            twin = torch.empty_like(kv)   # the ceiling: one D2D copy of the same bytes, same timer
+            d2d = nb / med(lambda: twin.copy_(kv), 15) / 1e9
+            del twin
             lines.append(f"HBM tier, {name}, {chunks} chunks, {nb / 1e6:.0f} MB ({len(ext)} remembered): routed "
-                         f"retrieve_into {routed * 1e3:.3f} ms ({nb / routed / 1e9:.0f} GB/s) | retrieve_into_cuda "
-                         f"{direct * 1e3:.3f} ms | _unleased_hbm {step * 1e3:.3f} ms | copy_rows alone {copy * 1e3:.3f} ms "
-                         f"({nb / copy / 1e9:.0f} GB/s) | keys() {keyt * 1e3:.3f} ms")
+                         f"retrieve_into {routed * 1e3:.3f} ms ({nb / routed / 1e9:.0f} GB/s, "
+                         f"{nb / routed / 1e9 / d2d:.0%} of D2D) | retrieve_into_cuda {direct * 1e3:.3f} ms "
+                         f"({nb / direct / 1e9 / d2d:.0%}) | _unleased_hbm {step * 1e3:.3f} ms"
+                         + (f", hashing its keys {lazy * 1e3:.3f} ms" if lazy is not None else "")
+                         + f" | copy_rows alone {copy * 1e3:.3f} ms ({nb / copy / 1e9:.0f} GB/s) | keys() "
+                         f"{keyt * 1e3:.3f} ms | D2D copy of the same bytes {d2d:.0f} GB/s")
             for what, fn in (("routed", lambda: client.retrieve_into(tokens, out)),
                              ("direct", lambda: kgpu.retrieve_into_cuda(client, tokens, out))):
                 lines += cprofiled(fn, calls, f"{what} HBM loads", 16)

@@ -131,3 +131,40 @@ def test_bad_token_arrays_rejected(bad):
     ns = Namespace(model="m", dtype="float16", num_layers=2, num_kv_heads=2, head_dim=8).namespace_id
     with pytest.raises(ValueError, match="token ids must"):
         prefix_keys(ns, arr, 1)
+
+
+@pytest.mark.parametrize("container", ["list", "numpy"])
+def test_lazy_prefix_keys_hash_only_what_is_read(container):
+    """``PrefixKeys`` gives ``prefix_keys``'s keys in any order of access, hashing only up to
+    the furthest chunk read (what lets the GPU path overlap hashing with its copies)."""
+    import numpy as np
+
+    from kvstore_wire.keys import PrefixKeys
+
+    ns = Namespace(model="m", dtype="float16", num_layers=2, num_kv_heads=2, head_dim=8).namespace_id
+    ids = [(i * 40503) % 50000 for i in range(16 * 37 + 5)]
+    want = prefix_keys(ns, ids, 16)
+    toks = ids if container == "list" else np.array(ids, dtype=np.int32)
+    k = PrefixKeys(ns, toks, 16)
+    assert len(k) == 37 and k.computed() == 0
+    assert k[0] == want[0] and k.computed() == 1
+    assert k[2:5] == want[2:5] and k.computed() == 5
+    assert k[3] == want[3] and k.computed() == 5
+    assert k[-1] == want[-1] and k.computed() == 37
+    assert list(k) == want and k[:] == want and k[::-3] == want[::-3]
+    with pytest.raises(IndexError):
+        k[37]
+    lazy = PrefixKeys(ns, toks, 16)
+    assert [key for key in lazy] == want   # iteration alone, from nothing hashed
+    partial = PrefixKeys(ns, toks, 16, include_partial=True)
+    assert len(partial) == 38 and list(partial) == prefix_keys(ns, ids, 16, include_partial=True)
+
+
+def test_lazy_prefix_keys_reject_a_bad_id_when_its_chunk_is_reached():
+    from kvstore_wire.keys import PrefixKeys
+
+    ns = bytes(32)
+    k = PrefixKeys(ns, [1, 2, 3, 4, -5, 6], 2)
+    assert k[:2] == prefix_keys(ns, [1, 2, 3, 4], 2)
+    with pytest.raises(ValueError, match="token ids must"):
+        k[2]

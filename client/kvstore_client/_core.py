@@ -22,7 +22,7 @@ from typing import Any, Callable, Generator, Mapping, Sequence
 
 from kvstore_wire import crc as _crc
 from kvstore_wire._proto.kvstore.v1 import data_pb2
-from kvstore_wire.keys import Namespace, prefix_keys
+from kvstore_wire.keys import Namespace, PrefixKeys, prefix_keys
 from kvstore_wire.presence import PresenceReader
 from kvstore_wire.types import Durability, Encoding, Tier
 
@@ -209,16 +209,17 @@ class ClientCore:
         return asm.matched_tokens, asm.result(as_torch)
 
     def retrieve_into(self, tokens: Sequence[int], out, verify_crc: bool | None) -> Plan:
-        keys = self.keys(tokens)
         if C.is_cuda_tensor(out):
+            # Hashed as read: the GPU path's HBM loads hash later chunks while earlier ones copy.
+            keys = PrefixKeys(self.namespace_id, tokens, self.namespace.chunk_tokens)
             if self.arena is not None and self.gpu is not None:
                 _shm.check_cuda_out(self, keys, out)
                 placed = yield Work(self.gpu.retrieve_into, (tokens, out, self.gpu.caller_stream(out), keys))
                 if placed is not None:   # tokens; None: the GPU path cannot serve it
                     return placed
-            n = yield from _shm.retrieve_cuda(self, keys, out)
+            n = yield from _shm.retrieve_cuda(self, keys[:], out)
         else:
-            n = (yield from self.fetch(keys, verify_crc, out)).matched
+            n = (yield from self.fetch(self.keys(tokens), verify_crc, out)).matched
         return n * self.namespace.chunk_tokens
 
     def delete(self, keys: Sequence[bytes]) -> Plan:

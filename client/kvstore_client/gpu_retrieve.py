@@ -13,6 +13,7 @@ import numpy as np
 
 from kvstore_native import cuda_ipc, transfer
 from kvstore_wire._proto.kvstore.v1 import local_pb2
+from kvstore_wire.keys import PrefixKeys
 from kvstore_wire.presence import fastest
 from kvstore_wire.types import Encoding, Tier
 
@@ -41,11 +42,15 @@ def retrieve_into_cuda(client, tokens: Sequence[int], dst, group_chunks: int | N
     still lists in DRAM load without any RPC (``_unleased``: proved in staging first).
     Chunks the daemon's HBM tier holds load device-to-device from its pool (mapped once).
     ``stream``: the engine's stream that reads ``dst`` afterwards (default: the current one).
-    ``keys``: the prefix keys of ``tokens`` when the caller computed them already (the client's
-    routed calls), else computed here."""
+    ``keys``: the prefix keys of ``tokens`` when the caller has them (the client's routed
+    calls pass a ``PrefixKeys``, hashed as read, so an HBM load hashes later chunks while
+    earlier ones copy), else hashed here the same way."""
     gp = _path(client)
     with gp._lock:
-        keys = gp.client.keys(tokens) if keys is None else list(keys)
+        if keys is None:
+            keys = PrefixKeys(gp.client.namespace_id, tokens, gp.client.namespace.chunk_tokens)
+        elif not isinstance(keys, PrefixKeys):
+            keys = list(keys)
         return _retrieve(gp, keys, dst, group_chunks or gp.group_chunks, verify, stream) * gp.client.namespace.chunk_tokens
 
 
@@ -222,6 +227,12 @@ def _retrieve(gp: GpuPath, keys, dst, group: int, verify: bool, stream=None) -> 
     return placed
 
 
+#: The lease-free HBM load launches its copies in groups of this many chunks, doubling: the
+#: first copy starts after a few chunks' keys and checks, and the host hashes and checks each
+#: later group while the GPU copies the ones before it.
+HBM_FIRST_GROUP = 2
+
+
 def _unleased_hbm(gp: GpuPath, keys, n: int, dst, contiguous, pool, cur) -> int:
     """Loads from the daemon's HBM pool without any RPC: the leading chunks whose pool extent
     this client saw through a lease (with the generation counters of its blocks then) and that
@@ -230,36 +241,50 @@ def _unleased_hbm(gp: GpuPath, keys, n: int, dst, contiguous, pool, cur) -> int:
     never written while it is stored; so a chunk whose counters equal the remembered ones both
     before and after its device-to-device copy is the chunk that was leased, copied intact.
     Chunks are copied straight into ``dst`` (no staging: a staged copy would halve the D2D
-    rate); the ones whose counters changed end the run, are forgotten and are read through a
+    rate), in groups (``HBM_FIRST_GROUP``, doubling): a group's keys (``keys`` may hash as
+    read: ``PrefixKeys``), presence and counters are checked while the GPU copies the groups
+    before it, and nothing is copied for a chunk that failed its check before the copy. The
+    ones whose counters changed by the end end the run, are forgotten and are read through a
     lease by the caller, which overwrites what the copy left in their place. Reads are
     reported to the daemon as hits afterwards. Returns how many chunks were placed."""
     c = gp.client
     presence = c.presence
-    if pool.gens is None or presence is None or presence.stale():
+    gens = pool.gens
+    if gens is None or presence is None or presence.stale():
         return 0
-    ext = gp.recall_pool(keys[:n], n)
-
-    def unchanged(e) -> bool:   # the extent's blocks' counters as remembered (bytes)
-        _, _, lo, snap = e
-        return pool.gens[lo:lo + len(snap) // 8].tobytes() == snap
-
-    m = 0
-    for key, e in zip(keys, ext):
-        mask = presence.probe(c.namespace_id, key)
-        if not mask or fastest(mask) != Tier.HBM or e[0] + e[1] > pool.size or not unchanged(e):
-            break
-        m += 1
-    if m == 0:
-        return 0
+    nsid, limit, base = c.namespace_id, pool.size, pool.base
     ks = gp.kernel_stream
-    ks.wait_stream(cur)   # dst belongs to the engine's stream: what it queued comes first
+    ext: list = []   # (offset, length, first block, counters) of the chunks copied, in order
+    m, size, going = 0, HBM_FIRST_GROUP, True
     try:
-        _move_into([(i, pool.base + ext[i][0]) for i in range(m)], dst, contiguous, ks.cuda_stream)
-        ks.synchronize()
+        while going and m < n:
+            hi = min(n, m + size)
+            size *= 2
+            group = keys[m:hi]
+            seen = gp.recall_pool(group, hi - m)
+            going = len(seen) == hi - m
+            rows: list[tuple[int, int]] = []
+            for key, e in zip(group, seen):
+                off, length, lo, snap = e
+                mask = presence.probe(nsid, key)
+                if (not mask or fastest(mask) != Tier.HBM or off + length > limit
+                        or gens[lo:lo + len(snap) // 8].tobytes() != snap):
+                    going = False
+                    break
+                rows.append((m + len(rows), base + off))
+                ext.append(e)
+            if rows:
+                if m == 0:
+                    ks.wait_stream(cur)   # dst belongs to the engine's stream: what it queued comes first
+                _move_into(rows, dst, contiguous, ks.cuda_stream)
+                m += len(rows)
+        if m:
+            ks.synchronize()
     finally:
-        cur.wait_stream(ks)
+        if m:
+            cur.wait_stream(ks)
     good = 0
-    while good < m and unchanged(ext[good]):
+    while good < m and gens[ext[good][2]:ext[good][2] + len(ext[good][3]) // 8].tobytes() == ext[good][3]:
         good += 1
     if good < m:   # reused while it was copied: leased again by the caller
         gp.forget(keys[good])

@@ -64,7 +64,7 @@ class GpuRoute:
 
     def retrieve_into(self, tokens: Sequence[int], out, stream=None, keys=None) -> int | None:
         """Tokens placed into ``out``, or None (the core's other path serves the call). ``keys``:
-        the prefix keys of ``tokens``, computed by the core already (once per call)."""
+        the prefix keys of ``tokens`` from the core (once per call; a ``PrefixKeys``, hashed as read)."""
         from .gpu_retrieve import retrieve_into_cuda
         from .gpu_state import GpuPathUnusable
 

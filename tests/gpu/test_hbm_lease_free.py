@@ -124,3 +124,53 @@ def test_hbm_loads_without_a_lease_are_proven_by_the_generations(daemon_factory,
         c.delete(keys + c.keys(tb))
         dst, got = target()
         assert kgpu.retrieve_into_cuda(c, ta, dst) == 0   # deleted: absent from the index
+
+
+def test_grouped_lease_free_hbm_loads_copy_nothing_past_the_first_unproven_chunk(daemon_factory):
+    """The lease-free HBM step copies in growing groups while it hashes and checks the next:
+    a chunk that fails its check in a later group ends the run there (nothing from it on is
+    copied, the groups before it are), the call then leases the rest, bit-exact; a bad token id
+    in a later chunk of a lazily hashed call is an error, with the engine's stream still ordered
+    after the copies already launched."""
+    import torch
+
+    from kvstore_client import gpu as kgpu
+    from kvstore_client import gpu_retrieve
+    from kvstore_client.gpu_state import _path
+    from kvstore_wire.keys import PrefixKeys
+
+    d = daemon_factory(settings=tuple(HBM))
+    ns = Namespace(model="test/hbm-lease-free-groups", dtype="float16", num_layers=4, num_kv_heads=2, head_dim=64)
+    chunks, tok = 12, ns.chunk_tokens
+    assert gpu_retrieve.HBM_FIRST_GROUP == 2   # groups [0, 2), [2, 6), [6, 12)
+    a = torch.randn(ns.chunk_shape(tok * chunks), device="cuda").to(torch.float16)
+    ta = list(range(7, 7 + tok * chunks))
+    with KVStoreClient(d.addr, ns) as c:
+        assert kgpu.store_cuda(c, ta, a) == chunks
+        for _ in range(2):   # into the pool, then remembered from a leased pool read
+            assert kgpu.retrieve_into_cuda(c, ta, torch.empty_like(a)) == len(ta)
+        gp = _path(c)
+        keys = c.keys(ta)
+        assert len(gp.recall_pool(keys, chunks)) == chunks
+        spy = count_leases(gp)
+        out = torch.full_like(a, 7.0)
+        assert kgpu.retrieve_into_cuda(c, ta, out) == len(ta) and torch.equal(out, a) and spy.leases == 0
+
+        gp.forget(keys[8])   # unproven: the third group stops at it
+        out = torch.full_like(a, 7.0)
+        cur = torch.cuda.current_stream()
+        rows = gpu_retrieve._contiguous_rows(out, ns, chunks)
+        assert gpu_retrieve._unleased_hbm(gp, PrefixKeys(c.namespace_id, ta, tok), chunks, out, rows, gp.pool(),
+                                          cur) == 8
+        torch.cuda.synchronize()
+        assert torch.equal(out[:, :, :8 * tok], a[:, :, :8 * tok])
+        assert bool((out[:, :, 8 * tok:] == 7.0).all())   # nothing copied for chunk 8 on
+        assert kgpu.retrieve_into_cuda(c, ta, out) == len(ta) and torch.equal(out, a) and spy.leases >= 1
+
+        bad = list(ta)
+        bad[9 * tok + 3] = -1   # chunk 9: hashed only after the first groups copied
+        out = torch.full_like(a, 7.0)
+        with pytest.raises(ValueError, match="token ids must"):
+            c.retrieve_into(bad, out)
+        torch.cuda.synchronize()
+        assert torch.equal(out[:, :, :6 * tok], a[:, :, :6 * tok])   # what was launched landed whole

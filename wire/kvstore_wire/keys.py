@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NewType, Sequence
+from typing import NewType
 
 import numpy as np
 
@@ -128,25 +129,78 @@ def next_prefix_key(previous: bytes, chunk: Sequence[int]) -> Key:
     return Key(_h(previous, struct.pack("<I", len(chunk)), _tokens(chunk)))
 
 
+class PrefixKeys(Sequence):
+    """The chained prefix keys of ``tokens``' leading full chunks (and of the trailing partial
+    one if asked), computed in order only as far as they are read and kept: ``len`` is known
+    at once, ``keys[i]`` / ``keys[lo:hi]`` / iteration hash up to what they touch. A loader
+    can then overlap hashing the later chunks with moving the earlier ones (the GPU path's
+    HBM loads). The keys are ``prefix_keys``'s; a bad token id raises ``ValueError`` when
+    the chunk holding it is first reached (an integer numpy array is checked whole at once)."""
+
+    __slots__ = ("_tokens", "_chunk", "_end", "_n", "_keys", "_prev")
+
+    def __init__(self, namespace_id: bytes, tokens: Sequence[int], chunk_tokens: int,
+                 *, include_partial: bool = False) -> None:
+        if chunk_tokens <= 0:
+            raise ValueError("chunk_tokens must be positive")
+        if not hasattr(tokens, "__len__") or not hasattr(tokens, "__getitem__"):
+            tokens = list(tokens)
+        end = len(tokens) if include_partial else len(tokens) - len(tokens) % chunk_tokens
+        if isinstance(tokens, np.ndarray):
+            tokens = memoryview(_tokens(tokens[:end])).cast("B")   # checked and packed whole
+        self._tokens = tokens
+        self._chunk = chunk_tokens
+        self._end = end
+        self._n = -(-end // chunk_tokens)
+        self._keys: list[Key] = []
+        self._prev: bytes = root_key(namespace_id)
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _upto(self, hi: int) -> None:
+        """Hashes the keys up to (not including) chunk ``hi``: their token bytes packed once,
+        each chunk's hashed as a slice of them."""
+        lo = len(self._keys)
+        if hi <= lo:
+            return
+        c, t = self._chunk, self._tokens
+        first, last = lo * c, min(hi * c, self._end)
+        packed = t[4 * first:4 * last] if isinstance(t, memoryview) else memoryview(_tokens(t[first:last]))
+        full = struct.pack("<I", c)
+        prev, keys = self._prev, self._keys
+        for start in range(0, last - first, c):
+            stop = min(start + c, last - first)
+            prev = _h(prev, full if stop - start == c else struct.pack("<I", stop - start),
+                      packed[4 * start:4 * stop])
+            keys.append(Key(prev))
+        self._prev = prev
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(self._n)
+            self._upto(hi if step > 0 else lo + 1)
+            return self._keys[i]
+        j = i + self._n if i < 0 else i
+        if not 0 <= j < self._n:
+            raise IndexError("prefix key index out of range")
+        self._upto(j + 1)
+        return self._keys[j]
+
+    def __iter__(self):
+        for i in range(self._n):
+            self._upto(i + 1)
+            yield self._keys[i]
+
+    def computed(self) -> int:
+        """How many leading keys are hashed so far."""
+        return len(self._keys)
+
+
 def prefix_keys(namespace_id: bytes, tokens: Sequence[int], chunk_tokens: int,
                 *, include_partial: bool = False) -> list[Key]:
     """Chained keys of the leading full chunks of ``tokens`` (and the trailing partial one if asked)."""
-    if chunk_tokens <= 0:
-        raise ValueError("chunk_tokens must be positive")
-    if not hasattr(tokens, "__len__") or not hasattr(tokens, "__getitem__"):
-        tokens = list(tokens)
-    keys: list[Key] = []
-    prev: bytes = root_key(namespace_id)
-    end = len(tokens) if include_partial else len(tokens) - len(tokens) % chunk_tokens
-    # Every chunk's token bytes, packed once (next_prefix_key's bytes), hashed in place.
-    packed = memoryview(_tokens(tokens[:end] if end < len(tokens) else tokens))
-    full = struct.pack("<I", chunk_tokens)
-    for start in range(0, end, chunk_tokens):
-        stop = min(start + chunk_tokens, end)
-        prev = _h(prev, full if stop - start == chunk_tokens else struct.pack("<I", stop - start),
-                  packed[4 * start:4 * stop])
-        keys.append(Key(prev))
-    return keys
+    return PrefixKeys(namespace_id, tokens, chunk_tokens, include_partial=include_partial)[:]
 
 
 def chunk_key(namespace_id: bytes, tokens: Sequence[int]) -> Key:
