@@ -14,7 +14,7 @@ import numpy as np
 from kvstore_native import cuda_ipc, transfer
 from kvstore_wire._proto.kvstore.v1 import local_pb2
 from kvstore_wire.keys import PrefixKeys
-from kvstore_wire.presence import fastest
+from kvstore_wire.presence import fastest, tier_bit
 from kvstore_wire.types import Encoding, Tier
 
 from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks, decode_map
@@ -231,6 +231,7 @@ def _retrieve(gp: GpuPath, keys, dst, group: int, verify: bool, stream=None) -> 
 #: first copy starts after a few chunks' keys and checks, and the host hashes and checks each
 #: later group while the GPU copies the ones before it.
 HBM_FIRST_GROUP = 2
+_HBM_BIT = tier_bit(Tier.HBM)   # set in a mask: HBM is the chunk's fastest copy
 
 
 def _unleased_hbm(gp: GpuPath, keys, n: int, dst, contiguous, pool, cur) -> int:
@@ -267,7 +268,7 @@ def _unleased_hbm(gp: GpuPath, keys, n: int, dst, contiguous, pool, cur) -> int:
             for key, e in zip(group, seen):
                 off, length, lo, snap = e
                 mask = presence.probe(nsid, key)
-                if (not mask or fastest(mask) != Tier.HBM or off + length > limit
+                if (not mask or not mask & _HBM_BIT or off + length > limit
                         or gens[lo:lo + len(snap) // 8].tobytes() != snap):
                     going = False
                     break
