@@ -304,7 +304,13 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--hbm-only", action="store_true")
     ap.add_argument("--codec-only", action="store_true", help="only the compressed loads and GPU-encoded stores")
+    ap.add_argument("--decoder", default=None, help="GPU decoder of the compressed loads (kvstore_native.codec.gpu"
+                    ".DECODERS; default: the library's)")
     args = ap.parse_args(argv)
+    if args.decoder:
+        from kvstore_native.codec import gpu as gdec
+
+        gdec.set_decoder(args.decoder, 4)
     if args.hbm_only:
         for name, shape in SHAPES.items():
             print("\n".join(hbm(name, shape, args.chunks, args.calls)), flush=True)

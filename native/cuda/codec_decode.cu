@@ -156,11 +156,23 @@ __device__ __forceinline__ void put(Elem<DT>* dst, uint64_t o, float f) {
   }
 }
 
+// Both model entries of a decode step from shared memory, issued back to back: the compiler
+// otherwise loads the second one only after comparing the first (a predicated load), which
+// puts two dependent shared loads after the bucket's on the symbol chain instead of one.
+__device__ __forceinline__ void ld_pair_shared(const uint32_t* p, uint32_t& e0, uint32_t& e1) {
+  const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
+  asm volatile("ld.shared.u32 %0, [%1];" : "=r"(e0) : "r"(a));
+  asm volatile("ld.shared.u32 %0, [%1+4];" : "=r"(e1) : "r"(a));
+}
+
 // blockDim.x = 32 * warps; warp w of block b decodes flattened segment b * warps + w.
 // MAPPED: the output goes where DecArgs' plane / token map says (engine memory), the header is
 // checked on the device, and with a gate a chunk decodes only when its bitstream and every
 // earlier one landed with the CRC32C they were stored with.
-template <int DT, bool SMEM, bool HWCVT, bool MAPPED>
+// SHORT (variant warp-smem-hw-short): the same arithmetic with a shorter symbol chain: both
+// model entries loaded at once (ld_pair_shared), and a mapped load's token offset read one
+// token ahead so that the output store never waits for it.
+template <int DT, bool SMEM, bool HWCVT, bool MAPPED, bool SHORT = false>
 __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
   using ElemT = Elem<DT>;
   __shared__ CompactModels sm[SMEM ? 1 : 1];
@@ -263,7 +275,13 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
     ElemT* out = MAPPED ? nullptr : static_cast<ElemT*>(dst) + base + c;
     uint8_t* const cplane =
         MAPPED ? plane + (uint64_t)(c / a.run_elems) * a.run_stride + (uint64_t)(c % a.run_elems) * B : nullptr;
+    uint64_t tok_next = MAPPED && SHORT ? toks[0] : 0;
     for (uint32_t t = 0; t < T; t++, out += MAPPED ? 0 : C) {
+      uint64_t tok = 0;
+      if (MAPPED && SHORT) {  // this token's offset was loaded one token ago
+        tok = tok_next;
+        tok_next = toks[t + 1 < T ? t + 1 : t];
+      }
       if (t == next_raw) {  // the same tokens in every lane: no divergence
         ri++;
         next_raw = ri < R ? ld32(ridx + 4 * ri) : T;
@@ -273,9 +291,17 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
       uint32_t z = bk[slot >> kBucketShift];
       // the bucket's symbol or the next one, both loaded at once (no branch); further steps
       // (buckets holding three or more thin tail symbols) are rare
-      const uint32_t e0 = ent[z], e1 = ent[z + 1];
+      uint32_t e0, e1;
+      if (SHORT && SMEM) {
+        ld_pair_shared(ent + z, e0, e1);
+      } else {
+        e0 = ent[z];
+        e1 = ent[z + 1];
+      }
       const bool step = slot >= (e0 & 0xFFFFu) + (e0 >> 16);
-      uint32_t e = step ? e1 : e0;
+      // SHORT: an arithmetic select, so that e1 is needed whatever `step` is and its load is
+      // not turned into one predicated on the comparison
+      uint32_t e = SHORT ? e0 ^ ((e0 ^ e1) & (0u - (uint32_t)step)) : (step ? e1 : e0);
       z += step;
       while (slot >= (e & 0xFFFFu) + (e >> 16)) e = ent[++z];
       x = rd.renorm((e >> 16) * (x >> KVC_PROB_BITS) + slot - (e & 0xFFFFu));
@@ -292,7 +318,7 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
       const int32_t v = pred + kvc_unzigzag(z);
       bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
       if (delta) pred = v;
-      if (MAPPED) out = reinterpret_cast<ElemT*>(cplane + toks[t]);
+      if (MAPPED) out = reinterpret_cast<ElemT*>(cplane + (SHORT ? tok : toks[t]));
       put<DT, HWCVT>(out, 0, kvc_dequantize(v, step_f));
     }
     if (bad) { fail(a.err, kErrValue, seg, ec); return; }
@@ -301,11 +327,11 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
   if (!(x == KVC_RANS_L && rd.rem == 0)) fail(a.err, kErrEnd, seg, ec);
 }
 
-template <bool SMEM, bool HWCVT, bool MAPPED>
+template <bool SMEM, bool HWCVT, bool MAPPED, bool SHORT = false>
 void launch_t(int dtype, uint32_t blocks, uint32_t threads, cudaStream_t st, const DecArgs& a) {
-  if (dtype == KVC_DTYPE_F16) k_decode_warp<KVC_DTYPE_F16, SMEM, HWCVT, MAPPED><<<blocks, threads, 0, st>>>(a);
-  else if (dtype == KVC_DTYPE_BF16) k_decode_warp<KVC_DTYPE_BF16, SMEM, HWCVT, MAPPED><<<blocks, threads, 0, st>>>(a);
-  else k_decode_warp<KVC_DTYPE_F32, SMEM, HWCVT, MAPPED><<<blocks, threads, 0, st>>>(a);
+  if (dtype == KVC_DTYPE_F16) k_decode_warp<KVC_DTYPE_F16, SMEM, HWCVT, MAPPED, SHORT><<<blocks, threads, 0, st>>>(a);
+  else if (dtype == KVC_DTYPE_BF16) k_decode_warp<KVC_DTYPE_BF16, SMEM, HWCVT, MAPPED, SHORT><<<blocks, threads, 0, st>>>(a);
+  else k_decode_warp<KVC_DTYPE_F32, SMEM, HWCVT, MAPPED, SHORT><<<blocks, threads, 0, st>>>(a);
 }
 
 void launch(int variant, int dtype, const DecArgs& a, cudaStream_t st) {
@@ -315,6 +341,7 @@ void launch(int variant, int dtype, const DecArgs& a, cudaStream_t st) {
     case kDecoderWarpSmemHw: launch_t<true, true, false>(dtype, blocks, 32 * warps, st, a); break;
     case kDecoderWarpGlobal: launch_t<false, false, false>(dtype, blocks, 32 * warps, st, a); break;
     case kDecoderWarpGlobalHw: launch_t<false, true, false>(dtype, blocks, 32 * warps, st, a); break;
+    case kDecoderWarpSmemHwShort: launch_t<true, true, false, true>(dtype, blocks, 32 * warps, st, a); break;
     default: launch_t<true, false, false>(dtype, blocks, 32 * warps, st, a); break;
   }
 }
@@ -324,7 +351,8 @@ void launch(int variant, int dtype, const DecArgs& a, cudaStream_t st) {
 void launch_mapped(int variant, int dtype, const DecArgs& a, cudaStream_t st) {
   const uint32_t warps = (uint32_t)g_warps.load();
   const uint32_t blocks = (a.segs_total + warps - 1) / warps;
-  if (variant == kDecoderWarpSmemHw || variant == kDecoderWarpGlobalHw) launch_t<true, true, true>(dtype, blocks, 32 * warps, st, a);
+  if (variant == kDecoderWarpSmemHwShort) launch_t<true, true, true, true>(dtype, blocks, 32 * warps, st, a);
+  else if (variant == kDecoderWarpSmemHw || variant == kDecoderWarpGlobalHw) launch_t<true, true, true>(dtype, blocks, 32 * warps, st, a);
   else launch_t<true, false, true>(dtype, blocks, 32 * warps, st, a);
 }
 
@@ -371,10 +399,10 @@ bool enqueue_decode_mapped(int variant, const Header& h, uint32_t count, uint32_
 
 KVS_API int kvs_cuda_codec_set_decoder(int variant, int warps_per_block, char* err, size_t err_len) {
   Error e;
-  if (variant < kvc_cuda::kDecoderFirst || variant > kvc_cuda::kDecoderWarpGlobalHw || warps_per_block < 1 ||
+  if (variant < kvc_cuda::kDecoderFirst || variant > kvc_cuda::kDecoderLast || warps_per_block < 1 ||
       warps_per_block > 8) {
     e.fail("decoder variant %d (0..%d) or warps per block %d (1..8) out of range", variant,
-           kvc_cuda::kDecoderWarpGlobalHw, warps_per_block);
+           kvc_cuda::kDecoderLast, warps_per_block);
     return report(KVS_EINVAL, e, err, err_len);
   }
   g_variant.store(variant);

@@ -17,6 +17,8 @@ enum DecoderVariant : int {
   kDecoderWarpSmemHw = 2,
   kDecoderWarpGlobal = 3,
   kDecoderWarpGlobalHw = 4,
+  kDecoderWarpSmemHwShort = 5,  // WarpSmemHw with a shorter symbol chain (codec_decode.cu, SHORT)
+  kDecoderLast = kDecoderWarpSmemHwShort,
 };
 // The process's initial choice for kvs_cuda_codec_decode(_batch), and the batched decoder the
 // pipelined load uses when the first decoder is selected (it has no chunk offset for groups).

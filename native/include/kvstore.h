@@ -239,7 +239,8 @@ KVS_API int kvs_cuda_codec_encode_batch_placed(uint32_t count, const uint64_t* d
 // Decoder choice of kvs_cuda_codec_decode(_batch) and load_batch (tests and benchmarks): 0 = the
 // first decoder (one thread per lane, grid row per chunk; load_batch then uses 2), 1 = one warp
 // per segment with the models in shared memory, 2 = same with the hardware fp16/bf16 conversion
-// (default), 3/4 = models in global memory (portable / hardware conversion); warps_per_block
+// (default), 3/4 = models in global memory (portable / hardware conversion), 5 = 2 with a
+// shorter symbol chain (both model entries loaded at once, token offsets read ahead); warps_per_block
 // 1..8 (default 4). Every variant is bit-exact with the CPU codec.
 KVS_API int kvs_cuda_codec_set_decoder(int variant, int warps_per_block, char* err, size_t err_len);
 // Counts, over every non-NaN binary32 value, where the hardware fp16 / bf16 conversions differ

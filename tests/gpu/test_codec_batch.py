@@ -62,7 +62,8 @@ def test_encode_batch_matches_cpu(level, kind):
     assert got == [kc.encode(h, level, layout, bf16=bf16) for h in hosts]
 
 
-@pytest.mark.parametrize("decoder", ["first", "warp-smem", "warp-smem-hw", "warp-global", "warp-global-hw"])
+@pytest.mark.parametrize("decoder", ["first", "warp-smem", "warp-smem-hw", "warp-global", "warp-global-hw",
+                                     "warp-smem-hw-short"])
 @pytest.mark.parametrize("kind", ["f16", "bf16", "f32"])
 def test_decoder_variants_match_cpu(decoder, kind):
     import torch

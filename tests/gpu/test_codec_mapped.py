@@ -110,9 +110,24 @@ class Case:
         return True
 
 
+#: The decoders a mapped load can run (kvs_cuda_codec_set_decoder): the default and the variant
+#: with the shorter symbol chain; both must place the same bits.
+MAPPED_DECODERS = ["warp-smem-hw", "warp-smem-hw-short"]
+
+
+@pytest.fixture
+def decoder(request):
+    from kvstore_native.codec import gpu
+
+    gpu.set_decoder(request.param, 4)
+    yield request.param
+    gpu.set_decoder("warp-smem-hw", 4)
+
+
+@pytest.mark.parametrize("decoder", MAPPED_DECODERS, indirect=True)
 @pytest.mark.parametrize("layout", transfer.PAGED_LAYOUTS)
 @pytest.mark.parametrize("dtype", ["f16", "bf16"])
-def test_mapped_load_into_every_paged_layout_matches_the_cpu_decoder(layout, dtype):
+def test_mapped_load_into_every_paged_layout_matches_the_cpu_decoder(layout, dtype, decoder):
     for level in LOSSY:
         c = Case(layout, dtype, 5, level=level, seed=int(level))
         r = c.load()
@@ -172,7 +187,8 @@ def test_verify_host_refuses_a_bad_layer_checksum():
     assert c.chunk_bytes(0) == c.want[0] and c.untouched(1) and c.untouched(2)
 
 
-def test_hostile_bitstreams_never_escape_their_chunk():
+@pytest.mark.parametrize("decoder", MAPPED_DECODERS, indirect=True)
+def test_hostile_bitstreams_never_escape_their_chunk(decoder):
     """Corrupt streams whose CRCs were recomputed (so every check up to the decoder passes): the
     decoder rejects or decodes them, writes nothing outside its chunk, and the context survives."""
     torch = pytest.importorskip("torch")

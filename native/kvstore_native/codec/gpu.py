@@ -163,7 +163,8 @@ def decode_batch_ptrs(host_ptrs: list[int], dev_ptrs: list[int], lens: list[int]
 # ---- batched calls (codec_decode.cu, codec_load.cu, codec_encode.cu) -------------------------
 
 #: Decoder variants of :func:`set_decoder` (include/kvstore.h, kvs_cuda_codec_set_decoder).
-DECODERS = {"first": 0, "warp-smem": 1, "warp-smem-hw": 2, "warp-global": 3, "warp-global-hw": 4}
+DECODERS = {"first": 0, "warp-smem": 1, "warp-smem-hw": 2, "warp-global": 3, "warp-global-hw": 4,
+            "warp-smem-hw-short": 5}
 
 
 def set_decoder(name: str = "warp-smem-hw", warps_per_block: int = 4) -> None:
