@@ -306,11 +306,15 @@ def main(argv=None) -> int:
     ap.add_argument("--codec-only", action="store_true", help="only the compressed loads and GPU-encoded stores")
     ap.add_argument("--decoder", default=None, help="GPU decoder of the compressed loads (kvstore_native.codec.gpu"
                     ".DECODERS; default: the library's)")
+    ap.add_argument("--encoder", default=None, help="statistics pass of the GPU encoder of the compressed stores "
+                    "(kvstore_native.codec.gpu.ENCODERS; default: the library's)")
     args = ap.parse_args(argv)
-    if args.decoder:
-        from kvstore_native.codec import gpu as gdec
+    from kvstore_native.codec import gpu as gcodec_
 
-        gdec.set_decoder(args.decoder, 4)
+    if args.decoder:
+        gcodec_.set_decoder(args.decoder, 4)
+    if args.encoder:
+        gcodec_.set_encoder(args.encoder)
     if args.hbm_only:
         for name, shape in SHAPES.items():
             print("\n".join(hbm(name, shape, args.chunks, args.calls)), flush=True)

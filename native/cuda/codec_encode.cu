@@ -13,7 +13,10 @@
 //   (host)       one synchronisation for every lane size, the payload layout of every chunk;
 //   k_gather_b   the payloads assembled on the device, layer CRC32C on the GPU
 //                (kvs_cuda_crc32c_batch), one copy per chunk to the host; headers on the host.
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
+
+#include <atomic>
 
 #include <vector>
 
@@ -42,11 +45,16 @@ static_assert(sizeof(EncModels) % 16 == 0, "copied to shared memory in 16-byte w
 __device__ EncModels d_em;
 __constant__ uint32_t d_thr_enc[KVC_NUM_MODELS];
 std::mutex g_enc_mu;
+// kvs_cuda_codec_set_encoder: 0 = k_plan_b (global-memory statistics), 1 = k_plan_tile where it fits.
+std::atomic<int> g_plan_variant{0};
 bool g_enc_done[64] = {false};
 
 constexpr int kPlanThreadsMin = 256;   // small segments: 8 warps share the token pass
 constexpr int kPlanThreadsMax = 1024;  // one thread per channel up to 1024 channels
 constexpr uint32_t kPlanSmemTokens = 2048;  // coded-token list in shared memory up to this
+// k_plan_tile: a segment's 2-byte values staged in shared memory (with its token means and
+// coded-token list) up to this many bytes: SmolLM2's 256 x 192 segment takes 99 KB, two blocks per SM.
+constexpr uint32_t kPlanTileMaxBytes = 110u << 10;
 constexpr int kLaneThreads = 128;
 constexpr int kLanePrefetch = 8;  // symbols in flight per lane
 
@@ -209,6 +217,138 @@ __global__ void __launch_bounds__(kPlanThreadsMax) k_plan_b(const PlanArgs a) {
     }
   }
 }
+
+// The statistics pass from shared memory (kvs_cuda_codec_set_encoder 1): the same policy and
+// the same integer arithmetic as k_plan_b, on a copy of the segment read once from global memory
+// with 16-byte loads (k_plan_b reads every value three times and its quantised values twice more,
+// one 2-byte load per thread and token: latency-bound). The quantised values of coded tokens
+// overwrite their inputs in place (each channel's column belongs to one thread); raw tokens'
+// values are left as they were (the gather copies raw rows from the source). fp16 / bf16 only.
+// Dynamic shared memory: [tile: T*C u16, rounded to 16 bytes][token means: T x i64][coded: T x u32].
+template <int DT>
+__device__ __forceinline__ float tile_val(uint16_t u) {
+  return DT == KVC_DTYPE_F16 ? __half2float(__ushort_as_half(u)) : kvc_bf16_to_float(u);
+}
+
+template <int DT>
+__global__ void __launch_bounds__(kPlanThreadsMax) k_plan_tile(const PlanArgs a) {
+  extern __shared__ uint4 s_dyn[];
+  const uint32_t g = blockIdx.x, spc = a.L * a.S, seg = g % spc, l = seg / a.S, s = seg % a.S;
+  const uint32_t T = a.T, C = a.C, n = a.n, elems = T * C;
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(chunk_src(a, g)) + (uint64_t)seg * elems;
+  uint16_t* tile = reinterpret_cast<uint16_t*>(s_dyn);
+  int16_t* qt = reinterpret_cast<int16_t*>(s_dyn);
+  int64_t* tm = reinterpret_cast<int64_t*>(reinterpret_cast<uint8_t*>(s_dyn) + ((uint64_t)elems * 2 + 15) / 16 * 16);
+  uint32_t* coded = reinterpret_cast<uint32_t*>(tm + T);
+  __shared__ long long sum_bits;
+  __shared__ uint32_t tc_shared;
+  if (threadIdx.x == 0) sum_bits = 0;
+  if (((uintptr_t)src & 15u) == 0) {
+    const uint4* s4 = reinterpret_cast<const uint4*>(src);
+    const uint32_t n4 = elems / 8;
+#pragma unroll 4
+    for (uint32_t i = threadIdx.x; i < n4; i += blockDim.x) s_dyn[i] = __ldg(s4 + i);
+    for (uint32_t i = n4 * 8 + threadIdx.x; i < elems; i += blockDim.x) tile[i] = src[i];
+  } else {
+    for (uint32_t i = threadIdx.x; i < elems; i += blockDim.x) tile[i] = src[i];
+  }
+  __syncthreads();
+  const uint32_t warp = threadIdx.x >> 5, lane = threadIdx.x & 31u, nw = blockDim.x >> 5;
+  long long local = 0;
+  for (uint32_t t = warp; t < T; t += nw) {
+    long long sq = 0;
+    for (uint32_t c = lane; c < C; c += 32) sq += kvc_qlog(kvc_sanitize(tile_val<DT>(tile[t * C + c])));
+    for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xFFFFFFFFu, sq, o);
+    if (lane == 0) {
+      tm[t] = kvc_floordiv(sq, C);
+      local += tm[t];
+    }
+  }
+  if (lane == 0) atomicAdd((unsigned long long*)&sum_bits, (unsigned long long)local);
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const int64_t mean = kvc_floordiv((int64_t)sum_bits, T);
+    uint32_t r = 0, tc = 0;
+    for (uint32_t t = 0; t < T; t++) {
+      const bool raw = r < KVC_MAX_RAW_TOKENS &&
+                       (tm[t] - mean >= KVC_RAW_TOKEN_DEVIATION || mean - tm[t] >= KVC_RAW_TOKEN_DEVIATION);
+      if (raw) a.raw_idx[g * KVC_MAX_RAW_TOKENS + r++] = t;
+      else coded[tc++] = t;
+    }
+    a.raw_count[g] = r;
+    tc_shared = tc;
+    sum_bits = 0;
+  }
+  __syncthreads();
+  const uint32_t TC = tc_shared, TD = TC ? TC : 1;
+  local = 0;
+  for (uint32_t c = threadIdx.x; c < C; c += blockDim.x) {
+    int64_t sum_ql = 0;
+    int32_t qlmax = KVC_QL_FLOOR;
+    const uint32_t first = TC ? kvc_f2u(kvc_sanitize(tile_val<DT>(tile[coded[0] * C + c]))) : 0;
+    uint32_t diff = 0;
+#pragma unroll 8
+    for (uint32_t i = 0; i < TC; i++) {
+      const float v = kvc_sanitize(tile_val<DT>(tile[coded[i] * C + c]));
+      diff |= kvc_f2u(v) ^ first;
+      const int32_t ql = kvc_qlog(v);
+      sum_ql += ql;
+      qlmax = ql > qlmax ? ql : qlmax;
+    }
+    const int64_t lc = kvc_floordiv(sum_ql, TD);
+    a.chan_lc[(uint64_t)g * C + c] = lc;
+    a.chan_qlmax[(uint64_t)g * C + c] = qlmax;
+    a.chan_const[(uint64_t)g * C + c] = diff == 0;
+    local += lc;
+  }
+  atomicAdd((unsigned long long*)&sum_bits, (unsigned long long)local);
+  __syncthreads();
+  const int64_t lbar = kvc_floordiv((int64_t)sum_bits, C);
+  const int grp = kvc_layer_group(l, a.L);
+  for (uint32_t c = threadIdx.x; c < C; c += blockDim.x) {
+    const uint64_t ch = (uint64_t)g * C + c;
+    const uint32_t code =
+        kvc_step_code(a.chan_lc[ch], lbar, a.chan_qlmax[ch], a.pol.off[s][grp], a.pol.w[s], a.chan_const[ch] != 0);
+    const float step = kvc_step(code);
+    int64_t sum_q = 0;
+    uint64_t cost_d = 0;
+    int32_t prev = 0, q0 = 0;
+#pragma unroll 8
+    for (uint32_t i = 0; i < TC; i++) {
+      const uint32_t o = coded[i] * C + c;
+      const int32_t v = kvc_quantize(kvc_sanitize(tile_val<DT>(tile[o])), step);
+      qt[o] = (int16_t)v;   // in place: this thread's column, read below only as q
+      sum_q += v;
+      if (i) cost_d += (uint64_t)abs(v - prev);
+      else q0 = v;
+      prev = v;
+    }
+    const int32_t ctr = kvc_center(sum_q, TD);
+    if (TC) cost_d += (uint64_t)abs(q0 - ctr);
+    uint64_t cost_c = 0;
+#pragma unroll 8
+    for (uint32_t i = 0; i < TC; i++) cost_c += (uint64_t)abs((int32_t)qt[coded[i] * C + c] - ctr);
+    const bool delta = cost_d < cost_c;
+    const uint32_t model =
+        kvc_choose_model(delta ? cost_d : cost_c, TD, d_thr_enc, KVC_NUM_MODELS) | (delta ? KVC_MODEL_DELTA_BIT : 0u);
+    uint8_t* m = a.meta + ch * KVC_CHANNEL_META_SIZE;
+    m[0] = (uint8_t)code;
+    m[1] = (uint8_t)model;
+    m[2] = (uint8_t)((uint16_t)(int16_t)ctr & 0xFF);
+    m[3] = (uint8_t)((uint16_t)(int16_t)ctr >> 8);
+    uint16_t* out = a.sym + ((uint64_t)g * a.nch + c / n) * T * n + c % n;
+    prev = ctr;
+#pragma unroll 8
+    for (uint32_t i = 0; i < TC; i++) {
+      const int32_t v = qt[coded[i] * C + c];
+      out[(uint64_t)i * n] = (uint16_t)kvc_zigzag(v - (delta ? prev : ctr));
+      prev = v;
+    }
+  }
+}
+
+// Dynamic shared memory of k_plan_tile for a segment of T tokens x C channels.
+inline uint64_t plan_tile_bytes(uint32_t T, uint32_t C) { return ((uint64_t)T * C * 2 + 15) / 16 * 16 + 12ull * T; }
 
 struct Enc {
   uint32_t x;
@@ -380,6 +520,10 @@ bool init_encoder(Error& e) {
                "threshold upload") ||
       !cuda_ok(cudaFuncSetAttribute(k_lanes_b, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)sizeof(EncModels)), e,
                "shared memory limit") ||
+      !cuda_ok(cudaFuncSetAttribute(k_plan_tile<KVC_DTYPE_F16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)kPlanTileMaxBytes), e, "shared memory limit") ||
+      !cuda_ok(cudaFuncSetAttribute(k_plan_tile<KVC_DTYPE_BF16>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)kPlanTileMaxBytes), e, "shared memory limit") ||
       !keep_pool_memory(dev, e))
     return false;
   g_enc_done[dev] = true;
@@ -444,11 +588,16 @@ static int encode_batch_impl(uint32_t count, const uint64_t* dev_srcs, int dtype
   uint8_t *scratch, *out;
   uint32_t *lane_len, *lane_state, *d_crc;
   uint64_t *seg_off, *lane_off;
+  // The statistics pass from shared memory where a segment fits (kvs_cuda_codec_set_encoder);
+  // the global-memory pass, with its scratch (q, token means, coded lists), otherwise.
+  const uint64_t tile_bytes = plan_tile_bytes(T, C);
+  const bool tile = g_plan_variant.load() == 1 && (dtype == KVC_DTYPE_F16 || dtype == KVC_DTYPE_BF16) &&
+                    tile_bytes <= kPlanTileMaxBytes;
   if (!mem.alloc(&d_srcs, 8ull * count, e) || !mem.alloc(&pa.meta, segs * C * KVC_CHANNEL_META_SIZE, e) ||
-      !mem.alloc(&pa.q, elems * count * 2, e) || !mem.alloc(&pa.sym, segs * nch_max * T * n * 2, e) ||
+      (!tile && !mem.alloc(&pa.q, elems * count * 2, e)) || !mem.alloc(&pa.sym, segs * nch_max * T * n * 2, e) ||
       !mem.alloc(&pa.chan_lc, segs * C * 8, e) || !mem.alloc(&pa.chan_qlmax, segs * C * 4, e) ||
-      !mem.alloc(&pa.chan_const, segs * C, e) || !mem.alloc(&pa.tok_tm, segs * T * 8, e) ||
-      !mem.alloc(&pa.coded_all, segs * T * 4, e) || !mem.alloc(&pa.raw_count, segs * 4, e) ||
+      !mem.alloc(&pa.chan_const, segs * C, e) || (!tile && !mem.alloc(&pa.tok_tm, segs * T * 8, e)) ||
+      (!tile && !mem.alloc(&pa.coded_all, segs * T * 4, e)) || !mem.alloc(&pa.raw_count, segs * 4, e) ||
       !mem.alloc(&pa.raw_idx, segs * KVC_MAX_RAW_TOKENS * 4, e) || !mem.alloc(&scratch, nlanes * cap, e) ||
       !mem.alloc(&lane_len, nlanes * 4, e) || !mem.alloc(&lane_state, nlanes * 4, e) ||
       !mem.alloc(&seg_off, segs * 8, e) || !mem.alloc(&lane_off, nlanes * 8, e) ||
@@ -458,7 +607,9 @@ static int encode_batch_impl(uint32_t count, const uint64_t* dev_srcs, int dtype
   pa.srcs = d_srcs; pa.dtype = dtype; pa.L = L; pa.S = S; pa.T = T; pa.C = C; pa.n = n; pa.nch = nch_max;
   pa.pol = pol;
   const uint32_t plan_threads = C <= kPlanThreadsMin ? kPlanThreadsMin : C >= kPlanThreadsMax ? kPlanThreadsMax : (C + 31) / 32 * 32;
-  k_plan_b<<<(unsigned)segs, plan_threads, 0, st>>>(pa);
+  if (!tile) k_plan_b<<<(unsigned)segs, plan_threads, 0, st>>>(pa);
+  else if (dtype == KVC_DTYPE_F16) k_plan_tile<KVC_DTYPE_F16><<<(unsigned)segs, plan_threads, tile_bytes, st>>>(pa);
+  else k_plan_tile<KVC_DTYPE_BF16><<<(unsigned)segs, plan_threads, tile_bytes, st>>>(pa);
   LaneArgs la{pa.meta, pa.sym, (uint32_t)segs, T, C, n, nch_max, cap, scratch, lane_len, lane_state, pa.raw_count};
   k_lanes_b<<<(unsigned)((nlanes + kLaneThreads - 1) / kLaneThreads), kLaneThreads, sizeof(EncModels), st>>>(la);
   std::vector<uint32_t> hl(nlanes), hr(segs);
@@ -592,4 +743,14 @@ KVS_API int kvs_cuda_codec_encode_batch_placed(uint32_t count, const uint64_t* d
   std::vector<uint64_t> offs(count ? count : 1);
   return encode_batch_impl(count, dev_srcs, dtype, layout, L, T, H, D, level, stream, nullptr, 0, offs.data(),
                            out_sizes, place, ctx, blob_crcs, err, err_len);
+}
+
+KVS_API int kvs_cuda_codec_set_encoder(int variant, char* err, size_t err_len) {
+  Error e;
+  if (variant < 0 || variant > 1) {
+    e.fail("encoder variant %d out of range (0 = global-memory statistics, 1 = shared-memory tile)", variant);
+    return report(KVS_EINVAL, e, err, err_len);
+  }
+  g_plan_variant.store(variant);
+  return KVS_OK;
 }

@@ -243,6 +243,10 @@ KVS_API int kvs_cuda_codec_encode_batch_placed(uint32_t count, const uint64_t* d
 // shorter symbol chain (both model entries loaded at once, token offsets read ahead); warps_per_block
 // 1..8 (default 4). Every variant is bit-exact with the CPU codec.
 KVS_API int kvs_cuda_codec_set_decoder(int variant, int warps_per_block, char* err, size_t err_len);
+// Statistics pass of the batched GPU encoder (tests and benchmarks): 0 = per-channel passes over
+// global memory (k_plan_b), 1 = the segment staged once in shared memory (k_plan_tile; fp16 and
+// bf16 segments up to 110 KB, the global pass otherwise). Both give the CPU encoder's bytes.
+KVS_API int kvs_cuda_codec_set_encoder(int variant, char* err, size_t err_len);
 // Counts, over every non-NaN binary32 value, where the hardware fp16 / bf16 conversions differ
 // from the format's portable ones (0 and 0 make variants 2 and 4 bit-exact).
 KVS_API int kvs_cuda_codec_selftest(uint64_t* mismatches_f16, uint64_t* mismatches_bf16, char* err, size_t err_len);

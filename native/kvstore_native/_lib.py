@@ -92,6 +92,7 @@ _CUDA = {
     "kvs_cuda_codec_encode_batch": (_ci, [_u32, _vp] + _SHAPE + [_ci, _vp, _vp, _u64, _vp, _vp] + _ERR),
     "kvs_cuda_codec_encode_batch_placed": (_ci, [_u32, _vp] + _SHAPE + [_ci, _vp, _vp, _vp, _vp, _vp] + _ERR),
     "kvs_cuda_codec_set_decoder": (_ci, [_ci, _ci] + _ERR),
+    "kvs_cuda_codec_set_encoder": (_ci, [_ci] + _ERR),
     "kvs_cuda_codec_selftest": (_ci, [_pu64, _pu64] + _ERR),
     "kvs_cuda_crc32c_batch": (_ci, [_u32, _vp, _vp, _vp, _vp] + _ERR),
     "kvs_cuda_crc32c_combine": (_u32, [_u32, _u32, _u64]),

@@ -15,6 +15,11 @@ def test_unknown_decoder_is_rejected():
         gpu.set_decoder("fastest")
 
 
+def test_unknown_encoder_is_rejected():
+    with pytest.raises(kc.CodecError, match="unknown encoder"):
+        gpu.set_encoder("fastest")
+
+
 @pytest.mark.parametrize("args", [([], [], [], 8), ([1], [8], [], 8), ([1, 2], [8], [3, 4], 8)])
 def test_load_batch_ptrs_needs_equal_nonempty_lists(args):
     with pytest.raises(kc.CodecError, match="non-empty"):
@@ -34,5 +39,9 @@ def test_encode_batch_needs_sources():
 
 
 def test_decoder_names_match_the_abi():
-    # include/kvstore.h, kvs_cuda_codec_set_decoder: 0 first, 1/2 shared models, 3/4 global models
-    assert gpu.DECODERS == {"first": 0, "warp-smem": 1, "warp-smem-hw": 2, "warp-global": 3, "warp-global-hw": 4}
+    # include/kvstore.h, kvs_cuda_codec_set_decoder: 0 first, 1/2 shared models, 3/4 global models,
+    # 5 shared models with the shorter symbol chain
+    assert gpu.DECODERS == {"first": 0, "warp-smem": 1, "warp-smem-hw": 2, "warp-global": 3, "warp-global-hw": 4,
+                            "warp-smem-hw-short": 5}
+    # kvs_cuda_codec_set_encoder: 0 global-memory statistics, 1 shared-memory tile
+    assert gpu.ENCODERS == {"global": 0, "tile": 1}

@@ -49,9 +49,19 @@ def _default_decoder():
     gpu.set_decoder("warp-smem-hw", 4)
 
 
+@pytest.fixture
+def encoder(request):
+    from kvstore_native.codec import gpu
+
+    gpu.set_encoder(request.param)
+    yield request.param
+    gpu.set_encoder("global")
+
+
+@pytest.mark.parametrize("encoder", ["global", "tile"], indirect=True)
 @pytest.mark.parametrize("level", LOSSY)
 @pytest.mark.parametrize("kind", ["f16", "bf16", "f32", "mla"])
-def test_encode_batch_matches_cpu(level, kind):
+def test_encode_batch_matches_cpu(level, kind, encoder):
     import torch
 
     from kvstore_native.codec import gpu
@@ -60,6 +70,37 @@ def test_encode_batch_matches_cpu(level, kind):
     devs = [_dev(torch, h, bf16) for h in hosts]
     got = gpu.encode_batch(devs, level, layout)
     assert got == [kc.encode(h, level, layout, bf16=bf16) for h in hosts]
+
+
+@pytest.mark.parametrize("encoder", ["global", "tile"], indirect=True)
+def test_encoders_match_cpu_on_special_values_and_unaligned_sources(encoder):
+    """NaN, infinities, subnormals, signed zeros, constant channels and all-zero segments, from
+    a 16-byte aligned source and from one 2 bytes off (the tile's scalar load path)."""
+    import torch
+
+    from kvstore_native.codec import gpu
+
+    x = synthetic_kv(4, 64, 2, 32, seed=9, dtype=np.float32).astype(np.float16)
+    flat = x.reshape(-1)
+    flat[::97] = np.float16(np.nan)
+    flat[5::89] = np.float16(np.inf)
+    flat[7::83] = -np.float16(np.inf)
+    flat[11::71] = np.float16(6e-8)    # subnormal
+    flat[13::67] = -np.float16(0.0)
+    x[1, 0, :, 0, :] = 0.5            # a constant channel block
+    x[2] = 0                          # all-zero segments
+    for level in LOSSY:
+        want = kc.encode(x, level)
+        assert gpu.encode_batch([_dev(torch, x, False)], level) == [want]
+        buf = torch.empty(x.size + 1, dtype=torch.float16, device="cuda")
+        buf[1:].copy_(torch.from_numpy(x.reshape(-1)))
+        off = buf[1:].view(x.shape)   # 2 bytes past a 16-byte boundary
+        assert gpu.encode_batch([off], level) == [want]
+    xb = _bf16_bits(synthetic_kv(4, 64, 2, 32, seed=10, dtype=np.float32))
+    xb.reshape(-1)[::53] = 0x7FC1   # NaN payloads
+    xb.reshape(-1)[3::59] = 0xFF80  # -inf
+    for level in LOSSY:
+        assert gpu.encode_batch([_dev(torch, xb, True)], level, kc.Layout.KV) == [kc.encode(xb, level, bf16=True)]
 
 
 @pytest.mark.parametrize("decoder", ["first", "warp-smem", "warp-smem-hw", "warp-global", "warp-global-hw",

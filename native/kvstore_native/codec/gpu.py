@@ -176,6 +176,21 @@ def set_decoder(name: str = "warp-smem-hw", warps_per_block: int = 4) -> None:
     native.check(lib().kvs_cuda_codec_set_decoder(DECODERS[name], warps_per_block, err, native.ERR_CAP), err)
 
 
+#: Statistics passes of the batched encoder (include/kvstore.h, kvs_cuda_codec_set_encoder).
+ENCODERS = {"global": 0, "tile": 1}
+
+
+def set_encoder(name: str = "global") -> None:
+    """Process-wide choice of the batched GPU encoder's statistics pass (tests and benchmarks
+    compare them; both give the CPU encoder's bytes): "global" reads the segment from device
+    memory pass by pass, "tile" stages it once in shared memory (fp16 / bf16 segments up to
+    110 KB; others fall back to "global")."""
+    if name not in ENCODERS:
+        raise CodecError(f"unknown encoder {name!r} (one of {sorted(ENCODERS)})")
+    err = native.err_buf()
+    native.check(lib().kvs_cuda_codec_set_encoder(ENCODERS[name], err, native.ERR_CAP), err)
+
+
 def selftest_conversions() -> tuple[int, int]:
     """Non-NaN binary32 values where the hardware fp16 / bf16 conversion differs from the format's."""
     a, b = ctypes.c_uint64(0), ctypes.c_uint64(0)
