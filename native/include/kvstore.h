@@ -237,15 +237,15 @@ KVS_API int kvs_cuda_codec_encode_batch_placed(uint32_t count, const uint64_t* d
                                                int level, void* stream, kvs_place_fn place, void* ctx,
                                                uint64_t* out_sizes, uint32_t* blob_crcs, char* err, size_t err_len);
 // Decoder choice of kvs_cuda_codec_decode(_batch) and load_batch (tests and benchmarks): 0 = the
-// first decoder (one thread per lane, grid row per chunk; load_batch then uses 2), 1 = one warp
-// per segment with the models in shared memory, 2 = same with the hardware fp16/bf16 conversion
-// (default), 3/4 = models in global memory (portable / hardware conversion), 5 = 2 with a
-// shorter symbol chain (both model entries loaded at once, token offsets read ahead); warps_per_block
-// 1..8 (default 4). Every variant is bit-exact with the CPU codec.
+// first decoder (one thread per lane, grid row per chunk; load_batch then uses 5), 1 = one warp
+// per segment with the models in shared memory, 2 = same with the hardware fp16/bf16 conversion,
+// 3/4 = models in global memory (portable / hardware conversion), 5 = 2 with a shorter symbol
+// chain (both model entries loaded at once, token offsets read ahead; the default);
+// warps_per_block 1..8 (default 4). Every variant is bit-exact with the CPU codec.
 KVS_API int kvs_cuda_codec_set_decoder(int variant, int warps_per_block, char* err, size_t err_len);
 // Statistics pass of the batched GPU encoder (tests and benchmarks): 0 = per-channel passes over
 // global memory (k_plan_b), 1 = the segment staged once in shared memory (k_plan_tile; fp16 and
-// bf16 segments up to 110 KB, the global pass otherwise). Both give the CPU encoder's bytes.
+// bf16 segments up to 110 KB, the global pass otherwise; default). Both give the CPU encoder's bytes.
 KVS_API int kvs_cuda_codec_set_encoder(int variant, char* err, size_t err_len);
 // Counts, over every non-NaN binary32 value, where the hardware fp16 / bf16 conversions differ
 // from the format's portable ones (0 and 0 make variants 2 and 4 bit-exact).

@@ -46,7 +46,7 @@ def _default_decoder():
     from kvstore_native.codec import gpu
 
     yield
-    gpu.set_decoder("warp-smem-hw", 4)
+    gpu.set_decoder()   # the default
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def encoder(request):
 
     gpu.set_encoder(request.param)
     yield request.param
-    gpu.set_encoder("global")
+    gpu.set_encoder()   # the default
 
 
 @pytest.mark.parametrize("encoder", ["global", "tile"], indirect=True)

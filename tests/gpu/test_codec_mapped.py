@@ -121,7 +121,7 @@ def decoder(request):
 
     gpu.set_decoder(request.param, 4)
     yield request.param
-    gpu.set_decoder("warp-smem-hw", 4)
+    gpu.set_decoder()   # the default
 
 
 @pytest.mark.parametrize("decoder", MAPPED_DECODERS, indirect=True)

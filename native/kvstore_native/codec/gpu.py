@@ -167,9 +167,9 @@ DECODERS = {"first": 0, "warp-smem": 1, "warp-smem-hw": 2, "warp-global": 3, "wa
             "warp-smem-hw-short": 5}
 
 
-def set_decoder(name: str = "warp-smem-hw", warps_per_block: int = 4) -> None:
+def set_decoder(name: str = "warp-smem-hw-short", warps_per_block: int = 4) -> None:
     """Process-wide choice of the GPU decoder (tests and benchmarks compare them; every variant
-    is bit-exact with the CPU codec; the default is "warp-smem-hw")."""
+    is bit-exact with the CPU codec; the default is "warp-smem-hw-short")."""
     if name not in DECODERS:
         raise CodecError(f"unknown decoder {name!r} (one of {sorted(DECODERS)})")
     err = native.err_buf()
@@ -180,11 +180,11 @@ def set_decoder(name: str = "warp-smem-hw", warps_per_block: int = 4) -> None:
 ENCODERS = {"global": 0, "tile": 1}
 
 
-def set_encoder(name: str = "global") -> None:
+def set_encoder(name: str = "tile") -> None:
     """Process-wide choice of the batched GPU encoder's statistics pass (tests and benchmarks
     compare them; both give the CPU encoder's bytes): "global" reads the segment from device
     memory pass by pass, "tile" stages it once in shared memory (fp16 / bf16 segments up to
-    110 KB; others fall back to "global")."""
+    110 KB; others fall back to "global"; the default)."""
     if name not in ENCODERS:
         raise CodecError(f"unknown encoder {name!r} (one of {sorted(ENCODERS)})")
     err = native.err_buf()
