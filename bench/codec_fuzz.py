@@ -38,6 +38,9 @@ def seeds() -> list[bytes]:
             out.append(kc.encode(x.astype(np.float32), level))
         out.append(kc.encode(x.reshape(L, 2 * T, H * D), kc.CodecLevel.DEFAULT, kc.Layout.MLA))
         out.append(kc.encode(x.reshape(L, 2 * T, H * D), kc.CodecLevel.LOSSLESS, kc.Layout.MLA))
+        for lanes in (64, 128):  # wider lane tables (and fewer lanes than that where C is small)
+            out.append(kc.encode(x, kc.CodecLevel.DEFAULT, lanes=lanes))
+            out.append(kc.encode(x.astype(np.float32), kc.CodecLevel.AGGRESSIVE, lanes=lanes))
     return out
 
 
@@ -57,7 +60,8 @@ def mutate(b: bytes, rng: np.random.Generator, pool: list[bytes]) -> bytes:
         cut = rng.integers(0, min(len(m), len(other)) + 1)
         m = m[:cut] + bytearray(other[cut:])
     elif op == 4:  # header field edits
-        off, fmt = [(12, "<I"), (16, "<I"), (20, "<I"), (24, "<I"), (36, "<Q"), (9, "<B"), (10, "<B"), (11, "<B")][rng.integers(0, 8)]
+        off, fmt = [(12, "<I"), (16, "<I"), (20, "<I"), (24, "<I"), (36, "<Q"), (9, "<B"), (10, "<B"), (11, "<B"),
+                    (33, "<B")][rng.integers(0, 9)]
         struct.pack_into(fmt, m, off, int(rng.integers(0, 1 << 32)) % (1 << (8 * struct.calcsize(fmt))))
     elif op == 5 and len(m) > 64:  # u32 edits inside the payload (lane lengths, states, indices)
         pos = int(rng.integers(64, len(m) - 3))

@@ -184,7 +184,7 @@ def check_exact(torch, smol) -> bool:
 
 # ---- speed -----------------------------------------------------------------------------------
 
-def speed(torch, name: str, hosts: list[np.ndarray], bf16: bool, h2d: float, reps: int) -> list[dict]:
+def speed(torch, name: str, hosts: list[np.ndarray], bf16: bool, h2d: float, reps: int, lanes: int = 32) -> list[dict]:
     nb = hosts[0].nbytes
     n = len(hosts)
     total = n * nb
@@ -192,7 +192,7 @@ def speed(torch, name: str, hosts: list[np.ndarray], bf16: bool, h2d: float, rep
     s = torch.cuda.current_stream().cuda_stream
     rows = []
     for level in LOSSY:
-        blobs = [kc.encode(h, level, bf16=bf16, threads=8) for h in hosts]
+        blobs = [kc.encode(h, level, bf16=bf16, threads=8, lanes=lanes) for h in hosts]
         ref0 = np.ascontiguousarray(kc.decode(blobs[0], threads=8)).tobytes()
         ratio = total / sum(len(b) for b in blobs)
         dev_b = [torch.frombuffer(bytearray(b), dtype=torch.uint8).cuda() for b in blobs]
@@ -200,7 +200,7 @@ def speed(torch, name: str, hosts: list[np.ndarray], bf16: bool, h2d: float, rep
         outs = torch.empty((n, nb), dtype=torch.uint8, device="cuda")
         optrs = [int(outs[j].data_ptr()) for j in range(n)]
         hptrs, lens = [int(h.data_ptr()) for h in host_b], [len(b) for b in blobs]
-        row = {"shape": name, "level": level.name, "chunks": n, "ratio": ratio, "h2d_GBps": h2d}
+        row = {"shape": name, "level": level.name, "chunks": n, "lanes": lanes, "ratio": ratio, "h2d_GBps": h2d}
         for v, w in VARIANTS:
             gpu.set_decoder(v, w)
             ms = ev_ms(torch, lambda: gpu.decode_batch_ptrs(hptrs, [int(d.data_ptr()) for d in dev_b], lens, optrs,
@@ -245,16 +245,17 @@ def speed(torch, name: str, hosts: list[np.ndarray], bf16: bool, h2d: float, rep
             row.setdefault("mapped_GBps", total / statistics.mean(times[(v, w)]) / 1e6)
             row[f"mapped_{v}_{w}_GBps"] = total / statistics.mean(times[(v, w)]) / 1e6
         gpu.set_decoder(*DEFAULT)
-        ms = wall_ms(torch, lambda: gpu.encode(devs[0], level), max(3, reps // 3))
+        ms = wall_ms(torch, lambda: gpu.encode(devs[0], level, lanes=lanes), max(3, reps // 3))
         row["encode_one_GBps"] = nb / ms / 1e6
         out = torch.empty(gpu.encode_bound_batch(devs[0], n, level), dtype=torch.uint8).pin_memory()
         ok_enc = True
         times = {}
         for enc in ENCODERS + ENCODERS[::-1]:   # A B B A
             gpu.set_encoder(enc)
-            spans = gpu.encode_batch_into(devs, level, out)
+            spans = gpu.encode_batch_into(devs, level, out, lanes=lanes)
             ok_enc &= all(out[o:o + z].numpy().tobytes() == b for (o, z), b in zip(spans, blobs))
-            times.setdefault(enc, []).append(wall_ms(torch, lambda: gpu.encode_batch_into(devs, level, out), reps))
+            times.setdefault(enc, []).append(wall_ms(torch, lambda: gpu.encode_batch_into(devs, level, out, lanes=lanes),
+                                                     reps))
         for enc in ENCODERS:   # the default first: "encode_batch_GBps" is its rate
             row.setdefault("encode_batch_GBps", total / statistics.mean(times[enc]) / 1e6)
             row[f"encode_batch_{enc}_GBps"] = total / statistics.mean(times[enc]) / 1e6
@@ -263,7 +264,7 @@ def speed(torch, name: str, hosts: list[np.ndarray], bf16: bool, h2d: float, rep
         rows.append(row)
         best = max((k for k in row if k.startswith("decode_")), key=lambda k: row[k])
         bestl = "load_g0_GBps"  # the default grouping is what callers get
-        print(f"  {name} {level.name}: ratio {ratio:.2f}x; decode best {best} {row[best]:.1f} GB/s "
+        print(f"  {name} {level.name} lanes {lanes}: ratio {ratio:.2f}x; decode best {best} {row[best]:.1f} GB/s "
               f"({row[best] / h2d:.2f}x H2D), first {row['decode_first_4_GBps']:.1f}; load {bestl} "
               f"{row[bestl]:.1f} GB/s ({row[bestl] / h2d:.2f}x H2D), verify {row['load_verify_GBps']:.1f}; "
               f"mapped (CRC-gated, into place) {row['mapped_GBps']:.1f} GB/s ({row['mapped_GBps'] / h2d:.2f}x H2D, "
@@ -277,11 +278,11 @@ def speed(torch, name: str, hosts: list[np.ndarray], bf16: bool, h2d: float, rep
     return rows
 
 
-def scaling(torch, hosts: list[np.ndarray], h2d: float, reps: int, sizes=(16, 32, 64)) -> None:
+def scaling(torch, hosts: list[np.ndarray], h2d: float, reps: int, sizes=(16, 32, 64), lanes: int = 32) -> None:
     """Decode call and compressed load of larger batches (level 2; the 16 bitstreams repeated in
     distinct buffers): the decoder is latency-bound until a batch fills the GPU."""
     nb = hosts[0].nbytes
-    blobs = [kc.encode(h, kc.CodecLevel.DEFAULT, threads=8) for h in hosts]
+    blobs = [kc.encode(h, kc.CodecLevel.DEFAULT, threads=8, lanes=lanes) for h in hosts]
     s = torch.cuda.current_stream().cuda_stream
     gpu.set_decoder(*DEFAULT)
     for n in sizes:
@@ -295,7 +296,7 @@ def scaling(torch, hosts: list[np.ndarray], h2d: float, reps: int, sizes=(16, 32
                     reps)
         lms = wall_ms(torch, lambda: gpu.load_batch_ptrs(hptrs, lens, optrs, nb, s), reps)
         ok = outs[n - 1].cpu().numpy().tobytes() == np.ascontiguousarray(kc.decode(bl[n - 1])).tobytes()
-        print(f"  scaling DEFAULT x{n}: decode call {n * nb / dms / 1e6:.1f} GB/s ({n * nb / dms / 1e6 / h2d:.2f}x H2D), "
+        print(f"  scaling DEFAULT lanes {lanes} x{n}: decode call {n * nb / dms / 1e6:.1f} GB/s ({n * nb / dms / 1e6 / h2d:.2f}x H2D), "
               f"load {n * nb / lms / 1e6:.1f} GB/s ({n * nb / lms / 1e6 / h2d:.2f}x H2D) exact={ok}", flush=True)
         del dev_b, host_b, outs
 
@@ -308,7 +309,9 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--skip-exact", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--lanes", default="32", help="lane counts to time, comma-separated (32, 64, 128)")
     args = ap.parse_args()
+    lane_counts = [int(x) for x in args.lanes.split(",")]
     import torch
 
     if not torch.cuda.is_available():
@@ -325,19 +328,23 @@ def main() -> int:
     if not args.skip_exact:
         print("bit-exactness CPU <-> GPU (encode one/batch, every decoder, pipelined load):", flush=True)
         ok = check_exact(torch, smol)
-    rows = speed(torch, "SmolLM2 fp16", smol, False, h2d, args.reps)
-    rows += speed(torch, "Llama-3-8B bf16", llama_chunks(args.llama_chunks), True, h2d, args.reps)
-    scaling(torch, smol, h2d, args.reps)
+    rows = []
+    llama = llama_chunks(args.llama_chunks)
+    for lanes in lane_counts:  # each lane count's rows in the same run, against the same ceiling
+        rows += speed(torch, "SmolLM2 fp16", smol, False, h2d, args.reps, lanes)
+        rows += speed(torch, "Llama-3-8B bf16", llama, True, h2d, args.reps, lanes)
+    for lanes in lane_counts:
+        scaling(torch, smol, h2d, args.reps, lanes=lanes)
     h2d_end = h2d_ceiling(torch, args.reps)
     print(f"pinned H2D ceiling at the end: {h2d_end:.1f} GB/s")
-    print("\n| shape | level | ratio | decode kernel GB/s (best variant) | x H2D | load GB/s | x H2D | "
-          "encode batch GB/s | x H2D | encode one chunk GB/s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| shape | lanes | level | ratio | decode kernel GB/s (best variant) | x H2D | load GB/s | x H2D | "
+          "mapped load GB/s | x H2D | encode batch GB/s | x H2D | encode one chunk GB/s |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         d = max(v for k, v in r.items() if k.startswith("decode_"))
         lo = r["load_g0_GBps"]
-        print(f"| {r['shape']} x{r['chunks']} | {r['level']} | {r['ratio']:.2f}x | {d:.1f} | {d / h2d:.2f} | {lo:.1f} | "
-              f"{lo / h2d:.2f} | {r['encode_batch_GBps']:.1f} | {r['encode_batch_GBps'] / h2d:.2f} | "
+        print(f"| {r['shape']} x{r['chunks']} | {r['lanes']} | {r['level']} | {r['ratio']:.2f}x | {d:.1f} | {d / h2d:.2f} | {lo:.1f} | "
+              f"{lo / h2d:.2f} | {r['mapped_GBps']:.1f} | {r['mapped_GBps'] / h2d:.2f} | {r['encode_batch_GBps']:.1f} | {r['encode_batch_GBps'] / h2d:.2f} | "
               f"{r['encode_one_GBps']:.2f} |")
     ok &= all(r["exact"] for r in rows)
     if args.json:

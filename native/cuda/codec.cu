@@ -23,6 +23,11 @@
 
 namespace {
 
+// The first encoder and decoder handle the default lane count only (32 lanes per segment); the
+// decoder entry points hand streams of more lanes to the batched decoder.
+constexpr uint32_t kLanes1 = KVC_LANES_DEFAULT;
+
+
 using kvc::Error;
 using kvc::Header;
 using kvc::IndexEntry;
@@ -189,8 +194,8 @@ __global__ void k_encode_lanes(const uint8_t* __restrict__ meta, const int16_t* 
                                uint32_t* lane_len, uint32_t* lane_state, const uint32_t* __restrict__ coded_all,
                                const uint32_t* __restrict__ raw_count) {
   const uint64_t gid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (gid >= (uint64_t)segs * KVC_MAX_LANES) return;
-  const uint32_t seg = (uint32_t)(gid / KVC_MAX_LANES), j = (uint32_t)(gid % KVC_MAX_LANES);
+  if (gid >= (uint64_t)segs * kLanes1) return;
+  const uint32_t seg = (uint32_t)(gid / kLanes1), j = (uint32_t)(gid % kLanes1);
   if (j >= n) return;
   const DevModels& M = d_models;
   const uint64_t base = (uint64_t)seg * T * C;
@@ -228,9 +233,9 @@ __global__ void k_gather(const void* __restrict__ src, int dtype, uint32_t T, co
                          const uint8_t* __restrict__ scratch, const uint32_t* __restrict__ lane_len,
                          const uint32_t* __restrict__ lane_state, const uint64_t* __restrict__ seg_off,
                          const uint64_t* __restrict__ lane_off, uint8_t* __restrict__ out) {
-  const uint32_t seg = blockIdx.x / KVC_MAX_LANES, j = blockIdx.x % KVC_MAX_LANES;
+  const uint32_t seg = blockIdx.x / kLanes1, j = blockIdx.x % kLanes1;
   if (j >= n) return;
-  const uint64_t lane = (uint64_t)seg * KVC_MAX_LANES + j;
+  const uint64_t lane = (uint64_t)seg * kLanes1 + j;
   uint8_t* so = out + seg_off[seg];
   const uint32_t R = raw_count[seg], B = kvc_dtype_size(dtype);
   const uint32_t* ridx = raw_idx + (uint64_t)seg * KVC_MAX_RAW_TOKENS;
@@ -278,10 +283,10 @@ __global__ void k_decode(const uint8_t* const* __restrict__ bufs, const uint64_t
   const uint64_t n_buf = lens[blockIdx.y];
   void* __restrict__ dst = dsts[blockIdx.y];
   const uint64_t gid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (gid >= (uint64_t)L * S * KVC_MAX_LANES) return;
-  const uint32_t seg = (uint32_t)(gid / KVC_MAX_LANES), j = (uint32_t)(gid % KVC_MAX_LANES);
+  if (gid >= (uint64_t)L * S * kLanes1) return;
+  const uint32_t seg = (uint32_t)(gid / kLanes1), j = (uint32_t)(gid % kLanes1);
   const uint32_t l = seg / S, s = seg % S;
-  const uint32_t n = C < KVC_MAX_LANES ? C : KVC_MAX_LANES;
+  const uint32_t n = C < kLanes1 ? C : kLanes1;
   if (j >= n) return;
   const uint8_t* ie = buf + KVC_HEADER_SIZE + 16ull * l;
   const uint64_t loff = (uint64_t)ld32(ie) | ((uint64_t)ld32(ie + 4) << 32);
@@ -404,7 +409,7 @@ KVS_API int kvs_cuda_codec_encode(const void* dev_src, int dtype, int layout, ui
   if (!init_models(e)) return report(KVS_EINTERNAL, e, err, err_len);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const uint32_t S = h.segments(), C = (uint32_t)h.channels(), segs = L * S;
-  const uint32_t n = C < KVC_MAX_LANES ? C : KVC_MAX_LANES;
+  const uint32_t n = C < kLanes1 ? C : kLanes1;
   const uint64_t elems = h.elements();
   const uint64_t cap = (uint64_t)((C + n - 1) / n) * T * 6 + 16;
   const kvc_level_params& lp = kvc_level_defaults(level);
@@ -421,7 +426,7 @@ KVS_API int kvs_cuda_codec_encode(const void* dev_src, int dtype, int layout, ui
   uint32_t *lane_len, *lane_state, *coded, *raw_count, *raw_idx;
   int64_t* tok_tm;
   uint64_t *seg_off, *lane_off;
-  const uint64_t nlanes = (uint64_t)segs * KVC_MAX_LANES;
+  const uint64_t nlanes = (uint64_t)segs * kLanes1;
   if (!mem.alloc(&meta, (uint64_t)segs * C * KVC_CHANNEL_META_SIZE, e) || !mem.alloc(&q, elems * 2, e) ||
       !mem.alloc(&chan_lc, (uint64_t)segs * C * 8, e) || !mem.alloc(&chan_qlmax, (uint64_t)segs * C * 4, e) ||
       !mem.alloc(&chan_const, (uint64_t)segs * C, e) || !mem.alloc(&scratch, nlanes * cap, e) ||
@@ -447,7 +452,7 @@ KVS_API int kvs_cuda_codec_encode(const void* dev_src, int dtype, int layout, ui
     hs[sg] = off;
     uint64_t o = off + 2 + 4ull * hr[sg] + (uint64_t)hr[sg] * C * kvc_dtype_size(dtype) +
                  (uint64_t)C * KVC_CHANNEL_META_SIZE + (uint64_t)n * KVC_LANE_ENTRY_SIZE;
-    for (uint32_t j = 0; j < n; j++) { hlo[(uint64_t)sg * KVC_MAX_LANES + j] = o; o += hl[(uint64_t)sg * KVC_MAX_LANES + j]; }
+    for (uint32_t j = 0; j < n; j++) { hlo[(uint64_t)sg * kLanes1 + j] = o; o += hl[(uint64_t)sg * kLanes1 + j]; }
     if (o - off + layer_size[sg / S] > 0xFFFFFFFFull) {
       e.fail("layer encodes to more than 4 GiB");
       return report(KVS_EINVAL, e, err, err_len);
@@ -501,7 +506,8 @@ KVS_API int kvs_cuda_codec_decode_batch(uint32_t count, const uint8_t* const* ho
     e.fail("destination has %llu bytes, chunk needs %llu", (unsigned long long)dst_bytes_each, (unsigned long long)want);
     return report(KVS_EINVAL, e, err, err_len);
   }
-  const int variant = kvc_cuda::decode_variant();
+  int variant = kvc_cuda::decode_variant();
+  if (variant == kvc_cuda::kDecoderFirst && h.lanes != kLanes1) variant = kvc_cuda::kDecoderDefault;
   if (variant == kvc_cuda::kDecoderFirst ? !init_models(e) : !kvc_cuda::ensure_decode_models(e))
     return report(KVS_EINTERNAL, e, err, err_len);
   cudaStream_t st = static_cast<cudaStream_t>(stream);
@@ -522,7 +528,7 @@ KVS_API int kvs_cuda_codec_decode_batch(uint32_t count, const uint8_t* const* ho
   const uint64_t* d_lens = args + count;
   void* const* d_dsts = reinterpret_cast<void* const*>(args + 2ull * count);
   const uint32_t S = h.segments(), C = (uint32_t)h.channels();
-  const uint64_t threads = (uint64_t)h.layers * S * KVC_MAX_LANES;
+  const uint64_t threads = (uint64_t)h.layers * S * kLanes1;
   const dim3 grid((unsigned)((threads + 127) / 128), count);
   const uint64_t po = h.payload_offset();
   if (variant != kvc_cuda::kDecoderFirst) {

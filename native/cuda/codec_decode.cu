@@ -1,9 +1,9 @@
 // Batched GPU decoder of the lossy levels, bit-exact with native/src/codec (CPU) and with the
 // first CUDA decoder of codec.cu (kept selectable: kvs_cuda_codec_set_decoder).
 //
-// Work mapping: one warp per segment (layer, K|V) of one chunk, one thread per rANS lane (the
-// format's 32 lanes), segments of every chunk of the batch flattened over the grid so that a
-// batch fills the GPU. Per symbol the decoder's dependency chain is two shared-memory loads
+// Work mapping: one warp per 32 rANS lanes of a segment (layer, K|V) of one chunk (one warp for
+// the default 32 lanes, two or four for 64 or 128), one thread per lane, segments of every chunk
+// of the batch flattened over the grid so that a batch fills the GPU. Per symbol the decoder's dependency chain is two shared-memory loads
 // (the compact model table: bucket -> symbol, then cum|freq) and a multiply-add; lane bytes
 // arrive through aligned 4-byte loads issued one word ahead of use, so no global load sits on
 // the chain. Output stores: the 32 lanes of a warp write 32 consecutive channels of one token.
@@ -53,6 +53,9 @@ struct DecArgs {
   uint32_t layout, heads, head_dim;  // the header every bitstream must carry
   const uint32_t* got;     // CRC32C of each bitstream as it landed (null: no gate)
   const uint32_t* want;    // the CRC32C it was stored with
+  // Warps per segment: groups of 32 lanes, enough for the most lanes of any chunk of the launch
+  // (each chunk's own count is read from its header on the device).
+  uint32_t groups;
 };
 
 __device__ __forceinline__ uint32_t ld32(const uint8_t* p) {
@@ -79,12 +82,19 @@ __device__ bool header_ok(const uint8_t* b, uint64_t n, const DecArgs& a) {
          ld32(b + 4) == ((uint32_t)KVC_VERSION | ((uint32_t)KVC_HEADER_SIZE << 16)) && b[8] == KVC_CODEC_RANS_V1 &&
          b[9] != KVC_LEVEL_LOSSLESS && b[9] < KVC_NUM_LEVELS && b[10] == DT && b[11] == a.layout && ld32(b + 12) == a.L && ld32(b + 16) == a.T &&
          ld32(b + 20) == a.heads && ld32(b + 24) == a.head_dim && ld32(b + 28) == 0 && b[32] == KVC_PROB_BITS &&
-         b[33] == KVC_MAX_LANES && b[34] == 0 && b[35] == 0 && ld64(b + 36) == n - a.payload_off;
+         kvc_lanes_valid(b[33]) && b[34] == 0 && b[35] == 0 && ld64(b + 36) == n - a.payload_off;
 }
 
 __device__ __forceinline__ uint64_t warp_sum64(uint64_t v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, o);
   return v;
+}
+
+// The byte length of all n lanes of a lane table (every lane of the warp gets it).
+__device__ __forceinline__ uint64_t lanes_total(const uint8_t* tbl, uint32_t n, uint32_t j0) {
+  uint64_t v = 0;
+  for (uint32_t k = j0; k < n; k += 32) v += ld32(tbl + 8 * k);
+  return warp_sum64(v);
 }
 
 __device__ __forceinline__ uint64_t warp_incl_scan64(uint64_t v, uint32_t lane) {
@@ -184,16 +194,18 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
     __syncthreads();
     M = &sm[0];
   }
-  const uint32_t warps = blockDim.x >> 5, j = threadIdx.x & 31u;
-  const uint32_t g = blockIdx.x * warps + (threadIdx.x >> 5);
-  if (g >= a.segs_total) return;
+  const uint32_t warps = blockDim.x >> 5, j0 = threadIdx.x & 31u;
+  const uint64_t w = (uint64_t)blockIdx.x * warps + (threadIdx.x >> 5);
+  if (w >= (uint64_t)a.segs_total * a.groups) return;
+  // warp w decodes lanes [32 q, 32 q + 32) of flattened segment g
+  const uint32_t g = (uint32_t)(w / a.groups), q = (uint32_t)(w % a.groups);
   const uint32_t per_chunk = a.L * a.S;
   const uint32_t chunk = g / per_chunk, seg = g % per_chunk, l = seg / a.S, s = seg % a.S;
-  const uint32_t T = a.T, C = a.C, n = C < KVC_MAX_LANES ? C : KVC_MAX_LANES;
+  const uint32_t T = a.T, C = a.C;
   const uint32_t ec = a.chunk_base + chunk;
   if (MAPPED && a.want != nullptr) {  // the proven prefix only: chunks 0..ec all landed intact
     bool ok = true;
-    for (uint32_t k = j; k <= ec; k += 32) ok &= a.got[k] == a.want[k];
+    for (uint32_t k = j0; k <= ec; k += 32) ok &= a.got[k] == a.want[k];
     if (!__all_sync(0xFFFFFFFFu, ok)) return;
   }
   const uint8_t* __restrict__ buf = a.bufs[chunk];
@@ -201,6 +213,18 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
   void* __restrict__ dst = MAPPED ? nullptr : a.dsts[chunk];
   const uint64_t po = a.payload_off;
   if (MAPPED && !header_ok<DT>(buf, n_buf, a)) { fail(a.err, kErrHeader, seg, ec); return; }
+  if (!MAPPED && n_buf < KVC_HEADER_SIZE) { fail(a.err, kErrLayout, seg, ec); return; }
+  // This chunk's lanes (the header's count; the host checked it, or header_ok did), the lane
+  // groups they need and this thread's lane j. A warp past the chunk's groups has nothing to do.
+  const uint32_t lanes_hdr = buf[33];
+  if (!kvc_lanes_valid(lanes_hdr)) { fail(a.err, kErrHeader, seg, ec); return; }
+  const uint32_t n = C < lanes_hdr ? C : lanes_hdr, ng = (n + 31) / 32;
+  if (ng > a.groups) {  // more lanes than this launch has warps for
+    if (q == 0) fail(a.err, kErrHeader, seg, ec);
+    return;
+  }
+  if (q >= ng) return;
+  const uint32_t j = 32 * q + j0;
   // Mapped output: channel c of token t of this segment at plane + toks[t] + chan(c).
   uint8_t* const plane = MAPPED ? reinterpret_cast<uint8_t*>((uintptr_t)a.planes[(uint64_t)chunk * per_chunk + seg]) : nullptr;
   const uint64_t* const toks = MAPPED ? a.toks + (uint64_t)chunk * a.T : nullptr;
@@ -225,7 +249,7 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
     p += raw;
     if (ss == s) break;
     const uint8_t* tbl = p + (uint64_t)C * KVC_CHANNEL_META_SIZE;
-    const uint64_t total = warp_sum64(j < n ? ld32(tbl + 8 * j) : 0u);
+    const uint64_t total = lanes_total(tbl, n, j0);
     if (total > (uint64_t)(end - p) - head) { fail(a.err, kErrLayout, seg, ec); return; }
     p += head + total;
   }
@@ -248,8 +272,10 @@ __global__ void __launch_bounds__(256) k_decode_warp(const DecArgs a) {
   const uint8_t* tbl = p + (uint64_t)C * KVC_CHANNEL_META_SIZE;
   const uint8_t* data = p + head;
   const uint32_t mylen = j < n ? ld32(tbl + 8 * j) : 0u;
-  const uint64_t incl = warp_incl_scan64(mylen, j);
-  const uint64_t total = __shfl_sync(0xFFFFFFFFu, incl, 31);
+  uint64_t before = 0;  // the lanes of the groups before this warp's
+  for (uint32_t k = j0; k < 32 * q; k += 32) before += ld32(tbl + 8 * k);
+  const uint64_t incl = warp_sum64(before) + warp_incl_scan64(mylen, j0);
+  const uint64_t total = lanes_total(tbl, n, j0);
   if (total > (uint64_t)(end - data)) { fail(a.err, kErrLayout, seg, ec); return; }
   if (s == a.S - 1 && data + total != end) { fail(a.err, kErrEnd, seg, ec); return; }
   if (j >= n) return;
@@ -334,9 +360,19 @@ void launch_t(int dtype, uint32_t blocks, uint32_t threads, cudaStream_t st, con
   else k_decode_warp<KVC_DTYPE_F32, SMEM, HWCVT, MAPPED, SHORT><<<blocks, threads, 0, st>>>(a);
 }
 
+// Lane groups (warps) per segment for chunks of at most `lanes` lanes and C channels.
+uint32_t lane_groups(uint32_t lanes, uint32_t C) {
+  const uint32_t n = C < lanes ? C : lanes;
+  return n == 0 ? 1 : (n + 31) / 32;
+}
+
+uint32_t launch_blocks(const DecArgs& a, uint32_t warps) {
+  return (uint32_t)(((uint64_t)a.segs_total * a.groups + warps - 1) / warps);
+}
+
 void launch(int variant, int dtype, const DecArgs& a, cudaStream_t st) {
   const uint32_t warps = (uint32_t)g_warps.load();
-  const uint32_t blocks = (a.segs_total + warps - 1) / warps;
+  const uint32_t blocks = launch_blocks(a, warps);
   switch (variant) {
     case kDecoderWarpSmemHw: launch_t<true, true, false>(dtype, blocks, 32 * warps, st, a); break;
     case kDecoderWarpGlobal: launch_t<false, false, false>(dtype, blocks, 32 * warps, st, a); break;
@@ -350,7 +386,7 @@ void launch(int variant, int dtype, const DecArgs& a, cudaStream_t st) {
 // variants map to the shared-model kernel of the same conversion).
 void launch_mapped(int variant, int dtype, const DecArgs& a, cudaStream_t st) {
   const uint32_t warps = (uint32_t)g_warps.load();
-  const uint32_t blocks = (a.segs_total + warps - 1) / warps;
+  const uint32_t blocks = launch_blocks(a, warps);
   if (variant == kDecoderWarpSmemHwShort) launch_t<true, true, true, true>(dtype, blocks, 32 * warps, st, a);
   else if (variant == kDecoderWarpSmemHw || variant == kDecoderWarpGlobalHw) launch_t<true, true, true>(dtype, blocks, 32 * warps, st, a);
   else launch_t<true, false, true>(dtype, blocks, 32 * warps, st, a);
@@ -379,6 +415,7 @@ bool enqueue_decode(int variant, const Header& h, uint32_t count, uint32_t chunk
                     const uint64_t* d_lens, void* const* d_dsts, int* derr, cudaStream_t st, Error& e) {
   DecArgs a{d_bufs, d_lens, d_dsts, h.payload_offset(), h.layers, h.segments(), h.tokens, (uint32_t)h.channels(),
             count * h.layers * h.segments(), chunk_base, derr};
+  a.groups = lane_groups(h.lanes, (uint32_t)h.channels());
   launch(variant, h.dtype, a, st);
   return cuda_ok(cudaGetLastError(), e, "decode launch");
 }
@@ -391,6 +428,7 @@ bool enqueue_decode_mapped(int variant, const Header& h, uint32_t count, uint32_
             count * P, chunk_base, derr,
             m.planes + (uint64_t)chunk_base * P, m.toks + (uint64_t)chunk_base * h.tokens, m.run_stride, m.run_elems,
             h.layout, h.heads, h.head_dim, m.got, m.want};
+  a.groups = lane_groups(h.lanes, (uint32_t)h.channels());
   launch_mapped(variant, h.dtype, a, st);
   return cuda_ok(cudaGetLastError(), e, "mapped decode launch");
 }

@@ -397,9 +397,8 @@ __global__ void __launch_bounds__(kLaneThreads) k_lanes_b(const LaneArgs a) {
     __syncthreads();
   }
   const uint64_t gid = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (gid >= (uint64_t)a.segs * KVC_MAX_LANES) return;
-  const uint32_t g = (uint32_t)(gid / KVC_MAX_LANES), j = (uint32_t)(gid % KVC_MAX_LANES);
-  if (j >= a.n) return;
+  if (gid >= (uint64_t)a.segs * a.n) return;
+  const uint32_t g = (uint32_t)(gid / a.n), j = (uint32_t)(gid % a.n);
   const uint32_t C = a.C, n = a.n, T = a.T, TC = a.T - a.raw_count[g];
   const int32_t nch = (int32_t)((C - j + n - 1) / n);
   uint8_t* end = a.scratch + (gid + 1) * a.cap;
@@ -466,17 +465,16 @@ struct GatherArgs {
   const uint32_t* lane_len;
   const uint32_t* lane_state;
   const uint64_t* seg_off;   // [segs]: offset in `out`
-  const uint64_t* lane_off;  // [segs][32]
+  const uint64_t* lane_off;  // [segs][n]
   uint8_t* out;
 };
 
 // One block per (segment, lane) of the batch, as codec.cu's k_gather.
 __global__ void k_gather_b(const GatherArgs a) {
-  const uint32_t g = blockIdx.x / KVC_MAX_LANES, j = blockIdx.x % KVC_MAX_LANES;
-  if (j >= a.n) return;
+  const uint32_t g = blockIdx.x / a.n, j = blockIdx.x % a.n;
   const uint32_t C = a.C, T = a.T, spc = a.L * a.S;
   const void* src = reinterpret_cast<const void*>(a.srcs[g / spc]);
-  const uint64_t lane = (uint64_t)g * KVC_MAX_LANES + j;
+  const uint64_t lane = (uint64_t)g * a.n + j;
   uint8_t* so = a.out + a.seg_off[g];
   const uint32_t R = a.raw_count[g], B = kvc_dtype_size(a.dtype);
   const uint32_t* ridx = a.raw_idx + (uint64_t)g * KVC_MAX_RAW_TOKENS;
@@ -537,7 +535,7 @@ bool init_encoder(Error& e) {
 // checksums already launched), place(ctx, count, out_sizes, dsts) names each chunk's host
 // destination (0: skip the chunk); blob_crcs[i] then receives the CRC32C of bitstream i.
 static int encode_batch_impl(uint32_t count, const uint64_t* dev_srcs, int dtype, int layout, uint32_t L, uint32_t T,
-                             uint32_t H, uint32_t D, int level, void* stream, uint8_t* dst, uint64_t dst_cap,
+                             uint32_t H, uint32_t D, int level, int lanes, void* stream, uint8_t* dst, uint64_t dst_cap,
                              uint64_t* out_offsets, uint64_t* out_sizes, kvs_place_fn place, void* ctx,
                              uint32_t* blob_crcs, char* err, size_t err_len) {
   Error e;
@@ -555,7 +553,12 @@ static int encode_batch_impl(uint32_t count, const uint64_t* dev_srcs, int dtype
     e.fail("bad dtype %d or layout %d", dtype, layout);
     return report(KVS_EINVAL, e, err, err_len);
   }
-  h.level = (uint8_t)level; h.dtype = (uint8_t)dtype; h.layout = (uint8_t)layout;
+  if (lanes == 0) lanes = (int)KVC_LANES_DEFAULT;
+  if (lanes < 0 || !kvc_lanes_valid((unsigned)lanes)) {
+    e.fail("lanes %d not supported: 32, 64 or 128 (0 = 32)", lanes);
+    return report(KVS_EINVAL, e, err, err_len);
+  }
+  h.level = (uint8_t)level; h.dtype = (uint8_t)dtype; h.layout = (uint8_t)layout; h.lanes = (uint8_t)lanes;
   h.layers = L; h.tokens = T; h.heads = H; h.head_dim = D;
   if (!kvc::check_shape(h, e)) return report(KVS_EINVAL, e, err, err_len);
   for (uint32_t i = 0; i < count; i++)
@@ -567,11 +570,11 @@ static int encode_batch_impl(uint32_t count, const uint64_t* dev_srcs, int dtype
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const uint32_t S = h.segments(), C = (uint32_t)h.channels(), spc = L * S;
   const uint64_t segs = (uint64_t)spc * count;
-  if (segs > 0x7FFFFFFFull / KVC_MAX_LANES) {
+  const uint32_t n = C < (uint32_t)lanes ? C : (uint32_t)lanes, nch_max = (C + n - 1) / n;
+  if (segs > 0x7FFFFFFFull / n) {
     e.fail("batch of %llu segments too large", (unsigned long long)segs);
     return report(KVS_EINVAL, e, err, err_len);
   }
-  const uint32_t n = C < KVC_MAX_LANES ? C : KVC_MAX_LANES, nch_max = (C + n - 1) / n;
   const uint64_t elems = h.elements();
   // worst case per symbol: 3 puts of at most 2 renormalisation bytes each
   const uint64_t cap = ((uint64_t)nch_max * T * 6 + 16 + 15) / 16 * 16;
@@ -582,7 +585,7 @@ static int encode_batch_impl(uint32_t count, const uint64_t* dev_srcs, int dtype
     for (int y = 0; y < 3; y++) pol.off[x][y] = lp.off[x][y];
   }
   DevBuffers mem(st);
-  const uint64_t nlanes = segs * KVC_MAX_LANES;
+  const uint64_t nlanes = segs * n;
   PlanArgs pa{};
   uint64_t* d_srcs;
   uint8_t *scratch, *out;
@@ -631,8 +634,8 @@ static int encode_batch_impl(uint32_t count, const uint64_t* dev_srcs, int dtype
       uint64_t o = off + 2 + 4ull * hr[sg] + (uint64_t)hr[sg] * C * kvc_dtype_size(dtype) +
                    (uint64_t)C * KVC_CHANNEL_META_SIZE + (uint64_t)n * KVC_LANE_ENTRY_SIZE;
       for (uint32_t j = 0; j < n; j++) {
-        hlo[sg * KVC_MAX_LANES + j] = o;
-        o += hl[sg * KVC_MAX_LANES + j];
+        hlo[sg * n + j] = o;
+        o += hl[sg * n + j];
       }
       uint32_t& ls = layer_size[(size_t)c * L + sl / S];
       if (o - off + ls > 0xFFFFFFFFull) {
@@ -724,16 +727,16 @@ static int encode_batch_impl(uint32_t count, const uint64_t* dev_srcs, int dtype
 }
 
 KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs, int dtype, int layout, uint32_t L,
-                                        uint32_t T, uint32_t H, uint32_t D, int level, void* stream, uint8_t* dst,
-                                        uint64_t dst_cap, uint64_t* out_offsets, uint64_t* out_sizes, char* err,
-                                        size_t err_len) {
-  return encode_batch_impl(count, dev_srcs, dtype, layout, L, T, H, D, level, stream, dst, dst_cap, out_offsets,
+                                        uint32_t T, uint32_t H, uint32_t D, int level, int lanes, void* stream,
+                                        uint8_t* dst, uint64_t dst_cap, uint64_t* out_offsets, uint64_t* out_sizes,
+                                        char* err, size_t err_len) {
+  return encode_batch_impl(count, dev_srcs, dtype, layout, L, T, H, D, level, lanes, stream, dst, dst_cap, out_offsets,
                            out_sizes, nullptr, nullptr, nullptr, err, err_len);
 }
 
 KVS_API int kvs_cuda_codec_encode_batch_placed(uint32_t count, const uint64_t* dev_srcs, int dtype, int layout,
-                                               uint32_t L, uint32_t T, uint32_t H, uint32_t D, int level, void* stream,
-                                               kvs_place_fn place, void* ctx, uint64_t* out_sizes, uint32_t* blob_crcs,
+                                               uint32_t L, uint32_t T, uint32_t H, uint32_t D, int level, int lanes,
+                                               void* stream, kvs_place_fn place, void* ctx, uint64_t* out_sizes, uint32_t* blob_crcs,
                                                char* err, size_t err_len) {
   if (!place || !blob_crcs) {
     Error e;
@@ -741,7 +744,7 @@ KVS_API int kvs_cuda_codec_encode_batch_placed(uint32_t count, const uint64_t* d
     return report(KVS_EINVAL, e, err, err_len);
   }
   std::vector<uint64_t> offs(count ? count : 1);
-  return encode_batch_impl(count, dev_srcs, dtype, layout, L, T, H, D, level, stream, nullptr, 0, offs.data(),
+  return encode_batch_impl(count, dev_srcs, dtype, layout, L, T, H, D, level, lanes, stream, nullptr, 0, offs.data(),
                            out_sizes, place, ctx, blob_crcs, err, err_len);
 }
 

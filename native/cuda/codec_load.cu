@@ -6,6 +6,7 @@
 // plus one group's decode, and the effective rate is up to (compression ratio) x PCIe.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -113,7 +114,8 @@ KVS_API int kvs_cuda_codec_load_batch(uint32_t count, const uint8_t* const* host
   }
   if (groups == 0) {
     uint64_t waves = 0;
-    if (!decoder_waves((uint64_t)count * h.layers * h.segments(), &waves, e)) return report(KVS_EINTERNAL, e, err, err_len);
+    if (!decoder_waves((uint64_t)count * h.layers * h.segments() * ((std::min<uint64_t>(h.lanes, h.channels()) + 31) / 32),
+                       &waves, e)) return report(KVS_EINTERNAL, e, err, err_len);
     groups = (uint32_t)waves;
   }
   if (groups > count) groups = count;
@@ -272,12 +274,20 @@ KVS_API int kvs_cuda_codec_load_mapped(uint32_t count, const uint8_t* const* hos
     e.msg = host_err.msg;
     return report(KVS_ECORRUPT, e, err, err_len);
   }
+  // The launch's lane groups cover the most lanes any chunk's header names (read here from host
+  // memory; the decoder reads each chunk's count again from its device copy and rejects a
+  // chunk whose count is invalid or above what the launch covers).
+  h.lanes = KVC_LANES_DEFAULT;
+  for (uint32_t i = 0; i < n; i++) {
+    const uint8_t l = host_bufs[i][33];
+    if (kvc_lanes_valid(l) && l > h.lanes) h.lanes = l;
+  }
   if (!ensure_decode_models(e)) return report(KVS_EINTERNAL, e, err, err_len);
   int variant = decode_variant();
   if (variant == kDecoderFirst) variant = kDecoderDefault;
   if (groups == 0) {  // two groups per decoder wave: the second group's copies run under the first's decode
     uint64_t waves = 0;
-    if (!decoder_waves((uint64_t)n * P, &waves, e)) return report(KVS_EINTERNAL, e, err, err_len);
+    if (!decoder_waves((uint64_t)n * P * ((std::min<uint32_t>(h.lanes, C) + 31) / 32), &waves, e)) return report(KVS_EINTERNAL, e, err, err_len);
     groups = (uint32_t)(2 * waves);
   }
   if (groups > n) groups = n;

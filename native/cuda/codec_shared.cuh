@@ -158,8 +158,9 @@ inline int parse_batch(uint32_t count, const uint8_t* const* heads, const uint64
       return KVS_EINVAL;
     }
     if (i == 0) first = h;
-    else if (h.dtype != first.dtype || h.layout != first.layout || h.layers != first.layers || h.tokens != first.tokens ||
-             h.heads != first.heads || h.head_dim != first.head_dim) {
+    else if (h.lanes > first.lanes) first.lanes = h.lanes;  // the launch covers the most lanes of any chunk
+    if (i > 0 && (h.dtype != first.dtype || h.layout != first.layout || h.layers != first.layers || h.tokens != first.tokens ||
+             h.heads != first.heads || h.head_dim != first.head_dim)) {
       e.fail("chunk %u: shape or dtype differs from chunk 0 (a batch shares one shape)", i);
       return KVS_EINVAL;
     }

@@ -137,6 +137,7 @@ typedef struct {
   uint64_t payload_size;    // bytes after header + index
   uint64_t decoded_bytes;   // size of the decoded chunk
   uint64_t payload_offset;  // header + index bytes
+  uint32_t lanes;           // rANS lanes per lossy segment (32, 64 or 128; 32 for lossless)
 } kvs_codec_info;
 
 // Upper bound of the encoded size (a safe output capacity).
@@ -144,11 +145,13 @@ KVS_API uint64_t kvs_codec_encode_bound(int dtype, int layout, uint32_t layers, 
                                         uint32_t head_dim, int level);
 // Encodes one chunk of `src_bytes` bytes. `policy` (NULL = the level's default) is 8 int32
 // {K offset shallow, middle, deep, V offset shallow, middle, deep, K weight, V weight}
-// (docs/bitstream.md, "Encoder policy"); the bitstream does not depend on it. KVS_ENOSPC
+// (docs/bitstream.md, "Encoder policy"); the bitstream does not depend on it. `lanes`: rANS lanes
+// per lossy segment, 32, 64 or 128 (0 = 32; lossless: 0 or 32); more lanes decode with more
+// parallelism on a GPU for 8 more bytes per lane and segment. KVS_ENOSPC
 // when dst_cap is too small (*out_size then holds the size needed).
 KVS_API int kvs_codec_encode(const void* src, uint64_t src_bytes, int dtype, int layout, uint32_t layers,
-                             uint32_t tokens, uint32_t heads, uint32_t head_dim, int level, const int32_t* policy,
-                             int threads, uint8_t* dst, uint64_t dst_cap, uint64_t* out_size, char* err,
+                             uint32_t tokens, uint32_t heads, uint32_t head_dim, int level, int lanes,
+                             const int32_t* policy, int threads, uint8_t* dst, uint64_t dst_cap, uint64_t* out_size, char* err,
                              size_t err_len);
 // Validates header and index (not the payload) and fills *info (may be NULL).
 KVS_API int kvs_codec_parse(const uint8_t* buf, uint64_t n, kvs_codec_info* info, char* err, size_t err_len);
@@ -221,8 +224,9 @@ KVS_API int kvs_cuda_codec_load_mapped(uint32_t count, const uint8_t* const* hos
 // kernels; the bitstreams go to host memory `dst` (pinned for speed), chunk i at out_offsets[i]
 // with out_sizes[i] bytes (16-byte aligned, in order). KVS_ENOSPC when dst_cap is too small:
 // out_sizes then hold the sizes needed (dst untouched). Layer CRCs are computed on the GPU.
+// `lanes`: rANS lanes per segment, 32, 64 or 128 (0 = 32), as kvs_codec_encode.
 KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs, int dtype, int layout, uint32_t layers,
-                                        uint32_t tokens, uint32_t heads, uint32_t head_dim, int level, void* stream,
+                                        uint32_t tokens, uint32_t heads, uint32_t head_dim, int level, int lanes, void* stream,
                                         uint8_t* dst, uint64_t dst_cap, uint64_t* out_offsets, uint64_t* out_sizes,
                                         char* err, size_t err_len);
 // The encoder of kvs_cuda_codec_encode_batch writing each bitstream where the caller names it
@@ -234,7 +238,7 @@ KVS_API int kvs_cuda_codec_encode_batch(uint32_t count, const uint64_t* dev_srcs
 typedef int (*kvs_place_fn)(void* ctx, uint32_t count, const uint64_t* sizes, uint64_t* dsts);
 KVS_API int kvs_cuda_codec_encode_batch_placed(uint32_t count, const uint64_t* dev_srcs, int dtype, int layout,
                                                uint32_t layers, uint32_t tokens, uint32_t heads, uint32_t head_dim,
-                                               int level, void* stream, kvs_place_fn place, void* ctx,
+                                               int level, int lanes, void* stream, kvs_place_fn place, void* ctx,
                                                uint64_t* out_sizes, uint32_t* blob_crcs, char* err, size_t err_len);
 // Decoder choice of kvs_cuda_codec_decode(_batch) and load_batch (tests and benchmarks): 0 = the
 // first decoder (one thread per lane, grid row per chunk; load_batch then uses 5), 1 = one warp

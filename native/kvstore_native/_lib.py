@@ -46,7 +46,7 @@ class CodecInfo(ctypes.Structure):
                 ("dtype", ctypes.c_uint32), ("layout", ctypes.c_uint32), ("layers", ctypes.c_uint32),
                 ("tokens", ctypes.c_uint32), ("heads", ctypes.c_uint32), ("head_dim", ctypes.c_uint32),
                 ("payload_size", ctypes.c_uint64), ("decoded_bytes", ctypes.c_uint64),
-                ("payload_offset", ctypes.c_uint64)]
+                ("payload_offset", ctypes.c_uint64), ("lanes", ctypes.c_uint32)]
 
 
 _ci, _u32, _u64, _i64, _sz = ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64, ctypes.c_size_t
@@ -73,7 +73,7 @@ _CORE = {
     "kvs_scatter_tiles": (_ci, [_vp] + _TILES + [_ci] + _ERR),
     "kvs_gather_tiles": (_ci, _TILES + [_vp] + _ERR),
     "kvs_codec_encode_bound": (_u64, _SHAPE + [_ci]),
-    "kvs_codec_encode": (_ci, [_vp, _u64] + _SHAPE + [_ci, _vp, _ci, _vp, _u64, _pu64] + _ERR),
+    "kvs_codec_encode": (_ci, [_vp, _u64] + _SHAPE + [_ci, _ci, _vp, _ci, _vp, _u64, _pu64] + _ERR),
     "kvs_codec_parse": (_ci, [_cp, _u64, ctypes.POINTER(CodecInfo)] + _ERR),
     "kvs_codec_decode_layers": (_ci, [_cp, _u64, _u32, _u32, _vp, _u64, _ci, _ci] + _ERR),
     "kvs_codec_size_breakdown": (_ci, [_cp, _u64, _pu64] + _ERR),
@@ -89,8 +89,8 @@ _CUDA = {
     "kvs_cuda_codec_load_batch": (_ci, [_u32, _vp, _vp, _vp, _u64, _u32, _vp, _ci] + _ERR),
     "kvs_cuda_codec_load_mapped": (_ci, [_u32, _vp, _vp, _vp] + _SHAPE + [_vp, _vp, _u32, _u64, _u32, _vp, _ci,
                                                                           _vp, _vp] + _ERR),
-    "kvs_cuda_codec_encode_batch": (_ci, [_u32, _vp] + _SHAPE + [_ci, _vp, _vp, _u64, _vp, _vp] + _ERR),
-    "kvs_cuda_codec_encode_batch_placed": (_ci, [_u32, _vp] + _SHAPE + [_ci, _vp, _vp, _vp, _vp, _vp] + _ERR),
+    "kvs_cuda_codec_encode_batch": (_ci, [_u32, _vp] + _SHAPE + [_ci, _ci, _vp, _vp, _u64, _vp, _vp] + _ERR),
+    "kvs_cuda_codec_encode_batch_placed": (_ci, [_u32, _vp] + _SHAPE + [_ci, _ci, _vp, _vp, _vp, _vp, _vp] + _ERR),
     "kvs_cuda_codec_set_decoder": (_ci, [_ci, _ci] + _ERR),
     "kvs_cuda_codec_set_encoder": (_ci, [_ci] + _ERR),
     "kvs_cuda_codec_selftest": (_ci, [_pu64, _pu64] + _ERR),

@@ -26,6 +26,9 @@ def streams():
         for level in kc.CodecLevel:
             SEEDS[level] = kc.encode(x, level)
         SEEDS["mla"] = kc.encode(x.reshape(3, 48, 40)[:, :24], kc.CodecLevel.DEFAULT, kc.Layout.MLA)
+        w = synthetic_kv(2, 24, 4, 40, seed=8)  # 160 channels: 64 and 128 lanes per segment
+        SEEDS["lanes64"] = kc.encode(w, kc.CodecLevel.DEFAULT, lanes=64)
+        SEEDS["lanes128"] = kc.encode(w, kc.CodecLevel.AGGRESSIVE, lanes=128)
     return SEEDS
 
 
@@ -36,7 +39,7 @@ def decode_or_error(buf: bytes, verify: bool = True) -> None:
         assert str(e)  # a message says what is wrong
 
 
-@pytest.mark.parametrize("key", list(kc.CodecLevel) + ["mla"])
+@pytest.mark.parametrize("key", list(kc.CodecLevel) + ["mla", "lanes64", "lanes128"])
 def test_every_truncation_is_rejected(key):
     b = streams()[key]
     for n in list(range(0, 200)) + list(range(200, len(b), 37)):
@@ -57,7 +60,7 @@ def test_bit_flips_caught_by_checksum(key):
             kc.decode(bytes(m))
 
 
-@pytest.mark.parametrize("key", list(kc.CodecLevel))
+@pytest.mark.parametrize("key", list(kc.CodecLevel) + ["lanes64", "lanes128"])
 def test_bit_flips_with_fixed_checksums_never_crash(key):
     b = streams()[key]
     rng = np.random.default_rng(2)
@@ -117,7 +120,7 @@ def test_wrong_magic_and_garbage():
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
-@given(key=st.sampled_from(list(kc.CodecLevel) + ["mla"]),
+@given(key=st.sampled_from(list(kc.CodecLevel) + ["mla", "lanes64", "lanes128"]),
        edits=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 255)), min_size=1, max_size=6),
        cut=st.integers(0, 1 << 30), fix=st.booleans())
 def test_fuzz_mutations(key, edits, cut, fix):

@@ -44,6 +44,7 @@ class Case:
             x = (rng.normal(0, 1, (self.L, self.T, self.D)).astype(np.float32) if mla else
                  synthetic_kv(self.L, self.T, self.H, self.D, seed=seed * 100 + i, dtype=np.float32))
             hosts.append(_bf16_bits(x) if self.bf16 else x.astype(np.float16))
+        self.hosts, self.level = hosts, level
         self.blobs = [kc.encode(h, level, self.klayout, bf16=self.bf16) for h in hosts]
         self.want = [np.ascontiguousarray(kc.decode(b)).view(np.uint16).tobytes() for b in self.blobs]
         tdt = torch.bfloat16 if self.bf16 else torch.float16

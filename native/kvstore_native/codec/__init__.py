@@ -23,7 +23,8 @@ import numpy as np
 
 from kvstore_native.codec import native
 from kvstore_native.codec.errors import ChecksumError, CodecError
-from kvstore_native.codec.format import CodecLevel, DType, Header, Layout, dtype_of, numpy_dtype
+from kvstore_native.codec.format import (LANE_CHOICES, LANES, CodecLevel, DType, Header, Layout, dtype_of,
+                                         numpy_dtype)
 
 #: Default cap on the decoded size of one bitstream. A tiny stream may legitimately expand a
 #: thousandfold (all-zero KV), so a hostile header could otherwise make a decoder allocate
@@ -32,6 +33,15 @@ DEFAULT_MAX_DECODED_BYTES = 1 << 30
 
 __all__ = ["DEFAULT_MAX_DECODED_BYTES", "CodecError", "ChecksumError", "CodecLevel", "DType", "Layout", "Header",
            "encode", "decode", "decode_into", "decode_layers", "info", "size_breakdown"]
+
+
+def check_lanes(lanes: int, level: CodecLevel) -> int:
+    """The lane count to encode with, or CodecError naming the choices."""
+    if isinstance(lanes, bool) or not isinstance(lanes, (int, np.integer)) or int(lanes) not in LANE_CHOICES:
+        raise CodecError(f"lanes must be one of {', '.join(map(str, LANE_CHOICES))}, got {lanes!r}")
+    if CodecLevel(level) == CodecLevel.LOSSLESS and int(lanes) != LANES:
+        raise CodecError(f"the lossless level always uses {LANES} lanes, got lanes={lanes}")
+    return int(lanes)
 
 
 def _shape_args(shape: tuple[int, ...], layout: Layout) -> tuple[int, int, int, int]:
@@ -46,14 +56,19 @@ def _shape_args(shape: tuple[int, ...], layout: Layout) -> tuple[int, int, int, 
 
 def encode(array: np.ndarray, level: CodecLevel = CodecLevel.DEFAULT,
            layout: Layout = Layout.KV, *, threads: int = 1, bf16: bool = False,
-           policy: tuple[int, ...] | None = None) -> bytes:
+           policy: tuple[int, ...] | None = None, lanes: int = LANES) -> bytes:
     """Encode one chunk. ``bf16=True`` reads a uint16 array as raw bfloat16 bits.
+
+    ``lanes`` (32, 64 or 128; lossless always uses 32): rANS lanes per lossy segment. More
+    lanes decode with more parallelism on a GPU (``kvstore_native.codec.gpu``) and cost 8
+    bytes per extra lane and segment; every decoder reads every lane count.
 
     ``policy`` (tuning only) overrides the level's encoder policy: 8 ints, K step offsets
     for shallow/middle/deep layers, V offsets likewise (quarter octaves), K and V channel
     weights (0..4 halves). Decoders do not need it.
     """
     level, layout = CodecLevel(level), Layout(layout)
+    lanes = check_lanes(lanes, level)
     a = np.ascontiguousarray(array)
     dt = dtype_of(a.dtype, bf16)
     layers, tokens, heads, head_dim = _shape_args(a.shape, layout)
@@ -68,12 +83,12 @@ def encode(array: np.ndarray, level: CodecLevel = CodecLevel.DEFAULT,
             raise CodecError("policy needs 8 integers")
         pol = (ctypes.c_int32 * 8)(*policy)
     code = so.kvs_codec_encode(a.ctypes.data, a.nbytes, dt, layout, layers, tokens, heads, head_dim,
-                                level, pol, threads, out, cap, ctypes.byref(size), err, native.ERR_CAP)
+                                level, lanes, pol, threads, out, cap, ctypes.byref(size), err, native.ERR_CAP)
     if code == native.E_BUFFER and size.value > cap:  # bound was too small: retry at the exact size
         cap = size.value
         out = ctypes.create_string_buffer(cap)
         code = so.kvs_codec_encode(a.ctypes.data, a.nbytes, dt, layout, layers, tokens, heads, head_dim,
-                                    level, pol, threads, out, cap, ctypes.byref(size), err, native.ERR_CAP)
+                                    level, lanes, pol, threads, out, cap, ctypes.byref(size), err, native.ERR_CAP)
     native.check(code, err)
     return out.raw[: size.value]
 
@@ -89,7 +104,7 @@ def info(data: bytes) -> Header:
     """Header of a bitstream (validates header and index, not the payload)."""
     i = _parse(bytes(data))
     return Header(CodecLevel(i.level), DType(i.dtype), Layout(i.layout), i.layers, i.tokens,
-                  i.heads, i.head_dim, i.payload_size)
+                  i.heads, i.head_dim, i.payload_size, lanes=i.lanes)
 
 
 def decode_layers(data: bytes, first: int, count: int, out: np.ndarray | None = None, *,

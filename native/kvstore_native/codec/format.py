@@ -18,7 +18,10 @@ HEADER_SIZE = 64
 INDEX_ENTRY_SIZE = 16
 CODEC_RANS_V1 = 1
 PROB_BITS = 12
-LANES = 32
+LANES = 32  # the default lane count of a lossy segment (and the only one of lossless)
+#: Lane counts a lossy segment may use (the header's ``lanes`` byte): more lanes decode with
+#: more parallelism on a GPU for 8 more bytes per lane per segment.
+LANE_CHOICES = (32, 64, 128)
 _HEADER = struct.Struct("<4sHHBBBBIIIIIBBHQI12sI")
 assert _HEADER.size == HEADER_SIZE
 
@@ -67,6 +70,7 @@ class Header:
     payload_size: int
     index_crc: int = 0
     codec: int = CODEC_RANS_V1
+    lanes: int = LANES
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -82,7 +86,7 @@ class Header:
         """The 64 header bytes, CRC included."""
         body = _HEADER.pack(MAGIC, VERSION, HEADER_SIZE, self.codec, self.level, self.dtype,
                             self.layout, self.layers, self.tokens, self.heads, self.head_dim, 0,
-                            PROB_BITS, LANES, 0, self.payload_size, self.index_crc,
+                            PROB_BITS, self.lanes, 0, self.payload_size, self.index_crc,
                             b"\0" * 12, 0)
         return body[:60] + struct.pack("<I", crc32c(body[:60]))
 
@@ -92,13 +96,13 @@ def parse_header(buf: bytes) -> Header:
     if len(buf) < HEADER_SIZE:
         raise ValueError(f"bitstream too short: {len(buf)} bytes")
     (magic, version, hsize, codec, level, dtype, layout, layers, tokens, heads, head_dim, flags,
-     _pb, _lanes, _r, payload, index_crc, _res, crc) = _HEADER.unpack_from(buf)
+     _pb, lanes, _r, payload, index_crc, _res, crc) = _HEADER.unpack_from(buf)
     if magic != MAGIC or version != VERSION or hsize != HEADER_SIZE:
         raise ValueError("not a kvstore codec v1 bitstream")
     if crc32c(bytes(buf[:60])) != crc:
         raise ValueError("header checksum mismatch")
     return Header(CodecLevel(level), DType(dtype), Layout(layout), layers, tokens, heads,
-                  head_dim, payload, index_crc, codec)
+                  head_dim, payload, index_crc, codec, lanes)
 
 
 def parse_index(buf: bytes, header: Header) -> list[tuple[int, int, int]]:

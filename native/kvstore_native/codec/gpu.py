@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from kvstore_native import _lib
 from kvstore_native.codec import native
 from kvstore_native.codec.errors import CodecError
-from kvstore_native.codec.format import CodecLevel, DType, Layout, parse_header
+from kvstore_native.codec.format import LANES, CodecLevel, DType, Layout, parse_header
 
 CUDA_LIB_ENV = _lib.CUDA_ENV
 _DTYPES = {"float16": DType.FLOAT16, "bfloat16": DType.BFLOAT16, "float32": DType.FLOAT32}
@@ -60,13 +60,17 @@ def _stream(t, stream) -> int:
     return int(cupy.cuda.get_current_stream().ptr)
 
 
-def encode(t, level: CodecLevel = CodecLevel.DEFAULT, layout: Layout = Layout.KV, *, stream=None) -> bytes:
-    """Encode a device-resident chunk on the GPU; returns the bitstream (host bytes)."""
-    from kvstore_native.codec import _shape_args
+def encode(t, level: CodecLevel = CodecLevel.DEFAULT, layout: Layout = Layout.KV, *, stream=None,
+           lanes: int = LANES) -> bytes:
+    """Encode a device-resident chunk on the GPU; returns the bitstream (host bytes).
+    ``lanes`` other than 32 go through the batched encoder (:func:`encode_batch`)."""
+    from kvstore_native.codec import _shape_args, check_lanes
 
     level, layout = CodecLevel(level), Layout(layout)
     if not _contiguous(t):
         raise CodecError("tensor must be contiguous")
+    if check_lanes(lanes, level) != LANES:
+        return encode_batch([t], level, layout, stream=stream, lanes=lanes)[0]
     L, T, H, D = _shape_args(tuple(t.shape), layout)
     dt = _dtype(t)
     cap = native.lib().kvs_codec_encode_bound(dt, layout, L, T, H, D, level)
@@ -324,12 +328,15 @@ def _batch_shape(srcs: list, layout: Layout):
 
 
 def encode_batch_into(srcs: list, level: CodecLevel, out, *, layout: Layout = Layout.KV,
-                      stream=None) -> list[tuple[int, int]]:
+                      stream=None, lanes: int = LANES) -> list[tuple[int, int]]:
     """Encode device chunks of one shape in one batched pass; bitstream i is written to the host
     buffer ``out`` (pinned uint8 tensor or numpy array; :func:`encode_bound_batch` bytes) at the
-    returned (offset, size). Bit-exact with the CPU encoder. Raises CodecError when ``out`` is
-    too small."""
+    returned (offset, size). Bit-exact with the CPU encoder (``codec.encode`` with the same
+    ``lanes``). Raises CodecError when ``out`` is too small."""
+    from kvstore_native.codec import check_lanes
+
     level, layout = CodecLevel(level), Layout(layout)
+    lanes = check_lanes(lanes, level)
     dt, (L, T, H, D) = _batch_shape(srcs, layout)
     n = len(srcs)
     offs, sizes = (ctypes.c_uint64 * n)(), (ctypes.c_uint64 * n)()
@@ -337,13 +344,14 @@ def encode_batch_into(srcs: list, level: CodecLevel, out, *, layout: Layout = La
     cap = _nbytes(out) if hasattr(out, "data_ptr") else int(out.nbytes)
     err = native.err_buf()
     native.check(lib().kvs_cuda_codec_encode_batch(n, (ctypes.c_uint64 * n)(*[_ptr(s) for s in srcs]), dt, layout,
-                                                   L, T, H, D, level, _stream(srcs[0], stream), optr, cap, offs, sizes,
+                                                   L, T, H, D, level, lanes, _stream(srcs[0], stream), optr, cap, offs,
+                                                   sizes,
                                                    err, native.ERR_CAP), err)
     return [(int(offs[i]), int(sizes[i])) for i in range(n)]
 
 
 def encode_batch_placed(srcs: list, level: CodecLevel, place, *, layout: Layout = Layout.KV,
-                        stream=None) -> list[tuple[int, int]]:
+                        stream=None, lanes: int = LANES) -> list[tuple[int, int]]:
     """Encode device chunks of one shape in one batched pass, each bitstream written where
     ``place`` says once the sizes are known: ``place(sizes)`` (a list of ints, called while the
     payloads are assembled and checksummed on the GPU) returns one host pointer per chunk with
@@ -351,7 +359,10 @@ def encode_batch_placed(srcs: list, level: CodecLevel, place, *, layout: Layout 
     skips the chunk). Returns ``(size, crc32c)`` per chunk, the CRC32C of the whole bitstream as
     written (computed on the GPU and combined with the header's). An exception raised by
     ``place`` abandons the encode and propagates; nothing is then written anywhere."""
+    from kvstore_native.codec import check_lanes
+
     level, layout = CodecLevel(level), Layout(layout)
+    lanes = check_lanes(lanes, level)
     dt, (L, T, H, D) = _batch_shape(srcs, layout)
     n = len(srcs)
     sizes, crcs = (ctypes.c_uint64 * n)(), (ctypes.c_uint32 * n)()
@@ -372,7 +383,8 @@ def encode_batch_placed(srcs: list, level: CodecLevel, place, *, layout: Layout 
     fn = _lib.PLACE_FN(cb)
     err = native.err_buf()
     rc = lib().kvs_cuda_codec_encode_batch_placed(n, (ctypes.c_uint64 * n)(*[_ptr(s) for s in srcs]), dt, layout,
-                                                  L, T, H, D, level, _stream(srcs[0], stream), fn, None, sizes, crcs,
+                                                  L, T, H, D, level, lanes, _stream(srcs[0], stream), fn, None, sizes,
+                                                  crcs,
                                                   err, native.ERR_CAP)
     if failure:
         raise failure[0]
@@ -390,10 +402,10 @@ def encode_bound_batch(src, count: int, level: CodecLevel, layout: Layout = Layo
 
 
 def encode_batch(srcs: list, level: CodecLevel = CodecLevel.DEFAULT, layout: Layout = Layout.KV, *,
-                 stream=None) -> list[bytes]:
+                 stream=None, lanes: int = LANES) -> list[bytes]:
     """:func:`encode_batch_into` returning one ``bytes`` per chunk (copies out of a host buffer)."""
     import numpy as np
 
     out = np.empty(encode_bound_batch(srcs[0], len(srcs), level, layout), dtype=np.uint8)
-    spans = encode_batch_into(srcs, level, out, layout=layout, stream=stream)
+    spans = encode_batch_into(srcs, level, out, layout=layout, stream=stream, lanes=lanes)
     return [out[o:o + s].tobytes() for o, s in spans]

@@ -28,9 +28,13 @@ void parallel_for(uint32_t n, int threads, F f) {
   for (auto& th : pool) th.join();
 }
 
-bool make_header(int dtype, int layout, uint32_t L, uint32_t T, uint32_t H, uint32_t D, int level,
+bool make_header(int dtype, int layout, uint32_t L, uint32_t T, uint32_t H, uint32_t D, int level, int lanes,
                  Header& h, Error& e) {
   if (level < 0 || level >= KVC_NUM_LEVELS) return e.fail("unknown level %d", level);
+  if (lanes == 0) lanes = level == KVC_LEVEL_LOSSLESS ? (int)KVC_LOSSLESS_LANES : (int)KVC_LANES_DEFAULT;
+  if (lanes < 0 || !kvc_lanes_valid((unsigned)lanes) || (level == KVC_LEVEL_LOSSLESS && lanes != (int)KVC_LOSSLESS_LANES))
+    return e.fail("lanes %d not supported: 32, 64 or 128 for the lossy levels, 32 (or 0) for lossless", lanes);
+  h.lanes = (uint8_t)lanes;
   if (dtype < 1 || dtype > 3) return e.fail("unknown dtype %d", dtype);
   if (layout < 1 || layout > 2) return e.fail("unknown layout %d", layout);
   h.level = (uint8_t)level; h.dtype = (uint8_t)dtype; h.layout = (uint8_t)layout;
@@ -49,11 +53,11 @@ KVS_API uint64_t kvs_codec_encode_bound(int dtype, int layout, uint32_t L, uint3
 }
 
 KVS_API int kvs_codec_encode(const void* src, uint64_t src_bytes, int dtype, int layout, uint32_t L, uint32_t T,
-                      uint32_t H, uint32_t D, int level, const int32_t* policy, int threads, uint8_t* dst,
+                      uint32_t H, uint32_t D, int level, int lanes, const int32_t* policy, int threads, uint8_t* dst,
                       uint64_t dst_cap, uint64_t* out_size, char* err, size_t err_len) {
   Error e;
   Header h;
-  if (!make_header(dtype, layout, L, T, H, D, level, h, e)) return report(KVS_EINVAL, e, err, err_len);
+  if (!make_header(dtype, layout, L, T, H, D, level, lanes, h, e)) return report(KVS_EINVAL, e, err, err_len);
   const uint64_t B = kvc_dtype_size(dtype);
   if (src == nullptr || src_bytes != h.elements() * B) {
     e.fail("source has %llu bytes, shape needs %llu", (unsigned long long)src_bytes,
@@ -78,7 +82,7 @@ KVS_API int kvs_codec_encode(const void* src, uint64_t src_bytes, int dtype, int
     for (uint32_t s = 0; s < h.segments(); s++) {
       const uint8_t* seg = static_cast<const uint8_t*>(src) + ((uint64_t)l * h.segments() + s) * seg_elems * B;
       if (level == KVC_LEVEL_LOSSLESS) encode_lossless_segment(seg, dtype, seg_elems, layers[l]);
-      else encode_lossy_segment(seg, dtype, T, (uint32_t)h.channels(), lp.off[s][g], lp.w[s], layers[l]);
+      else encode_lossy_segment(seg, dtype, T, (uint32_t)h.channels(), h.lanes, lp.off[s][g], lp.w[s], layers[l]);
     }
   });
   for (uint32_t l = 0; l < L; l++)
@@ -113,6 +117,7 @@ KVS_API int kvs_codec_parse(const uint8_t* buf, uint64_t n, kvs_codec_info* info
     info->payload_size = h.payload_size;
     info->decoded_bytes = h.elements() * kvc_dtype_size(h.dtype);
     info->payload_offset = h.payload_offset();
+    info->lanes = h.lanes;
   }
   return KVS_OK;
 }
@@ -150,7 +155,7 @@ KVS_API int kvs_codec_decode_layers(const uint8_t* buf, uint64_t n, uint32_t fir
       uint8_t* out = static_cast<uint8_t*>(dst) + per_layer * i + s * seg_elems * B;
       bool ok = h.level == KVC_LEVEL_LOSSLESS
                     ? decode_lossless_segment(&p, end, out, h.dtype, seg_elems, errs[i])
-                    : decode_lossy_segment(&p, end, out, h.dtype, h.tokens, (uint32_t)h.channels(), errs[i]);
+                    : decode_lossy_segment(&p, end, out, h.dtype, h.tokens, (uint32_t)h.channels(), h.lanes, errs[i]);
       if (!ok) {
         Error tagged;
         tagged.fail("layer %u segment %u: %s", first + i, s, errs[i].msg.c_str());
@@ -187,7 +192,7 @@ KVS_API int kvs_codec_size_breakdown(const uint8_t* buf, uint64_t n, uint64_t* o
     }
     for (uint32_t s = 0; s < h.segments() && p < end; s++) {
       const uint64_t C = h.channels();
-      const uint32_t nl = (uint32_t)std::min<uint64_t>(KVC_MAX_LANES, C);
+      const uint32_t nl = (uint32_t)std::min<uint64_t>(h.lanes, C);
       if (end - p < 2) { e.fail("truncated segment"); return report(KVS_ECORRUPT, e, err, err_len); }
       const uint64_t R = read16(p), raw = 2 + 4 * R + R * C * kvc_dtype_size(h.dtype);
       if (R > KVC_MAX_RAW_TOKENS || raw > (uint64_t)(end - p)) { e.fail("bad raw tokens"); return report(KVS_ECORRUPT, e, err, err_len); }

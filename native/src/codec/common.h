@@ -42,8 +42,13 @@
 #define KVC_PROB_BITS 12
 #define KVC_PROB_TOTAL (1u << KVC_PROB_BITS)
 #define KVC_RANS_L (1u << 23)                // lower bound of the normalised state
-#define KVC_MAX_LANES 32u
+#define KVC_MAX_LANES 128u                   // lanes per lossy segment: 32 (the default), 64 or 128
+#define KVC_LANES_DEFAULT 32u
+#define KVC_LOSSLESS_LANES 32u               // lossless planes always use 32 lanes
 #define KVC_LANE_ENTRY_SIZE 8                // u32 byte length + u32 final state
+// A lossy segment's lane count: the header's `lanes` field (docs/bitstream.md); more lanes
+// are more parallel decode (GPU) for a larger lane table (8 bytes per lane per segment).
+KVC_HD int kvc_lanes_valid(unsigned lanes) { return lanes == 32u || lanes == 64u || lanes == 128u; }
 #define KVC_BYPASS_FREQ (KVC_PROB_TOTAL / 256u)  // uniform byte after an escape
 
 // ---- lossy quantiser -------------------------------------------------------------------

@@ -51,6 +51,8 @@ bool check_shape(const Header& h, Error& err) {
   if (h.elements() > KVC_MAX_ELEMENTS)
     return err.fail("chunk of %llu elements exceeds the limit %llu", (unsigned long long)h.elements(),
                     (unsigned long long)KVC_MAX_ELEMENTS);
+  if (!kvc_lanes_valid(h.lanes) || (h.level == KVC_LEVEL_LOSSLESS && h.lanes != KVC_LOSSLESS_LANES))
+    return err.fail("lanes %u not supported (32, 64 or 128 for the lossy levels, 32 for lossless)", h.lanes);
   if (h.level != KVC_LEVEL_LOSSLESS && (uint64_t)h.tokens * 4u * 8u > 0xFFFFFFFFull)
     return err.fail("too many tokens for one lossy segment");
   return true;
@@ -72,7 +74,7 @@ void write_header_index(const Header& h, const uint32_t* sizes, const uint32_t* 
   p[8] = h.codec; p[9] = h.level; p[10] = h.dtype; p[11] = h.layout;
   put32(p + 12, h.layers); put32(p + 16, h.tokens); put32(p + 20, h.heads); put32(p + 24, h.head_dim);
   put32(p + 28, 0);  // flags
-  p[32] = KVC_PROB_BITS; p[33] = KVC_MAX_LANES; put16(p + 34, 0);
+  p[32] = KVC_PROB_BITS; p[33] = h.lanes; put16(p + 34, 0);
   put64(p + 36, h.payload_size);
   put32(p + 44, crc32c(idx, (size_t)KVC_INDEX_ENTRY_SIZE * h.layers));
   put32(p + 60, crc32c(p, 60));
@@ -108,8 +110,9 @@ bool parse_container(const uint8_t* buf, size_t n, Header& h, std::vector<IndexE
   h.codec = buf[8]; h.level = buf[9]; h.dtype = buf[10]; h.layout = buf[11];
   h.layers = get32(buf + 12); h.tokens = get32(buf + 16); h.heads = get32(buf + 20); h.head_dim = get32(buf + 24);
   if (get32(buf + 28) != 0) return err.fail("unknown flags 0x%x", get32(buf + 28));
-  if (buf[32] != KVC_PROB_BITS || buf[33] != KVC_MAX_LANES || get16(buf + 34) != 0)
+  if (buf[32] != KVC_PROB_BITS || !kvc_lanes_valid(buf[33]) || get16(buf + 34) != 0)
     return err.fail("unsupported coder parameters (prob_bits %u, lanes %u)", buf[32], buf[33]);
+  h.lanes = buf[33];
   for (int i = 48; i < 60; i++)
     if (buf[i] != 0) return err.fail("reserved header byte %d is not zero", i);
   h.payload_size = get64(buf + 36);

@@ -17,6 +17,7 @@ struct Header {
   uint8_t level = 0;
   uint8_t dtype = 0;
   uint8_t layout = 0;
+  uint8_t lanes = KVC_LANES_DEFAULT;  // rANS lanes per lossy segment (32 for lossless)
   uint32_t layers = 0, tokens = 0, heads = 0, head_dim = 0;
   uint64_t payload_size = 0;
 

@@ -57,9 +57,9 @@ __attribute__((target("avx2"))) uint64_t decode_rows_avx2(RansDecoder* dec, cons
                 lim = _mm256_set1_epi32((int)KVC_RANS_L);
   uint64_t i = 0;
   for (;;) {
-    if (i + (uint64_t)kBlock * KVC_MAX_LANES > n) break;
+    if (i + (uint64_t)kBlock * KVC_LOSSLESS_LANES > n) break;
     bool room = true;
-    for (uint32_t j = 0; j < KVC_MAX_LANES; j++)
+    for (uint32_t j = 0; j < KVC_LOSSLESS_LANES; j++)
       room &= dec[j].p <= dec[j].end && (uint64_t)(dec[j].end - dec[j].p) >= 2u * kBlock + 4u;
     if (!room) break;
     __m256i X[4], P[4];
@@ -69,7 +69,7 @@ __attribute__((target("avx2"))) uint64_t decode_rows_avx2(RansDecoder* dec, cons
       X[v] = _mm256_load_si256((const __m256i*)xs);
       P[v] = _mm256_load_si256((const __m256i*)ps);
     }
-    for (uint32_t r = 0; r < kBlock; r++, i += KVC_MAX_LANES) {
+    for (uint32_t r = 0; r < kBlock; r++, i += KVC_LOSSLESS_LANES) {
       alignas(32) int32_t sym[32];
       for (int v = 0; v < 4; v++) {
         const __m256i e = _mm256_i32gather_epi32((const int*)entry, _mm256_and_si256(X[v], mask12), 4);
@@ -85,7 +85,7 @@ __attribute__((target("avx2"))) uint64_t decode_rows_avx2(RansDecoder* dec, cons
         }
         _mm256_store_si256((__m256i*)(sym + 8 * v), _mm256_and_si256(e, ff));
       }
-      for (uint32_t j = 0; j < KVC_MAX_LANES; j++) d[(i + j) * B + b] = (uint8_t)sym[j];
+      for (uint32_t j = 0; j < KVC_LOSSLESS_LANES; j++) d[(i + j) * B + b] = (uint8_t)sym[j];
     }
     for (int v = 0; v < 4; v++) {
       alignas(32) int32_t xs[8], ps[8];
@@ -103,7 +103,7 @@ __attribute__((target("avx2"))) uint64_t decode_rows_avx2(RansDecoder* dec, cons
 void encode_lossless_segment(const void* src, int dtype, uint64_t n, std::vector<uint8_t>& out) {
   const uint32_t B = kvc_dtype_size(dtype);
   const uint8_t* s = static_cast<const uint8_t*>(src);
-  const uint32_t lanes = (uint32_t)std::min<uint64_t>(KVC_MAX_LANES, n);
+  const uint32_t lanes = (uint32_t)std::min<uint64_t>(KVC_LOSSLESS_LANES, n);
   for (uint32_t b = 0; b < B; b++) {
     uint64_t count[256] = {0};
     for (uint64_t i = 0; i < n; i++) count[s[i * B + b]]++;
@@ -148,7 +148,7 @@ bool decode_lossless_segment(const uint8_t** pp, const uint8_t* end, void* dst, 
   const uint32_t B = kvc_dtype_size(dtype);
   uint8_t* d = static_cast<uint8_t*>(dst);
   const uint8_t* p = *pp;
-  const uint32_t lanes = (uint32_t)std::min<uint64_t>(KVC_MAX_LANES, n);
+  const uint32_t lanes = (uint32_t)std::min<uint64_t>(KVC_LOSSLESS_LANES, n);
   for (uint32_t b = 0; b < B; b++) {
     if (p >= end) return err.fail("truncated lossless plane %u", b);
     const uint8_t kind = *p++;
@@ -181,13 +181,13 @@ bool decode_lossless_segment(const uint8_t** pp, const uint8_t* end, void* dst, 
     uint32_t entry[KVC_PROB_TOTAL];
     for (int v = 0; v < 256; v++)
       for (uint32_t s = cum[v]; s < cum[v] + freq[v]; s++) entry[s] = pack_entry((uint32_t)v, freq[v], s - cum[v]);
-    LaneSpan spans[KVC_MAX_LANES];
+    LaneSpan spans[KVC_LOSSLESS_LANES];
     if (!read_lane_table(&p, end, lanes, spans, err)) return false;
-    RansDecoder dec[KVC_MAX_LANES];
+    RansDecoder dec[KVC_LOSSLESS_LANES];
     for (uint32_t j = 0; j < lanes; j++) dec[j] = {spans[j].state, spans[j].begin, spans[j].end};
     uint64_t i = 0;
 #if defined(__x86_64__)
-    if (lanes == KVC_MAX_LANES && have_avx2()) i = decode_rows_avx2(dec, entry, spans[0].begin, d, B, b, n);
+    if (lanes == KVC_LOSSLESS_LANES && have_avx2()) i = decode_rows_avx2(dec, entry, spans[0].begin, d, B, b, n);
 #endif
     for (; i + lanes <= n; i += lanes) {
       for (uint32_t j = 0; j < lanes; j++) d[(i + j) * B + b] = dec[j].decode(entry);

@@ -71,8 +71,8 @@ std::vector<uint32_t> select_raw_tokens(const float* xs, const int32_t* ql, uint
   return raw;
 }
 
-void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, int32_t off, int32_t w,
-                          std::vector<uint8_t>& out) {
+void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, uint32_t lanes, int32_t off,
+                          int32_t w, std::vector<uint8_t>& out) {
   const Models& M = models();
   const uint32_t B = kvc_dtype_size(dtype);
   // sanitised values and their quarter-log2 magnitudes, computed once
@@ -150,7 +150,7 @@ void encode_lossy_segment(const void* src, int dtype, uint32_t T, uint32_t C, in
     out.push_back(model[c]);
     append16(out, (uint16_t)(int16_t)center[c]);
   }
-  const uint32_t n = std::min<uint32_t>(KVC_MAX_LANES, C);
+  const uint32_t n = std::min<uint32_t>(lanes, C);
   std::vector<std::vector<uint8_t>> lane_bytes(n);
   std::vector<uint32_t> states(n);
   for (uint32_t j = 0; j < n; j++) {
@@ -243,7 +243,7 @@ inline int32_t decode_value(LaneState& L) {
   return v;
 }
 
-// Dequantise one row of m <= 32 lanes (steps per lane) and store it in the chunk dtype.
+// Dequantise one row of m lanes (steps per lane) and store it in the chunk dtype.
 template <int DT>
 inline void store_row(const int32_t* q, const float* step, uint32_t m, void* dst, uint64_t at) {
   for (uint32_t j = 0; j < m; j++) {
@@ -361,6 +361,7 @@ bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint
       (n && (uint64_t)(lanes[n - 1].end - lanes[0].p) < (1ull << 31)) ? lanes[0].p : nullptr;
 #endif
   const uint32_t nci = (C + n - 1) / n;
+  const uint8_t* const data_end = n ? lanes[n - 1].end : nullptr;
   std::vector<int32_t> qbuf((size_t)TC * n);
   float step[KVC_MAX_LANES];
 #if defined(__x86_64__)
@@ -382,29 +383,37 @@ bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint
     constexpr uint32_t kBlock = 16;  // tokens per bounds decision
     for (uint32_t t0 = 0; t0 < TC; t0 += kBlock) {
       const uint32_t t1 = std::min(TC, t0 + kBlock);
-      uint64_t room = UINT64_MAX;
-      for (uint32_t j = 0; j < m; j++)
-        room = std::min<uint64_t>(room, lanes[j].p < lanes[j].end ? (uint64_t)(lanes[j].end - lanes[j].p) : 0);
-      const bool fast = room >= (uint64_t)kMaxBytesPerValue * kBlock + 4;
+      // Decided per group of 32 lanes (all m lanes when m is not a multiple of 32): unchecked
+      // reads stay inside the segment's lane bytes (lanes are contiguous, lane 0 first), so
+      // only the group holding the last lane ever needs the checked path. A lane that runs
+      // past its own end reads its neighbours' bytes and ends past its end, which the final
+      // check rejects exactly as the checked path's zero bytes do.
+      const uint32_t gw = m % 32u == 0 ? 32u : m;
+      for (uint32_t g0 = 0; g0 < m; g0 += gw) {
+        uint64_t room = UINT64_MAX;
+        for (uint32_t j = g0; j < g0 + gw; j++)
+          room = std::min<uint64_t>(room, lanes[j].p < data_end ? (uint64_t)(data_end - lanes[j].p) : 0);
+        const bool fast = room >= (uint64_t)kMaxBytesPerValue * kBlock + 4;
 #if defined(__x86_64__)
-      if (fast && m == KVC_MAX_LANES && avx2 && spans_base != nullptr) {
-        bad |= decode_rows_avx2(M, lanes, spans_base, qbuf.data(), n, t0, t1);
-        continue;
-      }
+        if (fast && gw == 32u && avx2 && spans_base != nullptr) {
+          bad |= decode_rows_avx2(M, lanes + g0, spans_base, qbuf.data() + g0, n, t0, t1);
+          continue;
+        }
 #endif
-      for (uint32_t t = t0; t < t1; t++) {
-        int32_t* qrow = qbuf.data() + (size_t)t * n;
-        if (fast && m == KVC_MAX_LANES) {
-          for (uint32_t j = 0; j < KVC_MAX_LANES; j++) {
-            const int32_t v = decode_value<true>(lanes[j]);
-            bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
-            qrow[j] = v;
-          }
-        } else {
-          for (uint32_t j = 0; j < m; j++) {
-            const int32_t v = decode_value<false>(lanes[j]);
-            bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
-            qrow[j] = v;
+        for (uint32_t t = t0; t < t1; t++) {
+          int32_t* qrow = qbuf.data() + (size_t)t * n;
+          if (fast) {
+            for (uint32_t j = g0; j < g0 + gw; j++) {
+              const int32_t v = decode_value<true>(lanes[j]);
+              bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
+              qrow[j] = v;
+            }
+          } else {
+            for (uint32_t j = g0; j < g0 + gw; j++) {
+              const int32_t v = decode_value<false>(lanes[j]);
+              bad |= (uint32_t)(v + KVC_QMAX) > 2u * KVC_QMAX;
+              qrow[j] = v;
+            }
           }
         }
       }
@@ -427,7 +436,7 @@ bool decode_lossy_impl(const Models& M, LaneState* lanes, uint32_t n, const uint
 }  // namespace
 
 bool decode_lossy_segment(const uint8_t** pp, const uint8_t* end, void* dst, int dtype, uint32_t T,
-                          uint32_t C, Error& err) {
+                          uint32_t C, uint32_t lanes_max, Error& err) {
   const uint8_t* p = *pp;
   const uint32_t B = kvc_dtype_size(dtype);
   if (end - p < 2) return err.fail("truncated raw-token count");
@@ -463,7 +472,8 @@ bool decode_lossy_segment(const uint8_t** pp, const uint8_t* end, void* dst, int
     if (ctr > KVC_QMAX || ctr < -KVC_QMAX) return err.fail("channel %u: centre %d out of range", c, ctr);
   }
   p += (size_t)C * KVC_CHANNEL_META_SIZE;
-  const uint32_t n = std::min<uint32_t>(KVC_MAX_LANES, C);
+  const uint32_t n = std::min<uint32_t>(lanes_max, C);
+  if (n > KVC_MAX_LANES) return err.fail("lane count %u above %u", n, KVC_MAX_LANES);
   LaneSpan spans[KVC_MAX_LANES];
   if (!read_lane_table(&p, end, n, spans, err)) return false;
   LaneState lanes[KVC_MAX_LANES];

@@ -22,11 +22,12 @@ struct Models {
 inline uint32_t pack_entry(uint32_t sym, uint32_t freq, uint32_t bias) { return sym | ((freq - 1) << 8) | (bias << 20); }
 const Models& models();
 
-void encode_lossy_segment(const void* src, int dtype, uint32_t tokens, uint32_t channels,
+// `lanes`: the header's lane count (32, 64 or 128); a segment uses min(lanes, channels).
+void encode_lossy_segment(const void* src, int dtype, uint32_t tokens, uint32_t channels, uint32_t lanes,
                           int32_t step_offset, int32_t channel_weight, std::vector<uint8_t>& out);
 // Decodes from [*p, end), advancing *p. dst receives tokens*channels elements of dtype.
 bool decode_lossy_segment(const uint8_t** p, const uint8_t* end, void* dst, int dtype,
-                          uint32_t tokens, uint32_t channels, Error& err);
+                          uint32_t tokens, uint32_t channels, uint32_t lanes, Error& err);
 
 void encode_lossless_segment(const void* src, int dtype, uint64_t n, std::vector<uint8_t>& out);
 bool decode_lossless_segment(const uint8_t** p, const uint8_t* end, void* dst, int dtype,
