@@ -296,8 +296,20 @@ def scaling(torch, hosts: list[np.ndarray], h2d: float, reps: int, sizes=(16, 32
                     reps)
         lms = wall_ms(torch, lambda: gpu.load_batch_ptrs(hptrs, lens, optrs, nb, s), reps)
         ok = outs[n - 1].cpu().numpy().tobytes() == np.ascontiguousarray(kc.decode(bl[n - 1])).tobytes()
+        L_, _, T_, H_, D_ = hosts[0].shape
+        row_b = T_ * H_ * D_ * 2
+        planes = np.array([[o + p * row_b for p in range(2 * L_)] for o in optrs], dtype=np.uint64)
+        dmap = gpu.DecodeMap(planes, np.broadcast_to(np.arange(T_, dtype=np.uint64) * (H_ * D_ * 2), (n, T_)), H_ * D_, 0)
+        crcs = [native.crc32c(b) for b in bl]
+        mapped = {}
+        for g in (0, 2, 4):  # 0: the default grouping
+            mapped[g] = wall_ms(torch, lambda: gpu.load_mapped(hptrs, lens, kc.DType.FLOAT16, kc.Layout.KV, (L_, T_, H_, D_),
+                                                               dmap, s, want_crcs=crcs, groups=g), reps)
+        ok &= outs[n - 1].cpu().numpy().tobytes() == np.ascontiguousarray(kc.decode(bl[n - 1])).tobytes()
         print(f"  scaling DEFAULT lanes {lanes} x{n}: decode call {n * nb / dms / 1e6:.1f} GB/s ({n * nb / dms / 1e6 / h2d:.2f}x H2D), "
-              f"load {n * nb / lms / 1e6:.1f} GB/s ({n * nb / lms / 1e6 / h2d:.2f}x H2D) exact={ok}", flush=True)
+              f"load {n * nb / lms / 1e6:.1f} GB/s ({n * nb / lms / 1e6 / h2d:.2f}x H2D), mapped (CRC-gated) by groups " +
+              ", ".join(f"{g or 'default'} {n * nb / ms / 1e6:.1f} ({n * nb / ms / 1e6 / h2d:.2f}x)" for g, ms in mapped.items()) +
+              f" exact={ok}", flush=True)
         del dev_b, host_b, outs
 
 

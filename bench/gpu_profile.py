@@ -155,7 +155,7 @@ def kv_like(ns, chunks, seed=1):
     return torch.from_numpy(np.ascontiguousarray(kv)).to(TDT[str(ns.dtype.name).lower()]).cuda()
 
 
-def compressed(addr, name, shape, chunks, calls, level=2) -> list[str]:
+def compressed(addr, name, shape, chunks, calls, level=2, lanes=64) -> list[str]:
     """Where a compressed load's and a GPU-encoded store's time goes: each stage alone beside
     the whole call."""
     import numpy as np
@@ -168,7 +168,7 @@ def compressed(addr, name, shape, chunks, calls, level=2) -> list[str]:
     kv = kv_like(ns, chunks)
     nb = kv.numel() * kv.element_size()
     out = torch.empty_like(kv)
-    lines = [f"{name}, {chunks} chunks, {nb / 1e6:.0f} MB, level {level} (KV-like data):"]
+    lines = [f"{name}, {chunks} chunks, {nb / 1e6:.0f} MB, level {level}, {lanes} lanes (KV-like data):"]
     with KVStoreClient(addr, ns) as client:
         c = GpuSession.of(client)
         keys = c.keys(tokens)
@@ -176,12 +176,14 @@ def compressed(addr, name, shape, chunks, calls, level=2) -> list[str]:
         def stored_all(got) -> None:
             assert got == chunks
 
-        s_med = timed_stores(client, keys, lambda: kgpu.store_cuda(client, tokens, kv, level=level), 5, stored_all)
-        sa_med = timed_stores(client, keys, lambda: kgpu.store_cuda(client, tokens, kv, level=level, wait=False), 5,
+        s_med = timed_stores(client, keys, lambda: kgpu.store_cuda(client, tokens, kv, level=level, lanes=lanes), 5,
+                             stored_all)
+        sa_med = timed_stores(client, keys, lambda: kgpu.store_cuda(client, tokens, kv, level=level, wait=False,
+                                                                   lanes=lanes), 5,
                               lambda fut: stored_all(fut.result()))
         srcs = [kv[:, :, i * ns.chunk_tokens:(i + 1) * ns.chunk_tokens].contiguous() for i in range(chunks)]
         host = torch.empty(gcodec.encode_bound_batch(srcs[0], chunks, level), dtype=torch.uint8).pin_memory()
-        enc = med(lambda: gcodec.encode_batch_into(srcs, level, host), 5)
+        enc = med(lambda: gcodec.encode_batch_into(srcs, level, host, lanes=lanes), 5)
         r = c._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys, client_verifies=True),
                           **meta)
         base = int(c.arena.view(0, 0).ctypes.data)
@@ -308,6 +310,8 @@ def main(argv=None) -> int:
                     ".DECODERS; default: the library's)")
     ap.add_argument("--encoder", default=None, help="statistics pass of the GPU encoder of the compressed stores "
                     "(kvstore_native.codec.gpu.ENCODERS; default: the library's)")
+    ap.add_argument("--lanes", type=int, default=64, help="rANS lanes of the GPU-encoded stores (32, 64, 128; "
+                    "default: the client's, 64)")
     args = ap.parse_args(argv)
     from kvstore_native.codec import gpu as gcodec_
 
@@ -322,7 +326,8 @@ def main(argv=None) -> int:
     d = Daemon("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8")
     try:
         for name, shape in SHAPES.items():
-            print("\n".join(compressed(d.addr, name, shape, args.chunks if "Smol" in name else 4, args.calls)),
+            print("\n".join(compressed(d.addr, name, shape, args.chunks if "Smol" in name else 4, args.calls,
+                                        lanes=args.lanes)),
                   flush=True)
         for name, shape in SHAPES.items() if not args.codec_only else ():
             print("\n".join(profile(d.addr, name, shape, args.chunks, args.calls)), flush=True)

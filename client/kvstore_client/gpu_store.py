@@ -27,7 +27,7 @@ from .gpu_state import GROW_STORE_GROUPS_FROM, ArenaChanged, GpuPath, _all_of, _
 @_rpc_errors
 def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Durability.MEMORY,
                group_chunks: int | None = None, wait: bool = True, stream=None, level: int | None = None,
-               keys: Sequence[bytes] | None = None):
+               keys: Sequence[bytes] | None = None, lanes: int | None = None):
     """Stores the leading full chunks of ``tokens`` from engine CUDA memory ``src`` (namespace
     layout tensor or :class:`Paged`) straight into arena extents; returns the chunks newly
     stored. The extents come from reservations taken ahead of need (``gpu_pool``) when the
@@ -44,12 +44,16 @@ def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Dura
     sizes (no host copy, no CPU pass over the bytes); the chunks are stored ``Encoding.CODEC``
     and bit-exact with the CPU encoder. ``wait=False``: returns once the bitstreams are in the
     arena, with a ``Future`` of the CommitWrite. ``keys``: the prefix keys of ``tokens`` when the
-    caller computed them already (the client's routed calls), else computed here."""
+    caller computed them already (the client's routed calls), else computed here. ``lanes``
+    (32, 64 or 128; default ``GpuPath.coded_lanes``, 64): rANS lanes per segment of the
+    bitstreams. Chunks stored from GPU memory are mostly loaded back into GPU memory, where 64
+    lanes decode with twice the parallelism of 32 for 1-2% more bytes (docs/bitstream.md)."""
     gp = _path(client)
     with gp._lock:
         keys = gp.client.keys(tokens) if keys is None else list(keys)
         if level is not None:
-            return _store_coded(gp, keys, src, int(level), Durability(durability), wait, stream)
+            return _store_coded(gp, keys, src, int(level), Durability(durability), wait, stream,
+                                gp.coded_lanes if lanes is None else lanes)
         return _store(gp, keys, src, Durability(durability), group_chunks or gp.group_chunks, wait, stream)
 
 
@@ -59,7 +63,8 @@ def _resolved(value) -> Future:
     return f
 
 
-def _store_coded(gp: GpuPath, keys, src, level: int, durability: Durability, wait: bool = True, stream=None):
+def _store_coded(gp: GpuPath, keys, src, level: int, durability: Durability, wait: bool = True, stream=None,
+                 lanes: int = 64):
     """GPU encode of the leading full chunks (``keys``) from ``src``, each bitstream copied
     by the encoder into the arena extent reserved for it once its size is known."""
     from kvstore_native.codec import CodecError
@@ -73,6 +78,10 @@ def _store_coded(gp: GpuPath, keys, src, level: int, durability: Durability, wai
     ns = c.namespace
     if level not in (int(CodecLevel.NEAR_LOSSLESS), int(CodecLevel.DEFAULT), int(CodecLevel.AGGRESSIVE)):
         raise InvalidArgument(f"GPU encode takes a lossy codec level 1-3, got {level} (lossless encodes on the CPU)")
+    from kvstore_native.codec.format import LANE_CHOICES
+
+    if isinstance(lanes, bool) or lanes not in LANE_CHOICES:
+        raise InvalidArgument(f"lanes must be one of {', '.join(map(str, LANE_CHOICES))}, got {lanes!r}")
     n = _whole_chunks(keys, src, ns.chunk_tokens)
     if n == 0:
         return 0 if wait else _resolved(0)
@@ -122,7 +131,7 @@ def _store_coded(gp: GpuPath, keys, src, level: int, durability: Durability, wai
         return ptrs
 
     try:
-        spans = gcodec.encode_batch_placed(chunks, level, place, layout=int(ns.layout), stream=ks)
+        spans = gcodec.encode_batch_placed(chunks, level, place, layout=int(ns.layout), stream=ks, lanes=int(lanes))
     except BaseException:
         if reserved:   # the extents go back before this returns: a retry reserves them afresh
             try:

@@ -411,6 +411,18 @@ int decode_variant() { return g_variant.load(); }
 
 bool ensure_decode_models(Error& e) { return upload_models(d_cm, g_models_done, g_models_mu, e); }
 
+bool mapped_resident_warps(uint64_t* warps_out, Error& e) {
+  int dev = 0, sms = 0, blocks = 0;
+  const int warps = g_warps.load();
+  if (!cuda_ok(cudaGetDevice(&dev), e, "cudaGetDevice") ||
+      !cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), e, "device attribute") ||
+      !cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                   &blocks, k_decode_warp<KVC_DTYPE_F16, true, true, true, true>, 32 * warps, 0), e, "occupancy"))
+    return false;
+  *warps_out = (uint64_t)(sms > 0 ? sms : 1) * (uint64_t)(blocks > 0 ? blocks : 1) * (uint64_t)warps;
+  return true;
+}
+
 bool enqueue_decode(int variant, const Header& h, uint32_t count, uint32_t chunk_base, const uint8_t* const* d_bufs,
                     const uint64_t* d_lens, void* const* d_dsts, int* derr, cudaStream_t st, Error& e) {
   DecArgs a{d_bufs, d_lens, d_dsts, h.payload_offset(), h.layers, h.segments(), h.tokens, (uint32_t)h.channels(),

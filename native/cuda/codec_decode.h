@@ -29,6 +29,8 @@ constexpr int kDecoderDefault = kDecoderWarpSmemHwShort;
 
 int decode_variant();
 bool ensure_decode_models(kvc::Error& e);
+// Warps of the mapped decode kernel resident at once on this device (its occupancy x SMs).
+bool mapped_resident_warps(uint64_t* warps, kvc::Error& e);
 
 // Enqueues the decode of `count` chunks of shape `h` on `st` (device arrays of pointers and
 // lengths; derr: 4 device ints, zeroed by the caller). Asynchronous; errors land in derr.

@@ -285,10 +285,14 @@ KVS_API int kvs_cuda_codec_load_mapped(uint32_t count, const uint8_t* const* hos
   if (!ensure_decode_models(e)) return report(KVS_EINTERNAL, e, err, err_len);
   int variant = decode_variant();
   if (variant == kDecoderFirst) variant = kDecoderDefault;
-  if (groups == 0) {  // two groups per decoder wave: the second group's copies run under the first's decode
-    uint64_t waves = 0;
-    if (!decoder_waves((uint64_t)n * P * ((std::min<uint32_t>(h.lanes, C) + 31) / 32), &waves, e)) return report(KVS_EINTERNAL, e, err, err_len);
-    groups = (uint32_t)(2 * waves);
+  if (groups == 0) {
+    // Two groups per resident wave of the decoder: the second group's copies and CRC run under
+    // the first's decode. A decode is one lane chain long whatever its size, and groups g and
+    // g + 2 share a stream, so more groups than that only add chains.
+    uint64_t resident = 0;
+    if (!mapped_resident_warps(&resident, e)) return report(KVS_EINTERNAL, e, err, err_len);
+    const uint64_t warps = (uint64_t)n * P * ((std::min<uint32_t>(h.lanes, C) + 31) / 32);
+    groups = (uint32_t)(2 * ((warps + resident - 1) / resident));
   }
   if (groups > n) groups = n;
   cudaStream_t st = static_cast<cudaStream_t>(stream), cs = nullptr, d1 = nullptr;

@@ -63,13 +63,17 @@ def _stored_blobs(c, keys):
         s._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), **meta)
 
 
-def _cpu_blob(codec, host16, ns, level):
+#: The lane count of GPU-encoded stores (GpuPath.coded_lanes' default).
+STORE_LANES = 64
+
+
+def _cpu_blob(codec, host16, ns, level, lanes=STORE_LANES):
     """The CPU encoder's bitstream of one chunk given as its raw 16-bit words."""
     from kvstore_native.codec.format import Layout as CLayout
 
     fp16 = ns.dtype.name == "FLOAT16"
     arr = host16.view(np.float16) if fp16 else host16.view(np.uint16)
-    return codec.encode(arr, level, CLayout(int(ns.layout)), bf16=not fp16)
+    return codec.encode(arr, level, CLayout(int(ns.layout)), bf16=not fp16, lanes=lanes)
 
 
 @pytest.mark.parametrize("shape", ["smol", "llama", "mla"])
@@ -104,6 +108,31 @@ def test_gpu_encoded_store_is_the_cpu_encoders_bytes(daemon, shape, level):
             fut = kgpu.store_cuda(c, tokens, kv, level=level, wait=False)
             assert fut.result(timeout=60) == chunks and _stored_blobs(c, keys) == want
             c.delete(keys)
+
+
+@pytest.mark.parametrize("lanes", [32, 128])
+def test_gpu_encoded_store_with_other_lane_counts(daemon, lanes):
+    import torch
+
+    from kvstore_client.errors import InvalidArgument
+    from kvstore_native import codec
+
+    ns = _ns(f"lanes{lanes}", "smol")
+    kv = _kv(ns, 2, seed=lanes)
+    tokens = list(range(ns.chunk_tokens * 2))
+    with KVStoreClient(daemon.addr, ns) as c:
+        for bad in (0, 48, True):
+            with pytest.raises(InvalidArgument, match="lanes"):
+                kgpu.store_cuda(c, tokens, kv, level=2, lanes=bad)
+        assert kgpu.store_cuda(c, tokens, kv, level=2, lanes=lanes) == 2
+        blobs = _stored_blobs(c, c.keys(tokens))
+        assert blobs == [_cpu_blob(codec, _host_chunk(kv, ns, i), ns, 2, lanes) for i in range(2)]
+        assert all(codec.info(b).lanes == lanes for b in blobs)
+        out = torch.full_like(kv, float("nan"))
+        assert kgpu.retrieve_into_cuda(c, tokens, out) == len(tokens)
+        ref = np.concatenate([codec.decode(b).view(np.uint16) for b in blobs], axis=2 if kv.dim() == 5 else 1)
+        assert np.array_equal(out.cpu().view(torch.int16).numpy().view(np.uint16), ref)
+        c.delete(c.keys(tokens))
 
 
 def test_gpu_encoded_store_from_paged_vllm_cache(daemon):

