@@ -53,7 +53,7 @@ def store_cuda(client, tokens: Sequence[int], src, durability: Durability = Dura
         keys = gp.client.keys(tokens) if keys is None else list(keys)
         if level is not None:
             return _store_coded(gp, keys, src, int(level), Durability(durability), wait, stream,
-                                gp.coded_lanes if lanes is None else lanes)
+                                lanes=gp.coded_lanes if lanes is None else lanes)
         return _store(gp, keys, src, Durability(durability), group_chunks or gp.group_chunks, wait, stream)
 
 
@@ -63,8 +63,8 @@ def _resolved(value) -> Future:
     return f
 
 
-def _store_coded(gp: GpuPath, keys, src, level: int, durability: Durability, wait: bool = True, stream=None,
-                 lanes: int = 64):
+def _store_coded(gp: GpuPath, keys, src, level: int, durability: Durability, wait: bool = True, stream=None, *,
+                 lanes: int):
     """GPU encode of the leading full chunks (``keys``) from ``src``, each bitstream copied
     by the encoder into the arena extent reserved for it once its size is known."""
     from kvstore_native.codec import CodecError
@@ -78,10 +78,12 @@ def _store_coded(gp: GpuPath, keys, src, level: int, durability: Durability, wai
     ns = c.namespace
     if level not in (int(CodecLevel.NEAR_LOSSLESS), int(CodecLevel.DEFAULT), int(CodecLevel.AGGRESSIVE)):
         raise InvalidArgument(f"GPU encode takes a lossy codec level 1-3, got {level} (lossless encodes on the CPU)")
-    from kvstore_native.codec.format import LANE_CHOICES
+    from kvstore_native.codec import check_lanes
 
-    if isinstance(lanes, bool) or lanes not in LANE_CHOICES:
-        raise InvalidArgument(f"lanes must be one of {', '.join(map(str, LANE_CHOICES))}, got {lanes!r}")
+    try:
+        lanes = check_lanes(lanes, level)
+    except CodecError as e:
+        raise InvalidArgument(str(e)) from None
     n = _whole_chunks(keys, src, ns.chunk_tokens)
     if n == 0:
         return 0 if wait else _resolved(0)
@@ -131,7 +133,7 @@ def _store_coded(gp: GpuPath, keys, src, level: int, durability: Durability, wai
         return ptrs
 
     try:
-        spans = gcodec.encode_batch_placed(chunks, level, place, layout=int(ns.layout), stream=ks, lanes=int(lanes))
+        spans = gcodec.encode_batch_placed(chunks, level, place, layout=int(ns.layout), stream=ks, lanes=lanes)
     except BaseException:
         if reserved:   # the extents go back before this returns: a retry reserves them afresh
             try:

@@ -27,7 +27,6 @@ namespace {
 // decoder entry points hand streams of more lanes to the batched decoder.
 constexpr uint32_t kLanes1 = KVC_LANES_DEFAULT;
 
-
 using kvc::Error;
 using kvc::Header;
 using kvc::IndexEntry;

@@ -360,12 +360,6 @@ void launch_t(int dtype, uint32_t blocks, uint32_t threads, cudaStream_t st, con
   else k_decode_warp<KVC_DTYPE_F32, SMEM, HWCVT, MAPPED, SHORT><<<blocks, threads, 0, st>>>(a);
 }
 
-// Lane groups (warps) per segment for chunks of at most `lanes` lanes and C channels.
-uint32_t lane_groups(uint32_t lanes, uint32_t C) {
-  const uint32_t n = C < lanes ? C : lanes;
-  return n == 0 ? 1 : (n + 31) / 32;
-}
-
 uint32_t launch_blocks(const DecArgs& a, uint32_t warps) {
   return (uint32_t)(((uint64_t)a.segs_total * a.groups + warps - 1) / warps);
 }
@@ -409,17 +403,31 @@ namespace kvc_cuda {
 
 int decode_variant() { return g_variant.load(); }
 
+uint32_t lane_groups(uint32_t lanes, uint32_t C) {
+  const uint32_t n = C < lanes ? C : lanes;
+  return n == 0 ? 1 : (n + 31) / 32;
+}
+
 bool ensure_decode_models(Error& e) { return upload_models(d_cm, g_models_done, g_models_mu, e); }
 
 bool mapped_resident_warps(uint64_t* warps_out, Error& e) {
+  // per device and block size (kvs_cuda_codec_set_decoder changes the latter): computed once
+  static std::mutex mu;
+  static uint64_t cache[64][9] = {{0}};
   int dev = 0, sms = 0, blocks = 0;
   const int warps = g_warps.load();
-  if (!cuda_ok(cudaGetDevice(&dev), e, "cudaGetDevice") ||
-      !cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), e, "device attribute") ||
-      !cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                   &blocks, k_decode_warp<KVC_DTYPE_F16, true, true, true, true>, 32 * warps, 0), e, "occupancy"))
-    return false;
-  *warps_out = (uint64_t)(sms > 0 ? sms : 1) * (uint64_t)(blocks > 0 ? blocks : 1) * (uint64_t)warps;
+  if (!cuda_ok(cudaGetDevice(&dev), e, "cudaGetDevice")) return false;
+  if (dev < 0 || dev >= 64 || warps < 1 || warps > 8) return e.fail("device %d / %d warps out of range", dev, warps);
+  std::lock_guard<std::mutex> lock(mu);
+  uint64_t& c = cache[dev][warps];
+  if (c == 0) {
+    if (!cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), e, "device attribute") ||
+        !cuda_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                     &blocks, k_decode_warp<KVC_DTYPE_F16, true, true, true, true>, 32 * warps, 0), e, "occupancy"))
+      return false;
+    c = (uint64_t)(sms > 0 ? sms : 1) * (uint64_t)(blocks > 0 ? blocks : 1) * (uint64_t)warps;
+  }
+  *warps_out = c;
   return true;
 }
 

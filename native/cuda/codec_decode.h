@@ -29,6 +29,10 @@ constexpr int kDecoderDefault = kDecoderWarpSmemHwShort;
 
 int decode_variant();
 bool ensure_decode_models(kvc::Error& e);
+// Warps (groups of 32 lanes) per segment that the batched decoders launch for chunks of at
+// most `lanes` lanes and C channels.
+uint32_t lane_groups(uint32_t lanes, uint32_t C);
+
 // Warps of the mapped decode kernel resident at once on this device (its occupancy x SMs).
 bool mapped_resident_warps(uint64_t* warps, kvc::Error& e);
 

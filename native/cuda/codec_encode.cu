@@ -553,12 +553,8 @@ static int encode_batch_impl(uint32_t count, const uint64_t* dev_srcs, int dtype
     e.fail("bad dtype %d or layout %d", dtype, layout);
     return report(KVS_EINVAL, e, err, err_len);
   }
-  if (lanes == 0) lanes = (int)KVC_LANES_DEFAULT;
-  if (lanes < 0 || !kvc_lanes_valid((unsigned)lanes)) {
-    e.fail("lanes %d not supported: 32, 64 or 128 (0 = 32)", lanes);
-    return report(KVS_EINVAL, e, err, err_len);
-  }
-  h.level = (uint8_t)level; h.dtype = (uint8_t)dtype; h.layout = (uint8_t)layout; h.lanes = (uint8_t)lanes;
+  if (!kvc::set_lanes(h, level, lanes, e)) return report(KVS_EINVAL, e, err, err_len);
+  h.level = (uint8_t)level; h.dtype = (uint8_t)dtype; h.layout = (uint8_t)layout;
   h.layers = L; h.tokens = T; h.heads = H; h.head_dim = D;
   if (!kvc::check_shape(h, e)) return report(KVS_EINVAL, e, err, err_len);
   for (uint32_t i = 0; i < count; i++)
@@ -570,7 +566,7 @@ static int encode_batch_impl(uint32_t count, const uint64_t* dev_srcs, int dtype
   cudaStream_t st = static_cast<cudaStream_t>(stream);
   const uint32_t S = h.segments(), C = (uint32_t)h.channels(), spc = L * S;
   const uint64_t segs = (uint64_t)spc * count;
-  const uint32_t n = C < (uint32_t)lanes ? C : (uint32_t)lanes, nch_max = (C + n - 1) / n;
+  const uint32_t n = C < h.lanes ? C : h.lanes, nch_max = (C + n - 1) / n;
   if (segs > 0x7FFFFFFFull / n) {
     e.fail("batch of %llu segments too large", (unsigned long long)segs);
     return report(KVS_EINVAL, e, err, err_len);

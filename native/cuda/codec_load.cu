@@ -6,7 +6,6 @@
 // plus one group's decode, and the effective rate is up to (compression ratio) x PCIe.
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <mutex>
 #include <string>
 #include <utility>
@@ -114,8 +113,8 @@ KVS_API int kvs_cuda_codec_load_batch(uint32_t count, const uint8_t* const* host
   }
   if (groups == 0) {
     uint64_t waves = 0;
-    if (!decoder_waves((uint64_t)count * h.layers * h.segments() * ((std::min<uint64_t>(h.lanes, h.channels()) + 31) / 32),
-                       &waves, e)) return report(KVS_EINTERNAL, e, err, err_len);
+    if (!decoder_waves((uint64_t)count * h.layers * h.segments() * lane_groups(h.lanes, (uint32_t)h.channels()), &waves, e))
+      return report(KVS_EINTERNAL, e, err, err_len);
     groups = (uint32_t)waves;
   }
   if (groups > count) groups = count;
@@ -291,7 +290,7 @@ KVS_API int kvs_cuda_codec_load_mapped(uint32_t count, const uint8_t* const* hos
     // g + 2 share a stream, so more groups than that only add chains.
     uint64_t resident = 0;
     if (!mapped_resident_warps(&resident, e)) return report(KVS_EINTERNAL, e, err, err_len);
-    const uint64_t warps = (uint64_t)n * P * ((std::min<uint32_t>(h.lanes, C) + 31) / 32);
+    const uint64_t warps = (uint64_t)n * P * lane_groups(h.lanes, C);
     groups = (uint32_t)(2 * ((warps + resident - 1) / resident));
   }
   if (groups > n) groups = n;

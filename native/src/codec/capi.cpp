@@ -31,10 +31,7 @@ void parallel_for(uint32_t n, int threads, F f) {
 bool make_header(int dtype, int layout, uint32_t L, uint32_t T, uint32_t H, uint32_t D, int level, int lanes,
                  Header& h, Error& e) {
   if (level < 0 || level >= KVC_NUM_LEVELS) return e.fail("unknown level %d", level);
-  if (lanes == 0) lanes = level == KVC_LEVEL_LOSSLESS ? (int)KVC_LOSSLESS_LANES : (int)KVC_LANES_DEFAULT;
-  if (lanes < 0 || !kvc_lanes_valid((unsigned)lanes) || (level == KVC_LEVEL_LOSSLESS && lanes != (int)KVC_LOSSLESS_LANES))
-    return e.fail("lanes %d not supported: 32, 64 or 128 for the lossy levels, 32 (or 0) for lossless", lanes);
-  h.lanes = (uint8_t)lanes;
+  if (!set_lanes(h, level, lanes, e)) return false;
   if (dtype < 1 || dtype > 3) return e.fail("unknown dtype %d", dtype);
   if (layout < 1 || layout > 2) return e.fail("unknown layout %d", layout);
   h.level = (uint8_t)level; h.dtype = (uint8_t)dtype; h.layout = (uint8_t)layout;

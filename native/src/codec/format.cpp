@@ -58,6 +58,14 @@ bool check_shape(const Header& h, Error& err) {
   return true;
 }
 
+bool set_lanes(Header& h, int level, int lanes, Error& err) {
+  if (lanes == 0) lanes = level == KVC_LEVEL_LOSSLESS ? (int)KVC_LOSSLESS_LANES : (int)KVC_LANES_DEFAULT;
+  if (lanes < 0 || !kvc_lanes_valid((unsigned)lanes) || (level == KVC_LEVEL_LOSSLESS && lanes != (int)KVC_LOSSLESS_LANES))
+    return err.fail("lanes %d not supported: 32, 64 or 128 for the lossy levels, 32 (or 0) for lossless", lanes);
+  h.lanes = (uint8_t)lanes;
+  return true;
+}
+
 void write_header_index(const Header& h, const uint32_t* sizes, const uint32_t* crcs, uint8_t* p) {
   uint8_t* idx = p + KVC_HEADER_SIZE;
   uint64_t off = 0;

@@ -47,6 +47,10 @@ int report(int code, const Error& e, char* err, size_t err_len);
 // The library's CRC32C (kvs_crc32c) of n bytes, from the start.
 inline uint32_t crc32c(const void* data, size_t n) { return kvs_crc32c(0, data, n); }
 
+// Sets h.lanes from an encoder's `lanes` argument (0: the level's default) or fails with a
+// message naming the choices (32, 64 or 128 for the lossy levels, 32 for lossless).
+bool set_lanes(Header& h, int level, int lanes, Error& err);
+
 // Validates the shape fields of `h` (used by the encoder and the parser).
 bool check_shape(const Header& h, Error& err);
 
