@@ -1,6 +1,6 @@
 """CPU speed of the KV codec (one thread, one core) beside zstd and constriction, same run.
 
-    python bench/codec_speed.py [--reps 7]
+    python bench/codec_speed.py [--reps 7] [--kv-npy smol_kv_1024.npy] [--lanes 32,64,128]
 
 Data: one 256-token SmolLM2-135M KV chunk (fp16, [30, 2, 256, 3, 64], 5.9 MB) from the
 quality harness cache when present, else KV-like synthetic data. MB/s are of fp16 KV bytes
@@ -26,7 +26,9 @@ import kvstore_native.codec as kc  # noqa: E402
 from kvstore_testing.codec_data import synthetic_kv  # noqa: E402
 
 
-def load_chunk() -> tuple[str, np.ndarray]:
+def load_chunk(npy: str | None = None) -> tuple[str, np.ndarray]:
+    if npy:  # real KV [30, 2, T, 3, 64]: its first 256 tokens
+        return f"{npy} (tokens 0-255)", np.ascontiguousarray(np.load(npy)[:, :, :256].astype(np.float16))
     files = sorted(glob.glob("/tmp/kvstore_quality_cache/*.npz"))
     if files:
         kv = np.load(files[0])["kv"][:, :, 256:512]
@@ -46,19 +48,26 @@ def med(fn, reps: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--kv-npy", default=None, help="real KV as a .npy [30, 2, T, 3, 64] (fp16 or fp32)")
+    ap.add_argument("--lanes", default="32", help="lane counts of the lossy rows, comma-separated (32, 64, 128)")
     args = ap.parse_args()
-    src, x = load_chunk()
+    lane_counts = [int(v) for v in args.lanes.split(",")]
+    src, x = load_chunk(args.kv_npy)
     nb = x.nbytes
     print(f"data: {src}, {x.shape} fp16, {nb / 1e6:.2f} MB; one thread; medians of {args.reps}\n")
     print("| codec | bits/elem | ratio | encode MB/s | decode MB/s |")
     print("|---|---:|---:|---:|---:|")
     for level in kc.CodecLevel:
-        b = kc.encode(x, level)
-        te = med(lambda: kc.encode(x, level), args.reps)
-        out = np.empty_like(x)
-        td = med(lambda: kc.decode_into(b, out), args.reps)
-        print(f"| kvstore {level.name.lower()} | {len(b) * 8 / x.size:.3f} | {nb / len(b):.2f}x | "
-              f"{nb / te / 1e6:.0f} | {nb / td / 1e6:.0f} |")
+        for lanes in lane_counts if level != kc.CodecLevel.LOSSLESS else [32]:
+            # the default count goes without the argument: the script also times libraries before it
+            kw = {} if lanes == 32 else {"lanes": lanes}
+            b = kc.encode(x, level, **kw)
+            te = med(lambda: kc.encode(x, level, **kw), args.reps)
+            out = np.empty_like(x)
+            td = med(lambda: kc.decode_into(b, out), args.reps)
+            name = level.name.lower() + ("" if len(lane_counts) == 1 else f", {lanes} lanes")
+            print(f"| kvstore {name} | {len(b) * 8 / x.size:.3f} | {nb / len(b):.2f}x | "
+                  f"{nb / te / 1e6:.0f} | {nb / td / 1e6:.0f} |")
     import os
 
     threads = os.cpu_count() or 1
