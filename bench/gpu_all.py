@@ -110,14 +110,17 @@ def paged_specs(layers, ids, ns, chunks):
 
 def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), daemon_checks=False,
         growth=None, speculate=True, lease_free=True, batch_mib=0, prefill_bytes=0, write_ahead=True,
-        streamed_calls=8) -> dict:
+        streamed_calls=8, commit_tail=None, refill_early=False) -> dict:
     """``daemon_checks``: the client asks for the daemon's CPU passes (verify at commit and
     before each read lease) instead of its GPU checks, as before they existed. ``growth``:
     the request groups' growth factor (1: the first group, then the rest in one).
     ``prefill_bytes``: first store that many bytes of other chunks (another namespace), so
     the arena is full and every store evicts, as in a fleet's steady state. ``write_ahead``
     False: stores reserve keyed extents per call (``GpuPath.write_ahead_bytes = 0``), as
-    before write-ahead reservations; a number: the write-ahead pool's bytes."""
+    before write-ahead reservations; a number: the write-ahead pool's bytes. ``commit_tail``:
+    ``GpuPath.commit_tail_bytes`` (0: one CommitWrite per write-ahead lease, as before).
+    ``refill_early``: the write-ahead pool refilled as each store starts (as before), not once
+    its commits are answered."""
     from kvstore_client.gpu_state import _path
 
     ns = Namespace(model=f"bench-gpu-{name}", **shape)
@@ -138,6 +141,10 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
             gp.group_growth = gp.store_group_growth = growth
         gp.speculate = speculate
         gp.lease_free = lease_free
+        if commit_tail is not None:
+            gp.commit_tail_bytes = commit_tail
+        if refill_early:
+            gp.refill_after_commits = False
         if write_ahead is not True:
             gp.write_ahead_bytes = int(write_ahead)   # False: 0, no pool; else the pool's bytes
         if batch_mib:
@@ -428,6 +435,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     ap.add_argument("--skip-codec", action="store_true")
+    ap.add_argument("--skip-hbm", action="store_true", help="leave out the HBM tier rows")
     args = ap.parse_args(argv)
     errors: list[str] = []
     ceil = ceilings()
@@ -452,7 +460,9 @@ def main(argv=None) -> int:
     # keyed: stock with stores reserving keyed extents per call (no write-ahead pool), as
     # before; full-target-keyed; poolN: stock with a write-ahead pool of N MiB (default 256);
     # grpc, full-target-grpc: with the daemon's control socket off (server.local_control=false:
-    # every LocalData call over gRPC, as before).
+    # every LocalData call over gRPC, as before); tailN: stock with write-ahead stores committed
+    # in shrinking groups down to N MiB (tail0: one CommitWrite per lease, as before); before:
+    # tail0 with the pool refilled as each store starts (the code before both changes).
     extra = {"noclear": ("dram.clear_freed=false",), "full-noclear": ("dram.clear_freed=false",),
              "full-target": ("dram.free_target_bytes=1GiB",), "full-target-keyed": ("dram.free_target_bytes=1GiB",),
              "grpc": ("server.local_control=false",),
@@ -468,7 +478,9 @@ def main(argv=None) -> int:
                 lease_free=variant not in ("leased", "no-spec"),
                 batch_mib=int(variant[5:]) if variant.startswith("batch") else 0,
                 prefill_bytes=(8 << 30) if variant.startswith("full") else 0,
-                write_ahead=(int(variant[4:]) << 20 if variant.startswith("pool") else "keyed" not in variant)),
+                write_ahead=(int(variant[4:]) << 20 if variant.startswith("pool") else "keyed" not in variant),
+                commit_tail=(int(variant[4:]) << 20 if variant.startswith("tail") else 0 if variant == "before" else None),
+                refill_early=variant == "before"),
                 None)
                              for n, sh in SHAPES.items()]
             if variant == "stock":
@@ -479,8 +491,8 @@ def main(argv=None) -> int:
                     crow = _guard(errors, "codec", lambda: codec_bench(d.addr, args.chunks, args.repeats), [])
         finally:
             d.close()
-    hbm_rows = _guard(errors, "hbm e2e", lambda: hbm_e2e(args.chunks, args.repeats), [])
-    hbm = _guard(errors, "hbm pool load", lambda: hbm_bench(8), None)
+    hbm_rows = [] if args.skip_hbm else _guard(errors, "hbm e2e", lambda: hbm_e2e(args.chunks, args.repeats), [])
+    hbm = None if args.skip_hbm else _guard(errors, "hbm pool load", lambda: hbm_bench(8), None)
     h2d, d2h, d2d = ceil["h2d"], ceil["d2h"], ceil["d2d"]
     lines = [f"device: {torch.cuda.get_device_name()}; ceilings (same run): pinned H2D {h2d:.1f} GB/s, "
              f"D2H {d2h:.1f} GB/s, D2D copy {d2d:.0f} GB/s; GPU CRC32C {crc['crc_GBps']:.0f} GB/s (bit-exact)"]

@@ -48,6 +48,12 @@ UNLEASED_BATCH_BYTES = 32 << 20
 #: Bytes of arena extents a GPU client keeps reserved ahead of its stores (``gpu_pool``; at
 #: most a sixteenth of the arena). 0: every store reserves its own (keyed ReserveWrite).
 DEFAULT_WRITE_AHEAD_BYTES = 256 << 20
+#: A store into write-ahead slots commits them in shrinking groups (half of what is left, then
+#: half of the rest, ...; none smaller than this many bytes, the last holding what remains):
+#: the CommitWrite of each group is served while the later groups' bytes cross PCIe, so only
+#: the last, small group's commit follows the copies. 0: one CommitWrite per lease, after all
+#: its copies (``commit_groups``).
+DEFAULT_COMMIT_TAIL_BYTES = 16 << 20
 #: Device staging buffers for paged sources (gather of chunk i+1 overlaps the PCIe copy of i).
 DEFAULT_STAGING_CHUNKS = 3
 
@@ -114,6 +120,11 @@ class GpuPath:
         self.staging_bytes = SPECULATE_BYTES
         #: Arena bytes kept reserved ahead of stores (``gpu_pool.WritePool``); 0: none.
         self.write_ahead_bytes = DEFAULT_WRITE_AHEAD_BYTES
+        #: Write-ahead stores commit in shrinking groups down to this many bytes (``commit_groups``).
+        self.commit_tail_bytes = DEFAULT_COMMIT_TAIL_BYTES
+        #: The write-ahead pool is refilled once a store's commits are answered (False: as the
+        #: store starts, its refill ReserveWrite then served beside the store's CommitWrites).
+        self.refill_after_commits = True
         # rANS lanes per segment of GPU-encoded stores (store_cuda(level=...)): 64 decodes with
         # twice the GPU parallelism of the format's default 32, for 1-2% more bytes
         self.coded_lanes = 64
@@ -335,6 +346,24 @@ def _groups(n: int, first: int, growth: int = 1) -> list[tuple[int, int]]:
         lo = out[-1][1]
         size = size * growth if growth > 1 else n - lo
         out.append((lo, min(n, lo + size)))
+    return out
+
+
+def commit_groups(n: int, size: int, tail_bytes: int) -> list[tuple[int, int]]:
+    """The commit split of ``n`` write-ahead slots of ``size`` bytes: halves of what is left,
+    each at least ``tail_bytes`` (0: one group), the last group holding the rest."""
+    if n <= 0:
+        return []
+    least = n if tail_bytes <= 0 else max(1, -(-tail_bytes // max(1, size)))
+    out: list[tuple[int, int]] = []
+    lo = 0
+    while lo < n:
+        left = n - lo
+        k = max(least, -(-left // 2))
+        if left - k < least:
+            k = left
+        out.append((lo, lo + k))
+        lo += k
     return out
 
 

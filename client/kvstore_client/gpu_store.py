@@ -21,7 +21,8 @@ from .errors import is_exhausted
 from .gpu_pool import WritePool
 from .gpu_layout import Paged, _contiguous_rows, _spec_of_tensor, _torch, _whole_chunks
 from .gpu_session import GpuSession
-from .gpu_state import GROW_STORE_GROUPS_FROM, ArenaChanged, GpuPath, _all_of, _groups, _path, _rpc_errors
+from .gpu_state import (GROW_STORE_GROUPS_FROM, ArenaChanged, GpuPath, _all_of, _groups, _path, _rpc_errors,
+                        commit_groups)
 
 
 @_rpc_errors
@@ -189,6 +190,10 @@ def _store(gp: GpuPath, keys, src, durability: Durability, group: int, wait: boo
     else:
         commits = _keyed(gp, cp, keys, list(range(n)), durability, group)
     everything = _all_of(commits)
+    if pool is not None and gp.refill_after_commits:
+        # The pool's refill (a ReserveWrite) is served once this call's commits are answered,
+        # so it does not compete with them for the daemon's workers.
+        everything.add_done_callback(lambda _f: pool.refill())
     gp._set_busy[k_set] = everything
     if wait:
         return everything.result()
@@ -288,7 +293,8 @@ def _pooled(gp: GpuPath, pool: WritePool, cp: _Copier, keys, n: int, durability:
     taken = pool.take(len(todo))
     have = sum(len(slots) for _, slots in taken)
     extra = pool.reserve(len(todo) - have) if have < len(todo) else None
-    pool.refill()
+    if not gp.refill_after_commits:
+        pool.refill()
     commits: list[Future] = []
     unsent = [le for le, _ in taken]
     try:
@@ -329,16 +335,25 @@ def _pooled(gp: GpuPath, pool: WritePool, cp: _Copier, keys, n: int, durability:
 
 def _copy_bound(gp: GpuPath, pool: WritePool, cp: _Copier, le, slots, keys, idx: list[int],
                 durability: Durability) -> Future:
+    """Copies chunks ``idx`` into ``le``'s ``slots`` and binds them in shrinking groups
+    (``commit_groups``): each group's CommitWrite goes out once its copies and checksums are
+    done, while the later groups still cross PCIe. The future of the chunks stored."""
     base = gp._arena_ptr()
-    for s, i in zip(slots, idx):
-        cp.copy(i, base + s.offset)
-    g = cp.end_group()
-    pool.begin(le)
-    try:
-        return gp._commits.submit(_commit_bound_when_done, gp, pool, le, list(zip(slots, idx)), keys, g, durability)
-    except BaseException:
-        pool.end(le, None)
-        raise
+    commits: list[Future] = []
+    # (A failure part way: the groups submitted bind their slots; the caller retires the
+    # lease, released once those commits are answered, and the rest are never bound.)
+    for lo, hi in commit_groups(len(slots), cp.size, gp.commit_tail_bytes):
+        for s, i in zip(slots[lo:hi], idx[lo:hi]):
+            cp.copy(i, base + s.offset)
+        g = cp.end_group()
+        pool.begin(le)
+        try:
+            commits.append(gp._commits.submit(_commit_bound_when_done, gp, pool, le,
+                                              list(zip(slots[lo:hi], idx[lo:hi])), keys, g, durability))
+        except BaseException:
+            pool.end(le, None)
+            raise
+    return _all_of(commits)
 
 
 def _commit_bound_when_done(gp: GpuPath, pool: WritePool, le, placed, keys, g: "_Group",

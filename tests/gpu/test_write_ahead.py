@@ -92,6 +92,55 @@ def test_stores_use_the_pool_and_land_bit_exact(big):
         c._gpu_path = None
 
 
+def test_a_store_commits_its_pool_slots_in_shrinking_groups(big):
+    """One store into pool slots sends one CommitWrite per group of ``commit_groups`` (each
+    after its own copies); every chunk lands bit-exact and is counted once, with or without
+    waiting, and chunks already stored in the middle of a call are skipped."""
+    from kvstore_client.gpu_state import commit_groups
+
+    ns = Namespace(model="test/wa-groups", **SMOL)
+    chunks = 12
+    with KVStoreClient(big.addr, ns) as c:
+        gp = kgpu.GpuPath(c)
+        c._gpu_path = gp
+        size = ns.chunk_bytes()
+        gp.commit_tail_bytes = size          # groups of 6, 3, 2, 1 chunks
+        sent = []
+        inner = gp.client._commit
+
+        def counting(req, **kw):
+            sent.append(len(req.bindings))
+            return inner(req, **kw)
+        gp.client._commit = counting
+        warm = _kv(ns, chunks, 20)
+        assert kgpu.store_cuda(c, list(range(5 * 10**7, 5 * 10**7 + ns.chunk_tokens * chunks)), warm) == chunks
+        pool = gp._write_pool
+        deadline = time.monotonic() + 10
+        while pool.ready_slots() < chunks and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert pool.ready_slots() >= chunks
+        for wait in (True, False):
+            sent.clear()
+            kv = _kv(ns, chunks, 21 + wait)
+            toks = list(range((8 + wait) * 10**7, (8 + wait) * 10**7 + ns.chunk_tokens * chunks))
+            got = kgpu.store_cuda(c, toks, kv, wait=wait)
+            assert (got if wait else got.result(timeout=60)) == chunks
+            assert sorted(sent, reverse=True) == [hi - lo for lo, hi in commit_groups(chunks, size, size)]
+            _round_trip(c, toks, kv)
+        # Chunks 3..5 stored already: the other 9 are copied and bound, in groups again.
+        part = _kv(ns, chunks, 30)
+        toks = list(range(10**8, 10**8 + ns.chunk_tokens * chunks))
+        t0, t1 = 3 * ns.chunk_tokens, 6 * ns.chunk_tokens
+        assert kgpu.store_cuda(c, toks[:t1], part[:, :, :t1].contiguous()) == 6
+        c.delete(c.keys(toks[:t0]))
+        sent.clear()
+        assert kgpu.store_cuda(c, toks, part) == chunks - 3
+        assert sum(sent) == chunks - 3 and len(sent) > 1
+        _round_trip(c, toks, part)
+        gp.close()
+        c._gpu_path = None
+
+
 def test_paged_sources_through_the_pool(big):
     import torch
 
