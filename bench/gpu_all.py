@@ -110,7 +110,7 @@ def paged_specs(layers, ids, ns, chunks):
 
 def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), daemon_checks=False,
         growth=None, speculate=True, lease_free=True, batch_mib=0, prefill_bytes=0, write_ahead=True,
-        streamed_calls=8, commit_tail=None, refill_early=False) -> dict:
+        streamed_calls=8, commit_tail=None, refill_early=False, gated=True, gated_mib=0) -> dict:
     """``daemon_checks``: the client asks for the daemon's CPU passes (verify at commit and
     before each read lease) instead of its GPU checks, as before they existed. ``growth``:
     the request groups' growth factor (1: the first group, then the rest in one).
@@ -120,7 +120,8 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
     before write-ahead reservations; a number: the write-ahead pool's bytes. ``commit_tail``:
     ``GpuPath.commit_tail_bytes`` (0: one CommitWrite per write-ahead lease, as before).
     ``refill_early``: the write-ahead pool refilled as each store starts (as before), not once
-    its commits are answered."""
+    its commits are answered. ``gated`` False: lease-free loads checked on the host batch by
+    batch (``GpuPath.gated_loads``, as before); ``gated_mib``: their device-proven batches' MiB."""
     from kvstore_client.gpu_state import _path
 
     ns = Namespace(model=f"bench-gpu-{name}", **shape)
@@ -145,6 +146,9 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
             gp.commit_tail_bytes = commit_tail
         if refill_early:
             gp.refill_after_commits = False
+        gp.gated_loads = gated
+        if gated_mib:
+            gp.gated_batch_bytes = gated_mib << 20
         if write_ahead is not True:
             gp.write_ahead_bytes = int(write_ahead)   # False: 0, no pool; else the pool's bytes
         if batch_mib:
@@ -462,7 +466,9 @@ def main(argv=None) -> int:
     # grpc, full-target-grpc: with the daemon's control socket off (server.local_control=false:
     # every LocalData call over gRPC, as before); tailN: stock with write-ahead stores committed
     # in shrinking groups down to N MiB (tail0: one CommitWrite per lease, as before); before:
-    # tail0 with the pool refilled as each store starts (the code before both changes).
+    # tail0 with the pool refilled as each store starts (the code before both changes), and
+    # lease-free loads checked on the host (hostcheck: that alone); gatedN: stock with loads
+    # proven on the device in batches of N MiB.
     extra = {"noclear": ("dram.clear_freed=false",), "full-noclear": ("dram.clear_freed=false",),
              "full-target": ("dram.free_target_bytes=1GiB",), "full-target-keyed": ("dram.free_target_bytes=1GiB",),
              "grpc": ("server.local_control=false",),
@@ -480,7 +486,8 @@ def main(argv=None) -> int:
                 prefill_bytes=(8 << 30) if variant.startswith("full") else 0,
                 write_ahead=(int(variant[4:]) << 20 if variant.startswith("pool") else "keyed" not in variant),
                 commit_tail=(int(variant[4:]) << 20 if variant.startswith("tail") else 0 if variant == "before" else None),
-                refill_early=variant == "before"),
+                refill_early=variant == "before", gated=variant not in ("before", "hostcheck"),
+                gated_mib=int(variant[5:]) if variant.startswith("gated") else 0),
                 None)
                              for n, sh in SHAPES.items()]
             if variant == "stock":

@@ -378,6 +378,8 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
         m += 1
     if m == 0:
         return 0
+    if gp.gated_loads and (contiguous is None or _aligned16(contiguous, m)):
+        return _unleased_gated(gp, keys, m, ext, dst, contiguous, size, arena_base, cur)
     torch = _torch()
     per = max(1, min(gp.unleased_batch_bytes // size, gp.staging_bytes // size // 2))
     batches = [(lo, min(m, lo + per)) for lo in range(0, m, per)]
@@ -433,6 +435,76 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
         gp.kernel_stream.synchronize()
         mv.synchronize()
         cur.wait_stream(mv)
+    if placed:
+        gp.touched(keys[:placed], time.monotonic())
+    return placed
+
+
+def _aligned16(contiguous, m: int) -> bool:
+    """The contiguous destination's rows of chunks ``[0, m)`` allow the gated row-copy kernel."""
+    _, pitch, row, _ = contiguous[0]
+    return (pitch | row) % 16 == 0 and all(contiguous[i][0] % 16 == 0 for i in range(m))
+
+
+def _unleased_gated(gp: GpuPath, keys, m: int, ext, dst, contiguous, size: int, arena_base: int, cur) -> int:
+    """``_unleased`` with every check on the device: each batch crosses PCIe into a region of
+    the staging ring, its CRC32Cs are computed on the GPU and compared there with the ones the
+    chunks were stored with (``prove_prefix``: one int32 in device memory counts the leading
+    chunks proven, and stops at the first mismatch for good), and its move into ``dst`` is a
+    kernel gated by that count, so it writes only proven chunks. The whole load is queued at
+    once (a region is reused once the move out of it ran); the host waits once, at the end,
+    and reads how many chunks were placed. Nothing unproven reaches ``dst``: a chunk that
+    does not match, and every chunk after it, is left unwritten. Returns the chunks placed."""
+    torch = _torch()
+    per = max(1, min(gp.gated_batch_bytes // size, gp.staging_bytes // size // 2))
+    batches = [(lo, min(m, lo + per)) for lo in range(0, m, per)]
+    ways = max(2, min(len(batches), gp.staging_bytes // (per * size)))
+    staging = int(gp.spec_staging(ways * per * size).data_ptr())
+    crc = int(gp.device_u32("gated-crc", m).data_ptr())
+    gate_buf = gp.device_u32("gated-gate", 1)
+    gate = int(gate_buf.data_ptr())
+    out = gp.pinned_u32("gated-placed", 1)
+    cs, ks, mv = gp.copy_stream, gp.kernel_stream, gp.move_stream
+    mv.wait_stream(cur)   # dst belongs to the engine's stream: moves come after what it queued
+    moved: list[Any] = []
+    placed = 0
+    try:
+        with torch.cuda.stream(ks):
+            gate_buf[:1].zero_()
+        for k, (lo, hi) in enumerate(batches):
+            base = staging + (k % ways) * per * size
+            if k >= ways:   # the region is free once batch k - ways moved out of it
+                cs.wait_event(moved[k - ways])
+            staged = [base + j * size for j in range(hi - lo)]
+            cuda_ipc.memcpy_batch(staged, [arena_base + ext[i][0] for i in range(lo, hi)], [size] * (hi - lo),
+                                  cs.cuda_stream)
+            landed = torch.cuda.Event()
+            landed.record(cs)
+            ks.wait_event(landed)
+            cuda_ipc.crc32c_batch(staged, [size] * (hi - lo), crc + 4 * lo, ks.cuda_stream)
+            cuda_ipc.prove_prefix(crc + 4 * lo, [ext[i][2] for i in range(lo, hi)], gate, lo, ks.cuda_stream)
+            checked = torch.cuda.Event()
+            checked.record(ks)
+            mv.wait_event(checked)
+            if contiguous is not None:
+                _, pitch, row, planes = contiguous[lo]
+                cuda_ipc.copy_rows_gated([contiguous[i][0] for i in range(lo, hi)], staged, pitch, row, row, planes,
+                                         gate, lo, mv.cuda_stream)
+            else:
+                for i in range(lo, hi):
+                    transfer.scatter(staged[i - lo], dst.specs[i], device=True, stream=mv.cuda_stream, gate=(gate, i))
+            ev = torch.cuda.Event()
+            ev.record(mv)
+            moved.append(ev)
+        cuda_ipc.memcpy_batch([int(out.data_ptr())], [gate], [4], ks.cuda_stream)
+    finally:
+        cs.synchronize()   # nothing of this call still reads the arena or writes staging
+        ks.synchronize()
+        mv.synchronize()
+        cur.wait_stream(mv)
+    placed = int(out[0])
+    if placed < m:   # moved, overwritten or evicted since this client saw it
+        gp.forget(keys[placed])
     if placed:
         gp.touched(keys[:placed], time.monotonic())
     return placed

@@ -45,6 +45,9 @@ TOUCH_PENDING_MAX = 1024
 #: of H2D with 8 / 16 / 32 MiB batches. A ring of five 16 MiB regions was no faster than two of
 #: 32 MiB (63% against 66%, bench/results/gpu-all-write-ahead-2026-12-03.txt).
 UNLEASED_BATCH_BYTES = 32 << 20
+#: Lease-free loads proven on the device go in batches of about this many bytes: with no host
+#: wait between batches, small batches cost little and shorten the last batch's check and move.
+GATED_BATCH_BYTES = 16 << 20
 #: Bytes of arena extents a GPU client keeps reserved ahead of its stores (``gpu_pool``; at
 #: most a sixteenth of the arena). 0: every store reserves its own (keyed ReserveWrite).
 DEFAULT_WRITE_AHEAD_BYTES = 256 << 20
@@ -87,6 +90,7 @@ class GpuPath:
         # Two: a store's commits of two leases (pool and the rest) overlap their round trips.
         self._commits = ThreadPoolExecutor(2, thread_name_prefix="kvstore-gpu-commit")
         self._pinned: dict[str, Any] = {}
+        self._device_bufs: dict[str, Any] = {}
         # Checksum buffer sets rotate over calls: a set is reused only once the commits of the
         # call that used it last are done (stores with wait=False overlap their commits with
         # later calls).
@@ -116,6 +120,12 @@ class GpuPath:
         #: (``gpu_retrieve._unleased``). False: such chunks are leased first (speculatively copied).
         self.lease_free = True
         self.unleased_batch_bytes = UNLEASED_BATCH_BYTES
+        #: Lease-free RAW loads prove each batch on the device (``gpu_retrieve._unleased_gated``:
+        #: GPU CRC32Cs compared with the stored ones by a kernel; moves into the destination gated
+        #: by the proven prefix), so the whole load is queued at once with no host wait between
+        #: batches. False: the host compares each batch's CRC32Cs before moving it (``_unleased``).
+        self.gated_loads = True
+        self.gated_batch_bytes = GATED_BATCH_BYTES
         #: Device staging of lease-free and speculative loads (allocated once, on first use).
         self.staging_bytes = SPECULATE_BYTES
         #: Arena bytes kept reserved ahead of stores (``gpu_pool.WritePool``); 0: none.
@@ -258,6 +268,15 @@ class GpuPath:
         if self._move_stream is None:
             self._move_stream = _torch().cuda.Stream(self.device)
         return self._move_stream
+
+    def device_u32(self, name: str, n: int):
+        """A cached int32 device buffer of at least ``n`` entries (made once, reused by every call)."""
+        torch = _torch()
+        buf = self._device_bufs.get(name)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(max(n, 1024), dtype=torch.int32, device=self.device)
+            self._device_bufs[name] = buf
+        return buf
 
     def spec_staging(self, nbytes: int):
         """Device staging for speculative loads (grown as needed, kept)."""

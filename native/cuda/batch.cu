@@ -338,3 +338,42 @@ KVS_API void kvs_cuda_crc32c_fold(const uint32_t* crcs, uint64_t per_group, uint
     out[g] = acc;
   }
 }
+
+// ---- proven prefixes on the device (kvs_cuda_prove_prefix) ----------------------------------
+namespace {
+
+constexpr uint32_t kProveMax = 128;  // expected CRCs per launch, in the kernel's parameter space
+
+struct ProveArgs {
+  uint32_t want[kProveMax];
+};
+
+// One thread: extends *gate past the leading matches only when every chunk before `first` is
+// proven (*gate == first), so a mismatch ends the prefix for every later launch too.
+__global__ void prove_prefix_kernel(const __grid_constant__ ProveArgs a, uint32_t count, const uint32_t* got,
+                                    int32_t* gate, int32_t first) {
+  if (threadIdx.x != 0 || *gate != first) return;
+  uint32_t j = 0;
+  while (j < count && got[j] == a.want[j]) ++j;
+  *gate = first + static_cast<int32_t>(j);
+}
+
+}  // namespace
+
+KVS_API int kvs_cuda_prove_prefix(uint32_t count, const uint32_t* got, const uint32_t* want, int32_t* gate,
+                                  int32_t first, void* stream_ptr, char* err, size_t err_len) {
+  if (count == 0) return KVS_OK;
+  if (!got || !want || !gate) return kvs::fail(err, err_len, KVS_EINVAL, "null pointer argument");
+  if (first < 0 || static_cast<uint64_t>(first) + count > 0x7FFFFFFFull)
+    return kvs::fail(err, err_len, KVS_EINVAL, "first (%d) + count (%u) must fit in 0..2^31-1", first, count);
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  for (uint32_t lo = 0; lo < count; lo += kProveMax) {
+    const uint32_t n = count - lo < kProveMax ? count - lo : kProveMax;
+    ProveArgs a;
+    std::memcpy(a.want, want + lo, n * sizeof(uint32_t));
+    prove_prefix_kernel<<<1, 32, 0, stream>>>(a, n, got + lo, gate, first + static_cast<int32_t>(lo));
+    cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return cuda_fail(err, err_len, "prove_prefix", e);
+  }
+  return KVS_OK;
+}

@@ -4,6 +4,7 @@
 // four loads in flight per thread; one launch for the whole batch.
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <vector>
 
 #include "error.h"
@@ -26,10 +27,13 @@ struct ParamJobs {
 // grid (x: vector blocks of a row, y: row of all jobs' rows). Row r belongs to job r / height.
 // kThreads / kUnroll / kStream (streaming cache hints) are parameters for
 // bench/cuda/copy_variants.cu, which times other choices against the landed <256, 8, false>.
+// Gated launches (kvs_cuda_copy_rows_gated) skip job i unless first + i < *gate.
 template <int Threads = kThreads, int Unroll = kUnroll, bool Stream = false, typename Jobs>
 __device__ void copy_rows(const Jobs& jobs, uint64_t dst_pitch, uint64_t src_pitch, uint64_t vecs, uint64_t height,
-                          uint64_t rows) {
+                          uint64_t rows, const int32_t* gate = nullptr, int64_t first = 0) {
+  const int64_t open = gate ? static_cast<int64_t>(*gate) - first : INT64_MAX;  // jobs below this may copy
   for (uint64_t r = blockIdx.y; r < rows; r += gridDim.y) {
+    if (static_cast<int64_t>(r / height) >= open) break;  // rows are in job order
     const Job j = jobs[r / height];
     const uint64_t row = r % height;
     const uint4* s = reinterpret_cast<const uint4*>(j.src + row * src_pitch);
@@ -53,26 +57,29 @@ __device__ void copy_rows(const Jobs& jobs, uint64_t dst_pitch, uint64_t src_pit
 }
 
 __global__ void copy_rows_kernel(const Job* __restrict__ jobs, uint64_t dst_pitch, uint64_t src_pitch, uint64_t vecs,
-                                 uint64_t height, uint64_t rows) {
-  copy_rows(jobs, dst_pitch, src_pitch, vecs, height, rows);
+                                 uint64_t height, uint64_t rows, const int32_t* gate, int64_t first) {
+  copy_rows(jobs, dst_pitch, src_pitch, vecs, height, rows, gate, first);
 }
 
 __global__ void copy_rows_param_kernel(const __grid_constant__ ParamJobs jobs, uint64_t dst_pitch, uint64_t src_pitch,
-                                       uint64_t vecs, uint64_t height, uint64_t rows) {
-  copy_rows(jobs.job, dst_pitch, src_pitch, vecs, height, rows);
+                                       uint64_t vecs, uint64_t height, uint64_t rows, const int32_t* gate,
+                                       int64_t first) {
+  copy_rows(jobs.job, dst_pitch, src_pitch, vecs, height, rows, gate, first);
 }
 
-}  // namespace
-
-KVS_API int kvs_cuda_copy_rows(uint32_t count, const uint64_t* dsts, const uint64_t* srcs, uint64_t dst_pitch,
-                               uint64_t src_pitch, uint64_t width, uint64_t height, void* stream_ptr, char* err,
-                               size_t err_len) {
+int copy_rows_launch(uint32_t count, const uint64_t* dsts, const uint64_t* srcs, uint64_t dst_pitch,
+                     uint64_t src_pitch, uint64_t width, uint64_t height, const int32_t* gate, int64_t first,
+                     void* stream_ptr, char* err, size_t err_len) {
   if (!count || !width || !height) return KVS_OK;
   if (!dsts || !srcs) return kvs::fail(err, err_len, KVS_EINVAL, "null pointer argument");
   uint64_t bits = dst_pitch | src_pitch | width;
   for (uint32_t i = 0; i < count; ++i) bits |= dsts[i] | srcs[i];
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   cudaError_t e;
+  if (bits % 16 && gate)
+    return kvs::fail(err, err_len, KVS_EINVAL,
+                     "gated row copies need 16-byte aligned addresses, pitches and widths (the copy engine "
+                     "cannot read a device gate)");
   if (bits % 16) {  // unaligned: the copy engine, one 2D copy per job
     for (uint32_t i = 0; i < count; ++i) {
       e = cudaMemcpy2DAsync(reinterpret_cast<void*>(dsts[i]), dst_pitch, reinterpret_cast<const void*>(srcs[i]),
@@ -89,7 +96,8 @@ KVS_API int kvs_cuda_copy_rows(uint32_t count, const uint64_t* dsts, const uint6
   if (count <= kParamJobs) {
     ParamJobs p;
     for (uint32_t i = 0; i < count; ++i) p.job[i] = Job{dsts[i], srcs[i]};
-    copy_rows_param_kernel<<<dim3(bx, by), kThreads, 0, stream>>>(p, dst_pitch, src_pitch, vecs, height, rows);
+    copy_rows_param_kernel<<<dim3(bx, by), kThreads, 0, stream>>>(p, dst_pitch, src_pitch, vecs, height, rows, gate,
+                                                                  first);
     e = cudaGetLastError();
     if (e != cudaSuccess) return kvs::fail(err, err_len, KVS_ECUDA, "copy_rows: %s", cudaGetErrorString(e));
     return KVS_OK;
@@ -102,10 +110,27 @@ KVS_API int kvs_cuda_copy_rows(uint32_t count, const uint64_t* dsts, const uint6
   e = cudaMemcpyAsync(dev, host.data(), count * sizeof(Job), cudaMemcpyHostToDevice, stream);  // pageable: staged
   if (e == cudaSuccess) {
     copy_rows_kernel<<<dim3(bx, by), kThreads, 0, stream>>>(static_cast<const Job*>(dev), dst_pitch, src_pitch, vecs,
-                                                            height, rows);
+                                                            height, rows, gate, first);
     e = cudaGetLastError();
   }
   cudaFreeAsync(dev, stream);
   if (e != cudaSuccess) return kvs::fail(err, err_len, KVS_ECUDA, "copy_rows: %s", cudaGetErrorString(e));
   return KVS_OK;
+}
+
+}  // namespace
+
+KVS_API int kvs_cuda_copy_rows(uint32_t count, const uint64_t* dsts, const uint64_t* srcs, uint64_t dst_pitch,
+                               uint64_t src_pitch, uint64_t width, uint64_t height, void* stream_ptr, char* err,
+                               size_t err_len) {
+  return copy_rows_launch(count, dsts, srcs, dst_pitch, src_pitch, width, height, nullptr, 0, stream_ptr, err,
+                          err_len);
+}
+
+KVS_API int kvs_cuda_copy_rows_gated(uint32_t count, const uint64_t* dsts, const uint64_t* srcs, uint64_t dst_pitch,
+                                     uint64_t src_pitch, uint64_t width, uint64_t height, const int32_t* gate,
+                                     int32_t first, void* stream_ptr, char* err, size_t err_len) {
+  if (!gate) return kvs::fail(err, err_len, KVS_EINVAL, "null gate");
+  return copy_rows_launch(count, dsts, srcs, dst_pitch, src_pitch, width, height, gate, first, stream_ptr, err,
+                          err_len);
 }

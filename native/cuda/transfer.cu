@@ -45,9 +45,11 @@ struct ListSlots {
   __device__ int64_t operator()(int t) const { return slots[t]; }
 };
 
+// A gated launch (kvs_cuda_scatter_gated) moves nothing unless gate_index < *gate.
 template <typename V, bool kGather, typename Slots>
 __device__ void move(const Slots& where, int tokens, int heads, int64_t vecs_per_head, int64_t token_stride,
-                     int64_t head_stride, char* __restrict__ chunk) {
+                     int64_t head_stride, char* __restrict__ chunk, const int32_t* gate, int32_t gate_index) {
+  if (gate && gate_index >= *gate) return;
   const int p = blockIdx.y;
   const int64_t per_plane = static_cast<int64_t>(tokens) * heads * vecs_per_head;
   char* plane = reinterpret_cast<char*>(where.plane_ptrs[p]);
@@ -68,16 +70,18 @@ __device__ void move(const Slots& where, int tokens, int heads, int64_t vecs_per
 
 template <typename V, bool kGather>
 __global__ void move_kernel_params(const __grid_constant__ ParamArgs args, int tokens, int heads, int64_t vecs_per_head,
-                                   int64_t token_stride, int64_t head_stride, char* __restrict__ chunk) {
+                                   int64_t token_stride, int64_t head_stride, char* __restrict__ chunk,
+                                   const int32_t* gate, int32_t gate_index) {
   move<V, kGather>(BlockSlots{args.plane_ptrs, args.block_start, args.block}, tokens, heads, vecs_per_head,
-                   token_stride, head_stride, chunk);
+                   token_stride, head_stride, chunk, gate, gate_index);
 }
 
 template <typename V, bool kGather>
 __global__ void move_kernel(const uint64_t* __restrict__ plane_ptrs, const int64_t* __restrict__ slots, int tokens,
                             int heads, int64_t vecs_per_head, int64_t token_stride, int64_t head_stride,
-                            char* __restrict__ chunk) {
-  move<V, kGather>(ListSlots{plane_ptrs, slots}, tokens, heads, vecs_per_head, token_stride, head_stride, chunk);
+                            char* __restrict__ chunk, const int32_t* gate, int32_t gate_index) {
+  move<V, kGather>(ListSlots{plane_ptrs, slots}, tokens, heads, vecs_per_head, token_stride, head_stride, chunk, gate,
+                   gate_index);
 }
 
 // Largest block size b such that every run of b tokens has consecutive slots: the gcd of
@@ -104,7 +108,8 @@ int fail(char* err, size_t err_len, int code, const char* what, cudaError_t e = 
 
 template <bool kGather>
 int launch(const uint64_t* plane_ptrs, int planes, const int64_t* slots, int tokens, int heads, int64_t head_bytes,
-           int64_t token_stride, int64_t head_stride, void* chunk, void* stream_ptr, char* err, size_t err_len) {
+           int64_t token_stride, int64_t head_stride, void* chunk, void* stream_ptr, char* err, size_t err_len,
+           const int32_t* gate = nullptr, int32_t gate_index = 0) {
   if (planes <= 0 || tokens < 0 || heads <= 0 || head_bytes <= 0 || planes > 65535)
     return fail(err, err_len, KVS_EINVAL, "planes (1..65535), heads and head_bytes must be positive");
   if (!plane_ptrs || !chunk || (tokens && !slots)) return fail(err, err_len, KVS_EINVAL, "null pointer argument");
@@ -134,7 +139,7 @@ int launch(const uint64_t* plane_ptrs, int planes, const int64_t* slots, int tok
     std::memcpy(a.plane_ptrs, plane_ptrs, planes * sizeof(uint64_t));
     for (int b = 0; b < nblocks; ++b) a.block_start[b] = slots[b * block];
     a.block = block;
-#define KVS_LAUNCH_P(V) move_kernel_params<V, kGather><<<grid, kThreads, 0, stream>>>(a, tokens, heads, vecs, token_stride, head_stride, c)
+#define KVS_LAUNCH_P(V) move_kernel_params<V, kGather><<<grid, kThreads, 0, stream>>>(a, tokens, heads, vecs, token_stride, head_stride, c, gate, gate_index)
     switch (vec) {
       case 16: KVS_LAUNCH_P(uint4); break;
       case 8: KVS_LAUNCH_P(uint2); break;
@@ -158,7 +163,7 @@ int launch(const uint64_t* plane_ptrs, int planes, const int64_t* slots, int tok
     }
     const auto* d_ptrs = static_cast<const uint64_t*>(dev);
     const auto* d_slots = reinterpret_cast<const int64_t*>(static_cast<char*>(dev) + planes * sizeof(uint64_t));
-#define KVS_LAUNCH(V) move_kernel<V, kGather><<<grid, kThreads, 0, stream>>>(d_ptrs, d_slots, tokens, heads, vecs, token_stride, head_stride, c)
+#define KVS_LAUNCH(V) move_kernel<V, kGather><<<grid, kThreads, 0, stream>>>(d_ptrs, d_slots, tokens, heads, vecs, token_stride, head_stride, c, gate, gate_index)
     switch (vec) {
       case 16: KVS_LAUNCH(uint4); break;
       case 8: KVS_LAUNCH(uint2); break;
@@ -187,4 +192,13 @@ KVS_API int kvs_cuda_scatter(const void* chunk, const uint64_t* plane_ptrs, int 
                              void* stream, char* err, size_t err_len) {
   return launch<false>(plane_ptrs, planes, slots, tokens, heads, head_bytes, token_stride, head_stride,
                        const_cast<void*>(chunk), stream, err, err_len);
+}
+
+KVS_API int kvs_cuda_scatter_gated(const void* chunk, const uint64_t* plane_ptrs, int planes, const int64_t* slots,
+                                   int tokens, int heads, int64_t head_bytes, int64_t token_stride,
+                                   int64_t head_stride, const int32_t* gate, int32_t gate_index, void* stream,
+                                   char* err, size_t err_len) {
+  if (!gate) return fail(err, err_len, KVS_EINVAL, "null gate");
+  return launch<false>(plane_ptrs, planes, slots, tokens, heads, head_bytes, token_stride, head_stride,
+                       const_cast<void*>(chunk), stream, err, err_len, gate, gate_index);
 }

@@ -126,6 +126,12 @@ KVS_API int kvs_cuda_gather(const uint64_t* plane_ptrs, int planes, const int64_
 KVS_API int kvs_cuda_scatter(const void* chunk, const uint64_t* plane_ptrs, int planes, const int64_t* slots,
                              int tokens, int heads, int64_t head_bytes, int64_t token_stride, int64_t head_stride,
                              void* stream, char* err, size_t err_len);
+// kvs_cuda_scatter that writes nothing unless gate_index < *gate (`gate`: device memory the
+// stream reads when the kernel runs, e.g. a prefix proven by kvs_cuda_prove_prefix).
+KVS_API int kvs_cuda_scatter_gated(const void* chunk, const uint64_t* plane_ptrs, int planes, const int64_t* slots,
+                                   int tokens, int heads, int64_t head_bytes, int64_t token_stride,
+                                   int64_t head_stride, const int32_t* gate, int32_t gate_index, void* stream,
+                                   char* err, size_t err_len);
 
 // ---- KV codec (docs/bitstream.md) ------------------------------------------------------------
 // Shapes: layout 1 = [layers, 2, tokens, heads, head_dim], layout 2 (MLA) = [layers, tokens,
@@ -283,6 +289,18 @@ KVS_API int kvs_cuda_memcpy2d(uint64_t dst, uint64_t dst_pitch, uint64_t src, ui
 KVS_API int kvs_cuda_copy_rows(uint32_t count, const uint64_t* dsts, const uint64_t* srcs, uint64_t dst_pitch,
                                uint64_t src_pitch, uint64_t width, uint64_t height, void* stream, char* err,
                                size_t err_len);
+// kvs_cuda_copy_rows that skips job i unless first + i < *gate (`gate`: device memory read when
+// the kernel runs). Needs 16-byte alignment (no copy-engine fallback: EINVAL otherwise).
+KVS_API int kvs_cuda_copy_rows_gated(uint32_t count, const uint64_t* dsts, const uint64_t* srcs, uint64_t dst_pitch,
+                                     uint64_t src_pitch, uint64_t width, uint64_t height, const int32_t* gate,
+                                     int32_t first, void* stream, char* err, size_t err_len);
+// A prefix proven on the device: when *gate == first (every chunk before `first` proven),
+// *gate becomes first + the number of leading i < count with got[i] == want[i]; otherwise it
+// is left as it is, so the first mismatch ends the prefix for every later launch on the stream.
+// `got`: device or pinned memory (e.g. kvs_cuda_crc32c_batch's out, written earlier on the
+// stream); `want`: a HOST array (carried in the launch); `gate`: device memory. Asynchronous.
+KVS_API int kvs_cuda_prove_prefix(uint32_t count, const uint32_t* got, const uint32_t* want, int32_t* gate,
+                                  int32_t first, void* stream, char* err, size_t err_len);
 KVS_API int kvs_cuda_stream_sync(void* stream, char* err, size_t err_len);
 KVS_API int kvs_cuda_device_count(int* count, char* err, size_t err_len);
 KVS_API int kvs_cuda_set_device(int device, char* err, size_t err_len);

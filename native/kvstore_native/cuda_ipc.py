@@ -96,6 +96,27 @@ def copy_rows(dsts: Sequence[int], srcs: Sequence[int], dst_pitch: int, src_pitc
     _call("kvs_cuda_copy_rows", len(d), d.ctypes.data, s.ctypes.data, dst_pitch, src_pitch, width, height, stream)
 
 
+def copy_rows_gated(dsts: Sequence[int], srcs: Sequence[int], dst_pitch: int, src_pitch: int, width: int,
+                    height: int, gate_ptr: int, first: int, stream: int = 0) -> None:
+    """``copy_rows`` that skips job i unless ``first + i < *gate`` (``gate_ptr``: an int32 in
+    device memory, read when the kernel runs; e.g. a prefix ``prove_prefix`` extends). Needs
+    16-byte aligned addresses, pitches and width."""
+    if len(dsts) != len(srcs):
+        raise CudaError("dsts and srcs differ in length")
+    d, s = _u64(dsts), _u64(srcs)
+    _call("kvs_cuda_copy_rows_gated", len(d), d.ctypes.data, s.ctypes.data, dst_pitch, src_pitch, width, height,
+          gate_ptr, first, stream)
+
+
+def prove_prefix(got_ptr: int, want: Sequence[int], gate_ptr: int, first: int, stream: int = 0) -> None:
+    """Extends the proven prefix ``*gate`` (int32, device memory) on ``stream``: when it equals
+    ``first``, it becomes ``first`` + the number of leading ``i`` with ``got[i] == want[i]``
+    (``got_ptr``: uint32[len(want)], device or pinned, e.g. ``crc32c_batch``'s output); else it
+    stays (an earlier mismatch ended the prefix)."""
+    w = np.ascontiguousarray(np.asarray(want, dtype=np.uint32))
+    _call("kvs_cuda_prove_prefix", len(w), got_ptr, w.ctypes.data, gate_ptr, first, stream)
+
+
 def stream_sync(stream: int = 0) -> None:
     _call("kvs_cuda_stream_sync", stream)
 

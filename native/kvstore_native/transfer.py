@@ -204,14 +204,20 @@ def gather(spec: PlaneSpec, chunk_ptr: int, *, device: bool, stream: int = 0) ->
         _call("kvs_gather", *args)
 
 
-def scatter(chunk_ptr: int, spec: PlaneSpec, *, device: bool, stream: int = 0, streaming: bool = False) -> None:
+def scatter(chunk_ptr: int, spec: PlaneSpec, *, device: bool, stream: int = 0, streaming: bool = False,
+            gate: tuple[int, int] | None = None) -> None:
     """The inverse of ``gather``: writes the contiguous chunk into the engine's KV memory.
     ``streaming`` (host only): non-temporal stores (``kvs_scatter_stream``), for loads much
-    larger than the caches; the bytes written are the same."""
+    larger than the caches; the bytes written are the same. ``gate`` (device only): ``(int32
+    device pointer, index)``: the kernel writes nothing unless ``index < *gate`` when it runs."""
     ptrs, slots = _arrays(spec)
     args = (chunk_ptr, ptrs.ctypes.data, len(ptrs), slots.ctypes.data, len(slots), spec.heads,
             spec.head_bytes, spec.token_stride, spec.head_stride)
-    if device:
+    if gate is not None:
+        if not device:
+            raise TransferError("a gated scatter is a device scatter (device=True)")
+        _call("kvs_cuda_scatter_gated", *args, gate[0], gate[1], stream)
+    elif device:
         _call("kvs_cuda_scatter", *args, stream)
     else:
         _call("kvs_scatter_stream" if streaming else "kvs_scatter", *args)
