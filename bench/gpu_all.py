@@ -490,6 +490,8 @@ def main(argv=None) -> int:
                 gated_mib=int(variant[5:]) if variant.startswith("gated") else 0),
                 None)
                              for n, sh in SHAPES.items()]
+            # Each variant's rows as they come (a run cut short by its time limit keeps them).
+            print(f"[{variant}] " + json.dumps(runs[variant], default=str), flush=True)
             if variant == "stock":
                 smol = SHAPES["SmolLM2-135M fp16"]
                 big = _guard(errors, "e2e x4", lambda: e2e(d.addr, "SmolLM2-135M fp16", smol, 4 * args.chunks,

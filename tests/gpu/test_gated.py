@@ -77,7 +77,7 @@ def test_gated_row_copies_write_exactly_the_proven_jobs(gate_at):
         else:
             assert int(part.count_nonzero()) == 0
     with pytest.raises(cuda_ipc.CudaError, match="16-byte"):
-        cuda_ipc.copy_rows_gated(dsts, [int(src[0].data_ptr()) + 1], dst_pitch, width, width, height,
+        cuda_ipc.copy_rows_gated(dsts[:1], [int(src[0].data_ptr()) + 1], dst_pitch, width, width, height,
                                  int(gate.data_ptr()), first)
 
 
@@ -97,7 +97,8 @@ def test_gated_scatter_writes_the_same_bytes_or_nothing(layout):
     for gate_at, index, writes in ((0, 0, False), (4, 4, False), (5, 4, True)):
         for t in cache:
             t.zero_()
-        transfer.scatter(int(chunk.data_ptr()), spec, device=True, gate=(int(_gate(gate_at).data_ptr()), index))
+        gate = _gate(gate_at)   # (kept alive until the kernel ran)
+        transfer.scatter(int(chunk.data_ptr()), spec, device=True, gate=(int(gate.data_ptr()), index))
         torch.cuda.synchronize()
         if writes:
             assert all(torch.equal(a, b) for a, b in zip(cache, ref))
