@@ -110,7 +110,7 @@ def paged_specs(layers, ids, ns, chunks):
 
 def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), daemon_checks=False,
         growth=None, speculate=True, lease_free=True, batch_mib=0, prefill_bytes=0, write_ahead=True,
-        streamed_calls=8, commit_tail=None, refill_early=False, gated=True, gated_mib=0) -> dict:
+        streamed_calls=8, commit_tail=None, refill_late=False, gated=False, gated_mib=0) -> dict:
     """``daemon_checks``: the client asks for the daemon's CPU passes (verify at commit and
     before each read lease) instead of its GPU checks, as before they existed. ``growth``:
     the request groups' growth factor (1: the first group, then the rest in one).
@@ -119,9 +119,9 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
     False: stores reserve keyed extents per call (``GpuPath.write_ahead_bytes = 0``), as
     before write-ahead reservations; a number: the write-ahead pool's bytes. ``commit_tail``:
     ``GpuPath.commit_tail_bytes`` (0: one CommitWrite per write-ahead lease, as before).
-    ``refill_early``: the write-ahead pool refilled as each store starts (as before), not once
-    its commits are answered. ``gated`` False: lease-free loads checked on the host batch by
-    batch (``GpuPath.gated_loads``, as before); ``gated_mib``: their device-proven batches' MiB."""
+    ``refill_late``: the write-ahead pool refilled once a store's commits are answered, not as
+    it starts. ``gated``: lease-free loads proven on the device (``GpuPath.gated_loads``), not
+    on the host batch by batch; ``gated_mib``: their batches' MiB."""
     from kvstore_client.gpu_state import _path
 
     ns = Namespace(model=f"bench-gpu-{name}", **shape)
@@ -144,8 +144,7 @@ def e2e(addr, name, shape, chunks, repeats, variants=("ce", "paged", "old"), dae
         gp.lease_free = lease_free
         if commit_tail is not None:
             gp.commit_tail_bytes = commit_tail
-        if refill_early:
-            gp.refill_after_commits = False
+        gp.refill_after_commits = refill_late
         gp.gated_loads = gated
         if gated_mib:
             gp.gated_batch_bytes = gated_mib << 20
@@ -465,10 +464,9 @@ def main(argv=None) -> int:
     # before; full-target-keyed; poolN: stock with a write-ahead pool of N MiB (default 256);
     # grpc, full-target-grpc: with the daemon's control socket off (server.local_control=false:
     # every LocalData call over gRPC, as before); tailN: stock with write-ahead stores committed
-    # in shrinking groups down to N MiB (tail0: one CommitWrite per lease, as before); before:
-    # tail0 with the pool refilled as each store starts (the code before both changes), and
-    # lease-free loads checked on the host (hostcheck: that alone); gatedN: stock with loads
-    # proven on the device in batches of N MiB.
+    # in shrinking groups down to N MiB; gated, gatedN: stock with lease-free loads proven on
+    # the device (in batches of N MiB); new: commits in groups down to 16 MiB, the pool refilled
+    # after the commits and loads proven on the device (the opt-in settings to measure).
     extra = {"noclear": ("dram.clear_freed=false",), "full-noclear": ("dram.clear_freed=false",),
              "full-target": ("dram.free_target_bytes=1GiB",), "full-target-keyed": ("dram.free_target_bytes=1GiB",),
              "grpc": ("server.local_control=false",),
@@ -485,9 +483,10 @@ def main(argv=None) -> int:
                 batch_mib=int(variant[5:]) if variant.startswith("batch") else 0,
                 prefill_bytes=(8 << 30) if variant.startswith("full") else 0,
                 write_ahead=(int(variant[4:]) << 20 if variant.startswith("pool") else "keyed" not in variant),
-                commit_tail=(int(variant[4:]) << 20 if variant.startswith("tail") else 0 if variant == "before" else None),
-                refill_early=variant == "before", gated=variant not in ("before", "hostcheck"),
-                gated_mib=int(variant[5:]) if variant.startswith("gated") else 0),
+                commit_tail=(int(variant[4:]) << 20 if variant.startswith("tail") else 16 << 20 if variant == "new"
+                             else None),
+                refill_late=variant == "new", gated=variant == "new" or variant.startswith("gated"),
+                gated_mib=int(variant[5:]) if variant.startswith("gated") and variant[5:] else 0),
                 None)
                              for n, sh in SHAPES.items()]
             # Each variant's rows as they come (a run cut short by its time limit keeps them).

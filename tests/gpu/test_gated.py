@@ -128,6 +128,7 @@ def test_a_gated_lease_free_load_writes_nothing_from_the_bad_chunk_on(daemon, pa
     tokens = list(range(tok * chunks))
     with KVStoreClient(daemon.addr, ns) as c:
         gp = _path(c)
+        gp.gated_loads = True
         gp.gated_batch_bytes = batch_chunks * ns.chunk_bytes()
         assert kgpu.store_cuda(c, tokens, kv) == chunks
         keys = c.keys(tokens)

@@ -126,8 +126,9 @@ def test_speculative_loads_never_place_a_stale_guess(daemon, paged):
         c.delete(c.keys(ta) + c.keys(tb))
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("paged", [False, True])
-def test_lease_free_loads_take_no_rpc_and_never_place_an_unproven_chunk(daemon, paged):
+def test_lease_free_loads_take_no_rpc_and_never_place_an_unproven_chunk(daemon, paged, gated):
     """A load of chunks this client saw in the arena, which the presence index lists there,
     makes no LeaseRead: bit-exact, and the reads are reported afterwards as hits. When another
     client moved the chunks (deleted, their pages reused, stored again elsewhere), the copy
@@ -140,13 +141,14 @@ def test_lease_free_loads_take_no_rpc_and_never_place_an_unproven_chunk(daemon, 
     from kvstore_client.gpu_state import _path
     from kvstore_wire._proto.kvstore.v1 import admin_pb2, admin_pb2_grpc
 
-    ns, chunks, a, b, ta, tb, target, as_bytes = _two_runs(f"test/gpu-lease-free-{paged}", 5, paged)
+    ns, chunks, a, b, ta, tb, target, as_bytes = _two_runs(f"test/gpu-lease-free-{paged}-{gated}", 5, paged)
 
     with KVStoreClient(daemon.addr, ns) as c, KVStoreClient(daemon.addr, ns) as other, \
             grpc.insecure_channel(daemon.addr) as ch:
         admin = admin_pb2_grpc.AdminStub(ch)
         assert kgpu.store_cuda(c, ta, a) == chunks               # c remembers where A went
         gp = _path(c)
+        gp.gated_loads = gated    # proven on the device, or on the host batch by batch
         spy = count_leases(gp)
         keys = c.keys(ta)
         hits0 = [admin.Inspect(admin_pb2.InspectRequest(namespace_id=c.namespace_id, key=k)).entry.hits for k in keys]

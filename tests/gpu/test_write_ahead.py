@@ -119,6 +119,7 @@ def test_a_store_commits_its_pool_slots_in_shrinking_groups(big):
         while pool.ready_slots() < chunks and time.monotonic() < deadline:
             time.sleep(0.01)
         assert pool.ready_slots() >= chunks
+        gp.refill_after_commits = True
         for wait in (True, False):
             sent.clear()
             kv = _kv(ns, chunks, 21 + wait)
