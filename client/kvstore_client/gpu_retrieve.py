@@ -381,10 +381,7 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
     if gp.gated_loads and (contiguous is None or _aligned16(contiguous, m)):
         return _unleased_gated(gp, keys, m, ext, dst, contiguous, size, arena_base, cur)
     torch = _torch()
-    per = max(1, min(gp.unleased_batch_bytes // size, gp.staging_bytes // size // 2))
-    batches = [(lo, min(m, lo + per)) for lo in range(0, m, per)]
-    ways = max(2, min(len(batches), gp.staging_bytes // (per * size)))
-    staging = int(gp.spec_staging(ways * per * size).data_ptr())
+    per, batches, ways, staging = _ring(gp, m, size, gp.unleased_batch_bytes)
     crc = gp.pinned_u32("unleased-crc", m)
     crc_host = crc.numpy().view(np.uint32)
     mv = gp.move_stream
@@ -400,14 +397,8 @@ def _unleased(gp: GpuPath, keys, n: int, dst, contiguous, size: int, arena_base:
         base = region(k)
         if k >= ways:   # the region is free once batch k - ways moved out of it
             gp.copy_stream.wait_event(moved[k - ways])
-        staged = [base + j * size for j in range(hi - lo)]
-        cuda_ipc.memcpy_batch(staged, [arena_base + ext[i][0] for i in range(lo, hi)], [size] * (hi - lo),
-                              gp.copy_stream.cuda_stream)
-        landed = torch.cuda.Event()
-        landed.record(gp.copy_stream)
-        gp.kernel_stream.wait_event(landed)
-        cuda_ipc.crc32c_batch(staged, [size] * (hi - lo), int(crc.data_ptr()) + 4 * lo,
-                              gp.kernel_stream.cuda_stream)
+        _stage(gp, [base + j * size for j in range(hi - lo)], [arena_base + ext[i][0] for i in range(lo, hi)], size,
+               int(crc.data_ptr()) + 4 * lo)
         checked[k] = torch.cuda.Event()
         checked[k].record(gp.kernel_stream)
 
@@ -456,10 +447,7 @@ def _unleased_gated(gp: GpuPath, keys, m: int, ext, dst, contiguous, size: int, 
     and reads how many chunks were placed. Nothing unproven reaches ``dst``: a chunk that
     does not match, and every chunk after it, is left unwritten. Returns the chunks placed."""
     torch = _torch()
-    per = max(1, min(gp.gated_batch_bytes // size, gp.staging_bytes // size // 2))
-    batches = [(lo, min(m, lo + per)) for lo in range(0, m, per)]
-    ways = max(2, min(len(batches), gp.staging_bytes // (per * size)))
-    staging = int(gp.spec_staging(ways * per * size).data_ptr())
+    per, batches, ways, staging = _ring(gp, m, size, gp.gated_batch_bytes)
     crc = int(gp.device_u32("gated-crc", m).data_ptr())
     gate_buf = gp.device_u32("gated-gate", 1)
     gate = int(gate_buf.data_ptr())
@@ -467,7 +455,6 @@ def _unleased_gated(gp: GpuPath, keys, m: int, ext, dst, contiguous, size: int, 
     cs, ks, mv = gp.copy_stream, gp.kernel_stream, gp.move_stream
     mv.wait_stream(cur)   # dst belongs to the engine's stream: moves come after what it queued
     moved: list[Any] = []
-    placed = 0
     try:
         with torch.cuda.stream(ks):
             gate_buf[:1].zero_()
@@ -476,23 +463,12 @@ def _unleased_gated(gp: GpuPath, keys, m: int, ext, dst, contiguous, size: int, 
             if k >= ways:   # the region is free once batch k - ways moved out of it
                 cs.wait_event(moved[k - ways])
             staged = [base + j * size for j in range(hi - lo)]
-            cuda_ipc.memcpy_batch(staged, [arena_base + ext[i][0] for i in range(lo, hi)], [size] * (hi - lo),
-                                  cs.cuda_stream)
-            landed = torch.cuda.Event()
-            landed.record(cs)
-            ks.wait_event(landed)
-            cuda_ipc.crc32c_batch(staged, [size] * (hi - lo), crc + 4 * lo, ks.cuda_stream)
+            _stage(gp, staged, [arena_base + ext[i][0] for i in range(lo, hi)], size, crc + 4 * lo)
             cuda_ipc.prove_prefix(crc + 4 * lo, [ext[i][2] for i in range(lo, hi)], gate, lo, ks.cuda_stream)
             checked = torch.cuda.Event()
             checked.record(ks)
             mv.wait_event(checked)
-            if contiguous is not None:
-                _, pitch, row, planes = contiguous[lo]
-                cuda_ipc.copy_rows_gated([contiguous[i][0] for i in range(lo, hi)], staged, pitch, row, row, planes,
-                                         gate, lo, mv.cuda_stream)
-            else:
-                for i in range(lo, hi):
-                    transfer.scatter(staged[i - lo], dst.specs[i], device=True, stream=mv.cuda_stream, gate=(gate, i))
+            _move_into(list(zip(range(lo, hi), staged)), dst, contiguous, mv.cuda_stream, gate=gate)
             ev = torch.cuda.Event()
             ev.record(mv)
             moved.append(ev)
@@ -510,20 +486,46 @@ def _unleased_gated(gp: GpuPath, keys, m: int, ext, dst, contiguous, size: int, 
     return placed
 
 
-def _move_into(rows: list[tuple[int, int]], dst, contiguous, stream: int) -> None:
+def _move_into(rows: list[tuple[int, int]], dst, contiguous, stream: int, gate: int | None = None) -> None:
     """Device-to-device moves of whole chunks ``(chunk, device pointer)`` (HBM-pool extents,
     checked staging, decoded chunks) into the engine layout on ``stream``: one ``copy_rows``
     launch for a contiguous tensor (the fastest D2D form, 81% of a D2D copy on an H200), one
-    scatter kernel per chunk for a paged destination."""
+    scatter kernel per chunk for a paged destination. ``gate`` (an int32 device pointer, with
+    ``rows`` consecutive chunks): chunk ``i`` is written only if ``i < *gate`` when its kernel runs."""
     if not rows:
         return
     if contiguous is not None:
         _, pitch, row, planes = contiguous[rows[0][0]]
-        cuda_ipc.copy_rows([contiguous[i][0] for i, _ in rows], [src for _, src in rows], pitch, row, row, planes,
-                           stream)
+        dsts, srcs = [contiguous[i][0] for i, _ in rows], [src for _, src in rows]
+        if gate is None:
+            cuda_ipc.copy_rows(dsts, srcs, pitch, row, row, planes, stream)
+        else:
+            cuda_ipc.copy_rows_gated(dsts, srcs, pitch, row, row, planes, gate, rows[0][0], stream)
     else:
         for i, src in rows:
-            transfer.scatter(src, dst.specs[i], device=True, stream=stream)
+            transfer.scatter(src, dst.specs[i], device=True, stream=stream,
+                             gate=None if gate is None else (gate, i))
+
+
+def _ring(gp: GpuPath, m: int, size: int, batch_bytes: int) -> tuple[int, list[tuple[int, int]], int, int]:
+    """The staging ring of a lease-free load of ``m`` chunks of ``size`` bytes in batches of about
+    ``batch_bytes`` (at most half the staging): chunks per batch, the batches, the ring's regions
+    (at least two), and the staging's device address (grown to hold them)."""
+    per = max(1, min(batch_bytes // size, gp.staging_bytes // size // 2))
+    batches = [(lo, min(m, lo + per)) for lo in range(0, m, per)]
+    ways = max(2, min(len(batches), gp.staging_bytes // (per * size)))
+    return per, batches, ways, int(gp.spec_staging(ways * per * size).data_ptr())
+
+
+def _stage(gp: GpuPath, staged: list[int], srcs: list[int], size: int, crc_out: int) -> None:
+    """Arena chunks ``srcs`` into device staging ``staged`` on the copy stream, then their GPU
+    CRC32Cs into ``crc_out`` (uint32 each) on the kernel stream once they landed."""
+    torch = _torch()
+    cuda_ipc.memcpy_batch(staged, srcs, [size] * len(staged), gp.copy_stream.cuda_stream)
+    landed = torch.cuda.Event()
+    landed.record(gp.copy_stream)
+    gp.kernel_stream.wait_event(landed)
+    cuda_ipc.crc32c_batch(staged, [size] * len(staged), crc_out, gp.kernel_stream.cuda_stream)
 
 
 #: Arena chunks of a contiguous destination are checked in launches of at least this many

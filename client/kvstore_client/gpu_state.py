@@ -153,11 +153,18 @@ class GpuPath:
     def pinned_u32(self, name: str, n: int):
         """A cached pinned int32 host buffer of at least ``n`` entries (pinned allocations are
         slow: made once, reused by every call)."""
-        torch = _torch()
-        buf = self._pinned.get(name)
+        return self._cached_i32(self._pinned, name, n, pin_memory=True)
+
+    def device_u32(self, name: str, n: int):
+        """A cached int32 device buffer of at least ``n`` entries (made once, reused by every call)."""
+        return self._cached_i32(self._device_bufs, name, n, device=self.device)
+
+    @staticmethod
+    def _cached_i32(cache: dict, name: str, n: int, **where):
+        buf = cache.get(name)
         if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, 1024), dtype=torch.int32, pin_memory=True)
-            self._pinned[name] = buf
+            buf = _torch().empty(max(n, 1024), dtype=_torch().int32, **where)
+            cache[name] = buf
         return buf
 
     def write_pool(self, size: int) -> "WritePool | None":
@@ -269,15 +276,6 @@ class GpuPath:
         if self._move_stream is None:
             self._move_stream = _torch().cuda.Stream(self.device)
         return self._move_stream
-
-    def device_u32(self, name: str, n: int):
-        """A cached int32 device buffer of at least ``n`` entries (made once, reused by every call)."""
-        torch = _torch()
-        buf = self._device_bufs.get(name)
-        if buf is None or buf.numel() < n:
-            buf = torch.empty(max(n, 1024), dtype=torch.int32, device=self.device)
-            self._device_bufs[name] = buf
-        return buf
 
     def spec_staging(self, nbytes: int):
         """Device staging for speculative loads (grown as needed, kept)."""

@@ -1,4 +1,5 @@
-"""Helpers of the GPU tests: a LeaseRead stub wrapper that counts the leasing calls."""
+"""Helpers of the GPU tests: a LeaseRead stub wrapper that counts the leasing calls, and the
+arena offset of a stored chunk."""
 
 
 class CountingLeases:
@@ -27,3 +28,15 @@ def count_leases(gp) -> CountingLeases:
     spy = CountingLeases(gp.client._lease_read)
     gp.client._lease_read = spy
     return spy
+
+
+def arena_offset(client, key: bytes) -> int:
+    """Where the arena holds the stored chunk ``key`` (leased once, released at once)."""
+    from kvstore_client.gpu_session import GpuSession
+    from kvstore_wire._proto.kvstore.v1 import local_pb2
+
+    sess = GpuSession.of(client)
+    r = sess._lease_read(local_pb2.LeaseReadRequest(namespace_id=client.namespace_id, keys=[key]),
+                         metadata=sess._metadata)
+    sess._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), metadata=sess._metadata)
+    return r.extents[0].offset

@@ -11,6 +11,8 @@ from kvstore_client import KVStoreClient, Namespace
 from kvstore_client import gpu as kgpu
 from kvstore_native import cuda_ipc, transfer
 
+from .leases import arena_offset
+
 
 def _gate(value: int):
     import torch
@@ -117,9 +119,7 @@ def test_a_gated_lease_free_load_writes_nothing_from_the_bad_chunk_on(daemon, pa
     import torch
 
     from kvstore_client import gpu_retrieve
-    from kvstore_client.gpu_session import GpuSession
     from kvstore_client.gpu_state import _path
-    from kvstore_wire._proto.kvstore.v1 import local_pb2
 
     ns = Namespace(model=f"test/gated-{paged}-{batch_chunks}", dtype="float16", num_layers=4, num_kv_heads=2,
                    head_dim=64)
@@ -132,12 +132,7 @@ def test_a_gated_lease_free_load_writes_nothing_from_the_bad_chunk_on(daemon, pa
         gp.gated_batch_bytes = batch_chunks * ns.chunk_bytes()
         assert kgpu.store_cuda(c, tokens, kv) == chunks
         keys = c.keys(tokens)
-        sess = GpuSession.of(c)
-        r = sess._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys[2:3]),
-                             metadata=sess._metadata)
-        off = r.extents[0].offset
-        sess._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), metadata=sess._metadata)
-        c.arena.view(off + 100, 4)[:] ^= 0x5A            # chunk 2 goes bad in the arena
+        c.arena.view(arena_offset(c, keys[2]) + 100, 4)[:] ^= 0x5A            # chunk 2 goes bad in the arena
         bs = 16
         if paged:
             blocks = chunks * tok // bs

@@ -14,7 +14,7 @@ from kvstore_client import gpu as kgpu
 import kvstore_native as native
 from kvstore_native import transfer
 
-from .leases import count_leases
+from .leases import arena_offset, count_leases
 
 SHAPES = {"smol": dict(dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64),
           "llama": dict(dtype="bfloat16", num_layers=32, num_kv_heads=8, head_dim=128)}
@@ -205,11 +205,7 @@ def test_a_chunk_corrupted_in_the_arena_is_caught_on_the_gpu_and_dropped(daemon,
         assert kgpu.store_cuda(c, tokens, kv) == chunks
         keys = c.keys(tokens)
         sess = GpuSession.of(c)
-        r = sess._lease_read(local_pb2.LeaseReadRequest(namespace_id=c.namespace_id, keys=keys[2:3]),
-                             metadata=sess._metadata)
-        off = r.extents[0].offset
-        sess._release(local_pb2.ReleaseRequest(lease_ids=[r.lease_id]), metadata=sess._metadata)
-        c.arena.view(off + 1000, 8)[:] = 0xEE            # chunk 2 goes bad in the arena
+        c.arena.view(arena_offset(c, keys[2]) + 1000, 8)[:] = 0xEE            # chunk 2 goes bad in the arena
         out = torch.zeros_like(kv)
         if paged:
             bs = 16
