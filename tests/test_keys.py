@@ -56,8 +56,26 @@ def test_vectors_recomputed_from_spec(case):
         == case["chunk_key_of_first_chunk"]
 
 
+@pytest.fixture(params=["python", "native"])
+def chain(request, monkeypatch):
+    """Each prefix-key chain of kvstore_wire.keys: hashlib's, and kvstore-native's
+    ``kvs_prefix_keys`` (the one used where the library loads)."""
+    import kvstore_wire.keys as keys
+
+    if request.param == "python":
+        monkeypatch.setattr(keys, "_native_chain", None)
+    else:
+        native = pytest.importorskip("kvstore_native")
+        try:
+            native.lib()
+        except native.NativeLibraryMissing as e:
+            pytest.skip(f"kvstore-native not built: {e}")
+        monkeypatch.setattr(keys, "_native_chain", native.prefix_keys)
+    return request.param
+
+
 @pytest.mark.parametrize("case", VECTORS["cases"], ids=lambda c: f"{c['namespace']['model'][:20]}-{len(c['tokens'])}")
-def test_client_implementation_matches_vectors(case):
+def test_client_implementation_matches_vectors(case, chain):
     ns = Namespace(**case["namespace"])
     nid = ns.namespace_id
     assert nid.hex() == case["namespace_id"]
@@ -108,7 +126,7 @@ def test_bad_namespace_rejected():
 
 
 @pytest.mark.parametrize("n,chunk,partial", [(0, 4, False), (7, 4, False), (7, 4, True), (1024, 256, False), (1000, 16, True)])
-def test_prefix_keys_same_for_every_token_container(n, chunk, partial):
+def test_prefix_keys_same_for_every_token_container(n, chunk, partial, chain):
     """A list, a tuple, an iterator and integer numpy arrays of the same ids give the same keys
     (the numpy form is packed whole, the others element by element)."""
     import numpy as np
@@ -134,7 +152,7 @@ def test_bad_token_arrays_rejected(bad):
 
 
 @pytest.mark.parametrize("container", ["list", "numpy"])
-def test_lazy_prefix_keys_hash_only_what_is_read(container):
+def test_lazy_prefix_keys_hash_only_what_is_read(container, chain):
     """``PrefixKeys`` gives ``prefix_keys``'s keys in any order of access, hashing only up to
     the furthest chunk read (what lets the GPU path overlap hashing with its copies)."""
     import numpy as np
@@ -160,7 +178,7 @@ def test_lazy_prefix_keys_hash_only_what_is_read(container):
     assert len(partial) == 38 and list(partial) == prefix_keys(ns, ids, 16, include_partial=True)
 
 
-def test_lazy_prefix_keys_reject_a_bad_id_when_its_chunk_is_reached():
+def test_lazy_prefix_keys_reject_a_bad_id_when_its_chunk_is_reached(chain):
     from kvstore_wire.keys import PrefixKeys
 
     ns = bytes(32)
@@ -168,3 +186,33 @@ def test_lazy_prefix_keys_reject_a_bad_id_when_its_chunk_is_reached():
     assert k[:2] == prefix_keys(ns, [1, 2, 3, 4], 2)
     with pytest.raises(ValueError, match="token ids must"):
         k[2]
+
+
+def test_native_blake2b_is_hashlibs_for_every_block_boundary():
+    """kvs_blake2b256 against hashlib for every length around the 128-byte block edges (the
+    last block is finalized even when the message fills it) and a long random message."""
+    import os
+
+    native = pytest.importorskip("kvstore_native")
+    try:
+        native.lib()
+    except native.NativeLibraryMissing as e:
+        pytest.skip(f"kvstore-native not built: {e}")
+    for n in [*range(0, 300), 383, 384, 385, 1024 + 36, 1 << 20]:
+        data = os.urandom(n)
+        assert native.blake2b256(data) == hashlib.blake2b(data, digest_size=32).digest(), n
+
+
+def test_native_chain_rejects_bad_arguments():
+    native = pytest.importorskip("kvstore_native")
+    try:
+        native.lib()
+    except native.NativeLibraryMissing as e:
+        pytest.skip(f"kvstore-native not built: {e}")
+    with pytest.raises(ValueError, match="32-byte"):
+        native.prefix_keys(b"short", b"\0" * 8, 2)
+    with pytest.raises(ValueError, match="whole u32"):
+        native.prefix_keys(bytes(32), b"\0" * 7, 2)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        native.prefix_keys(bytes(32), b"\0" * 8, 0)
+    assert native.prefix_keys(bytes(32), b"", 4) == b""

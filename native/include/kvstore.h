@@ -46,6 +46,18 @@ KVS_API int kvs_abi_version(void);
 #define KVS_FEATURE_CRC32C_HW 1  // kvs_crc32c uses the SSE4.2 CRC32 instruction
 KVS_API int kvs_features(void);
 
+// ---- keys (docs/keys.md) ------------------------------------------------------------------
+#define KVS_BLAKE2B_BYTES 32
+// BLAKE2b with a 32-byte digest, no key (RFC 7693): hashlib.blake2b(data, digest_size=32).
+KVS_API void kvs_blake2b256(const void* data, size_t len, uint8_t* out);
+
+// The chained prefix keys of `num_tokens` token ids (`tokens_le`: u32 little-endian each):
+// key_i = BLAKE2b-256(key_{i-1} || u32le(n_i) || tokens of chunk i), chunk i holding
+// `chunk_tokens` tokens (the last one the remainder), key_{-1} = `previous` (32 bytes).
+// Writes ceil(num_tokens / chunk_tokens) keys of 32 bytes each to `out`.
+KVS_API int kvs_prefix_keys(const uint8_t* previous, const void* tokens_le, size_t num_tokens,
+                            uint32_t chunk_tokens, uint8_t* out, char* err, size_t err_len);
+
 // ---- checksums and copies ----------------------------------------------------------------
 // CRC32C (Castagnoli, reflected polynomial 0x82F63B78, init/xorout 0xFFFFFFFF) of `len`
 // bytes; `crc` is the value of a previous call (0 to start), so

@@ -15,7 +15,7 @@ from kvstore_native.errors import NativeLibraryMissing
 
 ABI_VERSION = _lib.ABI_VERSION
 
-__all__ = ["ABI_VERSION", "NativeLibraryMissing", "crc32c", "copy_into", "zero", "copy_rows", "copy_rows_crc32c", "lib", "have_hw_crc32c"]
+__all__ = ["ABI_VERSION", "NativeLibraryMissing", "crc32c", "blake2b256", "prefix_keys", "copy_into", "zero", "copy_rows", "copy_rows_crc32c", "lib", "have_hw_crc32c"]
 
 
 def lib() -> ctypes.CDLL:
@@ -45,6 +45,31 @@ def crc32c(data, crc: int = 0) -> int:
     """CRC32C (Castagnoli) of ``data``, continuing from ``crc``."""
     addr, n, _keep = _address(data)
     return lib().kvs_crc32c(crc, addr, n)
+
+
+def blake2b256(data) -> bytes:
+    """BLAKE2b with a 32-byte digest of ``data`` (``hashlib.blake2b(data, digest_size=32)``)."""
+    addr, n, _keep = _address(data)
+    out = ctypes.create_string_buffer(32)
+    lib().kvs_blake2b256(addr, n, out)
+    return out.raw
+
+
+def prefix_keys(previous: bytes, tokens_le, chunk_tokens: int) -> bytes:
+    """The chained prefix keys (docs/keys.md) of the packed ``u32le`` token ids ``tokens_le``
+    in chunks of ``chunk_tokens`` (the last one the remainder), chained from the 32-byte
+    ``previous`` key: ``32 * ceil(tokens / chunk_tokens)`` bytes, key after key."""
+    if len(previous) != 32:
+        raise ValueError("previous must be a 32-byte key")
+    addr, n, _keep = _address(tokens_le)
+    if n % 4:
+        raise ValueError("tokens_le must hold whole u32 token ids")
+    if not 0 < chunk_tokens <= 0xFFFFFFFF:
+        raise ValueError("chunk_tokens must be in 1..2^32-1")
+    out = ctypes.create_string_buffer(32 * -(-(n // 4) // chunk_tokens))
+    err = _lib.err_buf()
+    _lib.check(lib().kvs_prefix_keys(bytes(previous), addr, n // 4, chunk_tokens, out, err, _lib.ERR_LEN), err)
+    return out.raw
 
 
 def copy_into(dst, src, threads: int = 1) -> None:

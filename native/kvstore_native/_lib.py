@@ -63,6 +63,8 @@ _CORE = {
     "kvs_abi_version": (_ci, []),
     "kvs_features": (_ci, []),
     "kvs_crc32c": (_u32, [_u32, _vp, _sz]),
+    "kvs_blake2b256": (None, [_vp, _sz, _vp]),
+    "kvs_prefix_keys": (_ci, [_cp, _vp, _sz, _u32, _vp] + _ERR),
     "kvs_copy": (None, [_vp, _vp, _sz, _ci]),
     "kvs_zero": (None, [_vp, _sz]),
     "kvs_copy2d": (None, [_vp, _sz, _vp, _sz, _sz, _sz]),
