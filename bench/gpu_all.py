@@ -337,11 +337,18 @@ def hbm_e2e(chunks, repeats) -> list[dict]:
 
                 gp = _path(c)
                 lease_free = loads()
+                import kvstore_wire.keys as wkeys   # the same loads with hashlib's prefix-key chain
+                native_chain, wkeys._native_chain = wkeys._native_chain, None
+                try:
+                    py_keys = loads()
+                finally:
+                    wkeys._native_chain = native_chain
                 gp.lease_free = False   # the same loads, each through a LeaseRead (device_pool)
                 leased = loads()
                 gp.lease_free = True
                 rows.append({"shape": name, "MB": nbytes / 1e6, "tiers": sorted(tiers),
                              "first_GBps": nbytes / first / 1e9, "hbm_GBps": nbytes / lease_free / 1e9,
+                             "native_keys": native_chain is not None, "hbm_pykeys_GBps": nbytes / py_keys / 1e9,
                              "hbm_leased_GBps": nbytes / leased / 1e9})
                 c.delete(c.keys(tokens))
     finally:
@@ -529,7 +536,9 @@ def main(argv=None) -> int:
         lines.append(f"{r['shape'] + ' retrieve_into from the HBM tier (D2D)':52} {'':18} {r['hbm_GBps']:13.1f} "
                      f"{r['hbm_GBps'] / d2d:7.1%} of D2D ({r['hbm_GBps'] / h2d:.1f}x H2D); leased "
                      f"{r['hbm_leased_GBps']:.1f} GB/s ({r['hbm_leased_GBps'] / d2d:.1%}); first call (promotion) "
-                     f"{r['first_GBps']:.1f} GB/s; tiers after {r['tiers']}")
+                     f"{r['first_GBps']:.1f} GB/s; tiers after {r['tiers']}; keys hashed by hashlib instead "
+                     f"of kvs_prefix_keys (native {r['native_keys']}): {r['hbm_pykeys_GBps']:.1f} GB/s "
+                     f"({r['hbm_pykeys_GBps'] / d2d:.1%})")
     stock = [r for r in runs.get("stock", []) if r is not None and "sm_gather_pcie_ms" in r]
     if stock:
         lines.append(f"{'SM time per chunk (ms)':52} {'chunk MB':>8} {'gather PCIe':>11} {'scatter PCIe':>12} "
