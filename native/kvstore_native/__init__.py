@@ -61,7 +61,10 @@ def prefix_keys(previous: bytes, tokens_le, chunk_tokens: int) -> bytes:
     ``previous`` key: ``32 * ceil(tokens / chunk_tokens)`` bytes, key after key."""
     if len(previous) != 32:
         raise ValueError("previous must be a 32-byte key")
-    addr, n, _keep = _address(tokens_le)
+    if type(tokens_le) is bytes:   # passed as is (the common case: no buffer export)
+        addr, n = tokens_le, len(tokens_le)
+    else:
+        addr, n, _keep = _address(tokens_le)
     if n % 4:
         raise ValueError("tokens_le must hold whole u32 token ids")
     if not 0 < chunk_tokens <= 0xFFFFFFFF:

@@ -157,7 +157,7 @@ class PrefixKeys(Sequence):
             tokens = list(tokens)
         end = len(tokens) if include_partial else len(tokens) - len(tokens) % chunk_tokens
         if isinstance(tokens, np.ndarray):
-            tokens = memoryview(_tokens(tokens[:end])).cast("B")   # checked and packed whole
+            tokens = _tokens(tokens[:end])   # checked and packed whole (bytes)
         self._tokens = tokens
         self._chunk = chunk_tokens
         self._end = end
@@ -176,7 +176,10 @@ class PrefixKeys(Sequence):
             return
         c, t = self._chunk, self._tokens
         first, last = lo * c, min(hi * c, self._end)
-        packed = t[4 * first:4 * last] if isinstance(t, memoryview) else memoryview(_tokens(t[first:last]))
+        if isinstance(t, bytes):
+            packed = t if first == 0 and 4 * last == len(t) else t[4 * first:4 * last]
+        else:
+            packed = _tokens(t[first:last])
         keys = self._keys
         if _native_chain is not None:
             out = _native_chain(self._prev, packed, c)
@@ -184,7 +187,7 @@ class PrefixKeys(Sequence):
             self._prev = keys[-1]
             return
         full = struct.pack("<I", c)
-        prev = self._prev
+        prev, packed = self._prev, memoryview(packed)
         for start in range(0, last - first, c):
             stop = min(start + c, last - first)
             prev = _h(prev, full if stop - start == c else struct.pack("<I", stop - start),
