@@ -39,9 +39,9 @@ def remove_stale_arenas() -> int:
     except OSError:
         return 0
     for f in candidates:
-        # The arena and the presence index beside it (kvstore-<pid>.arena / .index), and the
-        # HBM pool's generation counters (kvstore-<pid>-<hex>.hbmgen).
-        m = re.fullmatch(rf"{AUTO_PREFIX}(\d+)(?:\.(?:arena|index)|-[0-9a-f]+\.hbmgen)", f.name)
+        # The arena, the presence index and the control socket beside it (kvstore-<pid>.arena /
+        # .index / .arena.ctl), and the HBM pool's generation counters (kvstore-<pid>-<hex>.hbmgen).
+        m = re.fullmatch(rf"{AUTO_PREFIX}(\d+)(?:\.(?:arena|index|arena\.ctl)|-[0-9a-f]+\.hbmgen)", f.name)
         if not m or int(m.group(1)) == os.getpid():
             continue
         try:

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,11 +18,18 @@ REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--set", "dram.capacity_bytes=32MiB", "--set", "server.shutdown_grace_s=0"]
 
 
+#: When each daemon of these tests started, by pid: a file of its pid older than that is
+#: another, earlier process's (pids are reused), not this daemon's leak.
+_STARTED: dict[int, float] = {}
+
+
 def serve(*args, env_extra=None, cwd=None):
+    started = time.time()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
     env.update(env_extra or {})
     p = subprocess.Popen([sys.executable, "-m", "kvstore.cli.daemon", "serve", *args], stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, env=env, cwd=cwd)
+    _STARTED[p.pid] = started
     try:
         out, err = p.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -39,7 +47,8 @@ def _assert_clean_exit(pid, rc, err, must_say, *, only_line=True):
     assert len(ours) == 1 and must_say in ours[0], err
     if only_line:
         assert lines == ours, err
-    leaked = sorted(Path("/dev/shm").glob(f"kvstore-{pid}.*"))
+    leaked = sorted(f for f in Path("/dev/shm").glob(f"kvstore-{pid}.*")
+                    if f.lstat().st_mtime >= _STARTED.get(pid, 0.0) - 1.0)
     assert not leaked, leaked
 
 
