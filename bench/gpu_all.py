@@ -435,6 +435,12 @@ def _guard(errors: list, what: str, fn, default):
         return default
 
 
+def _wanted(shape: str) -> bool:
+    """Whether ``shape`` is among ``GPU_ALL_SHAPES`` (comma-separated name prefixes; all if unset)."""
+    want = [w for w in os.environ.get("GPU_ALL_SHAPES", "").split(",") if w]
+    return not want or any(shape.startswith(w) for w in want)
+
+
 def _pct(x, ceil):
     return f"{x:10.1f} {x / ceil:7.0%}"
 
@@ -446,6 +452,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", ""))
     ap.add_argument("--skip-codec", action="store_true")
     ap.add_argument("--skip-hbm", action="store_true", help="leave out the HBM tier rows")
+    ap.add_argument("--quick", action="store_true",
+                    help="contiguous copy-engine rows only (no paged / routed rows, no x4 run) and, with "
+                         "GPU_ALL_SHAPES (comma-separated prefixes, e.g. SmolLM2), only those shapes")
     args = ap.parse_args(argv)
     errors: list[str] = []
     ceil = ceilings()
@@ -482,7 +491,7 @@ def main(argv=None) -> int:
         vs = (*settings, *extra.get(variant, ()))
         d = TrustDaemon(*vs, variant=variant) if variant == "memset" else Daemon(*vs)
         try:
-            variants = ("ce", "paged", "old") if variant == "stock" else ("ce",)
+            variants = ("ce", "paged", "old") if variant == "stock" and not args.quick else ("ce",)
             runs[variant] = [_guard(errors, f"e2e {variant} {n}", lambda n=n, sh=sh: e2e(
                 d.addr, n, sh, args.chunks, args.repeats, variants, daemon_checks=variant == "checks",
                 growth=1 if variant == "two-groups" else None, speculate=variant != "no-spec",
@@ -495,10 +504,10 @@ def main(argv=None) -> int:
                 refill_late=variant == "new", gated=variant == "new" or variant.startswith("gated"),
                 gated_mib=int(variant[5:]) if variant.startswith("gated") and variant[5:] else 0),
                 None)
-                             for n, sh in SHAPES.items()]
+                             for n, sh in SHAPES.items() if _wanted(n)]
             # Each variant's rows as they come (a run cut short by its time limit keeps them).
             print(f"[{variant}] " + json.dumps(runs[variant], default=str), flush=True)
-            if variant == "stock":
+            if variant == "stock" and not args.quick:
                 smol = SHAPES["SmolLM2-135M fp16"]
                 big = _guard(errors, "e2e x4", lambda: e2e(d.addr, "SmolLM2-135M fp16", smol, 4 * args.chunks,
                                                            args.repeats, ("ce",)), None)
