@@ -488,11 +488,12 @@ def main(argv=None) -> int:
              "grpc": ("server.local_control=false",),
              "full-target-grpc": ("dram.free_target_bytes=1GiB", "server.local_control=false")}
     for variant in os.environ.get("GPU_ALL_VARIANTS", "stock,checks,two-groups").split(","):
+        label = variant if variant not in runs else f"{variant}#{sum(k.split('#')[0] == variant for k in runs) + 1}"
         vs = (*settings, *extra.get(variant, ()))
         d = TrustDaemon(*vs, variant=variant) if variant == "memset" else Daemon(*vs)
         try:
             variants = ("ce", "paged", "old") if variant == "stock" and not args.quick else ("ce",)
-            runs[variant] = [_guard(errors, f"e2e {variant} {n}", lambda n=n, sh=sh: e2e(
+            runs[label] = [_guard(errors, f"e2e {variant} {n}", lambda n=n, sh=sh: e2e(
                 d.addr, n, sh, args.chunks, args.repeats, variants, daemon_checks=variant == "checks",
                 growth=1 if variant == "two-groups" else None, speculate=variant != "no-spec",
                 lease_free=variant not in ("leased", "no-spec"),
@@ -506,7 +507,7 @@ def main(argv=None) -> int:
                 None)
                              for n, sh in SHAPES.items() if _wanted(n)]
             # Each variant's rows as they come (a run cut short by its time limit keeps them).
-            print(f"[{variant}] " + json.dumps(runs[variant], default=str), flush=True)
+            print(f"[{label}] " + json.dumps(runs[label], default=str), flush=True)
             if variant == "stock" and not args.quick:
                 smol = SHAPES["SmolLM2-135M fp16"]
                 big = _guard(errors, "e2e x4", lambda: e2e(d.addr, "SmolLM2-135M fp16", smol, 4 * args.chunks,

@@ -55,8 +55,8 @@ DEFAULT_WRITE_AHEAD_BYTES = 256 << 20
 #: half of the rest, ...; none smaller than this many bytes, the last holding what remains):
 #: the CommitWrite of each group is served while the later groups' bytes cross PCIe, so only
 #: the last, small group's commit follows the copies. 0: one CommitWrite per lease, after all
-#: its copies (``commit_groups``). Off (0) by default until measured on a GPU; 16 MiB is the
-#: setting to measure (``bench/gpu_all.py`` variant ``new``).
+#: its copies (``commit_groups``). Off (0) by default: at 16 MiB on an H100 it gained nothing
+#: for single-call stores and slowed streamed ones (docs/benchmarks.md, "Run of 2026-12-06, night").
 DEFAULT_COMMIT_TAIL_BYTES = 0
 #: Device staging buffers for paged sources (gather of chunk i+1 overlaps the PCIe copy of i).
 DEFAULT_STAGING_CHUNKS = 3
@@ -125,7 +125,7 @@ class GpuPath:
         #: GPU CRC32Cs compared with the stored ones by a kernel; moves into the destination gated
         #: by the proven prefix), so the whole load is queued at once with no host wait between
         #: batches. False: the host compares each batch's CRC32Cs before moving it (``_unleased``).
-        self.gated_loads = False   # on once measured on a GPU (bench/gpu_all.py variant ``new``)
+        self.gated_loads = False   # measured on an H100: no faster than the host check (docs/benchmarks.md)
         self.gated_batch_bytes = GATED_BATCH_BYTES
         #: Device staging of lease-free and speculative loads (allocated once, on first use).
         self.staging_bytes = SPECULATE_BYTES
@@ -134,7 +134,8 @@ class GpuPath:
         #: Write-ahead stores commit in shrinking groups down to this many bytes (``commit_groups``).
         self.commit_tail_bytes = DEFAULT_COMMIT_TAIL_BYTES
         #: True: the write-ahead pool is refilled once a store's commits are answered (False, the
-        #: default until measured: as the store starts, its ReserveWrite served beside the commits).
+        #: default: as the store starts, its ReserveWrite served beside the commits; measured on
+        #: an H100 only together with the commit groups, no gain).
         self.refill_after_commits = False
         # rANS lanes per segment of GPU-encoded stores (store_cuda(level=...)): 64 decodes with
         # twice the GPU parallelism of the format's default 32, for 1-2% more bytes

@@ -103,7 +103,8 @@ def test_gated_scatter_writes_the_same_bytes_or_nothing(layout):
         transfer.scatter(int(chunk.data_ptr()), spec, device=True, gate=(int(gate.data_ptr()), index))
         torch.cuda.synchronize()
         if writes:
-            assert all(torch.equal(a, b) for a, b in zip(cache, ref))
+            # as int16 bits: random bits read as fp16 include NaNs, which never compare equal
+            assert all(torch.equal(a.view(torch.int16), b.view(torch.int16)) for a, b in zip(cache, ref))
         else:
             assert all(int(t.count_nonzero()) == 0 for t in cache)
     with pytest.raises(transfer.TransferError):
