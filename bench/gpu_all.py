@@ -16,6 +16,7 @@ batched GPU decode). GPU encode speed. HBM tier: pool -> engine D2D load vs the 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import statistics
@@ -31,6 +32,7 @@ from _daemon import Daemon  # noqa: E402
 from kvstore_client import KVStoreClient, Namespace  # noqa: E402
 from kvstore_client import gpu as kgpu  # noqa: E402
 from kvstore_native import cuda_ipc, transfer  # noqa: E402
+import kvstore_wire.keys as wkeys  # noqa: E402
 
 SHAPES = {
     "SmolLM2-135M fp16": dict(dtype="float16", num_layers=30, num_kv_heads=3, head_dim=64),
@@ -337,7 +339,7 @@ def hbm_e2e(chunks, repeats) -> list[dict]:
 
                 gp = _path(c)
                 lease_free = loads()
-                import kvstore_wire.keys as wkeys   # the same loads with hashlib's prefix-key chain
+                # the same loads with hashlib's prefix-key chain
                 native_chain, wkeys._native_chain = wkeys._native_chain, None
                 try:
                     py_keys = loads()
@@ -463,6 +465,7 @@ def main(argv=None) -> int:
 
     settings = ("dram.capacity_bytes=8GiB", "disk.enabled=false", "server.worker_threads=8")
     runs: dict[str, list] = {}
+    times: collections.Counter = collections.Counter()
     big, crow = None, []
     passes = _guard(errors, "host passes", lambda: host_passes(threads=min(16, os.cpu_count() or 1)), None)
     # stock: this code (GPU CRC checks, commits taken unread, stale pages cleared by streaming
@@ -488,7 +491,8 @@ def main(argv=None) -> int:
              "grpc": ("server.local_control=false",),
              "full-target-grpc": ("dram.free_target_bytes=1GiB", "server.local_control=false")}
     for variant in os.environ.get("GPU_ALL_VARIANTS", "stock,checks,two-groups").split(","):
-        label = variant if variant not in runs else f"{variant}#{sum(k.split('#')[0] == variant for k in runs) + 1}"
+        times[variant] += 1   # a variant named again keeps its rows apart: stock, ..., stock#2
+        label = variant if times[variant] == 1 else f"{variant}#{times[variant]}"
         vs = (*settings, *extra.get(variant, ()))
         d = TrustDaemon(*vs, variant=variant) if variant == "memset" else Daemon(*vs)
         try:

@@ -56,6 +56,16 @@ def test_vectors_recomputed_from_spec(case):
         == case["chunk_key_of_first_chunk"]
 
 
+def _native_or_skip():
+    """kvstore_native with its library loaded, or the test skipped."""
+    native = pytest.importorskip("kvstore_native")
+    try:
+        native.lib()
+    except native.NativeLibraryMissing as e:
+        pytest.skip(f"kvstore-native not built: {e}")
+    return native
+
+
 @pytest.fixture(params=["python", "native"])
 def chain(request, monkeypatch):
     """Each prefix-key chain of kvstore_wire.keys: hashlib's, and kvstore-native's
@@ -65,12 +75,7 @@ def chain(request, monkeypatch):
     if request.param == "python":
         monkeypatch.setattr(keys, "_native_chain", None)
     else:
-        native = pytest.importorskip("kvstore_native")
-        try:
-            native.lib()
-        except native.NativeLibraryMissing as e:
-            pytest.skip(f"kvstore-native not built: {e}")
-        monkeypatch.setattr(keys, "_native_chain", native.prefix_keys)
+        monkeypatch.setattr(keys, "_native_chain", _native_or_skip().prefix_keys)
     return request.param
 
 
@@ -193,22 +198,14 @@ def test_native_blake2b_is_hashlibs_for_every_block_boundary():
     last block is finalized even when the message fills it) and a long random message."""
     import os
 
-    native = pytest.importorskip("kvstore_native")
-    try:
-        native.lib()
-    except native.NativeLibraryMissing as e:
-        pytest.skip(f"kvstore-native not built: {e}")
+    native = _native_or_skip()
     for n in [*range(0, 300), 383, 384, 385, 1024 + 36, 1 << 20]:
         data = os.urandom(n)
         assert native.blake2b256(data) == hashlib.blake2b(data, digest_size=32).digest(), n
 
 
 def test_native_chain_rejects_bad_arguments():
-    native = pytest.importorskip("kvstore_native")
-    try:
-        native.lib()
-    except native.NativeLibraryMissing as e:
-        pytest.skip(f"kvstore-native not built: {e}")
+    native = _native_or_skip()
     with pytest.raises(ValueError, match="32-byte"):
         native.prefix_keys(b"short", b"\0" * 8, 2)
     with pytest.raises(ValueError, match="whole u32"):

@@ -1,6 +1,6 @@
 """Shared-memory files of daemons that died without cleaning up are removed at the next start:
-the arena, the presence index, the control socket and the HBM pool's generation counters; a live daemon's files,
-other users' files and unrelated names are left alone."""
+the arena, the presence index, the control socket and the HBM pool's generation counters; a
+live daemon's files, other users' files and unrelated names are left alone."""
 
 import os
 import socket

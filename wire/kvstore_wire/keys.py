@@ -28,13 +28,9 @@ _PREFIX_TAG = b"kvstore.prefix.v1\x00"
 _CHUNK_TAG = b"kvstore.chunk.v1\x00"
 _MAX_U32 = 0xFFFFFFFF
 
-try:   # the native chain (kvstore-native's kvs_prefix_keys): the same bytes, half the time
+try:   # the native chain (kvstore-native's kvs_prefix_keys): the same bytes, 1.2-1.6x faster
     from kvstore_native import prefix_keys as _native_chain
-    from kvstore_native.errors import NativeLibraryMissing as _Missing
-    try:
-        _native_chain(bytes(32), b"", 1)
-    except _Missing:
-        _native_chain = None
+    _native_chain(bytes(32), b"", 1)   # loads the library (NativeLibraryMissing is an ImportError)
 except ImportError:
     _native_chain = None
 
