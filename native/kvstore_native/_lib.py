@@ -143,7 +143,7 @@ def _load(path: Path, signatures: dict, hint: str) -> ctypes.CDLL:
 def core() -> ctypes.CDLL:
     """``libkvstore.so`` with every signature declared (cached; raises NativeLibraryMissing)."""
     path = Path(os.environ.get(CORE_ENV) or LIB_DIR / "libkvstore.so")
-    return _load(path, _CORE, "build it with `pip install -e native` or `python /work/wtbuild.py`")
+    return _load(path, _CORE, "build it with `pip install ./native` (or `pip install -e native`)")
 
 
 @lru_cache(maxsize=None)
